@@ -1,0 +1,509 @@
+//! The deploy host's side: turns staging directories into a version.
+//!
+//! Data path: walk each component (walkdir, symlinks never followed) ->
+//! reuse chunk lists from the stat cache or read, chunk and store the file
+//! (rayon, in parallel) -> assemble one tree per directory bottom-up -> a
+//! root tree over the components, whose ID is the version ID -> one
+//! `syncfs` -> the version record and label. Nothing references an object
+//! before it is durable, so a crash or a full disk at any point leaves the
+//! store valid (at worst with unreferenced objects that gc removes).
+
+pub mod config;
+pub mod statcache;
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use rayon::prelude::*;
+use thiserror::Error;
+
+use crate::progress::Progress;
+use crate::store::chunk;
+use crate::store::disk::{ComponentRecord, Store, StoreError, VersionRecord, Writer};
+use crate::store::id::{ChunkId, ObjectKind, TreeId, VersionId};
+use crate::store::tree::{ChunkRef, Content, Entry, MAX_TARGET_LEN, Tree, TreeName};
+use config::Component;
+use statcache::{Cached, StatCache, Stamp};
+
+/// How often a file that keeps changing under us is re-read before giving up.
+const CHANGE_RETRIES: usize = 3;
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("component {component}: {path}: {source}")]
+    Walk {
+        component: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot read it ({source}): fix its permissions or exclude it")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: is a {kind}; scap deploys regular files, symlinks and directories: remove it or exclude it")]
+    Special { path: PathBuf, kind: &'static str },
+    #[error("{path}: {why}")]
+    BadEntry { path: PathBuf, why: String },
+    #[error("{path}: changed while being hashed, {CHANGE_RETRIES} times: stop whatever is writing to it, then build again")]
+    KeptChanging { path: PathBuf },
+    #[error("component {name}: {path} is not a directory")]
+    NotADirectory { name: String, path: PathBuf },
+    #[error("label {label:?} already names version {existing}: choose another label, or pass --move-label")]
+    LabelTaken { label: String, existing: VersionId },
+}
+
+pub struct BuildOptions {
+    pub components: Vec<Component>,
+    pub label: Option<String>,
+    pub move_label: bool,
+    pub message: Option<String>,
+    pub author: String,
+    /// The version this one derives from; default: the newest recorded one.
+    pub parent: Option<VersionId>,
+    pub progress: bool,
+}
+
+/// What a build did, for people and benchmarks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildReport {
+    pub version: VersionId,
+    pub record: VersionRecord,
+    /// False when this exact version was already in the store.
+    pub new_version: bool,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files read and hashed (the rest came from the stat cache).
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    pub new_objects: u64,
+    pub new_object_bytes: u64,
+    pub seconds: f64,
+}
+
+/// One thing found by the walk, in pre-order: a directory comes before
+/// everything inside it, siblings in name order.
+struct Item {
+    depth: usize,
+    name: TreeName,
+    /// Path relative to the component root, as bytes: the stat cache key.
+    rel: Vec<u8>,
+    kind: ItemKind,
+}
+
+enum ItemKind {
+    File { executable: bool, stamp: Stamp },
+    Symlink { target: Vec<u8> },
+    Dir,
+}
+
+pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    if let Some(label) = &opts.label {
+        crate::store::disk::check_label(label)?;
+    }
+    let writer = store.writer()?;
+    let generation = store.gc_generation()?;
+    let mut totals = Totals::default();
+    let mut root_entries = Vec::new();
+    let mut components = Vec::new();
+    for component in &opts.components {
+        let (tree, files, bytes) = build_component(&writer, component, generation, opts, &mut totals)?;
+        components.push(ComponentRecord {
+            name: component.name.to_string(),
+            tree,
+            files,
+            bytes,
+        });
+        root_entries.push(Entry {
+            name: component.name.clone(),
+            content: Content::Dir { tree, size: bytes, files },
+        });
+    }
+    let root = Tree::new(root_entries).expect("component names are unique");
+    let root_id = put_tree(&writer, &root)?;
+    let version = VersionId::from(root_id);
+    let (new_objects, new_object_bytes) = writer.written();
+    writer.commit()?;
+
+    let (bytes, files) = root.totals();
+    if let Some(label) = &opts.label
+        && let Some((_, existing)) = store.labels()?.into_iter().find(|(l, _)| l == label)
+        && existing != version
+        && !opts.move_label
+    {
+        return Err(BuildError::LabelTaken {
+            label: label.clone(),
+            existing,
+        });
+    }
+    let existing = store.record(&version)?;
+    let new_version = existing.is_none();
+    let record = match existing {
+        Some(r) => r,
+        None => {
+            let parent = match opts.parent {
+                Some(p) => Some(p),
+                None => store.records()?.first().map(|r| r.version),
+            };
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let record = VersionRecord {
+                format: 1,
+                version,
+                label: opts.label.clone(),
+                message: opts.message.clone(),
+                author: opts.author.clone(),
+                time: now.as_secs(),
+                time_nanos: now.subsec_nanos(),
+                parent: parent.filter(|p| *p != version),
+                components,
+                files,
+                bytes,
+            };
+            store.write_record(&record)?;
+            record
+        }
+    };
+    if let Some(label) = &opts.label {
+        store.set_label(label, &version)?;
+    }
+    Ok(BuildReport {
+        version,
+        record,
+        new_version,
+        files,
+        bytes,
+        hashed_files: totals.hashed_files,
+        hashed_bytes: totals.hashed_bytes,
+        new_objects,
+        new_object_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[derive(Default)]
+struct Totals {
+    hashed_files: u64,
+    hashed_bytes: u64,
+}
+
+fn build_component(
+    writer: &Writer<'_>,
+    component: &Component,
+    generation: u64,
+    opts: &BuildOptions,
+    totals: &mut Totals,
+) -> Result<(TreeId, u64, u64), BuildError> {
+    let root = &component.path;
+    let meta = fs::metadata(root).map_err(|source| BuildError::Walk {
+        component: component.name.to_string(),
+        path: root.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(BuildError::NotADirectory {
+            name: component.name.to_string(),
+            path: root.clone(),
+        });
+    }
+    let store = writer.store();
+    let cache_path = cache_path(store, component);
+    let walk_start_ns = unix_now_ns();
+    let cache = StatCache::load(&cache_path);
+    let trust_presence = cache.generation == generation;
+
+    let items = walk(component)?;
+    let files: Vec<usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| matches!(it.kind, ItemKind::File { .. }))
+        .map(|(i, _)| i)
+        .collect();
+
+    let progress = Progress::new(opts.progress, files.len() as u64, "hashing");
+    let hashed = Mutex::new((0u64, 0u64));
+    let results: Vec<(usize, Cached)> = files
+        .par_iter()
+        .map(|&i| {
+            let item = &items[i];
+            let ItemKind::File { stamp, .. } = &item.kind else {
+                unreachable!("only files are in the list")
+            };
+            let cached = cache.lookup(&item.rel, stamp).filter(|chunks| {
+                trust_presence || chunks.iter().all(|c| store.has(&c.id.object()))
+            });
+            let result = match cached {
+                Some(chunks) => Cached {
+                    stamp: *stamp,
+                    chunks: chunks.to_vec(),
+                },
+                None => {
+                    let path = root.join(OsStr::from_bytes(&item.rel));
+                    let c = hash_file(writer, &path)?;
+                    let mut h = hashed.lock().expect("no panics while held");
+                    h.0 += 1;
+                    h.1 += c.stamp.size;
+                    c
+                }
+            };
+            progress.inc(1);
+            Ok((i, result))
+        })
+        .collect::<Result<_, BuildError>>()?;
+    progress.finish();
+    let (hf, hb) = hashed.into_inner().expect("no panics while held");
+    totals.hashed_files += hf;
+    totals.hashed_bytes += hb;
+
+    let mut chunks_of: Vec<Option<Cached>> = vec![None; items.len()];
+    for (i, c) in results {
+        chunks_of[i] = Some(c);
+    }
+
+    // Assemble trees bottom-up. The walk is pre-order (a directory before
+    // its contents), so a directory is complete when the walk comes back up
+    // to its depth or above.
+    let mut open: Vec<(usize, TreeName, Vec<Entry>)> = Vec::new();
+    let mut root_tree = None;
+    for (i, item) in items.iter().enumerate() {
+        while open.last().is_some_and(|(depth, ..)| *depth >= item.depth) {
+            close_dir(writer, &mut open, &mut root_tree)?;
+        }
+        let content = match &item.kind {
+            ItemKind::File { executable, .. } => {
+                let c = chunks_of[i].as_ref().expect("every file was hashed");
+                Content::File {
+                    executable: *executable,
+                    size: c.stamp.size,
+                    chunks: c.chunks.clone(),
+                }
+            }
+            ItemKind::Symlink { target } => Content::Symlink {
+                target: target.clone(),
+            },
+            ItemKind::Dir => {
+                open.push((item.depth, item.name.clone(), Vec::new()));
+                continue;
+            }
+        };
+        let (.., parent) = open.last_mut().expect("the component root is open");
+        parent.push(Entry {
+            name: item.name.clone(),
+            content,
+        });
+    }
+    while !open.is_empty() {
+        close_dir(writer, &mut open, &mut root_tree)?;
+    }
+
+    // Record what we learned; entries of deleted files drop out.
+    let mut next = StatCache {
+        generation,
+        entries: Default::default(),
+    };
+    for (item, c) in items.iter().zip(chunks_of) {
+        if let Some(c) = c {
+            next.entries.insert(item.rel.clone(), c);
+        }
+    }
+    if let Err(e) = next.save(&cache_path, walk_start_ns) {
+        tracing::warn!("{}: cannot save the stat cache: {e}", cache_path.display());
+    }
+    Ok(root_tree.expect("the walk yields the component root last"))
+}
+
+/// Stores the innermost open directory's tree and adds it to its parent
+/// (or, for the component root, to `root`).
+fn close_dir(
+    writer: &Writer<'_>,
+    open: &mut Vec<(usize, TreeName, Vec<Entry>)>,
+    root: &mut Option<(TreeId, u64, u64)>,
+) -> Result<(), BuildError> {
+    let (_, name, entries) = open.pop().expect("a directory is open");
+    let tree = Tree::new(entries).expect("a directory lists each name once");
+    let id = put_tree(writer, &tree)?;
+    let (size, files) = tree.totals();
+    match open.last_mut() {
+        Some((.., parent)) => parent.push(Entry {
+            name,
+            content: Content::Dir {
+                tree: id,
+                size,
+                files,
+            },
+        }),
+        None => *root = Some((id, files, size)),
+    }
+    Ok(())
+}
+
+fn cache_path(store: &Store, component: &Component) -> PathBuf {
+    let abs = fs::canonicalize(&component.path).unwrap_or_else(|_| component.path.clone());
+    let mut key = component.name.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(abs.as_os_str().as_bytes());
+    for g in &component.exclude_globs {
+        key.push(0);
+        key.extend_from_slice(g.as_bytes());
+    }
+    let hex = blake3::hash(&key).to_hex();
+    store.cache_dir().join(format!("stat-{}", &hex[..32]))
+}
+
+fn put_tree(writer: &Writer<'_>, tree: &Tree) -> Result<TreeId, StoreError> {
+    let put = writer.put(ObjectKind::Tree, &tree.encode())?;
+    Ok(TreeId::new(put.id))
+}
+
+/// Walks one component, symlinks not followed, excluded paths pruned.
+fn walk(component: &Component) -> Result<Vec<Item>, BuildError> {
+    let root = &component.path;
+    let walk_err = |path: PathBuf, source: io::Error| BuildError::Walk {
+        component: component.name.to_string(),
+        path,
+        source,
+    };
+    let mut items = Vec::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .follow_root_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| {
+            let rel = e.path().strip_prefix(root).unwrap_or(e.path());
+            rel.as_os_str().is_empty() || !component.exclude.is_match(rel)
+        });
+    for entry in walker {
+        let entry = entry.map_err(|e| {
+            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.clone());
+            let io = e
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("filesystem loop"));
+            if io.kind() == io::ErrorKind::PermissionDenied {
+                BuildError::Unreadable { path, source: io }
+            } else {
+                walk_err(path, io)
+            }
+        })?;
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .expect("walkdir yields paths under its root")
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        let depth = entry.depth();
+        let name = if depth == 0 {
+            component.name.clone()
+        } else {
+            TreeName::new(entry.file_name().as_bytes().to_vec()).map_err(|e| {
+                BuildError::BadEntry {
+                    path: path.to_path_buf(),
+                    why: e.to_string(),
+                }
+            })?
+        };
+        let ft = entry.file_type();
+        let kind = if ft.is_dir() {
+            ItemKind::Dir
+        } else if ft.is_symlink() {
+            let target = fs::read_link(path).map_err(|e| walk_err(path.to_path_buf(), e))?;
+            let target = target.into_os_string().into_vec();
+            if target.len() > MAX_TARGET_LEN {
+                return Err(BuildError::BadEntry {
+                    path: path.to_path_buf(),
+                    why: "symlink target longer than 4095 bytes".into(),
+                });
+            }
+            ItemKind::Symlink { target }
+        } else if ft.is_file() {
+            let meta = entry
+                .metadata()
+                .map_err(|e| walk_err(path.to_path_buf(), e.into()))?;
+            ItemKind::File {
+                executable: meta.permissions().mode() & 0o111 != 0,
+                stamp: Stamp::of(&meta),
+            }
+        } else {
+            let kind = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else {
+                "character device"
+            };
+            return Err(BuildError::Special {
+                path: path.to_path_buf(),
+                kind,
+            });
+        };
+        items.push(Item {
+            depth,
+            name,
+            rel,
+            kind,
+        });
+    }
+    Ok(items)
+}
+
+/// Reads, chunks and stores one file; retries when it changes underneath.
+fn hash_file(writer: &Writer<'_>, path: &Path) -> Result<Cached, BuildError> {
+    let unreadable = |source| BuildError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    for _ in 0..CHANGE_RETRIES {
+        let file = File::open(path).map_err(unreadable)?;
+        let before = Stamp::of(&file.metadata().map_err(unreadable)?);
+        let mut chunks = Vec::new();
+        let mut read: u64 = 0;
+        chunk::for_each_chunk(&file, before.size, |data| -> Result<(), BuildError> {
+            let put = writer.put(ObjectKind::Chunk, data)?;
+            read += data.len() as u64;
+            chunks.push(ChunkRef {
+                id: ChunkId::new(put.id),
+                len: data.len() as u32,
+            });
+            Ok(())
+        })
+        .map_err(|e| match e {
+            chunk::ChunkError::Read(source) => unreadable(source),
+            chunk::ChunkError::Sink(e) => e,
+        })?;
+        let after = Stamp::of(&file.metadata().map_err(unreadable)?);
+        // The bytes we stored are the bytes we hashed, always; but if the file
+        // changed meanwhile they may be a mix of two contents, so read again.
+        if before == after && read == after.size {
+            return Ok(Cached {
+                stamp: after,
+                chunks,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BuildError::KeptChanging {
+        path: path.to_path_buf(),
+    })
+}
+
+fn unix_now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

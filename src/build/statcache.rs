@@ -1,0 +1,233 @@
+//! The stat cache: lets a rebuild skip re-reading files that did not change,
+//! like git's index.
+//!
+//! One cache file per store and component path, in `STORE/cache/stat-<hash>`.
+//! An entry is trusted only if size, mtime, ctime, inode and device all
+//! match, the store's gc generation is the one the cache was written under
+//! (otherwise each chunk's presence is re-checked), and the file was last
+//! changed at least a second before the walk that recorded it began (a file
+//! changed in the same second could change again without its mtime moving,
+//! so it is not cached; git calls this "racily clean").
+//!
+//! Layout (all integers little-endian or LEB128 varints, see store-format.md):
+//! `"scapstat"`, u32 version, u64 gc generation, u64 entry count, entries,
+//! then the BLAKE3 hash of everything before it. A cache that fails to parse
+//! is ignored and rebuilt: it is only ever an optimization.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use crate::store::id::{ChunkId, ObjectId};
+use crate::store::tree::{ChunkRef, put_varint};
+
+const MAGIC: &[u8; 8] = b"scapstat";
+const VERSION: u32 = 1;
+
+/// What identifies a file's content without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl Stamp {
+    pub fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Cached {
+    pub stamp: Stamp,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Default)]
+pub struct StatCache {
+    pub generation: u64,
+    pub entries: HashMap<Vec<u8>, Cached>,
+}
+
+impl StatCache {
+    /// Loads a cache; a missing or unreadable one is an empty cache.
+    pub fn load(path: &Path) -> StatCache {
+        fs::read(path)
+            .ok()
+            .and_then(|b| decode(&b))
+            .unwrap_or_default()
+    }
+
+    pub fn lookup(&self, rel: &[u8], stamp: &Stamp) -> Option<&[ChunkRef]> {
+        self.entries
+            .get(rel)
+            .filter(|c| c.stamp == *stamp)
+            .map(|c| c.chunks.as_slice())
+    }
+
+    /// Writes the cache, leaving out entries changed at or after
+    /// `walk_start_ns - 1s` (see the module docs). Not fsynced: a torn cache
+    /// fails its checksum and is ignored.
+    pub fn save(&self, path: &Path, walk_start_ns: i64) -> std::io::Result<()> {
+        let cutoff = walk_start_ns - 1_000_000_000;
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        let count_at = out.len();
+        out.extend_from_slice(&0u64.to_le_bytes());
+        let mut count: u64 = 0;
+        let mut keys: Vec<&Vec<u8>> = self.entries.keys().collect();
+        keys.sort();
+        for key in keys {
+            let c = &self.entries[key];
+            if c.stamp.mtime_ns >= cutoff || c.stamp.ctime_ns >= cutoff {
+                continue;
+            }
+            count += 1;
+            put_varint(&mut out, key.len() as u64);
+            out.extend_from_slice(key);
+            put_varint(&mut out, c.stamp.size);
+            out.extend_from_slice(&c.stamp.mtime_ns.to_le_bytes());
+            out.extend_from_slice(&c.stamp.ctime_ns.to_le_bytes());
+            out.extend_from_slice(&c.stamp.ino.to_le_bytes());
+            out.extend_from_slice(&c.stamp.dev.to_le_bytes());
+            put_varint(&mut out, c.chunks.len() as u64);
+            for ch in &c.chunks {
+                out.extend_from_slice(ch.id.object().as_bytes());
+                put_varint(&mut out, u64::from(ch.len));
+            }
+        }
+        out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, &out)?;
+        fs::rename(&tmp, path)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<StatCache> {
+    let (body, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
+    if blake3::hash(body).as_bytes() != sum {
+        return None;
+    }
+    let mut r = body;
+    if take(&mut r, 8)? != MAGIC || u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) != VERSION
+    {
+        return None;
+    }
+    let generation = u64_le(&mut r)?;
+    let count = u64_le(&mut r)?;
+    let mut entries = HashMap::with_capacity((count as usize).min(r.len() / 40));
+    for _ in 0..count {
+        let n = varint(&mut r)? as usize;
+        let key = take(&mut r, n)?.to_vec();
+        let size = varint(&mut r)?;
+        let mtime_ns = u64_le(&mut r)? as i64;
+        let ctime_ns = u64_le(&mut r)? as i64;
+        let ino = u64_le(&mut r)?;
+        let dev = u64_le(&mut r)?;
+        let nchunks = varint(&mut r)? as usize;
+        let mut chunks = Vec::with_capacity(nchunks.min(r.len() / 33));
+        for _ in 0..nchunks {
+            let id: [u8; 32] = take(&mut r, 32)?.try_into().ok()?;
+            let len = u32::try_from(varint(&mut r)?).ok()?;
+            chunks.push(ChunkRef {
+                id: ChunkId::new(ObjectId::from_bytes(id)),
+                len,
+            });
+        }
+        let stamp = Stamp {
+            size,
+            mtime_ns,
+            ctime_ns,
+            ino,
+            dev,
+        };
+        entries.insert(key, Cached { stamp, chunks });
+    }
+    r.is_empty().then_some(StatCache {
+        generation,
+        entries,
+    })
+}
+
+fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if r.len() < n {
+        return None;
+    }
+    let (head, tail) = r.split_at(n);
+    *r = tail;
+    Some(head)
+}
+
+fn u64_le(r: &mut &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(take(r, 8)?.try_into().ok()?))
+}
+
+fn varint(r: &mut &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    for i in 0..10 {
+        let b = take(r, 1)?[0];
+        v |= u64::from(b & 0x7f).checked_shl(7 * i)?;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::id::ObjectKind;
+
+    #[test]
+    fn round_trip_skips_racy_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let mut c = StatCache {
+            generation: 7,
+            ..Default::default()
+        };
+        let chunk = ChunkRef {
+            id: ChunkId::new(ObjectKind::Chunk.hash(b"x")),
+            len: 1,
+        };
+        let old = Stamp {
+            size: 1,
+            mtime_ns: 1_000_000_000_000,
+            ctime_ns: 1_000_000_000_000,
+            ino: 5,
+            dev: 1,
+        };
+        let racy = Stamp {
+            mtime_ns: 1_999_500_000_000,
+            ..old
+        };
+        c.entries.insert(b"a/old.php".to_vec(), Cached { stamp: old, chunks: vec![chunk] });
+        c.entries.insert(b"a/racy.php".to_vec(), Cached { stamp: racy, chunks: vec![chunk] });
+        c.save(&path, 2_000_000_000_000).unwrap();
+        let back = StatCache::load(&path);
+        assert_eq!(back.generation, 7);
+        assert_eq!(back.lookup(b"a/old.php", &old), Some(&[chunk][..]));
+        assert!(back.lookup(b"a/racy.php", &racy).is_none(), "racily clean entry was kept");
+        assert!(back.lookup(b"a/old.php", &Stamp { size: 2, ..old }).is_none());
+        // A flipped byte makes the whole cache ignored, never misread.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[20] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(StatCache::load(&path).entries.is_empty());
+    }
+}

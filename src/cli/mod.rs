@@ -1,0 +1,167 @@
+//! The command line: parse flags (clap), turn them into validated settings,
+//! call one library function, print. No deploy logic lives here.
+
+mod demo;
+mod store_cmds;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, documented in README.md.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const PROBLEMS_FOUND: i32 = 3;
+    pub const NOT_FOUND: i32 = 4;
+}
+
+/// Default store directory when neither --store nor SCAP_STORE nor scap.toml say.
+pub const DEFAULT_STORE: &str = "/var/lib/scap/store";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "scap",
+    version,
+    about = "Content-addressed MediaWiki deploys: versions are Merkle roots, hosts know what they run",
+    after_help = "Start with: scap build-manifest, scap diff A B, scap ls VERSION. Run `scap demo` to see it on a generated tree."
+)]
+pub struct Cli {
+    /// Store directory [default: scap.toml's `store`, else /var/lib/scap/store]
+    #[arg(long, global = true, env = "SCAP_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Config file [default: ./scap.toml if present]
+    #[arg(long, global = true, env = "SCAP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Hash staging trees into the store; print the version ID (last line)
+    BuildManifest(store_cmds::BuildArgs),
+    /// Show what changed between two versions (git --name-status style)
+    Diff(store_cmds::DiffArgs),
+    /// List a directory of a version
+    Ls(store_cmds::LsArgs),
+    /// Print a file of a version
+    Cat(store_cmds::CatArgs),
+    /// List version records, newest first
+    Log(store_cmds::LogArgs),
+    /// Print the full version ID of a label or ID prefix
+    Resolve(store_cmds::ResolveArgs),
+    /// Attach a label to a version (labels are kept by gc)
+    Label(store_cmds::LabelArgs),
+    /// Keep a version through gc without labelling it
+    Pin(store_cmds::PinArgs),
+    /// Undo `scap pin`
+    Unpin(store_cmds::PinArgs),
+    /// Re-hash every object reachable from versions; report each bad one
+    Verify(store_cmds::VerifyArgs),
+    /// Delete objects no kept version reaches
+    Gc(store_cmds::GcArgs),
+    /// Run the built-in sample: generate a tree, build, change, rebuild, diff
+    Demo(demo::DemoArgs),
+    /// Generate or change a MediaWiki-like sample tree (tests, benchmarks)
+    Workload(demo::WorkloadArgs),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SCAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return exit::OK;
+            }
+            eprintln!("scap: error: {err}");
+            // Our errors often quote their cause already; print the rest.
+            let mut shown = err.to_string();
+            for cause in err.chain().skip(1) {
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    shown.push_str(&text);
+                }
+            }
+            error_code(&err)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let ctx = store_cmds::Ctx::new(cli.store, cli.config)?;
+    match cli.command {
+        Command::BuildManifest(a) => store_cmds::build_manifest(&ctx, a),
+        Command::Diff(a) => store_cmds::diff(&ctx, a),
+        Command::Ls(a) => store_cmds::ls(&ctx, a),
+        Command::Cat(a) => store_cmds::cat(&ctx, a),
+        Command::Log(a) => store_cmds::log(&ctx, a),
+        Command::Resolve(a) => store_cmds::resolve(&ctx, a),
+        Command::Label(a) => store_cmds::label(&ctx, a),
+        Command::Pin(a) => store_cmds::pin(&ctx, a, true),
+        Command::Unpin(a) => store_cmds::pin(&ctx, a, false),
+        Command::Verify(a) => store_cmds::verify(&ctx, a),
+        Command::Gc(a) => store_cmds::gc(&ctx, a),
+        Command::Demo(a) => demo::demo(a),
+        Command::Workload(a) => demo::workload(a),
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            || matches!(c.downcast_ref::<crate::store::StoreError>(),
+                Some(crate::store::StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn error_code(err: &anyhow::Error) -> i32 {
+    use crate::store::StoreError;
+    for c in err.chain() {
+        if let Some(
+            StoreError::UnknownVersion(_) | StoreError::Ambiguous { .. } | StoreError::BadId(_),
+        ) = c.downcast_ref::<StoreError>()
+        {
+            return exit::NOT_FOUND;
+        }
+        if c.downcast_ref::<NotFound>().is_some() {
+            return exit::NOT_FOUND;
+        }
+    }
+    exit::FAILURE
+}
+
+/// A path that a version does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct NotFound {
+    pub what: String,
+}
+
+/// Writes a JSON value and a newline to stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! scap: content-addressed deploys for a fleet of MediaWiki app servers.
+//!
+//! The data path, one module per stage (see ARCHITECTURE.md):
+//! staging -> [`build`] -> [`store`] -> (net -> host store -> release ->
+//! symlink switch, in later modules).
+
+pub mod build;
+pub mod cli;
+pub mod progress;
+pub mod store;
+pub mod time;
+#[path = "/tmp/wstub.rs"]
+pub mod workload;

@@ -1,0 +1,183 @@
+//! Object files: the byte layout of one stored object, on disk and on the wire.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "scap"
+//!      4     1  object format version (1)
+//!      5     1  kind: 1 chunk, 2 tree
+//!      6     1  compression: 0 none, 1 zstd (one frame)
+//!      7     1  reserved, 0
+//!      8     8  uncompressed length, u64 little-endian
+//!     16     …  payload
+//! ```
+//!
+//! The ID is the kind's BLAKE3 hash of the uncompressed payload, so a reader
+//! checks an object by decoding it and hashing the result; the file name (or
+//! the URL) says which ID to expect.
+
+use thiserror::Error;
+
+use super::id::{ObjectId, ObjectKind};
+
+pub const MAGIC: &[u8; 4] = b"scap";
+pub const OBJECT_FORMAT: u8 = 1;
+pub const HEADER_LEN: usize = 16;
+/// Largest uncompressed object accepted: bounds memory on hostile input.
+pub const MAX_OBJECT_LEN: u64 = 64 << 20;
+/// zstd level for new objects: fast to write, decompresses at memory speed.
+pub const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ObjectError {
+    #[error("object {id} is truncated ({len} bytes)")]
+    Truncated { id: ObjectId, len: usize },
+    #[error("object {id} has no scap header (bad magic)")]
+    BadMagic { id: ObjectId },
+    #[error("object {id} is format v{found}, this scap reads up to v{OBJECT_FORMAT}: upgrade scap")]
+    NewerFormat { id: ObjectId, found: u8 },
+    #[error("object {id} is a {found}, expected a {expected}")]
+    WrongKind {
+        id: ObjectId,
+        expected: ObjectKind,
+        found: String,
+    },
+    #[error("object {id} has a bad header: {why}")]
+    BadHeader { id: ObjectId, why: &'static str },
+    #[error("object {id} does not decompress: {why}")]
+    Corrupt { id: ObjectId, why: String },
+    #[error("object {id} is corrupt: its content hashes to {actual}")]
+    HashMismatch { id: ObjectId, actual: ObjectId },
+}
+
+/// Encodes `data` as an object file, compressing it when that saves space.
+pub fn encode(kind: ObjectKind, data: &[u8]) -> Vec<u8> {
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    let (compression, payload) = match &compressed {
+        Some(c) if c.len() < data.len() => (1u8, c.as_slice()),
+        _ => (0u8, data),
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.push(OBJECT_FORMAT);
+    out.push(kind.code());
+    out.push(compression);
+    out.push(0);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads only the header: the kind and uncompressed length.
+pub fn peek(id: ObjectId, file: &[u8]) -> Result<(ObjectKind, u64), ObjectError> {
+    if file.len() < HEADER_LEN {
+        return Err(ObjectError::Truncated { id, len: file.len() });
+    }
+    if &file[..4] != MAGIC {
+        return Err(ObjectError::BadMagic { id });
+    }
+    if file[4] > OBJECT_FORMAT {
+        return Err(ObjectError::NewerFormat { id, found: file[4] });
+    }
+    if file[4] != OBJECT_FORMAT {
+        return Err(ObjectError::BadHeader { id, why: "format 0" });
+    }
+    let kind = ObjectKind::from_code(file[5]).ok_or(ObjectError::BadHeader {
+        id,
+        why: "unknown kind",
+    })?;
+    if file[7] != 0 {
+        return Err(ObjectError::BadHeader {
+            id,
+            why: "reserved byte is not 0",
+        });
+    }
+    let len = u64::from_le_bytes(file[8..16].try_into().expect("8 bytes"));
+    if len > MAX_OBJECT_LEN {
+        return Err(ObjectError::BadHeader {
+            id,
+            why: "length over 64 MiB",
+        });
+    }
+    Ok((kind, len))
+}
+
+/// Decodes an object file and checks that it is object `id` of kind `expected`.
+pub fn decode(id: ObjectId, expected: ObjectKind, file: &[u8]) -> Result<Vec<u8>, ObjectError> {
+    let (kind, len) = peek(id, file)?;
+    if kind != expected {
+        return Err(ObjectError::WrongKind {
+            id,
+            expected,
+            found: kind.to_string(),
+        });
+    }
+    let payload = &file[HEADER_LEN..];
+    let data = match file[6] {
+        0 => payload.to_vec(),
+        1 => zstd::bulk::decompress(payload, len as usize).map_err(|e| ObjectError::Corrupt {
+            id,
+            why: e.to_string(),
+        })?,
+        _ => {
+            return Err(ObjectError::BadHeader {
+                id,
+                why: "unknown compression",
+            });
+        }
+    };
+    if data.len() as u64 != len {
+        return Err(ObjectError::Corrupt {
+            id,
+            why: format!("{} bytes, header says {len}", data.len()),
+        });
+    }
+    let actual = kind.hash(&data);
+    if actual != id {
+        return Err(ObjectError::HashMismatch { id, actual });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_compressed_and_raw() {
+        let text = b"<?php\n".repeat(1000);
+        let id = ObjectKind::Chunk.hash(&text);
+        let file = encode(ObjectKind::Chunk, &text);
+        assert_eq!(file[6], 1, "text compresses");
+        assert_eq!(decode(id, ObjectKind::Chunk, &file).unwrap(), text);
+
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let id = ObjectKind::Chunk.hash(&noise);
+        let file = encode(ObjectKind::Chunk, &noise);
+        assert_eq!(decode(id, ObjectKind::Chunk, &file).unwrap(), noise);
+    }
+
+    #[test]
+    fn every_corruption_is_caught() {
+        let text = b"wfLoadExtension( 'Echo' );\n".repeat(50);
+        let id = ObjectKind::Chunk.hash(&text);
+        let file = encode(ObjectKind::Chunk, &text);
+        for i in 0..file.len() {
+            let mut bad = file.clone();
+            bad[i] ^= 0x01;
+            assert!(decode(id, ObjectKind::Chunk, &bad).is_err(), "flip at {i}");
+        }
+        for n in 0..file.len() {
+            assert!(decode(id, ObjectKind::Chunk, &file[..n]).is_err(), "cut at {n}");
+        }
+        assert!(matches!(
+            decode(id, ObjectKind::Tree, &file),
+            Err(ObjectError::WrongKind { .. })
+        ));
+        let mut newer = file.clone();
+        newer[4] = 2;
+        assert!(matches!(
+            decode(id, ObjectKind::Chunk, &newer),
+            Err(ObjectError::NewerFormat { found: 2, .. })
+        ));
+    }
+}
