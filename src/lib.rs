@@ -6,8 +6,10 @@
 
 pub mod build;
 pub mod cli;
+pub mod fleet;
+pub mod host;
+pub mod net;
 pub mod progress;
 pub mod store;
 pub mod time;
-#[path = "/tmp/wstub.rs"]
 pub mod workload;

@@ -17,11 +17,9 @@ impl Progress {
         }
         let bar = ProgressBar::new(total);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-            )
-            .expect("the template is valid")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
         );
         bar.set_prefix(what.to_string());
         Progress { bar: Some(bar) }

@@ -1,5 +1,13 @@
 //! Wall-clock times as scap shows them: UTC, `YYYY-MM-DD HH:MM:SSZ`.
 
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Formats Unix seconds as UTC (proleptic Gregorian, no leap seconds).
 pub fn fmt_utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

@@ -17,7 +17,9 @@ pub enum ConfigError {
     BadName(String, String),
     #[error("component {0:?} is named twice: give each component one name")]
     Duplicate(String),
-    #[error("no components to build: pass --component NAME=PATH or a scap.toml with [[component]] tables")]
+    #[error(
+        "no components to build: pass --component NAME=PATH or a scap.toml with [[component]] tables"
+    )]
     Empty,
     #[error("exclude glob {glob:?}: {source}")]
     BadGlob {
@@ -45,6 +47,11 @@ pub enum ConfigError {
 pub struct ConfigFile {
     /// Store directory, when `--store`/`SCAP_STORE` do not say.
     pub store: Option<PathBuf>,
+    /// URLs hosts fetch objects from (`scap sync --source`).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Bearer token file for agents (`scap sync --token-file`).
+    pub token_file: Option<PathBuf>,
     /// Exclude globs for every component.
     #[serde(default)]
     pub exclude: Vec<String>,
@@ -179,7 +186,10 @@ mod tests {
         assert_eq!(c[0].name.to_string(), "mediawiki");
         assert!(c[0].exclude.is_match(".git"));
         assert!(c[0].exclude.is_match("php-1.46/.git"));
-        assert!(c[0].exclude.is_match("php-1.46/cache/l10n/l10n_cache-en.cdb"));
+        assert!(
+            c[0].exclude
+                .is_match("php-1.46/cache/l10n/l10n_cache-en.cdb")
+        );
         assert!(!c[0].exclude.is_match("php-1.46/cache/l10n/sub/x.cdb"));
         assert!(matches!(
             components(&cfg, &["nope".into()], &[]),
@@ -189,7 +199,10 @@ mod tests {
             components(&cfg, &["a/b=/x".into()], &[]),
             Err(ConfigError::BadName(..))
         ));
-        assert!(matches!(components(&cfg, &[], &[]), Err(ConfigError::Empty)));
+        assert!(matches!(
+            components(&cfg, &[], &[]),
+            Err(ConfigError::Empty)
+        ));
         assert!(matches!(
             components(&cfg, &[], &["a[".into()]),
             Err(ConfigError::Empty)

@@ -29,7 +29,7 @@ use crate::store::disk::{ComponentRecord, Store, StoreError, VersionRecord, Writ
 use crate::store::id::{ChunkId, ObjectKind, TreeId, VersionId};
 use crate::store::tree::{ChunkRef, Content, Entry, MAX_TARGET_LEN, Tree, TreeName};
 use config::Component;
-use statcache::{Cached, StatCache, Stamp};
+use statcache::{Cached, Stamp, StatCache};
 
 /// How often a file that keeps changing under us is re-read before giving up.
 const CHANGE_RETRIES: usize = 3;
@@ -51,15 +51,21 @@ pub enum BuildError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: is a {kind}; scap deploys regular files, symlinks and directories: remove it or exclude it")]
+    #[error(
+        "{path}: is a {kind}; scap deploys regular files, symlinks and directories: remove it or exclude it"
+    )]
     Special { path: PathBuf, kind: &'static str },
     #[error("{path}: {why}")]
     BadEntry { path: PathBuf, why: String },
-    #[error("{path}: changed while being hashed, {CHANGE_RETRIES} times: stop whatever is writing to it, then build again")]
+    #[error(
+        "{path}: changed while being hashed, {CHANGE_RETRIES} times: stop whatever is writing to it, then build again"
+    )]
     KeptChanging { path: PathBuf },
     #[error("component {name}: {path} is not a directory")]
     NotADirectory { name: String, path: PathBuf },
-    #[error("label {label:?} already names version {existing}: choose another label, or pass --move-label")]
+    #[error(
+        "label {label:?} already names version {existing}: choose another label, or pass --move-label"
+    )]
     LabelTaken { label: String, existing: VersionId },
 }
 
@@ -118,7 +124,8 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     let mut root_entries = Vec::new();
     let mut components = Vec::new();
     for component in &opts.components {
-        let (tree, files, bytes) = build_component(&writer, component, generation, opts, &mut totals)?;
+        let (tree, files, bytes) =
+            build_component(&writer, component, generation, opts, &mut totals)?;
         components.push(ComponentRecord {
             name: component.name.to_string(),
             tree,
@@ -127,7 +134,11 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
         });
         root_entries.push(Entry {
             name: component.name.clone(),
-            content: Content::Dir { tree, size: bytes, files },
+            content: Content::Dir {
+                tree,
+                size: bytes,
+                files,
+            },
         });
     }
     let root = Tree::new(root_entries).expect("component names are unique");
@@ -387,7 +398,10 @@ fn walk(component: &Component) -> Result<Vec<Item>, BuildError> {
         });
     for entry in walker {
         let entry = entry.map_err(|e| {
-            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.clone());
+            let path = e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.clone());
             let io = e
                 .into_io_error()
                 .unwrap_or_else(|| io::Error::other("filesystem loop"));

@@ -216,14 +216,32 @@ mod tests {
             mtime_ns: 1_999_500_000_000,
             ..old
         };
-        c.entries.insert(b"a/old.php".to_vec(), Cached { stamp: old, chunks: vec![chunk] });
-        c.entries.insert(b"a/racy.php".to_vec(), Cached { stamp: racy, chunks: vec![chunk] });
+        c.entries.insert(
+            b"a/old.php".to_vec(),
+            Cached {
+                stamp: old,
+                chunks: vec![chunk],
+            },
+        );
+        c.entries.insert(
+            b"a/racy.php".to_vec(),
+            Cached {
+                stamp: racy,
+                chunks: vec![chunk],
+            },
+        );
         c.save(&path, 2_000_000_000_000).unwrap();
         let back = StatCache::load(&path);
         assert_eq!(back.generation, 7);
         assert_eq!(back.lookup(b"a/old.php", &old), Some(&[chunk][..]));
-        assert!(back.lookup(b"a/racy.php", &racy).is_none(), "racily clean entry was kept");
-        assert!(back.lookup(b"a/old.php", &Stamp { size: 2, ..old }).is_none());
+        assert!(
+            back.lookup(b"a/racy.php", &racy).is_none(),
+            "racily clean entry was kept"
+        );
+        assert!(
+            back.lookup(b"a/old.php", &Stamp { size: 2, ..old })
+                .is_none()
+        );
         // A flipped byte makes the whole cache ignored, never misread.
         let mut bytes = fs::read(&path).unwrap();
         bytes[20] ^= 1;

@@ -32,13 +32,25 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("cannot find the scap binary")?;
     let store = dir.join("store");
     let root = dir.join("staging");
-    println!("== generating a MediaWiki-like staging tree ({} files) in {}", a.files, root.display());
-    let g = workload::generate(&root, &Spec::small(a.files)).with_context(|| format!("generating {}", root.display()))?;
+    println!(
+        "== generating a MediaWiki-like staging tree ({} files) in {}",
+        a.files,
+        root.display()
+    );
+    let g = workload::generate(&root, &Spec::small(a.files))
+        .with_context(|| format!("generating {}", root.display()))?;
     println!("   {} files, {} bytes", g.files, g.bytes);
+    // Files changed in the last second are always re-read ("racily clean");
+    // let the fresh tree age so the rebuilds below show the stat cache.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
 
     let run = |args: &[&str]| -> anyhow::Result<String> {
         println!("\n$ scap {}", args.join(" "));
-        let out = Process::new(&exe).arg("--store").arg(&store).args(args).output()?;
+        let out = Process::new(&exe)
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         print!("{}", limit_lines(&stdout, 25));
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -49,25 +61,52 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
     };
     let mw = format!("mediawiki={}", g.staging.display());
     let portals = format!("portals={}", g.portals.display());
-    let c = ["--component", &mw, "--component", &portals, "--exclude", "**/.git"];
+    let c = [
+        "--component",
+        &mw,
+        "--component",
+        &portals,
+        "--exclude",
+        "**/.git",
+    ];
 
-    let v1 = run(&[&["build-manifest"][..], &c, &["--label", "1.46.0-wmf.1", "-m", "weekly train"]].concat())?;
+    let v1 = run(&[
+        &["build-manifest"][..],
+        &c,
+        &["--label", "1.46.0-wmf.1", "-m", "weekly train"],
+    ]
+    .concat())?;
     println!("\n== a backport changes a few files");
     let m = workload::mutate(&root, Mutation::Backport, 7)?;
     for p in &m.changed {
         println!("   changed {}", p.display());
     }
-    let v2 = run(&[&["build-manifest"][..], &c, &["-m", "backport: fix a notice"]].concat())?;
+    let v2 = run(&[
+        &["build-manifest"][..],
+        &c,
+        &["-m", "backport: fix a notice"],
+    ]
+    .concat())?;
     run(&["diff", &v1, &v2])?;
     run(&["diff", "--stat", &v1, &v2])?;
     println!("\n== the next train: a new php-* branch, mostly the same files");
     workload::mutate(&root, Mutation::Train, 8)?;
-    let v3 = run(&[&["build-manifest"][..], &c, &["--label", "1.46.0-wmf.2", "-m", "weekly train"]].concat())?;
+    let v3 = run(&[
+        &["build-manifest"][..],
+        &c,
+        &["--label", "1.46.0-wmf.2", "-m", "weekly train"],
+    ]
+    .concat())?;
     run(&["diff", "--stat", &v2, &v3])?;
     run(&["ls", "1.46.0-wmf.2", "mediawiki"])?;
     run(&["log", "-n", "3"])?;
     run(&["verify"])?;
-    println!("\nDone. Versions are Merkle roots: {} -> {} -> {}", &v1[..12], &v2[..12], &v3[..12]);
+    println!(
+        "\nDone. Versions are Merkle roots: {} -> {} -> {}",
+        &v1[..12],
+        &v2[..12],
+        &v3[..12]
+    );
     Ok(exit::OK)
 }
 
@@ -134,20 +173,31 @@ enum WorkloadCmd {
 
 pub fn workload(a: WorkloadArgs) -> anyhow::Result<i32> {
     match a.cmd {
-        WorkloadCmd::Generate { dir, files, seed, large_files } => {
-            let mut spec = if files >= 10_000 { Spec::mediawiki() } else { Spec::small(files) };
+        WorkloadCmd::Generate {
+            dir,
+            files,
+            seed,
+            large_files,
+        } => {
+            let mut spec = if files >= 10_000 {
+                Spec::mediawiki()
+            } else {
+                Spec::small(files)
+            };
             spec.files = files;
             spec.seed = seed;
             if let Some(n) = large_files {
                 spec.large_files = n;
             }
-            let g = workload::generate(&dir, &spec).with_context(|| format!("generating {}", dir.display()))?;
+            let g = workload::generate(&dir, &spec)
+                .with_context(|| format!("generating {}", dir.display()))?;
             println!("{} files, {} bytes", g.files, g.bytes);
             println!("mediawiki={}", g.staging.display());
             println!("portals={}", g.portals.display());
         }
         WorkloadCmd::Mutate { dir, kind, seed } => {
-            let m = workload::mutate(&dir, kind, seed).with_context(|| format!("changing {}", dir.display()))?;
+            let m = workload::mutate(&dir, kind, seed)
+                .with_context(|| format!("changing {}", dir.display()))?;
             for (letter, list) in [("M", &m.changed), ("A", &m.added), ("D", &m.removed)] {
                 for p in list {
                     println!("{letter}\t{}", p.display());

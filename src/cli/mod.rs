@@ -2,6 +2,7 @@
 //! call one library function, print. No deploy logic lives here.
 
 mod demo;
+mod host_cmds;
 mod store_cmds;
 
 use std::io::{self, Write};
@@ -63,6 +64,14 @@ pub enum Command {
     Verify(store_cmds::VerifyArgs),
     /// Delete objects no kept version reaches
     Gc(store_cmds::GcArgs),
+    /// Serve this store to hosts over HTTP
+    Serve(host_cmds::ServeArgs),
+    /// Run the host agent: fetch, release, switch, state file, HTTP API
+    Agent(host_cmds::AgentArgs),
+    /// Deploy a version to hosts
+    Sync(host_cmds::SyncArgs),
+    /// Show this host's state file
+    State(host_cmds::StateArgs),
     /// Run the built-in sample: generate a tree, build, change, rebuild, diff
     Demo(demo::DemoArgs),
     /// Generate or change a MediaWiki-like sample tree (tests, benchmarks)
@@ -74,7 +83,11 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return code;
         }
@@ -121,6 +134,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Unpin(a) => store_cmds::pin(&ctx, a, false),
         Command::Verify(a) => store_cmds::verify(&ctx, a),
         Command::Gc(a) => store_cmds::gc(&ctx, a),
+        Command::Serve(a) => host_cmds::serve(&ctx, a),
+        Command::Agent(a) => host_cmds::agent(a),
+        Command::Sync(a) => host_cmds::sync(&ctx, a),
+        Command::State(a) => host_cmds::state(a),
         Command::Demo(a) => demo::demo(a),
         Command::Workload(a) => demo::workload(a),
     }

@@ -13,7 +13,9 @@ use crate::build::config::{ConfigFile, components};
 use crate::build::{BuildOptions, build};
 use crate::store::diff::{Change, DiffStat, fetch_cost};
 use crate::store::disk::VersionRecord;
-use crate::store::{Content, Store, VersionId, diff as store_diff, gc as store_gc, verify as store_verify};
+use crate::store::{
+    Content, Store, VersionId, diff as store_diff, gc as store_gc, verify as store_verify,
+};
 use crate::time::{fmt_bytes, fmt_utc};
 
 /// Where the store is and what scap.toml says.
@@ -96,7 +98,14 @@ pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
     }
     let mut out = io::stdout().lock();
     for c in &report.record.components {
-        writeln!(out, "component {:<20} {} {:>7} files {:>10}", c.name, c.tree.short(), c.files, fmt_bytes(c.bytes))?;
+        writeln!(
+            out,
+            "component {:<20} {} {:>7} files {:>10}",
+            c.name,
+            c.tree.short(),
+            c.files,
+            fmt_bytes(c.bytes)
+        )?;
     }
     writeln!(
         out,
@@ -108,7 +117,11 @@ pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
         report.new_objects,
         fmt_bytes(report.new_object_bytes),
         report.seconds,
-        if report.new_version { "" } else { "; this version was already in the store" }
+        if report.new_version {
+            ""
+        } else {
+            "; this version was already in the store"
+        }
     )?;
     writeln!(out, "{}", report.version)?;
     Ok(exit::OK)
@@ -200,7 +213,10 @@ pub fn diff(ctx: &Ctx, a: DiffArgs) -> anyhow::Result<i32> {
                 out.write_all(&c.path)?;
                 writeln!(out)
             })();
-            r.map_err(|source| crate::store::StoreError::Io { path: "<stdout>".into(), source })
+            r.map_err(|source| crate::store::StoreError::Io {
+                path: "<stdout>".into(),
+                source,
+            })
         })?;
         out.flush()?;
         differs = any;
@@ -228,7 +244,13 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> anyhow::Result<i32> {
     let path = a.path.unwrap_or_default();
     let content = store
         .lookup(&v.root(), path.as_bytes())?
-        .ok_or_else(|| NotFound { what: format!("version {}: no {path:?}: see `scap ls {}`", v.short(), v.short()) })?;
+        .ok_or_else(|| NotFound {
+            what: format!(
+                "version {}: no {path:?}: see `scap ls {}`",
+                v.short(),
+                v.short()
+            ),
+        })?;
     let mut rows: Vec<(Vec<u8>, Content)> = Vec::new();
     match &content {
         Content::Dir { tree, .. } if a.recursive => {
@@ -254,7 +276,9 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> anyhow::Result<i32> {
                     "size": c.size(),
                 });
                 match c {
-                    Content::Symlink { target } => v["target"] = String::from_utf8_lossy(target).into(),
+                    Content::Symlink { target } => {
+                        v["target"] = String::from_utf8_lossy(target).into()
+                    }
                     Content::Dir { tree, files, .. } => {
                         v["tree"] = tree.to_hex().into();
                         v["files"] = (*files).into();
@@ -296,13 +320,21 @@ pub struct CatArgs {
 pub fn cat(ctx: &Ctx, a: CatArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
     let v = store.resolve(&a.version)?;
-    let content = store.lookup(&v.root(), a.path.as_bytes())?.ok_or_else(|| NotFound {
-        what: format!("version {}: no {:?}: see `scap ls {} {}`", v.short(), a.path, v.short(), parent_of(&a.path)),
-    })?;
+    let content = store
+        .lookup(&v.root(), a.path.as_bytes())?
+        .ok_or_else(|| NotFound {
+            what: format!(
+                "version {}: no {:?}: see `scap ls {} {}`",
+                v.short(),
+                a.path,
+                v.short(),
+                parent_of(&a.path)
+            ),
+        })?;
     match &content {
         Content::File { .. } => {
             let mut out = io::stdout().lock();
-            store.write_file(&content, &mut out)?;
+            store.write_file(&content, &mut out, std::path::Path::new("<stdout>"))?;
             out.flush()?;
             Ok(exit::OK)
         }
@@ -312,7 +344,11 @@ pub fn cat(ctx: &Ctx, a: CatArgs) -> anyhow::Result<i32> {
             a.path,
             std::ffi::OsStr::from_bytes(target)
         ),
-        Content::Dir { .. } => bail!("version {}: {:?} is a directory: use `scap ls`", v.short(), a.path),
+        Content::Dir { .. } => bail!(
+            "version {}: {:?} is a directory: use `scap ls`",
+            v.short(),
+            a.path
+        ),
     }
 }
 
@@ -346,8 +382,16 @@ pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
     Ok(exit::OK)
 }
 
-fn print_record(out: &mut impl Write, r: &VersionRecord, labels: &[(String, VersionId)]) -> io::Result<()> {
-    let names: Vec<&str> = labels.iter().filter(|(_, v)| *v == r.version).map(|(l, _)| l.as_str()).collect();
+fn print_record(
+    out: &mut impl Write,
+    r: &VersionRecord,
+    labels: &[(String, VersionId)],
+) -> io::Result<()> {
+    let names: Vec<&str> = labels
+        .iter()
+        .filter(|(_, v)| *v == r.version)
+        .map(|(l, _)| l.as_str())
+        .collect();
     write!(out, "version {}", r.version)?;
     if !names.is_empty() {
         write!(out, " ({})", names.join(", "))?;
@@ -395,7 +439,10 @@ pub fn label(ctx: &Ctx, a: LabelArgs) -> anyhow::Result<i32> {
         && old != v
         && !a.force
     {
-        bail!("label {:?} already names version {old}: pass --force to move it", a.label);
+        bail!(
+            "label {:?} already names version {old}: pass --force to move it",
+            a.label
+        );
     }
     store.set_label(&a.label, &v)?;
     println!("{} {}", a.label, v);
@@ -426,14 +473,27 @@ pub fn pin(ctx: &Ctx, a: PinArgs, on: bool) -> anyhow::Result<i32> {
 pub struct VerifyArgs {
     /// Versions to check [default: every recorded, labelled and pinned version]
     versions: Vec<String>,
+    /// On a host: re-hash the live release against its version and list files edited by hand
+    #[arg(long, conflicts_with = "versions")]
+    live: bool,
+    /// With --live: the agent's directory
+    #[arg(long, default_value = super::host_cmds::DEFAULT_AGENT_DIR, requires = "live")]
+    dir: PathBuf,
     /// Print JSON
     #[arg(long)]
     json: bool,
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
+    if a.live {
+        return super::host_cmds::verify_live(&a.dir, a.json);
+    }
     let store = ctx.open()?;
-    let mut versions: Vec<VersionId> = a.versions.iter().map(|v| store.resolve(v)).collect::<Result<_, _>>()?;
+    let mut versions: Vec<VersionId> = a
+        .versions
+        .iter()
+        .map(|v| store.resolve(v))
+        .collect::<Result<_, _>>()?;
     if a.versions.is_empty() {
         versions.extend(store.records()?.into_iter().map(|r| r.version));
         versions.extend(store.labels()?.into_iter().map(|(_, v)| v));
@@ -447,7 +507,15 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
     } else {
         let mut out = io::stdout().lock();
         for p in &report.problems {
-            writeln!(out, "BAD {} {} {}: {} (version {})", p.kind, p.id, p.path, p.error, p.version.short())?;
+            writeln!(
+                out,
+                "BAD {} {} {}: {} (version {})",
+                p.kind,
+                p.id,
+                p.path,
+                p.error,
+                p.version.short()
+            )?;
         }
         writeln!(
             out,
@@ -459,10 +527,17 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
             report.problems.len()
         )?;
         if !report.problems.is_empty() {
-            writeln!(out, "re-run build-manifest from staging to restore chunks that are still there; gc will not run on a store with missing trees")?;
+            writeln!(
+                out,
+                "re-run build-manifest from staging to restore chunks that are still there; gc will not run on a store with missing trees"
+            )?;
         }
     }
-    Ok(if report.problems.is_empty() { exit::OK } else { exit::PROBLEMS_FOUND })
+    Ok(if report.problems.is_empty() {
+        exit::OK
+    } else {
+        exit::PROBLEMS_FOUND
+    })
 }
 
 #[derive(Args, Debug)]
@@ -480,8 +555,7 @@ pub struct GcArgs {
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
-    let report = store_gc::gc(&store, a.keep as usize, a.dry_run)
-        .context("gc removed nothing")?;
+    let report = store_gc::gc(&store, a.keep as usize, a.dry_run).context("gc removed nothing")?;
     if a.json {
         print_json(&report)?;
     } else {

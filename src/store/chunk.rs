@@ -99,7 +99,10 @@ mod tests {
         assert!(lens.iter().all(|&l| l <= CDC_MAX as usize));
         assert_eq!(
             lens,
-            [127249, 68954, 58074, 44101, 82660, 150695, 77148, 100913, 96501, 74128, 123442, 44711]
+            [
+                127249, 68954, 58074, 44101, 82660, 150695, 77148, 100913, 96501, 74128, 123442,
+                44711
+            ]
         );
     }
 
@@ -119,6 +122,10 @@ mod tests {
         };
         let (a, b) = (ids(&data), ids(&edited));
         let shared = b.iter().filter(|h| a.contains(h)).count();
-        assert!(shared + 3 >= b.len(), "{shared} of {} chunks shared", b.len());
+        assert!(
+            shared + 3 >= b.len(),
+            "{shared} of {} chunks shared",
+            b.len()
+        );
     }
 }

@@ -118,7 +118,9 @@ fn both(
         }
         (old, new) if old == new => {}
         (old, new) => {
-            let status = if matches!(old, Content::Symlink { .. }) == matches!(new, Content::Symlink { .. }) {
+            let status = if matches!(old, Content::Symlink { .. })
+                == matches!(new, Content::Symlink { .. })
+            {
                 Status::Modified
             } else {
                 Status::TypeChanged
@@ -200,11 +202,7 @@ impl DiffStat {
 /// Chunks (with lengths) that the new side of `changes` needs and that
 /// nothing in version `a` already has. Walks all of `a` once, unless no
 /// change brings content.
-pub fn fetch_cost(
-    store: &Store,
-    a: &TreeId,
-    changes: &[Change],
-) -> Result<(u64, u64), StoreError> {
+pub fn fetch_cost(store: &Store, a: &TreeId, changes: &[Change]) -> Result<(u64, u64), StoreError> {
     let mut wanted: std::collections::HashMap<ChunkId, u32> = Default::default();
     for c in changes {
         if let Some(Content::File { chunks, .. }) = &c.new {

@@ -28,6 +28,8 @@ use super::tree::{Tree, TreeError};
 /// Version of the store layout, written to `STORE/scap-store`.
 pub const STORE_FORMAT: u32 = 1;
 const MARKER: &str = "scap-store";
+/// Present while gc deletes objects.
+const GC_MARKER: &str = "gc-sweeping";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -37,7 +39,9 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}: not a scap store (no {MARKER} file): create one with `scap build-manifest`, or pass --store")]
+    #[error(
+        "{0}: not a scap store (no {MARKER} file): create one with `scap build-manifest`, or pass --store"
+    )]
     NotAStore(PathBuf),
     #[error("{path}: store format v{found}, this scap reads up to v{STORE_FORMAT}: upgrade scap")]
     NewerFormat { path: PathBuf, found: u32 },
@@ -47,7 +51,9 @@ pub enum StoreError {
         #[source]
         source: ObjectError,
     },
-    #[error("{kind} {id} is missing from the store: run `scap verify`, then rebuild or re-fetch it")]
+    #[error(
+        "{kind} {id} is missing from the store: run `scap verify`, then rebuild or re-fetch it"
+    )]
     Missing { id: ObjectId, kind: ObjectKind },
     #[error("tree {id}: {source}")]
     BadTree {
@@ -64,7 +70,9 @@ pub enum StoreError {
         prefix: String,
         candidates: Vec<String>,
     },
-    #[error("bad label {0:?}: use letters, digits, '.', '_', '+' and '-' (at most 128), not starting with '.' or '-', and not only hex digits")]
+    #[error(
+        "bad label {0:?}: use letters, digits, '.', '_', '+' and '-' (at most 128), not starting with '.' or '-', and not only hex digits"
+    )]
     BadLabel(String),
     #[error("{path}: {why}")]
     BadRecord { path: PathBuf, why: String },
@@ -158,7 +166,15 @@ impl Store {
             Err(StoreError::NotAStore(_)) => {}
             other => return other,
         }
-        for dir in ["objects", "versions", "refs/labels", "refs/pins", "journal", "tmp", "cache"] {
+        for dir in [
+            "objects",
+            "versions",
+            "refs/labels",
+            "refs/pins",
+            "journal",
+            "tmp",
+            "cache",
+        ] {
             fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
         }
         let marker = root.join(MARKER);
@@ -271,6 +287,7 @@ impl Store {
 
     /// Re-verifies what dead writer sessions wrote, removing torn objects.
     fn recover(&self) -> Result<()> {
+        self.recover_from_gc()?;
         let dir = self.root.join("journal");
         for entry in fs::read_dir(&dir).at(&dir)? {
             let entry = entry.at(&dir)?;
@@ -304,8 +321,13 @@ impl Store {
         Ok(())
     }
 
+    /// Removes objects written since `since` that fail verification, then
+    /// the trees written since then that reference a missing object (their
+    /// children may have been torn). This restores the invariant that a
+    /// tree is in the store only when everything below it is.
     fn remove_torn_since(&self, since: SystemTime) -> Result<u64> {
         let mut removed = 0;
+        let mut recent_trees: Vec<(ObjectId, PathBuf)> = Vec::new();
         for item in self.objects()? {
             let (id, path) = item?;
             let Ok(modified) = fs::symlink_metadata(&path).and_then(|m| m.modified()) else {
@@ -315,13 +337,84 @@ impl Store {
                 continue;
             }
             let raw = fs::read(&path).at(&path)?;
-            let ok = object::peek(id, &raw).and_then(|(kind, _)| object::decode(id, kind, &raw));
-            if ok.is_err() {
-                fs::remove_file(&path).at(&path)?;
-                removed += 1;
+            match object::peek(id, &raw)
+                .and_then(|(kind, _)| object::decode(id, kind, &raw).map(|_| kind))
+            {
+                Ok(ObjectKind::Tree) => recent_trees.push((id, path)),
+                Ok(ObjectKind::Chunk) => {}
+                Err(_) => {
+                    fs::remove_file(&path).at(&path)?;
+                    removed += 1;
+                }
             }
         }
+        removed += self.remove_incomplete_trees(recent_trees)?;
         Ok(removed)
+    }
+
+    /// Removes, until none is left, each of `trees` that references an
+    /// object the store does not have. Returns how many it removed.
+    fn remove_incomplete_trees(&self, mut trees: Vec<(ObjectId, PathBuf)>) -> Result<u64> {
+        let mut removed = 0;
+        loop {
+            let before = trees.len();
+            let mut kept = Vec::with_capacity(before);
+            for (id, path) in trees {
+                let complete = match self.tree(&TreeId::new(id)) {
+                    Ok(tree) => tree.children().all(|child| self.has(&child)),
+                    Err(StoreError::Missing { .. }) => continue,
+                    Err(_) => false,
+                };
+                if complete {
+                    kept.push((id, path));
+                } else {
+                    fs::remove_file(&path).at(&path)?;
+                    removed += 1;
+                }
+            }
+            trees = kept;
+            if trees.len() == before {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// After a gc that died mid-sweep, a tree may have lost a subtree: check
+    /// every tree in the store.
+    fn recover_from_gc(&self) -> Result<()> {
+        let marker = self.root.join(GC_MARKER);
+        if !marker.exists() {
+            return Ok(());
+        }
+        let mut trees = Vec::new();
+        for item in self.objects()? {
+            let (id, path) = item?;
+            let head = read_head(&path)?;
+            if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
+                trees.push((id, path));
+            }
+        }
+        let removed = self.remove_incomplete_trees(trees)?;
+        if removed > 0 {
+            eprintln!("scap: removed {removed} tree(s) an interrupted gc left incomplete");
+        }
+        fs::remove_file(&marker).at(&marker)?;
+        Ok(())
+    }
+
+    /// Marks the start of gc's sweep (see `recover_from_gc`).
+    pub(crate) fn begin_sweep(&self) -> Result<()> {
+        atomic_write(&self.root.join(GC_MARKER), b"")
+    }
+
+    pub(crate) fn end_sweep(&self) -> Result<()> {
+        let marker = self.root.join(GC_MARKER);
+        let f = File::open(self.root.join(MARKER)).at(&marker)?;
+        rustix::fs::syncfs(&f)
+            .map_err(io::Error::from)
+            .at(&self.root)?;
+        fs::remove_file(&marker).at(&marker)?;
+        sync_dir(&self.root)
     }
 
     /// Every object file in the store, by ID. Stray files are skipped.
@@ -358,7 +451,9 @@ impl Store {
     // ---- versions and refs ----
 
     fn record_path(&self, v: &VersionId) -> PathBuf {
-        self.root.join("versions").join(format!("{}.json", v.to_hex()))
+        self.root
+            .join("versions")
+            .join(format!("{}.json", v.to_hex()))
     }
 
     pub fn write_record(&self, record: &VersionRecord) -> Result<()> {
@@ -407,7 +502,7 @@ impl Store {
                 out.push(r);
             }
         }
-        out.sort_by(|a, b| (b.time, b.time_nanos, b.version).cmp(&(a.time, a.time_nanos, a.version)));
+        out.sort_by_key(|r| std::cmp::Reverse((r.time, r.time_nanos, r.version)));
         Ok(out)
     }
 
@@ -437,7 +532,11 @@ impl Store {
     }
 
     pub fn pins(&self) -> Result<Vec<VersionId>> {
-        Ok(self.read_refs("refs/pins")?.into_iter().map(|(_, v)| v).collect())
+        Ok(self
+            .read_refs("refs/pins")?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     fn read_refs(&self, sub: &str) -> Result<Vec<(String, VersionId)>> {
@@ -458,10 +557,13 @@ impl Store {
             }
             let path = entry.path();
             let text = fs::read_to_string(&path).at(&path)?;
-            let v = text.trim().parse::<VersionId>().map_err(|e| StoreError::BadRecord {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
+            let v = text
+                .trim()
+                .parse::<VersionId>()
+                .map_err(|e| StoreError::BadRecord {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
             out.push((name, v));
         }
         out.sort();
@@ -543,7 +645,10 @@ impl Store {
 
     pub(crate) fn bump_gc_generation(&self) -> Result<u64> {
         let next = self.gc_generation()?.wrapping_add(1);
-        atomic_write(&self.root.join("gc-generation"), format!("{next}\n").as_bytes())?;
+        atomic_write(
+            &self.root.join("gc-generation"),
+            format!("{next}\n").as_bytes(),
+        )?;
         Ok(next)
     }
 

@@ -5,6 +5,8 @@
 //! session (build-manifest, an agent's fetch) is between writing objects and
 //! recording the version that references them while gc runs; it bumps the
 //! gc generation before deleting anything so stat caches re-check presence.
+//! While it deletes, `STORE/gc-sweeping` exists; if gc dies mid-sweep, the
+//! next writer checks every tree for missing children (see `disk::recover`).
 //! A store gc cannot fully read (a missing or corrupt tree under a root) is
 //! left untouched: gc refuses rather than guess what is reachable.
 
@@ -34,9 +36,28 @@ pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreEr
     roots.sort();
     roots.dedup();
 
+    let mut report = mark_and_sweep(store, &roots, dry_run)?;
+    for r in &records {
+        if !roots.contains(&r.version) {
+            if !dry_run {
+                store.remove_record(&r.version)?;
+            }
+            report.removed_versions.push(r.version);
+        }
+    }
+    Ok(report)
+}
+
+/// Deletes every object not reachable from `roots`. The caller holds the
+/// exclusive store lock.
+pub fn mark_and_sweep(
+    store: &Store,
+    roots: &[VersionId],
+    dry_run: bool,
+) -> Result<GcReport, StoreError> {
     let mut live: HashSet<ObjectId> = HashSet::new();
     let mut trees: HashSet<TreeId> = HashSet::new();
-    for v in &roots {
+    for v in roots {
         chunks_of(store, &v.root(), &mut trees, &mut |c| {
             live.insert(c.object());
         })?;
@@ -44,13 +65,14 @@ pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreEr
     live.extend(trees.iter().map(|t| t.object()));
 
     let mut report = GcReport {
-        kept_versions: roots.clone(),
+        kept_versions: roots.to_vec(),
         live_objects: live.len() as u64,
         dry_run,
         ..Default::default()
     };
     if !dry_run {
         store.bump_gc_generation()?;
+        store.begin_sweep()?;
     }
     for item in store.objects()? {
         let (id, path) = item?;
@@ -64,13 +86,8 @@ pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreEr
         report.removed_objects += 1;
         report.removed_bytes += len;
     }
-    for r in &records {
-        if !roots.contains(&r.version) {
-            if !dry_run {
-                store.remove_record(&r.version)?;
-            }
-            report.removed_versions.push(r.version);
-        }
+    if !dry_run {
+        store.end_sweep()?;
     }
     Ok(report)
 }

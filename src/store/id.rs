@@ -277,7 +277,10 @@ mod tests {
         let data = b"<?php echo 'hello';";
         assert_ne!(ObjectKind::Chunk.hash(data), ObjectKind::Tree.hash(data));
         // Not plain BLAKE3 either: b3sum output must not name a scap object.
-        assert_ne!(ObjectKind::Chunk.hash(data).0, *blake3::hash(data).as_bytes());
+        assert_ne!(
+            ObjectKind::Chunk.hash(data).0,
+            *blake3::hash(data).as_bytes()
+        );
     }
 
     #[test]
@@ -288,8 +291,14 @@ mod tests {
         assert_eq!(hex.parse::<ObjectId>().unwrap(), id);
         assert_eq!(hex.to_uppercase().parse::<ObjectId>().unwrap(), id);
         assert!(matches!("zz".parse::<ObjectId>(), Err(IdError::NotHex(_))));
-        assert!(matches!("abcd".parse::<ObjectId>(), Err(IdError::WrongLength(_, 4))));
-        assert!(matches!(IdPrefix::parse("abc"), Err(IdError::PrefixTooShort(_))));
+        assert!(matches!(
+            "abcd".parse::<ObjectId>(),
+            Err(IdError::WrongLength(_, 4))
+        ));
+        assert!(matches!(
+            IdPrefix::parse("abc"),
+            Err(IdError::PrefixTooShort(_))
+        ));
         let p = IdPrefix::parse(&hex[..8].to_uppercase()).unwrap();
         assert!(p.matches(&id));
     }

@@ -42,11 +42,7 @@ pub fn join(parent: &[u8], name: &TreeName) -> TreePath {
 impl Store {
     /// Calls `f` for every entry below `tree`, depth first in name order,
     /// with its path relative to `tree`.
-    pub fn walk(
-        &self,
-        tree: &TreeId,
-        f: &mut Visit<'_>,
-    ) -> Result<(), StoreError> {
+    pub fn walk(&self, tree: &TreeId, f: &mut Visit<'_>) -> Result<(), StoreError> {
         self.walk_at_path(tree, &[], f)
     }
 
@@ -75,7 +71,10 @@ impl Store {
             size,
             files,
         };
-        for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".") {
+        for part in path
+            .split(|&c| c == b'/')
+            .filter(|p| !p.is_empty() && *p != b".")
+        {
             let Content::Dir { tree, .. } = &current else {
                 return Ok(None);
             };
@@ -87,15 +86,21 @@ impl Store {
         Ok(Some(current))
     }
 
-    /// Writes a file's content to `out`, verifying each chunk.
-    pub fn write_file(&self, content: &Content, out: &mut dyn Write) -> Result<(), StoreError> {
+    /// Writes a file's content to `out` (named `out_path` in errors),
+    /// verifying each chunk.
+    pub fn write_file(
+        &self,
+        content: &Content,
+        out: &mut dyn Write,
+        out_path: &std::path::Path,
+    ) -> Result<(), StoreError> {
         let Content::File { chunks, .. } = content else {
             return Ok(());
         };
         for c in chunks {
             let data = self.read(&c.id.object(), ObjectKind::Chunk)?;
             out.write_all(&data).map_err(|source| StoreError::Io {
-                path: "<output>".into(),
+                path: out_path.to_path_buf(),
                 source,
             })?;
         }

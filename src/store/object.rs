@@ -70,7 +70,10 @@ pub fn encode(kind: ObjectKind, data: &[u8]) -> Vec<u8> {
 /// Reads only the header: the kind and uncompressed length.
 pub fn peek(id: ObjectId, file: &[u8]) -> Result<(ObjectKind, u64), ObjectError> {
     if file.len() < HEADER_LEN {
-        return Err(ObjectError::Truncated { id, len: file.len() });
+        return Err(ObjectError::Truncated {
+            id,
+            len: file.len(),
+        });
     }
     if &file[..4] != MAGIC {
         return Err(ObjectError::BadMagic { id });
@@ -79,7 +82,10 @@ pub fn peek(id: ObjectId, file: &[u8]) -> Result<(ObjectKind, u64), ObjectError>
         return Err(ObjectError::NewerFormat { id, found: file[4] });
     }
     if file[4] != OBJECT_FORMAT {
-        return Err(ObjectError::BadHeader { id, why: "format 0" });
+        return Err(ObjectError::BadHeader {
+            id,
+            why: "format 0",
+        });
     }
     let kind = ObjectKind::from_code(file[5]).ok_or(ObjectError::BadHeader {
         id,
@@ -150,7 +156,9 @@ mod tests {
         assert_eq!(file[6], 1, "text compresses");
         assert_eq!(decode(id, ObjectKind::Chunk, &file).unwrap(), text);
 
-        let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let id = ObjectKind::Chunk.hash(&noise);
         let file = encode(ObjectKind::Chunk, &noise);
         assert_eq!(decode(id, ObjectKind::Chunk, &file).unwrap(), noise);
@@ -167,7 +175,10 @@ mod tests {
             assert!(decode(id, ObjectKind::Chunk, &bad).is_err(), "flip at {i}");
         }
         for n in 0..file.len() {
-            assert!(decode(id, ObjectKind::Chunk, &file[..n]).is_err(), "cut at {n}");
+            assert!(
+                decode(id, ObjectKind::Chunk, &file[..n]).is_err(),
+                "cut at {n}"
+            );
         }
         assert!(matches!(
             decode(id, ObjectKind::Tree, &file),

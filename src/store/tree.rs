@@ -180,13 +180,27 @@ impl Tree {
             .map(|i| &self.entries[i])
     }
 
+    /// IDs of every object this tree references directly.
+    pub fn children(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.entries.iter().flat_map(|e| {
+            let ids: Vec<ObjectId> = match &e.content {
+                Content::File { chunks, .. } => chunks.iter().map(|c| c.id.object()).collect(),
+                Content::Dir { tree, .. } => vec![tree.object()],
+                Content::Symlink { .. } => Vec::new(),
+            };
+            ids
+        })
+    }
+
     /// Total regular-file bytes and count directly and below this tree.
     pub fn totals(&self) -> (u64, u64) {
         self.entries
             .iter()
             .fold((0, 0), |(size, files), e| match &e.content {
                 Content::File { size: s, .. } => (size + s, files + 1),
-                Content::Dir { size: s, files: f, .. } => (size + s, files + f),
+                Content::Dir {
+                    size: s, files: f, ..
+                } => (size + s, files + f),
                 Content::Symlink { .. } => (size, files),
             })
     }
@@ -279,7 +293,9 @@ impl Tree {
                         });
                     }
                     if sum != size {
-                        return Err(TreeError::NotCanonical("chunk lengths do not add up to size"));
+                        return Err(TreeError::NotCanonical(
+                            "chunk lengths do not add up to size",
+                        ));
                     }
                     Content::File {
                         executable: kind == 2,
@@ -448,7 +464,10 @@ mod tests {
         // Trailing byte.
         let mut b = good.clone();
         b.push(0);
-        assert_eq!(Tree::decode(&b), Err(TreeError::NotCanonical("trailing bytes")));
+        assert_eq!(
+            Tree::decode(&b),
+            Err(TreeError::NotCanonical("trailing bytes"))
+        );
         // Every truncation fails cleanly.
         for n in 0..good.len() {
             assert!(Tree::decode(&good[..n]).is_err(), "prefix {n}");
@@ -466,18 +485,54 @@ mod tests {
         let dup = Tree {
             entries: vec![e.clone(), e],
         };
-        assert!(matches!(Tree::decode(&dup.encode()), Err(TreeError::Unsorted(_))));
+        assert!(matches!(
+            Tree::decode(&dup.encode()),
+            Err(TreeError::Unsorted(_))
+        ));
         assert!(Tree::new(dup.entries.clone()).is_err());
         // Hostile names smuggled past the constructor.
         for bad in [&b".."[..], b"a/b", b""] {
             let t = Tree {
                 entries: vec![Entry {
                     name: TreeName(bad.to_vec()),
-                    content: Content::Symlink { target: b"x".to_vec() },
+                    content: Content::Symlink {
+                        target: b"x".to_vec(),
+                    },
                 }],
             };
-            assert!(matches!(Tree::decode(&t.encode()), Err(TreeError::BadName { .. })));
+            assert!(matches!(
+                Tree::decode(&t.encode()),
+                Err(TreeError::BadName { .. })
+            ));
         }
+    }
+
+    /// The example in store-format.md, byte for byte.
+    #[test]
+    fn documented_example() {
+        let t = Tree::new(vec![
+            Entry {
+                name: name("b"),
+                content: Content::File {
+                    executable: false,
+                    size: 0,
+                    chunks: vec![],
+                },
+            },
+            Entry {
+                name: name("a"),
+                content: Content::Symlink {
+                    target: b"../x".to_vec(),
+                },
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            t.encode(),
+            [
+                1, 2, 1, b'a', 3, 4, b'.', b'.', b'/', b'x', 1, b'b', 1, 0, 0
+            ]
+        );
     }
 
     #[test]

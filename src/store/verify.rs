@@ -33,7 +33,11 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
-pub fn verify(store: &Store, versions: &[VersionId], progress: bool) -> Result<VerifyReport, StoreError> {
+pub fn verify(
+    store: &Store,
+    versions: &[VersionId],
+    progress: bool,
+) -> Result<VerifyReport, StoreError> {
     let mut report = VerifyReport {
         versions: versions.len() as u64,
         ..Default::default()
@@ -51,7 +55,9 @@ pub fn verify(store: &Store, versions: &[VersionId], progress: bool) -> Result<V
             let tree = match store.tree(&id) {
                 Ok(t) => t,
                 Err(e) => {
-                    report.problems.push(problem(ObjectKind::Tree, id.object(), &path, *v, &e));
+                    report
+                        .problems
+                        .push(problem(ObjectKind::Tree, id.object(), &path, *v, &e));
                     continue;
                 }
             };
@@ -75,7 +81,9 @@ pub fn verify(store: &Store, versions: &[VersionId], progress: bool) -> Result<V
             for e in tree.entries() {
                 let p = join(&path, &e.name);
                 match &e.content {
-                    Content::Dir { tree, size, files } => stack.push((*tree, p, Some((*size, *files)))),
+                    Content::Dir { tree, size, files } => {
+                        stack.push((*tree, p, Some((*size, *files))))
+                    }
                     Content::File { chunks: cs, .. } => {
                         for c in cs {
                             chunks.entry(c.id).or_insert_with(|| (c.len, p.clone(), *v));
@@ -107,7 +115,10 @@ pub fn verify(store: &Store, versions: &[VersionId], progress: bool) -> Result<V
                         error: format!("{} bytes, its tree says {len}", data.len()),
                     }),
                 ),
-                Err(e) => (0, Some(problem(ObjectKind::Chunk, id.object(), path, *v, &e))),
+                Err(e) => (
+                    0,
+                    Some(problem(ObjectKind::Chunk, id.object(), path, *v, &e)),
+                ),
             }
         })
         .collect();
@@ -116,7 +127,9 @@ pub fn verify(store: &Store, versions: &[VersionId], progress: bool) -> Result<V
         report.bytes += bytes;
         report.problems.extend(p);
     }
-    report.problems.sort_by(|a, b| a.path.cmp(&b.path).then(a.id.cmp(&b.id)));
+    report
+        .problems
+        .sort_by(|a, b| a.path.cmp(&b.path).then(a.id.cmp(&b.id)));
     Ok(report)
 }
 

@@ -22,16 +22,30 @@ fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
         for e in fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
             let meta = fs::symlink_metadata(&p).unwrap();
             if meta.file_type().is_symlink() {
-                out.insert(rel, Node::Link(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()));
+                out.insert(
+                    rel,
+                    Node::Link(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                );
             } else if meta.is_dir() {
                 out.insert(rel, Node::Dir);
                 go(root, &p, out);
             } else {
                 let exec = meta.permissions().mode() & 0o111 != 0;
-                out.insert(rel, Node::File { exec, data: fs::read(&p).unwrap() });
+                out.insert(
+                    rel,
+                    Node::File {
+                        exec,
+                        data: fs::read(&p).unwrap(),
+                    },
+                );
             }
         }
     }
@@ -40,7 +54,11 @@ fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
 }
 
 /// What git-style --name-status must say, as sorted "X\tpath" lines.
-fn expected(a: &BTreeMap<Vec<u8>, Node>, b: &BTreeMap<Vec<u8>, Node>, prefix: &str) -> Vec<Vec<u8>> {
+fn expected(
+    a: &BTreeMap<Vec<u8>, Node>,
+    b: &BTreeMap<Vec<u8>, Node>,
+    prefix: &str,
+) -> Vec<Vec<u8>> {
     let mut lines = Vec::new();
     let line = |s: char, p: &[u8]| {
         let mut l = format!("{s}\t{prefix}").into_bytes();
@@ -99,7 +117,11 @@ fn mutate(root: &Path, rng: &mut Rng) {
     match rng.below(9) {
         0 => fs::write(&pick, format!("changed {}\n", rng.next())).unwrap_or(()),
         1 => fs::remove_file(&pick).unwrap(),
-        2 => write(root, &format!("new/dir{}/f{}.php", rng.below(3), rng.next() % 1000), b"<?php\n"),
+        2 => write(
+            root,
+            &format!("new/dir{}/f{}.php", rng.below(3), rng.next() % 1000),
+            b"<?php\n",
+        ),
         3 => {
             if fs::symlink_metadata(&pick).unwrap().is_file() {
                 let mode = fs::metadata(&pick).unwrap().permissions().mode() ^ 0o111;
@@ -119,7 +141,11 @@ fn mutate(root: &Path, rng: &mut Rng) {
         }
         6 => {
             fs::remove_file(&pick).unwrap();
-            write(root, &format!("{}/inner.txt", pick.strip_prefix(root).unwrap().display()), b"dir where a file was\n");
+            write(
+                root,
+                &format!("{}/inner.txt", pick.strip_prefix(root).unwrap().display()),
+                b"dir where a file was\n",
+            );
         }
         7 => {
             let mut data = noise(300_000, rng.next());
@@ -133,7 +159,12 @@ fn mutate(root: &Path, rng: &mut Rng) {
 fn diff_lines(env: &Env, a: &str, b: &str) -> Vec<Vec<u8>> {
     let out = env.raw(&["diff", a, b]);
     assert!(out.status.success());
-    let mut lines: Vec<Vec<u8>> = out.stdout.split(|&c| c == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    let mut lines: Vec<Vec<u8>> = out
+        .stdout
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
     lines.sort();
     lines
 }
@@ -145,7 +176,11 @@ fn diff_matches_brute_force() {
         let a = env.path("a");
         sample_tree(&a);
         for i in 0..60 {
-            write(&a, &format!("extensions/Ext{}/includes/F{i}.php", i % 7), format!("<?php // {i}\n").as_bytes());
+            write(
+                &a,
+                &format!("extensions/Ext{}/includes/F{i}.php", i % 7),
+                format!("<?php // {i}\n").as_bytes(),
+            );
         }
         let va = env.build(&[("mediawiki", &a)], &[]);
         let before = snapshot(&a);
@@ -170,7 +205,11 @@ fn diff_stat_counts_what_a_host_fetches() {
     let a = env.path("staging");
     write(&a, "php-1/big.cdb", &noise(2 << 20, 1));
     for i in 0..20 {
-        write(&a, &format!("php-1/includes/F{i}.php"), format!("<?php // {i}\n").as_bytes());
+        write(
+            &a,
+            &format!("php-1/includes/F{i}.php"),
+            format!("<?php // {i}\n").as_bytes(),
+        );
     }
     let v1 = env.build(&[("mediawiki", &a)], &[]);
     // A "train": a copy of the branch with one file changed. The copy's
@@ -178,10 +217,14 @@ fn diff_stat_counts_what_a_host_fetches() {
     copy_tree(&a.join("php-1"), &a.join("php-2"));
     write(&a, "php-2/includes/F3.php", b"<?php // the one change\n");
     let v2 = env.build(&[("mediawiki", &a)], &[]);
-    let stat: serde_json::Value = serde_json::from_str(&env.ok(&["diff", "--stat", "--json", &v1, &v2])).unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&env.ok(&["diff", "--stat", "--json", &v1, &v2])).unwrap();
     assert_eq!(stat["stat"]["added"], 21);
     assert_eq!(stat["stat"]["fetch_chunks"], 1);
-    assert_eq!(stat["stat"]["fetch_bytes"], "<?php // the one change\n".len());
+    assert_eq!(
+        stat["stat"]["fetch_bytes"],
+        "<?php // the one change\n".len()
+    );
     let text = env.ok(&["diff", "--stat", &v1, &v2]);
     assert!(text.contains("21 files changed: 21 added"), "{text}");
 
@@ -190,11 +233,21 @@ fn diff_stat_counts_what_a_host_fetches() {
     big[1_000_000..1_000_100].fill(b'x');
     write(&a, "php-2/big.cdb", &big);
     let v3 = env.build(&[("mediawiki", &a)], &[]);
-    let stat: serde_json::Value = serde_json::from_str(&env.ok(&["diff", "--stat", "--json", &v2, &v3])).unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&env.ok(&["diff", "--stat", "--json", &v2, &v3])).unwrap();
     assert_eq!(stat["stat"]["modified"], 1);
     let fetched = stat["stat"]["fetch_bytes"].as_u64().unwrap();
-    assert!(fetched > 0 && fetched <= 2 * 256 * 1024, "fetches {fetched} of 2 MiB");
+    assert!(
+        fetched > 0 && fetched <= 2 * 256 * 1024,
+        "fetches {fetched} of 2 MiB"
+    );
     // --exit-code says whether they differ.
-    assert_eq!(env.raw(&["diff", "--exit-code", &v2, &v3]).status.code(), Some(1));
-    assert_eq!(env.raw(&["diff", "--exit-code", &v3, &v3]).status.code(), Some(0));
+    assert_eq!(
+        env.raw(&["diff", "--exit-code", &v2, &v3]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        env.raw(&["diff", "--exit-code", &v3, &v3]).status.code(),
+        Some(0)
+    );
 }

@@ -26,17 +26,33 @@ fn ls_and_cat_round_trip_every_kind() {
     let rec = env.ok(&["ls", "-r", &v, "mediawiki"]);
     assert!(rec.contains("l            0  docroot/w -> ../w"), "{rec}");
     assert!(rec.contains("l            0  wmf-config/PrivateSettings.php -> /etc/mediawiki/private/PrivateSettings.php"), "dangling: {rec}");
-    assert!(rec.contains("x           25  maintenance/run.php"), "exec bit: {rec}");
-    assert!(rec.contains("d            0  images/empty/"), "empty dir: {rec}");
+    assert!(
+        rec.contains("x           25  maintenance/run.php"),
+        "exec bit: {rec}"
+    );
+    assert!(
+        rec.contains("d            0  images/empty/"),
+        "empty dir: {rec}"
+    );
 
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json", &v, "mediawiki/w"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json", &v, "mediawiki/w"])).unwrap();
     assert_eq!(json[0]["kind"], "symlink");
     assert_eq!(json[0]["target"], "php-1.46.0-wmf.1");
 
-    assert_eq!(env.raw(&["cat", &v, "mediawiki/large.bin"]).stdout, fs::read(mw.join("large.bin")).unwrap());
-    assert_eq!(env.ok(&["cat", &v, "mediawiki/maintenance/run.php"]), "#!/usr/bin/env php\n<?php\n");
+    assert_eq!(
+        env.raw(&["cat", &v, "mediawiki/large.bin"]).stdout,
+        fs::read(mw.join("large.bin")).unwrap()
+    );
+    assert_eq!(
+        env.ok(&["cat", &v, "mediawiki/maintenance/run.php"]),
+        "#!/usr/bin/env php\n<?php\n"
+    );
     let (_, err) = env.fails(&["cat", &v, "mediawiki/w"]);
-    assert!(err.contains("is a symlink to \"php-1.46.0-wmf.1\""), "{err}");
+    assert!(
+        err.contains("is a symlink to \"php-1.46.0-wmf.1\""),
+        "{err}"
+    );
     let (_, err) = env.fails(&["cat", &v, "mediawiki/includes"]);
     assert!(err.contains("is a directory"), "{err}");
     let (code, err) = env.fails(&["cat", &v, "mediawiki/nope.php"]);
@@ -54,7 +70,10 @@ fn version_names_resolve_or_say_why_not() {
     assert_eq!(env.ok(&["resolve", &v[..8].to_uppercase()]).trim(), v);
     let (code, err) = env.fails(&["resolve", "0000000000"]);
     assert_eq!(code, 4);
-    assert!(err.contains("no version or label \"0000000000\"") && err.contains("scap log"), "{err}");
+    assert!(
+        err.contains("no version or label \"0000000000\"") && err.contains("scap log"),
+        "{err}"
+    );
     let (code, err) = env.fails(&["resolve", &v[..5]]);
     assert_eq!(code, 4);
     assert!(err.contains("at least 8 hex digits"), "{err}");
@@ -67,11 +86,16 @@ fn version_names_resolve_or_say_why_not() {
 
     // Two versions sharing a prefix: a crafted record makes it happen.
     let twin = format!("{}{}", &v[..10], "f".repeat(54));
-    let record = fs::read_to_string(env.store.join(format!("versions/{v}.json"))).unwrap().replace(&v, &twin);
+    let record = fs::read_to_string(env.store.join(format!("versions/{v}.json")))
+        .unwrap()
+        .replace(&v, &twin);
     fs::write(env.store.join(format!("versions/{twin}.json")), record).unwrap();
     let (code, err) = env.fails(&["resolve", &v[..10]]);
     assert_eq!(code, 4);
-    assert!(err.contains("names 2 versions") && err.contains("type more digits"), "{err}");
+    assert!(
+        err.contains("names 2 versions") && err.contains("type more digits"),
+        "{err}"
+    );
     assert_eq!(env.ok(&["resolve", &v[..11]]).trim(), v);
 }
 
@@ -85,7 +109,10 @@ fn broken_pipe_is_not_an_error() {
     let v = env.build(&[("mediawiki", &mw)], &[]);
     let out = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("'{SCAP}' --store '{}' ls -r {v} | head -n 1; echo \"status=${{PIPESTATUS[0]:-$?}}\"", env.store.display()))
+        .arg(format!(
+            "'{SCAP}' --store '{}' ls -r {v} | head -n 1; echo \"status=${{PIPESTATUS[0]:-$?}}\"",
+            env.store.display()
+        ))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -13,7 +13,11 @@ fn object_path(store: &Path, hex: &str) -> PathBuf {
 /// show chunk IDs; so take it from `diff --json` against nothing: instead
 /// hash it the way scap does (derive-key BLAKE3, chunk context).
 fn chunk_id(data: &[u8]) -> String {
-    blake3::Hasher::new_derive_key("scap 2026-11-26 object chunk v1").update(data).finalize().to_hex().to_string()
+    blake3::Hasher::new_derive_key("scap 2026-11-26 object chunk v1")
+        .update(data)
+        .finalize()
+        .to_hex()
+        .to_string()
 }
 
 #[test]
@@ -39,17 +43,38 @@ fn verify_names_corrupt_and_missing_objects() {
     let out = env.raw(&["verify", &v]);
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("BAD chunk {id} mediawiki/includes/libs/rdbms/database/Database.php")), "{text}");
-    assert!(text.contains(&format!("BAD chunk {gone} mediawiki/includes/WebStart.php: missing")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "BAD chunk {id} mediawiki/includes/libs/rdbms/database/Database.php"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "BAD chunk {gone} mediawiki/includes/WebStart.php: missing"
+        )),
+        "{text}"
+    );
     assert!(text.contains("2 problems"), "{text}");
-    let (_, err) = env.fails(&["cat", &v, "mediawiki/includes/libs/rdbms/database/Database.php"]);
-    assert!(err.contains(&id), "a corrupt object is never served as content: {err}");
+    let (_, err) = env.fails(&[
+        "cat",
+        &v,
+        "mediawiki/includes/libs/rdbms/database/Database.php",
+    ]);
+    assert!(
+        err.contains(&id),
+        "a corrupt object is never served as content: {err}"
+    );
 
     // A rebuild restores what staging still has.
     fs::remove_file(&p).unwrap();
     let stat = mw.join("includes/WebStart.php");
     fs::write(&stat, b"<?php\n// start\n").unwrap();
-    fs::write(mw.join("includes/libs/rdbms/database/Database.php"), b"<?php class Database {}\n".repeat(40)).unwrap();
+    fs::write(
+        mw.join("includes/libs/rdbms/database/Database.php"),
+        b"<?php class Database {}\n".repeat(40),
+    )
+    .unwrap();
     fs::remove_dir_all(env.store.join("cache")).unwrap();
     fs::create_dir(env.store.join("cache")).unwrap();
     assert_eq!(env.build(&[("mediawiki", &mw)], &[]), v);
@@ -62,8 +87,14 @@ fn truncated_tree_is_reported_by_path() {
     let mw = env.path("mw");
     sample_tree(&mw);
     let v = env.build(&[("mediawiki", &mw)], &[]);
-    let ls: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json", &v, "mediawiki"])).unwrap();
-    let includes = ls.as_array().unwrap().iter().find(|e| e["path"] == "includes").unwrap();
+    let ls: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json", &v, "mediawiki"])).unwrap();
+    let includes = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "includes")
+        .unwrap();
     let tree = includes["tree"].as_str().unwrap();
     let p = object_path(&env.store, tree);
     let bytes = fs::read(&p).unwrap();
@@ -75,7 +106,10 @@ fn truncated_tree_is_reported_by_path() {
     assert_eq!(report["problems"][0]["path"], "mediawiki/includes");
     // gc refuses to guess what a broken tree reaches.
     let (_, err) = env.fails(&["gc", "--keep", "1"]);
-    assert!(err.contains("gc removed nothing") && err.contains(tree), "{err}");
+    assert!(
+        err.contains("gc removed nothing") && err.contains(tree),
+        "{err}"
+    );
 }
 
 #[test]
@@ -86,24 +120,41 @@ fn gc_keeps_what_it_must() {
     let mut versions = Vec::new();
     for i in 0..4 {
         write(&mw, "version.php", format!("<?php // v{i}\n").as_bytes());
-        write(&mw, &format!("only-in-v{i}.php"), format!("<?php // only {i}\n").as_bytes());
-        let label = if i == 0 { vec!["--label", "1.46.0-wmf.1"] } else { vec![] };
+        write(
+            &mw,
+            &format!("only-in-v{i}.php"),
+            format!("<?php // only {i}\n").as_bytes(),
+        );
+        let label = if i == 0 {
+            vec!["--label", "1.46.0-wmf.1"]
+        } else {
+            vec![]
+        };
         versions.push(env.build(&[("mediawiki", &mw)], &label));
         fs::remove_file(mw.join(format!("only-in-v{i}.php"))).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct record times
     }
     env.ok(&["pin", &versions[1]]);
-    let dry: serde_json::Value = serde_json::from_str(&env.ok(&["gc", "--keep", "1", "--dry-run", "--json"])).unwrap();
+    let dry: serde_json::Value =
+        serde_json::from_str(&env.ok(&["gc", "--keep", "1", "--dry-run", "--json"])).unwrap();
     assert_eq!(dry["removed_versions"].as_array().unwrap().len(), 1);
-    assert!(object_path(&env.store, &chunk_id(b"<?php // only 2\n")).exists(), "dry run removes nothing");
+    assert!(
+        object_path(&env.store, &chunk_id(b"<?php // only 2\n")).exists(),
+        "dry run removes nothing"
+    );
 
-    let report: serde_json::Value = serde_json::from_str(&env.ok(&["gc", "--keep", "1", "--json"])).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["gc", "--keep", "1", "--json"])).unwrap();
     assert_eq!(report["removed_versions"], serde_json::json!([versions[2]]));
     assert!(report["removed_objects"].as_u64().unwrap() >= 2, "{report}");
     // Kept: newest, labelled, pinned; each fully readable.
     for v in [&versions[0], &versions[1], &versions[3]] {
         let out = env.raw(&["verify", v]);
-        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{v}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     assert!(!object_path(&env.store, &chunk_id(b"<?php // only 2\n")).exists());
     assert!(object_path(&env.store, &chunk_id(b"<?php // only 1\n")).exists());
@@ -123,18 +174,30 @@ fn build_killed_at_random_moments_leaves_a_valid_store() {
     let env = Env::new();
     let mw = env.path("mw");
     for i in 0..400 {
-        write(&mw, &format!("d{}/f{i}.php", i % 20), &noise(3000 + i * 10, i as u64));
+        write(
+            &mw,
+            &format!("d{}/f{i}.php", i % 20),
+            &noise(3000 + i * 10, i as u64),
+        );
     }
     write(&mw, "big/l10n.cdb", &noise(3 << 20, 99));
     let good = env.build(&[("mediawiki", &mw)], &[]);
     let mut rng = 0x1234_5678_u64;
     for round in 0..12u64 {
         // Each round changes content so the build has new objects to write.
-        write(&mw, &format!("d{}/f{round}.php", round % 20), &noise(5000, 1000 + round));
+        write(
+            &mw,
+            &format!("d{}/f{round}.php", round % 20),
+            &noise(5000, 1000 + round),
+        );
         write(&mw, "big/l10n.cdb", &noise(3 << 20, 200 + round));
         let mut child = env
             .cmd()
-            .args(["build-manifest", "--component", &format!("mediawiki={}", mw.display())])
+            .args([
+                "build-manifest",
+                "--component",
+                &format!("mediawiki={}", mw.display()),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -157,9 +220,16 @@ fn build_killed_at_random_moments_leaves_a_valid_store() {
     // everything recorded verifies, and a build completes.
     let v = env.build(&[("mediawiki", &mw)], &[]);
     let out = env.raw(&["verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(env.ok(&["log"]).contains(&good));
-    assert_eq!(env.raw(&["cat", &v, "mediawiki/big/l10n.cdb"]).stdout, fs::read(mw.join("big/l10n.cdb")).unwrap());
+    assert_eq!(
+        env.raw(&["cat", &v, "mediawiki/big/l10n.cdb"]).stdout,
+        fs::read(mw.join("big/l10n.cdb")).unwrap()
+    );
     assert_eq!(fs::read_dir(env.store.join("journal")).unwrap().count(), 0);
     assert_eq!(fs::read_dir(env.store.join("tmp")).unwrap().count(), 0);
 }
@@ -184,7 +254,9 @@ fn newest_object(store: &Path) -> Option<PathBuf> {
 #[test]
 fn full_disk_leaves_the_store_valid() {
     if !rustix_is_root() {
-        eprintln!("full_disk_leaves_the_store_valid: needs root to mount a small tmpfs; CI runs as root");
+        eprintln!(
+            "full_disk_leaves_the_store_valid: needs root to mount a small tmpfs; CI runs as root"
+        );
         return;
     }
     let env = Env::new();
@@ -194,7 +266,11 @@ fn full_disk_leaves_the_store_valid() {
     }
     let mnt = env.path("small");
     fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     struct Unmount(PathBuf);
     impl Drop for Unmount {
@@ -204,11 +280,26 @@ fn full_disk_leaves_the_store_valid() {
     }
     let _guard = Unmount(mnt.clone());
     let store = mnt.join("store");
-    let run = |args: &[&str]| std::process::Command::new(SCAP).arg("--store").arg(&store).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(SCAP)
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let comp = format!("mediawiki={}", mw.display());
     let out = run(&["build-manifest", "--component", &comp]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let small = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let small = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
 
     // 4 MB of noise does not fit in what is left of 2 MB.
     write(&mw, "cache/l10n/huge.cdb", &noise(4 << 20, 5));
@@ -216,7 +307,10 @@ fn full_disk_leaves_the_store_valid() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains(&store.display().to_string()), "names the path: {err}");
+    assert!(
+        err.contains(&store.display().to_string()),
+        "names the path: {err}"
+    );
 
     // Nothing half-written is referenced: the old version is intact, no
     // new version was recorded, and the store accepts the next build.
@@ -227,12 +321,24 @@ fn full_disk_leaves_the_store_valid() {
     fs::remove_file(mw.join("cache/l10n/huge.cdb")).unwrap();
     write(&mw, "f1.php", b"<?php // after the disk filled up\n");
     let out = run(&["build-manifest", "--component", &comp]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
     assert_ne!(v, small);
     assert!(run(&["verify"]).status.success());
 }
 
 fn rustix_is_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }

@@ -22,10 +22,18 @@ fn same_content_same_version_anywhere() {
     // mtimes, owners and non-exec mode bits are not part of a version.
     let f = b.join("index.php");
     fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
-    let status = std::process::Command::new("touch").args(["-d", "2001-01-01"]).arg(&f).status().unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-d", "2001-01-01"])
+        .arg(&f)
+        .status()
+        .unwrap();
     assert!(status.success());
     let other = Env::new();
-    assert_eq!(other.build(&[("mediawiki", &b)], &[]), va, "a fresh store, changed mtime and mode");
+    assert_eq!(
+        other.build(&[("mediawiki", &b)], &[]),
+        va,
+        "a fresh store, changed mtime and mode"
+    );
 
     // The exec bit and the component name are.
     fs::set_permissions(&f, fs::Permissions::from_mode(0o700)).unwrap();
@@ -39,23 +47,37 @@ fn several_components_make_one_root() {
     let mw = env.path("mw");
     let portals = env.path("portals");
     sample_tree(&mw);
-    write(&portals, "prod/wikipedia.org/index.html", b"<html></html>\n");
+    write(
+        &portals,
+        "prod/wikipedia.org/index.html",
+        b"<html></html>\n",
+    );
     let v = env.build(&[("mediawiki", &mw), ("portals", &portals)], &[]);
     let ls = env.ok(&["ls", &v]);
     assert_eq!(
-        ls.lines().map(|l| l.split_whitespace().last().unwrap()).collect::<Vec<_>>(),
+        ls.lines()
+            .map(|l| l.split_whitespace().last().unwrap())
+            .collect::<Vec<_>>(),
         ["mediawiki/", "portals/"]
     );
     // A change in one component leaves the other's tree ID alone.
     let log1: serde_json::Value = serde_json::from_str(&env.ok(&["log", "--json"])).unwrap();
-    write(&portals, "prod/wikipedia.org/index.html", b"<html>new</html>\n");
+    write(
+        &portals,
+        "prod/wikipedia.org/index.html",
+        b"<html>new</html>\n",
+    );
     let v2 = env.build(&[("mediawiki", &mw), ("portals", &portals)], &[]);
     assert_ne!(v, v2);
     let log2: serde_json::Value = serde_json::from_str(&env.ok(&["log", "--json"])).unwrap();
     let tree = |log: &serde_json::Value, i: usize| log[0]["components"][i]["tree"].clone();
     assert_eq!(tree(&log1, 0), tree(&log2, 0), "mediawiki unchanged");
     assert_ne!(tree(&log1, 1), tree(&log2, 1), "portals changed");
-    assert_eq!(log2[0]["parent"], serde_json::Value::String(v.clone()), "parent defaults to the previous build");
+    assert_eq!(
+        log2[0]["parent"],
+        serde_json::Value::String(v.clone()),
+        "parent defaults to the previous build"
+    );
 }
 
 #[test]
@@ -65,9 +87,16 @@ fn excludes_from_flags_and_config() {
     sample_tree(&mw);
     write(&mw, ".git/HEAD", b"ref: refs/heads/master\n");
     write(&mw, "php-1.46/.git/config", b"[core]\n");
-    write(&mw, "php-1.46/cache/l10n/l10n_cache-en.cdb", &noise(1000, 1));
+    write(
+        &mw,
+        "php-1.46/cache/l10n/l10n_cache-en.cdb",
+        &noise(1000, 1),
+    );
     write(&mw, "php-1.46/index.php", b"<?php\n");
-    let base = env.build(&[("mediawiki", &mw)], &["--exclude", "**/.git", "--exclude", "**/cache/l10n/*.cdb"]);
+    let base = env.build(
+        &[("mediawiki", &mw)],
+        &["--exclude", "**/.git", "--exclude", "**/cache/l10n/*.cdb"],
+    );
     let listing = env.ok(&["ls", "-r", &base]);
     assert!(!listing.contains(".git"), "{listing}");
     assert!(!listing.contains(".cdb"), "{listing}");
@@ -88,8 +117,15 @@ fn excludes_from_flags_and_config() {
         .env_remove("SCAP_STORE")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().last().unwrap(), base);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last().unwrap(),
+        base
+    );
 }
 
 #[test]
@@ -105,7 +141,10 @@ fn odd_names_round_trip() {
     let ls = env.raw(&["ls", "-r", &v, "mediawiki"]);
     assert!(ls.status.success());
     let odd = b"caf\xe9-latin1.txt";
-    assert!(ls.stdout.windows(odd.len()).any(|w| w == odd), "raw bytes are printed as they are");
+    assert!(
+        ls.stdout.windows(odd.len()).any(|w| w == odd),
+        "raw bytes are printed as they are"
+    );
     let cat = env.raw(&["cat", &v, "mediawiki/with space/and\ttab"]);
     assert_eq!(cat.stdout, b"x\n");
 }
@@ -115,7 +154,11 @@ fn stat_cache_rehashes_only_what_changed() {
     let env = Env::new();
     let mw = env.path("mw");
     for i in 0..200 {
-        write(&mw, &format!("includes/f{i:03}.php"), format!("<?php // {i}\n").as_bytes());
+        write(
+            &mw,
+            &format!("includes/f{i:03}.php"),
+            format!("<?php // {i}\n").as_bytes(),
+        );
     }
     // A file changed less than a second before a build is never trusted
     // from the cache ("racily clean"); let these age first.
@@ -135,10 +178,25 @@ fn stat_cache_rehashes_only_what_changed() {
     let f = mw.join("includes/f008.php");
     let before = fs::metadata(&f).unwrap().modified().unwrap();
     fs::write(&f, b"<?php // 9\n").unwrap();
-    fs::File::options().write(true).open(&f).unwrap().set_modified(before).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
     let fourth = env.build_json(&[("mediawiki", &mw)]);
-    assert_eq!(fourth["hashed_files"], 2, "f008 by ctime, f007 as it was racily clean");
-    assert_eq!(env.ok(&["cat", fourth["version"].as_str().unwrap(), "mediawiki/includes/f008.php"]), "<?php // 9\n");
+    assert_eq!(
+        fourth["hashed_files"], 2,
+        "f008 by ctime, f007 as it was racily clean"
+    );
+    assert_eq!(
+        env.ok(&[
+            "cat",
+            fourth["version"].as_str().unwrap(),
+            "mediawiki/includes/f008.php"
+        ]),
+        "<?php // 9\n"
+    );
 }
 
 #[test]
@@ -155,9 +213,16 @@ fn stat_cache_never_claims_objects_gc_removed() {
     env.ok(&["gc", "--keep", "1"]);
     let report = env.build_json(&[("mediawiki", &x)]);
     assert_eq!(report["version"], vx.as_str());
-    assert_eq!(report["hashed_files"], 1, "the cached chunk is gone, so the file is read again");
+    assert_eq!(
+        report["hashed_files"], 1,
+        "the cached chunk is gone, so the file is read again"
+    );
     let out = env.raw(&["verify", &vx]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -165,21 +230,47 @@ fn labels_and_records() {
     let env = Env::new();
     let mw = env.path("mw");
     sample_tree(&mw);
-    let v1 = env.build(&[("mediawiki", &mw)], &["--label", "1.46.0-wmf.1", "-m", "train", "--author", "jdoe"]);
+    let v1 = env.build(
+        &[("mediawiki", &mw)],
+        &["--label", "1.46.0-wmf.1", "-m", "train", "--author", "jdoe"],
+    );
     assert_eq!(env.ok(&["resolve", "1.46.0-wmf.1"]).trim(), v1);
     assert_eq!(env.ok(&["resolve", &v1[..8]]).trim(), v1);
     let log = env.ok(&["log"]);
-    assert!(log.contains(&format!("version {v1} (1.46.0-wmf.1)")), "{log}");
-    assert!(log.contains("Author: jdoe") && log.contains("train"), "{log}");
+    assert!(
+        log.contains(&format!("version {v1} (1.46.0-wmf.1)")),
+        "{log}"
+    );
+    assert!(
+        log.contains("Author: jdoe") && log.contains("train"),
+        "{log}"
+    );
 
     write(&mw, "index.php", b"<?php // changed\n");
     let (code, err) = env.fails(&[
-        "build-manifest", "--component", &format!("mediawiki={}", mw.display()), "--label", "1.46.0-wmf.1",
+        "build-manifest",
+        "--component",
+        &format!("mediawiki={}", mw.display()),
+        "--label",
+        "1.46.0-wmf.1",
     ]);
     assert_eq!(code, 1);
-    assert!(err.contains("label \"1.46.0-wmf.1\" already names version"), "{err}");
-    assert_eq!(env.ok(&["resolve", "1.46.0-wmf.1"]).trim(), v1, "the label did not move");
-    let (_, err) = env.fails(&["build-manifest", "--component", &format!("mediawiki={}", mw.display()), "--label", "deadbeef"]);
+    assert!(
+        err.contains("label \"1.46.0-wmf.1\" already names version"),
+        "{err}"
+    );
+    assert_eq!(
+        env.ok(&["resolve", "1.46.0-wmf.1"]).trim(),
+        v1,
+        "the label did not move"
+    );
+    let (_, err) = env.fails(&[
+        "build-manifest",
+        "--component",
+        &format!("mediawiki={}", mw.display()),
+        "--label",
+        "deadbeef",
+    ]);
     assert!(err.contains("bad label"), "{err}");
 }
 
@@ -191,25 +282,57 @@ fn bad_input_is_named() {
     let (code, err) = env.fails(&["build-manifest", "--component", "mediawiki"]);
     assert_eq!(code, 1);
     assert!(err.contains("expected NAME=PATH"), "{err}");
-    let (_, err) = env.fails(&["build-manifest", "--component", "mediawiki=/nonexistent/staging"]);
+    let (_, err) = env.fails(&[
+        "build-manifest",
+        "--component",
+        "mediawiki=/nonexistent/staging",
+    ]);
     assert!(err.contains("/nonexistent/staging"), "{err}");
-    let (_, err) = env.fails(&["build-manifest", "--component", "a=/x", "--component", "a=/y"]);
+    let (_, err) = env.fails(&[
+        "build-manifest",
+        "--component",
+        "a=/x",
+        "--component",
+        "a=/y",
+    ]);
     assert!(err.contains("named twice"), "{err}");
-    let (_, err) = env.fails(&["build-manifest", "--component", &format!("mediawiki={}", mw.display()), "--exclude", "a[b"]);
+    let (_, err) = env.fails(&[
+        "build-manifest",
+        "--component",
+        &format!("mediawiki={}", mw.display()),
+        "--exclude",
+        "a[b",
+    ]);
     assert!(err.contains("a[b"), "{err}");
 
     // A fifo cannot be deployed: say which and what to do.
     let fifo = mw.join("includes/pipe");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let (_, err) = env.fails(&["build-manifest", "--component", &format!("mediawiki={}", mw.display())]);
-    assert!(err.contains("includes/pipe") && err.contains("fifo") && err.contains("exclude"), "{err}");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (_, err) = env.fails(&[
+        "build-manifest",
+        "--component",
+        &format!("mediawiki={}", mw.display()),
+    ]);
+    assert!(
+        err.contains("includes/pipe") && err.contains("fifo") && err.contains("exclude"),
+        "{err}"
+    );
     fs::remove_file(&fifo).unwrap();
 
     // A store from the future is refused, not misread.
     env.build(&[("mediawiki", &mw)], &[]);
     fs::write(env.store.join("scap-store"), "scap store\nformat 9\n").unwrap();
     let (_, err) = env.fails(&["log"]);
-    assert!(err.contains("format v9") && err.contains("upgrade scap"), "{err}");
+    assert!(
+        err.contains("format v9") && err.contains("upgrade scap"),
+        "{err}"
+    );
 
     let (code, err) = Env::new().fails(&["log"]);
     assert_eq!(code, 1);
@@ -239,18 +362,38 @@ fn a_file_that_keeps_changing_is_never_recorded_wrong() {
             }
         })
     };
-    let out = env.raw(&["build-manifest", "--component", &format!("mediawiki={}", mw.display())]);
+    let out = env.raw(&[
+        "build-manifest",
+        "--component",
+        &format!("mediawiki={}", mw.display()),
+    ]);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     if out.status.success() {
         // Whatever it recorded must be a content the file really had.
-        let v = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+        let v = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_string();
         let verify = env.raw(&["verify", &v]);
-        assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
-        let content = env.raw(&["cat", &v, "mediawiki/cache/l10n/busy.cdb"]).stdout;
-        assert!(had.lock().unwrap().contains(&blake3::hash(&content)), "recorded bytes are one real version of the file");
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+        let content = env
+            .raw(&["cat", &v, "mediawiki/cache/l10n/busy.cdb"])
+            .stdout;
+        assert!(
+            had.lock().unwrap().contains(&blake3::hash(&content)),
+            "recorded bytes are one real version of the file"
+        );
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("busy.cdb") && err.contains("changed while being hashed"), "{err}");
+        assert!(
+            err.contains("busy.cdb") && err.contains("changed while being hashed"),
+            "{err}"
+        );
     }
 }

@@ -26,7 +26,9 @@ impl Env {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(SCAP);
         c.arg("--store").arg(&self.store);
-        c.env_remove("SCAP_STORE").env_remove("SCAP_CONFIG").current_dir(self.dir.path());
+        c.env_remove("SCAP_STORE")
+            .env_remove("SCAP_CONFIG")
+            .current_dir(self.dir.path());
         c
     }
 
@@ -46,8 +48,15 @@ impl Env {
     /// Runs scap expecting failure; returns (exit code, stderr).
     pub fn fails(&self, args: &[&str]) -> (i32, String) {
         let out = self.cmd().args(args).output().expect("run scap");
-        assert!(!out.status.success(), "scap {args:?} should have failed:\n{}", String::from_utf8_lossy(&out.stdout));
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+        assert!(
+            !out.status.success(),
+            "scap {args:?} should have failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn raw(&self, args: &[&str]) -> Output {
@@ -64,7 +73,12 @@ impl Env {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.ok(&args);
-        let id = out.lines().last().expect("a version line").trim().to_string();
+        let id = out
+            .lines()
+            .last()
+            .expect("a version line")
+            .trim()
+            .to_string();
         assert_eq!(id.len(), 64, "last line is the version ID: {out}");
         id
     }
@@ -100,14 +114,30 @@ pub fn symlink(root: &Path, rel: &str, target: &str) {
 
 /// A small tree with every kind of entry scap must round-trip.
 pub fn sample_tree(root: &Path) {
-    write(root, "index.php", b"<?php require __DIR__ . '/includes/WebStart.php';\n");
+    write(
+        root,
+        "index.php",
+        b"<?php require __DIR__ . '/includes/WebStart.php';\n",
+    );
     write(root, "includes/WebStart.php", b"<?php\n// start\n");
-    write(root, "includes/libs/rdbms/database/Database.php", &b"<?php class Database {}\n".repeat(40));
+    write(
+        root,
+        "includes/libs/rdbms/database/Database.php",
+        &b"<?php class Database {}\n".repeat(40),
+    );
     write_exec(root, "maintenance/run.php", b"#!/usr/bin/env php\n<?php\n");
     symlink(root, "w", "php-1.46.0-wmf.1");
     symlink(root, "docroot/w", "../w");
-    symlink(root, "static-current", "/srv/mediawiki/php-1.46.0-wmf.1/resources");
-    symlink(root, "wmf-config/PrivateSettings.php", "/etc/mediawiki/private/PrivateSettings.php");
+    symlink(
+        root,
+        "static-current",
+        "/srv/mediawiki/php-1.46.0-wmf.1/resources",
+    );
+    symlink(
+        root,
+        "wmf-config/PrivateSettings.php",
+        "/etc/mediawiki/private/PrivateSettings.php",
+    );
     fs::create_dir_all(root.join("images/empty")).unwrap();
     write(root, "large.bin", &noise(700_000, 3));
 }
@@ -127,6 +157,11 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 /// Copies a tree (files, modes, symlinks) like `cp -a` would.
 pub fn copy_tree(from: &Path, to: &Path) {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(status.success());
 }

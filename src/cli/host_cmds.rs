@@ -1,0 +1,463 @@
+//! Commands that run services or talk to hosts: serve, agent, sync, state.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::store_cmds::Ctx;
+use super::{exit, print_json};
+use crate::fleet::inventory::read_group;
+use crate::fleet::sync::{Agents, HostResult, sync_hosts};
+use crate::host::state::HostState;
+use crate::host::{Agent, AgentConfig};
+use crate::net::server;
+use crate::store::{Store, VersionId};
+use crate::time::fmt_bytes;
+
+/// Default agent directory on a host.
+pub const DEFAULT_AGENT_DIR: &str = "/var/lib/scap";
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Reads a bearer token file, refusing one that others can read.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("token file {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "token file {} is readable by others (mode {mode:o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("token file {}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!(
+            "token file {} is empty: put a long random string in it",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8469")]
+    listen: SocketAddr,
+    /// Requests handled at once
+    #[arg(long, default_value_t = server::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+}
+
+pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
+    let store = ctx.open()?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let (app, _) = server::router(store, a.concurrency);
+        println!(
+            "scap serve: serving {} on http://{addr}",
+            ctx.store_path.display()
+        );
+        std::io::stdout().flush()?;
+        server::serve(listener, app, server::shutdown_signal()).await?;
+        eprintln!("scap serve: stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The agent's directory: store, releases, `current`, state.json
+    #[arg(long, default_value = DEFAULT_AGENT_DIR)]
+    dir: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "0.0.0.0:8470")]
+    listen: SocketAddr,
+    /// File holding the bearer token that changing requests must carry (mode 600)
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// This host's name in state and errors [default: the system host name]
+    #[arg(long)]
+    host: Option<String>,
+    /// Make PATH a symlink to the live release's COMPONENT (repeatable), e.g. mediawiki=/srv/mediawiki
+    #[arg(long, value_name = "COMPONENT=PATH")]
+    link: Vec<String>,
+    /// Command run before the switch, with SCAP_VERSION etc. set; failure aborts the switch
+    #[arg(long, value_name = "CMD")]
+    pre_switch: Option<String>,
+    /// Command run after the switch (php-fpm reload, opcache reset); failure is logged
+    #[arg(long, value_name = "CMD")]
+    post_switch: Option<String>,
+    /// Release directories kept (at least 3: live, previous, one to prepare)
+    #[arg(long, default_value_t = 3)]
+    slots: usize,
+}
+
+pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
+    let token = read_token(&a.token_file)?;
+    let host = match a.host {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    let links = a
+        .link
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .filter(|(c, p)| !c.is_empty() && !p.is_empty())
+                .map(|(c, p)| (c.to_string(), PathBuf::from(p)))
+                .with_context(|| {
+                    format!("--link {l:?}: expected COMPONENT=PATH, e.g. mediawiki=/srv/mediawiki")
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let agent = Agent::open(AgentConfig {
+        dir: a.dir.clone(),
+        host: host.clone(),
+        links,
+        pre_switch: a.pre_switch,
+        post_switch: a.post_switch,
+        slots: a.slots,
+    })
+    .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let (app, _) = crate::host::api::router(agent, token);
+        println!("scap agent: host {host} listening on http://{addr}");
+        std::io::stdout().flush()?;
+        server::serve(listener, app, server::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
+pub struct StateArgs {
+    /// The agent's directory
+    #[arg(long, default_value = DEFAULT_AGENT_DIR)]
+    dir: PathBuf,
+    /// Print the state file as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn state(a: StateArgs) -> anyhow::Result<i32> {
+    let path = a.dir.join("state.json");
+    let Some(st) = HostState::load(&path)? else {
+        bail!(
+            "{}: no state file: this host has never been deployed to (is --dir right?)",
+            path.display()
+        );
+    };
+    if a.json {
+        print_json(&st)?;
+        return Ok(exit::OK);
+    }
+    let show = |d: &Option<crate::host::state::Deployed>| match d {
+        Some(d) => format!(
+            "{} (since {}, by {})",
+            d.version,
+            crate::time::fmt_utc(d.since),
+            d.by
+        ),
+        None => "-".into(),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "host:     {}", st.host)?;
+    writeln!(out, "current:  {}", show(&st.current))?;
+    writeln!(out, "previous: {}", show(&st.previous))?;
+    writeln!(out, "stable:   {}", show(&st.stable))?;
+    if let Some(e) = &st.last_error {
+        writeln!(
+            out,
+            "last error: {} ({}): {}",
+            crate::time::fmt_utc(e.time),
+            e.action,
+            e.message
+        )?;
+    }
+    writeln!(out, "history:")?;
+    for e in st.history.iter().take(10) {
+        writeln!(
+            out,
+            "  {} {:<8} {} {} by {} in {:.2}s{}",
+            crate::time::fmt_utc(e.time),
+            e.action,
+            if e.ok { "ok  " } else { "FAIL" },
+            e.version.map(|v| v.short()).unwrap_or_else(|| "-".into()),
+            e.by,
+            e.seconds,
+            e.error
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+/// `scap verify --live`: re-hash the live release on this host.
+pub fn verify_live(dir: &Path, json: bool) -> anyhow::Result<i32> {
+    let path = dir.join("state.json");
+    let Some(st) = HostState::load(&path)? else {
+        bail!(
+            "{}: no state file: nothing is deployed here",
+            path.display()
+        );
+    };
+    let Some(cur) = st.current else {
+        bail!("{}: no version is live", path.display());
+    };
+    let store = Store::open(&dir.join("store"))?;
+    let live = std::fs::canonicalize(dir.join("current"))
+        .with_context(|| format!("{}/current", dir.display()))?;
+    let drift = crate::host::drift::check(&store, &live, &cur.version.root())?;
+    if json {
+        print_json(&drift)?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        for (s, p, why) in &drift.changes {
+            writeln!(out, "{s}\t{p}\t({why})")?;
+        }
+        writeln!(
+            out,
+            "{}: {} files checked against {}; {} changed by hand",
+            live.display(),
+            drift.checked_files,
+            cur.version.short(),
+            drift.changes.len()
+        )?;
+    }
+    Ok(if drift.changes.is_empty() {
+        exit::OK
+    } else {
+        exit::PROBLEMS_FOUND
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// dsh-style group file of hosts (one host[:port] a line, # comments)
+    #[arg(long, value_name = "FILE")]
+    hosts: PathBuf,
+    /// Version to deploy: label, ID, or ID prefix
+    #[arg(long)]
+    version: String,
+    /// URL of a `scap serve` (or cache) hosts fetch from (repeatable; tried in order)
+    #[arg(long = "source", value_name = "URL")]
+    sources: Vec<String>,
+    /// Bearer token file for the agents [default: scap.toml's token_file]
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Hosts synced at once
+    #[arg(long, default_value_t = 20)]
+    concurrency: usize,
+    /// Seconds to wait for one host
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Print per-host results as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
+    let hosts = read_group(&a.hosts)?;
+    let version = resolve_version(ctx, &a.version)?;
+    let sources = if a.sources.is_empty() {
+        ctx.config.sources.clone()
+    } else {
+        a.sources.clone()
+    };
+    if sources.is_empty() {
+        bail!(
+            "no source to fetch from: pass --source http://DEPLOY-HOST:8469 (or set sources in scap.toml)"
+        );
+    }
+    let token_file = a
+        .token_file
+        .clone()
+        .or_else(|| ctx.config.token_file.clone())
+        .context("no token file: pass --token-file (or set token_file in scap.toml)")?;
+    let token = read_token(&token_file)?;
+    let by = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    let agents = Agents::new(token, Duration::from_secs(a.timeout));
+    let group = a
+        .hosts
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "hosts".into());
+    let line = ProgressLine::new(&format!("sync-{group}"), hosts.len());
+    eprintln!(
+        "{} Started sync of {} to {} host(s)",
+        clock(),
+        version.short(),
+        hosts.len()
+    );
+    let rt = runtime()?;
+    let results = rt.block_on(sync_hosts(
+        &agents,
+        &hosts,
+        &version,
+        &sources,
+        &by,
+        a.concurrency,
+        &|r| line.done(r.ok),
+    ));
+    line.finish();
+    report(&results, a.json)?;
+    Ok(if results.iter().all(|r| r.ok) {
+        exit::OK
+    } else {
+        exit::FAILURE
+    })
+}
+
+/// Resolves a version name with the deploy host's store if there is one;
+/// without a store only a full ID will do.
+pub fn resolve_version(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
+    match Store::open(&ctx.store_path) {
+        Ok(store) => Ok(store.resolve(name)?),
+        Err(_) => name.parse::<VersionId>().with_context(|| {
+            format!(
+                "no store at {} to resolve {name:?}: give the full 64-digit version ID or --store",
+                ctx.store_path.display()
+            )
+        }),
+    }
+}
+
+fn report(results: &[HostResult], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&results);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in results {
+        match (&r.outcome, &r.error) {
+            (Some(o), _) => writeln!(
+                out,
+                "{:<24} ok    {:>6.2}s  {}{}  fetched {} in {} objects, wrote {} files",
+                r.host,
+                r.seconds,
+                o["version"].as_str().map(|v| &v[..12]).unwrap_or("?"),
+                if o["noop"] == true {
+                    " (already there)"
+                } else {
+                    ""
+                },
+                fmt_bytes(o["fetched"]["bytes"].as_u64().unwrap_or(0)),
+                o["fetched"]["trees"].as_u64().unwrap_or(0)
+                    + o["fetched"]["chunks"].as_u64().unwrap_or(0),
+                o["files_written"].as_u64().unwrap_or(0),
+            )?,
+            (None, e) => writeln!(
+                out,
+                "{:<24} FAIL  {:>6.2}s  {}",
+                r.host,
+                r.seconds,
+                e.as_deref().unwrap_or("")
+            )?,
+        }
+    }
+    let ok = results.iter().filter(|r| r.ok).count();
+    writeln!(out, "{ok} of {} hosts ok", results.len())?;
+    Ok(())
+}
+
+fn clock() -> String {
+    let now = crate::time::fmt_utc(crate::time::unix_now());
+    now[11..19].to_string()
+}
+
+/// scap's progress line, `sync-x: 40% (ok: 4; fail: 0; left: 6)`: an
+/// indicatif bar on a terminal, else a line at most once a second.
+pub struct ProgressLine {
+    name: String,
+    total: usize,
+    state: Mutex<(usize, usize, Instant)>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressLine {
+    pub fn new(name: &str, total: usize) -> ProgressLine {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix}: [{bar:30}] {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(name.to_string());
+            b
+        });
+        ProgressLine {
+            name: name.to_string(),
+            total,
+            state: Mutex::new((0, 0, Instant::now() - Duration::from_secs(10))),
+            bar,
+        }
+    }
+
+    fn text(&self, ok: usize, fail: usize) -> String {
+        let done = ok + fail;
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
+        format!(
+            "{}: {pct}% (ok: {ok}; fail: {fail}; left: {})",
+            self.name,
+            self.total - done
+        )
+    }
+
+    pub fn done(&self, ok: bool) {
+        let mut s = self.state.lock().expect("not poisoned");
+        if ok {
+            s.0 += 1;
+        } else {
+            s.1 += 1;
+        }
+        match &self.bar {
+            Some(b) => {
+                b.inc(1);
+                b.set_message(format!("(ok: {}; fail: {})", s.0, s.1));
+            }
+            None if s.2.elapsed() >= Duration::from_secs(1) => {
+                s.2 = Instant::now();
+                eprintln!("{} {}", clock(), self.text(s.0, s.1));
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        let s = self.state.lock().expect("not poisoned");
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        eprintln!("{} {}", clock(), self.text(s.0, s.1));
+    }
+}

@@ -1,0 +1,210 @@
+//! The agent's HTTP API.
+//!
+//! | method | path          | auth | what |
+//! |--------|---------------|------|------|
+//! | GET    | /v1/state     | no   | state file, slots, busy flag |
+//! | GET    | /v1/health    | no   | 200 with the live version, 503 if none |
+//! | GET    | /v1/verify    | no   | drift: live tree re-hashed against its version |
+//! | POST   | /v1/sync      | yes  | `{"version", "sources": [...], "by"}` |
+//! | POST   | /v1/rollback  | yes  | `{"to": "previous"\|"stable"\|<id>, "by"}` |
+//! | POST   | /v1/promote   | yes  | `{"version", "by"}`: record as stable |
+//!
+//! Changing requests need `Authorization: Bearer <token>`; the token is
+//! compared in constant time. One change at a time: a second gets 409.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{Agent, AgentError, SyncRequest};
+use crate::store::VersionId;
+
+pub struct AgentState {
+    pub agent: Agent,
+    token: String,
+    /// Held while a sync, rollback or promote runs.
+    busy: tokio::sync::Mutex<Option<String>>,
+}
+
+#[derive(Deserialize)]
+struct RollbackRequest {
+    to: String,
+    #[serde(default = "super::unknown")]
+    by: String,
+}
+
+#[derive(Deserialize)]
+struct PromoteRequest {
+    version: VersionId,
+    #[serde(default = "super::unknown")]
+    by: String,
+}
+
+pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
+    let st = Arc::new(AgentState {
+        agent,
+        token,
+        busy: tokio::sync::Mutex::new(None),
+    });
+    let app = Router::new()
+        .route("/v1/state", get(get_state))
+        .route("/v1/health", get(health))
+        .route("/v1/verify", get(verify))
+        .route("/v1/sync", post(sync))
+        .route("/v1/rollback", post(rollback))
+        .route("/v1/promote", post(promote))
+        .with_state(st.clone());
+    (app, st)
+}
+
+fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// `None` when the request carries the right token, else the 401 to send.
+fn unauthorized(st: &AgentState, headers: &HeaderMap) -> Option<Response> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) && !st.token.is_empty() {
+        None
+    } else {
+        Some(json_error(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "host {}: missing or wrong bearer token: pass the fleet's --token-file",
+                st.agent.cfg.host
+            ),
+        ))
+    }
+}
+
+async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
+    let busy = st
+        .busy
+        .try_lock()
+        .map(|_| None)
+        .unwrap_or_else(|_| Some(true));
+    Json(serde_json::json!({
+        "state": st.agent.state(),
+        "slots": st.agent.slots(),
+        "busy": busy.is_some(),
+    }))
+    .into_response()
+}
+
+async fn health(State(st): State<Arc<AgentState>>) -> Response {
+    let s = st.agent.state();
+    match s.current {
+        Some(cur) => {
+            Json(serde_json::json!({ "ok": true, "host": s.host, "version": cur.version }))
+                .into_response()
+        }
+        None => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("host {}: no version is live", s.host),
+        ),
+    }
+}
+
+async fn verify(State(st): State<Arc<AgentState>>) -> Response {
+    let st2 = st.clone();
+    match tokio::task::spawn_blocking(move || st2.agent.verify_live()).await {
+        Ok(Ok(d)) => Json(d).into_response(),
+        Ok(Err(e)) => error_response(e),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error_response(e: AgentError) -> Response {
+    let status = match &e {
+        AgentError::Refused(_) => StatusCode::CONFLICT,
+        AgentError::Fetch { .. } => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_error(status, e.to_string())
+}
+
+/// Runs one changing operation at a time, on a blocking thread.
+async fn exclusive<T: serde::Serialize + Send + 'static>(
+    st: Arc<AgentState>,
+    what: String,
+    op: impl FnOnce(&Agent, &tokio::runtime::Handle) -> Result<T, AgentError> + Send + 'static,
+) -> Response {
+    let mut guard = match st.busy.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            return json_error(
+                StatusCode::CONFLICT,
+                format!(
+                    "host {}: busy with another operation; try again when it ends",
+                    st.agent.cfg.host
+                ),
+            );
+        }
+    };
+    *guard = Some(what);
+    let handle = tokio::runtime::Handle::current();
+    let st2 = st.clone();
+    let result = tokio::task::spawn_blocking(move || op(&st2.agent, &handle)).await;
+    *guard = None;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error_response(e),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn sync(
+    State(st): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    Json(req): Json<SyncRequest>,
+) -> Response {
+    if let Some(r) = unauthorized(&st, &headers) {
+        return r;
+    }
+    if req.sources.is_empty() {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "sync: no sources given: pass at least one source URL",
+        );
+    }
+    let what = format!("sync to {} by {}", req.version.short(), req.by);
+    exclusive(st, what, move |agent, rt| agent.sync(&req, rt)).await
+}
+
+async fn rollback(
+    State(st): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    Json(req): Json<RollbackRequest>,
+) -> Response {
+    if let Some(r) = unauthorized(&st, &headers) {
+        return r;
+    }
+    let what = format!("rollback to {} by {}", req.to, req.by);
+    exclusive(st, what, move |agent, _| agent.rollback(&req.to, &req.by)).await
+}
+
+async fn promote(
+    State(st): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    Json(req): Json<PromoteRequest>,
+) -> Response {
+    if let Some(r) = unauthorized(&st, &headers) {
+        return r;
+    }
+    let what = format!("promote {} by {}", req.version.short(), req.by);
+    exclusive(st, what, move |agent, _| {
+        agent.promote(&req.version, &req.by)
+    })
+    .await
+}

@@ -1,0 +1,159 @@
+//! The host's state file: what this host runs, what it ran before, what
+//! the last stable version is, and a bounded history.
+//!
+//! `STATE/state.json`, human-readable JSON, written atomically (temp file,
+//! fsync, rename, fsync of the directory). The `current` symlink is the
+//! truth about what is live; the state file is brought in line with it on
+//! agent start (see `Agent::reconcile`), so a crash between the switch and
+//! the state write is repaired, never believed.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::VersionId;
+use crate::store::disk::atomic_write;
+
+/// Version of the state file format this scap writes and reads.
+pub const STATE_FORMAT: u32 = 1;
+/// History entries kept.
+pub const HISTORY_LEN: usize = 100;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Deployed {
+    pub version: VersionId,
+    /// Unix seconds when it became this.
+    pub since: u64,
+    pub by: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub time: u64,
+    /// "sync", "rollback", "promote" or "repair".
+    pub action: String,
+    pub version: Option<VersionId>,
+    pub from: Option<VersionId>,
+    pub by: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub seconds: f64,
+    #[serde(default)]
+    pub fetched_objects: u64,
+    #[serde(default)]
+    pub fetched_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LastError {
+    pub time: u64,
+    pub action: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostState {
+    pub format: u32,
+    pub host: String,
+    pub current: Option<Deployed>,
+    pub previous: Option<Deployed>,
+    pub stable: Option<Deployed>,
+    pub last_error: Option<LastError>,
+    pub history: VecDeque<Event>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "{path}: state file is format v{found}, this scap reads up to v{STATE_FORMAT}: upgrade scap on this host"
+    )]
+    Newer { path: PathBuf, found: u32 },
+    #[error(
+        "{path}: not a scap state file ({why}): move it aside and restart the agent, which rebuilds it from the live release"
+    )]
+    Corrupt { path: PathBuf, why: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HostState {
+    pub fn new(host: &str) -> HostState {
+        HostState {
+            format: STATE_FORMAT,
+            host: host.to_string(),
+            current: None,
+            previous: None,
+            stable: None,
+            last_error: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Reads a state file; `Ok(None)` if there is none yet.
+    pub fn load(path: &Path) -> Result<Option<HostState>, StateError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        check_format(path, &bytes)?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let mut json = serde_json::to_vec_pretty(self).expect("state serializes");
+        json.push(b'\n');
+        Ok(atomic_write(path, &json)?)
+    }
+
+    pub fn record(&mut self, event: Event) {
+        if !event.ok {
+            self.last_error = Some(LastError {
+                time: event.time,
+                action: event.action.clone(),
+                message: event.error.clone().unwrap_or_default(),
+            });
+        }
+        self.history.push_front(event);
+        self.history.truncate(HISTORY_LEN);
+    }
+}
+
+/// Checks the `format` field before anything else, so that a newer file
+/// gets "upgrade scap" rather than a parse error. Shared with the fleet
+/// controller, which reads hosts' state over HTTP.
+pub fn check_format(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    #[derive(Deserialize)]
+    struct Head {
+        format: u32,
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    if head.format > STATE_FORMAT {
+        return Err(StateError::Newer {
+            path: path.to_path_buf(),
+            found: head.format,
+        });
+    }
+    Ok(())
+}

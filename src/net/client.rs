@@ -1,0 +1,311 @@
+//! The verified batch client: fetches objects from one or more sources
+//! (`scap serve`, or any HTTP server or cache in front of a store).
+//!
+//! Objects are asked for in batches (`POST /batch`, a few thousand IDs, a
+//! few MB each), several batches at once. Every object is decoded and
+//! hashed before the sink stores it; an object a source lacks, or sends
+//! corrupt or truncated, is asked of the next source. A source without
+//! `/batch` (a plain static server) is read object by object.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::{BatchDecoder, BatchError, MAX_BATCH_IDS};
+use crate::store::StoreError;
+use crate::store::id::{ObjectId, ObjectKind};
+
+/// Bytes of uncompressed content asked for in one batch (a hint: objects
+/// are counted at the size the caller expects).
+const BATCH_BYTES: u64 = 4 << 20;
+/// Batches in flight at once.
+const PARALLEL_BATCHES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{kind} {id}: no source has it (asked {tried})")]
+    NotFound {
+        id: ObjectId,
+        kind: ObjectKind,
+        tried: String,
+    },
+    #[error("every source failed; last: {0}")]
+    AllFailed(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// What went wrong with one source for one batch.
+#[derive(Debug)]
+enum SourceError {
+    /// Retry the rest of the batch elsewhere.
+    Source(String),
+    /// The batch endpoint does not exist there: fall back to single GETs.
+    NoBatch,
+    /// Local trouble (a full disk): stop.
+    Fatal(StoreError),
+}
+
+/// Transfer counters (bodies only; HTTP headers are not counted).
+#[derive(Default, Debug)]
+pub struct FetchStats {
+    pub requests: AtomicU64,
+    pub objects: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    sources: Vec<String>,
+    pub stats: FetchStats,
+}
+
+/// Called with each verified-by-the-sink object: (ID, kind, object file).
+/// The sink decodes and verifies; `StoreError::Object` means "this source
+/// sent a bad object", any other error is local and fatal.
+pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, &[u8]) -> Result<(), StoreError> + Sync + 'a;
+
+impl Client {
+    pub fn new(sources: &[String]) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(PARALLEL_BATCHES)
+            .build()
+            .expect("a TLS-free client builds");
+        Client {
+            http,
+            sources: sources
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect(),
+            stats: FetchStats::default(),
+        }
+    }
+
+    pub fn sources(&self) -> &[String] {
+        &self.sources
+    }
+
+    /// Fetches every `(id, kind, expected size)` in `wanted` into `sink`.
+    pub async fn fetch(
+        &self,
+        wanted: &[(ObjectId, ObjectKind, u64)],
+        sink: &Sink<'_>,
+    ) -> Result<(), FetchError> {
+        let mut batches: Vec<Vec<(ObjectId, ObjectKind)>> = Vec::new();
+        let mut current = Vec::new();
+        let mut bytes = 0;
+        for &(id, kind, size) in wanted {
+            if !current.is_empty()
+                && (current.len() >= MAX_BATCH_IDS / 4 || bytes + size > BATCH_BYTES)
+            {
+                batches.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            current.push((id, kind));
+            bytes += size;
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        let mut results = futures_util::stream::iter(batches.into_iter().enumerate())
+            .map(|(i, batch)| self.fetch_batch(batch, i, sink))
+            .buffer_unordered(PARALLEL_BATCHES);
+        while let Some(r) = results.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// One batch, trying each source in turn (starting at a different one
+    /// per batch, to spread load) until every object has arrived.
+    async fn fetch_batch(
+        &self,
+        mut batch: Vec<(ObjectId, ObjectKind)>,
+        n: usize,
+        sink: &Sink<'_>,
+    ) -> Result<(), FetchError> {
+        if self.sources.is_empty() {
+            return Err(FetchError::AllFailed("no sources given".into()));
+        }
+        let mut last_error: Option<String> = None;
+        let mut tried = Vec::new();
+        for k in 0..self.sources.len() {
+            let source = &self.sources[(n + k) % self.sources.len()];
+            tried.push(source.as_str());
+            let outcome = match self.batch_from(source, &mut batch, sink).await {
+                Err(SourceError::NoBatch) => self.singles_from(source, &mut batch, sink).await,
+                other => other,
+            };
+            match outcome {
+                Ok(()) if batch.is_empty() => return Ok(()),
+                Ok(()) => {} // this source lacks some: ask the next
+                Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
+                Err(SourceError::Source(e)) => {
+                    tracing::warn!("{e}; trying the next source");
+                    last_error = Some(e);
+                }
+                Err(SourceError::NoBatch) => unreachable!("singles never answer NoBatch"),
+            }
+        }
+        match (batch.first(), last_error) {
+            (None, _) => Ok(()),
+            (Some(_), Some(e)) => Err(FetchError::AllFailed(e)),
+            (Some(&(id, kind)), None) => Err(FetchError::NotFound {
+                id,
+                kind,
+                tried: tried.join(", "),
+            }),
+        }
+    }
+
+    /// Asks `source` for `batch`; removes from it each object stored.
+    async fn batch_from(
+        &self,
+        source: &str,
+        batch: &mut Vec<(ObjectId, ObjectKind)>,
+        sink: &Sink<'_>,
+    ) -> Result<(), SourceError> {
+        let url = format!("{source}/batch");
+        let mut body = Vec::with_capacity(batch.len() * 32);
+        for (id, _) in batch.iter() {
+            body.extend_from_slice(id.as_bytes());
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND
+            || status == reqwest::StatusCode::METHOD_NOT_ALLOWED
+        {
+            return Err(SourceError::NoBatch);
+        }
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(SourceError::Source(format!(
+                "{url}: HTTP {status}: {}",
+                text.trim()
+            )));
+        }
+        let kinds: std::collections::HashMap<ObjectId, ObjectKind> =
+            batch.iter().copied().collect();
+        let mut done: std::collections::HashSet<ObjectId> = Default::default();
+        let mut decoder = BatchDecoder::default();
+        let mut stream = resp.bytes_stream();
+        let result = async {
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                self.stats
+                    .bytes
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                decoder.push(&piece);
+                while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
+                    let Some(&kind) = kinds.get(&frame.id) else {
+                        return Err(SourceError::Source(format!(
+                            "{url}: sent object {} that was not asked for",
+                            frame.id
+                        )));
+                    };
+                    if let Some(file) = frame.file {
+                        store(sink, frame.id, kind, &file, &url)?;
+                        self.stats.objects.fetch_add(1, Ordering::Relaxed);
+                        done.insert(frame.id);
+                    }
+                }
+            }
+            decoder.finish().map_err(|e| bad(&url, e))
+        }
+        .await;
+        batch.retain(|(id, _)| !done.contains(id));
+        result
+    }
+
+    /// Object-by-object GETs, for sources that are plain static servers.
+    async fn singles_from(
+        &self,
+        source: &str,
+        batch: &mut Vec<(ObjectId, ObjectKind)>,
+        sink: &Sink<'_>,
+    ) -> Result<(), SourceError> {
+        let fetched = futures_util::stream::iter(batch.iter().copied())
+            .map(|(id, kind)| async move {
+                let hex = id.to_hex();
+                let url = format!("{source}/objects/{}/{}", &hex[..2], &hex[2..]);
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let resp = self
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                if !resp.status().is_success() {
+                    return Err(SourceError::Source(format!(
+                        "{url}: HTTP {}",
+                        resp.status()
+                    )));
+                }
+                let file = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                self.stats
+                    .bytes
+                    .fetch_add(file.len() as u64, Ordering::Relaxed);
+                store(sink, id, kind, &file, &url)?;
+                self.stats.objects.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(id))
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let mut result = Ok(());
+        let mut done = std::collections::HashSet::new();
+        for r in fetched {
+            match r {
+                Ok(Some(id)) => {
+                    done.insert(id);
+                }
+                Ok(None) => {}
+                Err(e @ SourceError::Fatal(_)) => result = Err(e),
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        batch.retain(|(id, _)| !done.contains(id));
+        result
+    }
+}
+
+fn bad(url: &str, e: BatchError) -> SourceError {
+    SourceError::Source(format!("{url}: {e}"))
+}
+
+fn store(
+    sink: &Sink<'_>,
+    id: ObjectId,
+    kind: ObjectKind,
+    file: &[u8],
+    url: &str,
+) -> Result<(), SourceError> {
+    match sink(id, kind, file) {
+        Ok(()) => Ok(()),
+        Err(StoreError::Object { source, .. }) => {
+            Err(SourceError::Source(format!("{url}: {source}")))
+        }
+        Err(e) => Err(SourceError::Fatal(e)),
+    }
+}

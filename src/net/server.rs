@@ -1,0 +1,238 @@
+//! `scap serve`: a store over HTTP.
+//!
+//! Objects are immutable, so every object response carries a strong ETag
+//! (the ID) and `Cache-Control: immutable`: any HTTP cache (nginx on a
+//! cache host, say) can sit between hosts and the deploy host. The server
+//! takes an already-bound listener and a shutdown future (mini-redis
+//! style), and `router()` can be tested without sockets.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
+
+use super::{BATCH_MAGIC, FRAME_HEADER, MAX_BATCH_IDS, encode_frame_header};
+use crate::store::id::{ID_LEN, ObjectId};
+use crate::store::{Store, VersionId};
+
+/// Requests handled at once; more wait in the accept queue.
+pub const DEFAULT_CONCURRENCY: usize = 256;
+/// Objects read from disk per blocking task in a batch response.
+const READ_GROUP: usize = 64;
+
+/// Counters, for logs and (later) /metrics.
+#[derive(Default, Debug)]
+pub struct ServerStats {
+    pub requests: AtomicU64,
+    pub objects_served: AtomicU64,
+    pub bytes_served: AtomicU64,
+}
+
+pub struct ServerState {
+    pub store: Store,
+    pub stats: ServerStats,
+}
+
+pub fn router(store: Store, concurrency: usize) -> (Router, Arc<ServerState>) {
+    let state = Arc::new(ServerState {
+        store,
+        stats: ServerStats::default(),
+    });
+    let app = Router::new()
+        .route("/objects/{fan}/{rest}", get(object))
+        .route("/versions/{file}", get(record))
+        .route("/refs/labels/{label}", get(label))
+        .route("/batch", post(batch))
+        .route("/health", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(MAX_BATCH_IDS * ID_LEN))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency))
+        .with_state(state.clone());
+    (app, state)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then finishes the
+/// requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut m = msg.into();
+    m.push('\n');
+    (status, m).into_response()
+}
+
+async fn object(
+    State(st): State<Arc<ServerState>>,
+    Path((fan, rest)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(id) = format!("{fan}{rest}").parse::<ObjectId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("/objects/{fan}/{rest}: not an object ID"),
+        );
+    };
+    let etag = format!("\"{id}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.read_raw(&id)).await {
+        Ok(Ok(Some(file))) => {
+            st.stats.objects_served.fetch_add(1, Ordering::Relaxed);
+            st.stats
+                .bytes_served
+                .fetch_add(file.len() as u64, Ordering::Relaxed);
+            (
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-scap-object"),
+                    ),
+                    (
+                        header::CACHE_CONTROL,
+                        HeaderValue::from_static("public, max-age=31536000, immutable"),
+                    ),
+                    (
+                        header::ETAG,
+                        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+                    ),
+                ],
+                file,
+            )
+                .into_response()
+        }
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            format!("object {id}: not in this store"),
+        ),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn record(State(st): State<Arc<ServerState>>, Path(file): Path<String>) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Some(v) = file
+        .strip_suffix(".json")
+        .and_then(|h| h.parse::<VersionId>().ok())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("/versions/{file}: expected <version ID>.json"),
+        );
+    };
+    match st.store.record(&v) {
+        Ok(Some(r)) => axum::Json(r).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("version {v}: no record in this store"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn label(State(st): State<Arc<ServerState>>, Path(label): Path<String>) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    match st.store.labels() {
+        Ok(labels) => match labels.into_iter().find(|(l, _)| *l == label) {
+            Some((_, v)) => format!("{v}\n").into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("label {label:?}: not in this store"),
+            ),
+        },
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /batch`: the body is N raw 32-byte IDs; the response streams
+/// `scapbat1` then one frame per ID, in request order.
+async fn batch(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if body.is_empty() || !body.len().is_multiple_of(ID_LEN) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "batch body is {} bytes: expected a non-empty list of raw 32-byte IDs",
+                body.len()
+            ),
+        );
+    }
+    let ids: Vec<ObjectId> = body
+        .chunks_exact(ID_LEN)
+        .map(|c| ObjectId::from_bytes(c.try_into().expect("32 bytes")))
+        .collect();
+    let groups: Vec<Vec<ObjectId>> = ids.chunks(READ_GROUP).map(<[ObjectId]>::to_vec).collect();
+    let head = futures_util::stream::once(async {
+        Ok::<Bytes, std::io::Error>(Bytes::from_static(BATCH_MAGIC))
+    });
+    let frames = futures_util::stream::iter(groups).then(move |group| {
+        let st = st.clone();
+        async move {
+            let store = st.store.clone();
+            let out = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+                let mut out = Vec::new();
+                let mut found = 0;
+                for id in &group {
+                    let file = store.read_raw(id).map_err(std::io::Error::other)?;
+                    out.reserve(FRAME_HEADER + file.as_ref().map_or(0, Vec::len));
+                    encode_frame_header(&mut out, id, file.as_deref());
+                    if let Some(f) = file {
+                        out.extend_from_slice(&f);
+                        found += 1;
+                    }
+                }
+                Ok((out, found))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            st.stats.objects_served.fetch_add(out.1, Ordering::Relaxed);
+            st.stats
+                .bytes_served
+                .fetch_add(out.0.len() as u64, Ordering::Relaxed);
+            Ok(Bytes::from(out.0))
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-scap-batch")
+        .body(Body::from_stream(head.chain(frames)))
+        .expect("a valid response")
+}
