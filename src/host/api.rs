@@ -128,6 +128,12 @@ async fn verify(State(st): State<Arc<AgentState>>) -> Response {
 fn error_response(e: AgentError) -> Response {
     let status = match &e {
         AgentError::Refused(_) => StatusCode::CONFLICT,
+        // A local failure (full disk) while fetching is ours, not the source's.
+        AgentError::Fetch { source, .. }
+            if matches!(**source, crate::net::client::FetchError::Store(_)) =>
+        {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         AgentError::Fetch { .. } => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

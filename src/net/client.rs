@@ -183,9 +183,8 @@ impl Client {
             .await
             .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
         let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND
-            || status == reqwest::StatusCode::METHOD_NOT_ALLOWED
-        {
+        // Not found, method not allowed, not implemented: a static server.
+        if matches!(status.as_u16(), 404 | 405 | 501) {
             return Err(SourceError::NoBatch);
         }
         if !status.is_success() {

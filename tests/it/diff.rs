@@ -8,51 +8,6 @@ use std::path::Path;
 
 use crate::support::*;
 
-#[derive(PartialEq, Debug, Clone)]
-enum Node {
-    File { exec: bool, data: Vec<u8> },
-    Link(Vec<u8>),
-    Dir,
-}
-
-/// Every path below `root` (relative, as bytes) with what it is.
-fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
-    let mut out = BTreeMap::new();
-    fn go(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Node>) {
-        for e in fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let rel = p
-                .strip_prefix(root)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            let meta = fs::symlink_metadata(&p).unwrap();
-            if meta.file_type().is_symlink() {
-                out.insert(
-                    rel,
-                    Node::Link(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
-                );
-            } else if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                go(root, &p, out);
-            } else {
-                let exec = meta.permissions().mode() & 0o111 != 0;
-                out.insert(
-                    rel,
-                    Node::File {
-                        exec,
-                        data: fs::read(&p).unwrap(),
-                    },
-                );
-            }
-        }
-    }
-    go(root, root, &mut out);
-    out
-}
-
 /// What git-style --name-status must say, as sorted "X\tpath" lines.
 fn expected(
     a: &BTreeMap<Vec<u8>, Node>,

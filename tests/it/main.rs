@@ -2,13 +2,17 @@
 //! the real `scap` executable against real directories.
 //!
 //! Table of contents:
-//! - `support`: the fixture builder (temp dirs, running scap, tree helpers).
+//! - `support`: the fixture builder (temp dirs, running scap, tree helpers,
+//!   `Fleet::start(n)`: real agents and a real server on 127.0.0.1).
+//! - `agent`: serve + agents: fetch by difference, atomic switch, state
+//!   file, rollback, hooks, drift, faults (corrupt source, kill -9, full disk).
 //! - `manifest`: build-manifest determinism, symlinks, exec bits, odd names,
 //!   the stat cache, bad input.
 //! - `diff`: `scap diff` against a brute-force comparison of two trees.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
 
+mod agent;
 mod diff;
 mod inspect;
 mod integrity;

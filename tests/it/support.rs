@@ -1,6 +1,8 @@
 //! The fixture: a temp dir per test, the real binary, small tree builders.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -164,4 +166,257 @@ pub fn copy_tree(from: &Path, to: &Path) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// A child process that serves HTTP; killed on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Proc {
+    /// Starts `cmd` and waits until it prints its `http://` address
+    /// (readiness, not a sleep).
+    pub fn start(mut cmd: Command) -> Proc {
+        use std::io::BufRead;
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            other => {
+                let status = child.wait();
+                panic!("{cmd:?} did not start: {other:?} {status:?}");
+            }
+        };
+        let url = line[line
+            .find("http://")
+            .unwrap_or_else(|| panic!("no address in {line:?}"))..]
+            .trim()
+            .to_string();
+        std::thread::spawn(move || for _ in lines {});
+        Proc { child, url }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub const TOKEN: &str = "s3cret-test-token-0123456789";
+
+/// One host: an agent process and its directory.
+pub struct Host {
+    pub name: String,
+    pub dir: PathBuf,
+    pub proc: Proc,
+    pub extra: Vec<String>,
+}
+
+/// A deploy host (`scap serve` over `env.store`) and agents on loopback.
+pub struct Fleet {
+    pub env: Env,
+    pub server: Option<Proc>,
+    pub hosts: Vec<Host>,
+    pub token_file: PathBuf,
+}
+
+impl Fleet {
+    /// `n` agents (no server yet: call `serve` once the store exists).
+    pub fn start(n: usize) -> Fleet {
+        Fleet::start_with(n, &[])
+    }
+
+    pub fn start_with(n: usize, agent_args: &[&str]) -> Fleet {
+        let env = Env::new();
+        let token_file = env.path("token");
+        fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut fleet = Fleet {
+            env,
+            server: None,
+            hosts: Vec::new(),
+            token_file,
+        };
+        for i in 0..n {
+            let name = format!("mw{}", 1001 + i);
+            let dir = fleet.env.path(&format!("hosts/{name}"));
+            let extra: Vec<String> = agent_args
+                .iter()
+                .map(|s| s.replace("{host}", &name))
+                .collect();
+            let proc = fleet.agent_proc(&name, &dir, "127.0.0.1:0", &extra);
+            fleet.hosts.push(Host {
+                name,
+                dir,
+                proc,
+                extra,
+            });
+        }
+        fleet
+    }
+
+    fn agent_proc(&self, name: &str, dir: &Path, listen: &str, extra: &[String]) -> Proc {
+        let mut cmd = Command::new(SCAP);
+        cmd.args(["agent", "--listen", listen, "--host", name, "--token-file"])
+            .arg(&self.token_file)
+            .arg("--dir")
+            .arg(dir)
+            .args(extra);
+        Proc::start(cmd)
+    }
+
+    /// Restarts host `i`'s agent (after a kill), on a new port.
+    pub fn restart(&mut self, i: usize) {
+        self.hosts[i].proc.kill();
+        let (name, dir, extra) = (
+            self.hosts[i].name.clone(),
+            self.hosts[i].dir.clone(),
+            self.hosts[i].extra.clone(),
+        );
+        self.hosts[i].proc = self.agent_proc(&name, &dir, "127.0.0.1:0", &extra);
+    }
+
+    pub fn serve(&mut self) -> String {
+        let mut cmd = self.env.cmd();
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        let p = Proc::start(cmd);
+        let url = p.url.clone();
+        self.server = Some(p);
+        url
+    }
+
+    pub fn source(&self) -> String {
+        self.server.as_ref().expect("serve() first").url.clone()
+    }
+
+    /// A dsh group file listing `which` hosts.
+    pub fn group(&self, name: &str, which: &[usize]) -> PathBuf {
+        let p = self.env.path(name);
+        let text: String = which
+            .iter()
+            .map(|&i| format!("127.0.0.1:{}\n", self.hosts[i].proc.port()))
+            .collect();
+        fs::write(&p, format!("# {name}\n{text}")).unwrap();
+        p
+    }
+
+    /// `scap sync` of `version` to `which` hosts via the CLI.
+    pub fn sync(&self, which: &[usize], version: &str) -> Output {
+        let group = self.group("group", which);
+        self.env
+            .cmd()
+            .args(["sync", "--hosts"])
+            .arg(&group)
+            .args([
+                "--version",
+                version,
+                "--source",
+                &self.source(),
+                "--token-file",
+            ])
+            .arg(&self.token_file)
+            .args(["--json"])
+            .output()
+            .unwrap()
+    }
+
+    pub fn http() -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .unwrap()
+    }
+
+    /// POST to host `i`'s agent with the right token.
+    pub fn post(&self, i: usize, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = Fleet::http()
+            .post(format!("{}{path}", self.hosts[i].proc.url))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    pub fn get(&self, i: usize, path: &str) -> (u16, serde_json::Value) {
+        let r = Fleet::http()
+            .get(format!("{}{path}", self.hosts[i].proc.url))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    /// The version host `i` says it runs.
+    pub fn current(&self, i: usize) -> Option<String> {
+        let (_, st) = self.get(i, "/v1/state");
+        st["state"]["current"]["version"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// The live tree of host `i`, one component.
+    pub fn live(&self, i: usize, component: &str) -> PathBuf {
+        self.hosts[i].dir.join("current").join(component)
+    }
+}
+
+#[derive(PartialEq, Debug, Clone)]
+pub enum Node {
+    File { exec: bool, data: Vec<u8> },
+    Link(Vec<u8>),
+    Dir,
+}
+
+/// Every path below `root` (relative, as bytes) with what it is.
+pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    fn go(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Node>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    rel,
+                    Node::Link(fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                );
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir);
+                go(root, &p, out);
+            } else {
+                let exec = meta.permissions().mode() & 0o111 != 0;
+                out.insert(
+                    rel,
+                    Node::File {
+                        exec,
+                        data: fs::read(&p).unwrap(),
+                    },
+                );
+            }
+        }
+    }
+    go(root, root, &mut out);
+    out
 }

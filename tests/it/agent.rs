@@ -1,0 +1,757 @@
+//! Real `scap serve` and `scap agent` processes on 127.0.0.1: fetch by
+//! difference, the atomic switch, the state file, faults.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::support::*;
+
+/// A tree whose every file says which version it belongs to.
+fn versioned_tree(root: &Path, tag: &str) {
+    let _ = fs::remove_dir_all(root);
+    sample_tree(root);
+    for i in 0..40 {
+        write(
+            root,
+            &format!("includes/v/f{i:02}.php"),
+            format!("<?php // {tag} file {i}\n").as_bytes(),
+        );
+    }
+    write(root, "VERSION", tag.as_bytes());
+}
+
+#[test]
+fn hosts_get_the_exact_tree_and_a_state_file() {
+    let mut fleet = Fleet::start(3);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let out = fleet.sync(&[0, 1, 2], &v1[..12]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(results.as_array().unwrap().len(), 3);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sync-group: 100% (ok: 3; fail: 0; left: 0)"),
+        "{stderr}"
+    );
+    for i in 0..3 {
+        // Byte for byte, symlinks (dangling too), exec bits, empty dirs.
+        assert_eq!(
+            snapshot(&fleet.live(i, "mediawiki")),
+            snapshot(&staging),
+            "host {i}"
+        );
+        let state: serde_json::Value =
+            serde_json::from_slice(&fs::read(fleet.hosts[i].dir.join("state.json")).unwrap())
+                .unwrap();
+        assert_eq!(state["current"]["version"], v1.as_str());
+        assert_eq!(state["host"], fleet.hosts[i].name.as_str());
+        assert_eq!(state["history"][0]["action"], "sync");
+        assert_eq!(state["history"][0]["ok"], true);
+    }
+    let exec = fs::metadata(fleet.live(0, "mediawiki").join("maintenance/run.php")).unwrap();
+    assert_eq!(exec.permissions().mode() & 0o777, 0o755);
+    // `scap state` on the host shows it.
+    let st = fleet
+        .env
+        .ok(&["state", "--dir", fleet.hosts[0].dir.to_str().unwrap()]);
+    assert!(st.contains(&format!("current:  {v1}")), "{st}");
+}
+
+#[test]
+fn a_backport_fetches_and_writes_only_what_changed() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let (code, first) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [fleet.source()], "by": "test"}),
+    );
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(first["how"], "full");
+
+    write(&staging, "includes/v/f07.php", b"<?php // backport\n");
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let (code, second) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v2, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200, "{second}");
+    // One chunk plus the trees on its path (root, mediawiki, includes, v).
+    assert_eq!(second["fetched"]["chunks"], 1, "{second}");
+    assert_eq!(second["fetched"]["trees"], 4, "{second}");
+    assert_eq!(
+        second["how"], "full",
+        "a third slot is written in full the first time"
+    );
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+
+    // Three slots: the third deploy fills the last empty one; the fourth
+    // reuses the oldest (v1's) and applies only the diff from v1.
+    let mut v = String::new();
+    for (n, file) in ["f08", "f09"].iter().enumerate() {
+        write(
+            &staging,
+            &format!("includes/v/{file}.php"),
+            b"<?php // another backport\n",
+        );
+        v = fleet.env.build(&[("mediawiki", &staging)], &[]);
+        let (_, r) = fleet.post(
+            0,
+            "/v1/sync",
+            json!({"version": v, "sources": [fleet.source()]}),
+        );
+        assert_eq!(r["how"], ["full", "diff"][n], "{r}");
+        if n == 1 {
+            assert_eq!(r["slot"], "a", "{r}");
+            assert_eq!(
+                r["files_written"], 3,
+                "f07, f08 and f09 changed since v1: {r}"
+            );
+        }
+        assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+    }
+    let v3 = v;
+
+    // Syncing again is a no-op that fetches nothing.
+    let (_, again) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v3, "sources": [fleet.source()]}),
+    );
+    assert_eq!(again["noop"], true);
+    assert_eq!(again["fetched"]["bytes"], 0);
+}
+
+#[test]
+fn a_reader_never_sees_a_mix_of_versions() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    let mut versions = Vec::new();
+    for tag in ["va", "vb"] {
+        fs::remove_dir_all(&staging).ok();
+        versioned_tree(&staging, tag);
+        versions.push((tag, fleet.env.build(&[("mediawiki", &staging)], &[])));
+    }
+    fleet.serve();
+    let link = fleet.hosts[0].dir.join("current");
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": versions[0].1, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, link) = (stop.clone(), link.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // What a request does: resolve the docroot once, then read files.
+                let Ok(root) = fs::canonicalize(&link) else {
+                    continue;
+                };
+                let tag = fs::read_to_string(root.join("mediawiki/VERSION")).unwrap();
+                for i in 0..40 {
+                    let f =
+                        fs::read_to_string(root.join(format!("mediawiki/includes/v/f{i:02}.php")))
+                            .unwrap();
+                    assert!(
+                        f.contains(&format!("{tag} file {i}")),
+                        "mixed tree: {tag} with {f:?}"
+                    );
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for round in 0..6 {
+        let (_, v) = &versions[(round + 1) % 2];
+        let (code, r) = fleet.post(
+            0,
+            "/v1/sync",
+            json!({"version": v, "sources": [fleet.source()]}),
+        );
+        assert_eq!(code, 200, "{r}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("the reader saw only whole versions");
+    assert!(reads > 0);
+}
+
+#[test]
+fn rollback_is_a_switch_and_promote_sets_stable() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    versioned_tree(&staging, "v2");
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let mut server_url = fleet.serve();
+    for v in [&v1, &v2] {
+        let (code, r) = fleet.post(
+            0,
+            "/v1/sync",
+            json!({"version": v, "sources": [server_url]}),
+        );
+        assert_eq!(code, 200, "{r}");
+    }
+    let (code, r) = fleet.post(0, "/v1/promote", json!({"version": v1}));
+    assert_eq!(code, 409, "only the live version can be promoted: {r}");
+    assert!(r["error"].as_str().unwrap().contains("sync it first"));
+
+    // With the deploy host gone, rollback still works: nothing is fetched.
+    fleet.server.take();
+    server_url.clear();
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["version"], v1.as_str());
+    assert_eq!(r["how"], "reused");
+    assert_eq!(r["fetched"]["bytes"], 0);
+    assert_eq!(
+        fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
+        "v1"
+    );
+    let (code, st) = fleet.post(0, "/v1/promote", json!({"version": v1, "by": "test"}));
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["stable"]["version"], v1.as_str());
+    // Rolling "back" to previous is now v2 again; then to stable is v1.
+    let (_, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous"}));
+    assert_eq!(r["version"], v2.as_str());
+    let (_, r) = fleet.post(0, "/v1/rollback", json!({"to": "stable"}));
+    assert_eq!(r["version"], v1.as_str());
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "0".repeat(64)}));
+    assert_eq!(code, 409);
+    assert!(
+        r["error"].as_str().unwrap().contains("not on this host"),
+        "{r}"
+    );
+}
+
+#[test]
+fn wrong_token_changes_nothing() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    for auth in [Some("Bearer wrong"), Some("Bearer "), None, Some(TOKEN)] {
+        let mut req = Fleet::http()
+            .post(format!("{}/v1/sync", fleet.hosts[0].proc.url))
+            .json(&json!({"version": v1, "sources": [fleet.source()]}));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let status = req.send().unwrap().status().as_u16();
+        assert_eq!(status, 401, "{auth:?}");
+    }
+    assert_eq!(fleet.current(0), None);
+    assert!(!fleet.hosts[0].dir.join("current").exists());
+
+    // The CLI refuses a token file others can read.
+    fs::set_permissions(&fleet.token_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = fleet.sync(&[0], &v1);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
+
+#[test]
+fn corrupt_or_dying_sources_are_survived() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    // A second store with the same objects, one of them corrupted.
+    let bad_store = fleet.env.path("bad-store");
+    copy_tree(&fleet.env.store, &bad_store);
+    let id = blake3::Hasher::new_derive_key("scap 2026-11-26 object chunk v1")
+        .update(b"<?php // v1 file 3\n")
+        .finalize()
+        .to_hex()
+        .to_string();
+    let obj = bad_store.join("objects").join(&id[..2]).join(&id[2..]);
+    let mut bytes = fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    fs::write(&obj, bytes).unwrap();
+    let good = fleet.serve();
+    let mut cmd = std::process::Command::new(SCAP);
+    cmd.arg("--store")
+        .arg(&bad_store)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    let bad = Proc::start(cmd);
+
+    // Only the corrupt source: the sync fails, naming the object; nothing changes.
+    let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [bad.url]}));
+    assert_eq!(code, 502, "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(err.contains(&id) && err.contains(&bad.url), "{err}");
+    assert_eq!(fleet.current(0), None);
+    let (_, st) = fleet.get(0, "/v1/state");
+    assert!(
+        st["state"]["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&id)
+    );
+
+    // Corrupt first, good second: the object is rejected and fetched again elsewhere.
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [bad.url, good]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+
+    // A version no source has.
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": "ab".repeat(32), "sources": [good]}),
+    );
+    assert_eq!(code, 502);
+    assert!(
+        r["error"].as_str().unwrap().contains("no source has it"),
+        "{r}"
+    );
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+}
+
+#[test]
+fn a_plain_static_server_is_a_source() {
+    let fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    // python3's http.server knows nothing of scap: objects come one GET each.
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-u", "-c", "import http.server,socketserver,sys,os\nos.chdir(sys.argv[1])\nh=http.server.SimpleHTTPRequestHandler\nh.log_message=lambda *a: None\ns=socketserver.TCPServer(('127.0.0.1',0),h)\nprint('serving on http://127.0.0.1:%d' % s.server_address[1], flush=True)\ns.serve_forever()"])
+        .arg(&fleet.env.store);
+    let stat = Proc::start(cmd);
+    let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [stat.url]}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+}
+
+#[test]
+fn hooks_run_around_the_switch() {
+    let mut fleet = Fleet::start_with(
+        1,
+        &[
+            "--pre-switch",
+            "test ! -e $SCAP_RELEASE_DIR/mediawiki/BLOCK",
+            "--post-switch",
+            "echo $SCAP_VERSION $SCAP_PREVIOUS_VERSION > $SCAP_RELEASE_DIR/../../post-hook-ran",
+        ],
+    );
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    write(
+        &staging,
+        "BLOCK",
+        b"the pre-switch hook refuses this version\n",
+    );
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let ran = fs::read_to_string(fleet.hosts[0].dir.join("post-hook-ran")).unwrap();
+    assert_eq!(
+        ran.trim(),
+        v1,
+        "post hook sees the version; no previous yet"
+    );
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v2, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 500, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("pre-switch hook failed"),
+        "{r}"
+    );
+    assert_eq!(
+        fleet.current(0).as_deref(),
+        Some(v1.as_str()),
+        "a failing pre-switch hook aborts the switch"
+    );
+    assert!(!fleet.live(0, "mediawiki").join("BLOCK").exists());
+}
+
+#[test]
+fn drift_lists_files_edited_by_hand() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let (code, _) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200);
+    let dir = fleet.hosts[0].dir.to_str().unwrap().to_string();
+    assert!(
+        fleet
+            .env
+            .ok(&["verify", "--live", "--dir", &dir])
+            .contains("0 changed by hand")
+    );
+    let live = fleet.live(0, "mediawiki");
+    fs::write(live.join("index.php"), b"<?php die('hotfix');\n").unwrap();
+    fs::write(live.join("includes/hack.php"), b"<?php\n").unwrap();
+    fs::remove_file(live.join("includes/v/f01.php")).unwrap();
+    fs::set_permissions(
+        live.join("maintenance/run.php"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = fleet.env.raw(&["verify", "--live", "--dir", &dir]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "A\tmediawiki/includes/hack.php",
+        "D\tmediawiki/includes/v/f01.php",
+        "M\tmediawiki/index.php\t(content differs)",
+        "M\tmediawiki/maintenance/run.php\t(executable bit differs)",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+    let (_, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(d["changes"].as_array().unwrap().len(), 4, "{d}");
+}
+
+#[test]
+fn sync_reports_a_down_host_and_fails() {
+    let mut fleet = Fleet::start(2);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let group = fleet.group("group", &[0, 1]);
+    fleet.hosts[1].proc.kill();
+    let out = fleet
+        .env
+        .cmd()
+        .args(["sync", "--hosts"])
+        .arg(&group)
+        .args(["--version", "0000000000"])
+        .args(["--source", &fleet.source(), "--token-file"])
+        .arg(&fleet.token_file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "unknown version: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fleet
+        .env
+        .cmd()
+        .args(["sync", "--hosts"])
+        .arg(&group)
+        .args([
+            "--version",
+            &v1,
+            "--source",
+            &fleet.source(),
+            "--token-file",
+        ])
+        .arg(&fleet.token_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let down = format!("127.0.0.1:{}", fleet.hosts[1].proc.port());
+    assert!(
+        stdout.contains(&format!("{down}"))
+            && stdout.contains("FAIL")
+            && stdout.contains("unreachable"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 of 2 hosts ok"), "{stdout}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+}
+
+#[test]
+fn agent_killed_mid_sync_is_on_one_version_after_restart() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    for i in 0..300 {
+        write(
+            &staging,
+            &format!("big/d{}/f{i}.bin", i % 10),
+            &noise(20_000, i),
+        );
+    }
+    write(&staging, "VERSION", b"v2");
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let (code, _) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200);
+    let mut rng = 77u64;
+    for round in 0..8 {
+        let url = format!("{}/v1/sync", fleet.hosts[0].proc.url);
+        let source = fleet.source();
+        let v2c = v2.clone();
+        let t = std::thread::spawn(move || {
+            let _ = Fleet::http()
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({"version": v2c, "sources": [source]}))
+                .send();
+        });
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(5 + rng % 150));
+        fleet.restart(0); // kill -9, then start again
+        t.join().unwrap();
+        let cur = fleet.current(0).expect("a version is live");
+        let want = if cur == v1 { "v1" } else { "v2" };
+        assert!(cur == v1 || cur == v2, "round {round}");
+        assert_eq!(
+            fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
+            want
+        );
+        let (_, d) = fleet.get(0, "/v1/verify");
+        assert_eq!(
+            d["changes"],
+            json!([]),
+            "round {round}: live tree is exactly {want}"
+        );
+        if cur == v2 {
+            // Back to v1 for the next round.
+            let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": v1}));
+            assert_eq!(code, 200, "{r}");
+        }
+    }
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v2, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+}
+
+#[test]
+fn full_disk_on_a_host_keeps_the_live_release() {
+    if !is_root() {
+        eprintln!(
+            "full_disk_on_a_host_keeps_the_live_release: needs root to mount a tmpfs; CI runs as root"
+        );
+        return;
+    }
+    let env_dir = tempfile::tempdir().unwrap();
+    let mnt = env_dir.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    assert!(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _guard = Unmount(mnt.clone());
+    let mut fleet = Fleet::start_with(0, &[]);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    write(&staging, "big/l10n.cdb", &noise(2 << 20, 1));
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let mut cmd = std::process::Command::new(SCAP);
+    cmd.args([
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "mw-small",
+        "--token-file",
+    ])
+    .arg(&fleet.token_file)
+    .arg("--dir")
+    .arg(mnt.join("scap"));
+    fleet.hosts.push(Host {
+        name: "mw-small".into(),
+        dir: mnt.join("scap"),
+        proc: Proc::start(cmd),
+        extra: vec![],
+    });
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    // v2 needs 2 MB in the store and 2 MB in a release: it does not fit.
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v2, "sources": [fleet.source()]}),
+    );
+    assert_eq!(code, 500, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{r}"
+    );
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), {
+        let mut s = snapshot(&staging);
+        s.retain(|p, _| !p.starts_with(b"big"));
+        s
+    });
+    let (_, st) = fleet.get(0, "/v1/state");
+    let dirty: Vec<_> = st["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["meta"]["clean"] == false && s["meta"]["version"] != serde_json::Value::Null)
+        .collect();
+    assert!(
+        dirty.is_empty(),
+        "no half-written release is left marked: {st}"
+    );
+    for s in st["slots"].as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        if s["meta"]["clean"] == false {
+            assert!(
+                !mnt.join("scap/releases").join(name).exists(),
+                "partial release {name} removed"
+            );
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+pub struct Unmount(pub std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A TCP proxy that forwards at most `budget` bytes of each response, then
+/// cuts the connection: a source dying mid-transfer.
+fn cutting_proxy(upstream: &str, budget: usize) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let handle = std::thread::spawn(move || {
+        for client in listener.incoming().take(64) {
+            let Ok(mut client) = client else { return };
+            let Ok(mut up) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+            });
+            std::thread::spawn(move || {
+                let mut left = budget;
+                let mut buf = [0u8; 4096];
+                while left > 0 {
+                    let n = match up.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(left),
+                    };
+                    if client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = up.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (url, handle)
+}
+
+#[test]
+fn a_source_dying_mid_transfer_is_resumed_elsewhere() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    for i in 0..200 {
+        write(&staging, &format!("big/f{i}.bin"), &noise(5_000, i));
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let good = fleet.serve();
+    let (dying, _t) = cutting_proxy(&good, 300_000);
+
+    // Only the dying source: the sync fails and the host stays as it was...
+    let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [dying]}));
+    assert_eq!(code, 502, "{r}");
+    assert!(r["error"].as_str().unwrap().contains(&dying), "{r}");
+    assert_eq!(fleet.current(0), None);
+    // ...but keeps the objects that arrived whole: the next sync resumes.
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": v1, "sources": [dying, good]}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let fetched = r["fetched"]["chunks"].as_u64().unwrap();
+    let total = fleet.env.ok(&["verify", &v1]);
+    let chunks: u64 = total
+        .split(" chunks")
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fetched < chunks, "re-fetched {fetched} of {chunks} chunks");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+}
