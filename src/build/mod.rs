@@ -145,7 +145,9 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     let root_id = put_tree(&writer, &root)?;
     let version = VersionId::from(root_id);
     let (new_objects, new_object_bytes) = writer.written();
+    let phase = Instant::now();
     writer.commit()?;
+    tracing::debug!("commit (syncfs) in {:?}", phase.elapsed());
 
     let (bytes, files) = root.totals();
     if let Some(label) = &opts.label
@@ -235,7 +237,15 @@ fn build_component(
     let cache = StatCache::load(&cache_path);
     let trust_presence = cache.generation == generation;
 
+    let phase = Instant::now();
     let items = walk(component)?;
+    tracing::debug!(
+        "{}: walked {} entries in {:?}",
+        component.name,
+        items.len(),
+        phase.elapsed()
+    );
+    let phase = Instant::now();
     let files: Vec<usize> = items
         .iter()
         .enumerate()
@@ -262,7 +272,7 @@ fn build_component(
                 },
                 None => {
                     let path = root.join(OsStr::from_bytes(&item.rel));
-                    let c = hash_file(writer, &path)?;
+                    let c = hash_file(writer, &path, *stamp)?;
                     let mut h = hashed.lock().expect("no panics while held");
                     h.0 += 1;
                     h.1 += c.stamp.size;
@@ -274,6 +284,12 @@ fn build_component(
         })
         .collect::<Result<_, BuildError>>()?;
     progress.finish();
+    tracing::debug!(
+        "{}: hashed and stored files in {:?}",
+        component.name,
+        phase.elapsed()
+    );
+    let phase = Instant::now();
     let (hf, hb) = hashed.into_inner().expect("no panics while held");
     totals.hashed_files += hf;
     totals.hashed_bytes += hb;
@@ -319,6 +335,7 @@ fn build_component(
         close_dir(writer, &mut open, &mut root_tree)?;
     }
 
+    tracing::debug!("{}: stored trees in {:?}", component.name, phase.elapsed());
     // Record what we learned; entries of deleted files drop out.
     let mut next = StatCache {
         generation,
@@ -476,14 +493,16 @@ fn walk(component: &Component) -> Result<Vec<Item>, BuildError> {
 }
 
 /// Reads, chunks and stores one file; retries when it changes underneath.
-fn hash_file(writer: &Writer<'_>, path: &Path) -> Result<Cached, BuildError> {
+/// `stamp` is what the walk saw; the file must still match it after being
+/// read, or it is read again.
+fn hash_file(writer: &Writer<'_>, path: &Path, stamp: Stamp) -> Result<Cached, BuildError> {
     let unreadable = |source| BuildError::Unreadable {
         path: path.to_path_buf(),
         source,
     };
+    let mut before = stamp;
     for _ in 0..CHANGE_RETRIES {
         let file = File::open(path).map_err(unreadable)?;
-        let before = Stamp::of(&file.metadata().map_err(unreadable)?);
         let mut chunks = Vec::new();
         let mut read: u64 = 0;
         chunk::for_each_chunk(&file, before.size, |data| -> Result<(), BuildError> {
@@ -508,6 +527,7 @@ fn hash_file(writer: &Writer<'_>, path: &Path) -> Result<Cached, BuildError> {
                 chunks,
             });
         }
+        before = after;
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(BuildError::KeptChanging {

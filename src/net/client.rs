@@ -178,6 +178,7 @@ impl Client {
             .http
             .post(&url)
             .header("content-type", "application/octet-stream")
+            .header("accept-encoding", "zstd")
             .body(body)
             .send()
             .await
@@ -194,6 +195,18 @@ impl Client {
                 text.trim()
             )));
         }
+        let compressed = resp
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|v| v.as_bytes() == b"zstd");
+        let mut unzstd = if compressed {
+            Some(
+                zstd::stream::write::Decoder::new(Vec::new())
+                    .map_err(|e| SourceError::Source(format!("{url}: {e}")))?,
+            )
+        } else {
+            None
+        };
         let kinds: std::collections::HashMap<ObjectId, ObjectKind> =
             batch.iter().copied().collect();
         let mut done: std::collections::HashSet<ObjectId> = Default::default();
@@ -205,7 +218,17 @@ impl Client {
                 self.stats
                     .bytes
                     .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                decoder.push(&piece);
+                match &mut unzstd {
+                    Some(z) => {
+                        use std::io::Write;
+                        z.write_all(&piece).and_then(|()| z.flush()).map_err(|e| {
+                            SourceError::Source(format!("{url}: bad zstd stream: {e}"))
+                        })?;
+                        decoder.push(z.get_ref());
+                        z.get_mut().clear();
+                    }
+                    None => decoder.push(&piece),
+                }
                 while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
                     let Some(&kind) = kinds.get(&frame.id) else {
                         return Err(SourceError::Source(format!(

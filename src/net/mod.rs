@@ -21,6 +21,11 @@ pub const MAX_BATCH_IDS: usize = 4096;
 pub const FOUND: u8 = 0;
 /// Frame status: the server does not have it.
 pub const MISSING: u8 = 1;
+/// Frame status: the last frame of a response (all-zero ID, length 0). A
+/// response without it was cut off, even if it ended between frames.
+pub const END: u8 = 2;
+/// zstd level of a compressed batch stream (`Accept-Encoding: zstd`).
+pub const STREAM_ZSTD_LEVEL: i32 = 3;
 /// Bytes before each frame's object: ID, status, u32 LE length.
 pub const FRAME_HEADER: usize = ID_LEN + 1 + 4;
 
@@ -30,6 +35,12 @@ pub struct Frame {
     pub id: ObjectId,
     /// The object file's bytes, or `None` when the server lacks it.
     pub file: Option<Vec<u8>>,
+}
+
+pub fn encode_end(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0u8; ID_LEN]);
+    out.push(END);
+    out.extend_from_slice(&0u32.to_le_bytes());
 }
 
 pub fn encode_frame_header(out: &mut Vec<u8>, id: &ObjectId, file: Option<&[u8]>) {
@@ -53,6 +64,7 @@ pub struct BatchDecoder {
     buf: Vec<u8>,
     pos: usize,
     saw_magic: bool,
+    saw_end: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,6 +92,13 @@ impl BatchDecoder {
     /// The next whole frame, if one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, BatchError> {
         let avail = &self.buf[self.pos..];
+        if self.saw_end {
+            return if avail.is_empty() {
+                Ok(None)
+            } else {
+                Err(BatchError::BadFrame("bytes after the end frame"))
+            };
+        }
         if !self.saw_magic {
             if avail.len() < BATCH_MAGIC.len() {
                 return Ok(None);
@@ -117,13 +136,21 @@ impl BatchDecoder {
                 self.pos += FRAME_HEADER;
                 Ok(Some(Frame { id, file: None }))
             }
+            END if len == 0 && !self.saw_end => {
+                self.pos += FRAME_HEADER;
+                self.saw_end = true;
+                Ok(None)
+            }
+            MISSING | END => Err(BatchError::BadFrame(
+                "a frame without an object has a length",
+            )),
             _ => Err(BatchError::BadFrame("unknown status")),
         }
     }
 
     /// Call at the end of the body: errors if a frame was cut off.
     pub fn finish(&self) -> Result<(), BatchError> {
-        if self.pos == self.buf.len() && self.saw_magic {
+        if self.pos == self.buf.len() && self.saw_end {
             Ok(())
         } else {
             Err(BatchError::Truncated)
@@ -144,6 +171,7 @@ mod tests {
         encode_frame_header(&mut body, &a, Some(b"hello"));
         body.extend_from_slice(b"hello");
         encode_frame_header(&mut body, &b, None);
+        encode_end(&mut body);
         for split in 0..body.len() {
             let mut d = BatchDecoder::default();
             let mut frames = Vec::new();
@@ -165,12 +193,42 @@ mod tests {
                 ]
             );
         }
-        let mut d = BatchDecoder::default();
-        d.push(&body[..body.len() - 1]);
-        while d.next_frame().unwrap().is_some() {}
-        assert_eq!(d.finish(), Err(BatchError::Truncated));
+        // Cut anywhere, between frames too, is detected.
+        for cut in [body.len() - 1, body.len() - FRAME_HEADER] {
+            let mut d = BatchDecoder::default();
+            d.push(&body[..cut]);
+            while d.next_frame().unwrap().is_some() {}
+            assert_eq!(d.finish(), Err(BatchError::Truncated));
+        }
         let mut d = BatchDecoder::default();
         d.push(b"HTTP/1.1 200 OK\r\n");
         assert_eq!(d.next_frame(), Err(BatchError::BadMagic));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use std::io::Write;
+
+    #[test]
+    fn zstd_stream_round_trip_in_pieces() {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.write_all(b"scapbat1hello").unwrap();
+        enc.flush().unwrap();
+        let first = std::mem::take(enc.get_mut());
+        enc.write_all(b" world").unwrap();
+        let mut all = first.clone();
+        all.extend(enc.finish().unwrap());
+        for split in 0..all.len() {
+            let mut dec = zstd::stream::write::Decoder::new(Vec::new()).unwrap();
+            let mut out = Vec::new();
+            for piece in [&all[..split], &all[split..]] {
+                dec.write_all(piece).unwrap();
+                dec.flush().unwrap();
+                out.extend_from_slice(dec.get_ref());
+                dec.get_mut().clear();
+            }
+            assert_eq!(out, b"scapbat1hello world", "split {split}");
+        }
     }
 }

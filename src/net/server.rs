@@ -16,11 +16,15 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::StreamExt;
 use tokio::net::TcpListener;
 
-use super::{BATCH_MAGIC, FRAME_HEADER, MAX_BATCH_IDS, encode_frame_header};
+use std::io::Write;
+
+use super::{
+    BATCH_MAGIC, FRAME_HEADER, MAX_BATCH_IDS, STREAM_ZSTD_LEVEL, encode_end, encode_frame_header,
+};
 use crate::store::id::{ID_LEN, ObjectId};
+use crate::store::object;
 use crate::store::{Store, VersionId};
 
 /// Requests handled at once; more wait in the accept queue.
@@ -184,8 +188,12 @@ async fn label(State(st): State<Arc<ServerState>>, Path(label): Path<String>) ->
 }
 
 /// `POST /batch`: the body is N raw 32-byte IDs; the response streams
-/// `scapbat1` then one frame per ID, in request order.
-async fn batch(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+/// `scapbat1`, one frame per ID in request order, and an end frame. With
+/// `Accept-Encoding: zstd` the whole response is one zstd stream and the
+/// objects inside it are sent uncompressed, so that small files compress
+/// against each other (as rsync's `--compress` stream does) instead of one
+/// by one.
+async fn batch(State(st): State<Arc<ServerState>>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
     if body.is_empty() || !body.len().is_multiple_of(ID_LEN) {
         return error(
@@ -196,43 +204,91 @@ async fn batch(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
             ),
         );
     }
+    let zstd = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("zstd")));
     let ids: Vec<ObjectId> = body
         .chunks_exact(ID_LEN)
         .map(|c| ObjectId::from_bytes(c.try_into().expect("32 bytes")))
         .collect();
-    let groups: Vec<Vec<ObjectId>> = ids.chunks(READ_GROUP).map(<[ObjectId]>::to_vec).collect();
-    let head = futures_util::stream::once(async {
-        Ok::<Bytes, std::io::Error>(Bytes::from_static(BATCH_MAGIC))
-    });
-    let frames = futures_util::stream::iter(groups).then(move |group| {
-        let st = st.clone();
-        async move {
-            let store = st.store.clone();
-            let out = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+    let mut groups: Vec<Vec<ObjectId>> = ids.chunks(READ_GROUP).map(<[ObjectId]>::to_vec).collect();
+    groups.reverse();
+    let encoder = if zstd {
+        match zstd::stream::write::Encoder::new(Vec::new(), STREAM_ZSTD_LEVEL) {
+            Ok(e) => Some(e),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    } else {
+        None
+    };
+    // Each step reads (and, compressed, encodes) one group of objects on a
+    // blocking thread; the encoder travels from step to step.
+    let state = (groups, encoder, true, st.clone());
+    let stream = futures_util::stream::unfold(Some(state), |state| async move {
+        let (mut groups, encoder, first, st) = state?;
+        let group = groups.pop();
+        let last = group.is_none();
+        let store = st.store.clone();
+        let step = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(Vec<u8>, u64, u64, Option<_>)> {
                 let mut out = Vec::new();
-                let mut found = 0;
-                for id in &group {
+                if first {
+                    out.extend_from_slice(BATCH_MAGIC);
+                }
+                let (mut found, mut raw_bytes) = (0, 0);
+                for id in group.iter().flatten() {
                     let file = store.read_raw(id).map_err(std::io::Error::other)?;
+                    let file = match (&file, encoder.is_some()) {
+                        (Some(f), true) => Some(object::uncompressed(*id, f)),
+                        _ => file,
+                    };
                     out.reserve(FRAME_HEADER + file.as_ref().map_or(0, Vec::len));
                     encode_frame_header(&mut out, id, file.as_deref());
                     if let Some(f) = file {
+                        raw_bytes += f.len() as u64;
                         out.extend_from_slice(&f);
                         found += 1;
                     }
                 }
-                Ok((out, found))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            st.stats.objects_served.fetch_add(out.1, Ordering::Relaxed);
-            st.stats
-                .bytes_served
-                .fetch_add(out.0.len() as u64, Ordering::Relaxed);
-            Ok(Bytes::from(out.0))
+                if last {
+                    encode_end(&mut out);
+                }
+                match encoder {
+                    None => Ok((out, found, raw_bytes, None)),
+                    Some(mut enc) => {
+                        enc.write_all(&out)?;
+                        if last {
+                            let compressed = enc.finish()?;
+                            Ok((compressed, found, raw_bytes, None))
+                        } else {
+                            enc.flush()?;
+                            let compressed = std::mem::take(enc.get_mut());
+                            Ok((compressed, found, raw_bytes, Some(enc)))
+                        }
+                    }
+                }
+            },
+        )
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match step {
+            Ok((bytes, found, _raw, encoder)) => {
+                st.stats.objects_served.fetch_add(found, Ordering::Relaxed);
+                st.stats
+                    .bytes_served
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let next = (!last).then_some((groups, encoder, false, st));
+                Some((Ok::<Bytes, std::io::Error>(Bytes::from(bytes)), next))
+            }
+            Err(e) => Some((Err(e), None)),
         }
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-scap-batch")
-        .body(Body::from_stream(head.chain(frames)))
+    let mut resp = Response::builder().header(header::CONTENT_TYPE, "application/x-scap-batch");
+    if zstd {
+        resp = resp.header(header::CONTENT_ENCODING, "zstd");
+    }
+    resp.body(Body::from_stream(stream))
         .expect("a valid response")
 }

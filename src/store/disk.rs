@@ -172,7 +172,6 @@ impl Store {
             "refs/labels",
             "refs/pins",
             "journal",
-            "tmp",
             "cache",
         ] {
             fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
@@ -239,15 +238,12 @@ impl Store {
         journal.lock().at(&journal_path)?;
         journal.sync_all().at(&journal_path)?;
         sync_dir(&self.root.join("journal"))?;
-        let tmp = self.root.join("tmp").join(&session);
-        fs::create_dir_all(&tmp).at(&tmp)?;
         Ok(Writer {
             store: self,
             _lock: lock,
             journal,
             journal_path,
-            tmp,
-            counter: AtomicU64::new(0),
+            session,
             written: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
             finished: false,
@@ -311,11 +307,8 @@ impl Store {
                     path.display()
                 );
             }
-            let name = entry.file_name();
-            let tmp = self.root.join("tmp").join(&name);
-            if tmp.exists() {
-                fs::remove_dir_all(&tmp).at(&tmp)?;
-            }
+            let suffix = format!(".{}.tmp", entry.file_name().to_string_lossy());
+            self.remove_temp_files(&suffix)?;
             fs::remove_file(&path).at(&path)?;
         }
         Ok(())
@@ -325,6 +318,22 @@ impl Store {
     /// the trees written since then that reference a missing object (their
     /// children may have been torn). This restores the invariant that a
     /// tree is in the store only when everything below it is.
+    /// Removes a dead session's temp files (names ending in `suffix`).
+    fn remove_temp_files(&self, suffix: &str) -> Result<()> {
+        let objects = self.root.join("objects");
+        for fan in fs::read_dir(&objects).at(&objects)? {
+            let fan = fan.at(&objects)?.path();
+            let Ok(rd) = fs::read_dir(&fan) else { continue };
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(suffix) {
+                    let p = e.path();
+                    fs::remove_file(&p).at(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn remove_torn_since(&self, since: SystemTime) -> Result<u64> {
         let mut removed = 0;
         let mut recent_trees: Vec<(ObjectId, PathBuf)> = Vec::new();
@@ -702,8 +711,8 @@ pub struct Writer<'s> {
     _lock: StoreLock,
     journal: File,
     journal_path: PathBuf,
-    tmp: PathBuf,
-    counter: AtomicU64,
+    /// Names this session's temp files: `objects/ab/.<rest>.<session>.tmp`.
+    session: String,
     written: AtomicU64,
     written_bytes: AtomicU64,
     finished: bool,
@@ -734,31 +743,50 @@ impl Writer<'_> {
     }
 
     /// Stores an object file received from elsewhere, after checking it is
-    /// object `id` of kind `kind`. Returns the decoded payload.
+    /// object `id` of kind `kind`. Returns the decoded payload. An object
+    /// that arrived uncompressed (inside a compressed stream) is compressed
+    /// for the store.
     pub fn put_verified(&self, id: ObjectId, kind: ObjectKind, file: &[u8]) -> Result<Vec<u8>> {
         let data = object::decode(id, kind, file).map_err(|source| StoreError::Object {
             path: self.store.object_path(&id),
             source,
         })?;
         if !self.store.has(&id) {
-            self.write_object(&id, file)?;
+            if file[6] == 0 {
+                self.write_object(&id, &object::encode(kind, &data))?;
+            } else {
+                self.write_object(&id, file)?;
+            }
         }
         Ok(data)
     }
 
+    /// Writes the temp file in the object's own fan-out directory, so the
+    /// rename stays within one directory (a rename across directories takes
+    /// a filesystem-wide lock in Linux, and writers would queue on it).
     fn write_object(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("{n}.tmp"));
-        fs::write(&tmp, file).at(&tmp)?;
         let dest = self.store.object_path(id);
-        if let Err(e) = fs::rename(&tmp, &dest) {
+        let hex = id.to_hex();
+        let tmp = dest.with_file_name(format!(".{}.{}.tmp", &hex[2..], self.session));
+        let write = |tmp: &Path| -> io::Result<()> {
+            let mut f = File::create(tmp)?;
+            f.write_all(file)
+        };
+        if let Err(e) = write(&tmp) {
+            let _ = fs::remove_file(&tmp);
             if e.kind() != ErrorKind::NotFound {
-                let _ = fs::remove_file(&tmp);
-                return Err(e).at(&dest);
+                return Err(e).at(&tmp);
             }
             let fan = dest.parent().expect("object paths have a fan-out dir");
             fs::create_dir_all(fan).at(fan)?;
-            fs::rename(&tmp, &dest).at(&dest)?;
+            if let Err(e) = write(&tmp) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e).at(&tmp);
+            }
+        }
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e).at(&dest);
         }
         self.written.fetch_add(1, Ordering::Relaxed);
         self.written_bytes
@@ -790,7 +818,6 @@ impl Writer<'_> {
                 .map_err(io::Error::from)
                 .at(self.store.root())?;
         }
-        let _ = fs::remove_dir_all(&self.tmp);
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
         Ok(())
     }

@@ -490,9 +490,7 @@ fn sync_reports_a_down_host_and_fails() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let down = format!("127.0.0.1:{}", fleet.hosts[1].proc.port());
     assert!(
-        stdout.contains(&format!("{down}"))
-            && stdout.contains("FAIL")
-            && stdout.contains("unreachable"),
+        stdout.contains(&down) && stdout.contains("FAIL") && stdout.contains("unreachable"),
         "{stdout}"
     );
     assert!(stdout.contains("1 of 2 hosts ok"), "{stdout}");

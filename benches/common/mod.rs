@@ -1,0 +1,201 @@
+//! Shared by the benchmarks: run commands, time them, read peak RSS, and
+//! print a results table. The benchmarks drive the release `scap` binary
+//! and the real alternatives (casync, rsync, b3sum, zstd) on the same data.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+pub const SCAP: &str = env!("CARGO_BIN_EXE_scap");
+
+/// Wall seconds and peak RSS (KiB) of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub secs: f64,
+    pub rss_kib: u64,
+}
+
+/// Runs `cmd` under GNU time; panics with its output if it fails.
+pub fn timed(cmd: &mut Command) -> (Run, String) {
+    let out_file = std::env::temp_dir().join(format!("scap-bench-time-{}", std::process::id()));
+    let mut wrapped = Command::new("/usr/bin/time");
+    wrapped
+        .arg("-f")
+        .arg("%e %M")
+        .arg("-o")
+        .arg(&out_file)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        wrapped.current_dir(d);
+    }
+    let started = Instant::now();
+    let out = wrapped
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run /usr/bin/time (apt-get install time)");
+    let secs = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let rss_kib = stats
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::remove_file(&out_file);
+    (
+        Run { secs, rss_kib },
+        stdout + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+pub fn sh(script: &str) -> (Run, String) {
+    timed(Command::new("bash").arg("-c").arg(script))
+}
+
+pub fn scap(store: &Path) -> Command {
+    let mut c = Command::new(SCAP);
+    c.arg("--store").arg(store);
+    c
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A fresh directory under the bench root (`SCAP_BENCH_DIR`, default
+/// /tmp/scap-bench), emptied first.
+pub fn fresh(name: &str) -> PathBuf {
+    let root =
+        PathBuf::from(std::env::var("SCAP_BENCH_DIR").unwrap_or_else(|_| "/tmp/scap-bench".into()));
+    let p = root.join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+pub fn du(path: &Path) -> u64 {
+    let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {mem} GiB RAM, Linux")
+}
+
+/// Prints a markdown table row by row, and keeps it for a results file.
+pub struct Table {
+    pub lines: Vec<String>,
+}
+
+impl Table {
+    pub fn new(headers: &[&str]) -> Table {
+        let mut t = Table { lines: Vec::new() };
+        t.row(headers.iter().map(|s| s.to_string()).collect());
+        t.row(headers.iter().map(|_| "---".to_string()).collect());
+        t
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        let line = format!("| {} |", cells.join(" | "));
+        println!("{line}");
+        self.lines.push(line);
+    }
+
+    pub fn save(&self, name: &str, preamble: &str) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.md")),
+            format!("{preamble}\n\n{}\n", self.lines.join("\n")),
+        )
+        .unwrap();
+    }
+}
+
+pub fn ms(secs: f64) -> String {
+    if secs < 1.0 {
+        format!("{:.1} ms", secs * 1000.0)
+    } else {
+        format!("{secs:.2} s")
+    }
+}
+
+pub fn mb(bytes: u64) -> String {
+    if bytes < 10_000 {
+        format!("{bytes} B")
+    } else if bytes < 10_000_000 {
+        format!("{:.1} KB", bytes as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
+}
+
+/// Median of `n` runs of `f`.
+pub fn median(n: usize, mut f: impl FnMut() -> f64) -> f64 {
+    let mut v: Vec<f64> = (0..n).map(|_| f()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[n / 2]
+}
+
+/// Drops the page cache (root only) so "cold" means read from disk; returns
+/// whether it could.
+pub fn drop_caches() -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg("sync && echo 3 > /proc/sys/vm/drop_caches")
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
