@@ -199,3 +199,85 @@ pub fn drop_caches() -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// A TCP proxy on 127.0.0.1 that counts the bytes it forwards, both ways:
+/// what crossed "the wire", HTTP headers included.
+pub struct CountingProxy {
+    pub url: String,
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    pub fn start(upstream: &str) -> CountingProxy {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let counter = bytes.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, client),
+                ] {
+                    let counter = counter.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        CountingProxy { url, bytes }
+    }
+
+    pub fn take(&self) -> u64 {
+        self.bytes.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Starts a process that prints its `http://` address first; returns it
+/// with the address.
+pub fn start_listening(cmd: &mut Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("a first line").expect("utf-8");
+    let url = line[line.find("http://").expect("an address")..]
+        .trim()
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// Peak resident set of a running process, in KiB.
+pub fn vm_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -13,6 +13,7 @@
 //! compared in constant time. One change at a time: a second gets 409.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
@@ -29,8 +30,12 @@ use crate::store::VersionId;
 pub struct AgentState {
     pub agent: Agent,
     token: String,
-    /// Held while a sync, rollback or promote runs.
-    busy: tokio::sync::Mutex<Option<String>>,
+    /// Held while a sync, rollback or promote runs, and while the work
+    /// after a switch runs in the background.
+    busy: Arc<tokio::sync::Mutex<Option<String>>>,
+    /// True while that background work holds `busy`: a request then waits
+    /// for it instead of being refused.
+    background: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -51,7 +56,8 @@ pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
     let st = Arc::new(AgentState {
         agent,
         token,
-        busy: tokio::sync::Mutex::new(None),
+        busy: Arc::new(tokio::sync::Mutex::new(None)),
+        background: std::sync::atomic::AtomicBool::new(false),
     });
     let app = Router::new()
         .route("/v1/state", get(get_state))
@@ -140,14 +146,18 @@ fn error_response(e: AgentError) -> Response {
     json_error(status, e.to_string())
 }
 
-/// Runs one changing operation at a time, on a blocking thread.
+/// Runs one changing operation at a time, on a blocking thread; when
+/// `switched` says it changed the live release, runs the after-switch work
+/// in the background, still holding the lock.
 async fn exclusive<T: serde::Serialize + Send + 'static>(
     st: Arc<AgentState>,
     what: String,
     op: impl FnOnce(&Agent, &tokio::runtime::Handle) -> Result<T, AgentError> + Send + 'static,
+    switched: fn(&T) -> bool,
 ) -> Response {
-    let mut guard = match st.busy.try_lock() {
+    let mut guard = match st.busy.clone().try_lock_owned() {
         Ok(g) => g,
+        Err(_) if st.background.load(Ordering::SeqCst) => st.busy.clone().lock_owned().await,
         Err(_) => {
             return json_error(
                 StatusCode::CONFLICT,
@@ -162,11 +172,35 @@ async fn exclusive<T: serde::Serialize + Send + 'static>(
     let handle = tokio::runtime::Handle::current();
     let st2 = st.clone();
     let result = tokio::task::spawn_blocking(move || op(&st2.agent, &handle)).await;
-    *guard = None;
     match result {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => error_response(e),
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Ok(v)) => {
+            if switched(&v) {
+                *guard = Some("after-switch work".into());
+                st.background.store(true, Ordering::SeqCst);
+                let st3 = st.clone();
+                tokio::spawn(async move {
+                    let st4 = st3.clone();
+                    let r = tokio::task::spawn_blocking(move || st4.agent.after_switch()).await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!("after-switch work failed: {e}");
+                    }
+                    st3.background.store(false, Ordering::SeqCst);
+                    *guard = None;
+                    drop(guard);
+                });
+            } else {
+                *guard = None;
+            }
+            Json(v).into_response()
+        }
+        Ok(Err(e)) => {
+            *guard = None;
+            error_response(e)
+        }
+        Err(e) => {
+            *guard = None;
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     }
 }
 
@@ -185,7 +219,7 @@ async fn sync(
         );
     }
     let what = format!("sync to {} by {}", req.version.short(), req.by);
-    exclusive(st, what, move |agent, rt| agent.sync(&req, rt)).await
+    exclusive(st, what, move |agent, rt| agent.sync(&req, rt), |o| !o.noop).await
 }
 
 async fn rollback(
@@ -197,7 +231,13 @@ async fn rollback(
         return r;
     }
     let what = format!("rollback to {} by {}", req.to, req.by);
-    exclusive(st, what, move |agent, _| agent.rollback(&req.to, &req.by)).await
+    exclusive(
+        st,
+        what,
+        move |agent, _| agent.rollback(&req.to, &req.by),
+        |o| !o.noop,
+    )
+    .await
 }
 
 async fn promote(
@@ -209,8 +249,11 @@ async fn promote(
         return r;
     }
     let what = format!("promote {} by {}", req.version.short(), req.by);
-    exclusive(st, what, move |agent, _| {
-        agent.promote(&req.version, &req.by)
-    })
+    exclusive(
+        st,
+        what,
+        move |agent, _| agent.promote(&req.version, &req.by),
+        |_| false,
+    )
     .await
 }

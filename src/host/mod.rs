@@ -265,6 +265,12 @@ impl Agent {
                     source: Box::new(source),
                 })?;
             writer.commit()?;
+            tracing::debug!(
+                "fetched {} trees, {} chunks in {:?}",
+                f.trees,
+                f.chunks,
+                started.elapsed()
+            );
             f
         };
         self.counters
@@ -372,9 +378,17 @@ impl Agent {
             .map(String::as_str)
             .collect();
         let stable = st.stable.as_ref().map(|d| d.version);
+        let phase = Instant::now();
         let prepared = self
             .releases
             .prepare(&self.store, v, &keep, stable.as_ref())?;
+        tracing::debug!(
+            "prepared slot {} ({}, {} files) in {:?}",
+            prepared.slot,
+            prepared.how,
+            prepared.files_written,
+            phase.elapsed()
+        );
         let release_dir = self.releases.path(&prepared.slot);
         let from = st.current.as_ref().map(|d| d.version);
         if let Some(hook) = &self.cfg.pre_switch {
@@ -404,7 +418,7 @@ impl Agent {
         {
             tracing::warn!("post-switch hook failed ({status}): {output}");
         }
-        self.collect_garbage()?;
+
         Ok(Outcome {
             host: self.cfg.host.clone(),
             version: *v,
@@ -460,6 +474,43 @@ impl Agent {
             fetched_bytes: result.as_ref().map(|o| o.fetched.bytes).unwrap_or(0),
         });
         st.save(&self.state_path())?;
+        Ok(())
+    }
+
+    /// Work after a switch that the next deploy benefits from but this one
+    /// need not wait for (the API runs it in the background, holding the
+    /// host's operation lock): bring the spare release slot to the live
+    /// version, so the next deploy writes only its own diff, then collect
+    /// garbage in the local store.
+    pub fn after_switch(&self) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let st = self.state();
+        if let Some(cur) = &st.current {
+            let live = release::live_slot(&self.cfg.dir);
+            let prev_slot = st
+                .previous
+                .as_ref()
+                .and_then(|d| self.releases.find(&d.version));
+            let keep: Vec<&str> = live
+                .iter()
+                .chain(prev_slot.iter())
+                .map(String::as_str)
+                .collect();
+            if let Some(p) = self
+                .releases
+                .prepare_spare(&self.store, &cur.version, &keep)?
+            {
+                tracing::debug!(
+                    "spare slot {} brought to {} ({}, {} files)",
+                    p.slot,
+                    cur.version.short(),
+                    p.how,
+                    p.files_written
+                );
+            }
+        }
+        self.collect_garbage()?;
+        tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
     }
 

@@ -134,20 +134,57 @@ impl Releases {
                 ..Default::default()
             });
         }
+        let slot = self.choose(keep, spare);
+        self.prepare_into(store, v, slot)
+    }
+
+    /// Brings the spare slot (one not in `keep`) to `v` ahead of time, so
+    /// that the next deploy applies only the diff from `v`. `None` if it is
+    /// already there.
+    pub fn prepare_spare(
+        &self,
+        store: &Store,
+        v: &VersionId,
+        keep: &[&str],
+    ) -> Result<Option<Prepared>, StoreError> {
+        let slot = self.choose(keep, None);
+        if slot.meta.clean && slot.meta.version == Some(*v) {
+            return Ok(None);
+        }
+        self.prepare_into(store, v, slot).map(Some)
+    }
+
+    /// The slot to overwrite: not in `keep`, preferably not holding
+    /// `stable`; of those, a clean one most recently made (the spare that
+    /// the agent keeps at the live version, so the diff to apply is the
+    /// deploy's own), else an empty or dirty one.
+    fn choose(&self, keep: &[&str], stable: Option<&VersionId>) -> Slot {
         let mut candidates: Vec<Slot> = self
             .list()
             .into_iter()
             .filter(|s| !keep.contains(&s.name.as_str()))
             .collect();
-        // Keep the stable release materialized when there is room to.
-        if candidates.len() > 1 {
-            candidates.retain(|s| spare.is_none() || s.meta.version.as_ref() != spare);
+        let without_stable: Vec<Slot> = candidates
+            .iter()
+            .filter(|s| stable.is_none() || s.meta.version.as_ref() != stable)
+            .cloned()
+            .collect();
+        if !without_stable.is_empty() {
+            candidates = without_stable;
         }
-        candidates.sort_by_key(|s| (s.meta.clean, s.meta.used));
-        let slot = candidates
+        candidates.sort_by_key(|s| (!s.meta.clean, std::cmp::Reverse(s.meta.used)));
+        candidates
             .into_iter()
             .next()
-            .expect("at least 3 slots, at most 2 kept");
+            .expect("at least 3 slots, at most 2 kept")
+    }
+
+    fn prepare_into(
+        &self,
+        store: &Store,
+        v: &VersionId,
+        slot: Slot,
+    ) -> Result<Prepared, StoreError> {
         let dir = self.path(&slot.name);
         let base = match (slot.meta.clean, slot.meta.version) {
             (true, Some(old)) if store.has(&old.object()) => Some(old),

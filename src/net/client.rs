@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use rayon::prelude::*;
 
 use super::{BatchDecoder, BatchError, MAX_BATCH_IDS};
 use crate::store::StoreError;
@@ -229,6 +230,7 @@ impl Client {
                     }
                     None => decoder.push(&piece),
                 }
+                let mut arrived = Vec::new();
                 while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
                     let Some(&kind) = kinds.get(&frame.id) else {
                         return Err(SourceError::Source(format!(
@@ -237,10 +239,18 @@ impl Client {
                         )));
                     };
                     if let Some(file) = frame.file {
-                        store(sink, frame.id, kind, &file, &url)?;
-                        self.stats.objects.fetch_add(1, Ordering::Relaxed);
-                        done.insert(frame.id);
+                        arrived.push((frame.id, kind, file));
                     }
+                }
+                // Verifying and storing is the CPU-heavy part: use every core.
+                let stored: Vec<Result<ObjectId, SourceError>> = arrived
+                    .par_iter()
+                    .map(|(id, kind, file)| store(sink, *id, *kind, file, &url).map(|()| *id))
+                    .collect();
+                for r in stored {
+                    let id = r?;
+                    self.stats.objects.fetch_add(1, Ordering::Relaxed);
+                    done.insert(id);
                 }
             }
             decoder.finish().map_err(|e| bad(&url, e))

@@ -244,6 +244,7 @@ impl Store {
             journal,
             journal_path,
             session,
+            counter: AtomicU64::new(0),
             written: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
             finished: false,
@@ -711,8 +712,9 @@ pub struct Writer<'s> {
     _lock: StoreLock,
     journal: File,
     journal_path: PathBuf,
-    /// Names this session's temp files: `objects/ab/.<rest>.<session>.tmp`.
+    /// Names this session's temp files: `objects/ab/.<rest>.<n>.<session>.tmp`.
     session: String,
+    counter: AtomicU64,
     written: AtomicU64,
     written_bytes: AtomicU64,
     finished: bool,
@@ -743,20 +745,16 @@ impl Writer<'_> {
     }
 
     /// Stores an object file received from elsewhere, after checking it is
-    /// object `id` of kind `kind`. Returns the decoded payload. An object
-    /// that arrived uncompressed (inside a compressed stream) is compressed
-    /// for the store.
+    /// object `id` of kind `kind`, as it arrived. (Objects that came inside
+    /// a compressed batch stream are stored uncompressed: on a host, CPU
+    /// during a deploy is dearer than disk.) Returns the decoded payload.
     pub fn put_verified(&self, id: ObjectId, kind: ObjectKind, file: &[u8]) -> Result<Vec<u8>> {
         let data = object::decode(id, kind, file).map_err(|source| StoreError::Object {
             path: self.store.object_path(&id),
             source,
         })?;
         if !self.store.has(&id) {
-            if file[6] == 0 {
-                self.write_object(&id, &object::encode(kind, &data))?;
-            } else {
-                self.write_object(&id, file)?;
-            }
+            self.write_object(&id, file)?;
         }
         Ok(data)
     }
@@ -767,7 +765,9 @@ impl Writer<'_> {
     fn write_object(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
         let dest = self.store.object_path(id);
         let hex = id.to_hex();
-        let tmp = dest.with_file_name(format!(".{}.{}.tmp", &hex[2..], self.session));
+        // Unique per write: two threads may store the same content at once.
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dest.with_file_name(format!(".{}.{n}.{}.tmp", &hex[2..], self.session));
         let write = |tmp: &Path| -> io::Result<()> {
             let mut f = File::create(tmp)?;
             f.write_all(file)
