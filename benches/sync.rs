@@ -81,7 +81,27 @@ impl Scap {
         let body: serde_json::Value = r.json().unwrap();
         // Let the proxies' threads finish counting.
         std::thread::sleep(Duration::from_millis(50));
-        (secs, self.source.take() + self.front.take(), body)
+        let bytes = self.source.take() + self.front.take();
+        self.settle();
+        (secs, bytes, body)
+    }
+
+    /// Waits until the agent's after-switch work (spare release, gc) is
+    /// done, as it would be between two real deploys minutes apart.
+    fn settle(&self) {
+        loop {
+            let st: serde_json::Value = self
+                .http
+                .get(format!("{}/v1/state", self.agent_url))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if st["busy"] == false {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -250,18 +270,25 @@ fn main() {
     row("no-op", (st, sb), (rt, rb), "");
     println!("scap no-op: {out}");
 
-    // A second backport lands in a slot that already holds a version: the diff path.
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "mutate"])
-            .arg(&tree)
-            .args(["--kind", "backport", "--seed", "5"]),
-    );
-    let (_, v4) = s.build();
-    let (rt, rb) = rsync(port, &rsync_dest);
-    let (st, sb, out) = s.sync(&v4);
-    row("backport onto a used release slot", (st, sb), (rt, rb), "");
-    println!("scap backport 2: {out}");
+    // Config changes, one after another (the backport window).
+    for seed in 5..8 {
+        timed(
+            Command::new(SCAP)
+                .args(["workload", "mutate"])
+                .arg(&tree)
+                .args(["--kind", "config", "--seed", &seed.to_string()]),
+        );
+        let (_, v) = s.build();
+        let (rt, rb) = rsync(port, &rsync_dest);
+        let (st, sb, out) = s.sync(&v);
+        row(
+            &format!("config change #{}", seed - 4),
+            (st, sb),
+            (rt, rb),
+            "",
+        );
+        println!("scap config: {out}");
+    }
 
     table.row(vec![
         format!("agent peak RSS during the fresh sync: {} MB", hwm / 1024),
@@ -281,4 +308,5 @@ fn main() {
     let _ = agent.kill();
     let _ = server.kill();
     let _ = daemon.kill();
+    let _ = daemon.wait();
 }

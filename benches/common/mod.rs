@@ -90,7 +90,18 @@ pub fn fresh(name: &str) -> PathBuf {
     let root =
         PathBuf::from(std::env::var("SCAP_BENCH_DIR").unwrap_or_else(|_| "/tmp/scap-bench".into()));
     let p = root.join(name);
-    let _ = std::fs::remove_dir_all(&p);
+    if p.exists() {
+        // After deleting many files, ext4 spends most of the next half
+        // minute's file creations scanning for recently freed inodes
+        // (`recently_deleted`), and every tool measured then is several
+        // times slower: wait that window out.
+        let _ = std::fs::remove_dir_all(&p);
+        println!(
+            "removed an old {}; waiting 35 s for ext4's recently-deleted inode window",
+            p.display()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(35));
+    }
     std::fs::create_dir_all(&p).unwrap();
     p
 }

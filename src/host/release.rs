@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::store::disk::{IoContext, atomic_write, sync_dir};
+use crate::store::disk::{FSYNC_EACH_MAX, IoContext, atomic_write, sync_dir};
 use crate::store::{Content, Store, StoreError, TreeId, VersionId};
 
 /// What a slot holds, in `releases/<slot>.json`.
@@ -218,9 +218,18 @@ impl Releases {
             how,
             ..Default::default()
         };
-        let result = plan.execute(store, &mut prepared).and_then(|()| {
-            let f = File::open(&dir).at(&dir)?;
-            rustix::fs::syncfs(&f).map_err(io::Error::from).at(&dir)
+        let result = plan.execute(store, &mut prepared).and_then(|touched| {
+            // A small diff fsyncs what it touched; a big one syncs the
+            // filesystem once (see `disk::FSYNC_EACH_MAX`).
+            if touched.files.len() + touched.dirs.len() <= FSYNC_EACH_MAX {
+                for f in &touched.files {
+                    File::open(f).and_then(|f| f.sync_all()).at(f)?;
+                }
+                touched.dirs.iter().try_for_each(|d| sync_dir(d))
+            } else {
+                let f = File::open(&dir).at(&dir)?;
+                rustix::fs::syncfs(&f).map_err(io::Error::from).at(&dir)
+            }
         });
         if let Err(e) = result {
             // Nothing half-written stays behind: the slot is emptied.
@@ -347,9 +356,18 @@ fn plan_diff(
 impl Plan {
     /// Runs removals, directories and symlinks in order, then writes files
     /// in parallel (their directories exist by then).
-    fn execute(self, store: &Store, stats: &mut Prepared) -> Result<(), StoreError> {
+    fn execute(self, store: &Store, stats: &mut Prepared) -> Result<Touched, StoreError> {
         let mut writes = Vec::new();
+        let mut touched = Touched::default();
         for op in self.ops {
+            let (Op::RemoveAll(p)
+            | Op::MkDir(p)
+            | Op::Symlink(p, _)
+            | Op::Chmod(p, _)
+            | Op::Write(p, ..)) = &op;
+            if let Some(parent) = p.parent() {
+                touched.dirs.push(parent.to_path_buf());
+            }
             match op {
                 Op::RemoveAll(p) => {
                     let meta = fs::symlink_metadata(&p).at(&p)?;
@@ -363,12 +381,14 @@ impl Plan {
                 Op::MkDir(p) => {
                     fs::create_dir(&p).at(&p)?;
                     fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).at(&p)?;
+                    touched.dirs.push(p);
                 }
                 Op::Symlink(p, target) => {
                     std::os::unix::fs::symlink(OsStr::from_bytes(&target), &p).at(&p)?;
                 }
                 Op::Chmod(p, exec) => {
                     fs::set_permissions(&p, fs::Permissions::from_mode(mode(exec))).at(&p)?;
+                    touched.files.push(p);
                 }
                 Op::Write(p, c, replace) => writes.push((p, c, replace)),
             }
@@ -379,8 +399,18 @@ impl Plan {
             .collect::<Result<_, _>>()?;
         stats.files_written += bytes.len() as u64;
         stats.bytes_written += bytes.iter().sum::<u64>();
-        Ok(())
+        touched.files.extend(writes.into_iter().map(|(p, ..)| p));
+        touched.dirs.sort();
+        touched.dirs.dedup();
+        Ok(touched)
     }
+}
+
+/// What a plan changed, to make durable.
+#[derive(Default)]
+struct Touched {
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
 }
 
 fn mode(executable: bool) -> u32 {

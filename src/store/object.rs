@@ -217,6 +217,33 @@ mod tests {
         assert_eq!(decode(id, ObjectKind::Chunk, &file).unwrap(), noise);
     }
 
+    /// What the `object_decode` fuzz target checks: random bytes with a
+    /// plausible header never panic and never pass as an object.
+    #[test]
+    fn random_files_never_panic() {
+        let id = ObjectKind::Chunk.hash(b"x");
+        let mut x: u64 = 42;
+        for n in 0..5_000usize {
+            let mut f: Vec<u8> = (0..n % 300)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if f.len() >= HEADER_LEN {
+                f[..4].copy_from_slice(MAGIC);
+                f[4] = OBJECT_FORMAT;
+                f[5] = 1;
+                f[6] = (n % 2) as u8;
+                f[7] = 0;
+            }
+            assert!(decode(id, ObjectKind::Chunk, &f).is_err());
+            let _ = uncompressed(id, &f);
+        }
+    }
+
     #[test]
     fn every_corruption_is_caught() {
         let text = b"wfLoadExtension( 'Echo' );\n".repeat(50);

@@ -228,10 +228,11 @@ pub struct Host {
 
 /// A deploy host (`scap serve` over `env.store`) and agents on loopback.
 pub struct Fleet {
-    pub env: Env,
     pub server: Option<Proc>,
     pub hosts: Vec<Host>,
     pub token_file: PathBuf,
+    /// Last, so the processes above are killed before their files go.
+    pub env: Env,
 }
 
 impl Fleet {
