@@ -9,6 +9,7 @@
 //! store valid (at worst with unreferenced objects that gc removes).
 
 pub mod config;
+pub mod patch;
 pub mod statcache;
 
 use std::ffi::OsStr;

@@ -12,8 +12,7 @@ use clap::Args;
 
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
-use crate::fleet::inventory::read_group;
-use crate::fleet::sync::{Agents, HostResult, sync_hosts};
+use crate::fleet::sync::HostResult;
 use crate::host::state::HostState;
 use crate::host::{Agent, AgentConfig};
 use crate::net::server;
@@ -259,85 +258,6 @@ pub fn verify_live(dir: &Path, json: bool) -> anyhow::Result<i32> {
     })
 }
 
-#[derive(Args, Debug)]
-pub struct SyncArgs {
-    /// dsh-style group file of hosts (one host[:port] a line, # comments)
-    #[arg(long, value_name = "FILE")]
-    hosts: PathBuf,
-    /// Version to deploy: label, ID, or ID prefix
-    #[arg(long)]
-    version: String,
-    /// URL of a `scap serve` (or cache) hosts fetch from (repeatable; tried in order)
-    #[arg(long = "source", value_name = "URL")]
-    sources: Vec<String>,
-    /// Bearer token file for the agents [default: scap.toml's token_file]
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// Hosts synced at once
-    #[arg(long, default_value_t = 20)]
-    concurrency: usize,
-    /// Seconds to wait for one host
-    #[arg(long, default_value_t = 900)]
-    timeout: u64,
-    /// Print per-host results as JSON
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
-    let hosts = read_group(&a.hosts)?;
-    let version = resolve_version(ctx, &a.version)?;
-    let sources = if a.sources.is_empty() {
-        ctx.config.sources.clone()
-    } else {
-        a.sources.clone()
-    };
-    if sources.is_empty() {
-        bail!(
-            "no source to fetch from: pass --source http://DEPLOY-HOST:8469 (or set sources in scap.toml)"
-        );
-    }
-    let token_file = a
-        .token_file
-        .clone()
-        .or_else(|| ctx.config.token_file.clone())
-        .context("no token file: pass --token-file (or set token_file in scap.toml)")?;
-    let token = read_token(&token_file)?;
-    let by = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into());
-    let agents = Agents::new(token, Duration::from_secs(a.timeout));
-    let group = a
-        .hosts
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "hosts".into());
-    let line = ProgressLine::new(&format!("sync-{group}"), hosts.len());
-    eprintln!(
-        "{} Started sync of {} to {} host(s)",
-        clock(),
-        version.short(),
-        hosts.len()
-    );
-    let rt = runtime()?;
-    let results = rt.block_on(sync_hosts(
-        &agents,
-        &hosts,
-        &version,
-        &sources,
-        &by,
-        a.concurrency,
-        &|r| line.done(r.ok),
-    ));
-    line.finish();
-    report(&results, a.json)?;
-    Ok(if results.iter().all(|r| r.ok) {
-        exit::OK
-    } else {
-        exit::FAILURE
-    })
-}
-
 /// Resolves a version name with the deploy host's store if there is one;
 /// without a store only a full ID will do.
 pub fn resolve_version(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
@@ -352,7 +272,7 @@ pub fn resolve_version(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
     }
 }
 
-fn report(results: &[HostResult], json: bool) -> anyhow::Result<()> {
+pub fn report(results: &[HostResult], json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&results);
     }
@@ -389,7 +309,7 @@ fn report(results: &[HostResult], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn clock() -> String {
+pub fn clock() -> String {
     let now = crate::time::fmt_utc(crate::time::unix_now());
     now[11..19].to_string()
 }

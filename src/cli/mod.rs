@@ -2,6 +2,7 @@
 //! call one library function, print. No deploy logic lives here.
 
 mod demo;
+mod fleet_cmds;
 mod host_cmds;
 mod store_cmds;
 
@@ -68,8 +69,20 @@ pub enum Command {
     Serve(host_cmds::ServeArgs),
     /// Run the host agent: fetch, release, switch, state file, HTTP API
     Agent(host_cmds::AgentArgs),
-    /// Deploy a version to hosts
-    Sync(host_cmds::SyncArgs),
+    /// Deploy a version to hosts: all, or --canary=P% of traffic, or --stages
+    Sync(fleet_cmds::SyncArgs),
+    /// Build a version with one file taken from staging, and deploy it
+    SyncFile(fleet_cmds::SyncFileArgs),
+    /// Switch hosts back to their previous or stable version (no fetch)
+    Rollback(fleet_cmds::RollbackArgs),
+    /// Record a version that is on every host as their stable version
+    Promote(fleet_cmds::PromoteArgs),
+    /// The fleet at a glance: versions, traffic shares, hosts
+    Status(fleet_cmds::StatusArgs),
+    /// The deploy host's audit log of syncs, rollbacks and promotes
+    History(fleet_cmds::HistoryArgs),
+    /// Show (or --break) the deploy lock
+    Lock(fleet_cmds::LockArgs),
     /// Show this host's state file
     State(host_cmds::StateArgs),
     /// Run the built-in sample: generate a tree, build, change, rebuild, diff
@@ -137,7 +150,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Gc(a) => store_cmds::gc(&ctx, a),
         Command::Serve(a) => host_cmds::serve(&ctx, a),
         Command::Agent(a) => host_cmds::agent(a),
-        Command::Sync(a) => host_cmds::sync(&ctx, a),
+        Command::Sync(a) => fleet_cmds::sync(&ctx, a),
+        Command::SyncFile(a) => fleet_cmds::sync_file(&ctx, a),
+        Command::Rollback(a) => fleet_cmds::rollback(&ctx, a),
+        Command::Promote(a) => fleet_cmds::promote(&ctx, a),
+        Command::Status(a) => fleet_cmds::status(&ctx, a),
+        Command::History(a) => fleet_cmds::history_cmd(&ctx, a),
+        Command::Lock(a) => fleet_cmds::lock_cmd(&ctx, a),
         Command::State(a) => host_cmds::state(a),
         Command::Demo(a) => demo::demo(a),
         Command::Workload(a) => demo::workload(a),

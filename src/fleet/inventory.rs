@@ -46,6 +46,8 @@ pub enum InventoryError {
     },
     #[error("{path}: no hosts in it (only comments or blank lines)")]
     Empty { path: PathBuf },
+    #[error("no hosts: pass --hosts GROUPFILE or --inventory FILE (or set them in scap.toml)")]
+    NoHosts,
     #[error("{path}:{line}: host {host} is listed twice (first on line {first}): remove one")]
     Duplicate {
         path: PathBuf,
@@ -169,4 +171,136 @@ mod tests {
                 .contains("not a host name")
         );
     }
+}
+
+/// A host as the fleet controller sees it: where, how much traffic, where
+/// in the fleet.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Member {
+    pub host: Host,
+    /// Share of traffic relative to the others (the load balancer's weight).
+    pub weight: u64,
+    pub dc: String,
+    pub cluster: String,
+    /// In a canary group: chosen first.
+    pub canary: bool,
+}
+
+/// `inventory.toml`: hosts with weights and labels.
+///
+/// ```toml
+/// [[host]]
+/// name = "mw1001.eqiad.wmnet"   # host or host:port
+/// weight = 10                   # default 1
+/// dc = "eqiad"
+/// cluster = "appserver"
+/// canary = true
+/// ```
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryFile {
+    #[serde(default, rename = "host")]
+    hosts: Vec<InventoryHost>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryHost {
+    name: String,
+    #[serde(default = "one")]
+    weight: u64,
+    #[serde(default)]
+    dc: String,
+    #[serde(default)]
+    cluster: String,
+    #[serde(default)]
+    canary: bool,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Builds the fleet from dsh group files (weight 1), a TOML inventory
+/// (weights, labels) and canary group files. A host named in several
+/// sources is one host; its inventory entry wins.
+pub fn fleet(
+    groups: &[PathBuf],
+    inventory: Option<&Path>,
+    canary_groups: &[PathBuf],
+) -> Result<Vec<Member>, InventoryError> {
+    let mut members: Vec<Member> = Vec::new();
+    if let Some(path) = inventory {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: InventoryFile = toml::from_str(&text).map_err(|e| InventoryError::Bad {
+            path: path.to_path_buf(),
+            line: e
+                .span()
+                .map(|s| text[..s.start].lines().count().max(1))
+                .unwrap_or(0),
+            why: e.message().to_string(),
+        })?;
+        for (i, h) in file.hosts.iter().enumerate() {
+            let parsed = parse_group(path, &h.name)?.remove(0);
+            if h.weight == 0 {
+                return Err(InventoryError::Bad {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    why: format!(
+                        "host {}: weight 0 takes no traffic: remove the host instead",
+                        h.name
+                    ),
+                });
+            }
+            if members.iter().any(|m| m.host == parsed) {
+                return Err(InventoryError::Duplicate {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    host: parsed.to_string(),
+                    first: 0,
+                });
+            }
+            members.push(Member {
+                host: parsed,
+                weight: h.weight,
+                dc: h.dc.clone(),
+                cluster: h.cluster.clone(),
+                canary: h.canary,
+            });
+        }
+    }
+    for g in groups {
+        for host in read_group(g)? {
+            if !members.iter().any(|m| m.host == host) {
+                members.push(Member {
+                    host,
+                    weight: 1,
+                    dc: String::new(),
+                    cluster: String::new(),
+                    canary: false,
+                });
+            }
+        }
+    }
+    for g in canary_groups {
+        for host in read_group(g)? {
+            match members.iter_mut().find(|m| m.host == host) {
+                Some(m) => m.canary = true,
+                None => members.push(Member {
+                    host,
+                    weight: 1,
+                    dc: String::new(),
+                    cluster: String::new(),
+                    canary: true,
+                }),
+            }
+        }
+    }
+    if members.is_empty() {
+        return Err(InventoryError::NoHosts);
+    }
+    Ok(members)
 }

@@ -3,7 +3,14 @@
 //! **Invariant:** the controller keeps no state of its own about hosts:
 //! what each host runs is read from the host (its state file, over its
 //! API) every time. A rollout can be continued from another shell, hours
-//! later, or after a crash.
+//! later, or after a crash. What it does keep, beside the store in
+//! `STORE/fleet/`, is about deploys, not hosts: the deploy lock and the
+//! audit log.
 
+pub mod deploy;
+pub mod gates;
+pub mod history;
 pub mod inventory;
+pub mod lock;
+pub mod rollout;
 pub mod sync;

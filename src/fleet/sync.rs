@@ -98,22 +98,36 @@ async fn answer(host: &Host, resp: reqwest::Response) -> Result<serde_json::Valu
 
 /// Syncs `hosts` to `version`, at most `concurrency` at once; calls
 /// `progress` after each host finishes.
+/// What to tell each host.
+pub struct SyncJob<'a> {
+    pub version: &'a VersionId,
+    pub sources: &'a [String],
+    pub by: &'a str,
+    pub concurrency: usize,
+    /// Once set (Ctrl-C), hosts not yet started are not started.
+    pub interrupted: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
 pub async fn sync_hosts(
     agents: &Agents,
     hosts: &[Host],
-    version: &VersionId,
-    sources: &[String],
-    by: &str,
-    concurrency: usize,
+    job: &SyncJob<'_>,
     progress: &(dyn Fn(&HostResult) + Sync),
 ) -> Vec<HostResult> {
-    let body = serde_json::json!({ "version": version, "sources": sources, "by": by });
+    let body = serde_json::json!({ "version": job.version, "sources": job.sources, "by": job.by });
     let mut results: Vec<HostResult> = futures_util::stream::iter(hosts)
         .map(|host| {
             let body = &body;
             async move {
                 let started = Instant::now();
-                let r = agents.post(host, "/v1/sync", body).await;
+                let stop = job
+                    .interrupted
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+                let r = if stop {
+                    Err(format!("{host}: not started (interrupted)"))
+                } else {
+                    agents.post(host, "/v1/sync", body).await
+                };
                 let result = HostResult {
                     host: host.to_string(),
                     ok: r.is_ok(),
@@ -125,7 +139,7 @@ pub async fn sync_hosts(
                 result
             }
         })
-        .buffer_unordered(concurrency.max(1))
+        .buffer_unordered(job.concurrency.max(1))
         .collect()
         .await;
     let order: std::collections::HashMap<String, usize> = hosts

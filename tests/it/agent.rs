@@ -37,10 +37,11 @@ fn hosts_get_the_exact_tree_and_a_state_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(results.as_array().unwrap().len(), 3);
+    assert_eq!(results["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(results["outcome"]["reached"], 100.0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("sync-group: 100% (ok: 3; fail: 0; left: 0)"),
+        stderr.contains("sync-100%: 100% (ok: 3; fail: 0; left: 0)"),
         "{stderr}"
     );
     for i in 0..3 {
@@ -436,54 +437,71 @@ fn drift_lists_files_edited_by_hand() {
 }
 
 #[test]
-fn sync_reports_a_down_host_and_fails() {
+fn sync_reports_a_failing_host_and_fails() {
     let mut fleet = Fleet::start(2);
     let staging = fleet.env.path("staging");
     versioned_tree(&staging, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    let group = fleet.group("group", &[0, 1]);
+    // Host 1 answers polls but refuses to sync: its agent has another token.
+    let other = fleet.env.path("other-token");
+    fs::write(&other, "a-different-token\n").unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o600)).unwrap();
     fleet.hosts[1].proc.kill();
-    let out = fleet
-        .env
-        .cmd()
-        .args(["sync", "--hosts"])
-        .arg(&group)
-        .args(["--version", "0000000000"])
-        .args(["--source", &fleet.source(), "--token-file"])
-        .arg(&fleet.token_file)
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(SCAP);
+    cmd.args([
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "mw1002",
+        "--token-file",
+    ])
+    .arg(&other)
+    .arg("--dir")
+    .arg(&fleet.hosts[1].dir);
+    fleet.hosts[1].proc = Proc::start(cmd);
+    let group = fleet.group("group", &[0, 1]);
+    let sync = |version: &str| {
+        fleet
+            .env
+            .cmd()
+            .args(["sync", "--hosts"])
+            .arg(&group)
+            .args([
+                "--version",
+                version,
+                "--source",
+                &fleet.source(),
+                "--token-file",
+            ])
+            .arg(&fleet.token_file)
+            .output()
+            .unwrap()
+    };
+    let out = sync("0000000000");
     assert_eq!(
         out.status.code(),
         Some(4),
         "unknown version: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = fleet
-        .env
-        .cmd()
-        .args(["sync", "--hosts"])
-        .arg(&group)
-        .args([
-            "--version",
-            &v1,
-            "--source",
-            &fleet.source(),
-            "--token-file",
-        ])
-        .arg(&fleet.token_file)
-        .output()
-        .unwrap();
+    let out = sync(&v1);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let down = format!("127.0.0.1:{}", fleet.hosts[1].proc.port());
+    let bad = format!("127.0.0.1:{}", fleet.hosts[1].proc.port());
     assert!(
-        stdout.contains(&down) && stdout.contains("FAIL") && stdout.contains("unreachable"),
+        stdout.contains(&bad) && stdout.contains("FAIL") && stdout.contains("HTTP 401"),
         "{stdout}"
     );
     assert!(stdout.contains("1 of 2 hosts ok"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sync-100%: 100% (ok: 1; fail: 1; left: 0)"),
+        "{stderr}"
+    );
     assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+    assert_eq!(fleet.current(1), None);
 }
 
 #[test]

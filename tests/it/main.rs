@@ -8,11 +8,14 @@
 //!   file, rollback, hooks, drift, faults (corrupt source, kill -9, full disk).
 //! - `manifest`: build-manifest determinism, symlinks, exec bits, odd names,
 //!   the stat cache, bad input.
+//! - `canary`: `scap sync --canary`, stages, gates, failure budgets, the
+//!   lock, rollback, promote, status, history, sync-file on a local fleet.
 //! - `diff`: `scap diff` against a brute-force comparison of two trees.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
 
 mod agent;
+mod canary;
 mod diff;
 mod inspect;
 mod integrity;

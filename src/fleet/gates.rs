@@ -1,0 +1,78 @@
+//! Health gates run after each rollout step, on that step's hosts: HTTP
+//! probes (a URL template with `{host}` and an expected status) and
+//! commands (e.g. a script comparing the canaries' error rate in the log
+//! system with a threshold, like scap's logstash check).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::inventory::Host;
+use crate::store::VersionId;
+
+#[derive(Clone, Debug, Default)]
+pub struct Gates {
+    /// (URL template with `{host}`, expected HTTP status)
+    pub probes: Vec<(String, u16)>,
+    /// Shell commands; exit 0 passes. They get SCAP_VERSION, SCAP_HOSTS
+    /// (space-separated) and SCAP_PERCENT in their environment.
+    pub commands: Vec<String>,
+}
+
+impl Gates {
+    pub fn is_empty(&self) -> bool {
+        self.probes.is_empty() && self.commands.is_empty()
+    }
+
+    /// Runs every gate; the failures, each naming the host or command.
+    pub async fn run(&self, hosts: &[Host], version: &VersionId, percent: &str) -> Vec<String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a TLS-free client builds");
+        let mut failures = Vec::new();
+        for (template, want) in &self.probes {
+            let results: Vec<Option<String>> = futures_util::stream::iter(hosts)
+                .map(|h| {
+                    let url = template.replace("{host}", &h.to_string());
+                    let http = &http;
+                    async move {
+                        match http.get(&url).send().await {
+                            Ok(r) if r.status().as_u16() == *want => None,
+                            Ok(r) => Some(format!(
+                                "{h}: {url} answered {}, expected {want}",
+                                r.status().as_u16()
+                            )),
+                            Err(e) => Some(format!("{h}: {url}: {e}")),
+                        }
+                    }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            failures.extend(results.into_iter().flatten());
+        }
+        let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        for cmd in &self.commands {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env("SCAP_VERSION", version.to_hex())
+                .env("SCAP_HOSTS", names.join(" "))
+                .env("SCAP_PERCENT", percent)
+                .output()
+                .await;
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    let mut text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    text.push_str(String::from_utf8_lossy(&o.stderr).trim());
+                    text.truncate(500);
+                    failures.push(format!("check {cmd:?} failed ({}): {text}", o.status));
+                }
+                Err(e) => failures.push(format!("check {cmd:?} did not start: {e}")),
+            }
+        }
+        failures
+    }
+}

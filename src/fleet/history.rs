@@ -1,0 +1,63 @@
+//! The audit log of the deploy host: one JSON line per sync, rollback or
+//! promote (`STORE/fleet/history.jsonl`), appended and fsynced.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::VersionId;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub time: u64,
+    pub user: String,
+    /// "sync", "rollback", "promote".
+    pub action: String,
+    pub version: Option<VersionId>,
+    /// The share of traffic asked for and reached, in percent.
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub reached: Option<f64>,
+    /// Hosts this command changed, and those that failed.
+    pub hosts: Vec<String>,
+    pub failed: Vec<String>,
+    pub ok: bool,
+    pub message: String,
+    pub command: String,
+}
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join("history.jsonl")
+}
+
+pub fn append(dir: &Path, entry: &Entry) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut line = serde_json::to_vec(entry).expect("serializes");
+    line.push(b'\n');
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path(dir))?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// All entries, oldest first; a torn last line (a crash mid-append) is
+/// skipped.
+pub fn read(dir: &Path) -> std::io::Result<Vec<Entry>> {
+    let f = match std::fs::File::open(path(dir)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        if let Ok(e) = serde_json::from_str(&line?) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
