@@ -102,10 +102,21 @@ pub struct BuildReport {
 /// everything inside it, siblings in name order.
 struct Item {
     depth: usize,
-    name: TreeName,
+    /// Where the last path element starts in `rel` (saves a second copy of
+    /// every name: this list has an entry per file of the tree).
+    name_at: u32,
     /// Path relative to the component root, as bytes: the stat cache key.
     rel: Vec<u8>,
     kind: ItemKind,
+}
+
+impl Item {
+    fn name(&self, component: &Component) -> TreeName {
+        if self.depth == 0 {
+            return component.name.clone();
+        }
+        TreeName::new(self.rel[self.name_at as usize..].to_vec()).expect("checked by the walk")
+    }
 }
 
 enum ItemKind {
@@ -295,6 +306,7 @@ fn build_component(
     totals.hashed_files += hf;
     totals.hashed_bytes += hb;
 
+    drop(cache);
     let mut chunks_of: Vec<Option<Cached>> = vec![None; items.len()];
     for (i, c) in results {
         chunks_of[i] = Some(c);
@@ -322,13 +334,13 @@ fn build_component(
                 target: target.clone(),
             },
             ItemKind::Dir => {
-                open.push((item.depth, item.name.clone(), Vec::new()));
+                open.push((item.depth, item.name(component), Vec::new()));
                 continue;
             }
         };
         let (.., parent) = open.last_mut().expect("the component root is open");
         parent.push(Entry {
-            name: item.name.clone(),
+            name: item.name(component),
             content,
         });
     }
@@ -338,16 +350,11 @@ fn build_component(
 
     tracing::debug!("{}: stored trees in {:?}", component.name, phase.elapsed());
     // Record what we learned; entries of deleted files drop out.
-    let mut next = StatCache {
-        generation,
-        entries: Default::default(),
-    };
-    for (item, c) in items.iter().zip(chunks_of) {
-        if let Some(c) = c {
-            next.entries.insert(item.rel.clone(), c);
-        }
-    }
-    if let Err(e) = next.save(&cache_path, walk_start_ns) {
+    let entries = items
+        .iter()
+        .zip(&chunks_of)
+        .filter_map(|(item, c)| c.as_ref().map(|c| (item.rel.as_slice(), c)));
+    if let Err(e) = statcache::save(&cache_path, generation, walk_start_ns, entries) {
         tracing::warn!("{}: cannot save the stat cache: {e}", cache_path.display());
     }
     Ok(root_tree.expect("the walk yields the component root last"))
@@ -396,101 +403,211 @@ fn put_tree(writer: &Writer<'_>, tree: &Tree) -> Result<TreeId, StoreError> {
     Ok(TreeId::new(put.id))
 }
 
-/// Walks one component, symlinks not followed, excluded paths pruned.
+/// Directory depth above which the walk fans out over rayon; below it,
+/// each subtree is one walkdir walk.
+const PARALLEL_DEPTH: usize = 3;
+
+/// Walks one component, symlinks not followed, excluded paths pruned, in
+/// pre-order with siblings sorted by name bytes. The top levels are read
+/// in parallel, each subtree below them by one walkdir walk.
 fn walk(component: &Component) -> Result<Vec<Item>, BuildError> {
-    let root = &component.path;
-    let walk_err = |path: PathBuf, source: io::Error| BuildError::Walk {
-        component: component.name.to_string(),
-        path,
-        source,
+    let mut items = vec![Item {
+        depth: 0,
+        name_at: 0,
+        rel: Vec::new(),
+        kind: ItemKind::Dir,
+    }];
+    items.extend(scan(component, &component.path, &[], 1)?);
+    Ok(items)
+}
+
+/// The items below directory `abs` (component-relative `rel`), whose
+/// entries are at `depth`.
+fn scan(
+    component: &Component,
+    abs: &Path,
+    rel: &[u8],
+    depth: usize,
+) -> Result<Vec<Item>, BuildError> {
+    if depth > PARALLEL_DEPTH {
+        return scan_with_walkdir(component, abs, rel, depth);
+    }
+    let walk_err = |path: &Path, source: io::Error| walk_error(component, path, source);
+    let mut entries: Vec<fs::DirEntry> = fs::read_dir(abs)
+        .map_err(|e| walk_err(abs, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| walk_err(abs, e))?;
+    entries.sort_by_cached_key(|e| e.file_name());
+    let mut own: Vec<Item> = Vec::with_capacity(entries.len());
+    let mut subdirs: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    for e in entries {
+        let path = e.path();
+        let child = child_rel(rel, e.file_name().as_bytes());
+        if component.exclude.is_match(OsStr::from_bytes(&child)) {
+            continue;
+        }
+        let ft = e.file_type().map_err(|err| walk_err(&path, err))?;
+        let kind = classify(&path, ft, || e.metadata())?;
+        let is_dir = matches!(kind, ItemKind::Dir);
+        own.push(item(&path, child.clone(), depth, kind)?);
+        if is_dir {
+            subdirs.push((path, child));
+        }
+    }
+    let below: Vec<Vec<Item>> = subdirs
+        .par_iter()
+        .map(|(p, r)| scan(component, p, r, depth + 1))
+        .collect::<Result<_, _>>()?;
+    let mut below = below.into_iter();
+    let mut out = Vec::with_capacity(own.len());
+    for it in own {
+        let is_dir = matches!(it.kind, ItemKind::Dir);
+        out.push(it);
+        if is_dir {
+            out.extend(below.next().expect("one list per subdirectory"));
+        }
+    }
+    Ok(out)
+}
+
+fn scan_with_walkdir(
+    component: &Component,
+    abs: &Path,
+    rel: &[u8],
+    depth: usize,
+) -> Result<Vec<Item>, BuildError> {
+    let rel_of = |p: &Path| {
+        let under = p
+            .strip_prefix(abs)
+            .expect("walkdir yields paths under its root");
+        child_rel(rel, under.as_os_str().as_bytes())
     };
-    let mut items = Vec::new();
-    let walker = walkdir::WalkDir::new(root)
+    let walker = walkdir::WalkDir::new(abs)
+        .min_depth(1)
         .follow_links(false)
-        .follow_root_links(true)
         .sort_by_file_name()
         .into_iter()
         .filter_entry(|e| {
-            let rel = e.path().strip_prefix(root).unwrap_or(e.path());
-            rel.as_os_str().is_empty() || !component.exclude.is_match(rel)
+            !component
+                .exclude
+                .is_match(OsStr::from_bytes(&rel_of(e.path())))
         });
+    let mut items = Vec::new();
     for entry in walker {
         let entry = entry.map_err(|e| {
             let path = e
                 .path()
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.clone());
+                .unwrap_or_else(|| abs.to_path_buf());
             let io = e
                 .into_io_error()
                 .unwrap_or_else(|| io::Error::other("filesystem loop"));
-            if io.kind() == io::ErrorKind::PermissionDenied {
-                BuildError::Unreadable { path, source: io }
-            } else {
-                walk_err(path, io)
-            }
+            walk_error(component, &path, io)
         })?;
         let path = entry.path();
-        let rel = path
-            .strip_prefix(root)
-            .expect("walkdir yields paths under its root")
-            .as_os_str()
-            .as_bytes()
-            .to_vec();
-        let depth = entry.depth();
-        let name = if depth == 0 {
-            component.name.clone()
-        } else {
-            TreeName::new(entry.file_name().as_bytes().to_vec()).map_err(|e| {
-                BuildError::BadEntry {
-                    path: path.to_path_buf(),
-                    why: e.to_string(),
-                }
-            })?
-        };
-        let ft = entry.file_type();
-        let kind = if ft.is_dir() {
-            ItemKind::Dir
-        } else if ft.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| walk_err(path.to_path_buf(), e))?;
-            let target = target.into_os_string().into_vec();
-            if target.len() > MAX_TARGET_LEN {
-                return Err(BuildError::BadEntry {
-                    path: path.to_path_buf(),
-                    why: "symlink target longer than 4095 bytes".into(),
-                });
-            }
-            ItemKind::Symlink { target }
-        } else if ft.is_file() {
-            let meta = entry
-                .metadata()
-                .map_err(|e| walk_err(path.to_path_buf(), e.into()))?;
-            ItemKind::File {
-                executable: meta.permissions().mode() & 0o111 != 0,
-                stamp: Stamp::of(&meta),
-            }
-        } else {
-            let kind = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_block_device() {
-                "block device"
-            } else {
-                "character device"
-            };
-            return Err(BuildError::Special {
-                path: path.to_path_buf(),
-                kind,
-            });
-        };
-        items.push(Item {
-            depth,
-            name,
-            rel,
-            kind,
-        });
+        let kind = classify(path, entry.file_type(), || {
+            entry.metadata().map_err(io::Error::from)
+        })?;
+        items.push(item(path, rel_of(path), depth + entry.depth() - 1, kind)?);
     }
     Ok(items)
+}
+
+fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut child = Vec::with_capacity(rel.len() + 1 + name.len());
+    if !rel.is_empty() {
+        child.extend_from_slice(rel);
+        child.push(b'/');
+    }
+    child.extend_from_slice(name);
+    child
+}
+
+fn walk_error(component: &Component, path: &Path, source: io::Error) -> BuildError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        BuildError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        }
+    } else {
+        BuildError::Walk {
+            component: component.name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn item(path: &Path, rel: Vec<u8>, depth: usize, kind: ItemKind) -> Result<Item, BuildError> {
+    let name_at = rel.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1);
+    // Checked once here; `Item::name` relies on it.
+    TreeName::new(rel[name_at..].to_vec()).map_err(|e| BuildError::BadEntry {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    Ok(Item {
+        depth,
+        name_at: name_at as u32,
+        rel,
+        kind,
+    })
+}
+
+/// What a directory entry is; fails on what scap does not deploy.
+fn classify(
+    path: &Path,
+    ft: fs::FileType,
+    meta: impl FnOnce() -> io::Result<fs::Metadata>,
+) -> Result<ItemKind, BuildError> {
+    let walk_err = |source| BuildError::Walk {
+        component: String::new(),
+        path: path.to_path_buf(),
+        source,
+    };
+    if ft.is_dir() {
+        Ok(ItemKind::Dir)
+    } else if ft.is_symlink() {
+        let target = fs::read_link(path)
+            .map_err(walk_err)?
+            .into_os_string()
+            .into_vec();
+        if target.len() > MAX_TARGET_LEN {
+            return Err(BuildError::BadEntry {
+                path: path.to_path_buf(),
+                why: "symlink target longer than 4095 bytes".into(),
+            });
+        }
+        Ok(ItemKind::Symlink { target })
+    } else if ft.is_file() {
+        let meta = meta().map_err(|e| {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                BuildError::Unreadable {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            } else {
+                walk_err(e)
+            }
+        })?;
+        Ok(ItemKind::File {
+            executable: meta.permissions().mode() & 0o111 != 0,
+            stamp: Stamp::of(&meta),
+        })
+    } else {
+        let kind = if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_socket() {
+            "socket"
+        } else if ft.is_block_device() {
+            "block device"
+        } else {
+            "character device"
+        };
+        Err(BuildError::Special {
+            path: path.to_path_buf(),
+            kind,
+        })
+    }
 }
 
 /// Reads, chunks and stores one file; retries when it changes underneath.

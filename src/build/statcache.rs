@@ -75,46 +75,58 @@ impl StatCache {
             .map(|c| c.chunks.as_slice())
     }
 
-    /// Writes the cache, leaving out entries changed at or after
-    /// `walk_start_ns - 1s` (see the module docs). Not fsynced: a torn cache
-    /// fails its checksum and is ignored.
+    /// Writes the cache (see [`save`]).
     pub fn save(&self, path: &Path, walk_start_ns: i64) -> std::io::Result<()> {
-        let cutoff = walk_start_ns - 1_000_000_000;
-        let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&self.generation.to_le_bytes());
-        let count_at = out.len();
-        out.extend_from_slice(&0u64.to_le_bytes());
-        let mut count: u64 = 0;
-        let mut keys: Vec<&Vec<u8>> = self.entries.keys().collect();
-        keys.sort();
-        for key in keys {
-            let c = &self.entries[key];
-            if c.stamp.mtime_ns >= cutoff || c.stamp.ctime_ns >= cutoff {
-                continue;
-            }
-            count += 1;
-            put_varint(&mut out, key.len() as u64);
-            out.extend_from_slice(key);
-            put_varint(&mut out, c.stamp.size);
-            out.extend_from_slice(&c.stamp.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&c.stamp.ctime_ns.to_le_bytes());
-            out.extend_from_slice(&c.stamp.ino.to_le_bytes());
-            out.extend_from_slice(&c.stamp.dev.to_le_bytes());
-            put_varint(&mut out, c.chunks.len() as u64);
-            for ch in &c.chunks {
-                out.extend_from_slice(ch.id.object().as_bytes());
-                put_varint(&mut out, u64::from(ch.len));
-            }
-        }
-        out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, &out)?;
-        fs::rename(&tmp, path)
+        save(
+            path,
+            self.generation,
+            walk_start_ns,
+            self.entries.iter().map(|(k, v)| (k.as_slice(), v)),
+        )
     }
+}
+
+/// Writes a cache of `entries`, leaving out those changed at or after
+/// `walk_start_ns - 1s` (see the module docs). Not fsynced: a torn cache
+/// fails its checksum and is ignored.
+pub fn save<'a>(
+    path: &Path,
+    generation: u64,
+    walk_start_ns: i64,
+    entries: impl Iterator<Item = (&'a [u8], &'a Cached)>,
+) -> std::io::Result<()> {
+    let cutoff = walk_start_ns - 1_000_000_000;
+    let mut out = Vec::with_capacity(64 * 1024);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
+    let count_at = out.len();
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let mut count: u64 = 0;
+    for (key, c) in entries {
+        if c.stamp.mtime_ns >= cutoff || c.stamp.ctime_ns >= cutoff {
+            continue;
+        }
+        count += 1;
+        put_varint(&mut out, key.len() as u64);
+        out.extend_from_slice(key);
+        put_varint(&mut out, c.stamp.size);
+        out.extend_from_slice(&c.stamp.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&c.stamp.ctime_ns.to_le_bytes());
+        out.extend_from_slice(&c.stamp.ino.to_le_bytes());
+        out.extend_from_slice(&c.stamp.dev.to_le_bytes());
+        put_varint(&mut out, c.chunks.len() as u64);
+        for ch in &c.chunks {
+            out.extend_from_slice(ch.id.object().as_bytes());
+            put_varint(&mut out, u64::from(ch.len));
+        }
+    }
+    out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, &out)?;
+    fs::rename(&tmp, path)
 }
 
 fn decode(bytes: &[u8]) -> Option<StatCache> {

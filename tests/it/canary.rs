@@ -310,7 +310,11 @@ fn a_down_host_is_counted_against_the_budget() {
         "stopped before changing anything"
     );
     let out = fleet.rollout(&new, &["--max-failures", "1"]);
-    assert_eq!(out.status.code(), Some(1), "100% was asked and 80% reached: not a success");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "100% was asked and 80% reached: not a success"
+    );
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(fleet.on(&new).len(), 4, "{log}");
