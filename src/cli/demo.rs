@@ -17,6 +17,9 @@ pub struct DemoArgs {
     /// Files in the generated tree
     #[arg(long, default_value_t = 2000)]
     files: usize,
+    /// App servers in the demo fleet
+    #[arg(long, default_value_t = 20)]
+    hosts: usize,
 }
 
 /// Runs the real binary step by step, echoing each command like a tutorial.
@@ -52,8 +55,9 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
             .args(args)
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        print!("{}", limit_lines(&stdout, 25));
+        // Progress (stderr) comes before results (stdout) in a real terminal.
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        print!("{}", limit_lines(&stdout, 25));
         if !out.status.success() {
             bail!("scap {} failed ({})", args.join(" "), out.status);
         }
@@ -101,6 +105,57 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
     run(&["ls", "1.46.0-wmf.2", "mediawiki"])?;
     run(&["log", "-n", "3"])?;
     run(&["verify"])?;
+
+    println!(
+        "\n== a fleet of {} app servers on this machine: `scap agent` each, weights from an inventory",
+        a.hosts
+    );
+    let fleet = DemoFleet::start(&exe, &dir, &store, a.hosts)?;
+    let flags = fleet.flags();
+    let with = |args: &[&str]| -> anyhow::Result<String> {
+        let all: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(flags.iter().map(String::as_str))
+            .collect();
+        run(&all)
+    };
+    let src = fleet.source.clone();
+    with(&[
+        "sync",
+        "--version",
+        "1.46.0-wmf.1",
+        "--source",
+        &src,
+        "--yes",
+        "--wait",
+        "0",
+    ])?;
+    with(&["promote", "1.46.0-wmf.1"])?;
+    println!("\n== the train, by share of traffic: each step tops up to its percentage");
+    for p in ["--canary=10%", "--canary=50%", "--canary=100%"] {
+        with(&[
+            "sync",
+            "--version",
+            "1.46.0-wmf.2",
+            p,
+            "--source",
+            &src,
+            "--yes",
+            "--wait",
+            "0",
+            "--check-url",
+            "http://{addr}/v1/health",
+        ])?;
+        with(&["status", "--version", "1.46.0-wmf.2"])?;
+    }
+    println!(
+        "\n== something is wrong after all: back to the previous release (a switch, no fetch)"
+    );
+    with(&["rollback", "--version", "1.46.0-wmf.2"])?;
+    with(&["status"])?;
+    run(&["history", "-n", "6"])?;
+    drop(fleet);
     println!(
         "\nDone. Versions are Merkle roots: {} -> {} -> {}",
         &v1[..12],
@@ -108,6 +163,97 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
         &v3[..12]
     );
     Ok(exit::OK)
+}
+
+/// `scap serve` and N `scap agent` processes on 127.0.0.1, killed on drop.
+struct DemoFleet {
+    children: Vec<std::process::Child>,
+    inventory: PathBuf,
+    token: PathBuf,
+    source: String,
+}
+
+impl DemoFleet {
+    fn start(
+        exe: &std::path::Path,
+        dir: &std::path::Path,
+        store: &std::path::Path,
+        n: usize,
+    ) -> anyhow::Result<DemoFleet> {
+        use std::io::BufRead;
+        let token = dir.join("token");
+        std::fs::write(&token, "demo-token-not-secret\n")?;
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let mut fleet = DemoFleet {
+            children: Vec::new(),
+            inventory: dir.join("inventory.toml"),
+            token,
+            source: String::new(),
+        };
+        let mut spawn = |cmd: &mut Process| -> anyhow::Result<String> {
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let stdout = child.stdout.take().context("no stdout")?;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let line = lines.next().context("no address line")??;
+            std::thread::spawn(move || for _ in lines {});
+            fleet.children.push(child);
+            let at = line.find("http://").context("no address")?;
+            Ok(line[at + 7..].trim().to_string())
+        };
+        let source = spawn(Process::new(exe).arg("--store").arg(store).args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ]))?;
+        let mut inventory = String::from("# The demo fleet: two datacenters, four big servers.\n");
+        for i in 0..n {
+            let name = format!("mw{}", 2001 + i);
+            let addr = spawn(
+                Process::new(exe)
+                    .args([
+                        "agent",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--host",
+                        &name,
+                        "--token-file",
+                    ])
+                    .arg(&fleet.token)
+                    .arg("--dir")
+                    .arg(dir.join("hosts").join(&name)),
+            )?;
+            let weight = if i % 5 == 0 { 3 } else { 1 };
+            let dc = if i % 2 == 0 { "eqiad" } else { "codfw" };
+            inventory.push_str(&format!(
+                "[[host]]\nname = \"{name}\"\naddress = \"{addr}\"\nweight = {weight}\ndc = \"{dc}\"\ncanary = {}\n",
+                i < 2
+            ));
+        }
+        std::fs::write(&fleet.inventory, inventory)?;
+        fleet.source = format!("http://{source}");
+        Ok(fleet)
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--inventory".into(),
+            self.inventory.display().to_string(),
+            "--token-file".into(),
+            self.token.display().to_string(),
+        ]
+    }
+}
+
+impl Drop for DemoFleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn limit_lines(s: &str, n: usize) -> String {

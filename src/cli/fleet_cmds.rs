@@ -140,7 +140,7 @@ pub struct RolloutArgs {
     /// URL of a `scap serve` (or cache) hosts fetch from (repeatable; tried in order)
     #[arg(long = "source", value_name = "URL")]
     sources: Vec<String>,
-    /// Health probe after each step: URL template with {host}, e.g. http://{host}/wiki/Main_Page (repeatable)
+    /// Health probe after each step: URL template with {host} (name) or {addr} (agent host:port), e.g. http://{host}/wiki/Main_Page (repeatable)
     #[arg(long = "check-url", value_name = "URL")]
     check_urls: Vec<String>,
     /// HTTP status the probes must answer

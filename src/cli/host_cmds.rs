@@ -365,7 +365,8 @@ impl ProgressLine {
                 b.inc(1);
                 b.set_message(format!("(ok: {}; fail: {})", s.0, s.1));
             }
-            None if s.2.elapsed() >= Duration::from_secs(1) => {
+            // The last one is printed by `finish`.
+            None if s.2.elapsed() >= Duration::from_secs(1) && s.0 + s.1 < self.total => {
                 s.2 = Instant::now();
                 eprintln!("{} {}", clock(), self.text(s.0, s.1));
             }

@@ -12,7 +12,8 @@ use crate::store::VersionId;
 
 #[derive(Clone, Debug, Default)]
 pub struct Gates {
-    /// (URL template with `{host}`, expected HTTP status)
+    /// (URL template with `{host}` (the host's name) or `{addr}` (its
+    /// agent's host:port), expected HTTP status)
     pub probes: Vec<(String, u16)>,
     /// Shell commands; exit 0 passes. They get SCAP_VERSION, SCAP_HOSTS
     /// (space-separated) and SCAP_PERCENT in their environment.
@@ -34,7 +35,9 @@ impl Gates {
         for (template, want) in &self.probes {
             let results: Vec<Option<String>> = futures_util::stream::iter(hosts)
                 .map(|h| {
-                    let url = template.replace("{host}", &h.to_string());
+                    let url = template
+                        .replace("{host}", &h.to_string())
+                        .replace("{addr}", h.base_url().trim_start_matches("http://"));
                     let http = &http;
                     async move {
                         match http.get(&url).send().await {

@@ -12,17 +12,23 @@ pub struct Host {
     /// As written in the group file (without the default port).
     pub name: String,
     pub port: u16,
+    /// Where the agent listens, when that is not `name:port` (an
+    /// inventory's `address`).
+    pub addr: Option<String>,
 }
 
 impl Host {
     pub fn base_url(&self) -> String {
-        format!("http://{}:{}", self.name, self.port)
+        match &self.addr {
+            Some(a) => format!("http://{a}"),
+            None => format!("http://{}:{}", self.name, self.port),
+        }
     }
 }
 
 impl std::fmt::Display for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.port == DEFAULT_AGENT_PORT {
+        if self.port == DEFAULT_AGENT_PORT || self.addr.is_some() {
             f.write_str(&self.name)
         } else {
             write!(f, "{}:{}", self.name, self.port)
@@ -103,6 +109,7 @@ pub fn parse_group(path: &Path, text: &str) -> Result<Vec<Host>, InventoryError>
         let host = Host {
             name: name.to_string(),
             port,
+            addr: None,
         };
         if let Some((_, first)) = hosts.iter().find(|(h, _)| *h == host) {
             return Err(InventoryError::Duplicate {
@@ -191,6 +198,7 @@ pub struct Member {
 /// ```toml
 /// [[host]]
 /// name = "mw1001.eqiad.wmnet"   # host or host:port
+/// address = "10.64.0.1:8470"    # optional: where the agent listens, if not at name
 /// weight = 10                   # default 1
 /// dc = "eqiad"
 /// cluster = "appserver"
@@ -207,6 +215,8 @@ struct InventoryFile {
 #[serde(deny_unknown_fields)]
 struct InventoryHost {
     name: String,
+    #[serde(default)]
+    address: Option<String>,
     #[serde(default = "one")]
     weight: u64,
     #[serde(default)]
@@ -244,7 +254,11 @@ pub fn fleet(
             why: e.message().to_string(),
         })?;
         for (i, h) in file.hosts.iter().enumerate() {
-            let parsed = parse_group(path, &h.name)?.remove(0);
+            let mut parsed = parse_group(path, &h.name)?.remove(0);
+            if let Some(a) = &h.address {
+                parse_group(path, a)?; // a host[:port] too
+                parsed.addr = Some(a.clone());
+            }
             if h.weight == 0 {
                 return Err(InventoryError::Bad {
                     path: path.to_path_buf(),

@@ -280,6 +280,7 @@ mod tests {
             host: Host {
                 name: format!("mw{}", 1000 + i),
                 port: 8470,
+                addr: None,
             },
             weight,
             dc: dc.into(),

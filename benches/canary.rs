@@ -1,0 +1,148 @@
+//! A whole canary rollout on a local fleet: 100 real agents on loopback
+//! (small trees), a backport rolled out 10% -> 50% -> 100% by one
+//! `scap sync --stages` command, then a rollback of everyone. Wall time and
+//! bytes served; gate waits are zero (they are policy, not cost).
+//!
+//! Run: `cargo bench --bench canary` (SCAP_BENCH_HOSTS, default 100).
+
+mod common;
+
+use std::process::{Child, Command};
+use std::time::Instant;
+
+use common::*;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let n: usize = std::env::var("SCAP_BENCH_HOSTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let dir = fresh("canary");
+    println!("machine: {}", machine());
+    let tree = dir.join("tree");
+    timed(
+        Command::new(SCAP)
+            .args(["workload", "generate"])
+            .arg(&tree)
+            .args(["--files", "300"]),
+    );
+    let staging = tree.join("mediawiki-staging");
+    let store = dir.join("store");
+    let build = || {
+        let (_, out) = timed(
+            scap(&store)
+                .args(["build-manifest", "--component"])
+                .arg(format!("mediawiki={}", staging.display())),
+        );
+        out.lines()
+            .rev()
+            .find(|l| l.len() == 64)
+            .unwrap()
+            .to_string()
+    };
+    let v1 = build();
+    let token = dir.join("token");
+    std::fs::write(&token, "bench-token\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (mut server, server_url) =
+        start_listening(scap(&store).args(["serve", "--listen", "127.0.0.1:0"]));
+    let proxy = CountingProxy::start(&server_url);
+    println!("starting {n} agents ...");
+    let mut agents: Vec<Child> = Vec::new();
+    let mut group = String::new();
+    for i in 0..n {
+        let (child, url) = start_listening(
+            Command::new(SCAP)
+                .args([
+                    "agent",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--host",
+                    &format!("mw{}", 1000 + i),
+                    "--token-file",
+                ])
+                .arg(&token)
+                .arg("--dir")
+                .arg(dir.join(format!("hosts/mw{}", 1000 + i))),
+        );
+        group.push_str(url.trim_start_matches("http://"));
+        group.push('\n');
+        agents.push(child);
+    }
+    let group_file = dir.join("mediawiki-installation");
+    std::fs::write(&group_file, group).unwrap();
+    let sync = |v: &str, extra: &[&str]| {
+        let started = Instant::now();
+        let (_, out) = timed(
+            scap(&store)
+                .args(["sync", "--hosts"])
+                .arg(&group_file)
+                .args([
+                    "--version",
+                    v,
+                    "--source",
+                    &proxy.url,
+                    "--wait",
+                    "0",
+                    "--yes",
+                    "--token-file",
+                ])
+                .arg(&token)
+                .args(extra),
+        );
+        (started.elapsed().as_secs_f64(), out)
+    };
+    let (first, _) = sync(&v1, &[]);
+    proxy.take();
+    // Let the agents' background work (spare releases) settle.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+
+    timed(
+        Command::new(SCAP)
+            .args(["workload", "mutate"])
+            .arg(&tree)
+            .args(["--kind", "backport", "--seed", "11"]),
+    );
+    let v2 = build();
+    let (rollout, out) = sync(&v2, &["--stages", "10,50,100"]);
+    let bytes = proxy.take();
+    assert!(out.contains("100.0% of production traffic synced"), "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let started = Instant::now();
+    timed(
+        scap(&store)
+            .args(["rollback", "--hosts"])
+            .arg(&group_file)
+            .args(["--version", &v2, "--token-file"])
+            .arg(&token),
+    );
+    let rollback = started.elapsed().as_secs_f64();
+    let rb_bytes = proxy.take();
+
+    let mut table = Table::new(&["step", "wall time", "bytes from the deploy host"]);
+    table.row(vec![
+        format!("first deploy of v1 to {n} fresh hosts (setup)"),
+        ms(first),
+        "".into(),
+    ]);
+    table.row(vec![
+        format!("backport rolled out 10% -> 50% -> 100% of {n} hosts, one command"),
+        ms(rollout),
+        mb(bytes),
+    ]);
+    table.row(vec![
+        format!("rollback of all {n} hosts (a switch each)"),
+        ms(rollback),
+        mb(rb_bytes),
+    ]);
+    table.save("canary", &format!("machine: {}\nhosts: {n}", machine()));
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
