@@ -12,4 +12,5 @@ pub mod net;
 pub mod progress;
 pub mod store;
 pub mod time;
+pub mod web;
 pub mod workload;

@@ -275,7 +275,9 @@ pub fn start_listening(cmd: &mut Command) -> (std::process::Child, String) {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next().expect("a first line").expect("utf-8");
     let url = line[line.find("http://").expect("an address")..]
-        .trim()
+        .split_whitespace()
+        .next()
+        .unwrap()
         .to_string();
     std::thread::spawn(move || for _ in lines {});
     (child, url)

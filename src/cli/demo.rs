@@ -201,7 +201,11 @@ impl DemoFleet {
             std::thread::spawn(move || for _ in lines {});
             fleet.children.push(child);
             let at = line.find("http://").context("no address")?;
-            Ok(line[at + 7..].trim().to_string())
+            Ok(line[at + 7..]
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string())
         };
         let source = spawn(Process::new(exe).arg("--store").arg(store).args([
             "serve",

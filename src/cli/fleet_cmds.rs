@@ -85,20 +85,7 @@ fn command_line() -> String {
 
 /// Labels of a version in the local store, for display.
 fn label_of(ctx: &Ctx, v: &VersionId) -> String {
-    let labels: Vec<String> = Store::open(&ctx.store_path)
-        .and_then(|s| s.labels())
-        .map(|l| {
-            l.into_iter()
-                .filter(|(_, lv)| lv == v)
-                .map(|(n, _)| n)
-                .collect()
-        })
-        .unwrap_or_default();
-    if labels.is_empty() {
-        v.short()
-    } else {
-        format!("{} ({})", v.short(), labels.join(", "))
-    }
+    crate::fleet::status::label_of(&labels(ctx), v)
 }
 
 /// Sets a flag on Ctrl-C: the rollout stops starting hosts, lets the ones
@@ -717,80 +704,11 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// The fleet at a glance, as `scap status --json` and the dashboard show it.
-pub fn fleet_status(ctx: &Ctx, members: &[Member], readings: &[Reading]) -> serde_json::Value {
-    let total: u64 = members.iter().map(|m| m.weight).sum();
-    let mut versions: std::collections::BTreeMap<String, (VersionId, u64, Vec<String>)> =
-        Default::default();
-    let mut stables: std::collections::BTreeSet<String> = Default::default();
-    for r in readings {
-        if let Ok(v) = &r.view {
-            if let Some(c) = v.current {
-                let e = versions.entry(c.to_hex()).or_insert((c, 0, Vec::new()));
-                e.1 += r.member.weight;
-                e.2.push(r.member.host.to_string());
-            }
-            if let Some(s) = v.stable {
-                stables.insert(s.to_hex());
-            }
-        }
-    }
-    let mut vs: Vec<serde_json::Value> = versions
-        .into_values()
-        .map(|(v, w, hosts)| {
-            serde_json::json!({
-                "version": v, "label": label_of(ctx, &v), "weight": w, "share": share(w, total),
-                "hosts": hosts, "stable": stables.contains(&v.to_hex()),
-            })
-        })
-        .collect();
-    vs.sort_by(|a, b| b["weight"].as_u64().cmp(&a["weight"].as_u64()));
-    let down: Vec<serde_json::Value> = readings
-        .iter()
-        .filter_map(|r| r.view.as_ref().err().map(|e| serde_json::json!({"host": r.member.host.to_string(), "error": e, "weight": r.member.weight})))
-        .collect();
-    let down_weight: u64 = readings
-        .iter()
-        .filter(|r| r.view.is_err())
-        .map(|r| r.member.weight)
-        .sum();
-    let hosts: Vec<serde_json::Value> = readings
-        .iter()
-        .map(|r| {
-            let mut h = serde_json::json!({
-                "host": r.member.host.to_string(), "weight": r.member.weight, "dc": r.member.dc,
-                "cluster": r.member.cluster, "canary": r.member.canary,
-            });
-            match &r.view {
-                Ok(v) => {
-                    h["reachable"] = true.into();
-                    h["current"] = serde_json::to_value(v.current).unwrap_or_default();
-                    h["previous"] = serde_json::to_value(v.previous).unwrap_or_default();
-                    h["stable"] = serde_json::to_value(v.stable).unwrap_or_default();
-                    h["since"] = v.since.into();
-                    h["busy"] = v.busy.into();
-                    h["last_error"] = v.last_error.clone().into();
-                    h["last_sync_seconds"] = v.last_sync.map(|s| s.0).into();
-                    h["last_sync_time"] = v.last_sync.map(|s| s.1).into();
-                }
-                Err(e) => {
-                    h["reachable"] = false.into();
-                    h["error"] = e.clone().into();
-                }
-            }
-            h
-        })
-        .collect();
-    let dir = fleet_dir(ctx);
-    serde_json::json!({
-        "time": unix_now(),
-        "total_weight": total,
-        "versions": vs,
-        "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
-        "hosts": hosts,
-        "lock": lock::holder(&dir).ok().flatten(),
-        "last_deploy": history::read(&dir).ok().and_then(|h| h.last().cloned()),
-    })
+/// Labels by version, from the local store (empty without one).
+fn labels(ctx: &Ctx) -> Vec<(String, VersionId)> {
+    Store::open(&ctx.store_path)
+        .and_then(|s| s.labels())
+        .unwrap_or_default()
 }
 
 pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
@@ -803,7 +721,8 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         .transpose()?;
     let rt = runtime()?;
     let readings = rt.block_on(poll(&agents, &members, 64));
-    let st = fleet_status(ctx, &members, &readings);
+    let st =
+        crate::fleet::status::fleet_status(&members, &readings, &labels(ctx), &fleet_dir(ctx), &[]);
     if a.json {
         print_json(&st)?;
         return Ok(exit::OK);

@@ -59,6 +59,15 @@ pub struct ServeArgs {
     /// Requests handled at once
     #[arg(long, default_value_t = server::DEFAULT_CONCURRENCY)]
     concurrency: usize,
+    /// Hosts the dashboard shows: dsh group files (repeatable)
+    #[arg(long = "hosts", value_name = "GROUPFILE")]
+    hosts: Vec<PathBuf>,
+    /// Hosts the dashboard shows, with weights: a TOML inventory
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// Seconds between two polls of every agent for the dashboard
+    #[arg(long, default_value_t = 5)]
+    poll_interval: u64,
 }
 
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
@@ -69,9 +78,22 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             .await
             .with_context(|| format!("cannot listen on {}", a.listen))?;
         let addr = listener.local_addr()?;
-        let (app, _) = server::router(store, a.concurrency);
+        let (app, state) = server::router(store, a.concurrency);
+        let members = if a.hosts.is_empty() && a.inventory.is_none() {
+            Vec::new()
+        } else {
+            crate::fleet::inventory::fleet(&a.hosts, a.inventory.as_deref(), &[])?
+        };
+        let web = crate::web::Web::new(
+            state,
+            ctx.store_path.join("fleet"),
+            members,
+            Duration::from_secs(a.poll_interval.max(1)),
+        );
+        let app = app.merge(crate::web::routes(web.clone()));
+        tokio::spawn(web.poll_forever());
         println!(
-            "scap serve: serving {} on http://{addr}",
+            "scap serve: serving {} on http://{addr} (dashboard at /)",
             ctx.store_path.display()
         );
         std::io::stdout().flush()?;

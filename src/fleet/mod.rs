@@ -13,4 +13,5 @@ pub mod history;
 pub mod inventory;
 pub mod lock;
 pub mod rollout;
+pub mod status;
 pub mod sync;

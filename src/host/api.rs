@@ -66,6 +66,7 @@ pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
         .route("/v1/sync", post(sync))
         .route("/v1/rollback", post(rollback))
         .route("/v1/promote", post(promote))
+        .route("/metrics", get(metrics))
         .with_state(st.clone());
     (app, st)
 }
@@ -256,4 +257,83 @@ async fn promote(
         |_| false,
     )
     .await
+}
+
+/// Prometheus text format: what this host runs and what its syncs cost.
+async fn metrics(State(st): State<Arc<AgentState>>) -> Response {
+    let s = st.agent.state();
+    let c = &st.agent.counters;
+    let host = crate::web::label_value(&s.host);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{value}\n"
+        ));
+    };
+    if let Some(cur) = &s.current {
+        metric(
+            "scap_agent_version_info",
+            "gauge",
+            "The version this host runs (value 1).",
+            format!(
+                "scap_agent_version_info{{host=\"{host}\",version=\"{}\"}} 1",
+                cur.version
+            ),
+        );
+    }
+    if let Some(stable) = &s.stable {
+        metric(
+            "scap_agent_stable_version_info",
+            "gauge",
+            "This host's last stable version (value 1).",
+            format!(
+                "scap_agent_stable_version_info{{host=\"{host}\",version=\"{}\"}} 1",
+                stable.version
+            ),
+        );
+    }
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    metric(
+        "scap_agent_syncs_total",
+        "counter",
+        "Syncs and rollbacks run since the agent started.",
+        format!("scap_agent_syncs_total {}", n(&c.syncs)),
+    );
+    metric(
+        "scap_agent_sync_failures_total",
+        "counter",
+        "Syncs and rollbacks that failed.",
+        format!("scap_agent_sync_failures_total {}", n(&c.failures)),
+    );
+    metric(
+        "scap_agent_fetched_bytes_total",
+        "counter",
+        "Bytes received from sources.",
+        format!("scap_agent_fetched_bytes_total {}", n(&c.fetched_bytes)),
+    );
+    metric(
+        "scap_agent_fetched_objects_total",
+        "counter",
+        "Objects received from sources.",
+        format!("scap_agent_fetched_objects_total {}", n(&c.fetched_objects)),
+    );
+    metric(
+        "scap_agent_last_sync_duration_seconds",
+        "gauge",
+        "How long the last successful sync or rollback took.",
+        format!(
+            "scap_agent_last_sync_duration_seconds {}",
+            n(&c.last_sync_ms) as f64 / 1000.0
+        ),
+    );
+    metric(
+        "scap_agent_last_success_timestamp_seconds",
+        "gauge",
+        "When the last sync or rollback succeeded (Unix time; 0 if none since start).",
+        format!(
+            "scap_agent_last_success_timestamp_seconds {}",
+            n(&c.last_success)
+        ),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

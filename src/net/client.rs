@@ -63,8 +63,8 @@ pub struct Client {
 }
 
 /// Called with each verified-by-the-sink object: (ID, kind, object file).
-/// The sink decodes and verifies; `StoreError::Object` means "this source
-/// sent a bad object", any other error is local and fatal.
+/// The sink decodes and verifies; `StoreError::Object` or `BadTree` means
+/// "this source sent a bad object", any other error is local and fatal.
 pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, &[u8]) -> Result<(), StoreError> + Sync + 'a;
 
 impl Client {
@@ -338,6 +338,8 @@ fn store(
         Err(StoreError::Object { source, .. }) => {
             Err(SourceError::Source(format!("{url}: {source}")))
         }
+        // Hashes right but is no tree scap accepts (hostile names, say).
+        Err(e @ StoreError::BadTree { .. }) => Err(SourceError::Source(format!("{url}: {e}"))),
         Err(e) => Err(SourceError::Fatal(e)),
     }
 }

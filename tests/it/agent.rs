@@ -760,3 +760,39 @@ fn a_source_dying_mid_transfer_is_resumed_elsewhere() {
     assert!(fetched < chunks, "re-fetched {fetched} of {chunks} chunks");
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
 }
+
+#[test]
+fn a_hostile_tree_from_a_source_is_rejected() {
+    // A store holding one tree object whose entry is named "..": its hash is
+    // right, its content is not a tree scap accepts.
+    let fleet = Fleet::start(1);
+    let store = fleet.env.path("hostile-store");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("scap-store"), "scap store\nformat 1\n").unwrap();
+    let payload: &[u8] = &[1, 1, 2, b'.', b'.', 3, 1, b'x'];
+    let id = blake3::Hasher::new_derive_key("scap 2026-11-26 object tree v1")
+        .update(payload)
+        .finalize()
+        .to_hex()
+        .to_string();
+    let mut file = b"scap".to_vec();
+    file.extend_from_slice(&[1, 2, 0, 0]);
+    file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    file.extend_from_slice(payload);
+    fs::create_dir_all(store.join("objects").join(&id[..2])).unwrap();
+    fs::write(store.join("objects").join(&id[..2]).join(&id[2..]), file).unwrap();
+    let mut cmd = std::process::Command::new(SCAP);
+    cmd.arg("--store")
+        .arg(&store)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    let server = Proc::start(cmd);
+    let (code, r) = fleet.post(
+        0,
+        "/v1/sync",
+        json!({"version": id, "sources": [server.url]}),
+    );
+    assert_eq!(code, 502, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("bad name"), "{r}");
+    assert_eq!(fleet.current(0), None);
+    assert!(!fleet.hosts[0].dir.join("current").exists());
+}

@@ -492,3 +492,27 @@ fn sync_file_deploys_one_file_from_staging() {
             .contains("SWAT: [[gerrit:12345|Not a real patch]]")
     );
 }
+
+#[test]
+fn ctrl_c_stops_between_steps_and_releases_the_lock() {
+    let (fleet, _old, new) = fleet_with_two_versions(4);
+    // The first step's check sends SIGINT to scap, as an operator's Ctrl-C.
+    let out = fleet.rollout(
+        &new,
+        &["--stages", "25,100", "--check-cmd", "kill -INT $PPID"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("interrupted"), "{stdout}");
+    assert_eq!(
+        fleet.on(&new).len(),
+        1,
+        "the first step's host stays switched, no more"
+    );
+    assert!(
+        !fleet.env.store.join("fleet/deploy.lock").exists(),
+        "the lock is released"
+    );
+    let h: Value = serde_json::from_str(&fleet.env.ok(&["history", "--json"])).unwrap();
+    assert_eq!(h[0]["ok"], false);
+}

@@ -10,12 +10,15 @@
 //!   the stat cache, bad input.
 //! - `canary`: `scap sync --canary`, stages, gates, failure budgets, the
 //!   lock, rollback, promote, status, history, sync-file on a local fleet.
+//! - `dashboard`: the web page in a real headless Chromium during a
+//!   rollout, the JSON API's errors, both /metrics endpoints.
 //! - `diff`: `scap diff` against a brute-force comparison of two trees.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
 
 mod agent;
 mod canary;
+mod dashboard;
 mod diff;
 mod inspect;
 mod integrity;

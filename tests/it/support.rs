@@ -194,7 +194,9 @@ impl Proc {
         let url = line[line
             .find("http://")
             .unwrap_or_else(|| panic!("no address in {line:?}"))..]
-            .trim()
+            .split_whitespace()
+            .next()
+            .unwrap()
             .to_string();
         std::thread::spawn(move || for _ in lines {});
         Proc { child, url }

@@ -1,0 +1,110 @@
+//! The fleet at a glance: which versions run where and on what share of
+//! traffic. One JSON shape, shared by `scap status --json`, the dashboard
+//! and its API.
+
+use std::path::Path;
+
+use super::history;
+use super::inventory::Member;
+use super::lock;
+use super::rollout::{Reading, share};
+use crate::store::VersionId;
+use crate::time::unix_now;
+
+/// A version's short ID with its labels, for people.
+pub fn label_of(labels: &[(String, VersionId)], v: &VersionId) -> String {
+    let names: Vec<&str> = labels
+        .iter()
+        .filter(|(_, lv)| lv == v)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if names.is_empty() {
+        v.short()
+    } else {
+        format!("{} ({})", v.short(), names.join(", "))
+    }
+}
+
+/// The fleet at a glance. `ages` gives, per reading, the seconds since the
+/// host last answered (the dashboard's cached polls); empty for a fresh poll.
+pub fn fleet_status(
+    members: &[Member],
+    readings: &[Reading],
+    labels: &[(String, VersionId)],
+    fleet_dir: &Path,
+    ages: &[Option<u64>],
+) -> serde_json::Value {
+    let total: u64 = members.iter().map(|m| m.weight).sum();
+    let mut versions: std::collections::BTreeMap<String, (VersionId, u64, Vec<String>)> =
+        Default::default();
+    let mut stables: std::collections::BTreeSet<String> = Default::default();
+    for r in readings {
+        if let Ok(v) = &r.view {
+            if let Some(c) = v.current {
+                let e = versions.entry(c.to_hex()).or_insert((c, 0, Vec::new()));
+                e.1 += r.member.weight;
+                e.2.push(r.member.host.to_string());
+            }
+            if let Some(s) = v.stable {
+                stables.insert(s.to_hex());
+            }
+        }
+    }
+    let mut vs: Vec<serde_json::Value> = versions
+        .into_values()
+        .map(|(v, w, hosts)| {
+            serde_json::json!({
+                "version": v, "label": label_of(labels, &v), "weight": w, "share": share(w, total),
+                "hosts": hosts, "stable": stables.contains(&v.to_hex()),
+            })
+        })
+        .collect();
+    vs.sort_by(|a, b| b["weight"].as_u64().cmp(&a["weight"].as_u64()));
+    let down: Vec<serde_json::Value> = readings
+        .iter()
+        .filter_map(|r| r.view.as_ref().err().map(|e| serde_json::json!({"host": r.member.host.to_string(), "error": e, "weight": r.member.weight})))
+        .collect();
+    let down_weight: u64 = readings
+        .iter()
+        .filter(|r| r.view.is_err())
+        .map(|r| r.member.weight)
+        .sum();
+    let hosts: Vec<serde_json::Value> = readings
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut h = serde_json::json!({
+                "reading_age_seconds": ages.get(i).copied().flatten(),
+                "host": r.member.host.to_string(), "weight": r.member.weight, "dc": r.member.dc,
+                "cluster": r.member.cluster, "canary": r.member.canary,
+            });
+            match &r.view {
+                Ok(v) => {
+                    h["reachable"] = true.into();
+                    h["current"] = serde_json::to_value(v.current).unwrap_or_default();
+                    h["previous"] = serde_json::to_value(v.previous).unwrap_or_default();
+                    h["stable"] = serde_json::to_value(v.stable).unwrap_or_default();
+                    h["since"] = v.since.into();
+                    h["busy"] = v.busy.into();
+                    h["last_error"] = v.last_error.clone().into();
+                    h["last_sync_seconds"] = v.last_sync.map(|s| s.0).into();
+                    h["last_sync_time"] = v.last_sync.map(|s| s.1).into();
+                }
+                Err(e) => {
+                    h["reachable"] = false.into();
+                    h["error"] = e.clone().into();
+                }
+            }
+            h
+        })
+        .collect();
+    serde_json::json!({
+        "time": unix_now(),
+        "total_weight": total,
+        "versions": vs,
+        "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
+        "hosts": hosts,
+        "lock": lock::holder(fleet_dir).ok().flatten(),
+        "last_deploy": history::read(fleet_dir).ok().and_then(|h| h.last().cloned()),
+    })
+}

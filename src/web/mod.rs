@@ -1,0 +1,299 @@
+//! The deploy host's dashboard, its JSON API and Prometheus metrics, served
+//! by `scap serve` beside the object service.
+//!
+//! The server learns host state by polling the agents itself (bounded
+//! concurrency, every few seconds) and serves the cached readings with
+//! their age, so the page is right even when no deploy is running and
+//! keeps working with half the fleet down. Everything the page needs is
+//! embedded in the binary: the fleet's network is closed.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/` | the dashboard (HTML, CSS and JS inline) |
+//! | `/api/v1/fleet` | `scap status --json`, plus `polled_at` and per-host `reading_age_seconds` |
+//! | `/api/v1/history?limit=N` | the audit log, newest first (N 1-1000, default 50) |
+//! | `/api/v1/versions` | version records with labels, newest first |
+//! | `/api/v1/diff?from=A&to=B` | changed paths and totals between two versions (names, IDs, prefixes) |
+//! | `/metrics` | Prometheus text format |
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+
+use crate::fleet::history;
+use crate::fleet::inventory::Member;
+use crate::fleet::rollout::{Reading, poll};
+use crate::fleet::status::fleet_status;
+use crate::fleet::sync::Agents;
+use crate::net::server::ServerState;
+use crate::store::diff::{Change, DiffStat, diff};
+use crate::time::unix_now;
+
+const PAGE: &str = include_str!("dashboard.html");
+/// Most changes one diff answer lists (the totals count them all).
+const DIFF_LIST_MAX: usize = 5000;
+
+pub struct Web {
+    server: Arc<ServerState>,
+    fleet_dir: PathBuf,
+    members: Vec<Member>,
+    poll_interval: Duration,
+    snapshot: RwLock<Snapshot>,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    readings: Vec<Reading>,
+    /// Per host: when it last answered.
+    last_good: Vec<Option<u64>>,
+    polled_at: Option<u64>,
+}
+
+impl Web {
+    pub fn new(
+        server: Arc<ServerState>,
+        fleet_dir: PathBuf,
+        members: Vec<Member>,
+        poll_interval: Duration,
+    ) -> Arc<Web> {
+        let n = members.len();
+        Arc::new(Web {
+            server,
+            fleet_dir,
+            members,
+            poll_interval,
+            snapshot: RwLock::new(Snapshot {
+                last_good: vec![None; n],
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// Polls the agents forever (until the runtime stops).
+    pub async fn poll_forever(self: Arc<Web>) {
+        if self.members.is_empty() {
+            return;
+        }
+        let agents = Agents::new(String::new(), Duration::from_secs(3));
+        loop {
+            let readings = poll(&agents, &self.members, 32).await;
+            let now = unix_now();
+            {
+                let mut s = self.snapshot.write().expect("not poisoned");
+                for (i, r) in readings.iter().enumerate() {
+                    if r.view.is_ok() {
+                        s.last_good[i] = Some(now);
+                    }
+                }
+                s.readings = readings;
+                s.polled_at = Some(now);
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    fn fleet_json(&self) -> serde_json::Value {
+        let s = self.snapshot.read().expect("not poisoned");
+        let now = unix_now();
+        let ages: Vec<Option<u64>> = s
+            .last_good
+            .iter()
+            .map(|t| t.map(|t| now.saturating_sub(t)))
+            .collect();
+        let labels = self.server.store.labels().unwrap_or_default();
+        let mut v = fleet_status(&self.members, &s.readings, &labels, &self.fleet_dir, &ages);
+        v["polled_at"] = s.polled_at.into();
+        v["poll_interval_seconds"] = self.poll_interval.as_secs().into();
+        v["configured_hosts"] = self.members.len().into();
+        v
+    }
+}
+
+pub fn routes(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/api/v1/fleet", get(fleet))
+        .route("/api/v1/history", get(history_api))
+        .route("/api/v1/versions", get(versions))
+        .route("/api/v1/diff", get(diff_api))
+        .route("/metrics", get(metrics))
+        .with_state(web)
+}
+
+fn bad_request(msg: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({ "error": msg.into() })),
+    )
+        .into_response()
+}
+
+async fn fleet(State(web): State<Arc<Web>>) -> Response {
+    axum::Json(web.fleet_json()).into_response()
+}
+
+async fn history_api(
+    State(web): State<Arc<Web>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 50,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => return bad_request("limit must be a whole number from 1 to 1000"),
+    };
+    if let Some(k) = q.keys().find(|k| *k != "limit") {
+        return bad_request(format!(
+            "unknown parameter {k:?}: this endpoint takes limit"
+        ));
+    }
+    match history::read(&web.fleet_dir) {
+        Ok(mut h) => {
+            h.reverse();
+            h.truncate(limit);
+            axum::Json(h).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn versions(State(web): State<Arc<Web>>) -> Response {
+    let store = &web.server.store;
+    let labels = store.labels().unwrap_or_default();
+    match store.records() {
+        Ok(records) => {
+            let list: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| {
+                    let names: Vec<&str> = labels.iter().filter(|(_, v)| *v == r.version).map(|(l, _)| l.as_str()).collect();
+                    serde_json::json!({
+                        "version": r.version, "labels": names, "time": r.time, "author": r.author,
+                        "message": r.message, "files": r.files, "bytes": r.bytes, "parent": r.parent,
+                    })
+                })
+                .collect();
+            axum::Json(list).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn diff_api(
+    State(web): State<Arc<Web>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let (Some(from), Some(to)) = (q.get("from"), q.get("to")) else {
+        return bad_request("give from= and to= (version labels, IDs or ID prefixes)");
+    };
+    let (from, to) = (from.clone(), to.clone());
+    let web2 = web.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let store = &web2.server.store;
+        let a = store.resolve(&from)?;
+        let b = store.resolve(&to)?;
+        let mut stat = DiffStat::default();
+        let mut changes: Vec<Change> = Vec::new();
+        diff(store, &a.root(), &b.root(), &mut |c| {
+            stat.add(&c);
+            changes.push(c);
+            Ok(())
+        })?;
+        (stat.fetch_chunks, stat.fetch_bytes) =
+            crate::store::diff::fetch_cost(store, &a.root(), &changes)?;
+        let total = changes.len();
+        let list: Vec<serde_json::Value> = changes
+            .iter()
+            .take(DIFF_LIST_MAX)
+            .map(|c| {
+                serde_json::json!({
+                    "status": c.status.letter().to_string(),
+                    "path": String::from_utf8_lossy(&c.path),
+                    "old_size": c.old.as_ref().map(|x| x.size()),
+                    "new_size": c.new.as_ref().map(|x| x.size()),
+                })
+            })
+            .collect();
+        Ok::<_, crate::store::StoreError>(serde_json::json!({
+            "from": a, "to": b, "stat": stat, "changes": list, "total": total,
+            "truncated": total > DIFF_LIST_MAX,
+        }))
+    })
+    .await;
+    match r {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(
+            e @ (crate::store::StoreError::UnknownVersion(_)
+            | crate::store::StoreError::Ambiguous { .. }
+            | crate::store::StoreError::BadId(_)),
+        )) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Escapes a Prometheus label value.
+pub fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+async fn metrics(State(web): State<Arc<Web>>) -> Response {
+    let st = web.fleet_json();
+    let mut out = String::new();
+    let stats = &web.server.stats;
+    out.push_str("# HELP scap_http_requests_total Requests served by scap serve.\n# TYPE scap_http_requests_total counter\n");
+    out.push_str(&format!(
+        "scap_http_requests_total {}\n",
+        stats.requests.load(Ordering::Relaxed)
+    ));
+    out.push_str("# HELP scap_objects_served_total Objects sent to hosts.\n# TYPE scap_objects_served_total counter\n");
+    out.push_str(&format!(
+        "scap_objects_served_total {}\n",
+        stats.objects_served.load(Ordering::Relaxed)
+    ));
+    out.push_str("# HELP scap_served_bytes_total Object bytes sent to hosts (after stream compression).\n# TYPE scap_served_bytes_total counter\n");
+    out.push_str(&format!(
+        "scap_served_bytes_total {}\n",
+        stats.bytes_served.load(Ordering::Relaxed)
+    ));
+    out.push_str("# HELP scap_fleet_hosts Hosts running each version (at the last poll).\n# TYPE scap_fleet_hosts gauge\n");
+    let mut shares = String::from(
+        "# HELP scap_fleet_traffic_share_ratio Share of traffic weight on each version, 0 to 1.\n# TYPE scap_fleet_traffic_share_ratio gauge\n",
+    );
+    for v in st["versions"].as_array().into_iter().flatten() {
+        let id = v["version"].as_str().unwrap_or("");
+        let label = label_value(v["label"].as_str().unwrap_or(""));
+        out.push_str(&format!(
+            "scap_fleet_hosts{{version=\"{id}\",label=\"{label}\"}} {}\n",
+            v["hosts"].as_array().map_or(0, Vec::len)
+        ));
+        shares.push_str(&format!(
+            "scap_fleet_traffic_share_ratio{{version=\"{id}\",label=\"{label}\"}} {}\n",
+            v["share"].as_f64().unwrap_or(0.0) / 100.0
+        ));
+    }
+    out.push_str(&shares);
+    out.push_str("# HELP scap_fleet_unreachable_hosts Hosts that did not answer the last poll.\n# TYPE scap_fleet_unreachable_hosts gauge\n");
+    out.push_str(&format!(
+        "scap_fleet_unreachable_hosts {}\n",
+        st["unreachable"]["hosts"].as_array().map_or(0, Vec::len)
+    ));
+    out.push_str("# HELP scap_fleet_last_poll_timestamp_seconds When the agents were last polled.\n# TYPE scap_fleet_last_poll_timestamp_seconds gauge\n");
+    out.push_str(&format!(
+        "scap_fleet_last_poll_timestamp_seconds {}\n",
+        st["polled_at"].as_u64().unwrap_or(0)
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
