@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::host_cmds::{ProgressLine, clock, read_token, report, resolve_version};
+use super::host_cmds::{ProgressLine, clock, read_token, report, resolve_version, runtime};
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
 use crate::fleet::deploy::{GateChoice, Operator, Rollout, pct};
@@ -71,12 +71,6 @@ impl FleetArgs {
 /// Where the deploy lock and history live: beside the store.
 fn fleet_dir(ctx: &Ctx) -> PathBuf {
     ctx.store_path.join("fleet")
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
 }
 
 fn command_line() -> String {
@@ -269,7 +263,7 @@ fn run_rollout(
     if let Some(cmd) = &r.announce {
         announce(cmd, &format!("{}: {}", lock::user(), outcome.message));
     }
-    Ok(if outcome.ok { exit::OK } else { exit::FAILURE })
+    Ok(exit::from(outcome.ok))
 }
 
 fn announce(cmd: &str, line: &str) {
@@ -573,11 +567,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         report(&results, false)?;
         println!("{message}");
     }
-    Ok(if failed.is_empty() {
-        exit::OK
-    } else {
-        exit::FAILURE
-    })
+    Ok(exit::from(failed.is_empty()))
 }
 
 #[derive(Args, Debug)]
@@ -685,11 +675,7 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
         },
     );
     println!("{message}");
-    Ok(if failed.is_empty() {
-        exit::OK
-    } else {
-        exit::FAILURE
-    })
+    Ok(exit::from(failed.is_empty()))
 }
 
 #[derive(Args, Debug)]

@@ -22,10 +22,16 @@ use crate::time::fmt_bytes;
 /// Default agent directory on a host.
 pub const DEFAULT_AGENT_DIR: &str = "/var/lib/scap";
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}: is another scap (or anything) using that port?")
+    })
 }
 
 /// Reads a bearer token file, refusing one that others can read.
@@ -74,9 +80,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let listener = bind(a.listen).await?;
         let addr = listener.local_addr()?;
         let (app, state) = server::router(store, a.concurrency);
         let members = if a.hosts.is_empty() && a.inventory.is_none() {
@@ -163,9 +167,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let listener = bind(a.listen).await?;
         let addr = listener.local_addr()?;
         let (app, _) = crate::host::api::router(agent, token);
         println!("scap agent: host {host} listening on http://{addr}");

@@ -18,6 +18,11 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     pub const PROBLEMS_FOUND: i32 = 3;
     pub const NOT_FOUND: i32 = 4;
+
+    /// `OK` on success, else `FAILURE`.
+    pub fn from(ok: bool) -> i32 {
+        if ok { OK } else { FAILURE }
+    }
 }
 
 /// Default store directory when neither --store nor SCAP_STORE nor scap.toml say.

@@ -367,16 +367,8 @@ impl Agent {
     /// Prepares a release of `v` (from the local store) and switches to it.
     fn switch_to(&self, v: &VersionId, by: &str, started: Instant) -> Result<Outcome, AgentError> {
         let st = self.state();
-        let live = release::live_slot(&self.cfg.dir);
-        let prev_slot = st
-            .previous
-            .as_ref()
-            .and_then(|d| self.releases.find(&d.version));
-        let keep: Vec<&str> = live
-            .iter()
-            .chain(prev_slot.iter())
-            .map(String::as_str)
-            .collect();
+        let protected = self.protected_slots(&st);
+        let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
         let stable = st.stable.as_ref().map(|d| d.version);
         let phase = Instant::now();
         let prepared = self
@@ -477,6 +469,17 @@ impl Agent {
         Ok(())
     }
 
+    /// Slots never written by a deploy: the live one and the previous
+    /// release's (requests may still run there; rollback switches to it).
+    fn protected_slots(&self, st: &HostState) -> Vec<String> {
+        let live = release::live_slot(&self.cfg.dir);
+        let previous = st
+            .previous
+            .as_ref()
+            .and_then(|d| self.releases.find(&d.version));
+        live.into_iter().chain(previous).collect()
+    }
+
     /// Work after a switch that the next deploy benefits from but this one
     /// need not wait for (the API runs it in the background, holding the
     /// host's operation lock): bring the spare release slot to the live
@@ -486,16 +489,8 @@ impl Agent {
         let started = Instant::now();
         let st = self.state();
         if let Some(cur) = &st.current {
-            let live = release::live_slot(&self.cfg.dir);
-            let prev_slot = st
-                .previous
-                .as_ref()
-                .and_then(|d| self.releases.find(&d.version));
-            let keep: Vec<&str> = live
-                .iter()
-                .chain(prev_slot.iter())
-                .map(String::as_str)
-                .collect();
+            let protected = self.protected_slots(&st);
+            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
             if let Some(p) = self
                 .releases
                 .prepare_spare(&self.store, &cur.version, &keep)?
