@@ -106,35 +106,47 @@ fn version_at(state: &serde_json::Value, key: &str) -> Option<VersionId> {
     state[key]["version"].as_str().and_then(|s| s.parse().ok())
 }
 
+/// Reads an agent's `/v1/state` answer; refuses a state format newer than
+/// this scap knows rather than misread it.
+pub fn view_of(member: &Member, body: &serde_json::Value) -> Result<HostView, String> {
+    let st = &body["state"];
+    let format = st["format"].as_u64().unwrap_or(0);
+    if format > u64::from(STATE_FORMAT) {
+        return Err(format!(
+            "{}: state file is format v{format}, this scap reads up to v{STATE_FORMAT}: upgrade scap on the deploy host",
+            member.host
+        ));
+    }
+    let last_sync = st["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["action"] == "sync" && e["ok"] == true))
+        .map(|e| {
+            (
+                e["seconds"].as_f64().unwrap_or(0.0),
+                e["time"].as_u64().unwrap_or(0),
+            )
+        });
+    Ok(HostView {
+        current: version_at(st, "current"),
+        previous: version_at(st, "previous"),
+        stable: version_at(st, "stable"),
+        since: st["current"]["since"].as_u64(),
+        busy: body["busy"] == true,
+        last_error: st["last_error"]["message"].as_str().map(str::to_string),
+        last_sync,
+    })
+}
+
 /// Reads every host's state, all at once; a host that does not answer
 /// within the agents' timeout is unreachable, never "on" anything.
 pub async fn poll(agents: &Agents, members: &[Member], concurrency: usize) -> Vec<Reading> {
     use futures_util::StreamExt;
     futures_util::stream::iter(members.iter().cloned())
         .map(|member| async move {
-            let view = agents.get(&member.host, "/v1/state").await.and_then(|body| {
-                let st = &body["state"];
-                let format = st["format"].as_u64().unwrap_or(0);
-                if format > u64::from(STATE_FORMAT) {
-                    return Err(format!(
-                        "{}: state file is format v{format}, this scap reads up to v{STATE_FORMAT}: upgrade scap on the deploy host",
-                        member.host
-                    ));
-                }
-                let last_sync = st["history"]
-                    .as_array()
-                    .and_then(|h| h.iter().find(|e| e["action"] == "sync" && e["ok"] == true))
-                    .map(|e| (e["seconds"].as_f64().unwrap_or(0.0), e["time"].as_u64().unwrap_or(0)));
-                Ok(HostView {
-                    current: version_at(st, "current"),
-                    previous: version_at(st, "previous"),
-                    stable: version_at(st, "stable"),
-                    since: st["current"]["since"].as_u64(),
-                    busy: body["busy"] == true,
-                    last_error: st["last_error"]["message"].as_str().map(str::to_string),
-                    last_sync,
-                })
-            });
+            let view = agents
+                .get(&member.host, "/v1/state")
+                .await
+                .and_then(|body| view_of(&member, &body));
             Reading { member, view }
         })
         .buffered(concurrency.max(1))
@@ -394,6 +406,20 @@ mod tests {
         let t = top_up(&r, &v, Percent::ALL);
         assert!(t.short());
         assert_eq!(t.reached(), 94.7);
+    }
+
+    #[test]
+    fn a_newer_state_format_is_refused_not_misread() {
+        let m = member(1, 1, "eqiad", false);
+        let (v, _) = ids();
+        let ok = serde_json::json!({"state": {"format": 1, "current": {"version": v, "since": 5}}, "busy": false});
+        assert_eq!(view_of(&m, &ok).unwrap().current, Some(v));
+        let newer = serde_json::json!({"state": {"format": 3, "current": {"version": v}}});
+        let e = view_of(&m, &newer).unwrap_err();
+        assert_eq!(
+            e,
+            "mw1001: state file is format v3, this scap reads up to v1: upgrade scap on the deploy host"
+        );
     }
 
     #[test]

@@ -397,3 +397,63 @@ fn a_file_that_keeps_changing_is_never_recorded_wrong() {
         );
     }
 }
+
+#[test]
+fn an_unreadable_file_is_named() {
+    // Root reads everything: run scap as nobody, as a deploy user would be.
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    if !root {
+        eprintln!(
+            "an_unreadable_file_is_named: needs root to run scap as another user; CI runs as root"
+        );
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mw = env.path("mw");
+    write(&mw, "index.php", b"<?php\n");
+    write(&mw, "private/secret.php", b"<?php // root only\n");
+    fs::set_permissions(
+        mw.join("private/secret.php"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let store = env.path("nobody-store");
+    fs::create_dir(&store).unwrap();
+    assert!(
+        std::process::Command::new("chown")
+            .args(["65534:65534"])
+            .arg(&store)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            SCAP,
+            "--store",
+        ])
+        .arg(&store)
+        .args(["build-manifest", "--component"])
+        .arg(format!("mediawiki={}", mw.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("private/secret.php")
+            && err.contains("cannot read")
+            && err.contains("exclude"),
+        "{err}"
+    );
+    // Nothing was recorded, and the store is still valid.
+    assert_eq!(fs::read_dir(store.join("versions")).unwrap().count(), 0);
+}
