@@ -773,6 +773,11 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
             if h["busy"] == true {
                 note.push_str(" busy");
             }
+            if let Some(n) = h["drift"].as_u64().filter(|&n| n > 0) {
+                note.push_str(&format!(
+                    " DRIFT: {n} file(s) edited by hand (scap verify --live)"
+                ));
+            }
             if let Some(e) = h["last_error"].as_str() {
                 note.push_str(&format!(
                     " last error: {}",

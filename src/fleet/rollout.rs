@@ -90,6 +90,9 @@ pub struct HostView {
     pub last_error: Option<String>,
     /// Seconds the last sync took, and when it happened.
     pub last_sync: Option<(f64, u64)>,
+    /// Files the host's last drift check found edited by hand (`None`: not
+    /// checked since the host switched).
+    pub drift: Option<u64>,
 }
 
 impl Reading {
@@ -134,6 +137,7 @@ pub fn view_of(member: &Member, body: &serde_json::Value) -> Result<HostView, St
         busy: body["busy"] == true,
         last_error: st["last_error"]["message"].as_str().map(str::to_string),
         last_sync,
+        drift: body["drift"]["changed"].as_u64(),
     })
 }
 
@@ -324,6 +328,7 @@ mod tests {
                         busy: false,
                         last_error: None,
                         last_sync: None,
+                        drift: None,
                     })
                 },
             })

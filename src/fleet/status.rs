@@ -89,6 +89,7 @@ pub fn fleet_status(
                     h["last_error"] = v.last_error.clone().into();
                     h["last_sync_seconds"] = v.last_sync.map(|s| s.0).into();
                     h["last_sync_time"] = v.last_sync.map(|s| s.1).into();
+                    h["drift"] = v.drift.into();
                 }
                 Err(e) => {
                     h["reachable"] = false.into();

@@ -105,6 +105,7 @@ async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
         "state": st.agent.state(),
         "slots": st.agent.slots(),
         "busy": busy.is_some(),
+        "drift": st.agent.last_drift(),
     }))
     .into_response()
 }

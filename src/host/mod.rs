@@ -89,6 +89,20 @@ pub struct Agent {
     releases: Releases,
     state: Mutex<HostState>,
     pub counters: AgentCounters,
+    /// The last drift check of the live release (after each switch, and on
+    /// every `GET /v1/verify`), for the fleet's status.
+    last_drift: Mutex<Option<DriftSummary>>,
+}
+
+/// What the last drift check found, in `/v1/state`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DriftSummary {
+    pub checked_at: u64,
+    pub version: VersionId,
+    /// Files that differ from the version (edited, added or removed by hand).
+    pub changed: usize,
+    /// The first few of them.
+    pub paths: Vec<String>,
 }
 
 /// What a sync or rollback did.
@@ -134,6 +148,7 @@ impl Agent {
             releases,
             state: Mutex::new(state),
             counters: AgentCounters::default(),
+            last_drift: Mutex::new(None),
         };
         agent.reconcile()?;
         agent.make_links()?;
@@ -505,6 +520,9 @@ impl Agent {
             }
         }
         self.collect_garbage()?;
+        // A fresh release matches its version; checking it here gives the
+        // fleet's status a baseline that `GET /v1/verify` keeps current.
+        self.verify_live()?;
         tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
     }
@@ -546,7 +564,24 @@ impl Agent {
         let dir = self.cfg.dir.join("current");
         let dir = std::fs::canonicalize(&dir)
             .map_err(|e| AgentError::Setup(dir.display().to_string(), e.to_string()))?;
-        Ok(drift::check(&self.store, &dir, &cur.version.root())?)
+        let d = drift::check(&self.store, &dir, &cur.version.root())?;
+        *self.last_drift.lock().expect("not poisoned") = Some(DriftSummary {
+            checked_at: unix_now(),
+            version: cur.version,
+            changed: d.changes.len(),
+            paths: d.changes.iter().take(10).map(|c| c.1.clone()).collect(),
+        });
+        Ok(d)
+    }
+
+    /// The last drift check, if it was of the version now live.
+    pub fn last_drift(&self) -> Option<DriftSummary> {
+        let cur = self.state().current.map(|d| d.version);
+        self.last_drift
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .filter(|d| Some(d.version) == cur)
     }
 }
 

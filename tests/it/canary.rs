@@ -516,3 +516,31 @@ fn ctrl_c_stops_between_steps_and_releases_the_lock() {
     let h: Value = serde_json::from_str(&fleet.env.ok(&["history", "--json"])).unwrap();
     assert_eq!(h[0]["ok"], false);
 }
+
+#[test]
+fn status_shows_hosts_edited_by_hand() {
+    let (fleet, _old, _new) = fleet_with_two_versions(2);
+    // The baseline check runs after the switch, in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fleet.get(1, "/v1/state").1["drift"]["changed"] != json!(0) {
+        assert!(std::time::Instant::now() < deadline, "no drift baseline");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    fs::write(
+        fleet.live(1, "mediawiki").join("index.php"),
+        b"<?php // hotfix by hand\n",
+    )
+    .unwrap();
+    let (_, d) = fleet.get(1, "/v1/verify");
+    assert_eq!(d["changes"].as_array().unwrap().len(), 1);
+    let st = fleet.status();
+    let drift: Vec<Value> = st["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["drift"].clone())
+        .collect();
+    assert_eq!(drift, vec![json!(0), json!(1)]);
+    let text = String::from_utf8_lossy(&fleet.run(&["status"]).stdout).into_owned();
+    assert!(text.contains("DRIFT: 1 file(s) edited by hand"), "{text}");
+}
