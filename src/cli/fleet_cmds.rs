@@ -68,6 +68,24 @@ impl FleetArgs {
     }
 }
 
+/// Parses `20`, `20s`, `2m` or `1h`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
+    let (num, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s.trim()[..i], &s.trim()[i..]),
+        None => (s.trim(), "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
 /// Where the deploy lock and history live: beside the store.
 fn fleet_dir(ctx: &Ctx) -> PathBuf {
     ctx.store_path.join("fleet")
@@ -130,9 +148,9 @@ pub struct RolloutArgs {
     /// Health check command after each step; gets SCAP_VERSION, SCAP_HOSTS, SCAP_PERCENT (repeatable)
     #[arg(long = "check-cmd", value_name = "CMD")]
     check_cmds: Vec<String>,
-    /// Seconds to wait before each step's health gates (scap's canary_wait_time)
-    #[arg(long, default_value_t = 20)]
-    wait: u64,
+    /// How long to wait before each step's health gates (scap's canary_wait_time): 20s, 2m, 0
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    wait: Duration,
     /// Hosts that may fail or be down before a step stops: N or P%
     #[arg(long, default_value = "0")]
     max_failures: String,
@@ -236,7 +254,7 @@ fn run_rollout(
         stages,
         gates,
         force: r.force,
-        wait: Duration::from_secs(r.wait),
+        wait: r.wait,
         budget,
         dry_run: r.dry_run,
         concurrency: r.concurrency,
@@ -550,6 +568,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
             version,
             target: Some(a.to.clone()),
             reached: None,
+            gates: None,
             hosts: results
                 .iter()
                 .filter(|r| r.ok)
@@ -663,6 +682,7 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
             version: Some(version),
             target: None,
             reached: Some(share(on, total)),
+            gates: None,
             hosts: results
                 .iter()
                 .filter(|(_, r)| r.is_ok())

@@ -97,15 +97,25 @@ impl Rollout<'_> {
             message,
         };
         for (n, &stage) in self.stages.iter().enumerate() {
+            // What this step's health gates said, for the history.
+            let mut gates = if self.gates.is_empty() {
+                "none"
+            } else {
+                "not run"
+            };
             if self.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-                return self.record(finish(
-                    false,
-                    "interrupted (Ctrl-C): no further hosts were started".into(),
-                    &changed,
-                    &failed,
-                    reached,
-                    vec![],
-                ));
+                return self.record(
+                    stage,
+                    gates,
+                    finish(
+                        false,
+                        "interrupted (Ctrl-C): no further hosts were started".into(),
+                        &changed,
+                        &failed,
+                        reached,
+                        vec![],
+                    ),
+                );
             }
             let readings = poll(self.agents, &self.members, 64).await;
             let down: Vec<&Reading> = readings.iter().filter(|r| r.view.is_err()).collect();
@@ -118,7 +128,11 @@ impl Rollout<'_> {
                     down.len(),
                     readings.len()
                 );
-                return self.record(finish(false, msg, &changed, &failed, reached, vec![]));
+                return self.record(
+                    stage,
+                    gates,
+                    finish(false, msg, &changed, &failed, reached, vec![]),
+                );
             }
             let plan = top_up(&readings, &self.version, stage);
             self.describe(op, &plan, &readings, stage);
@@ -205,12 +219,17 @@ impl Rollout<'_> {
                             .join(", "),
                         pct(reached)
                     );
-                    return self.record(finish(false, msg, &changed, &failed, reached, vec![]));
+                    return self.record(
+                        stage,
+                        gates,
+                        finish(false, msg, &changed, &failed, reached, vec![]),
+                    );
                 }
                 // Health gates on this step's hosts.
                 if self.force {
                     if !self.gates.is_empty() {
                         op.say("--force: SKIPPING HEALTH GATES");
+                        gates = "skipped (--force)";
                     }
                 } else if !self.gates.is_empty() && !step.is_empty() {
                     if !self.wait.is_zero() {
@@ -228,6 +247,7 @@ impl Rollout<'_> {
                             .await;
                         if failures.is_empty() {
                             op.say(&format!("health gates passed on {} host(s)", hosts.len()));
+                            gates = "passed";
                             break;
                         }
                         for f in &failures {
@@ -235,16 +255,24 @@ impl Rollout<'_> {
                         }
                         match op.gate_failed(&failures) {
                             GateChoice::Retry => continue,
-                            GateChoice::Ignore => break,
+                            GateChoice::Ignore => {
+                                gates = "failed (ignored by the operator)";
+                                break;
+                            }
                             GateChoice::Exit => {
-                                return self.record(finish(
-                                    false,
-                                    "health gate failed; stopped (hosts left as they are)".into(),
-                                    &changed,
-                                    &failed,
-                                    reached,
-                                    vec![],
-                                ));
+                                return self.record(
+                                    stage,
+                                    "failed",
+                                    finish(
+                                        false,
+                                        "health gate failed; stopped (hosts left as they are)"
+                                            .into(),
+                                        &changed,
+                                        &failed,
+                                        reached,
+                                        vec![],
+                                    ),
+                                );
                             }
                             GateChoice::Rollback => {
                                 let back = self.roll_back(op, &changed).await;
@@ -252,28 +280,44 @@ impl Rollout<'_> {
                                     "health gate failed at {stage}: rolled back the {} host(s) this command changed",
                                     back.len()
                                 );
-                                return self
-                                    .record(finish(false, msg, &changed, &failed, reached, back));
+                                return self.record(
+                                    stage,
+                                    "failed",
+                                    finish(false, msg, &changed, &failed, reached, back),
+                                );
                             }
                         }
                     }
                 }
             }
             op.say(&format!("{} of production traffic synced", pct(reached)));
+            let msg = format!("{} on {} of production traffic", self.label, pct(reached));
+            self.record(
+                stage,
+                gates,
+                finish(
+                    failed.is_empty() && !short,
+                    msg,
+                    &changed,
+                    &failed,
+                    reached,
+                    vec![],
+                ),
+            );
             if n + 1 < self.stages.len()
                 && !op.confirm(&format!(
                     "{} of production traffic synced: continue [y/N]?",
                     pct(reached)
                 ))
             {
-                return self.record(finish(
+                return finish(
                     true,
                     format!("stopped by the operator at {}", pct(reached)),
                     &changed,
                     &failed,
                     reached,
                     vec![],
-                ));
+                );
             }
         }
         if self.dry_run {
@@ -289,8 +333,9 @@ impl Rollout<'_> {
         let msg = format!("{} on {} of production traffic", self.label, pct(reached));
         // Not reaching the last stage's share (a host down within the
         // failure budget) is reported as a failure too: never silently.
+        // Every step is in the history already.
         let whole = failed.is_empty() && !short;
-        self.record(finish(whole, msg, &changed, &failed, reached, vec![]))
+        finish(whole, msg, &changed, &failed, reached, vec![])
     }
 
     fn describe(&self, op: &mut dyn Operator, plan: &TopUp, readings: &[Reading], stage: Percent) {
@@ -364,13 +409,16 @@ impl Rollout<'_> {
         back
     }
 
-    fn record(&self, o: Outcome) -> Outcome {
+    /// Appends one step (a stage, or where the command stopped) to the
+    /// deploy history.
+    fn record(&self, stage: Percent, gates: &str, o: Outcome) -> Outcome {
         let entry = Entry {
             time: crate::time::unix_now(),
             user: self.by.clone(),
             action: "sync".into(),
             version: Some(self.version),
-            target: self.stages.last().map(|s| s.to_string()),
+            target: Some(stage.to_string()),
+            gates: Some(gates.to_string()),
             reached: Some(o.reached),
             hosts: o.changed.clone(),
             failed: o.failed.clone(),

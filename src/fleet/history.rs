@@ -21,6 +21,10 @@ pub struct Entry {
     pub target: Option<String>,
     #[serde(default)]
     pub reached: Option<f64>,
+    /// The step's health gates: "passed", "failed", "skipped (--force)",
+    /// "none" (no gates configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gates: Option<String>,
     /// Hosts this command changed, and those that failed.
     pub hosts: Vec<String>,
     pub failed: Vec<String>,
