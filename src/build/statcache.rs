@@ -75,6 +75,14 @@ impl StatCache {
             .map(|c| c.chunks.as_slice())
     }
 
+    /// Moves an entry out if its stamp matches.
+    pub fn take(&mut self, rel: &[u8], stamp: &Stamp) -> Option<Cached> {
+        match self.entries.get(rel) {
+            Some(c) if c.stamp == *stamp => self.entries.remove(rel),
+            _ => None,
+        }
+    }
+
     /// Writes the cache (see [`save`]).
     pub fn save(&self, path: &Path, walk_start_ns: i64) -> std::io::Result<()> {
         save(
