@@ -189,7 +189,10 @@ impl Rollout<'_> {
                         step.push(m);
                     } else {
                         op.say(&format!("FAIL {}", r.error.as_deref().unwrap_or("")));
-                        failed.push(r.host.clone());
+                        // A host that fails again in a later stage is one failure.
+                        if !failed.contains(&r.host) {
+                            failed.push(r.host.clone());
+                        }
                     }
                 }
                 let on_weight: u64 = plan
@@ -200,7 +203,11 @@ impl Rollout<'_> {
                     + step.iter().map(|m| m.weight).sum::<u64>();
                 reached = share(on_weight, plan.total_weight);
                 short = on_weight < plan.needed_weight;
-                let fails = failed.len() + down.len();
+                // Distinct hosts that failed in any step or do not answer now.
+                let down_names: Vec<String> =
+                    down.iter().map(|r| r.member.host.to_string()).collect();
+                let fails =
+                    failed.len() + down_names.iter().filter(|d| !failed.contains(d)).count();
                 op.step_done(&stage.to_string(), step.len(), results.len() - step.len());
                 if !self.budget.allows(fails, readings.len()) {
                     let msg = format!(
@@ -311,7 +318,7 @@ impl Rollout<'_> {
                 ))
             {
                 return finish(
-                    true,
+                    failed.is_empty() && !short,
                     format!("stopped by the operator at {}", pct(reached)),
                     &changed,
                     &failed,

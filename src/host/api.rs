@@ -171,38 +171,42 @@ async fn exclusive<T: serde::Serialize + Send + 'static>(
         }
     };
     *guard = Some(what);
-    let handle = tokio::runtime::Handle::current();
+    // The operation runs in its own task, which owns the lock: if the
+    // client goes away (and axum drops this handler), the operation still
+    // finishes under the lock, and no second one can start beside it.
     let st2 = st.clone();
-    let result = tokio::task::spawn_blocking(move || op(&st2.agent, &handle)).await;
-    match result {
-        Ok(Ok(v)) => {
-            if switched(&v) {
-                *guard = Some("after-switch work".into());
-                st.background.store(true, Ordering::SeqCst);
-                let st3 = st.clone();
-                tokio::spawn(async move {
-                    let st4 = st3.clone();
-                    let r = tokio::task::spawn_blocking(move || st4.agent.after_switch()).await;
-                    if let Ok(Err(e)) = r {
-                        tracing::warn!("after-switch work failed: {e}");
-                    }
-                    st3.background.store(false, Ordering::SeqCst);
-                    *guard = None;
-                    drop(guard);
-                });
-            } else {
+    let task = tokio::spawn(async move {
+        let handle = tokio::runtime::Handle::current();
+        let st3 = st2.clone();
+        let result = tokio::task::spawn_blocking(move || op(&st3.agent, &handle)).await;
+        if let Ok(Ok(v)) = &result
+            && switched(v)
+        {
+            *guard = Some("after-switch work".into());
+            st2.background.store(true, Ordering::SeqCst);
+            let st4 = st2.clone();
+            tokio::spawn(async move {
+                let st5 = st4.clone();
+                let r = tokio::task::spawn_blocking(move || st5.agent.after_switch()).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!("after-switch work failed: {e}");
+                }
+                // Unlock first: a request arriving meanwhile still sees
+                // `background` and waits instead of being refused.
                 *guard = None;
-            }
-            Json(v).into_response()
-        }
-        Ok(Err(e)) => {
+                drop(guard);
+                st4.background.store(false, Ordering::SeqCst);
+            });
+        } else {
             *guard = None;
-            error_response(e)
+            drop(guard);
         }
-        Err(e) => {
-            *guard = None;
-            json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
+        result
+    });
+    match task.await {
+        Ok(Ok(Ok(v))) => Json(v).into_response(),
+        Ok(Ok(Err(e))) => error_response(e),
+        Ok(Err(e)) | Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

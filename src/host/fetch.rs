@@ -9,7 +9,7 @@
 //! deepest first, so the invariant holds at every instant. An interrupted
 //! fetch keeps the chunks it stored and re-asks only for trees.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::net::client::{Client, FetchError};
 use crate::store::disk::Writer;
@@ -44,7 +44,8 @@ pub async fn fetch_version(
             .requests
             .load(std::sync::atomic::Ordering::Relaxed),
     );
-    let mut levels: Vec<Vec<(TreeId, Vec<u8>)>> = Vec::new();
+    // Every fetched tree: its object file and the subtrees it lists.
+    let mut fetched: HashMap<TreeId, (Vec<u8>, Vec<TreeId>)> = HashMap::new();
     let mut seen: HashSet<ObjectId> = HashSet::new();
     let mut chunks: Vec<(ObjectId, ObjectKind, u64)> = Vec::new();
     let mut frontier = vec![v.root()];
@@ -75,11 +76,12 @@ pub async fn fetch_version(
             })
             .await?;
         let mut next = Vec::new();
-        let mut level = Vec::new();
         for (id, file, tree) in got.into_inner().expect("not poisoned") {
+            let mut subtrees = Vec::new();
             for e in tree.entries() {
                 match &e.content {
                     Content::Dir { tree: sub, .. } => {
+                        subtrees.push(*sub);
                         if !store.has(&sub.object()) && seen.insert(sub.object()) {
                             next.push(*sub);
                         }
@@ -95,10 +97,10 @@ pub async fn fetch_version(
                     Content::Symlink { .. } => {}
                 }
             }
-            level.push((id, file));
+            if fetched.insert(id, (file, subtrees)).is_none() {
+                out.trees += 1;
+            }
         }
-        out.trees += level.len() as u64;
-        levels.push(level);
         frontier = next;
     }
     out.chunks = chunks.len() as u64;
@@ -107,11 +109,32 @@ pub async fn fetch_version(
             writer.put_verified(id, kind, file).map(|_| ())
         })
         .await?;
-    for level in levels.iter().rev() {
-        for (id, file) in level {
+    // Trees in post-order: each after every subtree it lists, so that a
+    // tree in the store always has everything below it, even if this loop
+    // stops half-way (a full disk). A subtree listed at several depths is
+    // stored once, before the first tree that needs it.
+    let mut stored: HashSet<TreeId> = HashSet::new();
+    let mut stack: Vec<(TreeId, bool)> = vec![(v.root(), false)];
+    while let Some((id, children_done)) = stack.pop() {
+        let Some((file, subtrees)) = fetched.get(&id) else {
+            continue; // was in the store already
+        };
+        if stored.contains(&id) {
+            continue;
+        }
+        if children_done {
             writer
                 .put_verified(id.object(), ObjectKind::Tree, file)
                 .map_err(FetchError::Store)?;
+            stored.insert(id);
+        } else {
+            stack.push((id, true));
+            stack.extend(
+                subtrees
+                    .iter()
+                    .filter(|s| !stored.contains(s))
+                    .map(|s| (*s, false)),
+            );
         }
     }
     out.bytes = client

@@ -92,6 +92,8 @@ pub struct Agent {
     /// The last drift check of the live release (after each switch, and on
     /// every `GET /v1/verify`), for the fleet's status.
     last_drift: Mutex<Option<DriftSummary>>,
+    /// The slot that was live before the last switch.
+    previous_slot: Mutex<Option<String>>,
 }
 
 /// What the last drift check found, in `/v1/state`.
@@ -149,6 +151,7 @@ impl Agent {
             state: Mutex::new(state),
             counters: AgentCounters::default(),
             last_drift: Mutex::new(None),
+            previous_slot: Mutex::new(None),
         };
         agent.reconcile()?;
         agent.make_links()?;
@@ -260,7 +263,9 @@ impl Agent {
             });
         }
         let result = self.sync_inner(req, rt, started);
-        self.finish("sync", Some(req.version), from, &req.by, started, &result)?;
+        if let Err(e) = self.finish("sync", Some(req.version), from, &req.by, started, &result) {
+            tracing::warn!("cannot record the sync in the state file: {e}");
+        }
         result
     }
 
@@ -340,7 +345,9 @@ impl Agent {
             )));
         }
         let result = self.switch_to(&target, by, started);
-        self.finish("rollback", Some(target), from, by, started, &result)?;
+        if let Err(e) = self.finish("rollback", Some(target), from, by, started, &result) {
+            tracing::warn!("cannot record the rollback in the state file: {e}");
+        }
         result
     }
 
@@ -407,8 +414,15 @@ impl Agent {
                 },
             )?;
         }
+        let was_live = release::live_slot(&self.cfg.dir);
         release::switch(&self.cfg.dir, &prepared.slot)?;
-        self.releases.touch(&prepared.slot)?;
+        // The host runs `v` from here on: what fails below is reported in
+        // the log, not as a failed sync (the controller would then count a
+        // switched host as unchanged).
+        *self.previous_slot.lock().expect("not poisoned") = was_live;
+        if let Err(e) = self.releases.touch(&prepared.slot) {
+            tracing::warn!("{e}");
+        }
         {
             let mut st = self.state.lock().expect("not poisoned");
             st.previous = st.current.take();
@@ -417,7 +431,12 @@ impl Agent {
                 since: unix_now(),
                 by: by.to_string(),
             });
-            st.save(&self.state_path())?;
+            if let Err(e) = st.save(&self.state_path()) {
+                tracing::warn!(
+                    "switched to {}, but cannot save the state file: {e}",
+                    v.short()
+                );
+            }
         }
         if let Some(hook) = &self.cfg.post_switch
             && let Err((status, output)) =
@@ -486,12 +505,27 @@ impl Agent {
 
     /// Slots never written by a deploy: the live one and the previous
     /// release's (requests may still run there; rollback switches to it).
+    /// The previous slot is the one that was live before the last switch
+    /// (several slots may hold the same version); after a restart, any slot
+    /// holding the previous version.
     fn protected_slots(&self, st: &HostState) -> Vec<String> {
         let live = release::live_slot(&self.cfg.dir);
-        let previous = st
-            .previous
-            .as_ref()
-            .and_then(|d| self.releases.find(&d.version));
+        let remembered = self
+            .previous_slot
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .filter(|s| {
+                let m = self.releases.meta(s);
+                m.clean
+                    && m.version.is_some()
+                    && m.version == st.previous.as_ref().map(|d| d.version)
+            });
+        let previous = remembered.or_else(|| {
+            st.previous
+                .as_ref()
+                .and_then(|d| self.releases.find(&d.version))
+        });
         live.into_iter().chain(previous).collect()
     }
 

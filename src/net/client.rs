@@ -219,27 +219,39 @@ impl Client {
                 self.stats
                     .bytes
                     .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                match &mut unzstd {
-                    Some(z) => {
-                        use std::io::Write;
-                        z.write_all(&piece).and_then(|()| z.flush()).map_err(|e| {
-                            SourceError::Source(format!("{url}: bad zstd stream: {e}"))
-                        })?;
-                        decoder.push(z.get_ref());
-                        z.get_mut().clear();
-                    }
-                    None => decoder.push(&piece),
-                }
+                // Frames are taken out after every small step of input, so
+                // memory is bounded by the objects asked for, whatever a
+                // hostile (compressed) stream expands to.
                 let mut arrived = Vec::new();
-                while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
-                    let Some(&kind) = kinds.get(&frame.id) else {
-                        return Err(SourceError::Source(format!(
-                            "{url}: sent object {} that was not asked for",
-                            frame.id
-                        )));
-                    };
-                    if let Some(file) = frame.file {
-                        arrived.push((frame.id, kind, file));
+                let mut seen_here = std::collections::HashSet::new();
+                for step in piece.chunks(1024) {
+                    match &mut unzstd {
+                        Some(z) => {
+                            use std::io::Write;
+                            z.write_all(step).and_then(|()| z.flush()).map_err(|e| {
+                                SourceError::Source(format!("{url}: bad zstd stream: {e}"))
+                            })?;
+                            decoder.push(z.get_ref());
+                            z.get_mut().clear();
+                        }
+                        None => decoder.push(step),
+                    }
+                    while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
+                        let Some(&kind) = kinds.get(&frame.id) else {
+                            return Err(SourceError::Source(format!(
+                                "{url}: sent object {} that was not asked for",
+                                frame.id
+                            )));
+                        };
+                        if done.contains(&frame.id) || !seen_here.insert(frame.id) {
+                            return Err(SourceError::Source(format!(
+                                "{url}: sent object {} twice",
+                                frame.id
+                            )));
+                        }
+                        if let Some(file) = frame.file {
+                            arrived.push((frame.id, kind, file));
+                        }
                     }
                 }
                 // Verifying and storing is the CPU-heavy part: use every core.

@@ -311,9 +311,33 @@ impl Store {
             }
             let suffix = format!(".{}.tmp", entry.file_name().to_string_lossy());
             self.remove_temp_files(&suffix)?;
+            // What survived verification may still be only in the page
+            // cache (the session died, the machine did not): make it
+            // durable before the journal that covers it goes.
+            rustix::fs::syncfs(&file)
+                .map_err(io::Error::from)
+                .at(&self.root)?;
             fs::remove_file(&path).at(&path)?;
         }
         Ok(())
+    }
+
+    /// Whether a writer session other than `own` is running: its objects
+    /// may be unsynced, and a session that found them "already there"
+    /// must sync more than its own files before referencing them.
+    fn other_live_sessions(&self, own: &Path) -> bool {
+        let dir = self.root.join("journal");
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return true;
+        };
+        rd.flatten().any(|e| {
+            e.path() != own
+                && OpenOptions::new()
+                    .write(true)
+                    .open(e.path())
+                    .map(|f| f.try_lock().is_err())
+                    .unwrap_or(false)
+        })
     }
 
     /// Removes objects written since `since` that fail verification, then
@@ -820,7 +844,7 @@ impl Writer<'_> {
         }
         self.finished = true;
         let written = self.written.load(Ordering::Relaxed);
-        if written as usize > FSYNC_EACH_MAX {
+        if written as usize > FSYNC_EACH_MAX || self.store.other_live_sessions(&self.journal_path) {
             rustix::fs::syncfs(&self.journal)
                 .map_err(io::Error::from)
                 .at(self.store.root())?;

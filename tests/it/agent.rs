@@ -192,6 +192,7 @@ fn rollback_is_a_switch_and_promote_sets_stable() {
     versioned_tree(&staging, "v2");
     let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     let mut server_url = fleet.serve();
+    let mut v2_slot = String::new();
     for v in [&v1, &v2] {
         let (code, r) = fleet.post(
             0,
@@ -199,6 +200,7 @@ fn rollback_is_a_switch_and_promote_sets_stable() {
             json!({"version": v, "sources": [server_url]}),
         );
         assert_eq!(code, 200, "{r}");
+        v2_slot = r["slot"].as_str().unwrap().to_string();
     }
     let (code, r) = fleet.post(0, "/v1/promote", json!({"version": v1}));
     assert_eq!(code, 409, "only the live version can be promoted: {r}");
@@ -212,6 +214,23 @@ fn rollback_is_a_switch_and_promote_sets_stable() {
     assert_eq!(r["version"], v1.as_str());
     assert_eq!(r["how"], "reused");
     assert_eq!(r["fetched"]["bytes"], 0);
+    // The release that was live a moment ago is the previous one now:
+    // the background work must leave it alone (requests may still run there).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fleet.get(0, "/v1/state").1["busy"] == true {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (_, st) = fleet.get(0, "/v1/state");
+    let slot = st["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == v2_slot.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(slot["meta"]["version"], v2.as_str(), "{st}");
+    assert_eq!(slot["meta"]["clean"], true);
     assert_eq!(
         fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
         "v1"
