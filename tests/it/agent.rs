@@ -94,11 +94,7 @@ fn a_backport_fetches_and_writes_only_what_changed() {
             format!("<?php // backport of {file}\n").as_bytes(),
         );
         v = fleet.env.build(&[("mediawiki", &staging)], &[]);
-        let (code, r) = fleet.post(
-            0,
-            "/v1/sync",
-            json!({"version": v, "sources": [fleet.source()]}),
-        );
+        let (code, r) = fleet.sync_to(0, &v);
         assert_eq!(code, 200, "{r}");
         // One chunk plus the trees on its path (root, mediawiki, includes, v).
         assert_eq!(r["fetched"]["chunks"], 1, "deploy {n}: {r}");
@@ -117,11 +113,7 @@ fn a_backport_fetches_and_writes_only_what_changed() {
     let v3 = v;
 
     // Syncing again is a no-op that fetches nothing.
-    let (_, again) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v3, "sources": [fleet.source()]}),
-    );
+    let (_, again) = fleet.sync_to(0, &v3);
     assert_eq!(again["noop"], true);
     assert_eq!(again["fetched"]["bytes"], 0);
 }
@@ -171,11 +163,7 @@ fn a_reader_never_sees_a_mix_of_versions() {
     };
     for round in 0..6 {
         let (_, v) = &versions[(round + 1) % 2];
-        let (code, r) = fleet.post(
-            0,
-            "/v1/sync",
-            json!({"version": v, "sources": [fleet.source()]}),
-        );
+        let (code, r) = fleet.sync_to(0, v);
         assert_eq!(code, 200, "{r}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -378,11 +366,7 @@ fn hooks_run_around_the_switch() {
     );
     let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [fleet.source()]}),
-    );
+    let (code, r) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200, "{r}");
     let ran = fs::read_to_string(fleet.hosts[0].dir.join("post-hook-ran")).unwrap();
     assert_eq!(
@@ -390,11 +374,7 @@ fn hooks_run_around_the_switch() {
         v1,
         "post hook sees the version; no previous yet"
     );
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v2, "sources": [fleet.source()]}),
-    );
+    let (code, r) = fleet.sync_to(0, &v2);
     assert_eq!(code, 500, "{r}");
     assert!(
         r["error"]
@@ -418,11 +398,7 @@ fn drift_lists_files_edited_by_hand() {
     versioned_tree(&staging, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    let (code, _) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [fleet.source()]}),
-    );
+    let (code, _) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200);
     let dir = fleet.hosts[0].dir.to_str().unwrap().to_string();
     assert!(
@@ -539,11 +515,7 @@ fn agent_killed_mid_sync_is_on_one_version_after_restart() {
     write(&staging, "VERSION", b"v2");
     let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    let (code, _) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [fleet.source()]}),
-    );
+    let (code, _) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200);
     let mut rng = 77u64;
     for round in 0..8 {
@@ -582,11 +554,7 @@ fn agent_killed_mid_sync_is_on_one_version_after_restart() {
             assert_eq!(code, 200, "{r}");
         }
     }
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v2, "sources": [fleet.source()]}),
-    );
+    let (code, r) = fleet.sync_to(0, &v2);
     assert_eq!(code, 200, "{r}");
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
 }
@@ -636,18 +604,10 @@ fn full_disk_on_a_host_keeps_the_live_release() {
         proc: Proc::start(cmd),
         extra: vec![],
     });
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [fleet.source()]}),
-    );
+    let (code, r) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200, "{r}");
     // v2 needs 2 MB in the store and 2 MB in a release: it does not fit.
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v2, "sources": [fleet.source()]}),
-    );
+    let (code, r) = fleet.sync_to(0, &v2);
     assert_eq!(code, 500, "{r}");
     assert!(
         r["error"]

@@ -356,6 +356,15 @@ impl Fleet {
         (status, r.json().unwrap())
     }
 
+    /// Asks host `i` to sync to `version` from the fleet's server.
+    pub fn sync_to(&self, i: usize, version: &str) -> (u16, serde_json::Value) {
+        self.post(
+            i,
+            "/v1/sync",
+            serde_json::json!({"version": version, "sources": [self.source()]}),
+        )
+    }
+
     pub fn get(&self, i: usize, path: &str) -> (u16, serde_json::Value) {
         let r = Fleet::http()
             .get(format!("{}{path}", self.hosts[i].proc.url))
