@@ -90,7 +90,7 @@ pub enum Command {
     Lock(fleet_cmds::LockArgs),
     /// Show this host's state file
     State(host_cmds::StateArgs),
-    /// Run the built-in sample: generate a tree, build, change, rebuild, diff
+    /// Run the built-in sample: build versions of a generated tree, diff them, roll one out to a local fleet
     Demo(demo::DemoArgs),
     /// Generate or change a MediaWiki-like sample tree (tests, benchmarks)
     Workload(demo::WorkloadArgs),
