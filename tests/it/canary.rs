@@ -2,7 +2,6 @@
 //! gates and rollback, failure budgets, the lock, rollback, promote, status.
 
 use std::fs;
-use std::process::Output;
 
 use serde_json::{Value, json};
 
@@ -17,63 +16,6 @@ fn small_tree(root: &std::path::Path, tag: &str) {
         format!("<?php // settings {tag}\n").as_bytes(),
     );
     write(root, "includes/a.php", b"<?php // shared\n");
-}
-
-impl Fleet {
-    /// Runs a fleet command over every host, with batch-mode defaults.
-    fn run(&self, args: &[&str]) -> Output {
-        let group = self.group("all-hosts", &(0..self.hosts.len()).collect::<Vec<_>>());
-        let mut cmd = self.env.cmd();
-        cmd.args(args)
-            .arg("--hosts")
-            .arg(&group)
-            .arg("--token-file")
-            .arg(&self.token_file);
-        cmd.output().unwrap()
-    }
-
-    fn rollout(&self, version: &str, extra: &[&str]) -> Output {
-        let source = self.source();
-        let mut args = vec![
-            "sync",
-            "--version",
-            version,
-            "--source",
-            &source,
-            "--wait",
-            "0",
-            "--yes",
-        ];
-        args.extend(extra);
-        self.run(&args)
-    }
-
-    fn on(&self, v: &str) -> Vec<usize> {
-        (0..self.hosts.len())
-            .filter(|&i| self.current(i).as_deref() == Some(v))
-            .collect()
-    }
-
-    fn status(&self) -> Value {
-        let out = self.run(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn fleet_with_two_versions(n: usize) -> (Fleet, String, String) {

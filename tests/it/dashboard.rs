@@ -170,34 +170,6 @@ fn fleet_and_server(n: usize) -> (Fleet, String, String, String) {
     (fleet, old, new, url)
 }
 
-fn deploy(fleet: &Fleet, version: &str, canary: &str) {
-    let group = fleet.env.path("all-hosts");
-    let out = fleet
-        .env
-        .cmd()
-        .args(["sync", "--hosts"])
-        .arg(&group)
-        .args([
-            "--version",
-            version,
-            canary,
-            "--source",
-            &fleet.source(),
-            "--wait",
-            "0",
-            "--yes",
-            "--token-file",
-        ])
-        .arg(&fleet.token_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn the_dashboard_follows_a_rollout_live() {
     let Some(browser) = Browser::start() else {
@@ -211,16 +183,16 @@ fn the_dashboard_follows_a_rollout_live() {
         return;
     };
     let (mut fleet, old, new, url) = fleet_and_server(10);
-    deploy(&fleet, &old, "--canary=100%");
+    ok(&fleet.rollout(&old, &["--canary=100%"]));
     browser.goto(&url);
     browser.wait_for("the old version on 100%", &format!("return document.querySelector('.share[data-version=\"{old}\"]')?.dataset.share === '100'"));
     // A marker that a reload would erase.
     browser.js("window.__no_reload = 42; return true;");
 
-    deploy(&fleet, &new, "--canary=10%");
+    ok(&fleet.rollout(&new, &["--canary=10%"]));
     browser.wait_for("10% on the new version", &format!("return document.querySelector('.share[data-version=\"{new}\"]')?.dataset.share === '10'"));
     assert_eq!(share_of(&browser, &old), json!(90));
-    deploy(&fleet, &new, "--canary=50%");
+    ok(&fleet.rollout(&new, &["--canary=50%"]));
     browser.wait_for("50% on the new version", &format!("return document.querySelector('.share[data-version=\"{new}\"]')?.dataset.share === '50'"));
     assert_eq!(
         browser.js("return window.__no_reload"),
@@ -301,7 +273,7 @@ fn api_rejects_bad_parameters() {
 #[test]
 fn both_metrics_endpoints_parse_as_prometheus_text() {
     let (fleet, old, _new, url) = fleet_and_server(2);
-    deploy(&fleet, &old, "--canary=100%");
+    ok(&fleet.rollout(&old, &["--canary=100%"]));
     std::thread::sleep(Duration::from_millis(1500)); // one dashboard poll
     let http = Fleet::http();
     let scrape = |u: &str| {

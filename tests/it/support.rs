@@ -436,3 +436,64 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
     go(root, root, &mut out);
     out
 }
+
+impl Fleet {
+    /// Runs a fleet command over every host, with batch-mode defaults.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let group = self.group("all-hosts", &(0..self.hosts.len()).collect::<Vec<_>>());
+        let mut cmd = self.env.cmd();
+        cmd.args(args)
+            .arg("--hosts")
+            .arg(&group)
+            .arg("--token-file")
+            .arg(&self.token_file);
+        cmd.output().unwrap()
+    }
+
+    /// `scap sync` of `version` to every host, batch mode, no gate wait.
+    pub fn rollout(&self, version: &str, extra: &[&str]) -> Output {
+        let source = self.source();
+        let mut args = vec![
+            "sync",
+            "--version",
+            version,
+            "--source",
+            &source,
+            "--wait",
+            "0",
+            "--yes",
+        ];
+        args.extend(extra);
+        self.run(&args)
+    }
+
+    /// The hosts now on `v`.
+    pub fn on(&self, v: &str) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|&i| self.current(i).as_deref() == Some(v))
+            .collect()
+    }
+
+    /// `scap status --json` over every host.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.run(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// Asserts a command succeeded; returns its stderr (the progress log).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
