@@ -23,12 +23,7 @@ fn main() {
     let dir = fresh("canary");
     println!("machine: {}", machine());
     let tree = dir.join("tree");
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "generate"])
-            .arg(&tree)
-            .args(["--files", "300"]),
-    );
+    generate(&tree, 300);
     let staging = tree.join("mediawiki-staging");
     let store = dir.join("store");
     let build = || {
@@ -100,12 +95,7 @@ fn main() {
     // Let the agents' background work (spare releases) settle.
     std::thread::sleep(std::time::Duration::from_secs(3));
 
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "mutate"])
-            .arg(&tree)
-            .args(["--kind", "backport", "--seed", "11"]),
-    );
+    mutate(&tree, "backport", 11);
     let v2 = build();
     let (rollout, out) = sync(&v2, &["--stages", "10,50,100"]);
     let bytes = proxy.take();

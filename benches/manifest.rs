@@ -40,15 +40,6 @@ fn casync_make(store: &Path, index: &Path, tree: &Path) -> Run {
     .0
 }
 
-fn mutate(tree: &Path, kind: &str, seed: u64) {
-    let (_, _) = timed(
-        Command::new(SCAP)
-            .args(["workload", "mutate"])
-            .arg(tree)
-            .args(["--kind", kind, "--seed", &seed.to_string()]),
-    );
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --benches` asks; nothing to list
@@ -66,12 +57,7 @@ fn main() {
     let tree = dir.join("tree");
     println!("machine: {}", machine());
     println!("generating {files} files ...");
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "generate"])
-            .arg(&tree)
-            .args(["--files", &files.to_string()]),
-    );
+    generate(&tree, files);
     let size = du(&tree);
     // Let the files age past the stat cache's one-second racy window.
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -239,12 +225,7 @@ fn main() {
         let big = fresh("manifest-large");
         let big_tree = big.join("tree");
         println!("generating {large} files ...");
-        timed(
-            Command::new(SCAP)
-                .args(["workload", "generate"])
-                .arg(&big_tree)
-                .args(["--files", &large.to_string()]),
-        );
+        generate(&big_tree, large);
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let (r, _) = build(&big.join("store"), &big_tree);
         table.row(vec![

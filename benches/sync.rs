@@ -120,12 +120,7 @@ fn main() {
     let dir = fresh("sync");
     let tree = dir.join("tree");
     println!("machine: {}\ngenerating {files} files ...", machine());
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "generate"])
-            .arg(&tree)
-            .args(["--files", &files.to_string()]),
-    );
+    generate(&tree, files);
     let staging = tree.join("mediawiki-staging");
     std::thread::sleep(Duration::from_millis(1100));
 
@@ -238,12 +233,7 @@ fn main() {
     println!("scap fresh: {out}");
 
     // Backport.
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "mutate"])
-            .arg(&tree)
-            .args(["--kind", "backport", "--seed", "3"]),
-    );
+    mutate(&tree, "backport", 3);
     let (backport_build, v2) = s.build();
     let (rt, rb) = rsync(port, &rsync_dest);
     let (st, sb, out) = s.sync(&v2);
@@ -251,12 +241,7 @@ fn main() {
     println!("scap backport: {out}");
 
     // Train.
-    timed(
-        Command::new(SCAP)
-            .args(["workload", "mutate"])
-            .arg(&tree)
-            .args(["--kind", "train", "--seed", "4"]),
-    );
+    mutate(&tree, "train", 4);
     std::thread::sleep(Duration::from_millis(1100));
     let (train_build, v3) = s.build();
     let (rt, rb) = rsync(port, &rsync_dest);
@@ -272,12 +257,7 @@ fn main() {
 
     // Config changes, one after another (the backport window).
     for seed in 5..8 {
-        timed(
-            Command::new(SCAP)
-                .args(["workload", "mutate"])
-                .arg(&tree)
-                .args(["--kind", "config", "--seed", &seed.to_string()]),
-        );
+        mutate(&tree, "config", seed);
         let (_, v) = s.build();
         let (rt, rb) = rsync(port, &rsync_dest);
         let (st, sb, out) = s.sync(&v);

@@ -10,6 +10,25 @@ use std::time::Instant;
 
 pub const SCAP: &str = env!("CARGO_BIN_EXE_scap");
 
+/// Generates the sample tree (`scap-workload generate DIR --files N`).
+pub fn generate(dir: &Path, files: usize) {
+    let mut spec = if files >= 10_000 {
+        scap_workload::Spec::mediawiki()
+    } else {
+        scap_workload::Spec::small(files)
+    };
+    spec.files = files;
+    scap_workload::generate(dir, &spec)
+        .unwrap_or_else(|e| panic!("generating {}: {e}", dir.display()));
+}
+
+/// Applies one kind of deploy's change (`scap-workload mutate`).
+pub fn mutate(dir: &Path, kind: &str, seed: u64) {
+    let kind: scap_workload::Mutation = kind.parse().expect("a mutation kind");
+    scap_workload::mutate(dir, kind, seed)
+        .unwrap_or_else(|e| panic!("changing {}: {e}", dir.display()));
+}
+
 /// Wall seconds and peak RSS (KiB) of one run.
 #[derive(Clone, Copy, Debug)]
 pub struct Run {

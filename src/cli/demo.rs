@@ -1,13 +1,13 @@
-//! `scap demo` (the README's first command) and `scap workload`.
+//! `scap demo` (the README's first command; built with `--features dev`).
 
 use std::path::PathBuf;
 use std::process::Command as Process;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use clap::Args;
 
 use super::exit;
-use crate::workload::{self, Mutation, Spec};
+use scap_workload::{self as workload, Mutation, Spec};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -289,71 +289,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-#[derive(Args, Debug)]
-pub struct WorkloadArgs {
-    #[command(subcommand)]
-    cmd: WorkloadCmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum WorkloadCmd {
-    /// Generate a tree into DIR (which must not exist or be empty)
-    Generate {
-        dir: PathBuf,
-        /// Regular files in all
-        #[arg(long, default_value_t = 30_000)]
-        files: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Large (l10n cache) files [default: 8 for >= 10k files, else 2]
-        #[arg(long)]
-        large_files: Option<usize>,
-    },
-    /// Apply one kind of deploy's change: backport, train, l10n or config
-    Mutate {
-        dir: PathBuf,
-        #[arg(long)]
-        kind: Mutation,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
-}
-
-pub fn workload(a: WorkloadArgs) -> anyhow::Result<i32> {
-    match a.cmd {
-        WorkloadCmd::Generate {
-            dir,
-            files,
-            seed,
-            large_files,
-        } => {
-            let mut spec = if files >= 10_000 {
-                Spec::mediawiki()
-            } else {
-                Spec::small(files)
-            };
-            spec.files = files;
-            spec.seed = seed;
-            if let Some(n) = large_files {
-                spec.large_files = n;
-            }
-            let g = workload::generate(&dir, &spec)
-                .with_context(|| format!("generating {}", dir.display()))?;
-            println!("{} files, {} bytes", g.files, g.bytes);
-            println!("mediawiki={}", g.staging.display());
-            println!("portals={}", g.portals.display());
-        }
-        WorkloadCmd::Mutate { dir, kind, seed } => {
-            let m = workload::mutate(&dir, kind, seed)
-                .with_context(|| format!("changing {}", dir.display()))?;
-            for (letter, list) in [("M", &m.changed), ("A", &m.added), ("D", &m.removed)] {
-                for p in list {
-                    println!("{letter}\t{}", p.display());
-                }
-            }
-        }
-    }
-    Ok(exit::OK)
 }

@@ -402,9 +402,9 @@ pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
             .map(|c| c.path.clone())
             .with_context(|| format!("no staging directory for component {:?}: pass --staging or name it in scap.toml", a.component))?,
     };
-    let (version, changed) = crate::build::patch::patch(
+    let (version, changed) = crate::manifest::patch::patch(
         &store,
-        &crate::build::patch::Patch {
+        &crate::manifest::patch::Patch {
             base,
             component: &a.component,
             staging: &staging,

@@ -1,6 +1,7 @@
 //! The command line: parse flags (clap), turn them into validated settings,
 //! call one library function, print. No deploy logic lives here.
 
+#[cfg(feature = "dev")]
 mod demo;
 mod fleet_cmds;
 mod host_cmds;
@@ -33,7 +34,7 @@ pub const DEFAULT_STORE: &str = "/var/lib/scap/store";
     name = "scap",
     version,
     about = "Content-addressed MediaWiki deploys: versions are Merkle roots, hosts know what they run",
-    after_help = "Start with: scap build-manifest, scap diff A B, scap ls VERSION. Run `scap demo` to see it on a generated tree."
+    after_help = "Start with: scap build-manifest, scap diff A B, scap ls VERSION. See the README for the demo on a generated tree."
 )]
 pub struct Cli {
     /// Store directory [default: scap.toml's `store`, else /var/lib/scap/store]
@@ -91,9 +92,8 @@ pub enum Command {
     /// Show this host's state file
     State(host_cmds::StateArgs),
     /// Run the built-in sample: build versions of a generated tree, diff them, roll one out to a local fleet
+    #[cfg(feature = "dev")]
     Demo(demo::DemoArgs),
-    /// Generate or change a MediaWiki-like sample tree (tests, benchmarks)
-    Workload(demo::WorkloadArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -163,8 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::History(a) => fleet_cmds::history_cmd(&ctx, a),
         Command::Lock(a) => fleet_cmds::lock_cmd(&ctx, a),
         Command::State(a) => host_cmds::state(a),
+        #[cfg(feature = "dev")]
         Command::Demo(a) => demo::demo(a),
-        Command::Workload(a) => demo::workload(a),
     }
 }
 

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use super::{NotFound, exit, print_json};
-use crate::build::config::{ConfigFile, components};
-use crate::build::{BuildOptions, build};
+use crate::manifest::config::{ConfigFile, components};
+use crate::manifest::{BuildOptions, build};
 use crate::store::diff::{Change, DiffStat, fetch_cost};
 use crate::store::disk::VersionRecord;
 use crate::store::{
@@ -75,7 +75,7 @@ pub struct BuildArgs {
 
 pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
     let comps = components(&ctx.config, &a.components, &a.exclude)?;
-    let store = Store::open_or_init(&ctx.store_path)?;
+    let store = Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?;
     let parent = a.parent.as_deref().map(|p| store.resolve(p)).transpose()?;
     let author = a
         .author

@@ -140,7 +140,7 @@ impl Agent {
             AgentError::Setup(what.display().to_string(), e.to_string())
         };
         std::fs::create_dir_all(&cfg.dir).map_err(|e| setup(&cfg.dir, &e))?;
-        let store = Store::open_or_init(&cfg.dir.join("store"))?;
+        let store = Store::open_or_init(&cfg.dir.join("store"), crate::store::disk::Role::Host)?;
         let releases = Releases::new(&cfg.dir, cfg.slots).map_err(|e| setup(&cfg.dir, &e))?;
         let state_path = cfg.dir.join("state.json");
         let state = HostState::load(&state_path)?.unwrap_or_else(|| HostState::new(&cfg.host));
@@ -284,7 +284,7 @@ impl Agent {
                     version: req.version,
                     source: Box::new(source),
                 })?;
-            writer.commit()?;
+            let _committed = writer.commit()?;
             tracing::debug!(
                 "fetched {} trees, {} chunks in {:?}",
                 f.trees,

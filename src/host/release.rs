@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::store::disk::{FSYNC_EACH_MAX, IoContext, atomic_write, sync_dir};
+use crate::store::disk::IoContext;
+use crate::store::fsutil::{FSYNC_EACH_MAX, atomic_write, sync_dir};
 use crate::store::{Content, Store, StoreError, TreeId, VersionId};
 
 /// What a slot holds, in `releases/<slot>.json`.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::store::VersionId;
-use crate::store::disk::atomic_write;
+use crate::store::fsutil::atomic_write;
 
 /// Version of the state file format this scap writes and reads.
 pub const STATE_FORMAT: u32 = 1;

@@ -28,8 +28,12 @@ pub struct GcReport {
 }
 
 pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreError> {
+    store.check_deploy()?;
     let _lock = store.lock(LockMode::Exclusive)?;
     let records = store.records()?;
+    if records.is_empty() {
+        return Err(StoreError::NoRecords(store.root().to_path_buf()));
+    }
     let mut roots: Vec<VersionId> = records.iter().take(keep).map(|r| r.version).collect();
     roots.extend(store.labels()?.into_iter().map(|(_, v)| v));
     roots.extend(store.pins()?);

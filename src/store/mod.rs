@@ -9,8 +9,10 @@
 //! ref, or a host's release) after it is durable and verified.
 
 pub mod chunk;
+pub mod codec;
 pub mod diff;
 pub mod disk;
+pub mod fsutil;
 pub mod gc;
 pub mod id;
 pub mod object;

@@ -9,6 +9,7 @@ use std::fmt;
 
 use thiserror::Error;
 
+use super::codec::{ReadError, Reader, put_varint};
 use super::id::{ChunkId, ID_LEN, ObjectId, ObjectKind, TreeId};
 
 /// Version byte at the start of every encoded tree.
@@ -159,6 +160,17 @@ pub enum TreeError {
     Unsorted(String),
 }
 
+impl From<ReadError> for TreeError {
+    fn from(e: ReadError) -> TreeError {
+        match e {
+            ReadError::Truncated => TreeError::Truncated,
+            ReadError::NotMinimal => TreeError::NotCanonical("varint not minimal"),
+            ReadError::Overflow => TreeError::NotCanonical("varint overflows 64 bits"),
+            ReadError::TooLong => TreeError::NotCanonical("length over its limit"),
+        }
+    }
+}
+
 impl Tree {
     /// Builds a tree from entries in any order; fails on a duplicate name.
     pub fn new(mut entries: Vec<Entry>) -> Result<Tree, TreeError> {
@@ -248,7 +260,7 @@ impl Tree {
 
     /// Decodes a tree, accepting only the canonical encoding.
     pub fn decode(bytes: &[u8]) -> Result<Tree, TreeError> {
-        let mut r = Reader { buf: bytes };
+        let mut r = Reader::new(bytes);
         let format = r.u8()?;
         if format > TREE_FORMAT {
             return Err(TreeError::NewerFormat(format));
@@ -275,7 +287,7 @@ impl Tree {
                 kind @ (1 | 2) => {
                     let size = r.varint()?;
                     let n = r.varint()?;
-                    if n > (r.buf.len() / (ID_LEN + 1)) as u64 {
+                    if n > (r.rest().len() / (ID_LEN + 1)) as u64 {
                         return Err(TreeError::Truncated);
                     }
                     let mut chunks = Vec::with_capacity(n as usize);
@@ -324,72 +336,10 @@ impl Tree {
             };
             entries.push(Entry { name, content });
         }
-        if !r.buf.is_empty() {
+        if !r.is_empty() {
             return Err(TreeError::NotCanonical("trailing bytes"));
         }
         Ok(Tree { entries })
-    }
-}
-
-/// Appends `v` as unsigned LEB128 (7 bits a byte, low bits first).
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], TreeError> {
-        if self.buf.len() < n {
-            return Err(TreeError::Truncated);
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, TreeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn id(&mut self) -> Result<ObjectId, TreeError> {
-        let mut id = [0u8; ID_LEN];
-        id.copy_from_slice(self.take(ID_LEN)?);
-        Ok(ObjectId::from_bytes(id))
-    }
-
-    fn len(&mut self, max: u64) -> Result<usize, TreeError> {
-        let v = self.varint()?;
-        if v > max {
-            return Err(TreeError::NotCanonical("length over its limit"));
-        }
-        Ok(v as usize)
-    }
-
-    /// Reads a minimal LEB128 varint of at most 10 bytes.
-    fn varint(&mut self) -> Result<u64, TreeError> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8()?;
-            let bits = u64::from(b & 0x7f);
-            if i == 9 && b > 1 {
-                return Err(TreeError::NotCanonical("varint overflows 64 bits"));
-            }
-            v |= bits << (7 * i);
-            if b & 0x80 == 0 {
-                if i > 0 && b == 0 {
-                    return Err(TreeError::NotCanonical("varint not minimal"));
-                }
-                return Ok(v);
-            }
-        }
-        Err(TreeError::NotCanonical("varint longer than 10 bytes"))
     }
 }
 
@@ -568,20 +518,5 @@ mod tests {
                 assert_eq!(t.encode(), b, "accepted input must be canonical");
             }
         }
-    }
-
-    #[test]
-    fn varint_edges() {
-        for v in [0, 1, 127, 128, 16383, 16384, u64::from(u32::MAX), u64::MAX] {
-            let mut out = Vec::new();
-            put_varint(&mut out, v);
-            let mut r = Reader { buf: &out };
-            assert_eq!(r.varint().unwrap(), v);
-            assert!(r.buf.is_empty());
-        }
-        let mut r = Reader {
-            buf: &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
-        };
-        assert!(r.varint().is_err());
     }
 }

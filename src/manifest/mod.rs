@@ -135,9 +135,11 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     let mut totals = Totals::default();
     let mut root_entries = Vec::new();
     let mut components = Vec::new();
+    let mut caches = Vec::new();
     for component in &opts.components {
-        let (tree, files, bytes) =
+        let (tree, files, bytes, cache) =
             build_component(&writer, component, generation, opts, &mut totals)?;
+        caches.push(cache);
         components.push(ComponentRecord {
             name: component.name.to_string(),
             tree,
@@ -158,7 +160,9 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     let version = VersionId::from(root_id);
     let (new_objects, new_object_bytes) = writer.written();
     let phase = Instant::now();
-    writer.commit()?;
+    // Held until the record and label are durable: gc cannot sweep the new
+    // objects before something references them.
+    let committed = writer.commit()?;
     tracing::debug!("commit (syncfs) in {:?}", phase.elapsed());
 
     let (bytes, files) = root.totals();
@@ -204,6 +208,15 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     if let Some(label) = &opts.label {
         store.set_label(label, &version)?;
     }
+    drop(committed);
+    // Only now: a cache saved before the commit could describe chunks a
+    // crash then tore (recovery would bump the gc generation, but the
+    // cache must never be ahead of the store it describes).
+    for (path, bytes) in caches {
+        if let Err(e) = statcache::write(&path, &bytes) {
+            tracing::warn!("{}: cannot save the stat cache: {e}", path.display());
+        }
+    }
     Ok(BuildReport {
         version,
         record,
@@ -224,13 +237,17 @@ struct Totals {
     hashed_bytes: u64,
 }
 
+/// A component's tree, its files and bytes, and its stat cache (path and
+/// encoded bytes) to save once the build is committed.
+type ComponentResult = (TreeId, u64, u64, (PathBuf, Vec<u8>));
+
 fn build_component(
     writer: &Writer<'_>,
     component: &Component,
     generation: u64,
     opts: &BuildOptions,
     totals: &mut Totals,
-) -> Result<(TreeId, u64, u64), BuildError> {
+) -> Result<ComponentResult, BuildError> {
     let root = &component.path;
     let meta = fs::metadata(root).map_err(|source| BuildError::Walk {
         component: component.name.to_string(),
@@ -364,10 +381,9 @@ fn build_component(
         .iter()
         .zip(&chunks_of)
         .filter_map(|(item, c)| c.as_ref().map(|c| (item.rel.as_slice(), c)));
-    if let Err(e) = statcache::save(&cache_path, generation, walk_start_ns, entries) {
-        tracing::warn!("{}: cannot save the stat cache: {e}", cache_path.display());
-    }
-    Ok(root_tree.expect("the walk yields the component root last"))
+    let cache_bytes = statcache::encode(generation, walk_start_ns, entries);
+    let (tree, files, bytes) = root_tree.expect("the walk yields the component root last");
+    Ok((tree, files, bytes, (cache_path, cache_bytes)))
 }
 
 /// Stores the innermost open directory's tree and adds it to its parent

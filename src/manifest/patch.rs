@@ -84,7 +84,8 @@ pub fn patch(store: &Store, p: &Patch<'_>) -> Result<(VersionId, bool), BuildErr
     full.extend(parts);
     let root = set(&writer, &p.base.root(), &full, new_entry.as_ref(), p.path)?;
     let version = VersionId::from(root);
-    writer.commit()?;
+    // Held until the record is durable: gc cannot sweep the new trees first.
+    let _committed = writer.commit()?;
     if version == p.base {
         return Ok((version, false));
     }

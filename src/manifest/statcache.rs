@@ -18,8 +18,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
-use crate::store::id::{ChunkId, ObjectId};
-use crate::store::tree::{ChunkRef, put_varint};
+use crate::store::codec::{Reader, put_varint};
+use crate::store::id::ChunkId;
+use crate::store::tree::ChunkRef;
 
 const MAGIC: &[u8; 8] = b"scapstat";
 const VERSION: u32 = 1;
@@ -77,15 +78,13 @@ impl StatCache {
     }
 }
 
-/// Writes a cache of `entries`, leaving out those changed at or after
-/// `walk_start_ns - 1s` (see the module docs). Not fsynced: a torn cache
-/// fails its checksum and is ignored.
-pub fn save<'a>(
-    path: &Path,
+/// Encodes a cache of `entries`, leaving out those changed at or after
+/// `walk_start_ns - 1s` (see the module docs).
+pub fn encode<'a>(
     generation: u64,
     walk_start_ns: i64,
     entries: impl Iterator<Item = (&'a [u8], &'a Cached)>,
-) -> std::io::Result<()> {
+) -> Vec<u8> {
     let cutoff = walk_start_ns - 1_000_000_000;
     let mut out = Vec::with_capacity(64 * 1024);
     out.extend_from_slice(MAGIC);
@@ -115,8 +114,14 @@ pub fn save<'a>(
     out[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Writes an encoded cache. Not fsynced: a torn cache fails its checksum
+/// and is ignored.
+pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, &out)?;
+    fs::write(&tmp, bytes)?;
     fs::rename(&tmp, path)
 }
 
@@ -125,29 +130,28 @@ fn decode(bytes: &[u8]) -> Option<StatCache> {
     if blake3::hash(body).as_bytes() != sum {
         return None;
     }
-    let mut r = body;
-    if take(&mut r, 8)? != MAGIC || u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) != VERSION
-    {
+    let mut r = Reader::new(body);
+    if r.take(8).ok()? != MAGIC || r.u32_le().ok()? != VERSION {
         return None;
     }
-    let generation = u64_le(&mut r)?;
-    let count = u64_le(&mut r)?;
-    let mut entries = HashMap::with_capacity((count as usize).min(r.len() / 40));
+    let generation = r.u64_le().ok()?;
+    let count = r.u64_le().ok()?;
+    let mut entries = HashMap::with_capacity((count as usize).min(r.rest().len() / 40));
     for _ in 0..count {
-        let n = varint(&mut r)? as usize;
-        let key = take(&mut r, n)?.to_vec();
-        let size = varint(&mut r)?;
-        let mtime_ns = u64_le(&mut r)? as i64;
-        let ctime_ns = u64_le(&mut r)? as i64;
-        let ino = u64_le(&mut r)?;
-        let dev = u64_le(&mut r)?;
-        let nchunks = varint(&mut r)? as usize;
-        let mut chunks = Vec::with_capacity(nchunks.min(r.len() / 33));
+        let n = r.len(u64::MAX).ok()?;
+        let key = r.take(n).ok()?.to_vec();
+        let size = r.varint().ok()?;
+        let mtime_ns = r.u64_le().ok()? as i64;
+        let ctime_ns = r.u64_le().ok()? as i64;
+        let ino = r.u64_le().ok()?;
+        let dev = r.u64_le().ok()?;
+        let nchunks = r.len(u64::MAX).ok()?;
+        let mut chunks = Vec::with_capacity(nchunks.min(r.rest().len() / 33));
         for _ in 0..nchunks {
-            let id: [u8; 32] = take(&mut r, 32)?.try_into().ok()?;
-            let len = u32::try_from(varint(&mut r)?).ok()?;
+            let id = r.id().ok()?;
+            let len = u32::try_from(r.varint().ok()?).ok()?;
             chunks.push(ChunkRef {
-                id: ChunkId::new(ObjectId::from_bytes(id)),
+                id: ChunkId::new(id),
                 len,
             });
         }
@@ -164,31 +168,6 @@ fn decode(bytes: &[u8]) -> Option<StatCache> {
         generation,
         entries,
     })
-}
-
-fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if r.len() < n {
-        return None;
-    }
-    let (head, tail) = r.split_at(n);
-    *r = tail;
-    Some(head)
-}
-
-fn u64_le(r: &mut &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(take(r, 8)?.try_into().ok()?))
-}
-
-fn varint(r: &mut &[u8]) -> Option<u64> {
-    let mut v: u64 = 0;
-    for i in 0..10 {
-        let b = take(r, 1)?[0];
-        v |= u64::from(b & 0x7f).checked_shl(7 * i)?;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -234,7 +213,7 @@ mod tests {
             },
         );
         let entries = c.entries.iter().map(|(k, v)| (k.as_slice(), v));
-        save(&path, c.generation, 2_000_000_000_000, entries).unwrap();
+        write(&path, &encode(c.generation, 2_000_000_000_000, entries)).unwrap();
         let mut back = StatCache::load(&path);
         assert_eq!(back.generation, 7);
         assert!(

@@ -1,0 +1,329 @@
+//! The store on disk: object files under fan-out directories ([`Store`]),
+//! writer sessions and crash recovery ([`session`]), version records and
+//! refs ([`refs`]).
+//!
+//! Locking rules (the table is in store-format.md, "Locks"):
+//! - `STORE/lock` is flocked *shared* by every writer session from its start
+//!   until the caller drops what [`Writer::commit`] returns, i.e. until
+//!   whatever references the new objects (a version record, a label, a
+//!   host's release) is durable; *exclusive* by gc. So gc never sweeps
+//!   objects that nothing references *yet*.
+//! - `STORE/journal.lock` is flocked exclusively while a session starts:
+//!   it recovers dead sessions and registers its own journal under it, so
+//!   two recoveries never run at once and a journal is never seen before it
+//!   is locked.
+//! - Each live session holds an exclusive flock on `journal/<session>`; a
+//!   journal whose lock can be taken belongs to a dead session.
+//!
+//! **Invariant:** a tree object is in a store only if every object below it
+//! is. **Invariant:** nothing references an object before it is durable.
+
+mod refs;
+mod session;
+
+pub use refs::{ComponentRecord, VersionRecord, check_label};
+pub use session::{Committed, LockMode, Put, StoreLock, Writer};
+
+use std::fs;
+use std::io;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::fsutil::atomic_write;
+use super::id::{IdError, ObjectId, ObjectKind, TreeId};
+use super::object::{self, ObjectError};
+use super::tree::{Tree, TreeError};
+
+/// Version of the store layout, written to `STORE/scap-store`.
+pub const STORE_FORMAT: u32 = 1;
+const MARKER: &str = "scap-store";
+
+/// Who a store belongs to, from its marker file: a deploy host's store has
+/// version records and is what `build-manifest`, `gc --keep` and `serve`
+/// work on; an app server agent's store holds only what its releases need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Deploy,
+    Host,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Deploy => "deploy",
+            Role::Host => "host",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{0}: not a scap store (no {MARKER} file): create one with `scap build-manifest`, or pass --store"
+    )]
+    NotAStore(PathBuf),
+    #[error("{path}: store format v{found}, this scap reads up to v{STORE_FORMAT}: upgrade scap")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error(
+        "{0}: this is an app server agent's store (role host), not a deploy host's: pass --store with the deploy host's store (or set SCAP_STORE)"
+    )]
+    HostStore(PathBuf),
+    #[error("{path}: {source}")]
+    Object {
+        path: PathBuf,
+        #[source]
+        source: ObjectError,
+    },
+    #[error(
+        "{kind} {id} is missing from the store: run `scap verify`, then rebuild or re-fetch it"
+    )]
+    Missing { id: ObjectId, kind: ObjectKind },
+    #[error("tree {id}: {source}")]
+    BadTree {
+        id: TreeId,
+        #[source]
+        source: TreeError,
+    },
+    #[error(transparent)]
+    BadId(#[from] IdError),
+    #[error("no version or label {0:?} in this store: see `scap log` for the versions it has")]
+    UnknownVersion(String),
+    #[error("{prefix:?} names {} versions ({}): type more digits", candidates.len(), candidates.join(", "))]
+    Ambiguous {
+        prefix: String,
+        candidates: Vec<String>,
+    },
+    #[error(
+        "bad label {0:?}: use letters, digits, '.', '_', '+' and '-' (at most 128), not starting with '.' or '-', and not only hex digits"
+    )]
+    BadLabel(String),
+    #[error("{path}: {why}")]
+    BadRecord { path: PathBuf, why: String },
+    #[error(
+        "{0}: the store has no version records, so gc would find nothing to keep and delete everything: refusing (is this an agent's store? agents collect their own garbage)"
+    )]
+    NoRecords(PathBuf),
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// An open store. All state is on disk.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+    role: Option<Role>,
+}
+
+impl Store {
+    /// Opens an existing store.
+    pub fn open(root: &Path) -> Result<Store> {
+        let marker = root.join(MARKER);
+        let text = match fs::read_to_string(&marker) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::NotAStore(root.to_path_buf()));
+            }
+            Err(e) => return Err(e).at(&marker),
+        };
+        let found = text
+            .lines()
+            .find_map(|l| l.strip_prefix("format "))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .ok_or_else(|| StoreError::BadRecord {
+                path: marker.clone(),
+                why: "no 'format N' line".into(),
+            })?;
+        if found > STORE_FORMAT {
+            return Err(StoreError::NewerFormat {
+                path: root.to_path_buf(),
+                found,
+            });
+        }
+        let role = text
+            .lines()
+            .find_map(|l| l.strip_prefix("role "))
+            .and_then(|r| match r.trim() {
+                "deploy" => Some(Role::Deploy),
+                "host" => Some(Role::Host),
+                _ => None,
+            });
+        Ok(Store {
+            root: root.to_path_buf(),
+            role,
+        })
+    }
+
+    /// Opens a deploy host's store; refuses an agent's.
+    pub fn open_deploy(root: &Path) -> Result<Store> {
+        let s = Store::open(root)?;
+        s.check_deploy()?;
+        Ok(s)
+    }
+
+    /// Opens a store, creating an empty one of `role` if `root` has none.
+    pub fn open_or_init(root: &Path, role: Role) -> Result<Store> {
+        match Store::open(root) {
+            Err(StoreError::NotAStore(_)) => {}
+            Ok(s) if s.role.is_none() => {
+                // A store from before roles were written: say what it is now.
+                s.write_marker(role)?;
+                return Store::open(root);
+            }
+            other => return other,
+        }
+        for dir in [
+            "objects",
+            "versions",
+            "refs/labels",
+            "refs/pins",
+            "journal",
+            "cache",
+        ] {
+            fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
+        }
+        let s = Store {
+            root: root.to_path_buf(),
+            role: Some(role),
+        };
+        s.write_marker(role)?;
+        Store::open(root)
+    }
+
+    fn write_marker(&self, role: Role) -> Result<()> {
+        atomic_write(
+            &self.root.join(MARKER),
+            format!("scap store\nformat {STORE_FORMAT}\nrole {}\n", role.name()).as_bytes(),
+        )
+    }
+
+    /// Errs if this is an agent's store (deploy-host commands refuse it).
+    pub fn check_deploy(&self) -> Result<()> {
+        if self.role == Some(Role::Host) {
+            return Err(StoreError::HostStore(self.root.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn object_path(&self, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("objects").join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn has(&self, id: &ObjectId) -> bool {
+        fs::symlink_metadata(self.object_path(id)).is_ok()
+    }
+
+    /// The object file's bytes as stored (and served), unverified.
+    pub fn read_raw(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
+        let path = self.object_path(id);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    /// Reads, decompresses and verifies one object.
+    pub fn read(&self, id: &ObjectId, kind: ObjectKind) -> Result<Vec<u8>> {
+        let raw = self
+            .read_raw(id)?
+            .ok_or(StoreError::Missing { id: *id, kind })?;
+        object::decode(*id, kind, &raw).map_err(|source| StoreError::Object {
+            path: self.object_path(id),
+            source,
+        })
+    }
+
+    pub fn tree(&self, id: &TreeId) -> Result<Tree> {
+        let bytes = self.read(&id.object(), ObjectKind::Tree)?;
+        Tree::decode(&bytes).map_err(|source| StoreError::BadTree { id: *id, source })
+    }
+
+    /// Every object file in the store, by ID. Stray files (temp files,
+    /// anything that is not 62 hex digits) are skipped.
+    pub fn objects(&self) -> Result<impl Iterator<Item = Result<(ObjectId, PathBuf)>> + use<>> {
+        let objects = self.root.join("objects");
+        let mut fans: Vec<_> = fs::read_dir(&objects)
+            .at(&objects)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        fans.sort();
+        Ok(fans.into_iter().flat_map(|fan| {
+            let prefix = fan
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let entries: Vec<Result<(ObjectId, PathBuf)>> = match fs::read_dir(&fan) {
+                Ok(rd) => rd
+                    .filter_map(|e| match e {
+                        Ok(e) => {
+                            let name = e.file_name();
+                            let hex = format!("{prefix}{}", name.to_string_lossy());
+                            hex.parse::<ObjectId>().ok().map(|id| Ok((id, e.path())))
+                        }
+                        Err(err) => Some(Err(err).at(&fan)),
+                    })
+                    .collect(),
+                Err(e) => vec![Err(e).at(&fan)],
+            };
+            entries
+        }))
+    }
+
+    /// Bumped by every gc, and by every recovery that deletes anything,
+    /// before it deletes: caches of "this chunk is in the store" made under
+    /// an older generation must be re-checked.
+    pub fn gc_generation(&self) -> Result<u64> {
+        let path = self.root.join("gc-generation");
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(t.trim().parse().unwrap_or(u64::MAX)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    pub(crate) fn bump_gc_generation(&self) -> Result<u64> {
+        let next = self.gc_generation()?.wrapping_add(1);
+        atomic_write(
+            &self.root.join("gc-generation"),
+            format!("{next}\n").as_bytes(),
+        )?;
+        Ok(next)
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+}

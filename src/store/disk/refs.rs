@@ -1,0 +1,245 @@
+//! Version records and refs: what `build-manifest` knew about each version
+//! (`versions/<id>.json`), labels (`refs/labels/<label>`) and pins
+//! (`refs/pins/<id>`), and resolving a name a person typed to a version.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::PathBuf;
+
+use super::{IoContext, Result, Store, StoreError};
+use crate::store::fsutil::{atomic_write, read_head};
+use crate::store::id::{IdError, IdPrefix, ObjectId, ObjectKind, TreeId, VersionId};
+use crate::store::object;
+
+/// A version record: what `build-manifest` knew about a version. Kept beside
+/// the version, not part of its hash.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VersionRecord {
+    pub format: u32,
+    pub version: VersionId,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    pub author: String,
+    /// Seconds since the Unix epoch, UTC.
+    pub time: u64,
+    /// Sub-second part of `time`, to order builds made in the same second.
+    #[serde(default)]
+    pub time_nanos: u32,
+    #[serde(default)]
+    pub parent: Option<VersionId>,
+    pub components: Vec<ComponentRecord>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ComponentRecord {
+    pub name: String,
+    pub tree: TreeId,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl Store {
+    fn record_path(&self, v: &VersionId) -> PathBuf {
+        self.root
+            .join("versions")
+            .join(format!("{}.json", v.to_hex()))
+    }
+
+    pub fn write_record(&self, record: &VersionRecord) -> Result<()> {
+        let path = self.record_path(&record.version);
+        let mut json = serde_json::to_vec_pretty(record).expect("records serialize");
+        json.push(b'\n');
+        atomic_write(&path, &json)
+    }
+
+    pub fn record(&self, v: &VersionId) -> Result<Option<VersionRecord>> {
+        let path = self.record_path(v);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StoreError::BadRecord {
+                    path,
+                    why: e.to_string(),
+                }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    pub fn remove_record(&self, v: &VersionId) -> Result<()> {
+        let path = self.record_path(v);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e).at(&path),
+            _ => Ok(()),
+        }
+    }
+
+    /// All version records, newest first.
+    pub fn records(&self) -> Result<Vec<VersionRecord>> {
+        let dir = self.root().join("versions");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(v) = hex.parse::<VersionId>() else {
+                continue;
+            };
+            if let Some(r) = self.record(&v)? {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| std::cmp::Reverse((r.time, r.time_nanos, r.version)));
+        Ok(out)
+    }
+
+    pub fn set_label(&self, label: &str, v: &VersionId) -> Result<()> {
+        check_label(label)?;
+        let path = self.root().join("refs/labels").join(label);
+        atomic_write(&path, format!("{}\n", v.to_hex()).as_bytes())
+    }
+
+    /// Every label with its version, sorted by label.
+    pub fn labels(&self) -> Result<Vec<(String, VersionId)>> {
+        self.read_refs("refs/labels")
+    }
+
+    pub fn pin(&self, v: &VersionId) -> Result<()> {
+        let path = self.root().join("refs/pins").join(v.to_hex());
+        atomic_write(&path, format!("{}\n", v.to_hex()).as_bytes())
+    }
+
+    pub fn unpin(&self, v: &VersionId) -> Result<bool> {
+        let path = self.root().join("refs/pins").join(v.to_hex());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    pub fn pins(&self) -> Result<Vec<VersionId>> {
+        Ok(self
+            .read_refs("refs/pins")?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    fn read_refs(&self, sub: &str) -> Result<Vec<(String, VersionId)>> {
+        let dir = self.root().join(sub);
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).at(&dir),
+        };
+        for entry in rd {
+            let entry = entry.at(&dir)?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let text = fs::read_to_string(&path).at(&path)?;
+            let v = text
+                .trim()
+                .parse::<VersionId>()
+                .map_err(|e| StoreError::BadRecord {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+            out.push((name, v));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Resolves a label, a full ID or an unambiguous hex prefix (>= 8
+    /// digits) to a version. Labels win; then version records; then any
+    /// root tree the store holds (an agent's store has no records).
+    pub fn resolve(&self, name: &str) -> Result<VersionId> {
+        if let Some((_, v)) = self.labels()?.into_iter().find(|(l, _)| l == name) {
+            return Ok(v);
+        }
+        let prefix = match IdPrefix::parse(name) {
+            Ok(p) => p,
+            Err(IdError::NotHex(_)) => {
+                return Err(StoreError::UnknownVersion(name.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut found: Vec<VersionId> = self
+            .records()?
+            .into_iter()
+            .map(|r| r.version)
+            .filter(|v| prefix.matches(&v.object()))
+            .collect();
+        if found.is_empty() {
+            found = self.trees_with_prefix(&prefix)?;
+        }
+        found.sort();
+        found.dedup();
+        match found.len() {
+            0 => Err(StoreError::UnknownVersion(name.to_string())),
+            1 => Ok(found[0]),
+            _ => Err(StoreError::Ambiguous {
+                prefix: name.to_string(),
+                candidates: found.iter().map(|v| v.short()).collect(),
+            }),
+        }
+    }
+
+    fn trees_with_prefix(&self, prefix: &IdPrefix) -> Result<Vec<VersionId>> {
+        let p = prefix.as_str();
+        let fan = self.root().join("objects").join(&p[..2]);
+        let rd = match fs::read_dir(&fan) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e).at(&fan),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.at(&fan)?;
+            let hex = format!("{}{}", &p[..2], entry.file_name().to_string_lossy());
+            let Ok(id) = hex.parse::<ObjectId>() else {
+                continue;
+            };
+            if !prefix.matches(&id) {
+                continue;
+            }
+            let path = entry.path();
+            let head = read_head(&path, object::HEADER_LEN)?;
+            if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
+                out.push(VersionId::new(id));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a label: it names a file in `refs/labels` and must never be
+/// mistaken for an ID prefix.
+pub fn check_label(label: &str) -> Result<()> {
+    let ok_chars = label
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'));
+    let looks_like_id = label.len() >= 8 && label.bytes().all(|c| c.is_ascii_hexdigit());
+    if label.is_empty()
+        || label.len() > 128
+        || !ok_chars
+        || label.starts_with(['.', '-'])
+        || looks_like_id
+    {
+        return Err(StoreError::BadLabel(label.to_string()));
+    }
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Writer sessions: how objects get into a store, durably, beside other
+//! writers and gc, and how a store recovers from a session that died.
+//!
+//! A session ([`Store::writer`]):
+//! 1. takes the store lock shared (gc takes it exclusively), then
+//!    `journal.lock` exclusively; under it, recovers every dead session and
+//!    creates, locks and syncs its own journal `journal/<session>`; then
+//!    releases `journal.lock`;
+//! 2. writes objects: temp file in the object's fan-out directory, rename,
+//!    no fsync one by one;
+//! 3. [`Writer::commit`]: makes its objects durable (an fsync each when few
+//!    and no other journal exists, else one `syncfs`, which also covers
+//!    objects another session wrote that this one found present), removes
+//!    its journal, and hands back the shared store lock as [`Committed`],
+//!    which the caller holds while it writes what references the objects.
+//!
+//! Recovery of a dead session re-verifies every object modified since its
+//! journal was created, deletes the ones that fail, then the trees that
+//! reference a missing object (until none is left); it bumps the gc
+//! generation before the first deletion, so stat caches re-check presence.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use super::{IoContext, Result, Store, StoreError};
+use crate::store::fsutil::{FSYNC_EACH_MAX, atomic_write, read_head, sync_dir, syncfs};
+use crate::store::id::{ObjectId, ObjectKind, TreeId};
+use crate::store::object;
+
+/// Present while gc deletes objects.
+const GC_MARKER: &str = "gc-sweeping";
+/// Clock slack when comparing a journal's time with objects' mtimes.
+const CLOCK_SLACK: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// Holds a store lock until dropped.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+/// What a successful commit hands back: the writer's shared store lock.
+/// Hold it until everything that references the committed objects (the
+/// version record, a label, a release) is durable; gc cannot start before.
+#[derive(Debug)]
+#[must_use = "hold the lock until the version record (or release) is written"]
+pub struct Committed {
+    _lock: StoreLock,
+}
+
+impl Store {
+    /// Takes the store lock. Exclusive is gc's; shared is every writer's.
+    pub fn lock(&self, mode: LockMode) -> Result<StoreLock> {
+        let path = self.root().join("lock");
+        let file = flock(&path, mode, || {
+            tracing::warn!(
+                "waiting for the store lock on {} (another scap is {})",
+                path.display(),
+                match mode {
+                    LockMode::Shared => "collecting garbage",
+                    LockMode::Exclusive => "writing to the store",
+                }
+            )
+        })?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Starts a writer session: takes the shared store lock, recovers from
+    /// any session that died mid-write, and registers this one.
+    pub fn writer(&self) -> Result<Writer<'_>> {
+        let lock = self.lock(LockMode::Shared)?;
+        let registry = self.root().join("journal.lock");
+        let _registry = flock(&registry, LockMode::Exclusive, || {
+            tracing::info!("waiting for another scap to finish starting its writer session")
+        })?;
+        self.recover()?;
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let session = format!("{}-{nanos}", std::process::id());
+        let journal_dir = self.root().join("journal");
+        fs::create_dir_all(&journal_dir).at(&journal_dir)?;
+        let journal_path = journal_dir.join(&session);
+        let journal = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&journal_path)
+            .at(&journal_path)?;
+        journal.lock().at(&journal_path)?;
+        journal.sync_all().at(&journal_path)?;
+        sync_dir(&journal_dir)?;
+        Ok(Writer {
+            store: self,
+            lock: Some(lock),
+            journal,
+            journal_path,
+            session,
+            counter: AtomicU64::new(0),
+            written_paths: Default::default(),
+            written: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+            finished: false,
+        })
+    }
+
+    /// Recovers from dead sessions and from a gc that died mid-sweep. The
+    /// caller holds `journal.lock` and the shared store lock.
+    fn recover(&self) -> Result<()> {
+        let mut bumped = false;
+        self.recover_from_gc(&mut bumped)?;
+        let dir = self.root().join("journal");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at(&dir),
+        };
+        for entry in rd {
+            let entry = entry.at(&dir)?;
+            let path = entry.path();
+            let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_err() {
+                continue; // a live session
+            }
+            let started = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .at(&path)?
+                .checked_sub(CLOCK_SLACK)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let removed = self.remove_torn_since(started, &mut bumped)?;
+            if removed > 0 {
+                tracing::warn!(
+                    "removed {removed} torn object(s) left by a crashed session ({})",
+                    path.display()
+                );
+            }
+            let suffix = format!(".{}.tmp", entry.file_name().to_string_lossy());
+            self.remove_temp_files(&suffix)?;
+            // What survived verification may still be only in the page
+            // cache (the session died, the machine did not): make it
+            // durable before the journal that covers it goes.
+            syncfs(&file, self.root())?;
+            fs::remove_file(&path).at(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Bumps the gc generation once, before the first deletion.
+    fn before_delete(&self, bumped: &mut bool) -> Result<()> {
+        if !*bumped {
+            self.bump_gc_generation()?;
+            *bumped = true;
+        }
+        Ok(())
+    }
+
+    /// Removes a dead session's temp files (names ending in `suffix`).
+    fn remove_temp_files(&self, suffix: &str) -> Result<()> {
+        let objects = self.root().join("objects");
+        for fan in fs::read_dir(&objects).at(&objects)? {
+            let fan = fan.at(&objects)?.path();
+            let Ok(rd) = fs::read_dir(&fan) else { continue };
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(suffix) {
+                    let p = e.path();
+                    fs::remove_file(&p).at(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes objects written since `since` that fail verification, then
+    /// the trees written since then that reference a missing object (their
+    /// children may have been torn). This restores the invariant that a
+    /// tree is in the store only when everything below it is.
+    fn remove_torn_since(&self, since: SystemTime, bumped: &mut bool) -> Result<u64> {
+        let mut removed = 0;
+        let mut recent_trees: Vec<(ObjectId, PathBuf)> = Vec::new();
+        for item in self.objects()? {
+            let (id, path) = item?;
+            let Ok(modified) = fs::symlink_metadata(&path).and_then(|m| m.modified()) else {
+                continue;
+            };
+            if modified < since {
+                continue;
+            }
+            let raw = fs::read(&path).at(&path)?;
+            match object::peek(id, &raw)
+                .and_then(|(kind, _)| object::decode(id, kind, &raw).map(|_| kind))
+            {
+                Ok(ObjectKind::Tree) => recent_trees.push((id, path)),
+                Ok(ObjectKind::Chunk) => {}
+                Err(_) => {
+                    self.before_delete(bumped)?;
+                    fs::remove_file(&path).at(&path)?;
+                    removed += 1;
+                }
+            }
+        }
+        removed += self.remove_incomplete_trees(recent_trees, bumped)?;
+        Ok(removed)
+    }
+
+    /// Removes, until none is left, each of `trees` that references an
+    /// object the store does not have. Returns how many it removed.
+    fn remove_incomplete_trees(
+        &self,
+        mut trees: Vec<(ObjectId, PathBuf)>,
+        bumped: &mut bool,
+    ) -> Result<u64> {
+        let mut removed = 0;
+        loop {
+            let before = trees.len();
+            let mut kept = Vec::with_capacity(before);
+            for (id, path) in trees {
+                let complete = match self.tree(&TreeId::new(id)) {
+                    Ok(tree) => tree.children().all(|child| self.has(&child)),
+                    Err(StoreError::Missing { .. }) => continue,
+                    Err(_) => false,
+                };
+                if complete {
+                    kept.push((id, path));
+                } else {
+                    self.before_delete(bumped)?;
+                    fs::remove_file(&path).at(&path)?;
+                    removed += 1;
+                }
+            }
+            trees = kept;
+            if trees.len() == before {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// After a gc that died mid-sweep, a tree may have lost a subtree: check
+    /// every tree in the store.
+    fn recover_from_gc(&self, bumped: &mut bool) -> Result<()> {
+        let marker = self.root().join(GC_MARKER);
+        if !marker.exists() {
+            return Ok(());
+        }
+        let mut trees = Vec::new();
+        for item in self.objects()? {
+            let (id, path) = item?;
+            let head = read_head(&path, object::HEADER_LEN)?;
+            if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
+                trees.push((id, path));
+            }
+        }
+        let removed = self.remove_incomplete_trees(trees, bumped)?;
+        if removed > 0 {
+            tracing::warn!("removed {removed} tree(s) an interrupted gc left incomplete");
+        }
+        fs::remove_file(&marker).at(&marker)?;
+        Ok(())
+    }
+
+    /// Marks the start of gc's sweep (see `recover_from_gc`).
+    pub(crate) fn begin_sweep(&self) -> Result<()> {
+        atomic_write(&self.root().join(GC_MARKER), b"")
+    }
+
+    pub(crate) fn end_sweep(&self) -> Result<()> {
+        let marker = self.root().join(GC_MARKER);
+        let f = File::open(self.root()).at(self.root())?;
+        syncfs(&f, self.root())?;
+        fs::remove_file(&marker).at(&marker)?;
+        sync_dir(self.root())
+    }
+
+    /// Whether a journal other than `own` exists (a live session, or a
+    /// dead one not recovered yet): objects it wrote may not be durable,
+    /// and a session that found them "already there" must sync more than
+    /// its own files before anything references them.
+    fn other_journals(&self, own: &Path) -> bool {
+        let dir = self.root().join("journal");
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return true;
+        };
+        rd.flatten().any(|e| e.path() != own)
+    }
+}
+
+/// Opens `path` (creating it) and flocks it, calling `waiting` once if it
+/// has to wait.
+fn flock(path: &Path, mode: LockMode, waiting: impl FnOnce()) -> Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .at(path)?;
+    let busy = match mode {
+        LockMode::Shared => file.try_lock_shared().is_err(),
+        LockMode::Exclusive => file.try_lock().is_err(),
+    };
+    if busy {
+        waiting();
+        match mode {
+            LockMode::Shared => file.lock_shared(),
+            LockMode::Exclusive => file.lock(),
+        }
+        .at(path)?;
+    }
+    Ok(file)
+}
+
+/// A writer session: adds objects, then `commit`s them durably.
+pub struct Writer<'s> {
+    store: &'s Store,
+    lock: Option<StoreLock>,
+    journal: File,
+    journal_path: PathBuf,
+    /// Names this session's temp files: `objects/ab/.<rest>.<n>.<session>.tmp`.
+    session: String,
+    counter: AtomicU64,
+    /// The first `FSYNC_EACH_MAX` objects written, to fsync one by one.
+    written_paths: std::sync::Mutex<Vec<PathBuf>>,
+    written: AtomicU64,
+    written_bytes: AtomicU64,
+    finished: bool,
+}
+
+/// What a `put` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Put {
+    pub id: ObjectId,
+    /// False when the store already had the object.
+    pub new: bool,
+}
+
+impl Writer<'_> {
+    pub fn store(&self) -> &Store {
+        self.store
+    }
+
+    /// Stores `data` as an object of `kind` unless the store has it already.
+    pub fn put(&self, kind: ObjectKind, data: &[u8]) -> Result<Put> {
+        let id = kind.hash(data);
+        if self.store.has(&id) {
+            return Ok(Put { id, new: false });
+        }
+        let file = object::encode(kind, data);
+        self.write_object(&id, &file)?;
+        Ok(Put { id, new: true })
+    }
+
+    /// Stores an object file received from elsewhere, after checking it is
+    /// object `id` of kind `kind`, as it arrived. Returns the decoded
+    /// payload.
+    pub fn put_verified(&self, id: ObjectId, kind: ObjectKind, file: &[u8]) -> Result<Vec<u8>> {
+        let data = object::decode(id, kind, file).map_err(|source| StoreError::Object {
+            path: self.store.object_path(&id),
+            source,
+        })?;
+        if !self.store.has(&id) {
+            self.write_object(&id, file)?;
+        }
+        Ok(data)
+    }
+
+    /// Writes the temp file in the object's own fan-out directory, so the
+    /// rename stays within one directory (a rename across directories takes
+    /// a filesystem-wide lock in Linux, and writers would queue on it).
+    fn write_object(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        let dest = self.store.object_path(id);
+        let hex = id.to_hex();
+        // Unique per write: two threads may store the same content at once.
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dest.with_file_name(format!(".{}.{n}.{}.tmp", &hex[2..], self.session));
+        let write = |tmp: &Path| -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+            f.write_all(file)
+        };
+        if let Err(e) = write(&tmp) {
+            let _ = fs::remove_file(&tmp);
+            if e.kind() != ErrorKind::NotFound {
+                return Err(e).at(&tmp);
+            }
+            let fan = dest.parent().expect("object paths have a fan-out dir");
+            fs::create_dir_all(fan).at(fan)?;
+            if let Err(e) = write(&tmp) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e).at(&tmp);
+            }
+        }
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e).at(&dest);
+        }
+        let n = self.written.fetch_add(1, Ordering::Relaxed);
+        self.written_bytes
+            .fetch_add(file.len() as u64, Ordering::Relaxed);
+        if (n as usize) < FSYNC_EACH_MAX {
+            self.written_paths.lock().expect("not poisoned").push(dest);
+        }
+        Ok(())
+    }
+
+    /// Objects and bytes (as stored) written by this session so far.
+    pub fn written(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.written_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Makes every object written so far durable, then ends the session.
+    /// Only after this may anything reference them; the returned guard keeps
+    /// gc out until the caller has written that reference.
+    pub fn commit(mut self) -> Result<Committed> {
+        self.finish()?;
+        Ok(Committed {
+            _lock: self.lock.take().expect("taken only here"),
+        })
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        let written = self.written.load(Ordering::Relaxed);
+        if written as usize > FSYNC_EACH_MAX || self.store.other_journals(&self.journal_path) {
+            syncfs(&self.journal, self.store.root())?;
+        } else if written > 0 {
+            let paths = std::mem::take(&mut *self.written_paths.lock().expect("not poisoned"));
+            let dirs: Vec<PathBuf> = paths
+                .iter()
+                .filter_map(|p| p.parent().map(Path::to_path_buf))
+                .collect();
+            crate::store::fsutil::make_durable(&paths, &dirs, self.store.root())?;
+        }
+        fs::remove_file(&self.journal_path).at(&self.journal_path)?;
+        Ok(())
+    }
+}
+
+impl Drop for Writer<'_> {
+    /// A session that ends in an error still leaves only whole objects:
+    /// sync them and close the journal, so no recovery scan is needed.
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
