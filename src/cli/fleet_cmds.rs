@@ -13,15 +13,19 @@ use clap::Args;
 use super::host_cmds::{ProgressLine, clock, read_token, report, resolve_version, runtime};
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
-use crate::fleet::deploy::{GateChoice, Operator, Rollout, pct};
+use crate::fleet::agents::{Agents, HostResult};
+use crate::fleet::deploy::{GateChoice, Operator, Rollout};
 use crate::fleet::gates::Gates;
-use crate::fleet::history::{self, Entry};
+use crate::fleet::history;
 use crate::fleet::inventory::{Member, fleet};
 use crate::fleet::lock;
-use crate::fleet::rollout::{Budget, Percent, Reading, poll, selection_order, share};
-use crate::fleet::sync::{Agents, HostResult};
+use crate::fleet::poll::poll;
+use crate::fleet::promote::Promote;
+use crate::fleet::rollback::Rollback;
+use crate::fleet::rollout::{Budget, Percent};
+use crate::host::proto::{Outcome as HostOutcome, RollbackTarget};
 use crate::store::{Store, VersionId};
-use crate::time::{fmt_utc, unix_now};
+use crate::time::fmt_utc;
 
 /// Which hosts, and how to reach them.
 #[derive(Args, Debug, Clone)]
@@ -66,24 +70,6 @@ impl FleetArgs {
         };
         Ok(Agents::new(token, Duration::from_secs(self.timeout)))
     }
-}
-
-/// Parses `20`, `20s`, `2m` or `1h`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
-    let (num, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s.trim()[..i], &s.trim()[i..]),
-        None => (s.trim(), "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 /// Where the deploy lock and history live: beside the store.
@@ -149,7 +135,7 @@ pub struct RolloutArgs {
     #[arg(long = "check-cmd", value_name = "CMD")]
     check_cmds: Vec<String>,
     /// How long to wait before each step's health gates (scap's canary_wait_time): 20s, 2m, 0
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = super::parse_duration)]
     wait: Duration,
     /// Hosts that may fail or be down before a step stops: N or P%
     #[arg(long, default_value = "0")]
@@ -206,9 +192,19 @@ impl RolloutArgs {
 
 pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     let version = resolve_version(ctx, &a.version)?;
+    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
     run_rollout(ctx, &a.fleet, &a.rollout, version)
 }
 
+/// Takes the deploy lock (unless this is a dry run, which changes nothing).
+fn deploy_lock(ctx: &Ctx, dry_run: bool) -> anyhow::Result<Option<lock::DeployLock>> {
+    if dry_run {
+        return Ok(None);
+    }
+    Ok(Some(lock::acquire(&fleet_dir(ctx), &command_line())?))
+}
+
+/// Runs a rollout of `version`; the caller holds the deploy lock.
 fn run_rollout(
     ctx: &Ctx,
     fleet_args: &FleetArgs,
@@ -237,11 +233,6 @@ fn run_rollout(
         );
     }
     let agents = fleet_args.agents(ctx, !r.dry_run)?;
-    let _lock = if r.dry_run {
-        None
-    } else {
-        Some(lock::acquire(&fleet_dir(ctx), &command_line())?)
-    };
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let label = label_of(ctx, &version);
@@ -275,7 +266,7 @@ fn run_rollout(
     if r.json {
         print_json(&serde_json::json!({ "outcome": outcome, "hosts": op.results }))?;
     } else {
-        report(&op.results, false)?;
+        report(&op.results)?;
         println!("{}", outcome.message);
     }
     if let Some(cmd) = &r.announce {
@@ -298,7 +289,17 @@ fn announce(cmd: &str, line: &str) {
 struct CliOperator {
     yes: bool,
     line: Option<ProgressLine>,
-    results: Vec<HostResult>,
+    results: Vec<HostResult<HostOutcome>>,
+}
+
+impl CliOperator {
+    fn batch() -> CliOperator {
+        CliOperator {
+            yes: true,
+            line: None,
+            results: Vec::new(),
+        }
+    }
 }
 
 impl CliOperator {
@@ -317,13 +318,18 @@ impl Operator for CliOperator {
     }
 
     fn step_started(&mut self, stage: &str, hosts: usize) {
-        eprintln!("{} Started sync {stage}", clock());
-        self.line = Some(ProgressLine::new(&format!("sync-{stage}"), hosts));
+        let name = if stage == "rollback" {
+            "rollback".to_string()
+        } else {
+            eprintln!("{} Started sync {stage}", clock());
+            format!("sync-{stage}")
+        };
+        self.line = Some(ProgressLine::new(&name, hosts));
     }
 
-    fn host_done(&mut self, result: &HostResult) {
+    fn host_done(&mut self, result: &HostResult<HostOutcome>) {
         if let Some(l) = &self.line {
-            l.done(result.ok);
+            l.done(result.ok());
         }
         self.results.push(result.clone());
     }
@@ -384,6 +390,8 @@ pub struct SyncFileArgs {
 
 pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
+    // Before building: another deploy must not see (or gc) a half-made change.
+    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
     let base = match &a.from {
         Some(f) => store.resolve(f)?,
         None => store
@@ -463,8 +471,9 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .map(|v| resolve_version(ctx, v))
         .transpose()?;
     let to = match a.to.as_str() {
-        "previous" | "stable" => a.to.clone(),
-        v => resolve_version(ctx, v)?.to_hex(),
+        "previous" => RollbackTarget::Previous,
+        "stable" => RollbackTarget::Stable,
+        v => RollbackTarget::Version(resolve_version(ctx, v)?),
     };
     let keep = a
         .canary
@@ -475,118 +484,28 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .unwrap_or(Percent(0));
     let _lock = lock::acquire(&fleet_dir(ctx), &command_line())?;
     let rt = runtime()?;
-    let readings = rt.block_on(poll(&agents, &members, 64));
-    for r in readings.iter().filter(|r| r.view.is_err()) {
-        eprintln!(
-            "{} {}",
-            clock(),
-            r.view.as_ref().err().map(String::as_str).unwrap_or("")
-        );
-    }
-    let total: u64 = members.iter().map(|m| m.weight).sum();
-    let mut chosen: Vec<usize> = match version {
-        Some(v) => {
-            // Reverse selection order: the last hosts given a version are
-            // the first taken back.
-            let mut order = selection_order(&members, &v);
-            order.reverse();
-            let mut on: u64 = readings
-                .iter()
-                .filter(|r| r.on(&v))
-                .map(|r| r.member.weight)
-                .sum();
-            let limit = keep.of(total);
-            let mut out = Vec::new();
-            for i in order {
-                if on <= limit {
-                    break;
-                }
-                if readings[i].on(&v) {
-                    out.push(i);
-                    on -= members[i].weight;
-                }
-            }
-            out
-        }
-        None => (0..readings.len())
-            .filter(|&i| readings[i].view.is_ok())
-            .collect(),
+    let interrupted = on_interrupt(&rt);
+    let procedure = Rollback {
+        agents: &agents,
+        members,
+        to,
+        version,
+        keep,
+        concurrency: a.concurrency,
+        by: lock::user(),
+        command: command_line(),
+        fleet_dir: fleet_dir(ctx),
+        interrupted: &interrupted,
     };
-    chosen.sort();
-    let body = serde_json::json!({ "to": to, "by": lock::user() });
-    eprintln!(
-        "{} Started rollback of {} host(s) to {}",
-        clock(),
-        chosen.len(),
-        a.to
-    );
-    let line = ProgressLine::new("rollback", chosen.len());
-    let results: Vec<HostResult> = rt.block_on(async {
-        use futures_util::StreamExt;
-        futures_util::stream::iter(chosen.iter().map(|&i| readings[i].member.host.clone()))
-            .map(|host| {
-                let (agents, body, line) = (&agents, &body, &line);
-                async move {
-                    let started = std::time::Instant::now();
-                    let r = agents.post(&host, "/v1/rollback", body).await;
-                    line.done(r.is_ok());
-                    HostResult {
-                        host: host.to_string(),
-                        ok: r.is_ok(),
-                        seconds: started.elapsed().as_secs_f64(),
-                        error: r.as_ref().err().cloned(),
-                        outcome: r.ok(),
-                    }
-                }
-            })
-            .buffer_unordered(a.concurrency.max(1))
-            .collect()
-            .await
-    });
-    line.finish();
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.ok)
-        .map(|r| r.host.clone())
-        .collect();
-    let message = format!(
-        "rolled back {} host(s) to {}{}",
-        results.len() - failed.len(),
-        a.to,
-        if failed.is_empty() {
-            String::new()
-        } else {
-            format!("; {} failed", failed.len())
-        }
-    );
-    let _ = history::append(
-        &fleet_dir(ctx),
-        &Entry {
-            time: unix_now(),
-            user: lock::user(),
-            action: "rollback".into(),
-            version,
-            target: Some(a.to.clone()),
-            reached: None,
-            gates: None,
-            hosts: results
-                .iter()
-                .filter(|r| r.ok)
-                .map(|r| r.host.clone())
-                .collect(),
-            failed: failed.clone(),
-            ok: failed.is_empty(),
-            message: message.clone(),
-            command: command_line(),
-        },
-    );
+    let mut op = CliOperator::batch();
+    let outcome = rt.block_on(procedure.run(&mut op));
     if a.json {
-        print_json(&results)?;
+        print_json(&outcome.results)?;
     } else {
-        report(&results, false)?;
-        println!("{message}");
+        report(&outcome.results)?;
+        println!("{}", outcome.message);
     }
-    Ok(exit::from(failed.is_empty()))
+    Ok(exit::from(outcome.ok))
 }
 
 #[derive(Args, Debug)]
@@ -607,95 +526,21 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
     let budget = Budget::parse(&a.max_failures).map_err(anyhow::Error::msg)?;
     let _lock = lock::acquire(&fleet_dir(ctx), &command_line())?;
     let rt = runtime()?;
-    let readings = rt.block_on(poll(&agents, &members, 64));
-    let down: Vec<&Reading> = readings.iter().filter(|r| r.view.is_err()).collect();
-    let behind: Vec<&Reading> = readings
-        .iter()
-        .filter(|r| r.view.is_ok() && !r.on(&version))
-        .collect();
-    let total: u64 = members.iter().map(|m| m.weight).sum();
-    let on: u64 = readings
-        .iter()
-        .filter(|r| r.on(&version))
-        .map(|r| r.member.weight)
-        .sum();
-    if !behind.is_empty() {
-        bail!(
-            "{} is on {} of traffic; {} host(s) run something else ({}): sync it to 100% first",
-            version.short(),
-            pct(share(on, total)),
-            behind.len(),
-            behind
-                .iter()
-                .take(5)
-                .map(|r| r.member.host.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    if !budget.allows(down.len(), readings.len()) {
-        bail!(
-            "{} host(s) did not answer ({}): they would keep their old stable version; pass --max-failures {} to promote anyway",
-            down.len(),
-            down.iter()
-                .map(|r| r.member.host.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            down.len()
-        );
-    }
-    let body = serde_json::json!({ "version": version, "by": lock::user() });
-    let results: Vec<(String, Result<serde_json::Value, String>)> = rt.block_on(async {
-        use futures_util::StreamExt;
-        futures_util::stream::iter(readings.iter().filter(|r| r.view.is_ok()))
-            .map(|r| {
-                let (agents, body) = (&agents, &body);
-                async move {
-                    (
-                        r.member.host.to_string(),
-                        agents.post(&r.member.host, "/v1/promote", body).await,
-                    )
-                }
-            })
-            .buffer_unordered(50)
-            .collect()
-            .await
-    });
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(h, r)| r.as_ref().err().map(|e| format!("{h}: {e}")))
-        .collect();
-    for f in &failed {
-        eprintln!("{} FAIL {f}", clock());
-    }
-    let message = format!(
-        "promoted {} to stable on {} host(s)",
-        label_of(ctx, &version),
-        results.len() - failed.len()
-    );
-    let _ = history::append(
-        &fleet_dir(ctx),
-        &Entry {
-            time: unix_now(),
-            user: lock::user(),
-            action: "promote".into(),
-            version: Some(version),
-            target: None,
-            reached: Some(share(on, total)),
-            gates: None,
-            hosts: results
-                .iter()
-                .filter(|(_, r)| r.is_ok())
-                .map(|(h, _)| h.clone())
-                .collect(),
-            failed: failed.clone(),
-            ok: failed.is_empty(),
-            message: message.clone(),
-            command: command_line(),
-        },
-    );
-    println!("{message}");
-    Ok(exit::from(failed.is_empty()))
+    let procedure = Promote {
+        agents: &agents,
+        members,
+        version,
+        label: label_of(ctx, &version),
+        budget,
+        by: lock::user(),
+        command: command_line(),
+        fleet_dir: fleet_dir(ctx),
+    };
+    let outcome = rt
+        .block_on(procedure.run(&mut CliOperator::batch()))
+        .map_err(anyhow::Error::msg)?;
+    println!("{}", outcome.message);
+    Ok(exit::from(outcome.ok))
 }
 
 #[derive(Args, Debug)]
@@ -786,8 +631,12 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     for h in st["hosts"].as_array().into_iter().flatten() {
         let name = h["host"].as_str().unwrap_or("");
         if h["reachable"] == true {
-            let cur = h["current"].as_str().map(|s| &s[..12]).unwrap_or("-");
-            let stable = h["stable"].as_str().map(|s| &s[..12]).unwrap_or("-");
+            let short = |v: &serde_json::Value| {
+                v.as_str()
+                    .and_then(|s| s.parse::<VersionId>().ok())
+                    .map_or_else(|| "-".to_string(), |v| v.short())
+            };
+            let (cur, stable) = (short(&h["current"]), short(&h["stable"]));
             let since = h["since"].as_u64().map(fmt_utc).unwrap_or_default();
             let mut note = String::new();
             if h["busy"] == true {

@@ -12,7 +12,8 @@ use clap::Args;
 
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
-use crate::fleet::sync::HostResult;
+use crate::fleet::agents::HostResult;
+use crate::host::proto::Outcome;
 use crate::host::state::HostState;
 use crate::host::{Agent, AgentConfig};
 use crate::net::server;
@@ -131,9 +132,12 @@ pub struct AgentArgs {
     /// Command run after the switch (php-fpm reload, opcache reset); failure is logged
     #[arg(long, value_name = "CMD")]
     post_switch: Option<String>,
-    /// Release directories kept (at least 3: live, previous, one to prepare)
-    #[arg(long, default_value_t = 3)]
-    slots: usize,
+    /// Release directories kept (3 to 8: live, previous, one to prepare, more for faster rollbacks)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=8))]
+    slots: u8,
+    /// How long a hook may run before it is killed: 300s, 5m
+    #[arg(long, default_value = "5m", value_parser = super::parse_duration)]
+    hook_timeout: Duration,
 }
 
 pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
@@ -162,7 +166,8 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
         links,
         pre_switch: a.pre_switch,
         post_switch: a.post_switch,
-        slots: a.slots,
+        slots: usize::from(a.slots),
+        hook_timeout: a.hook_timeout,
     })
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
     let rt = runtime()?;
@@ -258,7 +263,13 @@ pub fn verify_live(dir: &Path, json: bool) -> anyhow::Result<i32> {
     let store = Store::open(&dir.join("store"))?;
     let live = std::fs::canonicalize(dir.join("current"))
         .with_context(|| format!("{}/current", dir.display()))?;
-    let drift = crate::host::drift::check(&store, &live, &cur.version.root())?;
+    let root = crate::host::materialize::Dir::open(&live)?;
+    let drift = crate::host::drift::check(
+        &store,
+        root,
+        &cur.version.root(),
+        &crate::cancel::Cancel::new(),
+    )?;
     if json {
         print_json(&drift)?;
     } else {
@@ -296,39 +307,31 @@ pub fn resolve_version(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
     }
 }
 
-pub fn report(results: &[HostResult], json: bool) -> anyhow::Result<()> {
-    if json {
-        return print_json(&results);
-    }
+/// One line per host: what it did, or why it failed.
+pub fn report(results: &[HostResult<Outcome>]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     for r in results {
-        match (&r.outcome, &r.error) {
-            (Some(o), _) => writeln!(
+        match &r.result {
+            Ok(o) => writeln!(
                 out,
                 "{:<24} ok    {:>6.2}s  {}{}  fetched {} in {} objects, wrote {} files",
-                r.host,
+                r.host.to_string(),
                 r.seconds,
-                o["version"].as_str().map(|v| &v[..12]).unwrap_or("?"),
-                if o["noop"] == true {
-                    " (already there)"
-                } else {
-                    ""
-                },
-                fmt_bytes(o["fetched"]["bytes"].as_u64().unwrap_or(0)),
-                o["fetched"]["trees"].as_u64().unwrap_or(0)
-                    + o["fetched"]["chunks"].as_u64().unwrap_or(0),
-                o["files_written"].as_u64().unwrap_or(0),
+                o.version.short(),
+                if o.noop { " (already there)" } else { "" },
+                fmt_bytes(o.fetched.bytes),
+                o.fetched.trees + o.fetched.chunks,
+                o.files_written,
             )?,
-            (None, e) => writeln!(
+            Err(e) => writeln!(
                 out,
-                "{:<24} FAIL  {:>6.2}s  {}",
-                r.host,
+                "{:<24} FAIL  {:>6.2}s  {e}",
+                r.host.to_string(),
                 r.seconds,
-                e.as_deref().unwrap_or("")
             )?,
         }
     }
-    let ok = results.iter().filter(|r| r.ok).count();
+    let ok = results.iter().filter(|r| r.ok()).count();
     writeln!(out, "{ok} of {} hosts ok", results.len())?;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod store_cmds;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -198,6 +199,24 @@ fn error_code(err: &anyhow::Error) -> i32 {
 #[error("{what}")]
 pub struct NotFound {
     pub what: String,
+}
+
+/// Parses `20`, `20s`, `2m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
+    let (num, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s.trim()[..i], &s.trim()[i..]),
+        None => (s.trim(), "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 /// Writes a JSON value and a newline to stdout.

@@ -7,11 +7,14 @@
 //! `STORE/fleet/`, is about deploys, not hosts: the deploy lock and the
 //! audit log.
 
+pub mod agents;
 pub mod deploy;
 pub mod gates;
 pub mod history;
 pub mod inventory;
 pub mod lock;
+pub mod poll;
+pub mod promote;
+pub mod rollback;
 pub mod rollout;
 pub mod status;
-pub mod sync;

@@ -1,16 +1,15 @@
-//! Canary arithmetic: poll every host, count the traffic already on a
-//! version, and pick just enough more hosts to reach a share.
+//! Canary arithmetic: from every host's reading, count the traffic already
+//! on a version and pick just enough more hosts to reach a share.
 //!
-//! Everything here is a pure function of the hosts' answers, so a rollout
-//! can be resumed from anywhere: re-running the same command picks the same
-//! hosts (the order is a function of the version and the host names) and
-//! finds nothing left to do.
+//! Everything here is a pure function of the hosts' answers (no I/O), so a
+//! rollout can be resumed from anywhere: re-running the same command picks
+//! the same hosts (the order is a function of the version and the host
+//! names) and finds nothing left to do.
 
 use serde::Serialize;
 
 use super::inventory::Member;
-use super::sync::Agents;
-use crate::host::state::STATE_FORMAT;
+use super::poll::Reading;
 use crate::store::VersionId;
 
 /// A percentage of traffic in hundredths (0..=10000), parsed from "12.5%".
@@ -70,92 +69,6 @@ pub fn share(weight: u64, total: u64) -> f64 {
     } else {
         (weight as f64 * 1000.0 / total as f64).round() / 10.0
     }
-}
-
-/// What one host said when polled.
-#[derive(Clone, Debug, Serialize)]
-pub struct Reading {
-    pub member: Member,
-    /// The agent's `/v1/state` answer, or why there is none.
-    pub view: Result<HostView, String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct HostView {
-    pub current: Option<VersionId>,
-    pub previous: Option<VersionId>,
-    pub stable: Option<VersionId>,
-    pub since: Option<u64>,
-    pub busy: bool,
-    pub last_error: Option<String>,
-    /// Seconds the last sync took, and when it happened.
-    pub last_sync: Option<(f64, u64)>,
-    /// Files the host's last drift check found edited by hand (`None`: not
-    /// checked since the host switched).
-    pub drift: Option<u64>,
-}
-
-impl Reading {
-    pub fn current(&self) -> Option<VersionId> {
-        self.view.as_ref().ok().and_then(|v| v.current)
-    }
-
-    pub fn on(&self, v: &VersionId) -> bool {
-        self.current().as_ref() == Some(v)
-    }
-}
-
-fn version_at(state: &serde_json::Value, key: &str) -> Option<VersionId> {
-    state[key]["version"].as_str().and_then(|s| s.parse().ok())
-}
-
-/// Reads an agent's `/v1/state` answer; refuses a state format newer than
-/// this scap knows rather than misread it.
-pub fn view_of(member: &Member, body: &serde_json::Value) -> Result<HostView, String> {
-    let st = &body["state"];
-    let format = st["format"].as_u64().unwrap_or(0);
-    if format > u64::from(STATE_FORMAT) {
-        return Err(format!(
-            "{}: state file is format v{format}, this scap reads up to v{STATE_FORMAT}: upgrade scap on the deploy host",
-            member.host
-        ));
-    }
-    let last_sync = st["history"]
-        .as_array()
-        .and_then(|h| h.iter().find(|e| e["action"] == "sync" && e["ok"] == true))
-        .map(|e| {
-            (
-                e["seconds"].as_f64().unwrap_or(0.0),
-                e["time"].as_u64().unwrap_or(0),
-            )
-        });
-    Ok(HostView {
-        current: version_at(st, "current"),
-        previous: version_at(st, "previous"),
-        stable: version_at(st, "stable"),
-        since: st["current"]["since"].as_u64(),
-        busy: body["busy"] == true,
-        last_error: st["last_error"]["message"].as_str().map(str::to_string),
-        last_sync,
-        drift: body["drift"]["changed"].as_u64(),
-    })
-}
-
-/// Reads every host's state, all at once; a host that does not answer
-/// within the agents' timeout is unreachable, never "on" anything.
-pub async fn poll(agents: &Agents, members: &[Member], concurrency: usize) -> Vec<Reading> {
-    use futures_util::StreamExt;
-    futures_util::stream::iter(members.iter().cloned())
-        .map(|member| async move {
-            let view = agents
-                .get(&member.host, "/v1/state")
-                .await
-                .and_then(|body| view_of(&member, &body));
-            Reading { member, view }
-        })
-        .buffered(concurrency.max(1))
-        .collect()
-        .await
 }
 
 /// The order in which hosts are given a version: canary-group hosts first,
@@ -260,6 +173,34 @@ pub fn top_up(readings: &[Reading], version: &VersionId, target: Percent) -> Top
     }
 }
 
+/// Which hosts to take off `version` to leave at most `keep` of the traffic
+/// on it: the reverse of the selection order (the last hosts given it are
+/// the first taken back). Indices into `readings`, sorted.
+pub fn take_back(readings: &[Reading], version: &VersionId, keep: Percent) -> Vec<usize> {
+    let members: Vec<Member> = readings.iter().map(|r| r.member.clone()).collect();
+    let total: u64 = members.iter().map(|m| m.weight).sum();
+    let mut order = selection_order(&members, version);
+    order.reverse();
+    let mut on: u64 = readings
+        .iter()
+        .filter(|r| r.on(version))
+        .map(|r| r.member.weight)
+        .sum();
+    let limit = keep.of(total);
+    let mut out = Vec::new();
+    for i in order {
+        if on <= limit {
+            break;
+        }
+        if readings[i].on(version) {
+            out.push(i);
+            on -= members[i].weight;
+        }
+    }
+    out.sort();
+    out
+}
+
 /// `--max-failures`: a count, or a percentage of the fleet's hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Budget {
@@ -289,6 +230,7 @@ impl Budget {
 mod tests {
     use super::*;
     use crate::fleet::inventory::Host;
+    use crate::fleet::poll::HostView;
     use crate::store::ObjectKind;
 
     fn member(i: usize, weight: u64, dc: &str, canary: bool) -> Member {
@@ -318,17 +260,13 @@ mod tests {
             .map(|(i, m)| Reading {
                 member: m.clone(),
                 view: if down.contains(&i) {
-                    Err("unreachable".into())
+                    Err(crate::fleet::agents::CallError::Unreachable {
+                        host: m.host.to_string(),
+                    })
                 } else {
                     Ok(HostView {
                         current: Some(if on.contains(&i) { v } else { old }),
-                        previous: None,
-                        stable: None,
-                        since: None,
-                        busy: false,
-                        last_error: None,
-                        last_sync: None,
-                        drift: None,
+                        ..HostView::default()
                     })
                 },
             })
@@ -411,20 +349,6 @@ mod tests {
         let t = top_up(&r, &v, Percent::ALL);
         assert!(t.short());
         assert_eq!(t.reached(), 94.7);
-    }
-
-    #[test]
-    fn a_newer_state_format_is_refused_not_misread() {
-        let m = member(1, 1, "eqiad", false);
-        let (v, _) = ids();
-        let ok = serde_json::json!({"state": {"format": 1, "current": {"version": v, "since": 5}}, "busy": false});
-        assert_eq!(view_of(&m, &ok).unwrap().current, Some(v));
-        let newer = serde_json::json!({"state": {"format": 3, "current": {"version": v}}});
-        let e = view_of(&m, &newer).unwrap_err();
-        assert_eq!(
-            e,
-            "mw1001: state file is format v3, this scap reads up to v1: upgrade scap on the deploy host"
-        );
     }
 
     #[test]

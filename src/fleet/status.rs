@@ -7,7 +7,8 @@ use std::path::Path;
 use super::history;
 use super::inventory::Member;
 use super::lock;
-use super::rollout::{Reading, share};
+use super::poll::Reading;
+use super::rollout::share;
 use crate::store::VersionId;
 use crate::time::unix_now;
 
@@ -62,7 +63,7 @@ pub fn fleet_status(
     vs.sort_by(|a, b| b["weight"].as_u64().cmp(&a["weight"].as_u64()));
     let down: Vec<serde_json::Value> = readings
         .iter()
-        .filter_map(|r| r.view.as_ref().err().map(|e| serde_json::json!({"host": r.member.host.to_string(), "error": e, "weight": r.member.weight})))
+        .filter_map(|r| r.view.as_ref().err().map(|e| serde_json::json!({"host": r.member.host.to_string(), "error": e.to_string(), "weight": r.member.weight})))
         .collect();
     let down_weight: u64 = readings
         .iter()
@@ -93,7 +94,7 @@ pub fn fleet_status(
                 }
                 Err(e) => {
                     h["reachable"] = false.into();
-                    h["error"] = e.clone().into();
+                    h["error"] = e.to_string().into();
                 }
             }
             h

@@ -1,63 +1,74 @@
-//! The agent's HTTP API.
+//! The agent's HTTP API (request and response types in [`super::proto`]).
 //!
 //! | method | path          | auth | what |
 //! |--------|---------------|------|------|
-//! | GET    | /v1/state     | no   | state file, slots, busy flag |
+//! | GET    | /v1/state     | no   | state file, slots, busy flag, last drift check |
 //! | GET    | /v1/health    | no   | 200 with the live version, 503 if none |
-//! | GET    | /v1/verify    | no   | drift: live tree re-hashed against its version |
-//! | POST   | /v1/sync      | yes  | `{"version", "sources": [...], "by"}` |
-//! | POST   | /v1/rollback  | yes  | `{"to": "previous"\|"stable"\|<id>, "by"}` |
-//! | POST   | /v1/promote   | yes  | `{"version", "by"}`: record as stable |
+//! | GET    | /metrics      | no   | Prometheus text |
+//! | GET    | /v1/verify    | yes  | drift: live tree re-hashed (one at a time; 429 if one runs) |
+//! | POST   | /v1/sync      | yes  | fetch, prepare, switch |
+//! | POST   | /v1/rollback  | yes  | switch back; pre-empts whatever runs |
+//! | POST   | /v1/promote   | yes  | record the live version as stable |
+//! | POST   | /v1/cancel    | yes  | stop whatever runs; the host stays as it was |
 //!
-//! Changing requests need `Authorization: Bearer <token>`; the token is
-//! compared in constant time. One change at a time: a second gets 409.
+//! One changing operation at a time: a sync or promote arriving while
+//! another runs gets 409; one arriving during the work after a switch waits
+//! for it. A rollback never waits behind other work: it cancels what runs
+//! (a fetch, writing a slot, a hook, the work after a switch; each stops at
+//! its next check, well under a second), then runs, and requests arriving
+//! while it waits get 409.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
-use super::{Agent, AgentError, SyncRequest};
-use crate::store::VersionId;
+use super::proto::{
+    CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
+    PromoteRequest, RollbackRequest, StateResponse, SyncRequest,
+};
+use super::{Agent, AgentError};
+use crate::cancel::Cancel;
+use crate::metrics::Exposition;
 
 pub struct AgentState {
     pub agent: Agent,
     token: String,
-    /// Held while a sync, rollback or promote runs, and while the work
-    /// after a switch runs in the background.
-    busy: Arc<tokio::sync::Mutex<Option<String>>>,
-    /// True while that background work holds `busy`: a request then waits
-    /// for it instead of being refused.
-    background: std::sync::atomic::AtomicBool,
+    /// Held while a changing operation runs, and while the work after a
+    /// switch runs in the background.
+    op: Arc<tokio::sync::Mutex<()>>,
+    /// What holds `op`, and how to stop it.
+    running: std::sync::Mutex<Option<Running>>,
+    /// Rollbacks waiting for `op`: other requests are refused meanwhile.
+    rollbacks_waiting: AtomicUsize,
+    /// Drift checks re-hash the whole live tree: one at a time.
+    verify_gate: Arc<tokio::sync::Semaphore>,
 }
 
-#[derive(Deserialize)]
-struct RollbackRequest {
-    to: String,
-    #[serde(default = "super::unknown")]
-    by: String,
-}
-
-#[derive(Deserialize)]
-struct PromoteRequest {
-    version: VersionId,
-    #[serde(default = "super::unknown")]
-    by: String,
+#[derive(Clone)]
+struct Running {
+    what: String,
+    /// The work after a switch (a request waits for it rather than 409).
+    background: bool,
+    cancel: Cancel,
 }
 
 pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
     let st = Arc::new(AgentState {
         agent,
         token,
-        busy: Arc::new(tokio::sync::Mutex::new(None)),
-        background: std::sync::atomic::AtomicBool::new(false),
+        op: Arc::new(tokio::sync::Mutex::new(())),
+        running: std::sync::Mutex::new(None),
+        rollbacks_waiting: AtomicUsize::new(0),
+        verify_gate: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let app = Router::new()
         .route("/v1/state", get(get_state))
@@ -66,111 +77,143 @@ pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
         .route("/v1/sync", post(sync))
         .route("/v1/rollback", post(rollback))
         .route("/v1/promote", post(promote))
+        .route("/v1/cancel", post(cancel))
         .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(st.clone());
     (app, st)
 }
 
 fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+    (status, Json(ErrorResponse { error: msg.into() })).into_response()
 }
 
-/// `None` when the request carries the right token, else the 401 to send.
-fn unauthorized(st: &AgentState, headers: &HeaderMap) -> Option<Response> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) && !st.token.is_empty() {
-        None
-    } else {
-        Some(json_error(
-            StatusCode::UNAUTHORIZED,
-            format!(
-                "host {}: missing or wrong bearer token: pass the fleet's --token-file",
-                st.agent.cfg.host
-            ),
-        ))
+impl AgentState {
+    fn host(&self) -> &str {
+        &self.agent.cfg.host
     }
-}
 
-async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
-    let busy = st
-        .busy
-        .try_lock()
-        .map(|_| None)
-        .unwrap_or_else(|_| Some(true));
-    Json(serde_json::json!({
-        "state": st.agent.state(),
-        "slots": st.agent.slots(),
-        "busy": busy.is_some(),
-        "drift": st.agent.last_drift(),
-    }))
-    .into_response()
-}
-
-async fn health(State(st): State<Arc<AgentState>>) -> Response {
-    let s = st.agent.state();
-    match s.current {
-        Some(cur) => {
-            Json(serde_json::json!({ "ok": true, "host": s.host, "version": cur.version }))
-                .into_response()
+    /// `None` when the request carries the right token, else the 401.
+    fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(self.token.as_bytes())) && !self.token.is_empty() {
+            None
+        } else {
+            Some(json_error(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "host {}: missing or wrong bearer token: pass the fleet's --token-file",
+                    self.host()
+                ),
+            ))
         }
-        None => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("host {}: no version is live", s.host),
-        ),
     }
-}
 
-async fn verify(State(st): State<Arc<AgentState>>) -> Response {
-    let st2 = st.clone();
-    match tokio::task::spawn_blocking(move || st2.agent.verify_live()).await {
-        Ok(Ok(d)) => Json(d).into_response(),
-        Ok(Err(e)) => error_response(e),
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    /// A request body as `T`, or a 400 that says what is wrong with it.
+    fn body<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        body: Result<Json<T>, JsonRejection>,
+    ) -> Result<T, Response> {
+        body.map(|Json(b)| b).map_err(|e| {
+            json_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "host {}: bad {what} request: {}",
+                    self.host(),
+                    crate::text::clip(&e.body_text(), 300)
+                ),
+            )
+        })
+    }
+
+    fn running(&self) -> Option<Running> {
+        self.running.lock().expect("not poisoned").clone()
+    }
+
+    fn set_running(&self, r: Option<Running>) {
+        *self.running.lock().expect("not poisoned") = r;
+    }
+
+    fn busy(&self, what: &str) -> Response {
+        json_error(
+            StatusCode::CONFLICT,
+            format!(
+                "host {}: busy with {what}; try again when it ends (or roll back, which stops it)",
+                self.host()
+            ),
+        )
+    }
+
+    /// Takes the operation lock for an ordinary request: waits for the
+    /// work after a switch, refuses (409) when another operation runs or a
+    /// rollback waits.
+    async fn enter(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, Response> {
+        if self.rollbacks_waiting.load(Ordering::SeqCst) > 0 {
+            return Err(self.busy("a rollback"));
+        }
+        if let Ok(g) = self.op.clone().try_lock_owned() {
+            return Ok(g);
+        }
+        match self.running() {
+            Some(r) if !r.background => Err(self.busy(&r.what)),
+            // The work after a switch, or an operation just ending.
+            _ => Ok(self.op.clone().lock_owned().await),
+        }
+    }
+
+    /// Takes the operation lock for a rollback: cancels whatever holds it
+    /// and waits the moment it takes to stop.
+    async fn enter_first(&self, by: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.rollbacks_waiting.fetch_add(1, Ordering::SeqCst);
+        if let Some(r) = self.running() {
+            r.cancel.cancel(&format!("a rollback by {by} stopped it"));
+            if !r.background {
+                self.agent.record_cancel(&r.what, by);
+            }
+        }
+        let g = self.op.clone().lock_owned().await;
+        self.rollbacks_waiting.fetch_sub(1, Ordering::SeqCst);
+        g
     }
 }
 
 fn error_response(e: AgentError) -> Response {
     let status = match &e {
         AgentError::Refused(_) => StatusCode::CONFLICT,
+        _ if e.is_cancelled() => StatusCode::CONFLICT,
         // A local failure (full disk) while fetching is ours, not the source's.
         AgentError::Fetch { source, .. }
             if matches!(**source, crate::net::client::FetchError::Store(_)) =>
         {
             StatusCode::INTERNAL_SERVER_ERROR
         }
-        AgentError::Fetch { .. } => StatusCode::BAD_GATEWAY,
+        AgentError::Fetch { .. } | AgentError::FetchTimeout { .. } => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json_error(status, e.to_string())
 }
 
-/// Runs one changing operation at a time, on a blocking thread; when
+/// Runs one changing operation on a blocking thread, holding `guard`; when
 /// `switched` says it changed the live release, runs the after-switch work
-/// in the background, still holding the lock.
-async fn exclusive<T: serde::Serialize + Send + 'static>(
+/// in the background, still holding it.
+async fn run_op<T: serde::Serialize + Send + 'static>(
     st: Arc<AgentState>,
+    guard: tokio::sync::OwnedMutexGuard<()>,
     what: String,
-    op: impl FnOnce(&Agent, &tokio::runtime::Handle) -> Result<T, AgentError> + Send + 'static,
+    op: impl FnOnce(&Agent, &tokio::runtime::Handle, &Cancel) -> Result<T, AgentError> + Send + 'static,
     switched: fn(&T) -> bool,
 ) -> Response {
-    let mut guard = match st.busy.clone().try_lock_owned() {
-        Ok(g) => g,
-        Err(_) if st.background.load(Ordering::SeqCst) => st.busy.clone().lock_owned().await,
-        Err(_) => {
-            return json_error(
-                StatusCode::CONFLICT,
-                format!(
-                    "host {}: busy with another operation; try again when it ends",
-                    st.agent.cfg.host
-                ),
-            );
-        }
-    };
-    *guard = Some(what);
+    let cancel = Cancel::new();
+    st.set_running(Some(Running {
+        what,
+        background: false,
+        cancel: cancel.clone(),
+    }));
     // The operation runs in its own task, which owns the lock: if the
     // client goes away (and axum drops this handler), the operation still
     // finishes under the lock, and no second one can start beside it.
@@ -178,27 +221,32 @@ async fn exclusive<T: serde::Serialize + Send + 'static>(
     let task = tokio::spawn(async move {
         let handle = tokio::runtime::Handle::current();
         let st3 = st2.clone();
-        let result = tokio::task::spawn_blocking(move || op(&st3.agent, &handle)).await;
+        let result = tokio::task::spawn_blocking(move || op(&st3.agent, &handle, &cancel)).await;
         if let Ok(Ok(v)) = &result
             && switched(v)
         {
-            *guard = Some("after-switch work".into());
-            st2.background.store(true, Ordering::SeqCst);
+            let bg = Cancel::new();
+            st2.set_running(Some(Running {
+                what: "the work after a switch".into(),
+                background: true,
+                cancel: bg.clone(),
+            }));
             let st4 = st2.clone();
             tokio::spawn(async move {
                 let st5 = st4.clone();
-                let r = tokio::task::spawn_blocking(move || st5.agent.after_switch()).await;
-                if let Ok(Err(e)) = r {
-                    tracing::warn!("after-switch work failed: {e}");
+                let r = tokio::task::spawn_blocking(move || st5.agent.after_switch(&bg)).await;
+                match r {
+                    Ok(Err(e)) if e.is_cancelled() => {
+                        tracing::info!("after-switch work stopped: {e}")
+                    }
+                    Ok(Err(e)) => tracing::warn!("after-switch work failed: {e}"),
+                    _ => {}
                 }
-                // Unlock first: a request arriving meanwhile still sees
-                // `background` and waits instead of being refused.
-                *guard = None;
+                st4.set_running(None);
                 drop(guard);
-                st4.background.store(false, Ordering::SeqCst);
             });
         } else {
-            *guard = None;
+            st2.set_running(None);
             drop(guard);
         }
         result
@@ -210,37 +258,142 @@ async fn exclusive<T: serde::Serialize + Send + 'static>(
     }
 }
 
+async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
+    let running = st.running();
+    Json(StateResponse {
+        state: st.agent.state(),
+        slots: st.agent.slots(),
+        busy: running.is_some() || st.op.try_lock().is_err(),
+        operation: running.map(|r| r.what),
+        drift: st.agent.last_drift(),
+    })
+    .into_response()
+}
+
+async fn health(State(st): State<Arc<AgentState>>) -> Response {
+    let s = st.agent.state();
+    match s.current {
+        Some(cur) => Json(HealthResponse {
+            ok: true,
+            host: s.host,
+            version: cur.version,
+        })
+        .into_response(),
+        None => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("host {}: no version is live", s.host),
+        ),
+    }
+}
+
+async fn verify(State(st): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
+    if let Some(r) = st.unauthorized(&headers) {
+        return r;
+    }
+    let Ok(permit) = st.verify_gate.clone().try_acquire_owned() else {
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "host {}: a drift check is already running: wait for it",
+                st.host()
+            ),
+        );
+    };
+    let st2 = st.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        st2.agent.verify_live(&Cancel::new())
+    })
+    .await;
+    match r {
+        Ok(Ok(d)) => Json(d).into_response(),
+        Ok(Err(e)) => error_response(e),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn sync(
     State(st): State<Arc<AgentState>>,
     headers: HeaderMap,
-    Json(req): Json<SyncRequest>,
+    body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = unauthorized(&st, &headers) {
+    if let Some(r) = st.unauthorized(&headers) {
         return r;
     }
-    if req.sources.is_empty() {
+    let req = match st.body("sync", body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if let Err(why) = check_sources(&req.sources) {
         return json_error(
             StatusCode::BAD_REQUEST,
-            "sync: no sources given: pass at least one source URL",
+            format!("host {}: sync: {why}", st.host()),
         );
     }
-    let what = format!("sync to {} by {}", req.version.short(), req.by);
-    exclusive(st, what, move |agent, rt| agent.sync(&req, rt), |o| !o.noop).await
+    let guard = match st.enter().await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let what = format!(
+        "a sync to {} by {}",
+        req.version.short(),
+        crate::text::clip(&req.by, 64)
+    );
+    run_op(
+        st,
+        guard,
+        what,
+        move |agent, rt, cancel| agent.sync(&req, rt, cancel),
+        |o| !o.noop,
+    )
+    .await
+}
+
+/// Sources must be http(s) URLs, 1 to `MAX_SOURCES` of them.
+fn check_sources(sources: &[String]) -> Result<(), String> {
+    if sources.is_empty() {
+        return Err("no sources given: pass at least one source URL".into());
+    }
+    if sources.len() > MAX_SOURCES {
+        return Err(format!("{} sources: at most {MAX_SOURCES}", sources.len()));
+    }
+    for s in sources {
+        let ok = (s.starts_with("http://") || s.starts_with("https://"))
+            && s.len() <= 2048
+            && reqwest::Url::parse(s).is_ok();
+        if !ok {
+            return Err(format!(
+                "source {:?} is not an http:// or https:// URL",
+                crate::text::clip(s, 100)
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn rollback(
     State(st): State<Arc<AgentState>>,
     headers: HeaderMap,
-    Json(req): Json<RollbackRequest>,
+    body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = unauthorized(&st, &headers) {
+    if let Some(r) = st.unauthorized(&headers) {
         return r;
     }
-    let what = format!("rollback to {} by {}", req.to, req.by);
-    exclusive(
+    let req = match st.body("rollback", body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let guard = st.enter_first(&req.by).await;
+    let what = format!(
+        "a rollback to {} by {}",
+        req.to,
+        crate::text::clip(&req.by, 64)
+    );
+    run_op(
         st,
+        guard,
         what,
-        move |agent, _| agent.rollback(&req.to, &req.by),
+        move |agent, _, cancel| agent.rollback(req.to, &req.by, cancel),
         |o| !o.noop,
     )
     .await
@@ -249,96 +402,128 @@ async fn rollback(
 async fn promote(
     State(st): State<Arc<AgentState>>,
     headers: HeaderMap,
-    Json(req): Json<PromoteRequest>,
+    body: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = unauthorized(&st, &headers) {
+    if let Some(r) = st.unauthorized(&headers) {
         return r;
     }
-    let what = format!("promote {} by {}", req.version.short(), req.by);
-    exclusive(
+    let req = match st.body("promote", body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let guard = match st.enter().await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let what = format!("a promote of {}", req.version.short());
+    run_op(
         st,
+        guard,
         what,
-        move |agent, _| agent.promote(&req.version, &req.by),
+        move |agent, _, _| agent.promote(&req.version, &req.by),
         |_| false,
     )
     .await
+}
+
+async fn cancel(
+    State(st): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Result<Json<CancelRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = st.unauthorized(&headers) {
+        return r;
+    }
+    let req = match st.body("cancel", body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let running = st.running();
+    if let Some(r) = &running {
+        r.cancel
+            .cancel(&format!("cancelled by {}", crate::text::clip(&req.by, 64)));
+        if !r.background {
+            st.agent.record_cancel(&r.what, &req.by);
+        }
+    }
+    Json(CancelOutcome {
+        host: st.host().to_string(),
+        cancelled: running.map(|r| r.what),
+    })
+    .into_response()
 }
 
 /// Prometheus text format: what this host runs and what its syncs cost.
 async fn metrics(State(st): State<Arc<AgentState>>) -> Response {
     let s = st.agent.state();
     let c = &st.agent.counters;
-    let host = crate::web::label_value(&s.host);
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{value}\n"
-        ));
-    };
+    let mut m = Exposition::new();
     if let Some(cur) = &s.current {
-        metric(
+        let v = cur.version.to_hex();
+        m.family(
             "scap_agent_version_info",
             "gauge",
             "The version this host runs (value 1).",
-            format!(
-                "scap_agent_version_info{{host=\"{host}\",version=\"{}\"}} 1",
-                cur.version
-            ),
+        )
+        .sample(
+            "scap_agent_version_info",
+            &[("host", &s.host), ("version", &v)],
+            1,
         );
     }
     if let Some(stable) = &s.stable {
-        metric(
+        let v = stable.version.to_hex();
+        m.family(
             "scap_agent_stable_version_info",
             "gauge",
             "This host's last stable version (value 1).",
-            format!(
-                "scap_agent_stable_version_info{{host=\"{host}\",version=\"{}\"}} 1",
-                stable.version
-            ),
+        )
+        .sample(
+            "scap_agent_stable_version_info",
+            &[("host", &s.host), ("version", &v)],
+            1,
         );
     }
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    metric(
+    m.single(
         "scap_agent_syncs_total",
         "counter",
         "Syncs and rollbacks run since the agent started.",
-        format!("scap_agent_syncs_total {}", n(&c.syncs)),
+        n(&c.syncs),
     );
-    metric(
+    m.single(
         "scap_agent_sync_failures_total",
         "counter",
         "Syncs and rollbacks that failed.",
-        format!("scap_agent_sync_failures_total {}", n(&c.failures)),
+        n(&c.failures),
     );
-    metric(
+    m.single(
         "scap_agent_fetched_bytes_total",
         "counter",
         "Bytes received from sources.",
-        format!("scap_agent_fetched_bytes_total {}", n(&c.fetched_bytes)),
+        n(&c.fetched_bytes),
     );
-    metric(
+    m.single(
         "scap_agent_fetched_objects_total",
         "counter",
         "Objects received from sources.",
-        format!("scap_agent_fetched_objects_total {}", n(&c.fetched_objects)),
+        n(&c.fetched_objects),
     );
-    metric(
+    m.single(
         "scap_agent_last_sync_duration_seconds",
         "gauge",
         "How long the last successful sync or rollback took.",
-        format!(
-            "scap_agent_last_sync_duration_seconds {}",
-            n(&c.last_sync_ms) as f64 / 1000.0
-        ),
+        n(&c.last_sync_ms) as f64 / 1000.0,
     );
-    metric(
+    m.single(
         "scap_agent_last_success_timestamp_seconds",
         "gauge",
         "When the last sync or rollback succeeded (Unix time; 0 if none since start).",
-        format!(
-            "scap_agent_last_success_timestamp_seconds {}",
-            n(&c.last_success)
-        ),
+        n(&c.last_success),
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        m.finish(),
+    )
+        .into_response()
 }

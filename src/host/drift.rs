@@ -1,18 +1,25 @@
 //! Drift: compare a live release directory with the version it claims to
 //! be, re-hashing every file, and list what was edited by hand.
+//!
+//! Reads go through directory file descriptors like the materializer's
+//! writes: a symlink where a file or directory should be is reported, never
+//! followed; a FIFO or device planted in the tree is reported, never opened
+//! for reading; a file is read no further than one byte past the size its
+//! version gives it.
 
-use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::io::Read;
+use std::sync::Arc;
 
 use rayon::prelude::*;
+use rustix::fs::FileType;
 
+use super::materialize::Dir;
+use crate::cancel::Cancel;
 use crate::store::chunk::{self, ChunkError};
-use crate::store::tree::ChunkRef;
-use crate::store::{Content, ObjectKind, Store, StoreError, TreeId, join};
+use crate::store::tree::{ChunkRef, MAX_DEPTH};
+use crate::store::{ChunkId, Content, ObjectKind, Store, StoreError, TreeId, TreeName, join};
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Drift {
     pub checked_files: u64,
     /// `(status, path, what)`: M content or mode, A not in the version, D
@@ -20,53 +27,88 @@ pub struct Drift {
     pub changes: Vec<(char, String, String)>,
 }
 
-pub fn check(store: &Store, dir: &Path, tree: &TreeId) -> Result<Drift, StoreError> {
+struct FileCheck {
+    dir: Arc<Dir>,
+    name: TreeName,
+    rel: Vec<u8>,
+    content: Content,
+}
+
+pub fn check(
+    store: &Store,
+    root: Dir,
+    tree: &TreeId,
+    cancel: &Cancel,
+) -> Result<Drift, StoreError> {
     let mut drift = Drift::default();
     let mut files = Vec::new();
-    walk(store, dir, tree, &[], &mut drift, &mut files)?;
+    walk(
+        store,
+        &Arc::new(root),
+        tree,
+        &[],
+        0,
+        &mut drift,
+        &mut files,
+        cancel,
+    )?;
     drift.checked_files = files.len() as u64;
     let bad: Vec<(char, String, String)> = files
         .par_iter()
-        .filter_map(|(path, rel, content)| {
-            let Content::File {
-                chunks, executable, ..
-            } = content
-            else {
-                return None;
-            };
-            let meta = fs::metadata(path).ok()?;
-            let is_exec = meta.permissions().mode() & 0o111 != 0;
-            let shown = String::from_utf8_lossy(rel).into_owned();
-            if hash(path).as_deref() != Ok(chunks.as_slice()) {
-                return Some(('M', shown, "content differs".into()));
-            }
-            (is_exec != *executable).then(|| ('M', shown, "executable bit differs".into()))
+        .map(|f| {
+            cancel.check()?;
+            Ok(check_file(f))
         })
+        .collect::<Result<Vec<_>, StoreError>>()?
+        .into_iter()
+        .flatten()
         .collect();
     drift.changes.extend(bad);
     drift.changes.sort_by(|a, b| a.1.cmp(&b.1));
     Ok(drift)
 }
 
-type FileCheck = (std::path::PathBuf, Vec<u8>, Content);
+fn check_file(f: &FileCheck) -> Option<(char, String, String)> {
+    let Content::File {
+        chunks,
+        executable,
+        size,
+    } = &f.content
+    else {
+        return None;
+    };
+    let shown = String::from_utf8_lossy(&f.rel).into_owned();
+    let file = match f.dir.open_file(f.name.as_bytes()) {
+        Ok(file) => file,
+        Err(e) => return Some(('M', shown, format!("cannot read it: {e}"))),
+    };
+    let is_exec = file
+        .metadata()
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+        .unwrap_or(false);
+    if hash(file, *size).as_deref() != Ok(chunks.as_slice()) {
+        return Some(('M', shown, "content differs".into()));
+    }
+    (is_exec != *executable).then(|| ('M', shown, "executable bit differs".into()))
+}
 
+#[allow(clippy::too_many_arguments)]
 fn walk(
     store: &Store,
-    dir: &Path,
+    dir: &Arc<Dir>,
     tree: &TreeId,
     rel: &[u8],
+    depth: usize,
     drift: &mut Drift,
     files: &mut Vec<FileCheck>,
+    cancel: &Cancel,
 ) -> Result<(), StoreError> {
+    cancel.check()?;
+    if depth > MAX_DEPTH {
+        return Ok(());
+    }
     let t = store.tree(tree)?;
-    let mut on_disk: Vec<Vec<u8>> = match fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().as_bytes().to_vec())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    on_disk.sort();
+    let on_disk = dir.names().unwrap_or_default();
     for name in &on_disk {
         if t.get(name).is_none() {
             let mut p = rel.to_vec();
@@ -82,29 +124,42 @@ fn walk(
         }
     }
     for e in t.entries() {
-        let path = dir.join(e.name.to_os_string());
+        let name = e.name.as_bytes();
         let p = join(rel, &e.name);
         let shown = String::from_utf8_lossy(&p).into_owned();
-        let Ok(meta) = fs::symlink_metadata(&path) else {
+        let Ok(Some(kind)) = dir.kind(name) else {
             drift.changes.push(('D', shown, "missing".into()));
             continue;
         };
         match &e.content {
-            Content::Dir { tree, .. } if meta.is_dir() => {
-                walk(store, &path, tree, &p, drift, files)?
-            }
-            Content::Symlink { target } if meta.file_type().is_symlink() => {
-                if fs::read_link(&path)
-                    .map(|t| t.as_os_str().as_bytes() == target.as_slice())
-                    .unwrap_or(false)
-                {
-                    continue;
-                }
-                drift
+            Content::Dir { tree, .. } if kind == FileType::Directory => match dir.subdir(name) {
+                Ok(sub) => walk(
+                    store,
+                    &Arc::new(sub),
+                    tree,
+                    &p,
+                    depth + 1,
+                    drift,
+                    files,
+                    cancel,
+                )?,
+                Err(err) => drift
                     .changes
-                    .push(('M', shown, "symlink target differs".into()));
+                    .push(('T', shown, format!("cannot open it: {err}"))),
+            },
+            Content::Symlink { target } if kind == FileType::Symlink => {
+                if dir.read_link(name).ok().as_deref() != Some(target.as_slice()) {
+                    drift
+                        .changes
+                        .push(('M', shown, "symlink target differs".into()));
+                }
             }
-            c @ Content::File { .. } if meta.is_file() => files.push((path, p, c.clone())),
+            c @ Content::File { .. } if kind == FileType::RegularFile => files.push(FileCheck {
+                dir: dir.clone(),
+                name: e.name.clone(),
+                rel: p,
+                content: c.clone(),
+            }),
             c => drift
                 .changes
                 .push(('T', shown, format!("should be a {}", c.kind_name()))),
@@ -113,17 +168,22 @@ fn walk(
     Ok(())
 }
 
-fn hash(path: &Path) -> Result<Vec<ChunkRef>, ()> {
-    let f = fs::File::open(path).map_err(|_| ())?;
-    let size = f.metadata().map_err(|_| ())?.len();
+/// The chunk list of what `file` holds, read no further than `size + 1`
+/// bytes (a longer file differs anyway).
+fn hash(file: std::fs::File, size: u64) -> Result<Vec<ChunkRef>, ()> {
     let mut out = Vec::new();
-    chunk::for_each_chunk::<_, ()>(f, size, |data| {
+    let mut read: u64 = 0;
+    chunk::for_each_chunk::<_, ()>(file.take(size.saturating_add(1)), size, |data| {
+        read += data.len() as u64;
         out.push(ChunkRef {
-            id: crate::store::ChunkId::new(ObjectKind::Chunk.hash(data)),
+            id: ChunkId::new(ObjectKind::Chunk.hash(data)),
             len: data.len() as u32,
         });
         Ok(())
     })
     .map_err(|_: ChunkError<()>| ())?;
+    if read != size {
+        return Err(());
+    }
     Ok(out)
 }

@@ -8,21 +8,23 @@
 //! memory; then the missing chunks are fetched; then the trees are stored
 //! deepest first, so the invariant holds at every instant. An interrupted
 //! fetch keeps the chunks it stored and re-asks only for trees.
+//!
+//! Bounds, whatever a source sends: each tree at most `MAX_TREE_LEN`
+//! bytes, each chunk exactly the length its tree gives it, trees nested at
+//! most `MAX_DEPTH` deep, and at most [`MAX_HELD_TREE_BYTES`] of trees held
+//! while the walk runs.
 
 use std::collections::{HashMap, HashSet};
 
+use super::proto::Fetched;
 use crate::net::client::{Client, FetchError};
 use crate::store::disk::Writer;
+use crate::store::tree::{MAX_DEPTH, MAX_TREE_LEN, TreeError};
 use crate::store::{Content, ObjectId, ObjectKind, Store, StoreError, Tree, TreeId, VersionId};
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Fetched {
-    pub trees: u64,
-    pub chunks: u64,
-    /// Body bytes received from sources.
-    pub bytes: u64,
-    pub requests: u64,
-}
+/// Most bytes of fetched trees held in memory before they are stored (a
+/// 263k-file MediaWiki tree has about 20 MB of them).
+pub const MAX_HELD_TREE_BYTES: usize = 512 << 20;
 
 pub async fn fetch_version(
     client: &Client,
@@ -50,21 +52,30 @@ pub async fn fetch_version(
     let mut chunks: Vec<(ObjectId, ObjectKind, u64)> = Vec::new();
     let mut frontier = vec![v.root()];
     seen.insert(v.object());
+    let mut depth = 0;
+    let mut held: usize = 0;
     while !frontier.is_empty() {
+        if depth > MAX_DEPTH {
+            return Err(FetchError::Store(StoreError::BadTree {
+                id: frontier[0],
+                source: TreeError::NotCanonical("directories nested deeper than 256 levels"),
+            }));
+        }
+        depth += 1;
         let wanted: Vec<_> = frontier
             .iter()
-            .map(|t| (t.object(), ObjectKind::Tree, 4096))
+            .map(|t| (t.object(), ObjectKind::Tree, MAX_TREE_LEN))
             .collect();
         let got = std::sync::Mutex::new(Vec::new());
         client
-            .fetch(&wanted, &|id, kind, file| {
+            .fetch(&wanted, &|id, kind, max_len, file| {
                 // Verify now; store later, after everything below it.
-                let data = crate::store::object::decode(id, kind, file).map_err(|source| {
-                    StoreError::Object {
+                let data = crate::store::object::decode_within(id, kind, file, max_len).map_err(
+                    |source| StoreError::Object {
                         path: store.object_path(&id),
                         source,
-                    }
-                })?;
+                    },
+                )?;
                 let tree = Tree::decode(&data).map_err(|source| StoreError::BadTree {
                     id: TreeId::new(id),
                     source,
@@ -77,6 +88,13 @@ pub async fn fetch_version(
             .await?;
         let mut next = Vec::new();
         for (id, file, tree) in got.into_inner().expect("not poisoned") {
+            held += file.len();
+            if held > MAX_HELD_TREE_BYTES {
+                return Err(FetchError::Store(StoreError::BadTree {
+                    id,
+                    source: TreeError::NotCanonical("the version's trees exceed 512 MiB"),
+                }));
+            }
             let mut subtrees = Vec::new();
             for e in tree.entries() {
                 match &e.content {
@@ -105,8 +123,20 @@ pub async fn fetch_version(
     }
     out.chunks = chunks.len() as u64;
     client
-        .fetch(&chunks, &|id, kind, file| {
-            writer.put_verified(id, kind, file).map(|_| ())
+        .fetch(&chunks, &|id, kind, max_len, file| {
+            let data = writer.put_verified(id, kind, file, max_len)?;
+            // A chunk is exactly as long as its tree says (the hash ties
+            // the two together too, but this names the fault).
+            if data.len() as u64 != max_len {
+                return Err(StoreError::Object {
+                    path: store.object_path(&id),
+                    source: crate::store::object::ObjectError::Corrupt {
+                        id,
+                        why: format!("{} bytes, its tree says {max_len}", data.len()),
+                    },
+                });
+            }
+            Ok(())
         })
         .await?;
     // Trees in post-order: each after every subtree it lists, so that a
@@ -124,7 +154,7 @@ pub async fn fetch_version(
         }
         if children_done {
             writer
-                .put_verified(id.object(), ObjectKind::Tree, file)
+                .put_verified(id.object(), ObjectKind::Tree, file, MAX_TREE_LEN)
                 .map_err(FetchError::Store)?;
             stored.insert(id);
         } else {

@@ -1,10 +1,10 @@
-//! The agent on every target host: its own object store, its release
+//! The agent on every app server: its own object store, its release
 //! directories, the `current` symlink, and its state file.
 //!
 //! Layout of the agent's directory (`--dir`, default /var/lib/scap):
 //!
 //! ```text
-//! DIR/store/          object store (same format as the deploy host's)
+//! DIR/store/          object store (same format as the deploy host's, role host)
 //! DIR/releases/a b c  release directories, and a.json… saying what each holds
 //! DIR/current         -> releases/<slot>: the live release (switched atomically)
 //! DIR/state.json      current / previous / stable version, history
@@ -14,6 +14,10 @@
 //! (`--link mediawiki=/srv/mediawiki` makes them), so one rename of
 //! `current` switches every component at once.
 //!
+//! Every long step (fetch, writing a slot, hooks, the work after a switch)
+//! takes a [`Cancel`] and stops at its next check when a rollback or
+//! `POST /v1/cancel` arrives, leaving the host on what it ran.
+//!
 //! **Invariant:** the live slot is never written; a host is on its old
 //! version or its new one, and `current` says which.
 //! **Invariant:** the agent knows nothing of fleets, percentages or other
@@ -22,21 +26,25 @@
 pub mod api;
 pub mod drift;
 pub mod fetch;
+pub mod hooks;
+pub mod materialize;
+pub mod proto;
 pub mod release;
 pub mod state;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::net::client::{Client, FetchError};
-use crate::store::disk::LockMode;
-use crate::store::{Store, StoreError, VersionId};
+use crate::store::disk::{LockMode, Role};
+use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
-use release::Releases;
-use state::{Deployed, Event, HostState, StateError};
+use proto::{DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackTarget, SyncRequest};
+use release::{How, Releases};
+use state::{Action, Deployed, Event, HostState, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -50,6 +58,10 @@ pub enum AgentError {
         #[source]
         source: Box<FetchError>,
     },
+    #[error(
+        "fetching version {version}: not done after {seconds} s: the sources are too slow or stalled; the host stays on what it ran"
+    )]
+    FetchTimeout { version: VersionId, seconds: u64 },
     #[error("pre-switch hook failed ({status}); stayed on {current}: {output}")]
     Hook {
         status: String,
@@ -62,6 +74,13 @@ pub enum AgentError {
     Setup(String, String),
 }
 
+impl AgentError {
+    /// Whether the operation stopped because it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, AgentError::Store(StoreError::Cancelled(_)))
+    }
+}
+
 pub struct AgentConfig {
     pub dir: PathBuf,
     pub host: String,
@@ -70,6 +89,40 @@ pub struct AgentConfig {
     pub pre_switch: Option<String>,
     pub post_switch: Option<String>,
     pub slots: usize,
+    /// How long a hook may run before it is killed.
+    pub hook_timeout: Duration,
+}
+
+impl AgentConfig {
+    fn check(&self) -> Result<(), AgentError> {
+        let bad = |what: &str, why: String| Err(AgentError::Setup(what.to_string(), why));
+        if !(release::MIN_SLOTS..=release::MAX_SLOTS).contains(&self.slots) {
+            return bad(
+                "--slots",
+                format!(
+                    "{}: keep from {} (live, previous, one to prepare) to {} release slots",
+                    self.slots,
+                    release::MIN_SLOTS,
+                    release::MAX_SLOTS
+                ),
+            );
+        }
+        for (component, path) in &self.links {
+            if let Err(e) = TreeName::new(component.as_bytes().to_vec()) {
+                return bad(
+                    &format!("--link {component}={}", path.display()),
+                    e.to_string(),
+                );
+            }
+            if !path.is_absolute() {
+                return bad(
+                    &format!("--link {component}={}", path.display()),
+                    "give an absolute path, e.g. mediawiki=/srv/mediawiki".into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Totals since the agent started, for `/metrics`.
@@ -96,52 +149,15 @@ pub struct Agent {
     previous_slot: Mutex<Option<String>>,
 }
 
-/// What the last drift check found, in `/v1/state`.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DriftSummary {
-    pub checked_at: u64,
-    pub version: VersionId,
-    /// Files that differ from the version (edited, added or removed by hand).
-    pub changed: usize,
-    /// The first few of them.
-    pub paths: Vec<String>,
-}
-
-/// What a sync or rollback did.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Outcome {
-    pub host: String,
-    pub version: VersionId,
-    pub from: Option<VersionId>,
-    /// True when the host was already on the version: nothing was done.
-    pub noop: bool,
-    pub slot: String,
-    pub how: String,
-    pub fetched: fetch::Fetched,
-    pub files_written: u64,
-    pub seconds: f64,
-}
-
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
-pub struct SyncRequest {
-    pub version: VersionId,
-    pub sources: Vec<String>,
-    #[serde(default = "unknown")]
-    pub by: String,
-}
-
-fn unknown() -> String {
-    "unknown".into()
-}
-
 impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        cfg.check()?;
         let setup = |what: &Path, e: &dyn std::fmt::Display| {
             AgentError::Setup(what.display().to_string(), e.to_string())
         };
         std::fs::create_dir_all(&cfg.dir).map_err(|e| setup(&cfg.dir, &e))?;
-        let store = Store::open_or_init(&cfg.dir.join("store"), crate::store::disk::Role::Host)?;
-        let releases = Releases::new(&cfg.dir, cfg.slots).map_err(|e| setup(&cfg.dir, &e))?;
+        let store = Store::open_or_init(&cfg.dir.join("store"), Role::Host)?;
+        let releases = Releases::new(&cfg.dir, cfg.slots)?;
         let state_path = cfg.dir.join("state.json");
         let state = HostState::load(&state_path)?.unwrap_or_else(|| HostState::new(&cfg.host));
         let agent = Agent {
@@ -188,50 +204,38 @@ impl Agent {
             } else {
                 st.current = None;
             }
-            st.record(Event {
-                time: unix_now(),
-                action: "repair".into(),
-                version: live_version,
-                from,
-                by: "scap agent".into(),
-                ok: true,
-                error: None,
-                seconds: 0.0,
-                fetched_objects: 0,
-                fetched_bytes: 0,
-            });
+            st.record(Event::new(Action::Repair, live_version, from, "scap agent"));
         }
         st.host = self.cfg.host.clone();
         st.save(&self.state_path())?;
         Ok(())
     }
 
+    /// Makes each deploy path a symlink into `DIR/current`, replacing an
+    /// older link in one rename (the path never goes missing).
     fn make_links(&self) -> Result<(), AgentError> {
         for (component, link) in &self.cfg.links {
             let target = self.cfg.dir.join("current").join(component);
+            let setup = |e: &dyn std::fmt::Display| {
+                AgentError::Setup(link.display().to_string(), e.to_string())
+            };
             match std::fs::symlink_metadata(link) {
                 Ok(m) if m.file_type().is_symlink() => {
                     if std::fs::read_link(link).ok().as_deref() == Some(target.as_path()) {
                         continue;
                     }
-                    std::fs::remove_file(link).map_err(|e| {
-                        AgentError::Setup(link.display().to_string(), e.to_string())
-                    })?;
                 }
                 Ok(_) => {
-                    return Err(AgentError::Setup(
-                        link.display().to_string(),
-                        "exists and is not a symlink: move it aside once, then scap owns it".into(),
+                    return Err(setup(
+                        &"exists and is not a symlink: move it aside once, then scap owns it",
                     ));
                 }
                 Err(_) => {}
             }
             if let Some(parent) = link.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| AgentError::Setup(parent.display().to_string(), e.to_string()))?;
+                std::fs::create_dir_all(parent).map_err(|e| setup(&e))?;
             }
-            std::os::unix::fs::symlink(&target, link)
-                .map_err(|e| AgentError::Setup(link.display().to_string(), e.to_string()))?;
+            release::replace_symlink(&target, link).map_err(|e| setup(&e))?;
         }
         Ok(())
     }
@@ -242,6 +246,7 @@ impl Agent {
         &self,
         req: &SyncRequest,
         rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
         let started = Instant::now();
         let from = self.state().current.map(|d| d.version);
@@ -250,23 +255,38 @@ impl Agent {
             && self.releases.meta(&live).clean
             && self.releases.meta(&live).version == Some(req.version)
         {
-            return Ok(Outcome {
-                host: self.cfg.host.clone(),
-                version: req.version,
-                from,
-                noop: true,
-                slot: live,
-                how: "already there".into(),
-                fetched: Default::default(),
-                files_written: 0,
-                seconds: started.elapsed().as_secs_f64(),
-            });
+            return Ok(self.noop(req.version, from, live, started));
         }
-        let result = self.sync_inner(req, rt, started);
-        if let Err(e) = self.finish("sync", Some(req.version), from, &req.by, started, &result) {
-            tracing::warn!("cannot record the sync in the state file: {e}");
-        }
+        let result = self.sync_inner(req, rt, started, cancel);
+        self.finish(
+            Action::Sync,
+            Some(req.version),
+            from,
+            &req.by,
+            started,
+            &result,
+        );
         result
+    }
+
+    fn noop(
+        &self,
+        v: VersionId,
+        from: Option<VersionId>,
+        slot: String,
+        started: Instant,
+    ) -> Outcome {
+        Outcome {
+            host: self.cfg.host.clone(),
+            version: v,
+            from,
+            noop: true,
+            slot,
+            how: How::AlreadyThere,
+            fetched: Fetched::default(),
+            files_written: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        }
     }
 
     fn sync_inner(
@@ -274,49 +294,67 @@ impl Agent {
         req: &SyncRequest,
         rt: &tokio::runtime::Handle,
         started: Instant,
+        cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
         let client = Client::new(&req.sources);
-        let fetched = {
-            let writer = self.store.writer()?;
-            let f = rt
-                .block_on(fetch::fetch_version(&client, &writer, &req.version))
-                .map_err(|source| AgentError::Fetch {
-                    version: req.version,
-                    source: Box::new(source),
-                })?;
-            let _committed = writer.commit()?;
-            tracing::debug!(
-                "fetched {} trees, {} chunks in {:?}",
-                f.trees,
-                f.chunks,
-                started.elapsed()
-            );
-            f
-        };
+        let seconds = req
+            .fetch_timeout_seconds
+            .unwrap_or(DEFAULT_FETCH_TIMEOUT)
+            .clamp(1, 7 * 24 * 3600);
+        let writer = self.store.writer()?;
+        let fetched = rt.block_on(async {
+            tokio::select! {
+                r = tokio::time::timeout(
+                    Duration::from_secs(seconds),
+                    fetch::fetch_version(&client, &writer, &req.version),
+                ) => match r {
+                    Ok(r) => r.map_err(|source| match source {
+                        FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
+                        source => AgentError::Fetch {
+                            version: req.version,
+                            source: Box::new(source),
+                        },
+                    }),
+                    Err(_) => Err(AgentError::FetchTimeout { version: req.version, seconds }),
+                },
+                () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
+            }
+        })?;
+        // Held until the release that references the objects is written
+        // and switched to: the store's gc cannot run in between.
+        let _committed = writer.commit()?;
+        tracing::debug!(
+            "fetched {} trees, {} chunks in {:?}",
+            fetched.trees,
+            fetched.chunks,
+            started.elapsed()
+        );
         self.counters
             .fetched_bytes
             .fetch_add(fetched.bytes, Ordering::Relaxed);
         self.counters
             .fetched_objects
             .fetch_add(fetched.trees + fetched.chunks, Ordering::Relaxed);
-        let mut outcome = self.switch_to(&req.version, &req.by, started)?;
+        let mut outcome = self.switch_to(&req.version, &req.by, started, cancel)?;
         outcome.fetched = fetched;
         Ok(outcome)
     }
 
     /// Rolls back to the previous or stable release, or a given version
     /// this host still has. A switch, no fetch.
-    pub fn rollback(&self, to: &str, by: &str) -> Result<Outcome, AgentError> {
+    pub fn rollback(
+        &self,
+        to: RollbackTarget,
+        by: &str,
+        cancel: &Cancel,
+    ) -> Result<Outcome, AgentError> {
         let started = Instant::now();
         let st = self.state();
         let from = st.current.as_ref().map(|d| d.version);
         let target = match to {
-            "previous" => st.previous.as_ref().map(|d| d.version),
-            "stable" => st.stable.as_ref().map(|d| d.version),
-            hex => Some(
-                hex.parse::<VersionId>()
-                    .map_err(|e| AgentError::Refused(e.to_string()))?,
-            ),
+            RollbackTarget::Previous => st.previous.as_ref().map(|d| d.version),
+            RollbackTarget::Stable => st.stable.as_ref().map(|d| d.version),
+            RollbackTarget::Version(v) => Some(v),
         };
         let Some(target) = target else {
             return Err(AgentError::Refused(format!(
@@ -325,17 +363,8 @@ impl Agent {
             )));
         };
         if from == Some(target) {
-            return Ok(Outcome {
-                host: self.cfg.host.clone(),
-                version: target,
-                from,
-                noop: true,
-                slot: release::live_slot(&self.cfg.dir).unwrap_or_default(),
-                how: "already there".into(),
-                fetched: Default::default(),
-                files_written: 0,
-                seconds: started.elapsed().as_secs_f64(),
-            });
+            let slot = release::live_slot(&self.cfg.dir).unwrap_or_default();
+            return Ok(self.noop(target, from, slot, started));
         }
         if self.releases.find(&target).is_none() && !self.store.has(&target.object()) {
             return Err(AgentError::Refused(format!(
@@ -344,10 +373,8 @@ impl Agent {
                 target.short()
             )));
         }
-        let result = self.switch_to(&target, by, started);
-        if let Err(e) = self.finish("rollback", Some(target), from, by, started, &result) {
-            tracing::warn!("cannot record the rollback in the state file: {e}");
-        }
+        let result = self.switch_to(&target, by, started, cancel);
+        self.finish(Action::Rollback, Some(target), from, by, started, &result);
         result
     }
 
@@ -370,24 +397,43 @@ impl Agent {
             since: unix_now(),
             by: by.to_string(),
         });
-        st.record(Event {
-            time: unix_now(),
-            action: "promote".into(),
-            version: Some(*v),
-            from: None,
-            by: by.to_string(),
-            ok: true,
-            error: None,
-            seconds: 0.0,
-            fetched_objects: 0,
-            fetched_bytes: 0,
-        });
+        st.record(Event::new(Action::Promote, Some(*v), None, by));
         st.save(&self.state_path())?;
         Ok(st.clone())
     }
 
+    /// Records that an operation was cancelled, and by whom.
+    pub fn record_cancel(&self, what: &str, by: &str) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let cur = st.current.as_ref().map(|d| d.version);
+        let mut e = Event::new(Action::Cancel, cur, None, by);
+        e.error = Some(crate::text::clip(what, 200));
+        st.record(e);
+        if let Err(e) = st.save(&self.state_path()) {
+            tracing::warn!("cannot record the cancel in the state file: {e}");
+        }
+    }
+
+    fn hook_env(&self, v: &VersionId, prev: Option<&VersionId>, dir: &Path) -> Vec<(&str, String)> {
+        vec![
+            ("SCAP_VERSION", v.to_hex()),
+            (
+                "SCAP_PREVIOUS_VERSION",
+                prev.map(|p| p.to_hex()).unwrap_or_default(),
+            ),
+            ("SCAP_RELEASE_DIR", dir.display().to_string()),
+            ("SCAP_HOST", self.cfg.host.clone()),
+        ]
+    }
+
     /// Prepares a release of `v` (from the local store) and switches to it.
-    fn switch_to(&self, v: &VersionId, by: &str, started: Instant) -> Result<Outcome, AgentError> {
+    fn switch_to(
+        &self,
+        v: &VersionId,
+        by: &str,
+        started: Instant,
+        cancel: &Cancel,
+    ) -> Result<Outcome, AgentError> {
         let st = self.state();
         let protected = self.protected_slots(&st);
         let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
@@ -395,7 +441,7 @@ impl Agent {
         let phase = Instant::now();
         let prepared = self
             .releases
-            .prepare(&self.store, v, &keep, stable.as_ref())?;
+            .prepare(&self.store, v, &keep, stable.as_ref(), cancel)?;
         tracing::debug!(
             "prepared slot {} ({}, {} files) in {:?}",
             prepared.slot,
@@ -406,14 +452,17 @@ impl Agent {
         let release_dir = self.releases.path(&prepared.slot);
         let from = st.current.as_ref().map(|d| d.version);
         if let Some(hook) = &self.cfg.pre_switch {
-            run_hook(hook, v, from.as_ref(), &release_dir, &self.cfg.host).map_err(
-                |(status, output)| AgentError::Hook {
-                    status,
+            let env = self.hook_env(v, from.as_ref(), &release_dir);
+            hooks::run(hook, &env, self.cfg.hook_timeout, cancel).map_err(|f| {
+                AgentError::Hook {
+                    status: f.status,
                     current: from.map(|v| v.short()).unwrap_or_else(|| "nothing".into()),
-                    output,
-                },
-            )?;
+                    output: f.output,
+                }
+            })?;
         }
+        // The last point where a cancel leaves the host as it was.
+        cancel.check()?;
         let was_live = release::live_slot(&self.cfg.dir);
         release::switch(&self.cfg.dir, &prepared.slot)?;
         // The host runs `v` from here on: what fails below is reported in
@@ -438,11 +487,11 @@ impl Agent {
                 );
             }
         }
-        if let Some(hook) = &self.cfg.post_switch
-            && let Err((status, output)) =
-                run_hook(hook, v, from.as_ref(), &release_dir, &self.cfg.host)
-        {
-            tracing::warn!("post-switch hook failed ({status}): {output}");
+        if let Some(hook) = &self.cfg.post_switch {
+            let env = self.hook_env(v, from.as_ref(), &release_dir);
+            if let Err(f) = hooks::run(hook, &env, self.cfg.hook_timeout, &Cancel::new()) {
+                tracing::warn!("post-switch hook failed ({}): {}", f.status, f.output);
+            }
         }
 
         Ok(Outcome {
@@ -451,23 +500,24 @@ impl Agent {
             from,
             noop: false,
             slot: prepared.slot,
-            how: prepared.how.to_string(),
-            fetched: Default::default(),
+            how: prepared.how,
+            fetched: Fetched::default(),
             files_written: prepared.files_written,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
 
-    /// Appends the event for an operation and saves the state file.
+    /// Appends the event for an operation, saves the state file and counts
+    /// it; a failure to save is logged (the operation's own result stands).
     fn finish(
         &self,
-        action: &str,
+        action: Action,
         version: Option<VersionId>,
         from: Option<VersionId>,
         by: &str,
         started: Instant,
         result: &Result<Outcome, AgentError>,
-    ) -> Result<(), AgentError> {
+    ) {
         let secs = started.elapsed().as_secs_f64();
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         match result {
@@ -483,24 +533,23 @@ impl Agent {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let mut e = Event::new(action, version, from, by);
+        e.seconds = secs;
+        match result {
+            Ok(o) => {
+                e.fetched_objects = o.fetched.trees + o.fetched.chunks;
+                e.fetched_bytes = o.fetched.bytes;
+            }
+            Err(err) => {
+                e.ok = false;
+                e.error = Some(err.to_string());
+            }
+        }
         let mut st = self.state.lock().expect("not poisoned");
-        st.record(Event {
-            time: unix_now(),
-            action: action.into(),
-            version,
-            from,
-            by: by.to_string(),
-            ok: result.is_ok(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-            seconds: secs,
-            fetched_objects: result
-                .as_ref()
-                .map(|o| o.fetched.trees + o.fetched.chunks)
-                .unwrap_or(0),
-            fetched_bytes: result.as_ref().map(|o| o.fetched.bytes).unwrap_or(0),
-        });
-        st.save(&self.state_path())?;
-        Ok(())
+        st.record(e);
+        if let Err(e) = st.save(&self.state_path()) {
+            tracing::warn!("cannot record the {action} in the state file: {e}");
+        }
     }
 
     /// Slots never written by a deploy: the live one and the previous
@@ -530,19 +579,19 @@ impl Agent {
     }
 
     /// Work after a switch that the next deploy benefits from but this one
-    /// need not wait for (the API runs it in the background, holding the
-    /// host's operation lock): bring the spare release slot to the live
-    /// version, so the next deploy writes only its own diff, then collect
-    /// garbage in the local store.
-    pub fn after_switch(&self) -> Result<(), AgentError> {
+    /// need not wait for (the API runs it in the background; a rollback
+    /// cancels it): bring the spare release slot to the live version, so the
+    /// next deploy writes only its own diff, collect garbage in the local
+    /// store, and check the live release for drift.
+    pub fn after_switch(&self, cancel: &Cancel) -> Result<(), AgentError> {
         let started = Instant::now();
         let st = self.state();
         if let Some(cur) = &st.current {
             let protected = self.protected_slots(&st);
             let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-            if let Some(p) = self
-                .releases
-                .prepare_spare(&self.store, &cur.version, &keep)?
+            if let Some(p) =
+                self.releases
+                    .prepare_spare(&self.store, &cur.version, &keep, cancel)?
             {
                 tracing::debug!(
                     "spare slot {} brought to {} ({}, {} files)",
@@ -553,17 +602,17 @@ impl Agent {
                 );
             }
         }
-        self.collect_garbage()?;
+        self.collect_garbage(cancel)?;
         // A fresh release matches its version; checking it here gives the
         // fleet's status a baseline that `GET /v1/verify` keeps current.
-        self.verify_live()?;
+        self.verify_live(cancel)?;
         tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
     }
 
     /// Keeps in the local store what releases, rollback and promote need:
     /// every clean slot's version and the current, previous and stable ones.
-    fn collect_garbage(&self) -> Result<(), AgentError> {
+    fn collect_garbage(&self, cancel: &Cancel) -> Result<(), AgentError> {
         let st = self.state();
         let mut roots: Vec<VersionId> = self
             .releases
@@ -582,27 +631,31 @@ impl Agent {
         roots.dedup();
         roots.retain(|v| self.store.has(&v.object()));
         let _lock = self.store.lock(LockMode::Exclusive)?;
-        crate::store::gc::mark_and_sweep(&self.store, &roots, false)?;
+        crate::store::gc::mark_and_sweep(&self.store, &roots, false, cancel)?;
         Ok(())
     }
 
     /// Re-hashes the live release against its version.
-    pub fn verify_live(&self) -> Result<drift::Drift, AgentError> {
-        let st = self.state();
-        let Some(cur) = st.current else {
+    pub fn verify_live(&self, cancel: &Cancel) -> Result<drift::Drift, AgentError> {
+        let Some(slot) = release::live_slot(&self.cfg.dir) else {
             return Err(AgentError::Refused(format!(
                 "host {}: no version is live",
                 self.cfg.host
             )));
         };
-        let dir = self.cfg.dir.join("current");
-        let dir = std::fs::canonicalize(&dir)
-            .map_err(|e| AgentError::Setup(dir.display().to_string(), e.to_string()))?;
-        let d = drift::check(&self.store, &dir, &cur.version.root())?;
+        let meta = self.releases.meta(&slot);
+        let Some(version) = meta.version.filter(|_| meta.clean) else {
+            return Err(AgentError::Refused(format!(
+                "host {}: the live slot {slot} has no clean version",
+                self.cfg.host
+            )));
+        };
+        let root = materialize::Dir::open(&self.releases.path(&slot))?;
+        let d = drift::check(&self.store, root, &version.root(), cancel)?;
         *self.last_drift.lock().expect("not poisoned") = Some(DriftSummary {
             checked_at: unix_now(),
-            version: cur.version,
-            changed: d.changes.len(),
+            version,
+            changed: d.changes.len() as u64,
             paths: d.changes.iter().take(10).map(|c| c.1.clone()).collect(),
         });
         Ok(d)
@@ -617,33 +670,4 @@ impl Agent {
             .clone()
             .filter(|d| Some(d.version) == cur)
     }
-}
-
-/// Runs a hook with `sh -c`; Err((status, output)) when it fails.
-fn run_hook(
-    cmd: &str,
-    v: &VersionId,
-    prev: Option<&VersionId>,
-    dir: &Path,
-    host: &str,
-) -> Result<(), (String, String)> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("SCAP_VERSION", v.to_hex())
-        .env(
-            "SCAP_PREVIOUS_VERSION",
-            prev.map(|p| p.to_hex()).unwrap_or_default(),
-        )
-        .env("SCAP_RELEASE_DIR", dir)
-        .env("SCAP_HOST", host)
-        .output()
-        .map_err(|e| ("not started".to_string(), e.to_string()))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stdout));
-    text.truncate(2000);
-    Err((out.status.to_string(), text.trim().to_string()))
 }

@@ -1,36 +1,40 @@
-//! Release directories and the atomic switch.
+//! Release directories ("slots") and the atomic switch.
 //!
-//! The agent keeps a few release directories ("slots", default 3) under
-//! `DIR/releases/`, each holding one whole version, and one symlink,
-//! `DIR/current -> releases/<slot>`, that says which is live. Deploying
-//! version V:
+//! The agent keeps a few release directories (default 3, at most
+//! [`MAX_SLOTS`]) under `DIR/releases/`, each holding one whole version, and
+//! one symlink, `DIR/current -> releases/<slot>`, that says which is live.
+//! Deploying version V:
 //!
 //! 1. pick a slot that is neither live nor the previous release (those two
 //!    stay untouched: requests still running on the old tree keep a whole
 //!    tree, and rollback is a switch away);
-//! 2. bring it from the version it holds to V by applying the Merkle diff:
-//!    only changed files are written (beside their final name, then renamed
-//!    in), removed ones deleted, identical subtrees skipped by ID; a slot
-//!    with no usable version is written in full;
-//! 3. one `syncfs`, then record the slot as clean at V;
+//! 2. mark it dirty, then bring it from the version it holds to V by
+//!    applying the Merkle diff through [`materialize`] (directory file
+//!    descriptors only: no tree can make it write outside the slot); a slot
+//!    with no usable version, or whose content turns out not to match its
+//!    version, is written in full;
+//! 3. make what changed durable, then record the slot as clean at V;
 //! 4. switch: a new symlink renamed over `current` (one `rename(2)`).
 //!
-//! A crash during 2 leaves the slot marked dirty; it is never switched to
-//! and is rewritten in full next time. The live slot is never written.
+//! A crash or a cancel during 2 leaves the slot dirty; it is never switched
+//! to and is rewritten in full next time. The live slot is never written.
 
-use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::materialize::{self, Dir};
+use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
-use crate::store::fsutil::{FSYNC_EACH_MAX, atomic_write, sync_dir};
-use crate::store::{Content, Store, StoreError, TreeId, VersionId};
+use crate::store::fsutil::{SyncSet, atomic_write, sync_dir};
+use crate::store::{Store, StoreError, VersionId};
+
+/// Most release slots an agent keeps (`--slots`).
+pub const MAX_SLOTS: usize = 8;
+/// Fewest: the live one, the previous one, and one to prepare.
+pub const MIN_SLOTS: usize = 3;
 
 /// What a slot holds, in `releases/<slot>.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,18 +48,43 @@ pub struct SlotMeta {
     pub used: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Slot {
     pub name: String,
     pub meta: SlotMeta,
+}
+
+/// How a slot came to hold the version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum How {
+    /// The host already ran the version: nothing was done.
+    #[default]
+    AlreadyThere,
+    /// A clean slot already held it.
+    Reused,
+    /// The changes from the version the slot held were applied.
+    Diff,
+    /// Written from nothing.
+    Full,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            How::AlreadyThere => "already there",
+            How::Reused => "reused",
+            How::Diff => "diff",
+            How::Full => "full",
+        })
+    }
 }
 
 /// What preparing a slot cost.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Prepared {
     pub slot: String,
-    /// "reused" (already at the version), "diff" (changes applied) or "full".
-    pub how: &'static str,
+    pub how: How,
     pub files_written: u64,
     pub bytes_written: u64,
     pub removed: u64,
@@ -67,11 +96,17 @@ pub struct Releases {
 }
 
 impl Releases {
-    pub fn new(base: &Path, slots: usize) -> io::Result<Releases> {
+    /// `slots` is from [`MIN_SLOTS`] to [`MAX_SLOTS`] (the agent's
+    /// configuration checks it).
+    pub fn new(base: &Path, slots: usize) -> Result<Releases, StoreError> {
+        assert!(
+            (MIN_SLOTS..=MAX_SLOTS).contains(&slots),
+            "checked by AgentConfig"
+        );
         let dir = base.join("releases");
-        fs::create_dir_all(&dir)?;
-        let slots = (0..slots.max(3))
-            .map(|i| ((b'a' + i as u8) as char).to_string())
+        fs::create_dir_all(&dir).at(&dir)?;
+        let slots = (0..slots)
+            .map(|i| char::from(b'a' + i as u8).to_string())
             .collect();
         Ok(Releases { dir, slots })
     }
@@ -120,23 +155,25 @@ impl Releases {
             .map(|s| s.name)
     }
 
-    /// Brings a slot other than those in `keep` to version `v`.
+    /// Brings a slot other than those in `keep` to version `v`, sparing
+    /// the one that holds `stable` when it can.
     pub fn prepare(
         &self,
         store: &Store,
         v: &VersionId,
         keep: &[&str],
-        spare: Option<&VersionId>,
+        stable: Option<&VersionId>,
+        cancel: &Cancel,
     ) -> Result<Prepared, StoreError> {
         if let Some(slot) = self.find(v) {
             return Ok(Prepared {
                 slot,
-                how: "reused",
+                how: How::Reused,
                 ..Default::default()
             });
         }
-        let slot = self.choose(keep, spare);
-        self.prepare_into(store, v, slot)
+        let slot = self.choose(keep, stable);
+        self.prepare_into(store, v, slot, cancel)
     }
 
     /// Brings the spare slot (one not in `keep`) to `v` ahead of time, so
@@ -147,12 +184,13 @@ impl Releases {
         store: &Store,
         v: &VersionId,
         keep: &[&str],
+        cancel: &Cancel,
     ) -> Result<Option<Prepared>, StoreError> {
         let slot = self.choose(keep, None);
         if slot.meta.clean && slot.meta.version == Some(*v) {
             return Ok(None);
         }
-        self.prepare_into(store, v, slot).map(Some)
+        self.prepare_into(store, v, slot, cancel).map(Some)
     }
 
     /// The slot to overwrite: not in `keep`, preferably not holding
@@ -185,8 +223,8 @@ impl Releases {
         store: &Store,
         v: &VersionId,
         slot: Slot,
+        cancel: &Cancel,
     ) -> Result<Prepared, StoreError> {
-        let dir = self.path(&slot.name);
         let base = match (slot.meta.clean, slot.meta.version) {
             (true, Some(old)) if store.has(&old.object()) => Some(old),
             _ => None,
@@ -199,45 +237,48 @@ impl Releases {
                 used: slot.meta.used,
             },
         )?;
-        let mut plan = Plan::default();
-        let how = match base {
-            Some(old) => {
-                plan_diff(store, &dir, Some(&old.root()), &v.root(), &mut plan)?;
-                "diff"
-            }
-            None => {
-                if fs::symlink_metadata(&dir).is_ok() {
-                    plan.ops.push(Op::RemoveAll(dir.clone()));
-                }
-                plan.ops.push(Op::MkDir(dir.clone()));
-                plan_diff(store, &dir, None, &v.root(), &mut plan)?;
-                "full"
-            }
+        let releases = Dir::open(&self.dir)?;
+        let name = slot.name.as_bytes();
+        let sync = SyncSet::default();
+        let full = |sync: &SyncSet| -> Result<(How, materialize::Applied), StoreError> {
+            materialize::remove_if_present(&releases, name)?;
+            let root = releases.mkdir(name, sync)?;
+            let applied = materialize::apply(store, root, None, &v.root(), sync, cancel)?;
+            Ok((How::Full, applied))
         };
-        let mut prepared = Prepared {
-            slot: slot.name.clone(),
-            how,
-            ..Default::default()
-        };
-        let result = plan.execute(store, &mut prepared).and_then(|touched| {
-            // A small diff fsyncs what it touched; a big one syncs the
-            // filesystem once (see `disk::FSYNC_EACH_MAX`).
-            if touched.files.len() + touched.dirs.len() <= FSYNC_EACH_MAX {
-                for f in &touched.files {
-                    File::open(f).and_then(|f| f.sync_all()).at(f)?;
-                }
-                touched.dirs.iter().try_for_each(|d| sync_dir(d))
-            } else {
-                let f = File::open(&dir).at(&dir)?;
-                rustix::fs::syncfs(&f).map_err(io::Error::from).at(&dir)
-            }
-        });
-        if let Err(e) = result {
-            // Nothing half-written stays behind: the slot is emptied.
-            let _ = fs::remove_dir_all(&dir);
-            let _ = fs::remove_file(self.meta_path(&slot.name));
-            return Err(e);
+        let result = match base {
+            Some(old) => releases
+                .subdir(name)
+                .and_then(|root| {
+                    materialize::apply(store, root, Some(&old.root()), &v.root(), &sync, cancel)
+                })
+                .map(|a| (How::Diff, a))
+                .or_else(|e| {
+                    if !content_mismatch(&e) {
+                        return Err(e);
+                    }
+                    tracing::warn!(
+                        "release slot {} does not hold version {} as its record says ({e}): rewriting it in full",
+                        slot.name,
+                        old.short()
+                    );
+                    full(&sync)
+                }),
+            None => full(&sync),
         }
+        .and_then(|r| sync.sync(&releases, &self.dir).map(|()| r));
+        let (how, applied) = match result {
+            Ok(r) => r,
+            // A cancelled slot stays dirty (rewritten next time); stopping
+            // fast is the point. Anything else (a full disk): nothing
+            // half-written stays behind, the space is given back.
+            Err(e @ StoreError::Cancelled(_)) => return Err(e),
+            Err(e) => {
+                let _ = materialize::remove_if_present(&releases, name);
+                let _ = fs::remove_file(self.meta_path(&slot.name));
+                return Err(e);
+            }
+        };
         self.set_meta(
             &slot.name,
             &SlotMeta {
@@ -246,7 +287,13 @@ impl Releases {
                 used: crate::time::unix_now(),
             },
         )?;
-        Ok(prepared)
+        Ok(Prepared {
+            slot: slot.name,
+            how,
+            files_written: applied.files_written,
+            bytes_written: applied.bytes_written,
+            removed: applied.removed,
+        })
     }
 
     /// Marks a slot as just used (for choosing which to overwrite next).
@@ -257,198 +304,48 @@ impl Releases {
     }
 }
 
+/// Whether applying a diff failed because the slot's content is not what
+/// its record says (edited by hand, say), as opposed to the machine's
+/// trouble (a full disk, an I/O error) or a cancel.
+fn content_mismatch(e: &StoreError) -> bool {
+    match e {
+        StoreError::Io { source, .. } => {
+            !matches!(
+                source.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::QuotaExceeded
+                    | io::ErrorKind::ReadOnlyFilesystem
+                    | io::ErrorKind::PermissionDenied
+            ) && source.raw_os_error() != Some(rustix::io::Errno::IO.raw_os_error())
+        }
+        _ => false,
+    }
+}
+
 /// The live slot: where `current` points, if anywhere.
 pub fn live_slot(base: &Path) -> Option<String> {
     let target = fs::read_link(base.join("current")).ok()?;
     target.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
-/// Points `current` at `slot`, atomically.
+/// Points `current` at `slot`, atomically: a new symlink renamed over it.
 pub fn switch(base: &Path, slot: &str) -> Result<(), StoreError> {
-    let tmp = base.join(".current.tmp");
+    replace_symlink(&Path::new("releases").join(slot), &base.join("current"))
+}
+
+/// Makes `link` a symlink to `target` in one `rename(2)`: at no instant is
+/// there no `link` (a deploy path such as /srv/mediawiki never vanishes).
+pub fn replace_symlink(target: &Path, link: &Path) -> Result<(), StoreError> {
+    let dir = link.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(link.file_name().unwrap_or_default());
+    tmp_name.push(format!(".scap-link.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
     let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(Path::new("releases").join(slot), &tmp).at(&tmp)?;
-    let current = base.join("current");
-    fs::rename(&tmp, &current).at(&current)?;
-    sync_dir(base)
-}
-
-#[derive(Debug)]
-enum Op {
-    RemoveAll(PathBuf),
-    MkDir(PathBuf),
-    Symlink(PathBuf, Vec<u8>),
-    /// (path, content, whether something is there to be replaced)
-    Write(PathBuf, Content, bool),
-    Chmod(PathBuf, bool),
-}
-
-#[derive(Default)]
-struct Plan {
-    ops: Vec<Op>,
-}
-
-/// Plans the changes that turn directory `dir` (holding tree `old`, or
-/// nothing) into tree `new`.
-fn plan_diff(
-    store: &Store,
-    dir: &Path,
-    old: Option<&TreeId>,
-    new: &TreeId,
-    plan: &mut Plan,
-) -> Result<(), StoreError> {
-    if old == Some(new) {
-        return Ok(());
+    std::os::unix::fs::symlink(target, &tmp).at(&tmp)?;
+    if let Err(e) = fs::rename(&tmp, link) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).at(link);
     }
-    let old_tree = old.map(|t| store.tree(t)).transpose()?;
-    let new_tree = store.tree(new)?;
-    if let Some(old_tree) = &old_tree {
-        for e in old_tree.entries() {
-            if new_tree.get(e.name.as_bytes()).is_none() {
-                plan.ops
-                    .push(Op::RemoveAll(dir.join(e.name.to_os_string())));
-            }
-        }
-    }
-    for e in new_tree.entries() {
-        let path = dir.join(e.name.to_os_string());
-        let before = old_tree
-            .as_ref()
-            .and_then(|t| t.get(e.name.as_bytes()))
-            .map(|e| &e.content);
-        match (before, &e.content) {
-            (Some(a), b) if a == b => {}
-            (Some(Content::Dir { tree: a, .. }), Content::Dir { tree: b, .. }) => {
-                plan_diff(store, &path, Some(a), b, plan)?;
-            }
-            (
-                Some(Content::File { chunks: a, .. }),
-                Content::File {
-                    chunks: b,
-                    executable,
-                    ..
-                },
-            ) if a == b => {
-                plan.ops.push(Op::Chmod(path, *executable));
-            }
-            (Some(Content::File { .. }), new @ Content::File { .. }) => {
-                plan.ops.push(Op::Write(path, new.clone(), true));
-            }
-            (before, new) => {
-                if before.is_some() {
-                    plan.ops.push(Op::RemoveAll(path.clone()));
-                }
-                match new {
-                    Content::Dir { tree, .. } => {
-                        plan.ops.push(Op::MkDir(path.clone()));
-                        plan_diff(store, &path, None, tree, plan)?;
-                    }
-                    Content::Symlink { target } => plan.ops.push(Op::Symlink(path, target.clone())),
-                    file @ Content::File { .. } => {
-                        plan.ops.push(Op::Write(path, file.clone(), false))
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-impl Plan {
-    /// Runs removals, directories and symlinks in order, then writes files
-    /// in parallel (their directories exist by then).
-    fn execute(self, store: &Store, stats: &mut Prepared) -> Result<Touched, StoreError> {
-        let mut writes = Vec::new();
-        let mut touched = Touched::default();
-        for op in self.ops {
-            let (Op::RemoveAll(p)
-            | Op::MkDir(p)
-            | Op::Symlink(p, _)
-            | Op::Chmod(p, _)
-            | Op::Write(p, ..)) = &op;
-            if let Some(parent) = p.parent() {
-                touched.dirs.push(parent.to_path_buf());
-            }
-            match op {
-                Op::RemoveAll(p) => {
-                    let meta = fs::symlink_metadata(&p).at(&p)?;
-                    if meta.is_dir() {
-                        fs::remove_dir_all(&p).at(&p)?;
-                    } else {
-                        fs::remove_file(&p).at(&p)?;
-                    }
-                    stats.removed += 1;
-                }
-                Op::MkDir(p) => {
-                    fs::create_dir(&p).at(&p)?;
-                    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).at(&p)?;
-                    touched.dirs.push(p);
-                }
-                Op::Symlink(p, target) => {
-                    std::os::unix::fs::symlink(OsStr::from_bytes(&target), &p).at(&p)?;
-                }
-                Op::Chmod(p, exec) => {
-                    fs::set_permissions(&p, fs::Permissions::from_mode(mode(exec))).at(&p)?;
-                    touched.files.push(p);
-                }
-                Op::Write(p, c, replace) => writes.push((p, c, replace)),
-            }
-        }
-        let bytes: Vec<u64> = writes
-            .par_iter()
-            .map(|(p, c, replace)| write_file(store, p, c, *replace))
-            .collect::<Result<_, _>>()?;
-        stats.files_written += bytes.len() as u64;
-        stats.bytes_written += bytes.iter().sum::<u64>();
-        touched.files.extend(writes.into_iter().map(|(p, ..)| p));
-        touched.dirs.sort();
-        touched.dirs.dedup();
-        Ok(touched)
-    }
-}
-
-/// What a plan changed, to make durable.
-#[derive(Default)]
-struct Touched {
-    files: Vec<PathBuf>,
-    dirs: Vec<PathBuf>,
-}
-
-fn mode(executable: bool) -> u32 {
-    if executable { 0o755 } else { 0o644 }
-}
-
-/// Writes one file from the store; a file being replaced is written beside
-/// it and renamed over it, so no reader ever sees it half-written.
-fn write_file(
-    store: &Store,
-    path: &Path,
-    content: &Content,
-    replace: bool,
-) -> Result<u64, StoreError> {
-    let Content::File {
-        executable, size, ..
-    } = content
-    else {
-        unreachable!("only files are written")
-    };
-    let dest = if replace {
-        let mut name = std::ffi::OsString::from(".");
-        name.push(path.file_name().unwrap_or_default());
-        name.push(".scap-tmp");
-        path.with_file_name(name)
-    } else {
-        path.to_path_buf()
-    };
-    let mut f = File::create(&dest).at(&dest)?;
-    let mut w = io::BufWriter::with_capacity(256 * 1024, &mut f);
-    store.write_file(content, &mut w, &dest)?;
-    w.flush().at(&dest)?;
-    drop(w);
-    f.set_permissions(fs::Permissions::from_mode(mode(*executable)))
-        .at(&dest)?;
-    if replace {
-        fs::rename(&dest, path).at(path)?;
-    }
-    Ok(*size)
+    sync_dir(dir)
 }

@@ -28,11 +28,42 @@ pub struct Deployed {
     pub by: String,
 }
 
+/// What an event in a host's history was.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Sync,
+    Rollback,
+    Promote,
+    /// The agent made the state file agree with `current` at start.
+    Repair,
+    /// The host's restart command ran (php-fpm reload, opcache reset).
+    Restart,
+    /// A running operation was cancelled.
+    Cancel,
+    /// Written by a newer agent; shown as is.
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Sync => "sync",
+            Action::Rollback => "rollback",
+            Action::Promote => "promote",
+            Action::Repair => "repair",
+            Action::Restart => "restart",
+            Action::Cancel => "cancel",
+            Action::Other => "other",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     pub time: u64,
-    /// "sync", "rollback", "promote" or "repair".
-    pub action: String,
+    pub action: Action,
     pub version: Option<VersionId>,
     pub from: Option<VersionId>,
     pub by: String,
@@ -46,10 +77,34 @@ pub struct Event {
     pub fetched_bytes: u64,
 }
 
+impl Event {
+    /// A successful event now, with nothing fetched; the caller fills in
+    /// the rest.
+    pub fn new(
+        action: Action,
+        version: Option<VersionId>,
+        from: Option<VersionId>,
+        by: &str,
+    ) -> Event {
+        Event {
+            time: crate::time::unix_now(),
+            action,
+            version,
+            from,
+            by: crate::text::clip(by, 128),
+            ok: true,
+            error: None,
+            seconds: 0.0,
+            fetched_objects: 0,
+            fetched_bytes: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LastError {
     pub time: u64,
-    pub action: String,
+    pub action: Action,
     pub message: String,
 }
 
@@ -128,7 +183,7 @@ impl HostState {
         if !event.ok {
             self.last_error = Some(LastError {
                 time: event.time,
-                action: event.action.clone(),
+                action: event.action,
                 message: event.error.clone().unwrap_or_default(),
             });
         }

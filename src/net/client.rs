@@ -62,16 +62,21 @@ pub struct Client {
     pub stats: FetchStats,
 }
 
-/// Called with each verified-by-the-sink object: (ID, kind, object file).
-/// The sink decodes and verifies; `StoreError::Object` or `BadTree` means
-/// "this source sent a bad object", any other error is local and fatal.
-pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, &[u8]) -> Result<(), StoreError> + Sync + 'a;
+/// Called with each object as it arrives: (ID, kind, the most content
+/// bytes it may have, object file). The sink decodes and verifies;
+/// `StoreError::Object` or `BadTree` means "this source sent a bad
+/// object", any other error is local and fatal.
+pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, u64, &[u8]) -> Result<(), StoreError> + Sync + 'a;
+
+/// One object to fetch: its ID, kind, and the most bytes of content it may
+/// have (a chunk's length from its tree; a bound for a tree).
+pub type Wanted = (ObjectId, ObjectKind, u64);
 
 impl Client {
     pub fn new(sources: &[String]) -> Client {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(PARALLEL_BATCHES)
             .build()
             .expect("a TLS-free client builds");
@@ -89,13 +94,9 @@ impl Client {
         &self.sources
     }
 
-    /// Fetches every `(id, kind, expected size)` in `wanted` into `sink`.
-    pub async fn fetch(
-        &self,
-        wanted: &[(ObjectId, ObjectKind, u64)],
-        sink: &Sink<'_>,
-    ) -> Result<(), FetchError> {
-        let mut batches: Vec<Vec<(ObjectId, ObjectKind)>> = Vec::new();
+    /// Fetches every object in `wanted` into `sink`.
+    pub async fn fetch(&self, wanted: &[Wanted], sink: &Sink<'_>) -> Result<(), FetchError> {
+        let mut batches: Vec<Vec<Wanted>> = Vec::new();
         let mut current = Vec::new();
         let mut bytes = 0;
         for &(id, kind, size) in wanted {
@@ -105,8 +106,8 @@ impl Client {
                 batches.push(std::mem::take(&mut current));
                 bytes = 0;
             }
-            current.push((id, kind));
-            bytes += size;
+            current.push((id, kind, size));
+            bytes += size.min(BATCH_BYTES);
         }
         if !current.is_empty() {
             batches.push(current);
@@ -124,7 +125,7 @@ impl Client {
     /// per batch, to spread load) until every object has arrived.
     async fn fetch_batch(
         &self,
-        mut batch: Vec<(ObjectId, ObjectKind)>,
+        mut batch: Vec<Wanted>,
         n: usize,
         sink: &Sink<'_>,
     ) -> Result<(), FetchError> {
@@ -154,7 +155,7 @@ impl Client {
         match (batch.first(), last_error) {
             (None, _) => Ok(()),
             (Some(_), Some(e)) => Err(FetchError::AllFailed(e)),
-            (Some(&(id, kind)), None) => Err(FetchError::NotFound {
+            (Some(&(id, kind, _)), None) => Err(FetchError::NotFound {
                 id,
                 kind,
                 tried: tried.join(", "),
@@ -166,12 +167,12 @@ impl Client {
     async fn batch_from(
         &self,
         source: &str,
-        batch: &mut Vec<(ObjectId, ObjectKind)>,
+        batch: &mut Vec<Wanted>,
         sink: &Sink<'_>,
     ) -> Result<(), SourceError> {
         let url = format!("{source}/batch");
         let mut body = Vec::with_capacity(batch.len() * 32);
-        for (id, _) in batch.iter() {
+        for (id, ..) in batch.iter() {
             body.extend_from_slice(id.as_bytes());
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -208,8 +209,15 @@ impl Client {
         } else {
             None
         };
-        let kinds: std::collections::HashMap<ObjectId, ObjectKind> =
-            batch.iter().copied().collect();
+        let kinds: std::collections::HashMap<ObjectId, (ObjectKind, u64)> = batch
+            .iter()
+            .map(|&(id, kind, len)| (id, (kind, len)))
+            .collect();
+        let limit = |id: &ObjectId| {
+            kinds
+                .get(id)
+                .map_or(0, |&(_, len)| super::max_file_len(len))
+        };
         let mut done: std::collections::HashSet<ObjectId> = Default::default();
         let mut decoder = BatchDecoder::default();
         let mut stream = resp.bytes_stream();
@@ -236,8 +244,11 @@ impl Client {
                         }
                         None => decoder.push(step),
                     }
-                    while let Some(frame) = decoder.next_frame().map_err(|e| bad(&url, e))? {
-                        let Some(&kind) = kinds.get(&frame.id) else {
+                    while let Some(frame) = decoder
+                        .next_frame_within(&limit)
+                        .map_err(|e| bad(&url, e))?
+                    {
+                        let Some(&(kind, max_len)) = kinds.get(&frame.id) else {
                             return Err(SourceError::Source(format!(
                                 "{url}: sent object {} that was not asked for",
                                 frame.id
@@ -250,14 +261,16 @@ impl Client {
                             )));
                         }
                         if let Some(file) = frame.file {
-                            arrived.push((frame.id, kind, file));
+                            arrived.push((frame.id, kind, max_len, file));
                         }
                     }
                 }
                 // Verifying and storing is the CPU-heavy part: use every core.
                 let stored: Vec<Result<ObjectId, SourceError>> = arrived
                     .par_iter()
-                    .map(|(id, kind, file)| store(sink, *id, *kind, file, &url).map(|()| *id))
+                    .map(|(id, kind, max_len, file)| {
+                        store(sink, *id, *kind, *max_len, file, &url).map(|()| *id)
+                    })
                     .collect();
                 for r in stored {
                     let id = r?;
@@ -268,7 +281,7 @@ impl Client {
             decoder.finish().map_err(|e| bad(&url, e))
         }
         .await;
-        batch.retain(|(id, _)| !done.contains(id));
+        batch.retain(|(id, ..)| !done.contains(id));
         result
     }
 
@@ -276,11 +289,11 @@ impl Client {
     async fn singles_from(
         &self,
         source: &str,
-        batch: &mut Vec<(ObjectId, ObjectKind)>,
+        batch: &mut Vec<Wanted>,
         sink: &Sink<'_>,
     ) -> Result<(), SourceError> {
         let fetched = futures_util::stream::iter(batch.iter().copied())
-            .map(|(id, kind)| async move {
+            .map(|(id, kind, max_len)| async move {
                 let hex = id.to_hex();
                 let url = format!("{source}/objects/{}/{}", &hex[..2], &hex[2..]);
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -299,14 +312,11 @@ impl Client {
                         resp.status()
                     )));
                 }
-                let file = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                let file = read_capped(resp, super::max_file_len(max_len), &url).await?;
                 self.stats
                     .bytes
                     .fetch_add(file.len() as u64, Ordering::Relaxed);
-                store(sink, id, kind, &file, &url)?;
+                store(sink, id, kind, max_len, &file, &url)?;
                 self.stats.objects.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(id))
             })
@@ -329,9 +339,38 @@ impl Client {
                 }
             }
         }
-        batch.retain(|(id, _)| !done.contains(id));
+        batch.retain(|(id, ..)| !done.contains(id));
         result
     }
+}
+
+/// Reads a response body, failing as soon as it passes `max` bytes (a
+/// source cannot make the agent hold more than one object's worth).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: u64,
+    url: &str,
+) -> Result<Vec<u8>, SourceError> {
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(SourceError::Source(format!(
+            "{url}: answers {} bytes, more than the object can be ({max})",
+            resp.content_length().unwrap_or(0)
+        )));
+    }
+    let mut out = Vec::new();
+    while let Some(piece) = resp
+        .chunk()
+        .await
+        .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
+    {
+        if (out.len() + piece.len()) as u64 > max {
+            return Err(SourceError::Source(format!(
+                "{url}: sent more than the object can be ({max} bytes)"
+            )));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
 }
 
 fn bad(url: &str, e: BatchError) -> SourceError {
@@ -342,10 +381,11 @@ fn store(
     sink: &Sink<'_>,
     id: ObjectId,
     kind: ObjectKind,
+    max_len: u64,
     file: &[u8],
     url: &str,
 ) -> Result<(), SourceError> {
-    match sink(id, kind, file) {
+    match sink(id, kind, max_len, file) {
         Ok(()) => Ok(()),
         Err(StoreError::Object { source, .. }) => {
             Err(SourceError::Source(format!("{url}: {source}")))

@@ -75,6 +75,15 @@ pub enum BatchError {
     BadFrame(&'static str),
     #[error("response ended in the middle of a frame")]
     Truncated,
+    #[error("object {id} is {len} bytes, more than its tree allows")]
+    TooLarge { id: ObjectId, len: u32 },
+}
+
+/// The most bytes an object file may take on the wire when its content is
+/// `len` bytes: the header, and zstd's worst case (incompressible input
+/// grows a little).
+pub fn max_file_len(len: u64) -> u64 {
+    crate::store::object::HEADER_LEN as u64 + len + len / 128 + 1024
 }
 
 impl BatchDecoder {
@@ -87,6 +96,25 @@ impl BatchDecoder {
             self.pos = 0;
         }
         self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole frame, if one has arrived, refusing (before its body
+    /// is buffered) an object longer than `limit(id)` bytes.
+    pub fn next_frame_within(
+        &mut self,
+        limit: &dyn Fn(&ObjectId) -> u64,
+    ) -> Result<Option<Frame>, BatchError> {
+        let avail = &self.buf[self.pos..];
+        if self.saw_magic && !self.saw_end && avail.len() >= FRAME_HEADER && avail[ID_LEN] == FOUND
+        {
+            let id = ObjectId::from_bytes(avail[..ID_LEN].try_into().expect("32 bytes"));
+            let len =
+                u32::from_le_bytes(avail[ID_LEN + 1..FRAME_HEADER].try_into().expect("4 bytes"));
+            if u64::from(len) > limit(&id) {
+                return Err(BatchError::TooLarge { id, len });
+            }
+        }
+        self.next_frame()
     }
 
     /// The next whole frame, if one has arrived.

@@ -4,8 +4,10 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::disk::{IoContext, Result};
 
@@ -44,22 +46,55 @@ pub fn syncfs(fd: impl AsFd, shown: &Path) -> Result<()> {
     rustix::fs::syncfs(fd).map_err(io::Error::from).at(shown)
 }
 
-/// Makes `files` and `dirs` durable: an fsync each when there are at most
-/// [`FSYNC_EACH_MAX`] of them, else one `syncfs` of the filesystem that
-/// holds `anchor`. Every directory that gained or lost a name must be in
-/// `dirs` (its entry is what a crash would lose).
-pub fn make_durable(files: &[PathBuf], dirs: &[PathBuf], anchor: &Path) -> Result<()> {
-    if files.len() + dirs.len() > FSYNC_EACH_MAX {
-        let f = File::open(anchor).at(anchor)?;
-        return syncfs(&f, anchor);
+/// Files and directories written together, to make durable together: an
+/// fsync each while there are at most [`FSYNC_EACH_MAX`] of them, else one
+/// `syncfs`. Every directory that gained or lost a name must be added (its
+/// entry is what a crash would lose). Safe to fill from many threads.
+#[derive(Default)]
+pub struct SyncSet {
+    held: Mutex<Vec<OwnedFd>>,
+    count: AtomicUsize,
+}
+
+impl SyncSet {
+    /// Adds an open file or directory (kept only while the set is small).
+    pub fn add(&self, fd: impl Into<OwnedFd>) {
+        if self.count.fetch_add(1, Ordering::Relaxed) < FSYNC_EACH_MAX {
+            self.held.lock().expect("not poisoned").push(fd.into());
+        }
     }
-    for f in files {
-        File::open(f).and_then(|f| f.sync_all()).at(f)?;
+
+    /// Opens `path` (a file or directory) and adds it; once the set is
+    /// large, only counts it.
+    pub fn add_path(&self, path: &Path) -> Result<()> {
+        if self.count.load(Ordering::Relaxed) >= FSYNC_EACH_MAX {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let f = File::open(path).at(path)?;
+        self.add(f);
+        Ok(())
     }
-    let mut dirs: Vec<&PathBuf> = dirs.iter().collect();
-    dirs.sort();
-    dirs.dedup();
-    dirs.into_iter().try_for_each(|d| sync_dir(d))
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes everything added durable; `anchor` is any fd on the same
+    /// filesystem (for `syncfs`), `shown` names it in errors.
+    pub fn sync(&self, anchor: impl AsFd, shown: &Path) -> Result<()> {
+        if self.len() > FSYNC_EACH_MAX {
+            return syncfs(anchor, shown);
+        }
+        for fd in self.held.lock().expect("not poisoned").iter() {
+            rustix::fs::fsync(fd).map_err(io::Error::from).at(shown)?;
+        }
+        Ok(())
+    }
 }
 
 /// The first `n` bytes of a file (fewer if it is shorter).

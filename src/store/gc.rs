@@ -9,13 +9,21 @@
 //! next writer checks every tree for missing children (see `disk::recover`).
 //! A store gc cannot fully read (a missing or corrupt tree under a root) is
 //! left untouched: gc refuses rather than guess what is reachable.
+//!
+//! The sweep removes unreachable trees first, then unreachable chunks: a
+//! cancel (an agent's gc gives way to a rollback) is honoured only in the
+//! second phase, when no unreachable tree is left, so stopping early never
+//! leaves a tree whose children are gone.
 
 use std::collections::HashSet;
 use std::fs;
 
 use super::diff::chunks_of;
 use super::disk::{IoContext, LockMode, Store, StoreError};
-use super::id::{ObjectId, TreeId, VersionId};
+use super::fsutil::read_head;
+use super::id::{ObjectId, ObjectKind, TreeId, VersionId};
+use super::object;
+use crate::cancel::Cancel;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct GcReport {
@@ -40,7 +48,7 @@ pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreEr
     roots.sort();
     roots.dedup();
 
-    let mut report = mark_and_sweep(store, &roots, dry_run)?;
+    let mut report = mark_and_sweep(store, &roots, dry_run, &Cancel::new())?;
     for r in &records {
         if !roots.contains(&r.version) {
             if !dry_run {
@@ -58,15 +66,18 @@ pub fn mark_and_sweep(
     store: &Store,
     roots: &[VersionId],
     dry_run: bool,
+    cancel: &Cancel,
 ) -> Result<GcReport, StoreError> {
     let mut live: HashSet<ObjectId> = HashSet::new();
     let mut trees: HashSet<TreeId> = HashSet::new();
     for v in roots {
+        cancel.check()?;
         chunks_of(store, &v.root(), &mut trees, &mut |c| {
             live.insert(c.object());
         })?;
     }
     live.extend(trees.iter().map(|t| t.object()));
+    cancel.check()?;
 
     let mut report = GcReport {
         kept_versions: roots.to_vec(),
@@ -74,24 +85,38 @@ pub fn mark_and_sweep(
         dry_run,
         ..Default::default()
     };
-    if !dry_run {
-        store.bump_gc_generation()?;
-        store.begin_sweep()?;
-    }
+    let mut dead_trees = Vec::new();
+    let mut dead_chunks = Vec::new();
     for item in store.objects()? {
         let (id, path) = item?;
         if live.contains(&id) {
             continue;
         }
         let len = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if !dry_run {
-            fs::remove_file(&path).at(&path)?;
-        }
         report.removed_objects += 1;
         report.removed_bytes += len;
+        let head = read_head(&path, object::HEADER_LEN)?;
+        match object::peek(id, &head) {
+            Ok((ObjectKind::Chunk, _)) => dead_chunks.push(path),
+            // Trees, and whatever does not parse, go in the first phase.
+            _ => dead_trees.push(path),
+        }
     }
-    if !dry_run {
-        store.end_sweep()?;
+    if dry_run {
+        return Ok(report);
     }
+    store.bump_gc_generation()?;
+    store.begin_sweep()?;
+    for path in &dead_trees {
+        fs::remove_file(path).at(path)?;
+    }
+    for (n, path) in dead_chunks.iter().enumerate() {
+        if n % 256 == 0 && cancel.is_cancelled() {
+            report.removed_objects -= (dead_chunks.len() - n) as u64;
+            break;
+        }
+        fs::remove_file(path).at(path)?;
+    }
+    store.end_sweep()?;
     Ok(report)
 }

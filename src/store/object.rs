@@ -162,7 +162,25 @@ pub fn peek(id: ObjectId, file: &[u8]) -> Result<(ObjectKind, u64), ObjectError>
 
 /// Decodes an object file and checks that it is object `id` of kind `expected`.
 pub fn decode(id: ObjectId, expected: ObjectKind, file: &[u8]) -> Result<Vec<u8>, ObjectError> {
+    decode_within(id, expected, file, MAX_OBJECT_LEN)
+}
+
+/// Like [`decode`], refusing (before decompressing anything) an object
+/// whose header claims more than `max_len` bytes of content: a chunk must
+/// be the length its tree gives it.
+pub fn decode_within(
+    id: ObjectId,
+    expected: ObjectKind,
+    file: &[u8],
+    max_len: u64,
+) -> Result<Vec<u8>, ObjectError> {
     let (kind, len) = peek(id, file)?;
+    if len > max_len {
+        return Err(ObjectError::BadHeader {
+            id,
+            why: "longer than its tree says",
+        });
+    }
     if kind != expected {
         return Err(ObjectError::WrongKind {
             id,

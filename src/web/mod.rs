@@ -28,11 +28,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
+use crate::fleet::agents::Agents;
 use crate::fleet::history;
 use crate::fleet::inventory::Member;
-use crate::fleet::rollout::{Reading, poll};
+use crate::fleet::poll::{Reading, poll};
 use crate::fleet::status::fleet_status;
-use crate::fleet::sync::Agents;
+use crate::metrics::Exposition;
 use crate::net::server::ServerState;
 use crate::store::diff::{Change, DiffStat, diff};
 use crate::time::unix_now;
@@ -242,58 +243,77 @@ async fn diff_api(
     }
 }
 
-/// Escapes a Prometheus label value.
-pub fn label_value(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
     let st = web.fleet_json();
-    let mut out = String::new();
     let stats = &web.server.stats;
-    out.push_str("# HELP scap_http_requests_total Requests served by scap serve.\n# TYPE scap_http_requests_total counter\n");
-    out.push_str(&format!(
-        "scap_http_requests_total {}\n",
-        stats.requests.load(Ordering::Relaxed)
-    ));
-    out.push_str("# HELP scap_objects_served_total Objects sent to hosts.\n# TYPE scap_objects_served_total counter\n");
-    out.push_str(&format!(
-        "scap_objects_served_total {}\n",
-        stats.objects_served.load(Ordering::Relaxed)
-    ));
-    out.push_str("# HELP scap_served_bytes_total Object bytes sent to hosts (after stream compression).\n# TYPE scap_served_bytes_total counter\n");
-    out.push_str(&format!(
-        "scap_served_bytes_total {}\n",
-        stats.bytes_served.load(Ordering::Relaxed)
-    ));
-    out.push_str("# HELP scap_fleet_hosts Hosts running each version (at the last poll).\n# TYPE scap_fleet_hosts gauge\n");
-    let mut shares = String::from(
-        "# HELP scap_fleet_traffic_share_ratio Share of traffic weight on each version, 0 to 1.\n# TYPE scap_fleet_traffic_share_ratio gauge\n",
+    let mut m = Exposition::new();
+    m.single(
+        "scap_http_requests_total",
+        "counter",
+        "Requests served by scap serve.",
+        stats.requests.load(Ordering::Relaxed),
     );
-    for v in st["versions"].as_array().into_iter().flatten() {
-        let id = v["version"].as_str().unwrap_or("");
-        let label = label_value(v["label"].as_str().unwrap_or(""));
-        out.push_str(&format!(
-            "scap_fleet_hosts{{version=\"{id}\",label=\"{label}\"}} {}\n",
-            v["hosts"].as_array().map_or(0, Vec::len)
-        ));
-        shares.push_str(&format!(
-            "scap_fleet_traffic_share_ratio{{version=\"{id}\",label=\"{label}\"}} {}\n",
-            v["share"].as_f64().unwrap_or(0.0) / 100.0
-        ));
+    m.single(
+        "scap_objects_served_total",
+        "counter",
+        "Objects sent to hosts.",
+        stats.objects_served.load(Ordering::Relaxed),
+    );
+    m.single(
+        "scap_served_bytes_total",
+        "counter",
+        "Object bytes sent to hosts (after stream compression).",
+        stats.bytes_served.load(Ordering::Relaxed),
+    );
+    let versions: Vec<&serde_json::Value> =
+        st["versions"].as_array().into_iter().flatten().collect();
+    let labels = |v: &serde_json::Value| {
+        (
+            v["version"].as_str().unwrap_or("").to_string(),
+            v["label"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    m.family(
+        "scap_fleet_hosts",
+        "gauge",
+        "Hosts running each version (at the last poll).",
+    );
+    for v in &versions {
+        let (id, label) = labels(v);
+        m.sample(
+            "scap_fleet_hosts",
+            &[("version", &id), ("label", &label)],
+            v["hosts"].as_array().map_or(0, Vec::len),
+        );
     }
-    out.push_str(&shares);
-    out.push_str("# HELP scap_fleet_unreachable_hosts Hosts that did not answer the last poll.\n# TYPE scap_fleet_unreachable_hosts gauge\n");
-    out.push_str(&format!(
-        "scap_fleet_unreachable_hosts {}\n",
-        st["unreachable"]["hosts"].as_array().map_or(0, Vec::len)
-    ));
-    out.push_str("# HELP scap_fleet_last_poll_timestamp_seconds When the agents were last polled.\n# TYPE scap_fleet_last_poll_timestamp_seconds gauge\n");
-    out.push_str(&format!(
-        "scap_fleet_last_poll_timestamp_seconds {}\n",
-        st["polled_at"].as_u64().unwrap_or(0)
-    ));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    m.family(
+        "scap_fleet_traffic_share_ratio",
+        "gauge",
+        "Share of traffic weight on each version, 0 to 1.",
+    );
+    for v in &versions {
+        let (id, label) = labels(v);
+        m.sample(
+            "scap_fleet_traffic_share_ratio",
+            &[("version", &id), ("label", &label)],
+            v["share"].as_f64().unwrap_or(0.0) / 100.0,
+        );
+    }
+    m.single(
+        "scap_fleet_unreachable_hosts",
+        "gauge",
+        "Hosts that did not answer the last poll.",
+        st["unreachable"]["hosts"].as_array().map_or(0, Vec::len),
+    );
+    m.single(
+        "scap_fleet_last_poll_timestamp_seconds",
+        "gauge",
+        "When the agents were last polled.",
+        st["polled_at"].as_u64().unwrap_or(0),
+    );
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        m.finish(),
+    )
+        .into_response()
 }

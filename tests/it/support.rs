@@ -365,9 +365,11 @@ impl Fleet {
         )
     }
 
+    /// GET from host `i`'s agent, with the right token.
     pub fn get(&self, i: usize, path: &str) -> (u16, serde_json::Value) {
         let r = Fleet::http()
             .get(format!("{}{path}", self.hosts[i].proc.url))
+            .bearer_auth(TOKEN)
             .send()
             .unwrap();
         let status = r.status().as_u16();

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::{IoContext, Result, Store, StoreError};
-use crate::store::fsutil::{FSYNC_EACH_MAX, atomic_write, read_head, sync_dir, syncfs};
+use crate::store::fsutil::{FSYNC_EACH_MAX, SyncSet, atomic_write, read_head, sync_dir, syncfs};
 use crate::store::id::{ObjectId, ObjectKind, TreeId};
 use crate::store::object;
 
@@ -359,12 +359,20 @@ impl Writer<'_> {
     }
 
     /// Stores an object file received from elsewhere, after checking it is
-    /// object `id` of kind `kind`, as it arrived. Returns the decoded
-    /// payload.
-    pub fn put_verified(&self, id: ObjectId, kind: ObjectKind, file: &[u8]) -> Result<Vec<u8>> {
-        let data = object::decode(id, kind, file).map_err(|source| StoreError::Object {
-            path: self.store.object_path(&id),
-            source,
+    /// object `id` of kind `kind` with at most `max_len` bytes of content,
+    /// as it arrived. Returns the decoded payload.
+    pub fn put_verified(
+        &self,
+        id: ObjectId,
+        kind: ObjectKind,
+        file: &[u8],
+        max_len: u64,
+    ) -> Result<Vec<u8>> {
+        let data = object::decode_within(id, kind, file, max_len).map_err(|source| {
+            StoreError::Object {
+                path: self.store.object_path(&id),
+                source,
+            }
         })?;
         if !self.store.has(&id) {
             self.write_object(&id, file)?;
@@ -438,11 +446,14 @@ impl Writer<'_> {
             syncfs(&self.journal, self.store.root())?;
         } else if written > 0 {
             let paths = std::mem::take(&mut *self.written_paths.lock().expect("not poisoned"));
-            let dirs: Vec<PathBuf> = paths
-                .iter()
-                .filter_map(|p| p.parent().map(Path::to_path_buf))
-                .collect();
-            crate::store::fsutil::make_durable(&paths, &dirs, self.store.root())?;
+            let mut dirs: Vec<&Path> = paths.iter().filter_map(|p| p.parent()).collect();
+            dirs.sort();
+            dirs.dedup();
+            let set = SyncSet::default();
+            for p in paths.iter().map(PathBuf::as_path).chain(dirs) {
+                set.add_path(p)?;
+            }
+            set.sync(&self.journal, self.store.root())?;
         }
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
         Ok(())

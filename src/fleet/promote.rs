@@ -1,0 +1,136 @@
+//! `scap promote V`: once V is on every host, record it as their stable
+//! version (what `rollback --to stable` goes back to).
+
+use serde::Serialize;
+
+use super::agents::{Agents, HostResult, fan_out};
+use super::deploy::{Operator, pct};
+use super::history::{self, Entry};
+use super::inventory::{Host, Member};
+use super::poll::poll;
+use super::rollout::{Budget, share};
+use crate::host::proto::PromoteRequest;
+use crate::host::state::HostState;
+use crate::store::VersionId;
+
+pub struct Promote<'a> {
+    pub agents: &'a Agents,
+    pub members: Vec<Member>,
+    pub version: VersionId,
+    pub label: String,
+    /// Hosts that may be down (they keep their old stable version).
+    pub budget: Budget,
+    pub by: String,
+    pub command: String,
+    pub fleet_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PromoteOutcome {
+    pub ok: bool,
+    pub results: Vec<HostResult<HostState>>,
+    pub failed: Vec<String>,
+    pub message: String,
+}
+
+impl Promote<'_> {
+    /// Refuses (with what to do) unless every answering host runs the
+    /// version and no more hosts than the budget allows are down.
+    pub async fn run(&self, op: &mut dyn Operator) -> Result<PromoteOutcome, String> {
+        let readings = poll(self.agents, &self.members, 64).await;
+        let total: u64 = self.members.iter().map(|m| m.weight).sum();
+        let on: u64 = readings
+            .iter()
+            .filter(|r| r.on(&self.version))
+            .map(|r| r.member.weight)
+            .sum();
+        let behind: Vec<String> = readings
+            .iter()
+            .filter(|r| r.view.is_ok() && !r.on(&self.version))
+            .map(|r| r.member.host.to_string())
+            .collect();
+        if !behind.is_empty() {
+            return Err(format!(
+                "{} is on {} of traffic; {} host(s) run something else ({}): sync it to 100% first",
+                self.version.short(),
+                pct(share(on, total)),
+                behind.len(),
+                behind
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let down: Vec<String> = readings
+            .iter()
+            .filter(|r| r.view.is_err())
+            .map(|r| r.member.host.to_string())
+            .collect();
+        if !self.budget.allows(down.len(), readings.len()) {
+            return Err(format!(
+                "{} host(s) did not answer ({}): they would keep their old stable version; pass --max-failures {} to promote anyway",
+                down.len(),
+                down.join(", "),
+                down.len()
+            ));
+        }
+        let hosts: Vec<Host> = readings
+            .iter()
+            .filter(|r| r.view.is_ok())
+            .map(|r| r.member.host.clone())
+            .collect();
+        let req = PromoteRequest {
+            version: self.version,
+            by: self.by.clone(),
+        };
+        let results = fan_out(
+            &hosts,
+            50,
+            None,
+            |h| Box::pin(self.agents.promote(h, &req)),
+            &|_| {},
+        )
+        .await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.error().map(|e| e.to_string()))
+            .collect();
+        for f in &failed {
+            op.say(&format!("FAIL {f}"));
+        }
+        let message = format!(
+            "promoted {} to stable on {} host(s)",
+            self.label,
+            results.len() - failed.len()
+        );
+        let entry = Entry {
+            time: crate::time::unix_now(),
+            user: self.by.clone(),
+            action: "promote".into(),
+            version: Some(self.version),
+            target: None,
+            reached: Some(share(on, total)),
+            gates: None,
+            hosts: results
+                .iter()
+                .filter(|r| r.ok())
+                .map(|r| r.host.to_string())
+                .collect(),
+            failed: failed.clone(),
+            ok: failed.is_empty(),
+            message: message.clone(),
+            command: self.command.clone(),
+        };
+        if let Err(e) = history::append(&self.fleet_dir, &entry) {
+            tracing::warn!("cannot append to the deploy history: {e}");
+        }
+        Ok(PromoteOutcome {
+            ok: failed.is_empty(),
+            results,
+            failed,
+            message,
+        })
+    }
+}

@@ -1,0 +1,423 @@
+//! Writes release directories through directory file descriptors only.
+//!
+//! A version may hold any name and any symlink (`etc -> /etc`, a file
+//! called `.index.php.scap-tmp`, a directory that used to be a symlink).
+//! Nothing here ever resolves a path string: every name is looked up
+//! relative to an open directory, and
+//! - directories are opened with `O_DIRECTORY | O_NOFOLLOW`: a symlink where
+//!   a directory is expected is an error, never followed;
+//! - files are created with `O_CREAT | O_EXCL | O_NOFOLLOW`: an existing
+//!   name (a symlink included) is an error, never a target; a file being
+//!   replaced is unlinked first (the slot is not live, so no reader sees
+//!   the gap); there are no temporary names a tree could collide with;
+//! - modes are set with `fchmod` on the opened file, never by path;
+//! - removal is `unlinkat` of a name in an opened directory, descending
+//!   only through directories opened with `O_NOFOLLOW`.
+//!
+//! So no tree can make the agent open, chmod, unlink or rename anything
+//! outside the release. A slot whose content does not match what its
+//! metadata says (edited by hand) makes an operation fail with an error;
+//! the caller then rewrites the slot from nothing.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use crate::cancel::Cancel;
+use crate::store::disk::IoContext;
+use crate::store::fsutil::SyncSet;
+use crate::store::tree::MAX_DEPTH;
+use crate::store::{Content, Store, StoreError, TreeId, TreeName};
+
+/// An open directory of a release, and its path (for messages only: the
+/// path is never used to reach anything).
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+    /// Whether a name was added or removed here (its fsync is then due).
+    touched: AtomicBool,
+}
+
+fn io_err(e: rustix::io::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+impl Dir {
+    /// Opens a directory the agent owns by path (the slot itself); the last
+    /// component must not be a symlink.
+    pub fn open(path: &Path) -> Result<Dir, StoreError> {
+        let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty())
+            .map_err(io_err)
+            .at(path)?;
+        Ok(Dir {
+            fd,
+            path: path.to_path_buf(),
+            touched: AtomicBool::new(false),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn child(&self, name: &[u8]) -> PathBuf {
+        self.path.join(OsStr::from_bytes(name))
+    }
+
+    /// Opens subdirectory `name`, refusing to follow a symlink.
+    pub fn subdir(&self, name: &[u8]) -> Result<Dir, StoreError> {
+        let path = self.child(name);
+        let fd = rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty())
+            .map_err(io_err)
+            .at(&path)?;
+        Ok(Dir {
+            fd,
+            path,
+            touched: AtomicBool::new(false),
+        })
+    }
+
+    /// Creates subdirectory `name` (mode 0755 whatever the umask) and opens it.
+    pub fn mkdir(&self, name: &[u8], sync: &SyncSet) -> Result<Dir, StoreError> {
+        let path = self.child(name);
+        rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o755))
+            .map_err(io_err)
+            .at(&path)?;
+        self.touch(sync)?;
+        let d = self.subdir(name)?;
+        rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755))
+            .map_err(io_err)
+            .at(&path)?;
+        Ok(d)
+    }
+
+    pub fn symlink(&self, name: &[u8], target: &[u8], sync: &SyncSet) -> Result<(), StoreError> {
+        let path = self.child(name);
+        rustix::fs::symlinkat(target, &self.fd, name)
+            .map_err(io_err)
+            .at(&path)?;
+        self.touch(sync)
+    }
+
+    /// Creates regular file `name`, which must not exist, with the mode a
+    /// version gives it.
+    pub fn create_file(&self, name: &[u8], executable: bool) -> Result<File, StoreError> {
+        let path = self.child(name);
+        let mode = Mode::from_raw_mode(file_mode(executable));
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            mode,
+        )
+        .map_err(io_err)
+        .at(&path)?;
+        // The umask may have taken bits away.
+        rustix::fs::fchmod(&fd, mode).map_err(io_err).at(&path)?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens existing regular file `name` for reading, refusing symlinks
+    /// and anything that is not a regular file (a FIFO would block).
+    pub fn open_file(&self, name: &[u8]) -> Result<File, StoreError> {
+        let path = self.child(name);
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err)
+        .at(&path)?;
+        let st = rustix::fs::fstat(&fd).map_err(io_err).at(&path)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(StoreError::Io {
+                path,
+                source: io::Error::other("not a regular file"),
+            });
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Sets the executable bit of regular file `name`, and nothing else.
+    pub fn chmod_file(
+        &self,
+        name: &[u8],
+        executable: bool,
+        sync: &SyncSet,
+    ) -> Result<(), StoreError> {
+        let f = self.open_file(name)?;
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(file_mode(executable)))
+            .map_err(io_err)
+            .at(&self.child(name))?;
+        sync.add(f);
+        Ok(())
+    }
+
+    /// What `name` is, without following it; `None` if absent.
+    pub fn kind(&self, name: &[u8]) -> Result<Option<FileType>, StoreError> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(io_err(e)).at(&self.child(name)),
+        }
+    }
+
+    pub fn read_link(&self, name: &[u8]) -> Result<Vec<u8>, StoreError> {
+        rustix::fs::readlinkat(&self.fd, name, Vec::new())
+            .map(|c| c.into_bytes())
+            .map_err(io_err)
+            .at(&self.child(name))
+    }
+
+    /// The names in this directory (not `.` or `..`), sorted.
+    pub fn names(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut rd = rustix::fs::Dir::read_from(&self.fd)
+            .map_err(io_err)
+            .at(&self.path)?;
+        let mut out = Vec::new();
+        while let Some(e) = rd.read() {
+            let e = e.map_err(io_err).at(&self.path)?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                out.push(n.to_vec());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes `name`, whatever it is; a directory with everything in it,
+    /// descending only through directories opened without following.
+    pub fn remove(&self, name: &[u8], sync: &SyncSet) -> Result<(), StoreError> {
+        self.remove_at_depth(name, 0)?;
+        self.touch(sync)
+    }
+
+    fn remove_at_depth(&self, name: &[u8], depth: usize) -> Result<(), StoreError> {
+        let path = self.child(name);
+        if self.kind(name)? == Some(FileType::Directory) {
+            if depth > MAX_DEPTH * 4 {
+                return Err(StoreError::Io {
+                    path,
+                    source: io::Error::other("directories nested too deep to remove"),
+                });
+            }
+            let sub = self.subdir(name)?;
+            for n in sub.names()? {
+                sub.remove_at_depth(&n, depth + 1)?;
+            }
+            rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)
+                .map_err(io_err)
+                .at(&path)
+        } else {
+            rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())
+                .map_err(io_err)
+                .at(&path)
+        }
+    }
+
+    /// Notes that this directory's entries changed; its fsync is then due.
+    fn touch(&self, sync: &SyncSet) -> Result<(), StoreError> {
+        if !self.touched.swap(true, Ordering::Relaxed) {
+            let dup = self.fd.try_clone().at(&self.path)?;
+            sync.add(dup);
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+pub fn file_mode(executable: bool) -> u32 {
+    if executable { 0o755 } else { 0o644 }
+}
+
+/// What applying a tree cost.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub removed: u64,
+}
+
+/// A file to write once every directory exists.
+struct Write1 {
+    dir: Arc<Dir>,
+    name: TreeName,
+    content: Content,
+}
+
+/// Turns directory `root`, which holds tree `old` (or is empty), into tree
+/// `new`: removals, directories and symlinks first, in tree order, then the
+/// files in parallel. Everything it changed is added to `sync`.
+pub fn apply(
+    store: &Store,
+    root: Dir,
+    old: Option<&TreeId>,
+    new: &TreeId,
+    sync: &SyncSet,
+    cancel: &Cancel,
+) -> Result<Applied, StoreError> {
+    let mut applied = Applied::default();
+    let mut writes = Vec::new();
+    structure(
+        store,
+        &Arc::new(root),
+        old,
+        new,
+        0,
+        &mut writes,
+        &mut applied,
+        sync,
+        cancel,
+    )?;
+    let sizes: Vec<u64> = writes
+        .par_iter()
+        .map(|w| {
+            cancel.check()?;
+            write_file(store, w, sync)
+        })
+        .collect::<Result<_, _>>()?;
+    applied.files_written += sizes.len() as u64;
+    applied.bytes_written += sizes.iter().sum::<u64>();
+    Ok(applied)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn structure(
+    store: &Store,
+    dir: &Arc<Dir>,
+    old: Option<&TreeId>,
+    new: &TreeId,
+    depth: usize,
+    writes: &mut Vec<Write1>,
+    applied: &mut Applied,
+    sync: &SyncSet,
+    cancel: &Cancel,
+) -> Result<(), StoreError> {
+    if old == Some(new) {
+        return Ok(());
+    }
+    cancel.check()?;
+    if depth > MAX_DEPTH {
+        return Err(StoreError::BadTree {
+            id: *new,
+            source: crate::store::tree::TreeError::NotCanonical("nested deeper than 256 levels"),
+        });
+    }
+    let old_tree = old.map(|t| store.tree(t)).transpose()?;
+    let new_tree = store.tree(new)?;
+    if let Some(old_tree) = &old_tree {
+        for e in old_tree.entries() {
+            if new_tree.get(e.name.as_bytes()).is_none() {
+                dir.remove(e.name.as_bytes(), sync)?;
+                applied.removed += 1;
+            }
+        }
+    }
+    for e in new_tree.entries() {
+        let name = e.name.as_bytes();
+        let before = old_tree
+            .as_ref()
+            .and_then(|t| t.get(name))
+            .map(|e| &e.content);
+        match (before, &e.content) {
+            (Some(a), b) if a == b => {}
+            (Some(Content::Dir { tree: a, .. }), Content::Dir { tree: b, .. }) => {
+                let sub = Arc::new(dir.subdir(name)?);
+                structure(
+                    store,
+                    &sub,
+                    Some(a),
+                    b,
+                    depth + 1,
+                    writes,
+                    applied,
+                    sync,
+                    cancel,
+                )?;
+            }
+            (
+                Some(Content::File { chunks: a, .. }),
+                Content::File {
+                    chunks: b,
+                    executable,
+                    ..
+                },
+            ) if a == b => dir.chmod_file(name, *executable, sync)?,
+            (before, new) => {
+                if before.is_some() {
+                    dir.remove(name, sync)?;
+                    applied.removed += 1;
+                }
+                match new {
+                    Content::Dir { tree, .. } => {
+                        let sub = Arc::new(dir.mkdir(name, sync)?);
+                        structure(
+                            store,
+                            &sub,
+                            None,
+                            tree,
+                            depth + 1,
+                            writes,
+                            applied,
+                            sync,
+                            cancel,
+                        )?;
+                    }
+                    Content::Symlink { target } => dir.symlink(name, target, sync)?,
+                    file @ Content::File { .. } => writes.push(Write1 {
+                        dir: dir.clone(),
+                        name: e.name.clone(),
+                        content: file.clone(),
+                    }),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_file(store: &Store, w: &Write1, sync: &SyncSet) -> Result<u64, StoreError> {
+    let Content::File {
+        executable, size, ..
+    } = &w.content
+    else {
+        unreachable!("only files are queued")
+    };
+    let name = w.name.as_bytes();
+    let path = w.dir.child(name);
+    let f = w.dir.create_file(name, *executable)?;
+    w.dir.touch(sync)?;
+    let mut out = BufWriter::with_capacity(256 * 1024, f);
+    store.write_file(&w.content, &mut out, &path)?;
+    let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
+    sync.add(f);
+    Ok(*size)
+}
+
+/// Empties and removes directory `name` of `parent` (a slot), if there.
+pub fn remove_if_present(parent: &Dir, name: &[u8]) -> Result<(), StoreError> {
+    if parent.kind(name)?.is_some() {
+        parent.remove(name, &SyncSet::default())?;
+    }
+    Ok(())
+}

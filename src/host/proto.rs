@@ -1,0 +1,218 @@
+//! The agent's HTTP API as types: every request and response body, used by
+//! the agent ([`super::api`]) and by the controller (`fleet::agents`), so
+//! the two cannot disagree about a field, and nothing reads an agent's
+//! answer by indexing into untyped JSON. The table of endpoints is in
+//! store-format.md ("Agent API").
+//!
+//! Everything the controller parses from an agent goes through these types
+//! (IDs are checked as 64 hex digits, enums are closed) after its size is
+//! capped ([`MAX_RESPONSE_BYTES`]); strings from an agent are shown to
+//! people only through `text::clip`.
+
+use serde::{Deserialize, Serialize};
+
+use super::drift::Drift;
+use super::release::{How, Slot};
+use super::state::HostState;
+use crate::store::VersionId;
+
+/// Largest agent answer the controller reads (a state file with its
+/// 100-event history is about 40 KB).
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// Largest request body the agent reads.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Most sources one sync request may name.
+pub const MAX_SOURCES: usize = 32;
+/// Longest `by` (who asked) an agent records.
+pub const MAX_BY_LEN: usize = 128;
+
+/// `POST /v1/sync`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub version: VersionId,
+    /// URLs of `scap serve` or caches in front of one, tried in order.
+    pub sources: Vec<String>,
+    #[serde(default = "unknown")]
+    pub by: String,
+    /// The whole fetch must end within this many seconds, or the sync
+    /// fails with the host unchanged (default [`DEFAULT_FETCH_TIMEOUT`]).
+    #[serde(default)]
+    pub fetch_timeout_seconds: Option<u64>,
+}
+
+/// Seconds a fetch may take when the request does not say.
+pub const DEFAULT_FETCH_TIMEOUT: u64 = 1800;
+
+pub fn unknown() -> String {
+    "unknown".into()
+}
+
+/// Where a rollback goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RollbackTarget {
+    Previous,
+    Stable,
+    Version(VersionId),
+}
+
+impl std::fmt::Display for RollbackTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RollbackTarget::Previous => f.write_str("previous"),
+            RollbackTarget::Stable => f.write_str("stable"),
+            RollbackTarget::Version(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl std::str::FromStr for RollbackTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "previous" => Ok(RollbackTarget::Previous),
+            "stable" => Ok(RollbackTarget::Stable),
+            v => v
+                .parse()
+                .map(RollbackTarget::Version)
+                .map_err(|e| format!("rollback target {v:?}: {e} (or \"previous\", \"stable\")")),
+        }
+    }
+}
+
+impl Serialize for RollbackTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RollbackTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `POST /v1/rollback`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub to: RollbackTarget,
+    #[serde(default = "unknown")]
+    pub by: String,
+}
+
+/// `POST /v1/promote`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub version: VersionId,
+    #[serde(default = "unknown")]
+    pub by: String,
+}
+
+/// `POST /v1/cancel`: stop whatever the agent is doing (a fetch, writing a
+/// release, the work after a switch), leaving the host on what it ran.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CancelRequest {
+    #[serde(default = "unknown")]
+    pub by: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fetched {
+    pub trees: u64,
+    pub chunks: u64,
+    /// Body bytes received from sources.
+    pub bytes: u64,
+    pub requests: u64,
+}
+
+/// The answer to a sync or a rollback.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub host: String,
+    pub version: VersionId,
+    pub from: Option<VersionId>,
+    /// True when the host was already on the version: nothing was done.
+    pub noop: bool,
+    pub slot: String,
+    pub how: How,
+    #[serde(default)]
+    pub fetched: Fetched,
+    #[serde(default)]
+    pub files_written: u64,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+/// The answer to `POST /v1/cancel`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    pub host: String,
+    /// What was running and is now stopping, if anything.
+    pub cancelled: Option<String>,
+}
+
+/// What the last drift check found, in `/v1/state`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DriftSummary {
+    pub checked_at: u64,
+    pub version: VersionId,
+    /// Files that differ from the version (edited, added or removed by hand).
+    pub changed: u64,
+    /// The first few of them.
+    pub paths: Vec<String>,
+}
+
+/// `GET /v1/state`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateResponse {
+    pub state: HostState,
+    pub slots: Vec<Slot>,
+    /// True while an operation (or the work after a switch) runs.
+    pub busy: bool,
+    /// What runs, for people.
+    #[serde(default)]
+    pub operation: Option<String>,
+    pub drift: Option<DriftSummary>,
+}
+
+/// `GET /v1/health`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub ok: bool,
+    pub host: String,
+    pub version: VersionId,
+}
+
+/// `GET /v1/verify`.
+pub type VerifyResponse = Drift;
+
+/// Every error answer: a message that names the host and says what to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollback_targets_round_trip() {
+        let v = VersionId::new(crate::store::ObjectKind::Tree.hash(b"v"));
+        for t in [
+            RollbackTarget::Previous,
+            RollbackTarget::Stable,
+            RollbackTarget::Version(v),
+        ] {
+            let j = serde_json::to_string(&RollbackRequest {
+                to: t,
+                by: "me".into(),
+            })
+            .unwrap();
+            assert_eq!(serde_json::from_str::<RollbackRequest>(&j).unwrap().to, t);
+        }
+        assert!(serde_json::from_str::<RollbackRequest>(r#"{"to":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<RollbackRequest>(r#"{"to":"abcd"}"#).is_err());
+    }
+}
