@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod net;
 pub mod progress;
 pub mod store;
+pub mod sys;
 pub mod text;
 pub mod time;
 pub mod web;

@@ -1,39 +1,20 @@
-//! Progress reporting: an indicatif bar when stderr is a terminal, nothing
-//! otherwise (logs stay clean; callers print their own summary lines).
+//! How long work reports how far it has come. The library calls a
+//! [`Meter`]; what it draws (a bar on a terminal, nothing in a log) is the
+//! command line's business (`cli::bar`).
 
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressStyle};
-
-pub struct Progress {
-    bar: Option<ProgressBar>,
+/// Told about one long phase at a time.
+pub trait Meter: Sync {
+    /// A phase of `total` steps starts.
+    fn start(&self, total: u64, what: &str);
+    fn inc(&self, n: u64);
+    fn finish(&self);
 }
 
-impl Progress {
-    /// `enabled` is the caller's wish; the bar appears only on a TTY.
-    pub fn new(enabled: bool, total: u64, what: &str) -> Progress {
-        if !enabled || !std::io::stderr().is_terminal() {
-            return Progress { bar: None };
-        }
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-                .expect("the template is valid")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(what.to_string());
-        Progress { bar: Some(bar) }
-    }
+/// Shows nothing.
+pub struct Silent;
 
-    pub fn inc(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(n);
-        }
-    }
-
-    pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
+impl Meter for Silent {
+    fn start(&self, _: u64, _: &str) {}
+    fn inc(&self, _: u64) {}
+    fn finish(&self) {}
 }

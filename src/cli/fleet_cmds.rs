@@ -249,7 +249,7 @@ fn run_rollout(
         budget,
         dry_run: r.dry_run,
         concurrency: r.concurrency,
-        by: lock::user(),
+        by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
         interrupted: &interrupted,
@@ -270,7 +270,7 @@ fn run_rollout(
         println!("{}", outcome.message);
     }
     if let Some(cmd) = &r.announce {
-        announce(cmd, &format!("{}: {}", lock::user(), outcome.message));
+        announce(cmd, &format!("{}: {}", crate::sys::user(), outcome.message));
     }
     Ok(exit::from(outcome.ok))
 }
@@ -389,7 +389,7 @@ pub struct SyncFileArgs {
 }
 
 pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
-    let store = ctx.open()?;
+    let store = ctx.open_deploy()?;
     // Before building: another deploy must not see (or gc) a half-made change.
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
     let base = match &a.from {
@@ -418,7 +418,7 @@ pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
             staging: &staging,
             path: &a.path,
             message: a.message.clone(),
-            author: lock::user(),
+            author: crate::sys::user(),
         },
     )?;
     if !changed {
@@ -492,7 +492,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         version,
         keep,
         concurrency: a.concurrency,
-        by: lock::user(),
+        by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
         interrupted: &interrupted,
@@ -532,7 +532,7 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
         version,
         label: label_of(ctx, &version),
         budget,
-        by: lock::user(),
+        by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
     };

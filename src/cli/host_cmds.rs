@@ -144,9 +144,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
     let token = read_token(&a.token_file)?;
     let host = match a.host {
         Some(h) => h,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into()),
+        None => crate::sys::hostname(),
     };
     let links = a
         .link

@@ -1,6 +1,7 @@
 //! The command line: parse flags (clap), turn them into validated settings,
 //! call one library function, print. No deploy logic lives here.
 
+mod bar;
 #[cfg(feature = "dev")]
 mod demo;
 mod fleet_cmds;
@@ -27,8 +28,11 @@ pub mod exit {
     }
 }
 
-/// Default store directory when neither --store nor SCAP_STORE nor scap.toml say.
-pub const DEFAULT_STORE: &str = "/var/lib/scap/store";
+/// The deploy host's store when neither --store nor SCAP_STORE nor
+/// scap.toml say. Never the agent's (`/var/lib/scap/store`, under the
+/// agent's `--dir`): a deploy-host command run on an app server must not
+/// find the agent's store by default.
+pub const DEFAULT_STORE: &str = "/srv/deployment/scap/store";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,7 +42,7 @@ pub const DEFAULT_STORE: &str = "/var/lib/scap/store";
     after_help = "Start with: scap build-manifest, scap diff A B, scap ls VERSION. See the README for the demo on a generated tree."
 )]
 pub struct Cli {
-    /// Store directory [default: scap.toml's `store`, else /var/lib/scap/store]
+    /// Store directory [default: scap.toml's `store`, else /srv/deployment/scap/store]
     #[arg(long, global = true, env = "SCAP_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Config file [default: ./scap.toml if present]

@@ -43,6 +43,12 @@ impl Ctx {
     pub fn open(&self) -> anyhow::Result<Store> {
         Ok(Store::open(&self.store_path)?)
     }
+
+    /// Opens the store for a command that changes it on the deploy host:
+    /// an agent's store is refused by name.
+    pub fn open_deploy(&self) -> anyhow::Result<Store> {
+        Ok(Store::open_deploy(&self.store_path)?)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -76,12 +82,9 @@ pub struct BuildArgs {
 pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
     let comps = components(&ctx.config, &a.components, &a.exclude)?;
     let store = Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?;
+    store.check_deploy()?;
     let parent = a.parent.as_deref().map(|p| store.resolve(p)).transpose()?;
-    let author = a
-        .author
-        .or_else(|| std::env::var("SUDO_USER").ok())
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "unknown".into());
+    let author = a.author.unwrap_or_else(crate::sys::user);
     let opts = BuildOptions {
         components: comps,
         label: a.label,
@@ -89,9 +92,12 @@ pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
         message: a.message,
         author,
         parent,
-        progress: !a.json,
     };
-    let report = build(&store, &opts)?;
+    let report = if a.json {
+        build(&store, &opts, &crate::progress::Silent)?
+    } else {
+        build(&store, &opts, &super::bar::Bar::default())?
+    };
     if a.json {
         print_json(&report)?;
         return Ok(exit::OK);
@@ -433,7 +439,7 @@ pub struct LabelArgs {
 }
 
 pub fn label(ctx: &Ctx, a: LabelArgs) -> anyhow::Result<i32> {
-    let store = ctx.open()?;
+    let store = ctx.open_deploy()?;
     let v = store.resolve(&a.version)?;
     if let Some((_, old)) = store.labels()?.into_iter().find(|(l, _)| *l == a.label)
         && old != v
@@ -456,7 +462,7 @@ pub struct PinArgs {
 }
 
 pub fn pin(ctx: &Ctx, a: PinArgs, on: bool) -> anyhow::Result<i32> {
-    let store = ctx.open()?;
+    let store = ctx.open_deploy()?;
     let v = store.resolve(&a.version)?;
     if on {
         store.pin(&v)?;
@@ -501,7 +507,11 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
         versions.sort();
         versions.dedup();
     }
-    let report = store_verify::verify(&store, &versions, !a.json)?;
+    let report = if a.json {
+        store_verify::verify(&store, &versions, &crate::progress::Silent)?
+    } else {
+        store_verify::verify(&store, &versions, &super::bar::Bar::default())?
+    };
     if a.json {
         print_json(&report)?;
     } else {
@@ -554,7 +564,7 @@ pub struct GcArgs {
 }
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
-    let store = ctx.open()?;
+    let store = ctx.open_deploy()?;
     let report = store_gc::gc(&store, a.keep as usize, a.dry_run).context("gc removed nothing")?;
     if a.json {
         print_json(&report)?;

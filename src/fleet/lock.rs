@@ -69,17 +69,7 @@ pub fn lock_path(dir: &Path) -> PathBuf {
     dir.join("deploy.lock")
 }
 
-pub fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-pub fn user() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
-}
+use crate::sys::{hostname, user};
 
 /// Reads the current holder, if any.
 pub fn holder(dir: &Path) -> Result<Option<Holder>, LockError> {

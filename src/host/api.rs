@@ -85,7 +85,16 @@ pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
 }
 
 fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ErrorResponse { error: msg.into() })).into_response()
+    ApiError(status, msg.into()).into_response()
+}
+
+/// An error answer: a status and a message that names the host.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorResponse { error: self.1 })).into_response()
+    }
 }
 
 impl AgentState {
@@ -118,9 +127,9 @@ impl AgentState {
         &self,
         what: &str,
         body: Result<Json<T>, JsonRejection>,
-    ) -> Result<T, Response> {
+    ) -> Result<T, ApiError> {
         body.map(|Json(b)| b).map_err(|e| {
-            json_error(
+            ApiError(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "host {}: bad {what} request: {}",
@@ -139,8 +148,8 @@ impl AgentState {
         *self.running.lock().expect("not poisoned") = r;
     }
 
-    fn busy(&self, what: &str) -> Response {
-        json_error(
+    fn busy(&self, what: &str) -> ApiError {
+        ApiError(
             StatusCode::CONFLICT,
             format!(
                 "host {}: busy with {what}; try again when it ends (or roll back, which stops it)",
@@ -152,7 +161,7 @@ impl AgentState {
     /// Takes the operation lock for an ordinary request: waits for the
     /// work after a switch, refuses (409) when another operation runs or a
     /// rollback waits.
-    async fn enter(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, Response> {
+    async fn enter(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
         if self.rollbacks_waiting.load(Ordering::SeqCst) > 0 {
             return Err(self.busy("a rollback"));
         }
@@ -322,7 +331,7 @@ async fn sync(
     }
     let req = match st.body("sync", body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if let Err(why) = check_sources(&req.sources) {
         return json_error(
@@ -332,7 +341,7 @@ async fn sync(
     }
     let guard = match st.enter().await {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let what = format!(
         "a sync to {} by {}",
@@ -381,7 +390,7 @@ async fn rollback(
     }
     let req = match st.body("rollback", body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let guard = st.enter_first(&req.by).await;
     let what = format!(
@@ -409,11 +418,11 @@ async fn promote(
     }
     let req = match st.body("promote", body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let guard = match st.enter().await {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let what = format!("a promote of {}", req.version.short());
     run_op(
@@ -436,7 +445,7 @@ async fn cancel(
     }
     let req = match st.body("cancel", body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let running = st.running();
     if let Some(r) = &running {

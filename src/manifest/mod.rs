@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::progress::Progress;
+use crate::progress::Meter;
 use crate::store::chunk;
 use crate::store::disk::{ComponentRecord, Store, StoreError, VersionRecord, Writer};
 use crate::store::id::{ChunkId, ObjectKind, TreeId, VersionId};
@@ -78,7 +78,6 @@ pub struct BuildOptions {
     pub author: String,
     /// The version this one derives from; default: the newest recorded one.
     pub parent: Option<VersionId>,
-    pub progress: bool,
 }
 
 /// What a build did, for people and benchmarks.
@@ -125,7 +124,11 @@ enum ItemKind {
     Dir,
 }
 
-pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+pub fn build(
+    store: &Store,
+    opts: &BuildOptions,
+    meter: &dyn Meter,
+) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
     if let Some(label) = &opts.label {
         crate::store::disk::check_label(label)?;
@@ -138,7 +141,7 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<BuildReport, BuildErr
     let mut caches = Vec::new();
     for component in &opts.components {
         let (tree, files, bytes, cache) =
-            build_component(&writer, component, generation, opts, &mut totals)?;
+            build_component(&writer, component, generation, meter, &mut totals)?;
         caches.push(cache);
         components.push(ComponentRecord {
             name: component.name.to_string(),
@@ -245,7 +248,7 @@ fn build_component(
     writer: &Writer<'_>,
     component: &Component,
     generation: u64,
-    opts: &BuildOptions,
+    meter: &dyn Meter,
     totals: &mut Totals,
 ) -> Result<ComponentResult, BuildError> {
     let root = &component.path;
@@ -305,7 +308,8 @@ fn build_component(
         }
     }
 
-    let progress = Progress::new(opts.progress, to_read.len() as u64, "hashing");
+    meter.start(to_read.len() as u64, "hashing");
+    let progress = meter;
     let hashed = Mutex::new((0u64, 0u64));
     let results: Vec<(usize, Cached)> = to_read
         .par_iter()

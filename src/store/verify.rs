@@ -9,7 +9,7 @@ use super::disk::{Store, StoreError};
 use super::id::{ChunkId, ObjectId, ObjectKind, TreeId, VersionId};
 use super::tree::Content;
 use super::{TreePath, join};
-use crate::progress::Progress;
+use crate::progress::Meter;
 
 /// (bytes, files) of regular files below a directory.
 type Totals = (u64, u64);
@@ -36,7 +36,7 @@ pub struct VerifyReport {
 pub fn verify(
     store: &Store,
     versions: &[VersionId],
-    progress: bool,
+    meter: &dyn Meter,
 ) -> Result<VerifyReport, StoreError> {
     let mut report = VerifyReport {
         versions: versions.len() as u64,
@@ -95,7 +95,8 @@ pub fn verify(
         }
     }
     report.chunks = chunks.len() as u64;
-    let bar = Progress::new(progress, chunks.len() as u64, "verifying");
+    meter.start(chunks.len() as u64, "verifying");
+    let bar = meter;
     let mut list: Vec<_> = chunks.into_iter().collect();
     list.sort_by(|a, b| a.1.1.cmp(&b.1.1));
     let results: Vec<(u64, Option<Problem>)> = list
