@@ -6,7 +6,9 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod failpoint;
 pub mod fleet;
+pub mod hooks;
 pub mod host;
 pub mod manifest;
 pub mod metrics;

@@ -10,6 +10,9 @@ use futures_util::StreamExt;
 use super::inventory::Host;
 use crate::store::VersionId;
 
+/// How long a check command may run before it is killed (and fails).
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Debug, Default)]
 pub struct Gates {
     /// (URL template with `{host}` (the host's name) or `{addr}` (its
@@ -57,23 +60,25 @@ impl Gates {
         }
         let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
         for cmd in &self.commands {
-            let out = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("SCAP_VERSION", version.to_hex())
-                .env("SCAP_HOSTS", names.join(" "))
-                .env("SCAP_PERCENT", percent)
-                .output()
-                .await;
-            match out {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => {
-                    let mut text = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                    text.push_str(String::from_utf8_lossy(&o.stderr).trim());
-                    text.truncate(500);
-                    failures.push(format!("check {cmd:?} failed ({}): {text}", o.status));
-                }
-                Err(e) => failures.push(format!("check {cmd:?} did not start: {e}")),
+            let env = vec![
+                ("SCAP_VERSION", version.to_hex()),
+                ("SCAP_HOSTS", names.join(" ")),
+                ("SCAP_PERCENT", percent.to_string()),
+            ];
+            let c = cmd.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::hooks::run(&c, &env, CHECK_TIMEOUT, &crate::cancel::Cancel::new())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(f)) => failures.push(format!(
+                    "check {:?} failed ({}): {}",
+                    crate::text::clip(cmd, 200),
+                    f.status,
+                    crate::text::clip(&f.output, 500)
+                )),
+                Err(e) => failures.push(format!("check {cmd:?} did not run: {e}")),
             }
         }
         failures

@@ -231,8 +231,11 @@ async fn run_op<T: serde::Serialize + Send + 'static>(
         let handle = tokio::runtime::Handle::current();
         let st3 = st2.clone();
         let result = tokio::task::spawn_blocking(move || op(&st3.agent, &handle, &cancel)).await;
+        // A rollback waiting gets the lock at once: the work after this
+        // switch would only be cancelled by it.
         if let Ok(Ok(v)) = &result
             && switched(v)
+            && st2.rollbacks_waiting.load(Ordering::SeqCst) == 0
         {
             let bg = Cancel::new();
             st2.set_running(Some(Running {

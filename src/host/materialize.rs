@@ -289,6 +289,7 @@ pub fn apply(
         sync,
         cancel,
     )?;
+    crate::failpoint::hit("agent:slot-half-written");
     let sizes: Vec<u64> = writes
         .par_iter()
         .map(|w| {

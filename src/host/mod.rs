@@ -26,7 +26,6 @@
 pub mod api;
 pub mod drift;
 pub mod fetch;
-pub mod hooks;
 pub mod materialize;
 pub mod proto;
 pub mod release;
@@ -38,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
+use crate::hooks;
 use crate::net::client::{Client, FetchError};
 use crate::store::disk::{LockMode, Role};
 use crate::store::{Store, StoreError, TreeName, VersionId};
@@ -320,6 +320,7 @@ impl Agent {
                 () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
             }
         })?;
+        crate::failpoint::hit("agent:fetched");
         // Held until the release that references the objects is written
         // and switched to: the store's gc cannot run in between.
         let _committed = writer.commit()?;
@@ -463,8 +464,10 @@ impl Agent {
         }
         // The last point where a cancel leaves the host as it was.
         cancel.check()?;
+        crate::failpoint::hit("agent:prepared");
         let was_live = release::live_slot(&self.cfg.dir);
         release::switch(&self.cfg.dir, &prepared.slot)?;
+        crate::failpoint::hit("agent:switched");
         // The host runs `v` from here on: what fails below is reported in
         // the log, not as a failed sync (the controller would then count a
         // switched host as unchanged).
@@ -488,8 +491,9 @@ impl Agent {
             }
         }
         if let Some(hook) = &self.cfg.post_switch {
+            // A rollback arriving stops it too: the rollback runs its own.
             let env = self.hook_env(v, from.as_ref(), &release_dir);
-            if let Err(f) = hooks::run(hook, &env, self.cfg.hook_timeout, &Cancel::new()) {
+            if let Err(f) = hooks::run(hook, &env, self.cfg.hook_timeout, cancel) {
                 tracing::warn!("post-switch hook failed ({}): {}", f.status, f.output);
             }
         }

@@ -162,11 +162,13 @@ pub fn build(
     let root_id = put_tree(&writer, &root)?;
     let version = VersionId::from(root_id);
     let (new_objects, new_object_bytes) = writer.written();
+    crate::failpoint::hit("build:objects-written");
     let phase = Instant::now();
     // Held until the record and label are durable: gc cannot sweep the new
     // objects before something references them.
     let committed = writer.commit()?;
     tracing::debug!("commit (syncfs) in {:?}", phase.elapsed());
+    crate::failpoint::hit("build:committed");
 
     let (bytes, files) = root.totals();
     if let Some(label) = &opts.label
@@ -205,6 +207,7 @@ pub fn build(
                 bytes,
             };
             store.write_record(&record)?;
+            crate::failpoint::hit("build:recorded");
             record
         }
     };
@@ -212,6 +215,7 @@ pub fn build(
         store.set_label(label, &version)?;
     }
     drop(committed);
+    crate::failpoint::hit("build:labelled");
     // Only now: a cache saved before the commit could describe chunks a
     // crash then tore (recovery would bump the gc generation, but the
     // cache must never be ahead of the store it describes).

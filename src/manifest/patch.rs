@@ -86,6 +86,7 @@ pub fn patch(store: &Store, p: &Patch<'_>) -> Result<(VersionId, bool), BuildErr
     let version = VersionId::from(root);
     // Held until the record is durable: gc cannot sweep the new trees first.
     let _committed = writer.commit()?;
+    crate::failpoint::hit("patch:committed");
     if version == p.base {
         return Ok((version, false));
     }

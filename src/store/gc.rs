@@ -107,7 +107,10 @@ pub fn mark_and_sweep(
     }
     store.bump_gc_generation()?;
     store.begin_sweep()?;
-    for path in &dead_trees {
+    for (n, path) in dead_trees.iter().enumerate() {
+        if n == dead_trees.len() / 2 {
+            crate::failpoint::hit("gc:sweeping-trees");
+        }
         fs::remove_file(path).at(path)?;
     }
     for (n, path) in dead_chunks.iter().enumerate() {

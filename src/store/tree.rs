@@ -20,9 +20,11 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_TARGET_LEN: usize = 4095;
 /// Most entries in one tree; a deploy tree with more in one directory is a mistake.
 pub const MAX_ENTRIES: u64 = 1 << 20;
-/// Largest tree object (its uncompressed content) a host accepts: a
-/// directory of 100,000 entries with long names fits.
-pub const MAX_TREE_LEN: u64 = 32 << 20;
+/// Largest tree object (its uncompressed content) a host accepts: about
+/// 60,000 entries of ordinary names (MediaWiki's largest directory has a
+/// few hundred), and small enough that a hostile source cannot make a host
+/// buffer much while the walk checks it.
+pub const MAX_TREE_LEN: u64 = 4 << 20;
 /// Deepest nesting of directories in a version (the root's entries are at
 /// depth 1). MediaWiki's deepest path is about 15 levels; the bound keeps
 /// every recursive walk of a hostile tree within a thread's stack.

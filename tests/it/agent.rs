@@ -500,66 +500,6 @@ fn sync_reports_a_failing_host_and_fails() {
 }
 
 #[test]
-fn agent_killed_mid_sync_is_on_one_version_after_restart() {
-    let mut fleet = Fleet::start(1);
-    let staging = fleet.env.path("staging");
-    versioned_tree(&staging, "v1");
-    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
-    for i in 0..300 {
-        write(
-            &staging,
-            &format!("big/d{}/f{i}.bin", i % 10),
-            &noise(20_000, i),
-        );
-    }
-    write(&staging, "VERSION", b"v2");
-    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
-    fleet.serve();
-    let (code, _) = fleet.sync_to(0, &v1);
-    assert_eq!(code, 200);
-    let mut rng = 77u64;
-    for round in 0..8 {
-        let url = format!("{}/v1/sync", fleet.hosts[0].proc.url);
-        let source = fleet.source();
-        let v2c = v2.clone();
-        let t = std::thread::spawn(move || {
-            let _ = Fleet::http()
-                .post(url)
-                .bearer_auth(TOKEN)
-                .json(&json!({"version": v2c, "sources": [source]}))
-                .send();
-        });
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(std::time::Duration::from_millis(5 + rng % 150));
-        fleet.restart(0); // kill -9, then start again
-        t.join().unwrap();
-        let cur = fleet.current(0).expect("a version is live");
-        let want = if cur == v1 { "v1" } else { "v2" };
-        assert!(cur == v1 || cur == v2, "round {round}");
-        assert_eq!(
-            fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
-            want
-        );
-        let (_, d) = fleet.get(0, "/v1/verify");
-        assert_eq!(
-            d["changes"],
-            json!([]),
-            "round {round}: live tree is exactly {want}"
-        );
-        if cur == v2 {
-            // Back to v1 for the next round.
-            let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": v1}));
-            assert_eq!(code, 200, "{r}");
-        }
-    }
-    let (code, r) = fleet.sync_to(0, &v2);
-    assert_eq!(code, 200, "{r}");
-    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
-}
-
-#[test]
 fn full_disk_on_a_host_keeps_the_live_release() {
     if !is_root() {
         eprintln!(

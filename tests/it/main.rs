@@ -13,6 +13,9 @@
 //! - `dashboard`: the web page in a real headless Chromium during a
 //!   rollout, the JSON API's errors, both /metrics endpoints.
 //! - `diff`: `scap diff` against a brute-force comparison of two trees.
+//! - `faults`: fault injection: hostile trees, hostile sources and agents,
+//!   crashes at every step of a build and a sync, gc racing writers,
+//!   concurrent recoveries, rollback pre-empting work, kill -9 rounds.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
 
@@ -20,6 +23,7 @@ mod agent;
 mod canary;
 mod dashboard;
 mod diff;
+mod faults;
 mod inspect;
 mod integrity;
 mod manifest;

@@ -273,24 +273,44 @@ impl Fleet {
     }
 
     fn agent_proc(&self, name: &str, dir: &Path, listen: &str, extra: &[String]) -> Proc {
+        self.agent_proc_env(name, dir, listen, extra, &[])
+    }
+
+    fn agent_proc_env(
+        &self,
+        name: &str,
+        dir: &Path,
+        listen: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut cmd = Command::new(SCAP);
         cmd.args(["agent", "--listen", listen, "--host", name, "--token-file"])
             .arg(&self.token_file)
             .arg("--dir")
             .arg(dir)
-            .args(extra);
+            .args(extra)
+            .env_remove("SCAP_FAILPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         Proc::start(cmd)
     }
 
     /// Restarts host `i`'s agent (after a kill), on a new port.
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(i, &[]);
+    }
+
+    /// Restarts host `i`'s agent with `env` added (a crash point, say).
+    pub fn restart_with(&mut self, i: usize, env: &[(&str, &str)]) {
         self.hosts[i].proc.kill();
         let (name, dir, extra) = (
             self.hosts[i].name.clone(),
             self.hosts[i].dir.clone(),
             self.hosts[i].extra.clone(),
         );
-        self.hosts[i].proc = self.agent_proc(&name, &dir, "127.0.0.1:0", &extra);
+        self.hosts[i].proc = self.agent_proc_env(&name, &dir, "127.0.0.1:0", &extra, env);
     }
 
     pub fn serve(&mut self) -> String {
@@ -486,6 +506,17 @@ impl Fleet {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
 }
 
 /// Asserts a command succeeded; returns its stderr (the progress log).

@@ -98,6 +98,7 @@ impl Store {
         journal.lock().at(&journal_path)?;
         journal.sync_all().at(&journal_path)?;
         sync_dir(&journal_dir)?;
+        crate::failpoint::hit("writer:started");
         Ok(Writer {
             store: self,
             lock: Some(lock),
@@ -455,6 +456,7 @@ impl Writer<'_> {
             }
             set.sync(&self.journal, self.store.root())?;
         }
+        crate::failpoint::hit("writer:synced");
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
         Ok(())
     }

@@ -1,8 +1,8 @@
-//! Commands the agent runs for the site: the pre- and post-switch hooks
-//! (and, later, the restart command). Each runs with `sh -c` in its own
+//! Commands scap runs for the site: the agent's pre- and post-switch hooks
+//! and the controller's check commands. Each runs with `sh -c` in its own
 //! process group, with a deadline; a cancel (a rollback arriving) or the
 //! deadline kills the whole group. Its output is kept up to
-//! [`OUTPUT_MAX`] bytes and shown through `text::clip`, so a hook that
+//! [`OUTPUT_MAX`] bytes and shown through `text::clip`, so a command that
 //! prints gigabytes or invalid UTF-8 costs nothing and breaks nothing.
 
 use std::io::Read;
