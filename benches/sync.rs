@@ -1,18 +1,26 @@
 //! Deploying to a host: `scap serve` + `scap agent` against an rsync daemon
 //! (what scap runs today: `rsync -a --delete --compress`), on loopback, on
 //! the same generated MediaWiki-like tree, side by side in one run: a fresh
-//! host, a backport, a train, and a no-op.
+//! host, a backport, a train, a no-op, config changes. Then how long a
+//! rollback takes while the agent is busy (a fresh-host fetch, the work
+//! after a big switch).
 //!
-//! Run: `cargo bench --bench sync` (needs rsync; SCAP_BENCH_FILES, default 30000).
-//! Bytes on the wire are counted by TCP proxies (HTTP headers included),
-//! for scap both agent <-> server and controller <-> agent; for rsync they
-//! are rsync's own `--stats` totals (sent + received).
+//! Run: `cargo bench --bench sync` (needs rsync; SCAP_BENCH_FILES, default
+//! 30000). With `SCAP_BENCH_BASELINE=/path/to/an/older/scap`, that binary
+//! runs beside this one (its own store, server and agents) for a
+//! before/after comparison in the same run.
+//!
+//! Every deploy is measured twice per tool, on two hosts that make the same
+//! transition, in the order A B C C B A (this disk's speed drifts); the
+//! better of each pair is reported. Bytes on the wire are counted by TCP
+//! proxies (HTTP headers included), for scap both agent <-> server and
+//! controller <-> agent; for rsync they are rsync's own `--stats` totals.
 
 mod common;
 
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -38,40 +46,92 @@ fn rsync(port: u16, dest: &Path) -> (f64, u64) {
     )
 }
 
-struct Scap {
-    store: std::path::PathBuf,
-    staging: std::path::PathBuf,
-    agent_url: String,
-    source: CountingProxy,
+struct Host {
+    child: Child,
+    url: String,
     front: CountingProxy,
+}
+
+/// One scap binary with its own store, server and two agents.
+struct Stack {
+    exe: PathBuf,
+    store: PathBuf,
+    staging: PathBuf,
+    server: Child,
+    source: CountingProxy,
+    hosts: Vec<Host>,
+    token: PathBuf,
+    dir: PathBuf,
     http: reqwest::blocking::Client,
 }
 
-impl Scap {
-    fn build(&self) -> (f64, String) {
-        let (run, out) = timed(
-            scap(&self.store)
-                .args(["build-manifest", "--exclude", "**/.git", "--component"])
-                .arg(format!("mediawiki={}", self.staging.display())),
-        );
-        (
-            run.secs,
-            out.lines()
-                .rev()
-                .find(|l| l.len() == 64)
-                .unwrap()
-                .to_string(),
-        )
+impl Stack {
+    /// Builds the first version (so the store exists), then starts a
+    /// server and two agents.
+    fn start(exe: &Path, dir: &Path, staging: &Path, token: &Path) -> (Stack, f64, String) {
+        std::fs::create_dir_all(dir).unwrap();
+        let store = dir.join("store");
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(900))
+            .build()
+            .unwrap();
+        let (secs, v) = build(exe, &store, staging);
+        let (server, server_url) =
+            start_listening(Command::new(exe).arg("--store").arg(&store).args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ]));
+        let mut s = Stack {
+            exe: exe.to_path_buf(),
+            store,
+            staging: staging.to_path_buf(),
+            server,
+            source: CountingProxy::start(&server_url),
+            hosts: Vec::new(),
+            token: token.to_path_buf(),
+            dir: dir.to_path_buf(),
+            http,
+        };
+        for i in 0..2 {
+            let h = s.agent(&format!("host{i}"));
+            s.hosts.push(h);
+        }
+        (s, secs, v)
     }
 
-    /// Syncs the agent; (seconds, bytes on the wire, the agent's answer).
-    fn sync(&self, v: &str) -> (f64, u64, serde_json::Value) {
+    fn agent(&self, name: &str) -> Host {
+        let (child, url) = start_listening(
+            Command::new(&self.exe)
+                .args([
+                    "agent",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--host",
+                    name,
+                    "--token-file",
+                ])
+                .arg(&self.token)
+                .arg("--dir")
+                .arg(self.dir.join(name)),
+        );
+        let front = CountingProxy::start(&url);
+        Host { child, url, front }
+    }
+
+    fn build(&self) -> (f64, String) {
+        build(&self.exe, &self.store, &self.staging)
+    }
+
+    /// Syncs host `i` to `v`: (seconds, bytes on the wire, the answer).
+    fn sync(&self, i: usize, v: &str) -> (f64, u64, serde_json::Value) {
+        let h = &self.hosts[i];
         self.source.take();
-        self.front.take();
+        h.front.take();
         let started = Instant::now();
         let r = self
             .http
-            .post(format!("{}/v1/sync", self.front.url))
+            .post(format!("{}/v1/sync", h.front.url))
             .bearer_auth("bench-token")
             .json(&serde_json::json!({"version": v, "sources": [self.source.url], "by": "bench"}))
             .send()
@@ -81,28 +141,96 @@ impl Scap {
         let body: serde_json::Value = r.json().unwrap();
         // Let the proxies' threads finish counting.
         std::thread::sleep(Duration::from_millis(50));
-        let bytes = self.source.take() + self.front.take();
-        self.settle();
+        let bytes = self.source.take() + h.front.take();
+        settle(&self.http, &h.url);
         (secs, bytes, body)
     }
+}
 
-    /// Waits until the agent's after-switch work (spare release, gc) is
-    /// done, as it would be between two real deploys minutes apart.
-    fn settle(&self) {
-        loop {
-            let st: serde_json::Value = self
-                .http
-                .get(format!("{}/v1/state", self.agent_url))
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
-            if st["busy"] == false {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+fn build(exe: &Path, store: &Path, staging: &Path) -> (f64, String) {
+    let (run, out) = timed(
+        Command::new(exe)
+            .arg("--store")
+            .arg(store)
+            .args(["build-manifest", "--exclude", "**/.git", "--component"])
+            .arg(format!("mediawiki={}", staging.display())),
+    );
+    (
+        run.secs,
+        out.lines()
+            .rev()
+            .find(|l| l.len() == 64)
+            .unwrap()
+            .to_string(),
+    )
+}
+
+/// Waits until an agent's after-switch work (spare release, gc) is done,
+/// as it would be between two real deploys minutes apart.
+fn settle(http: &reqwest::blocking::Client, agent: &str) {
+    loop {
+        let st: serde_json::Value = http
+            .get(format!("{agent}/v1/state"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if st["busy"] == false {
+            return;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn post(http: &reqwest::blocking::Client, url: &str, body: serde_json::Value) -> (u16, f64) {
+    let t = Instant::now();
+    let r = http
+        .post(url)
+        .bearer_auth("bench-token")
+        .json(&body)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), t.elapsed().as_secs_f64())
+}
+
+/// Seconds a rollback to `previous` takes on a fresh agent that is busy
+/// with `busy`: "fetch" (a fresh-host fetch of `big` in progress) or
+/// "after-switch" (the background work right after switching to `big`).
+fn rollback_while_busy(s: &Stack, tiny: &[String; 2], big: &str, busy: &str, n: usize) -> f64 {
+    let h = s.agent(&format!("rollback-{busy}-{n}"));
+    for v in tiny {
+        let (code, _) = post(
+            &s.http,
+            &format!("{}/v1/sync", h.url),
+            serde_json::json!({"version": v, "sources": [s.source.url]}),
+        );
+        assert_eq!(code, 200);
+        settle(&s.http, &h.url);
+    }
+    let sync_url = format!("{}/v1/sync", h.url);
+    let body = serde_json::json!({"version": big, "sources": [s.source.url]});
+    let http = s.http.clone();
+    let during_fetch = busy == "fetch";
+    let mut t = Some(std::thread::spawn(move || post(&http, &sync_url, body)));
+    if during_fetch {
+        // Well into the fetch (a fresh host takes seconds).
+        std::thread::sleep(Duration::from_millis(1500));
+    } else {
+        assert_eq!(t.take().unwrap().join().unwrap().0, 200);
+    }
+    let (code, secs) = post(
+        &s.http,
+        &format!("{}/v1/rollback", h.url),
+        serde_json::json!({"to": "previous", "by": "bench"}),
+    );
+    assert_eq!(code, 200);
+    if let Some(t) = t {
+        assert_eq!(t.join().unwrap().0, 409, "the fetch was cancelled");
+    }
+    let mut child = h.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    secs
 }
 
 fn main() {
@@ -117,6 +245,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30_000);
+    let baseline = std::env::var("SCAP_BENCH_BASELINE").ok().map(PathBuf::from);
     let dir = fresh("sync");
     let tree = dir.join("tree");
     println!("machine: {}\ngenerating {files} files ...", machine());
@@ -154,139 +283,176 @@ fn main() {
         assert!(Instant::now() < deadline, "rsync daemon did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rsync_dest = dir.join("rsync-host");
+    let rsync_dest = [dir.join("rsync-host0"), dir.join("rsync-host1")];
 
-    // scap: a server and one agent, each behind a counting proxy.
-    let store = dir.join("store");
     let token = dir.join("token");
     std::fs::write(&token, "bench-token\n").unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let mut s = Scap {
-        store: store.clone(),
-        staging: staging.clone(),
-        agent_url: String::new(),
-        source: CountingProxy {
-            url: String::new(),
-            bytes: Default::default(),
-        },
-        front: CountingProxy {
-            url: String::new(),
-            bytes: Default::default(),
-        },
-        http: reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()
-            .unwrap(),
-    };
-    let (first_build, v1) = s.build();
-    let (mut server, server_url) =
-        start_listening(scap(&store).args(["serve", "--listen", "127.0.0.1:0"]));
-    let (mut agent, agent_url) = start_listening(
-        Command::new(SCAP)
-            .args([
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--host",
-                "bench",
-                "--token-file",
-            ])
-            .arg(&token)
-            .arg("--dir")
-            .arg(dir.join("scap-host")),
-    );
-    s.agent_url = agent_url.clone();
-    s.source = CountingProxy::start(&server_url);
-    s.front = CountingProxy::start(&agent_url);
+    let (scap, first_build, v1) =
+        Stack::start(Path::new(SCAP), &dir.join("scap"), &staging, &token);
+    let before = baseline.as_ref().map(|exe| {
+        let (s, _, v) = Stack::start(exe, &dir.join("before"), &staging, &token);
+        assert_eq!(v, v1, "both binaries make the same version");
+        s
+    });
 
-    let mut table = Table::new(&[
-        "deploy",
-        "scap time",
+    let mut headers = vec!["deploy", "scap time"];
+    if before.is_some() {
+        headers.push("scap before time");
+    }
+    headers.extend([
         "rsync time",
         "scap bytes",
         "rsync bytes",
-        "time ratio",
-        "bytes ratio",
+        "scap / rsync time",
+        "scap / rsync bytes",
     ]);
-    let mut row = |name: &str, (st, sb): (f64, u64), (rt, rb): (f64, u64), extra: &str| {
-        table.row(vec![
-            format!("{name}{extra}"),
-            ms(st),
+    if before.is_some() {
+        headers.push("scap / before time");
+    }
+    let mut table = Table::new(&headers);
+    let mut hwm = 0;
+    // One deploy: every tool twice, A B C C B A; the better of each pair.
+    let deploy = |name: &str, v: &str, table: &mut Table| {
+        let mut r = [(f64::MAX, 0u64); 2];
+        let mut s = (f64::MAX, 0u64);
+        let mut b = (f64::MAX, 0u64);
+        for (pass, dest) in rsync_dest.iter().enumerate() {
+            let mut steps: Vec<u8> = vec![0, 1, 2];
+            if pass == 1 {
+                steps.reverse();
+            }
+            for step in steps {
+                match step {
+                    0 => {
+                        let (t, n) = rsync(port, dest);
+                        if t < r[0].0 {
+                            r[0] = (t, n);
+                        }
+                        r[1].1 = n;
+                    }
+                    1 => {
+                        let (t, n, out) = scap.sync(pass, v);
+                        if pass == 0 {
+                            println!("scap {name}: {out}");
+                        }
+                        if t < s.0 {
+                            s = (t, n);
+                        }
+                    }
+                    _ => {
+                        if let Some(bs) = &before {
+                            let (t, n, _) = bs.sync(pass, v);
+                            if t < b.0 {
+                                b = (t, n);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let (rt, rb) = r[0];
+        let mut row = vec![name.to_string(), ms(s.0)];
+        if before.is_some() {
+            row.push(ms(b.0));
+        }
+        row.extend([
             ms(rt),
-            mb(sb),
+            mb(s.1),
             mb(rb),
-            format!("{:.2}", st / rt),
-            format!("{:.3}", sb as f64 / rb.max(1) as f64),
+            format!("{:.2}", s.0 / rt),
+            format!("{:.3}", s.1 as f64 / rb.max(1) as f64),
         ]);
+        if before.is_some() {
+            row.push(format!("{:.2}", s.0 / b.0));
+        }
+        table.row(row);
+    };
+    let builds = |what: &str| -> (f64, String) {
+        let (secs, v) = scap.build();
+        if let Some(bs) = &before {
+            let (_, bv) = bs.build();
+            assert_eq!(bv, v, "{what}: both binaries make the same version");
+        }
+        (secs, v)
     };
 
-    // Fresh host.
-    let (rt, rb) = rsync(port, &rsync_dest);
-    let (st, sb, out) = s.sync(&v1);
-    let hwm = vm_hwm(agent.id());
-    row(
-        "fresh host",
-        (st, sb),
-        (rt, rb),
-        &format!(" ({files} files)"),
-    );
-    println!("scap fresh: {out}");
-
-    // Backport.
+    deploy(&format!("fresh host ({files} files)"), &v1, &mut table);
+    hwm = hwm.max(vm_hwm(scap.hosts[0].child.id()));
     mutate(&tree, "backport", 3);
-    let (backport_build, v2) = s.build();
-    let (rt, rb) = rsync(port, &rsync_dest);
-    let (st, sb, out) = s.sync(&v2);
-    row("backport (1-3 files)", (st, sb), (rt, rb), "");
-    println!("scap backport: {out}");
-
-    // Train.
+    let (backport_build, v2) = builds("backport");
+    deploy("backport (1-3 files)", &v2, &mut table);
     mutate(&tree, "train", 4);
     std::thread::sleep(Duration::from_millis(1100));
-    let (train_build, v3) = s.build();
-    let (rt, rb) = rsync(port, &rsync_dest);
-    let (st, sb, out) = s.sync(&v3);
-    row("train (new php-* branch)", (st, sb), (rt, rb), "");
-    println!("scap train: {out}");
-
-    // No-op.
-    let (rt, rb) = rsync(port, &rsync_dest);
-    let (st, sb, out) = s.sync(&v3);
-    row("no-op", (st, sb), (rt, rb), "");
-    println!("scap no-op: {out}");
-
-    // Config changes, one after another (the backport window).
+    let (train_build, v3) = builds("train");
+    deploy("train (new php-* branch)", &v3, &mut table);
+    deploy("no-op", &v3, &mut table);
     for seed in 5..8 {
         mutate(&tree, "config", seed);
-        let (_, v) = s.build();
-        let (rt, rb) = rsync(port, &rsync_dest);
-        let (st, sb, out) = s.sync(&v);
-        row(
-            &format!("config change #{}", seed - 4),
-            (st, sb),
-            (rt, rb),
-            "",
-        );
-        println!("scap config: {out}");
+        let (_, v) = builds("config");
+        deploy(&format!("config change #{}", seed - 4), &v, &mut table);
     }
+    let cols = headers.len();
+    let mut note = |text: String| {
+        let mut cells = vec![text];
+        cells.resize(cols, String::new());
+        table.row(cells);
+    };
+    note(format!(
+        "agent peak RSS during the fresh sync: {} MB",
+        hwm / 1024
+    ));
+    note(format!(
+        "build-manifest (deploy host, not in the times above): cold {}, backport {}, train {}",
+        ms(first_build),
+        ms(backport_build),
+        ms(train_build)
+    ));
 
-    table.row(vec![
-        format!("agent peak RSS during the fresh sync: {} MB", hwm / 1024),
-        format!(
-            "build-manifest (deploy host, not in the times above): cold {}, backport {}, train {}",
-            ms(first_build),
-            ms(backport_build),
-            ms(train_build)
+    // A rollback while the agent is busy: a fresh-host fetch of the whole
+    // tree in progress, or the work after switching to it.
+    let tiny_dir = dir.join("tiny");
+    let tiny: [String; 2] = std::array::from_fn(|i| {
+        std::fs::create_dir_all(&tiny_dir).unwrap();
+        std::fs::write(tiny_dir.join("index.php"), format!("<?php // tiny {i}\n")).unwrap();
+        build(&scap.exe, &scap.store, &tiny_dir).1
+    });
+    let mut during_fetch: Vec<f64> = (0..3)
+        .map(|n| rollback_while_busy(&scap, &tiny, &v1, "fetch", n))
+        .collect();
+    let mut during_bg: Vec<f64> = (0..3)
+        .map(|n| rollback_while_busy(&scap, &tiny, &v1, "after-switch", n))
+        .collect();
+    during_fetch.sort_by(f64::total_cmp);
+    during_bg.sort_by(f64::total_cmp);
+    println!("rollback during a fetch: {during_fetch:?}; after a switch: {during_bg:?}");
+    note(format!(
+        "rollback while a fresh-host fetch of {files} files runs: median {}, worst {} (3 runs)",
+        ms(during_fetch[1]),
+        ms(during_fetch[2])
+    ));
+    note(format!(
+        "rollback right after switching to it (spare slot being written): median {}, worst {} (3 runs)",
+        ms(during_bg[1]),
+        ms(during_bg[2])
+    ));
+    table.save(
+        "sync",
+        &format!(
+            "machine: {}\nfiles: {files}\nbaseline: {}",
+            machine(),
+            baseline
+                .as_ref()
+                .map_or("none".into(), |b| b.display().to_string())
         ),
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
-    ]);
-    table.save("sync", &format!("machine: {}\nfiles: {files}", machine()));
-    let _ = agent.kill();
-    let _ = server.kill();
+    );
+    for s in std::iter::once(scap).chain(before) {
+        let mut s = s;
+        let _ = s.server.kill();
+        for h in &mut s.hosts {
+            let _ = h.child.kill();
+        }
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
 }

@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod cli;
 pub mod failpoint;
 pub mod fleet;
+pub mod fuzz;
 pub mod hooks;
 pub mod host;
 pub mod manifest;

@@ -48,7 +48,12 @@ pub struct Web {
     members: Vec<Member>,
     poll_interval: Duration,
     snapshot: RwLock<Snapshot>,
+    /// Diffs walk whole versions: a few at a time, the rest get 429.
+    diffs: Arc<tokio::sync::Semaphore>,
 }
+
+/// Diffs computed at once.
+const DIFFS_AT_ONCE: usize = 2;
 
 #[derive(Default)]
 struct Snapshot {
@@ -75,6 +80,7 @@ impl Web {
                 last_good: vec![None; n],
                 ..Default::default()
             }),
+            diffs: Arc::new(tokio::sync::Semaphore::new(DIFFS_AT_ONCE)),
         })
     }
 
@@ -194,8 +200,18 @@ async fn diff_api(
         return bad_request("give from= and to= (version labels, IDs or ID prefixes)");
     };
     let (from, to) = (from.clone(), to.clone());
+    let Ok(permit) = web.diffs.clone().try_acquire_owned() else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(serde_json::json!({
+                "error": format!("{DIFFS_AT_ONCE} diffs are being computed already: try again in a moment")
+            })),
+        )
+            .into_response();
+    };
     let web2 = web.clone();
     let r = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let store = &web2.server.store;
         let a = store.resolve(&from)?;
         let b = store.resolve(&to)?;

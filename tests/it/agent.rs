@@ -501,12 +501,7 @@ fn sync_reports_a_failing_host_and_fails() {
 
 #[test]
 fn full_disk_on_a_host_keeps_the_live_release() {
-    if !is_root() {
-        eprintln!(
-            "full_disk_on_a_host_keeps_the_live_release: needs root to mount a tmpfs; CI runs as root"
-        );
-        return;
-    }
+    require_root("mount a small tmpfs");
     let env_dir = tempfile::tempdir().unwrap();
     let mnt = env_dir.path().join("small");
     fs::create_dir(&mnt).unwrap();
@@ -582,14 +577,6 @@ fn full_disk_on_a_host_keeps_the_live_release() {
             );
         }
     }
-}
-
-pub fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
 }
 
 pub struct Unmount(pub std::path::PathBuf);

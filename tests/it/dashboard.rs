@@ -21,23 +21,29 @@ struct Browser {
 }
 
 impl Browser {
-    /// Starts chromedriver + headless Chromium; `None` if not installed
-    /// (./scripts/test installs them; CI always has them).
-    fn start() -> Option<Browser> {
+    /// Starts chromedriver + headless Chromium; fails, naming the packages,
+    /// if they are not installed (./scripts/test installs them).
+    fn start() -> Browser {
         let driver_bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no chromedriver: install the Debian packages chromium and chromium-driver (./scripts/test does)"
+                )
+            });
+        require_program("/usr/bin/chromium", "chromium");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
+            .unwrap()
             .local_addr()
-            .ok()?
+            .unwrap()
             .port();
         let driver = Command::new(driver_bin)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .ok()?;
+            .unwrap_or_else(|e| panic!("cannot start {driver_bin}: {e}"));
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -67,13 +73,13 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no session: {r}"))
             .to_string();
-        Some(Browser {
+        Browser {
             http,
             base,
             session,
             driver,
             _profile: profile,
-        })
+        }
     }
 
     fn cmd(&self, path: &str, body: Value) -> Value {
@@ -172,16 +178,7 @@ fn fleet_and_server(n: usize) -> (Fleet, String, String, String) {
 
 #[test]
 fn the_dashboard_follows_a_rollout_live() {
-    let Some(browser) = Browser::start() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have chromium and chromium-driver (./scripts/test installs them)"
-        );
-        eprintln!(
-            "the_dashboard_follows_a_rollout_live: no chromedriver here; ./scripts/test installs it"
-        );
-        return;
-    };
+    let browser = Browser::start();
     let (mut fleet, old, new, url) = fleet_and_server(10);
     ok(&fleet.rollout(&old, &["--canary=100%"]));
     browser.goto(&url);

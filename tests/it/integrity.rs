@@ -171,12 +171,7 @@ fn gc_keeps_what_it_must() {
 
 #[test]
 fn full_disk_leaves_the_store_valid() {
-    if !rustix_is_root() {
-        eprintln!(
-            "full_disk_leaves_the_store_valid: needs root to mount a small tmpfs; CI runs as root"
-        );
-        return;
-    }
+    require_root("mount a small tmpfs");
     let env = Env::new();
     let mw = env.path("mw");
     for i in 0..50 {
@@ -251,12 +246,4 @@ fn full_disk_leaves_the_store_valid() {
         .to_string();
     assert_ne!(v, small);
     assert!(run(&["verify"]).status.success());
-}
-
-fn rustix_is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }

@@ -16,6 +16,7 @@
 //! - `faults`: fault injection: hostile trees, hostile sources and agents,
 //!   crashes at every step of a build and a sync, gc racing writers,
 //!   concurrent recoveries, rollback pre-empting work, kill -9 rounds.
+//! - `fuzz_corpora`: the fuzz targets' corpora, replayed.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
 
@@ -24,6 +25,7 @@ mod canary;
 mod dashboard;
 mod diff;
 mod faults;
+mod fuzz_corpora;
 mod inspect;
 mod integrity;
 mod manifest;

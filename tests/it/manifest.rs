@@ -401,18 +401,7 @@ fn a_file_that_keeps_changing_is_never_recorded_wrong() {
 #[test]
 fn an_unreadable_file_is_named() {
     // Root reads everything: run scap as nobody, as a deploy user would be.
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .unwrap()
-        .stdout
-        == b"0\n";
-    if !root {
-        eprintln!(
-            "an_unreadable_file_is_named: needs root to run scap as another user; CI runs as root"
-        );
-        return;
-    }
+    require_root("run scap as another user");
     let env = Env::new();
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let mw = env.path("mw");

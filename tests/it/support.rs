@@ -508,6 +508,24 @@ impl Fleet {
     }
 }
 
+/// Fails the test unless it runs as root (mounting a tmpfs, running scap
+/// as another user): a test never passes by skipping.
+pub fn require_root(why: &str) {
+    let uid = Command::new("id").arg("-u").output().expect("run id -u");
+    assert!(
+        uid.stdout.starts_with(b"0\n"),
+        "this test must run as root to {why}: run the tests as root (CI does), e.g. sudo ./scripts/test"
+    );
+}
+
+/// Fails the test unless `path` exists, naming the Debian package to install.
+pub fn require_program(path: &str, package: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: apt-get install {package} (./scripts/test installs what the tests need)"
+    );
+}
+
 /// Peak resident memory of a process, in KiB (`VmHWM`).
 pub fn peak_rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
