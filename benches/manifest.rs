@@ -244,8 +244,74 @@ fn main() {
         ]);
         let _ = std::fs::remove_dir_all(&big);
     }
+    if let Ok(before) = std::env::var("SCAP_BENCH_BASELINE") {
+        before_and_after(&dir, &tree, Path::new(&before), &mut table);
+    }
     table.save(
         "manifest",
         &format!("machine: {}\nfiles: {files}", machine()),
     );
+}
+
+fn build_with(exe: &Path, store: &Path, tree: &Path) -> f64 {
+    timed(
+        Command::new(exe)
+            .arg("--store")
+            .arg(store)
+            .args(["build-manifest", "--component"])
+            .arg(format!("tree={}", tree.display())),
+    )
+    .0
+    .secs
+}
+
+/// This scap against an older binary (`SCAP_BENCH_BASELINE`), each into
+/// its own store, in the order A B B A: cold builds, then three backports
+/// built incrementally. Medians.
+fn before_and_after(dir: &Path, tree: &Path, before: &Path, table: &mut Table) {
+    let exe = Path::new(SCAP);
+    let (mut cold_a, mut cold_b) = (Vec::new(), Vec::new());
+    let stores: Vec<_> = (0..4).map(|i| dir.join(format!("ab-store{i}"))).collect();
+    for (i, store) in stores.iter().enumerate() {
+        let (who, list) = if i == 0 || i == 3 {
+            (exe, &mut cold_a)
+        } else {
+            (before, &mut cold_b)
+        };
+        list.push(build_with(who, store, tree));
+    }
+    let (mut inc_a, mut inc_b) = (Vec::new(), Vec::new());
+    for seed in 0..3 {
+        mutate(tree, "backport", 300 + seed);
+        for (i, store) in stores.iter().enumerate() {
+            let (who, list) = if i == 0 || i == 3 {
+                (exe, &mut inc_a)
+            } else {
+                (before, &mut inc_b)
+            };
+            list.push(build_with(who, store, tree));
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ca, cb, ia, ib) = (
+        med(&mut cold_a),
+        med(&mut cold_b),
+        med(&mut inc_a),
+        med(&mut inc_b),
+    );
+    table.row(vec![
+        "cold build-manifest, this scap against the baseline binary (A B B A, median)".into(),
+        ms(ca),
+        format!("before: {}", ms(cb)),
+        format!("{:.2}x", cb / ca),
+    ]);
+    table.row(vec![
+        "incremental after a backport, against the baseline (3 backports x 2 stores, median)".into(),
+        ms(ia),
+        format!("before: {}", ms(ib)),
+        format!("{:.2}x", ib / ia),
+    ]);
 }

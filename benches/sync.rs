@@ -312,86 +312,93 @@ fn main() {
     }
     let mut table = Table::new(&headers);
     let mut hwm = 0;
-    // One deploy: every tool twice, A B C C B A; the better of each pair.
-    let deploy = |name: &str, v: &str, table: &mut Table| {
-        let mut r = [(f64::MAX, 0u64); 2];
-        let mut s = (f64::MAX, 0u64);
-        let mut b = (f64::MAX, 0u64);
-        for (pass, dest) in rsync_dest.iter().enumerate() {
-            let mut steps: Vec<u8> = vec![0, 1, 2];
-            if pass == 1 {
-                steps.reverse();
-            }
-            for step in steps {
-                match step {
-                    0 => {
-                        let (t, n) = rsync(port, dest);
-                        if t < r[0].0 {
-                            r[0] = (t, n);
-                        }
-                        r[1].1 = n;
+    let mut current = v1.clone();
+    // A deploy kind: `rounds` successive changes (each mutates the tree,
+    // builds, then runs every tool twice, A B C C B A on two hosts that
+    // make the same transition); the median of each tool's samples.
+    let mut deploy = |name: &str, rounds: &[Option<(&str, u64)>], table: &mut Table| {
+        let (mut r, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        for change in rounds {
+            let v = match change {
+                Some((kind, seed)) => {
+                    mutate(&tree, kind, *seed);
+                    std::thread::sleep(Duration::from_millis(1100));
+                    let (_, v) = scap.build();
+                    if let Some(bs) = &before {
+                        assert_eq!(bs.build().1, v, "both binaries make the same version");
                     }
-                    1 => {
-                        let (t, n, out) = scap.sync(pass, v);
-                        if pass == 0 {
-                            println!("scap {name}: {out}");
+                    v
+                }
+                None => current.clone(),
+            };
+            for (pass, dest) in rsync_dest.iter().enumerate() {
+                let mut steps: Vec<u8> = vec![0, 1, 2];
+                if pass == 1 {
+                    steps.reverse();
+                }
+                for step in steps {
+                    match step {
+                        0 => r.push(rsync(port, dest)),
+                        1 => {
+                            let (t, n, out) = scap.sync(pass, &v);
+                            if pass == 0 {
+                                println!("scap {name}: {out}");
+                            }
+                            s.push((t, n));
                         }
-                        if t < s.0 {
-                            s = (t, n);
-                        }
-                    }
-                    _ => {
-                        if let Some(bs) = &before {
-                            let (t, n, _) = bs.sync(pass, v);
-                            if t < b.0 {
-                                b = (t, n);
+                        _ => {
+                            if let Some(bs) = &before {
+                                let (t, n, _) = bs.sync(pass, &v);
+                                b.push((t, n));
                             }
                         }
                     }
                 }
             }
+            current = v;
         }
-        let (rt, rb) = r[0];
-        let mut row = vec![name.to_string(), ms(s.0)];
+        let med = |v: &mut Vec<(f64, u64)>| -> (f64, u64) {
+            if v.is_empty() {
+                return (0.0, 0);
+            }
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v[v.len() / 2]
+        };
+        let (rt, rb) = med(&mut r);
+        let (st, sb) = med(&mut s);
+        let (bt, _) = med(&mut b);
+        println!("samples {name}: scap {s:?} before {b:?} rsync {r:?}");
+        let mut row = vec![name.to_string(), ms(st)];
         if before.is_some() {
-            row.push(ms(b.0));
+            row.push(ms(bt));
         }
         row.extend([
             ms(rt),
-            mb(s.1),
+            mb(sb),
             mb(rb),
-            format!("{:.2}", s.0 / rt),
-            format!("{:.3}", s.1 as f64 / rb.max(1) as f64),
+            format!("{:.2}", st / rt),
+            format!("{:.3}", sb as f64 / rb.max(1) as f64),
         ]);
         if before.is_some() {
-            row.push(format!("{:.2}", s.0 / b.0));
+            row.push(format!("{:.2}", st / bt));
         }
         table.row(row);
     };
-    let builds = |what: &str| -> (f64, String) {
-        let (secs, v) = scap.build();
-        if let Some(bs) = &before {
-            let (_, bv) = bs.build();
-            assert_eq!(bv, v, "{what}: both binaries make the same version");
-        }
-        (secs, v)
-    };
 
-    deploy(&format!("fresh host ({files} files)"), &v1, &mut table);
+    deploy(&format!("fresh host ({files} files)"), &[None], &mut table);
     hwm = hwm.max(vm_hwm(scap.hosts[0].child.id()));
-    mutate(&tree, "backport", 3);
-    let (backport_build, v2) = builds("backport");
-    deploy("backport (1-3 files)", &v2, &mut table);
-    mutate(&tree, "train", 4);
-    std::thread::sleep(Duration::from_millis(1100));
-    let (train_build, v3) = builds("train");
-    deploy("train (new php-* branch)", &v3, &mut table);
-    deploy("no-op", &v3, &mut table);
-    for seed in 5..8 {
-        mutate(&tree, "config", seed);
-        let (_, v) = builds("config");
-        deploy(&format!("config change #{}", seed - 4), &v, &mut table);
-    }
+    deploy(
+        "backport (1-3 files; 3 in a row, median of 6)",
+        &[Some(("backport", 3)), Some(("backport", 31)), Some(("backport", 32))],
+        &mut table,
+    );
+    deploy("train (new php-* branch)", &[Some(("train", 4))], &mut table);
+    deploy("no-op (median of 6)", &[None, None, None], &mut table);
+    deploy(
+        "config change (3 in a row, median of 6)",
+        &[Some(("config", 5)), Some(("config", 6)), Some(("config", 7))],
+        &mut table,
+    );
     let cols = headers.len();
     let mut note = |text: String| {
         let mut cells = vec![text];
@@ -403,10 +410,8 @@ fn main() {
         hwm / 1024
     ));
     note(format!(
-        "build-manifest (deploy host, not in the times above): cold {}, backport {}, train {}",
+        "build-manifest (deploy host, not in the times above): cold {}",
         ms(first_build),
-        ms(backport_build),
-        ms(train_build)
     ));
 
     // A rollback while the agent is busy: a fresh-host fetch of the whole
