@@ -309,7 +309,8 @@ fn before_and_after(dir: &Path, tree: &Path, before: &Path, table: &mut Table) {
         format!("{:.2}x", cb / ca),
     ]);
     table.row(vec![
-        "incremental after a backport, against the baseline (3 backports x 2 stores, median)".into(),
+        "incremental after a backport, against the baseline (3 backports x 2 stores, median)"
+            .into(),
         ms(ia),
         format!("before: {}", ms(ib)),
         format!("{:.2}x", ib / ia),

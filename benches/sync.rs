@@ -389,14 +389,26 @@ fn main() {
     hwm = hwm.max(vm_hwm(scap.hosts[0].child.id()));
     deploy(
         "backport (1-3 files; 3 in a row, median of 6)",
-        &[Some(("backport", 3)), Some(("backport", 31)), Some(("backport", 32))],
+        &[
+            Some(("backport", 3)),
+            Some(("backport", 31)),
+            Some(("backport", 32)),
+        ],
         &mut table,
     );
-    deploy("train (new php-* branch)", &[Some(("train", 4))], &mut table);
+    deploy(
+        "train (new php-* branch)",
+        &[Some(("train", 4))],
+        &mut table,
+    );
     deploy("no-op (median of 6)", &[None, None, None], &mut table);
     deploy(
         "config change (3 in a row, median of 6)",
-        &[Some(("config", 5)), Some(("config", 6)), Some(("config", 7))],
+        &[
+            Some(("config", 5)),
+            Some(("config", 6)),
+            Some(("config", 7)),
+        ],
         &mut table,
     );
     let cols = headers.len();

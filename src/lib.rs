@@ -14,6 +14,7 @@ pub mod host;
 pub mod manifest;
 pub mod metrics;
 pub mod net;
+pub mod pki;
 pub mod progress;
 pub mod store;
 pub mod sys;

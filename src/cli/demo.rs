@@ -35,6 +35,25 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("cannot find the scap binary")?;
     let store = dir.join("store");
     let root = dir.join("staging");
+    // Everything over TLS with client certificates, every version signed:
+    // a throw-away CA, certificates and deploy key, and a scap.toml for
+    // the deploy host's commands.
+    let pki = crate::pki::init(&dir.join("pki"), &[], 30)?;
+    let config = dir.join("scap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sign_key = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            pki.deploy_key().display(),
+            pki.ca().display(),
+            pki.cert("deployer").display(),
+            pki.key("deployer").display()
+        ),
+    )?;
+    println!(
+        "== a throw-away PKI in {} (CA, certificates, deploy key); every connection below is TLS with client certificates, every version signed",
+        pki.dir.display()
+    );
     println!(
         "== generating a MediaWiki-like staging tree ({} files) in {}",
         a.files,
@@ -52,6 +71,8 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
         let out = Process::new(&exe)
             .arg("--store")
             .arg(&store)
+            .arg("--config")
+            .arg(&config)
             .args(args)
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -110,7 +131,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
         "\n== a fleet of {} app servers on this machine: `scap agent` each, weights from an inventory",
         a.hosts
     );
-    let fleet = DemoFleet::start(&exe, &dir, &store, a.hosts)?;
+    let fleet = DemoFleet::start(&exe, &dir, &store, &pki, a.hosts)?;
     let flags = fleet.flags();
     let with = |args: &[&str]| -> anyhow::Result<String> {
         let all: Vec<&str> = args
@@ -145,7 +166,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
             "--wait",
             "0",
             "--check-url",
-            "http://{addr}/v1/health",
+            "https://{addr}/v1/health",
         ])?;
         with(&["status", "--version", "1.46.0-wmf.2"])?;
     }
@@ -169,7 +190,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
 struct DemoFleet {
     children: Vec<std::process::Child>,
     inventory: PathBuf,
-    token: PathBuf,
+
     source: String,
 }
 
@@ -178,16 +199,23 @@ impl DemoFleet {
         exe: &std::path::Path,
         dir: &std::path::Path,
         store: &std::path::Path,
+        pki: &crate::pki::Lab,
         n: usize,
     ) -> anyhow::Result<DemoFleet> {
         use std::io::BufRead;
-        let token = dir.join("token");
-        std::fs::write(&token, "demo-token-not-secret\n")?;
-        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let tls = |role: &str| -> Vec<std::ffi::OsString> {
+            vec![
+                "--ca".into(),
+                pki.ca().into(),
+                "--cert".into(),
+                pki.cert(role).into(),
+                "--key".into(),
+                pki.key(role).into(),
+            ]
+        };
         let mut fleet = DemoFleet {
             children: Vec::new(),
             inventory: dir.join("inventory.toml"),
-            token,
             source: String::new(),
         };
         let mut spawn = |cmd: &mut Process| -> anyhow::Result<String> {
@@ -200,18 +228,26 @@ impl DemoFleet {
             let line = lines.next().context("no address line")??;
             std::thread::spawn(move || for _ in lines {});
             fleet.children.push(child);
-            let at = line.find("http://").context("no address")?;
-            Ok(line[at + 7..]
+            let at = line.find("://").context("no address")?;
+            Ok(line[at + 3..]
                 .split_whitespace()
                 .next()
                 .unwrap_or_default()
                 .to_string())
         };
-        let source = spawn(Process::new(exe).arg("--store").arg(store).args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ]))?;
+        let source = spawn(
+            Process::new(exe)
+                .arg("--store")
+                .arg(store)
+                .args(tls("server"))
+                .args([
+                    "serve",
+                    "--dashboard-listen",
+                    "127.0.0.1:0",
+                    "--listen",
+                    "127.0.0.1:0",
+                ]),
+        )?;
         let mut inventory = String::from("# The demo fleet: two datacenters, four big servers.\n");
         for i in 0..n {
             let name = format!("mw{}", 2001 + i);
@@ -223,9 +259,10 @@ impl DemoFleet {
                         "127.0.0.1:0",
                         "--host",
                         &name,
-                        "--token-file",
+                        "--trusted-key",
                     ])
-                    .arg(&fleet.token)
+                    .arg(pki.deploy_pub())
+                    .args(tls("agent"))
                     .arg("--dir")
                     .arg(dir.join("hosts").join(&name)),
             )?;
@@ -237,17 +274,12 @@ impl DemoFleet {
             ));
         }
         std::fs::write(&fleet.inventory, inventory)?;
-        fleet.source = format!("http://{source}");
+        fleet.source = format!("https://{source}");
         Ok(fleet)
     }
 
     fn flags(&self) -> Vec<String> {
-        vec![
-            "--inventory".into(),
-            self.inventory.display().to_string(),
-            "--token-file".into(),
-            self.token.display().to_string(),
-        ]
+        vec!["--inventory".into(), self.inventory.display().to_string()]
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::host_cmds::{ProgressLine, clock, read_token, report, resolve_version, runtime};
+use super::host_cmds::{ProgressLine, clock, report, resolve_version, runtime};
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
 use crate::fleet::agents::{Agents, HostResult};
@@ -39,9 +39,6 @@ pub struct FleetArgs {
     /// dsh group file of canary hosts: chosen before all others (repeatable)
     #[arg(long = "canary-group", value_name = "GROUPFILE")]
     canary_groups: Vec<PathBuf>,
-    /// Bearer token file for the agents [default: scap.toml's token_file]
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
     /// Seconds to wait for one host's answer
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -56,19 +53,12 @@ impl FleetArgs {
         )?)
     }
 
-    fn agents(&self, ctx: &Ctx, need_token: bool) -> anyhow::Result<Agents> {
-        let file = self
-            .token_file
-            .clone()
-            .or_else(|| ctx.config.token_file.clone());
-        let token = match (file, need_token) {
-            (Some(f), _) => read_token(&f)?,
-            (None, false) => String::new(),
-            (None, true) => {
-                bail!("no token file: pass --token-file (or set token_file in scap.toml)")
-            }
-        };
-        Ok(Agents::new(token, Duration::from_secs(self.timeout)))
+    fn agents(&self, ctx: &Ctx) -> anyhow::Result<Agents> {
+        let transport = ctx.transport()?;
+        if let Some(w) = transport.warning("scap") {
+            eprintln!("{w}");
+        }
+        Ok(Agents::new(transport, Duration::from_secs(self.timeout))?)
     }
 }
 
@@ -232,14 +222,18 @@ fn run_rollout(
             "stdin is not a terminal and this rollout would ask questions (stages or health gates): pass --yes to run it in batch mode"
         );
     }
-    let agents = fleet_args.agents(ctx, !r.dry_run)?;
+    let agents = fleet_args.agents(ctx)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let label = label_of(ctx, &version);
+    let signature = Store::open(&ctx.store_path)
+        .ok()
+        .and_then(|s| s.signature(&version).ok().flatten());
     let rollout = Rollout {
         agents: &agents,
         members,
         version,
+        signature,
         label: label.clone(),
         sources,
         stages,
@@ -384,6 +378,9 @@ pub struct SyncFileArgs {
     /// Why (the SAL message), e.g. 'Backport: [[gerrit:12345|Fix a notice]]'
     #[arg(long, short = 'm')]
     message: Option<String>,
+    /// The deploy key that signs the new version [default: scap.toml's sign_key]
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
@@ -392,6 +389,7 @@ pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
     let store = ctx.open_deploy()?;
     // Before building: another deploy must not see (or gc) a half-made change.
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
+    let signer = ctx.signer(a.sign_key.as_deref())?;
     let base = match &a.from {
         Some(f) => store.resolve(f)?,
         None => store
@@ -419,6 +417,7 @@ pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
             path: &a.path,
             message: a.message.clone(),
             author: crate::sys::user(),
+            signer: signer.as_deref(),
         },
     )?;
     if !changed {
@@ -464,7 +463,7 @@ pub struct RollbackArgs {
 
 pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members()?;
-    let agents = a.fleet.agents(ctx, true)?;
+    let agents = a.fleet.agents(ctx)?;
     let version = a
         .version
         .as_deref()
@@ -521,7 +520,7 @@ pub struct PromoteArgs {
 
 pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members()?;
-    let agents = a.fleet.agents(ctx, true)?;
+    let agents = a.fleet.agents(ctx)?;
     let version = resolve_version(ctx, &a.version)?;
     let budget = Budget::parse(&a.max_failures).map_err(anyhow::Error::msg)?;
     let _lock = lock::acquire(&fleet_dir(ctx), &command_line())?;
@@ -564,7 +563,7 @@ fn labels(ctx: &Ctx) -> Vec<(String, VersionId)> {
 
 pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members()?;
-    let agents = a.fleet.agents(ctx, false)?;
+    let agents = a.fleet.agents(ctx)?;
     let highlight = a
         .version
         .as_deref()

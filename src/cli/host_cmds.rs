@@ -17,6 +17,7 @@ use crate::host::proto::Outcome;
 use crate::host::state::HostState;
 use crate::host::{Agent, AgentConfig};
 use crate::net::server;
+use crate::net::tls::Transport;
 use crate::store::{Store, VersionId};
 use crate::time::fmt_bytes;
 
@@ -60,9 +61,14 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on
+    /// Address to listen on (TLS: hosts and the deploy host need a client certificate)
     #[arg(long, default_value = "127.0.0.1:8469")]
     listen: SocketAddr,
+    /// Address of the read-only dashboard, its JSON API and /metrics (plain HTTP, no
+    /// client certificate: keep it on loopback and reach it by an SSH tunnel or the
+    /// site's authenticating proxy)
+    #[arg(long, default_value = "127.0.0.1:8468")]
+    dashboard_listen: SocketAddr,
     /// Requests handled at once
     #[arg(long, default_value_t = server::DEFAULT_CONCURRENCY)]
     concurrency: usize,
@@ -77,32 +83,66 @@ pub struct ServeArgs {
     poll_interval: u64,
 }
 
+/// A listener for `transport`: TLS with its certificates, or plain.
+fn listener(
+    tcp: tokio::net::TcpListener,
+    transport: &Transport,
+) -> anyhow::Result<crate::net::tls::Listener> {
+    let config = match transport {
+        Transport::Tls(files) => Some(crate::net::tls::server_config(files)?),
+        Transport::Insecure { .. } => None,
+    };
+    Ok(crate::net::tls::Listener::new(tcp, config)?)
+}
+
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
+    let transport = ctx.transport()?;
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = bind(a.listen).await?;
-        let addr = listener.local_addr()?;
-        let (app, state) = server::router(store, a.concurrency);
+        let tcp = bind(a.listen).await?;
+        let addr = tcp.local_addr()?;
+        let dash_tcp = bind(a.dashboard_listen).await?;
+        let dash_addr = dash_tcp.local_addr()?;
+        let access = match &transport {
+            Transport::Tls(_) => server::Access::ClientCert,
+            Transport::Insecure { .. } => server::Access::Open,
+        };
+        let (app, state) = server::router(store, a.concurrency, access);
         let members = if a.hosts.is_empty() && a.inventory.is_none() {
             Vec::new()
         } else {
             crate::fleet::inventory::fleet(&a.hosts, a.inventory.as_deref(), &[])?
         };
+        let agents = crate::fleet::agents::Agents::new(transport.clone(), Duration::from_secs(10))?;
         let web = crate::web::Web::new(
             state,
             ctx.store_path.join("fleet"),
             members,
+            agents,
             Duration::from_secs(a.poll_interval.max(1)),
         );
-        let app = app.merge(crate::web::routes(web.clone()));
+        let dashboard = crate::web::routes(web.clone());
         tokio::spawn(web.poll_forever());
+        let main = listener(tcp, &transport)?;
+        let dash = crate::net::tls::Listener::new(dash_tcp, None)?;
+        if let Some(w) = transport.warning("scap serve") {
+            eprintln!("{w}");
+        }
         println!(
-            "scap serve: serving {} on http://{addr} (dashboard at /)",
-            ctx.store_path.display()
+            "scap serve: serving {} on {}://{addr} (dashboard on http://{dash_addr}/)",
+            ctx.store_path.display(),
+            transport.scheme()
         );
         std::io::stdout().flush()?;
-        server::serve(listener, app, server::shutdown_signal()).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let dash_task = tokio::spawn(server::serve(dash, dashboard, async move {
+            let mut rx = stop_rx;
+            let _ = rx.changed().await;
+        }));
+        server::serve(main, app, server::shutdown_signal()).await?;
+        let _ = stop_tx.send(true);
+        let _ = dash_task.await;
         eprintln!("scap serve: stopped");
         anyhow::Ok(())
     })?;
@@ -117,9 +157,6 @@ pub struct AgentArgs {
     /// Address to listen on
     #[arg(long, default_value = "0.0.0.0:8470")]
     listen: SocketAddr,
-    /// File holding the bearer token that changing requests must carry (mode 600)
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
     /// This host's name in state and errors [default: the system host name]
     #[arg(long)]
     host: Option<String>,
@@ -138,10 +175,24 @@ pub struct AgentArgs {
     /// How long a hook may run before it is killed: 300s, 5m
     #[arg(long, default_value = "5m", value_parser = super::parse_duration)]
     hook_timeout: Duration,
+    /// A name (in its certificate) of a client that may change this host: the deploy
+    /// host's (repeatable) [default: scap-deployer, the lab PKI's]
+    #[arg(long = "deployer", value_name = "NAME")]
+    deployers: Vec<String>,
+    /// A deploy key's public half (`scap keygen` makes it) whose signatures this host
+    /// accepts (repeatable: several during a key rotation)
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
+    /// A key ID (16 hex digits) no longer accepted, even if trusted (repeatable)
+    #[arg(long = "revoked-key", value_name = "KEYID")]
+    revoked_keys: Vec<String>,
+    /// Lab only: run versions without a trusted signature (says so on every sync)
+    #[arg(long)]
+    insecure_allow_unsigned: bool,
 }
 
-pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
-    let token = read_token(&a.token_file)?;
+pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
+    let transport = ctx.transport()?;
     let host = match a.host {
         Some(h) => h,
         None => crate::sys::hostname(),
@@ -158,6 +209,31 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let trust = crate::store::signature::Trust {
+        keys: a
+            .trusted_keys
+            .iter()
+            .map(|p| crate::store::signature::PublicKey::load(p))
+            .collect::<Result<_, _>>()?,
+        revoked: a
+            .revoked_keys
+            .iter()
+            .map(|k| {
+                k.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--revoked-key: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let auth = match &transport {
+        Transport::Tls(_) => crate::host::api::Auth::Certificates {
+            deployers: if a.deployers.is_empty() {
+                vec![crate::pki::DEPLOYER.to_string()]
+            } else {
+                a.deployers.clone()
+            },
+        },
+        Transport::Insecure { token } => crate::host::api::Auth::Token(token.to_string()),
+    };
     let agent = Agent::open(AgentConfig {
         dir: a.dir.clone(),
         host: host.clone(),
@@ -166,14 +242,29 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<i32> {
         post_switch: a.post_switch,
         slots: usize::from(a.slots),
         hook_timeout: a.hook_timeout,
+        transport: transport.clone(),
+        trust,
+        allow_unsigned: a.insecure_allow_unsigned,
     })
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
+    if let Some(w) = transport.warning(&format!("scap agent {host}")) {
+        eprintln!("{w}");
+    }
+    if a.insecure_allow_unsigned {
+        eprintln!(
+            "scap agent {host}: WARNING: --insecure-allow-unsigned: this host runs versions nobody signed; for a lab only"
+        );
+    }
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = bind(a.listen).await?;
-        let addr = listener.local_addr()?;
-        let (app, _) = crate::host::api::router(agent, token);
-        println!("scap agent: host {host} listening on http://{addr}");
+        let tcp = bind(a.listen).await?;
+        let addr = tcp.local_addr()?;
+        let listener = listener(tcp, &transport)?;
+        let (app, _) = crate::host::api::router(agent, auth);
+        println!(
+            "scap agent: host {host} listening on {}://{addr}",
+            transport.scheme()
+        );
         std::io::stdout().flush()?;
         server::serve(listener, app, server::shutdown_signal()).await?;
         anyhow::Ok(())

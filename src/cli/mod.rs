@@ -6,6 +6,7 @@ mod bar;
 mod demo;
 mod fleet_cmds;
 mod host_cmds;
+mod keys;
 mod store_cmds;
 
 use std::io::{self, Write};
@@ -48,6 +49,8 @@ pub struct Cli {
     /// Config file [default: ./scap.toml if present]
     #[arg(long, global = true, env = "SCAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub transport: TransportArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -94,6 +97,12 @@ pub enum Command {
     History(fleet_cmds::HistoryArgs),
     /// Show (or --break) the deploy lock
     Lock(fleet_cmds::LockArgs),
+    /// Make a deploy key (ed25519) that signs versions
+    Keygen(keys::KeygenArgs),
+    /// Sign existing versions with the deploy key
+    Sign(keys::SignArgs),
+    /// Certificates for a lab: `scap pki init DIR`
+    Pki(keys::PkiArgs),
     /// Show this host's state file
     State(host_cmds::StateArgs),
     /// Run the built-in sample: build versions of a generated tree, diff them, roll one out to a local fleet
@@ -145,7 +154,7 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let ctx = store_cmds::Ctx::new(cli.store, cli.config)?;
+    let ctx = store_cmds::Ctx::new(cli.store, cli.config, cli.transport)?;
     match cli.command {
         Command::BuildManifest(a) => store_cmds::build_manifest(&ctx, a),
         Command::Diff(a) => store_cmds::diff(&ctx, a),
@@ -159,7 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Verify(a) => store_cmds::verify(&ctx, a),
         Command::Gc(a) => store_cmds::gc(&ctx, a),
         Command::Serve(a) => host_cmds::serve(&ctx, a),
-        Command::Agent(a) => host_cmds::agent(a),
+        Command::Agent(a) => host_cmds::agent(&ctx, a),
         Command::Sync(a) => fleet_cmds::sync(&ctx, a),
         Command::SyncFile(a) => fleet_cmds::sync_file(&ctx, a),
         Command::Rollback(a) => fleet_cmds::rollback(&ctx, a),
@@ -167,6 +176,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Status(a) => fleet_cmds::status(&ctx, a),
         Command::History(a) => fleet_cmds::history_cmd(&ctx, a),
         Command::Lock(a) => fleet_cmds::lock_cmd(&ctx, a),
+        Command::Keygen(a) => keys::keygen(a),
+        Command::Sign(a) => keys::sign(&ctx, a),
+        Command::Pki(a) => keys::pki(a),
         Command::State(a) => host_cmds::state(a),
         #[cfg(feature = "dev")]
         Command::Demo(a) => demo::demo(a),
@@ -221,6 +233,65 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     Ok(Duration::from_secs(secs))
+}
+
+/// How a command talks to other scap processes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TransportArgs {
+    /// The site CA's certificate (PEM): whom to trust [default: scap.toml [tls] ca]
+    #[arg(long, value_name = "FILE", global = true)]
+    ca: Option<PathBuf>,
+    /// This process's certificate (PEM) [default: scap.toml [tls] cert]
+    #[arg(long, value_name = "FILE", global = true)]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM, mode 600) [default: scap.toml [tls] key]
+    #[arg(long, value_name = "FILE", global = true)]
+    key: Option<PathBuf>,
+    /// Lab only: plain HTTP with a bearer token instead of TLS (says so on every start)
+    #[arg(long, global = true)]
+    insecure_http: bool,
+    /// With --insecure-http: the bearer token file (mode 600) [default: scap.toml token_file]
+    #[arg(long, value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
+}
+
+impl TransportArgs {
+    /// The transport flags and scap.toml ask for: TLS with certificates
+    /// unless `--insecure-http`.
+    pub fn transport(
+        &self,
+        config: &crate::manifest::config::ConfigFile,
+    ) -> anyhow::Result<crate::net::tls::Transport> {
+        use crate::net::tls::{TlsFiles, Transport};
+        if self.insecure_http {
+            let file = self
+                .token_file
+                .clone()
+                .or_else(|| config.token_file.clone())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--insecure-http needs a bearer token: pass --token-file (or set token_file in scap.toml)"
+                    )
+                })?;
+            let token = host_cmds::read_token(&file)?;
+            return Ok(Transport::Insecure {
+                token: std::sync::Arc::new(token),
+            });
+        }
+        let tls = config.tls.as_ref();
+        let pick = |flag: &Option<PathBuf>, from: Option<&PathBuf>, what: &str| {
+            flag.clone().or_else(|| from.cloned()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no TLS {what}: pass --ca, --cert and --key (or set [tls] in scap.toml; `scap pki init DIR` makes a lab set), or --insecure-http for a lab"
+                )
+            })
+        };
+        Ok(Transport::Tls(std::sync::Arc::new(TlsFiles {
+            ca: pick(&self.ca, tls.map(|t| &t.ca), "CA certificate")?,
+            cert: pick(&self.cert, tls.map(|t| &t.cert), "certificate")?,
+            key: pick(&self.key, tls.map(|t| &t.key), "key")?,
+        })))
+    }
 }
 
 /// Writes a JSON value and a newline to stdout.

@@ -18,14 +18,19 @@ use crate::store::{
 };
 use crate::time::{fmt_bytes, fmt_utc};
 
-/// Where the store is and what scap.toml says.
+/// Where the store is, what scap.toml says, and how to talk to others.
 pub struct Ctx {
     pub store_path: PathBuf,
     pub config: ConfigFile,
+    pub transport_args: super::TransportArgs,
 }
 
 impl Ctx {
-    pub fn new(store: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<Ctx> {
+    pub fn new(
+        store: Option<PathBuf>,
+        config: Option<PathBuf>,
+        transport_args: super::TransportArgs,
+    ) -> anyhow::Result<Ctx> {
         let config_path = config.or_else(|| {
             let local = PathBuf::from("scap.toml");
             local.exists().then_some(local)
@@ -37,7 +42,36 @@ impl Ctx {
         let store_path = store
             .or_else(|| config.store.clone())
             .unwrap_or_else(|| PathBuf::from(super::DEFAULT_STORE));
-        Ok(Ctx { store_path, config })
+        Ok(Ctx {
+            store_path,
+            config,
+            transport_args,
+        })
+    }
+
+    /// TLS with certificates, or (`--insecure-http`) plain with a token.
+    pub fn transport(&self) -> anyhow::Result<crate::net::tls::Transport> {
+        self.transport_args.transport(&self.config)
+    }
+
+    /// The deploy key to sign with: `--sign-key`, else scap.toml's
+    /// `sign_key`; warns when there is none (agents refuse unsigned
+    /// versions).
+    pub fn signer(
+        &self,
+        flag: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<std::sync::Arc<crate::store::signature::SigningKey>>> {
+        match flag.or(self.config.sign_key.as_deref()) {
+            Some(path) => Ok(Some(std::sync::Arc::new(
+                crate::store::signature::SigningKey::load(path)?,
+            ))),
+            None => {
+                eprintln!(
+                    "scap: warning: no deploy key (--sign-key or sign_key in scap.toml): the version is not signed, and agents that trust a key will refuse it; `scap sign VERSION` signs it later"
+                );
+                Ok(None)
+            }
+        }
     }
 
     pub fn open(&self) -> anyhow::Result<Store> {
@@ -74,6 +108,9 @@ pub struct BuildArgs {
     /// The version this one derives from [default: the newest recorded version]
     #[arg(long)]
     parent: Option<String>,
+    /// The deploy key that signs the version [default: scap.toml's sign_key]
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     /// Print a JSON report instead of text
     #[arg(long)]
     json: bool,
@@ -92,6 +129,7 @@ pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
         message: a.message,
         author,
         parent,
+        signer: ctx.signer(a.sign_key.as_deref())?,
     };
     let report = if a.json {
         build(&store, &opts, &crate::progress::Silent)?

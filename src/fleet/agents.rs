@@ -6,7 +6,6 @@
 //! into the protocol's types; an answer that does not parse is an error
 //! that names the host, never a panic or a guess.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use crate::host::proto::{
     RollbackRequest, StateResponse, SyncRequest,
 };
 use crate::host::state::{HostState, STATE_FORMAT};
+use crate::net::tls::{TlsError, Transport};
 use crate::text::clip;
 
 /// Seconds to wait for a state reading: short, so that one hung host never
@@ -53,26 +53,38 @@ impl CallError {
     }
 }
 
-/// An authenticated client for agents' APIs.
+/// An authenticated client for agents' APIs: TLS with the controller's
+/// certificate, or (lab) plain HTTP with the bearer token.
 #[derive(Clone)]
 pub struct Agents {
     http: reqwest::Client,
-    token: Arc<String>,
+    transport: Transport,
     /// How long a changing call (a sync) may take.
     op_timeout: Duration,
 }
 
 impl Agents {
-    pub fn new(token: String, op_timeout: Duration) -> Agents {
-        Agents {
-            http: reqwest::Client::builder()
+    pub fn new(transport: Transport, op_timeout: Duration) -> Result<Agents, TlsError> {
+        let http = crate::net::tls::http_client(
+            &transport,
+            reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .build()
-                .expect("a TLS-free client builds"),
-            token: Arc::new(token),
+                .tcp_nodelay(true),
+        )?;
+        Ok(Agents {
+            http,
+            transport,
             op_timeout,
-        }
+        })
+    }
+
+    /// The client (for health probes that use the same transport).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -97,18 +109,17 @@ impl Agents {
         body: Option<&Req>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let url = format!("{}{path}", host.base_url());
+        let url = format!("{}://{}{path}", self.transport.scheme(), host.authority());
         let name = host.to_string();
-        let req = match body {
+        let mut req = match body {
             Some(b) => self.http.post(&url).json(b),
             None => self.http.get(&url),
         };
+        if let Transport::Insecure { token } = &self.transport {
+            req = req.bearer_auth(token.as_str());
+        }
         let send = async {
-            let resp = req
-                .bearer_auth(self.token.as_str())
-                .send()
-                .await
-                .map_err(|e| describe(&name, &e, timeout))?;
+            let resp = req.send().await.map_err(|e| describe(&name, &e, timeout))?;
             let status = resp.status();
             let bytes = read_capped(resp, &name, timeout).await?;
             if status.is_success() {

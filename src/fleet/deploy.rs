@@ -20,6 +20,7 @@ use super::poll::{Reading, poll};
 use super::rollout::{Budget, Percent, TopUp, share, top_up};
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
+use crate::store::signature::SignedVersion;
 
 /// What the operator decides when a gate fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +79,8 @@ pub struct Rollout<'a> {
     pub agents: &'a Agents,
     pub members: Vec<Member>,
     pub version: VersionId,
+    /// Its signatures, sent with each sync (agents check them).
+    pub signature: Option<SignedVersion>,
     pub label: String,
     pub sources: Vec<String>,
     pub stages: Vec<Percent>,
@@ -282,6 +285,7 @@ impl Rollout<'_> {
             sources: self.sources.clone(),
             by: self.by.clone(),
             fetch_timeout_seconds: None,
+            signature: self.signature.clone(),
         };
         let results = drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
             Box::pin(self.agents.sync(h, &req))
@@ -361,7 +365,12 @@ impl Rollout<'_> {
         loop {
             let failures = self
                 .gates
-                .run(&hosts, &self.version, &stage.to_string())
+                .run(
+                    self.agents.http(),
+                    &hosts,
+                    &self.version,
+                    &stage.to_string(),
+                )
                 .await;
             if failures.is_empty() {
                 op.say(&format!("health gates passed on {} host(s)", hosts.len()));

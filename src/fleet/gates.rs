@@ -10,6 +10,9 @@ use futures_util::StreamExt;
 use super::inventory::Host;
 use crate::store::VersionId;
 
+/// How long a probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a check command may run before it is killed (and fails).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -29,21 +32,24 @@ impl Gates {
     }
 
     /// Runs every gate; the failures, each naming the host or command.
-    pub async fn run(&self, hosts: &[Host], version: &VersionId, percent: &str) -> Vec<String> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("a TLS-free client builds");
+    /// Probes use `http` (the controller's client: it trusts the site CA
+    /// and presents the controller's certificate).
+    pub async fn run(
+        &self,
+        http: &reqwest::Client,
+        hosts: &[Host],
+        version: &VersionId,
+        percent: &str,
+    ) -> Vec<String> {
         let mut failures = Vec::new();
         for (template, want) in &self.probes {
             let results: Vec<Option<String>> = futures_util::stream::iter(hosts)
                 .map(|h| {
                     let url = template
                         .replace("{host}", &h.to_string())
-                        .replace("{addr}", h.base_url().trim_start_matches("http://"));
-                    let http = &http;
+                        .replace("{addr}", &h.authority());
                     async move {
-                        match http.get(&url).send().await {
+                        match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
                             Ok(r) if r.status().as_u16() == *want => None,
                             Ok(r) => Some(format!(
                                 "{h}: {url} answered {}, expected {want}",

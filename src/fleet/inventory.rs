@@ -18,10 +18,11 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn base_url(&self) -> String {
+    /// Where its agent listens: `host:port`.
+    pub fn authority(&self) -> String {
         match &self.addr {
-            Some(a) => format!("http://{a}"),
-            None => format!("http://{}:{}", self.name, self.port),
+            Some(a) => a.clone(),
+            None => format!("{}:{}", self.name, self.port),
         }
     }
 }
@@ -145,7 +146,7 @@ mod tests {
             hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
             ["mw1001", "mw1002:9000", "127.0.0.1:8471"]
         );
-        assert_eq!(hosts[0].base_url(), "http://mw1001:8470");
+        assert_eq!(hosts[0].authority(), "mw1001:8470");
         let e = parse_group(p, "mw1001\nmw1002\nmw1001\n")
             .unwrap_err()
             .to_string();

@@ -1,15 +1,20 @@
 //! The agent's HTTP API (request and response types in [`super::proto`]).
 //!
-//! | method | path          | auth | what |
-//! |--------|---------------|------|------|
-//! | GET    | /v1/state     | no   | state file, slots, busy flag, last drift check |
-//! | GET    | /v1/health    | no   | 200 with the live version, 503 if none |
-//! | GET    | /metrics      | no   | Prometheus text |
-//! | GET    | /v1/verify    | yes  | drift: live tree re-hashed (one at a time; 429 if one runs) |
-//! | POST   | /v1/sync      | yes  | fetch, prepare, switch |
-//! | POST   | /v1/rollback  | yes  | switch back; pre-empts whatever runs |
-//! | POST   | /v1/promote   | yes  | record the live version as stable |
-//! | POST   | /v1/cancel    | yes  | stop whatever runs; the host stays as it was |
+//! | method | path          | who (TLS) | what |
+//! |--------|---------------|-----------|------|
+//! | GET    | /v1/health    | anyone    | 200 with the live version, 503 if none |
+//! | GET    | /metrics      | anyone    | Prometheus text |
+//! | GET    | /v1/state     | a client certificate from the site CA | state file, slots, busy flag, last drift check |
+//! | GET    | /v1/verify    | a deployer | drift: live tree re-hashed (one at a time; 429 if one runs) |
+//! | POST   | /v1/sync      | a deployer | fetch, prepare, switch |
+//! | POST   | /v1/rollback  | a deployer | switch back; pre-empts whatever runs |
+//! | POST   | /v1/promote   | a deployer | record the live version as stable |
+//! | POST   | /v1/cancel    | a deployer | stop whatever runs; the host stays as it was |
+//!
+//! A deployer is a client whose certificate (signed by the site CA) is
+//! valid for one of the names given with `--deployer`. With
+//! `--insecure-http` (a lab), "a client certificate" and "a deployer" both
+//! mean a request with the bearer token, compared in constant time.
 //!
 //! One changing operation at a time: a sync or promote arriving while
 //! another runs gets 409; one arriving during the work after a switch waits
@@ -38,10 +43,28 @@ use super::proto::{
 use super::{Agent, AgentError};
 use crate::cancel::Cancel;
 use crate::metrics::Exposition;
+use crate::net::server::Caller;
+
+/// Who may do what on this agent.
+pub enum Auth {
+    /// TLS: deployers are clients whose certificates name one of these.
+    Certificates { deployers: Vec<String> },
+    /// `--insecure-http`: the bearer token.
+    Token(String),
+}
+
+/// What a request needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Any client certificate from the site CA (reads).
+    Reader,
+    /// A deployer's (changes, and the heavy drift check).
+    Deployer,
+}
 
 pub struct AgentState {
     pub agent: Agent,
-    token: String,
+    auth: Auth,
     /// Held while a changing operation runs, and while the work after a
     /// switch runs in the background.
     op: Arc<tokio::sync::Mutex<()>>,
@@ -61,10 +84,10 @@ struct Running {
     cancel: Cancel,
 }
 
-pub fn router(agent: Agent, token: String) -> (Router, Arc<AgentState>) {
+pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
     let st = Arc::new(AgentState {
         agent,
-        token,
+        auth,
         op: Arc::new(tokio::sync::Mutex::new(())),
         running: std::sync::Mutex::new(None),
         rollbacks_waiting: AtomicUsize::new(0),
@@ -102,23 +125,45 @@ impl AgentState {
         &self.agent.cfg.host
     }
 
-    /// `None` when the request carries the right token, else the 401.
-    fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(self.token.as_bytes())) && !self.token.is_empty() {
-            None
-        } else {
-            Some(json_error(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "host {}: missing or wrong bearer token: pass the fleet's --token-file",
-                    self.host()
-                ),
-            ))
+    /// `None` when the caller may do what `need` says, else the 401/403.
+    /// The message never contains a token.
+    fn refuse(&self, caller: &Caller, headers: &HeaderMap, need: Need) -> Option<Response> {
+        let host = self.host();
+        match &self.auth {
+            Auth::Token(token) => {
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                let ok = !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes()));
+                (!ok).then(|| {
+                    json_error(
+                        StatusCode::UNAUTHORIZED,
+                        format!("host {host}: missing or wrong bearer token: pass the fleet's --token-file"),
+                    )
+                })
+            }
+            Auth::Certificates { deployers } => {
+                if !caller.has_cert() {
+                    return Some(json_error(
+                        StatusCode::UNAUTHORIZED,
+                        format!(
+                            "host {host}: this needs a client certificate from the site CA: configure the controller's --cert and --key (or [tls] in scap.toml)"
+                        ),
+                    ));
+                }
+                if need == Need::Deployer && caller.named(deployers).is_none() {
+                    return Some(json_error(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "host {host}: your certificate is not a deployer's here (this host accepts changes from {}): use a deployer's certificate, or add its name with --deployer",
+                            deployers.join(", ")
+                        ),
+                    ));
+                }
+                None
+            }
         }
     }
 
@@ -194,6 +239,7 @@ impl AgentState {
 fn error_response(e: AgentError) -> Response {
     let status = match &e {
         AgentError::Refused(_) => StatusCode::CONFLICT,
+        AgentError::Signature { .. } => StatusCode::FORBIDDEN,
         _ if e.is_cancelled() => StatusCode::CONFLICT,
         // A local failure (full disk) while fetching is ours, not the source's.
         AgentError::Fetch { source, .. }
@@ -270,7 +316,14 @@ async fn run_op<T: serde::Serialize + Send + 'static>(
     }
 }
 
-async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
+async fn get_state(
+    State(st): State<Arc<AgentState>>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Reader) {
+        return r;
+    }
     let running = st.running();
     Json(StateResponse {
         state: st.agent.state(),
@@ -298,8 +351,8 @@ async fn health(State(st): State<Arc<AgentState>>) -> Response {
     }
 }
 
-async fn verify(State(st): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
-    if let Some(r) = st.unauthorized(&headers) {
+async fn verify(State(st): State<Arc<AgentState>>, caller: Caller, headers: HeaderMap) -> Response {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
         return r;
     }
     let Ok(permit) = st.verify_gate.clone().try_acquire_owned() else {
@@ -326,10 +379,11 @@ async fn verify(State(st): State<Arc<AgentState>>, headers: HeaderMap) -> Respon
 
 async fn sync(
     State(st): State<Arc<AgentState>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.unauthorized(&headers) {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
         return r;
     }
     let req = match st.body("sync", body) {
@@ -385,10 +439,11 @@ fn check_sources(sources: &[String]) -> Result<(), String> {
 
 async fn rollback(
     State(st): State<Arc<AgentState>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.unauthorized(&headers) {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
         return r;
     }
     let req = match st.body("rollback", body) {
@@ -413,10 +468,11 @@ async fn rollback(
 
 async fn promote(
     State(st): State<Arc<AgentState>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.unauthorized(&headers) {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
         return r;
     }
     let req = match st.body("promote", body) {
@@ -440,10 +496,11 @@ async fn promote(
 
 async fn cancel(
     State(st): State<Arc<AgentState>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<CancelRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.unauthorized(&headers) {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
         return r;
     }
     let req = match st.body("cancel", body) {

@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use crate::cancel::Cancel;
 use crate::hooks;
 use crate::net::client::{Client, FetchError};
+use crate::net::tls::Transport;
 use crate::store::disk::{LockMode, Role};
+use crate::store::signature::{SignatureError, SignedVersion, Trust};
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
 use proto::{DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackTarget, SyncRequest};
@@ -70,6 +72,12 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Refused(String),
+    #[error("host {host}: {source}")]
+    Signature {
+        host: String,
+        #[source]
+        source: SignatureError,
+    },
     #[error("{0}: {1}")]
     Setup(String, String),
 }
@@ -91,6 +99,12 @@ pub struct AgentConfig {
     pub slots: usize,
     /// How long a hook may run before it is killed.
     pub hook_timeout: Duration,
+    /// How the agent reaches sources (TLS with its certificate, or plain).
+    pub transport: Transport,
+    /// The deploy keys whose signatures it accepts, and the revoked ones.
+    pub trust: Trust,
+    /// Lab only: run versions without a trusted signature (with a warning).
+    pub allow_unsigned: bool,
 }
 
 impl AgentConfig {
@@ -105,6 +119,12 @@ impl AgentConfig {
                     release::MIN_SLOTS,
                     release::MAX_SLOTS
                 ),
+            );
+        }
+        if self.trust.is_empty() && !self.allow_unsigned {
+            return bad(
+                "--trusted-key",
+                "no trusted deploy key: give the deploy host's public key (--trusted-key FILE, from `scap keygen`), or --insecure-allow-unsigned for a lab".into(),
             );
         }
         for (component, path) in &self.links {
@@ -139,6 +159,9 @@ pub struct AgentCounters {
 pub struct Agent {
     pub cfg: AgentConfig,
     pub store: Store,
+    /// Kept for the agent's life: connections and TLS sessions to sources
+    /// are reused from one sync to the next.
+    fetch_http: reqwest::Client,
     releases: Releases,
     state: Mutex<HostState>,
     pub counters: AgentCounters,
@@ -160,9 +183,12 @@ impl Agent {
         let releases = Releases::new(&cfg.dir, cfg.slots)?;
         let state_path = cfg.dir.join("state.json");
         let state = HostState::load(&state_path)?.unwrap_or_else(|| HostState::new(&cfg.host));
+        let fetch_http = crate::net::client::http_client(&cfg.transport)
+            .map_err(|e| AgentError::Setup("TLS".into(), e.to_string()))?;
         let agent = Agent {
             cfg,
             store,
+            fetch_http,
             releases,
             state: Mutex::new(state),
             counters: AgentCounters::default(),
@@ -200,6 +226,7 @@ impl Agent {
                     version: v,
                     since: unix_now(),
                     by: "scap agent (repair)".into(),
+                    signed_time: None,
                 });
             } else {
                 st.current = None;
@@ -296,7 +323,11 @@ impl Agent {
         started: Instant,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
-        let client = Client::new(&req.sources);
+        let client = Client::new(self.fetch_http.clone(), &req.sources);
+        // Before fetching anything: nothing is fetched for a version this
+        // host must refuse.
+        let (signed_time, doc) =
+            self.check_signature(&req.version, req.signature.clone(), &client, rt, cancel)?;
         let seconds = req
             .fetch_timeout_seconds
             .unwrap_or(DEFAULT_FETCH_TIMEOUT)
@@ -336,9 +367,91 @@ impl Agent {
         self.counters
             .fetched_objects
             .fetch_add(fetched.trees + fetched.chunks, Ordering::Relaxed);
-        let mut outcome = self.switch_to(&req.version, &req.by, started, cancel)?;
+        // Kept, so that a rollback to this version re-checks it offline.
+        if let Some(doc) = &doc {
+            self.store.write_signature(&req.version, doc)?;
+        }
+        let mut outcome = self.switch_to(&req.version, &req.by, started, signed_time, cancel)?;
         outcome.fetched = fetched;
         Ok(outcome)
+    }
+
+    /// Fetches and checks `v`'s signature: `(when it was built, the
+    /// signatures)` if a trusted key vouches for it and it is not older
+    /// than what runs here (a replay); `(None, _)` for an unsigned version
+    /// on a lab host that allows them.
+    fn check_signature(
+        &self,
+        v: &VersionId,
+        given: Option<SignedVersion>,
+        client: &Client,
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+    ) -> Result<(Option<u64>, Option<SignedVersion>), AgentError> {
+        let doc = match given {
+            Some(doc) => Some(doc),
+            None => rt
+                .block_on(async {
+                    tokio::select! {
+                        r = client.signature(v) => r,
+                        () = cancel.cancelled() => Err(FetchError::Store(StoreError::Cancelled(cancel.why()))),
+                    }
+                })
+                .map_err(|source| AgentError::Fetch {
+                    version: *v,
+                    source: Box::new(source),
+                })?,
+        };
+        let verified = match self.cfg.trust.verify(v, doc.as_ref()) {
+            Ok(verified) => verified,
+            Err(e) if self.cfg.allow_unsigned => {
+                tracing::warn!(
+                    "running a version without a trusted signature (--insecure-allow-unsigned): {e}"
+                );
+                return Ok((None, doc));
+            }
+            Err(source) => {
+                return Err(AgentError::Signature {
+                    host: self.cfg.host.clone(),
+                    source,
+                });
+            }
+        };
+        let st = self.state();
+        if let Some(cur) = &st.current
+            && let Some(cur_time) = cur.signed_time
+            && verified.statement.time < cur_time
+        {
+            return Err(AgentError::Refused(format!(
+                "host {}: version {} was built at {}, before the version this host runs ({}, built at {}): a sync never goes back in time (a replayed old version?); to return to it on purpose, run `scap rollback --to {}`",
+                self.cfg.host,
+                v.short(),
+                crate::time::fmt_utc(verified.statement.time),
+                cur.version.short(),
+                crate::time::fmt_utc(cur_time),
+                v.short()
+            )));
+        }
+        Ok((Some(verified.statement.time), doc))
+    }
+
+    /// Re-checks the signature a version had when it was synced, against
+    /// the keys trusted now (a key revoked since is refused).
+    fn check_local_signature(&self, v: &VersionId) -> Result<Option<u64>, AgentError> {
+        let doc = self.store.signature(v)?;
+        match self.cfg.trust.verify(v, doc.as_ref()) {
+            Ok(verified) => Ok(Some(verified.statement.time)),
+            Err(e) if self.cfg.allow_unsigned => {
+                tracing::warn!(
+                    "switching to a version without a trusted signature (--insecure-allow-unsigned): {e}"
+                );
+                Ok(None)
+            }
+            Err(source) => Err(AgentError::Signature {
+                host: self.cfg.host.clone(),
+                source,
+            }),
+        }
     }
 
     /// Rolls back to the previous or stable release, or a given version
@@ -374,7 +487,11 @@ impl Agent {
                 target.short()
             )));
         }
-        let result = self.switch_to(&target, by, started, cancel);
+        // A rollback may go back in time, but only to a version a key
+        // trusted now still vouches for.
+        let result = self
+            .check_local_signature(&target)
+            .and_then(|signed_time| self.switch_to(&target, by, started, signed_time, cancel));
         self.finish(Action::Rollback, Some(target), from, by, started, &result);
         result
     }
@@ -397,6 +514,7 @@ impl Agent {
             version: *v,
             since: unix_now(),
             by: by.to_string(),
+            signed_time: st.current.as_ref().and_then(|d| d.signed_time),
         });
         st.record(Event::new(Action::Promote, Some(*v), None, by));
         st.save(&self.state_path())?;
@@ -433,6 +551,7 @@ impl Agent {
         v: &VersionId,
         by: &str,
         started: Instant,
+        signed_time: Option<u64>,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
         let st = self.state();
@@ -482,6 +601,7 @@ impl Agent {
                 version: *v,
                 since: unix_now(),
                 by: by.to_string(),
+                signed_time,
             });
             if let Err(e) = st.save(&self.state_path()) {
                 tracing::warn!(
@@ -636,6 +756,7 @@ impl Agent {
         roots.retain(|v| self.store.has(&v.object()));
         let _lock = self.store.lock(LockMode::Exclusive)?;
         crate::store::gc::mark_and_sweep(&self.store, &roots, false, cancel)?;
+        self.store.retain_signatures(&roots)?;
         Ok(())
     }
 

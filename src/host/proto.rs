@@ -15,6 +15,7 @@ use super::drift::Drift;
 use super::release::{How, Slot};
 use super::state::HostState;
 use crate::store::VersionId;
+use crate::store::signature::SignedVersion;
 
 /// Largest agent answer the controller reads (a state file with its
 /// 100-event history is about 40 KB).
@@ -38,6 +39,11 @@ pub struct SyncRequest {
     /// fails with the host unchanged (default [`DEFAULT_FETCH_TIMEOUT`]).
     #[serde(default)]
     pub fetch_timeout_seconds: Option<u64>,
+    /// The version's signatures (`versions/<id>.sig`), to save a request;
+    /// without them the agent fetches them from the sources. Either way it
+    /// checks them against the keys it trusts.
+    #[serde(default)]
+    pub signature: Option<SignedVersion>,
 }
 
 /// Seconds a fetch may take when the request does not say.

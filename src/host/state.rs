@@ -26,6 +26,10 @@ pub struct Deployed {
     /// Unix seconds when it became this.
     pub since: u64,
     pub by: String,
+    /// When the deploy host built it, from its verified signature (a sync
+    /// to a version built earlier is refused as a possible replay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_time: Option<u64>,
 }
 
 /// What an event in a host's history was.

@@ -50,13 +50,26 @@ pub struct ConfigFile {
     /// URLs hosts fetch objects from (`scap sync --source`).
     #[serde(default)]
     pub sources: Vec<String>,
-    /// Bearer token file for agents (`scap sync --token-file`).
+    /// Bearer token file for agents, with `--insecure-http` only.
     pub token_file: Option<PathBuf>,
+    /// Certificates for TLS (the default transport).
+    pub tls: Option<TlsConfig>,
+    /// The deploy key that signs every version built here (`scap keygen`).
+    pub sign_key: Option<PathBuf>,
     /// Exclude globs for every component.
     #[serde(default)]
     pub exclude: Vec<String>,
     #[serde(default, rename = "component")]
     pub components: Vec<ComponentFile>,
+}
+
+/// `[tls]` in scap.toml: this process's certificate and the CA it trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,12 +91,26 @@ impl ConfigFile {
             path: path.to_path_buf(),
             source: Box::new(source),
         })?;
-        // Relative component paths are relative to the config file.
+        // Relative paths are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
-        for c in &mut cfg.components {
-            if c.path.is_relative() {
-                c.path = base.join(&c.path);
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
             }
+        };
+        for c in &mut cfg.components {
+            fix(&mut c.path);
+        }
+        if let Some(t) = &mut cfg.tls {
+            fix(&mut t.ca);
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        for p in [&mut cfg.sign_key, &mut cfg.token_file, &mut cfg.store]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
         }
         Ok(cfg)
     }

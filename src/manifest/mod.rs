@@ -28,7 +28,8 @@ use crate::progress::Meter;
 use crate::store::chunk;
 use crate::store::disk::{ComponentRecord, Store, StoreError, VersionRecord, Writer};
 use crate::store::id::{ChunkId, ObjectKind, TreeId, VersionId};
-use crate::store::tree::{ChunkRef, Content, Entry, MAX_TARGET_LEN, Tree, TreeName};
+use crate::store::signature::{SignatureError, SignedVersion, SigningKey, Statement};
+use crate::store::tree::{ChunkRef, Content, Entry, MAX_DEPTH, MAX_TARGET_LEN, Tree, TreeName};
 use config::Component;
 use statcache::{Cached, Stamp, StatCache};
 
@@ -68,6 +69,37 @@ pub enum BuildError {
         "label {label:?} already names version {existing}: choose another label, or pass --move-label"
     )]
     LabelTaken { label: String, existing: VersionId },
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+}
+
+/// Signs version `v` with `key`: adds the key's signature to the version's
+/// statement (made from its record and labels if it has none yet), in
+/// `versions/<id>.sig`. Returns the signatures.
+pub fn sign_version(
+    store: &Store,
+    v: &VersionId,
+    key: &SigningKey,
+) -> Result<SignedVersion, BuildError> {
+    let mut doc = match store.signature(v)? {
+        Some(doc) => doc,
+        None => {
+            let record = store
+                .record(v)?
+                .ok_or_else(|| StoreError::UnknownVersion(v.to_hex()))?;
+            let labels: Vec<String> = store
+                .labels()?
+                .into_iter()
+                .filter(|(_, lv)| lv == v)
+                .map(|(l, _)| l)
+                .collect();
+            let statement = Statement::new(*v, record.parent, labels, &record.author, record.time);
+            key.sign(&statement)?
+        }
+    };
+    key.sign_into(&mut doc)?;
+    store.write_signature(v, &doc)?;
+    Ok(doc)
 }
 
 pub struct BuildOptions {
@@ -78,6 +110,8 @@ pub struct BuildOptions {
     pub author: String,
     /// The version this one derives from; default: the newest recorded one.
     pub parent: Option<VersionId>,
+    /// The deploy key that signs the version (none: unsigned).
+    pub signer: Option<std::sync::Arc<SigningKey>>,
 }
 
 /// What a build did, for people and benchmarks.
@@ -213,6 +247,9 @@ pub fn build(
     };
     if let Some(label) = &opts.label {
         store.set_label(label, &version)?;
+    }
+    if let Some(key) = &opts.signer {
+        sign_version(store, &version, key)?;
     }
     drop(committed);
     crate::failpoint::hit("build:labelled");
@@ -573,6 +610,12 @@ fn walk_error(component: &Component, path: &Path, source: io::Error) -> BuildErr
 }
 
 fn item(path: &Path, rel: Vec<u8>, depth: usize, kind: ItemKind) -> Result<Item, BuildError> {
+    if depth > MAX_DEPTH {
+        return Err(BuildError::BadEntry {
+            path: path.to_path_buf(),
+            why: format!("nested deeper than {MAX_DEPTH} directories: no host would accept it"),
+        });
+    }
     let name_at = rel.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1);
     // Checked once here; `Item::name` relies on it.
     TreeName::new(rel[name_at..].to_vec()).map_err(|e| BuildError::BadEntry {
@@ -654,6 +697,7 @@ fn hash_file(writer: &Writer<'_>, path: &Path, stamp: Stamp) -> Result<Cached, B
     };
     let mut before = stamp;
     for _ in 0..CHANGE_RETRIES {
+        let read_start_ns = unix_now_ns();
         let file = File::open(path).map_err(unreadable)?;
         let mut chunks = Vec::new();
         let mut read: u64 = 0;
@@ -673,7 +717,15 @@ fn hash_file(writer: &Writer<'_>, path: &Path, stamp: Stamp) -> Result<Cached, B
         let after = Stamp::of(&file.metadata().map_err(unreadable)?);
         // The bytes we stored are the bytes we hashed, always; but if the file
         // changed meanwhile they may be a mix of two contents, so read again.
-        if before == after && read == after.size {
+        // Timestamps are coarse (a jiffy on ext4): a same-size rewrite of a
+        // file changed within the last second may leave its stat data as it
+        // was, so such a file is read twice and must read the same.
+        let racy = after.mtime_ns >= read_start_ns - 1_000_000_000
+            || after.ctime_ns >= read_start_ns - 1_000_000_000;
+        if before == after
+            && read == after.size
+            && (!racy || rehash(path, after.size).as_ref() == Some(&chunks))
+        {
             return Ok(Cached {
                 stamp: after,
                 chunks,
@@ -685,6 +737,22 @@ fn hash_file(writer: &Writer<'_>, path: &Path, stamp: Stamp) -> Result<Cached, B
     Err(BuildError::KeptChanging {
         path: path.to_path_buf(),
     })
+}
+
+/// The chunk list of what `path` holds now (nothing stored), or `None` if
+/// it cannot be read.
+fn rehash(path: &Path, size: u64) -> Option<Vec<ChunkRef>> {
+    let file = File::open(path).ok()?;
+    let mut chunks = Vec::new();
+    chunk::for_each_chunk::<_, ()>(&file, size, |data| {
+        chunks.push(ChunkRef {
+            id: ChunkId::new(ObjectKind::Chunk.hash(data)),
+            len: data.len() as u32,
+        });
+        Ok(())
+    })
+    .ok()?;
+    Some(chunks)
 }
 
 fn unix_now_ns() -> i64 {

@@ -19,6 +19,8 @@ pub struct Patch<'a> {
     pub path: &'a str,
     pub message: Option<String>,
     pub author: String,
+    /// The deploy key that signs the new version (none: unsigned).
+    pub signer: Option<&'a super::SigningKey>,
 }
 
 /// Builds the new version; returns it and whether `path` changed at all.
@@ -125,6 +127,9 @@ pub fn patch(store: &Store, p: &Patch<'_>) -> Result<(VersionId, bool), BuildErr
             files,
             bytes,
         })?;
+    }
+    if let Some(key) = p.signer {
+        super::sign_version(store, &version, key)?;
     }
     Ok((version, true))
 }

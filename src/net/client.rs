@@ -13,9 +13,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rayon::prelude::*;
 
+use super::tls::{TlsError, Transport};
 use super::{BatchDecoder, BatchError, MAX_BATCH_IDS};
-use crate::store::StoreError;
 use crate::store::id::{ObjectId, ObjectKind};
+use crate::store::signature::{MAX_SIG_FILE, SignedVersion};
+use crate::store::{StoreError, VersionId};
 
 /// Bytes of uncompressed content asked for in one batch (a hint: objects
 /// are counted at the size the caller expects).
@@ -72,14 +74,22 @@ pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, u64, &[u8]) -> Result<(), Store
 /// have (a chunk's length from its tree; a bound for a tree).
 pub type Wanted = (ObjectId, ObjectKind, u64);
 
-impl Client {
-    pub fn new(sources: &[String]) -> Client {
-        let http = reqwest::Client::builder()
+/// The HTTP client a host fetches with: kept for the agent's life, so
+/// connections (and TLS sessions) are reused from one sync to the next.
+pub fn http_client(transport: &Transport) -> Result<reqwest::Client, TlsError> {
+    super::tls::http_client(
+        transport,
+        reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(PARALLEL_BATCHES)
-            .build()
-            .expect("a TLS-free client builds");
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(PARALLEL_BATCHES),
+    )
+}
+
+impl Client {
+    /// A client for `sources` over `http` (see [`http_client`]).
+    pub fn new(http: reqwest::Client, sources: &[String]) -> Client {
         Client {
             http,
             sources: sources
@@ -87,6 +97,44 @@ impl Client {
                 .map(|s| s.trim_end_matches('/').to_string())
                 .collect(),
             stats: FetchStats::default(),
+        }
+    }
+
+    /// A version's signatures from the first source that has them:
+    /// `None` if every source answers 404, an error if none answered.
+    pub async fn signature(&self, v: &VersionId) -> Result<Option<SignedVersion>, FetchError> {
+        let mut last_error = None;
+        let mut not_found = 0;
+        for source in &self.sources {
+            let url = format!("{source}/versions/{}.sig", v.to_hex());
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = match self.http.get(&url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = Some(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                not_found += 1;
+                continue;
+            }
+            if !resp.status().is_success() {
+                last_error = Some(format!("{url}: HTTP {}", resp.status()));
+                continue;
+            }
+            match read_capped(resp, MAX_SIG_FILE as u64, &url).await {
+                Ok(bytes) => match SignedVersion::parse(&bytes) {
+                    Ok(doc) => return Ok(Some(doc)),
+                    Err(e) => last_error = Some(format!("{url}: {e}")),
+                },
+                Err(SourceError::Source(e)) => last_error = Some(e),
+                Err(_) => {}
+            }
+        }
+        match last_error {
+            Some(e) if not_found < self.sources.len() => Err(FetchError::AllFailed(e)),
+            _ => Ok(None),
         }
     }
 

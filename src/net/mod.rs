@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod server;
+pub mod tls;
 
 use crate::store::id::{ID_LEN, ObjectId};
 

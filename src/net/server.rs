@@ -10,13 +10,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::tls::{Listener, Peer};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tokio::net::TcpListener;
 
 use std::io::Write;
 
@@ -43,18 +43,31 @@ pub struct ServerStats {
 pub struct ServerState {
     pub store: Store,
     pub stats: ServerStats,
+    access: Access,
 }
 
-pub fn router(store: Store, concurrency: usize) -> (Router, Arc<ServerState>) {
+/// Who may read the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone with a client certificate the site CA signed (hosts, the
+    /// deploy host, caches); `/health` is open.
+    ClientCert,
+    /// Anyone (`--insecure-http`, a lab).
+    Open,
+}
+
+pub fn router(store: Store, concurrency: usize, access: Access) -> (Router, Arc<ServerState>) {
     let state = Arc::new(ServerState {
         store,
         stats: ServerStats::default(),
+        access,
     });
     let app = Router::new()
         .route("/objects/{fan}/{rest}", get(object))
         .route("/versions/{file}", get(record))
         .route("/refs/labels/{label}", get(label))
         .route("/batch", post(batch))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .route("/health", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BATCH_IDS * ID_LEN))
         .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency))
@@ -62,25 +75,63 @@ pub fn router(store: Store, concurrency: usize) -> (Router, Arc<ServerState>) {
     (app, state)
 }
 
+/// Refuses a request without a client certificate when one is required.
+async fn guard(
+    State(st): State<Arc<ServerState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if st.access == Access::ClientCert && !Caller::of(req.extensions()).has_cert() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "reading this store needs a client certificate from the site CA (scap agents and the deploy host have one): configure --cert and --key",
+        );
+    }
+    next.run(req).await
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then finishes the
-/// requests in flight.
+/// requests in flight. Handlers see the peer as [`Caller`].
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Responses are written as headers then body pieces: without
-    // TCP_NODELAY, Nagle holds each small piece until the peer's delayed
-    // ACK (40 ms on Linux), and a deploy is a series of small requests.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The peer of a request (a router tested without sockets has none).
+pub struct Caller(pub Option<Peer>);
+
+impl Caller {
+    pub fn of(ext: &axum::http::Extensions) -> Caller {
+        Caller(
+            ext.get::<axum::extract::ConnectInfo<Peer>>()
+                .map(|c| c.0.clone()),
+        )
+    }
+
+    pub fn has_cert(&self) -> bool {
+        self.0.as_ref().is_some_and(Peer::has_cert)
+    }
+
+    /// The first of `names` the caller's certificate is valid for.
+    pub fn named<'a>(&self, names: &'a [String]) -> Option<&'a str> {
+        self.0.as_ref()?.named(names)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Caller, Self::Rejection> {
+        Ok(Caller::of(&parts.extensions))
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -163,13 +214,26 @@ async fn object(
 
 async fn record(State(st): State<Arc<ServerState>>, Path(file): Path<String>) -> Response {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(v) = file
+        .strip_suffix(".sig")
+        .and_then(|h| h.parse::<VersionId>().ok())
+    {
+        return match st.store.signature(&v) {
+            Ok(Some(doc)) => axum::Json(doc).into_response(),
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                format!("version {v}: not signed in this store"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    }
     let Some(v) = file
         .strip_suffix(".json")
         .and_then(|h| h.parse::<VersionId>().ok())
     else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("/versions/{file}: expected <version ID>.json"),
+            format!("/versions/{file}: expected <version ID>.json or <version ID>.sig"),
         );
     };
     match st.store.record(&v) {

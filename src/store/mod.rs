@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod gc;
 pub mod id;
 pub mod object;
+pub mod signature;
 pub mod tree;
 pub mod verify;
 

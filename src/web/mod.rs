@@ -46,6 +46,8 @@ pub struct Web {
     server: Arc<ServerState>,
     fleet_dir: PathBuf,
     members: Vec<Member>,
+    /// How the dashboard reads agents (the server's certificate).
+    agents: Agents,
     poll_interval: Duration,
     snapshot: RwLock<Snapshot>,
     /// Diffs walk whole versions: a few at a time, the rest get 429.
@@ -68,6 +70,7 @@ impl Web {
         server: Arc<ServerState>,
         fleet_dir: PathBuf,
         members: Vec<Member>,
+        agents: Agents,
         poll_interval: Duration,
     ) -> Arc<Web> {
         let n = members.len();
@@ -75,6 +78,7 @@ impl Web {
             server,
             fleet_dir,
             members,
+            agents,
             poll_interval,
             snapshot: RwLock::new(Snapshot {
                 last_good: vec![None; n],
@@ -89,9 +93,8 @@ impl Web {
         if self.members.is_empty() {
             return;
         }
-        let agents = Agents::new(String::new(), Duration::from_secs(3));
         loop {
-            let readings = poll(&agents, &self.members, 32).await;
+            let readings = poll(&self.agents, &self.members, 32).await;
             let now = unix_now();
             {
                 let mut s = self.snapshot.write().expect("not poisoned");

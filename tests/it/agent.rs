@@ -241,15 +241,22 @@ fn rollback_is_a_switch_and_promote_sets_stable() {
 
 #[test]
 fn wrong_token_changes_nothing() {
-    let mut fleet = Fleet::start(1);
+    // The lab transport: plain HTTP with a bearer token.
+    let mut fleet = Fleet::start_insecure(1);
     let staging = fleet.env.path("staging");
     versioned_tree(&staging, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    for auth in [Some("Bearer wrong"), Some("Bearer "), None, Some(TOKEN)] {
-        let mut req = Fleet::http()
+    let plain = reqwest::blocking::Client::new();
+    for auth in [
+        Some("Bearer wrong"),
+        Some("Bearer "),
+        None,
+        Some("Basic xyz"),
+    ] {
+        let mut req = plain
             .post(format!("{}/v1/sync", fleet.hosts[0].proc.url))
-            .json(&json!({"version": v1, "sources": [fleet.source()]}));
+            .json(&fleet.sync_body(&v1, &[&fleet.source()]));
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
@@ -286,14 +293,10 @@ fn corrupt_or_dying_sources_are_survived() {
     bytes[n - 1] ^= 1;
     fs::write(&obj, bytes).unwrap();
     let good = fleet.serve();
-    let mut cmd = std::process::Command::new(SCAP);
-    cmd.arg("--store")
-        .arg(&bad_store)
-        .args(["serve", "--listen", "127.0.0.1:0"]);
-    let bad = Proc::start(cmd);
+    let bad = fleet.serve_store(&bad_store, &[]);
 
     // Only the corrupt source: the sync fails, naming the object; nothing changes.
-    let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [bad.url]}));
+    let (code, r) = fleet.post(0, "/v1/sync", fleet.sync_body(&v1, &[&bad.url]));
     assert_eq!(code, 502, "{r}");
     let err = r["error"].as_str().unwrap();
     assert!(err.contains(&id) && err.contains(&bad.url), "{err}");
@@ -307,23 +310,17 @@ fn corrupt_or_dying_sources_are_survived() {
     );
 
     // Corrupt first, good second: the object is rejected and fetched again elsewhere.
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [bad.url, good]}),
-    );
+    let (code, r) = fleet.post(0, "/v1/sync", fleet.sync_body(&v1, &[&bad.url, &good]));
     assert_eq!(code, 200, "{r}");
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
 
     // A version no source has.
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": "ab".repeat(32), "sources": [good]}),
-    );
-    assert_eq!(code, 502);
+    let mut body = fleet.sync_body(&v1, &[&good]);
+    body["version"] = json!("ab".repeat(32));
+    let (code, r) = fleet.post(0, "/v1/sync", body);
+    assert_eq!(code, 403);
     assert!(
-        r["error"].as_str().unwrap().contains("no source has it"),
+        r["error"].as_str().unwrap().contains("is about version"),
         "{r}"
     );
     assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
@@ -340,6 +337,8 @@ fn a_plain_static_server_is_a_source() {
     cmd.args(["-u", "-c", "import http.server,socketserver,sys,os\nos.chdir(sys.argv[1])\nh=http.server.SimpleHTTPRequestHandler\nh.log_message=lambda *a: None\ns=socketserver.TCPServer(('127.0.0.1',0),h)\nprint('serving on http://127.0.0.1:%d' % s.server_address[1], flush=True)\ns.serve_forever()"])
         .arg(&fleet.env.store);
     let stat = Proc::start(cmd);
+    // Not even the signature comes with the request: it is one of the
+    // static files too.
     let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [stat.url]}));
     assert_eq!(code, 200, "{r}");
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
@@ -438,24 +437,10 @@ fn sync_reports_a_failing_host_and_fails() {
     versioned_tree(&staging, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    // Host 1 answers polls but refuses to sync: its agent has another token.
-    let other = fleet.env.path("other-token");
-    fs::write(&other, "a-different-token\n").unwrap();
-    fs::set_permissions(&other, fs::Permissions::from_mode(0o600)).unwrap();
-    fleet.hosts[1].proc.kill();
-    let mut cmd = std::process::Command::new(SCAP);
-    cmd.args([
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--host",
-        "mw1002",
-        "--token-file",
-    ])
-    .arg(&other)
-    .arg("--dir")
-    .arg(&fleet.hosts[1].dir);
-    fleet.hosts[1].proc = Proc::start(cmd);
+    // Host 1 answers polls but refuses to sync: it accepts changes from
+    // another deployer only.
+    fleet.hosts[1].extra = vec!["--deployer".into(), "someone-else".into()];
+    fleet.restart(1);
     let group = fleet.group("group", &[0, 1]);
     let sync = |version: &str| {
         fleet
@@ -463,14 +448,7 @@ fn sync_reports_a_failing_host_and_fails() {
             .cmd()
             .args(["sync", "--hosts"])
             .arg(&group)
-            .args([
-                "--version",
-                version,
-                "--source",
-                &fleet.source(),
-                "--token-file",
-            ])
-            .arg(&fleet.token_file)
+            .args(["--version", version, "--source", &fleet.source()])
             .output()
             .unwrap()
     };
@@ -486,7 +464,7 @@ fn sync_reports_a_failing_host_and_fails() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let bad = format!("127.0.0.1:{}", fleet.hosts[1].proc.port());
     assert!(
-        stdout.contains(&bad) && stdout.contains("FAIL") && stdout.contains("HTTP 401"),
+        stdout.contains(&bad) && stdout.contains("FAIL") && stdout.contains("HTTP 403"),
         "{stdout}"
     );
     assert!(stdout.contains("1 of 2 hosts ok"), "{stdout}");
@@ -521,24 +499,7 @@ fn full_disk_on_a_host_keeps_the_live_release() {
     write(&staging, "big/l10n.cdb", &noise(2 << 20, 1));
     let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
-    let mut cmd = std::process::Command::new(SCAP);
-    cmd.args([
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--host",
-        "mw-small",
-        "--token-file",
-    ])
-    .arg(&fleet.token_file)
-    .arg("--dir")
-    .arg(mnt.join("scap"));
-    fleet.hosts.push(Host {
-        name: "mw-small".into(),
-        dir: mnt.join("scap"),
-        proc: Proc::start(cmd),
-        extra: vec![],
-    });
+    fleet.add_host("mw-small", &mnt.join("scap"));
     let (code, r) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200, "{r}");
     // v2 needs 2 MB in the store and 2 MB in a release: it does not fit.
@@ -595,8 +556,9 @@ fn cutting_proxy(upstream: &str, budget: usize) -> (String, std::thread::JoinHan
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let scheme = upstream.split("://").next().unwrap().to_string();
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let upstream = upstream.split("://").nth(1).unwrap().to_string();
     let handle = std::thread::spawn(move || {
         for client in listener.incoming().take(64) {
             let Ok(mut client) = client else { return };
@@ -641,16 +603,12 @@ fn a_source_dying_mid_transfer_is_resumed_elsewhere() {
     let (dying, _t) = cutting_proxy(&good, 300_000);
 
     // Only the dying source: the sync fails and the host stays as it was...
-    let (code, r) = fleet.post(0, "/v1/sync", json!({"version": v1, "sources": [dying]}));
+    let (code, r) = fleet.post(0, "/v1/sync", fleet.sync_body(&v1, &[&dying]));
     assert_eq!(code, 502, "{r}");
     assert!(r["error"].as_str().unwrap().contains(&dying), "{r}");
     assert_eq!(fleet.current(0), None);
     // ...but keeps the objects that arrived whole: the next sync resumes.
-    let (code, r) = fleet.post(
-        0,
-        "/v1/sync",
-        json!({"version": v1, "sources": [dying, good]}),
-    );
+    let (code, r) = fleet.post(0, "/v1/sync", fleet.sync_body(&v1, &[&dying, &good]));
     assert_eq!(code, 200, "{r}");
     let fetched = r["fetched"]["chunks"].as_u64().unwrap();
     let total = fleet.env.ok(&["verify", &v1]);
@@ -687,15 +645,23 @@ fn a_hostile_tree_from_a_source_is_rejected() {
     file.extend_from_slice(payload);
     fs::create_dir_all(store.join("objects").join(&id[..2])).unwrap();
     fs::write(store.join("objects").join(&id[..2]).join(&id[2..]), file).unwrap();
-    let mut cmd = std::process::Command::new(SCAP);
-    cmd.arg("--store")
-        .arg(&store)
-        .args(["serve", "--listen", "127.0.0.1:0"]);
-    let server = Proc::start(cmd);
+    let server = fleet.serve_store(&store, &[]);
+    // Signed by the deploy key (as a compromised deploy host could):
+    // still refused, for what it is.
+    let key = scap::store::signature::SigningKey::load(&fleet.env.pki.deploy_key()).unwrap();
+    let doc = key
+        .sign(&scap::store::signature::Statement::new(
+            id.parse().unwrap(),
+            None,
+            vec![],
+            "mallory",
+            1,
+        ))
+        .unwrap();
     let (code, r) = fleet.post(
         0,
         "/v1/sync",
-        json!({"version": id, "sources": [server.url]}),
+        json!({"version": id, "sources": [server.url], "signature": doc}),
     );
     assert_eq!(code, 502, "{r}");
     assert!(r["error"].as_str().unwrap().contains("bad name"), "{r}");

@@ -159,8 +159,6 @@ fn weights_from_an_inventory() {
             "--inventory",
         ])
         .arg(&inv)
-        .arg("--token-file")
-        .arg(&fleet.token_file)
         .output()
         .unwrap();
     let log = ok(&out);
@@ -209,7 +207,7 @@ fn a_failing_gate_rolls_back_exactly_this_steps_hosts() {
     // An HTTP probe that passes ({host} is each step host's agent).
     ok(&fleet.rollout(
         &new,
-        &["--canary=30%", "--check-url", "http://{host}/v1/health"],
+        &["--canary=30%", "--check-url", "https://{host}/v1/health"],
     ));
     assert_eq!(fleet.on(&new).len(), 3);
     // A failing probe without --yes and without a terminal: refused up front.
@@ -222,7 +220,7 @@ fn a_failing_gate_rolls_back_exactly_this_steps_hosts() {
         &source,
         "--canary=50%",
         "--check-url",
-        "http://{host}/nope",
+        "https://{host}/nope",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

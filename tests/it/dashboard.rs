@@ -160,18 +160,14 @@ fn fleet_and_server(n: usize) -> (Fleet, String, String, String) {
         .env
         .build(&[("mediawiki", &staging)], &["--label", "1.46.0-wmf.2"]);
     let group = fleet.group("all-hosts", &(0..n).collect::<Vec<_>>());
-    let mut cmd = fleet.env.cmd();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--poll-interval",
-        "1",
-        "--hosts",
-    ])
-    .arg(&group);
-    let p = Proc::start(cmd);
-    let url = p.url.clone();
+    let store = fleet.env.store.clone();
+    let p = fleet.serve_store(
+        &store,
+        &["--poll-interval", "1", "--hosts", group.to_str().unwrap()],
+    );
+    // The read-only dashboard has a listener of its own (plain HTTP, on
+    // loopback); the object service is TLS.
+    let url = p.dashboard();
     fleet.server = Some(p);
     (fleet, old, new, url)
 }
@@ -240,7 +236,7 @@ fn the_dashboard_follows_a_rollout_live() {
 #[test]
 fn api_rejects_bad_parameters() {
     let (fleet, old, new, url) = fleet_and_server(2);
-    let http = Fleet::http();
+    let http = fleet.http.clone();
     let get = |path: &str| {
         let r = http.get(format!("{url}{path}")).send().unwrap();
         (r.status().as_u16(), r.json::<Value>().unwrap())
@@ -272,7 +268,7 @@ fn both_metrics_endpoints_parse_as_prometheus_text() {
     let (fleet, old, _new, url) = fleet_and_server(2);
     ok(&fleet.rollout(&old, &["--canary=100%"]));
     std::thread::sleep(Duration::from_millis(1500)); // one dashboard poll
-    let http = Fleet::http();
+    let http = fleet.http.clone();
     let scrape = |u: &str| {
         let text = http.get(u).send().unwrap().text().unwrap();
         let lines = text.lines().map(|l| Ok(l.to_string()));

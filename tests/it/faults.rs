@@ -342,8 +342,6 @@ fn gc_during_a_build_or_a_sync_file_never_eats_its_version() {
         .arg(&mw)
         .arg("--hosts")
         .arg(&group)
-        .arg("--token-file")
-        .arg(&fleet.token_file)
         .args(["--source", &fleet.source(), "--yes", "--wait", "0"])
         .env("SCAP_FAILPOINT", "patch:committed:pause=1500")
         .stdout(std::process::Stdio::piped())
@@ -620,11 +618,9 @@ fn a_hostile_source_cannot_exhaust_or_stall_the_agent() {
     ] {
         let src = hostile_source(mode);
         let started = Instant::now();
-        let (code, r) = fleet.post(
-            0,
-            "/v1/sync",
-            json!({"version": v2, "sources": [src], "fetch_timeout_seconds": 4}),
-        );
+        let mut body = fleet.sync_body(&v2, &[&src]);
+        body["fetch_timeout_seconds"] = json!(4);
+        let (code, r) = fleet.post(0, "/v1/sync", body);
         assert_eq!(code, 502, "{mode:?}: {r}");
         let err = r["error"].as_str().unwrap();
         assert!(
@@ -658,16 +654,12 @@ fn rollback_pre_empts_a_fetch_and_the_work_after_a_switch() {
     assert_eq!(fleet.sync_to(0, &v1).0, 200);
     assert_eq!(fleet.sync_to(0, &v2).0, 200);
     // A sync that would take minutes (a trickling source)...
-    let url = fleet.hosts[0].proc.url.clone();
     let slow = hostile_source(Hostile::Trickle);
-    let target = v3.clone();
+    let req = fleet
+        .request("POST", 0, "/v1/sync")
+        .json(&fleet.sync_body(&v3, &[&slow]));
     let sync = std::thread::spawn(move || {
-        let r = Fleet::http()
-            .post(format!("{url}/v1/sync"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"version": target, "sources": [slow]}))
-            .send()
-            .unwrap();
+        let r = req.send().unwrap();
         (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -782,7 +774,9 @@ fn fake_agent(body: &'static str) -> u16 {
 
 #[test]
 fn malformed_agent_answers_are_named_never_a_crash() {
-    let mut fleet = Fleet::start(2);
+    // The fake agent speaks plain HTTP: so does this fleet (the parsing is
+    // the same over TLS).
+    let mut fleet = Fleet::start_insecure(2);
     let st = fleet.env.path("staging");
     write(&st, "index.php", b"<?php\n");
     let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
@@ -812,8 +806,7 @@ fn malformed_agent_answers_are_named_never_a_crash() {
                 .args(args)
                 .arg("--hosts")
                 .arg(&group)
-                .arg("--token-file")
-                .arg(&fleet.token_file)
+                .args(fleet.transport("deployer"))
                 .output()
                 .unwrap()
         };
@@ -864,13 +857,18 @@ fn agent_killed_at_every_step_of_a_sync_is_on_one_version() {
         tree_of_files(&st, 150, 20 + n as u64);
         write(&st, "VERSION", point.as_bytes());
         let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
-        assert_eq!(fleet.sync_to(0, &v1).0, 200, "{point}");
+        // Back to v1 (older than what the host ran: only a rollback goes
+        // back in time).
+        let (code, r) = if n == 0 {
+            fleet.sync_to(0, &v1)
+        } else {
+            fleet.post(0, "/v1/rollback", json!({"to": v1}))
+        };
+        assert_eq!(code, 200, "{point}: {r}");
         fleet.restart_with(0, &[("SCAP_FAILPOINT", point)]);
-        let url = fleet.hosts[0].proc.url.clone();
-        let r = Fleet::http()
-            .post(format!("{url}/v1/sync"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"version": v2, "sources": [fleet.source()]}))
+        let r = fleet
+            .request("POST", 0, "/v1/sync")
+            .json(&fleet.sync_body(&v2, &[&fleet.source()]))
             .send();
         assert!(r.is_err() || !r.unwrap().status().is_success(), "{point}");
         let _ = fleet.hosts[0].proc.child.wait();
@@ -917,19 +915,16 @@ fn agent_and_builder_killed_at_random_moments_repeatedly() {
     tree_of_files(&mw, 100, 15);
     for round in 0..rounds() {
         // The agent, killed somewhere in a sync.
-        let url = fleet.hosts[0].proc.url.clone();
         let target = if fleet.current(0).as_deref() == Some(v1.as_str()) {
             v2.clone()
         } else {
             v1.clone()
         };
-        let source = fleet.source();
+        let req = fleet
+            .request("POST", 0, "/v1/sync")
+            .json(&fleet.sync_body(&target, &[&fleet.source()]));
         let t = std::thread::spawn(move || {
-            let _ = Fleet::http()
-                .post(format!("{url}/v1/sync"))
-                .bearer_auth(TOKEN)
-                .json(&json!({"version": target, "sources": [source]}))
-                .send();
+            let _ = req.send();
         });
         std::thread::sleep(Duration::from_millis(rng(&mut x) % 120));
         fleet.restart(0);

@@ -9,16 +9,68 @@ use std::process::{Command, Output};
 
 pub const SCAP: &str = env!("CARGO_BIN_EXE_scap");
 
+/// A temp dir with a store, a lab PKI (`pki/`: CA, certificates, deploy
+/// key) and a `scap.toml` that makes every command run in it use TLS with
+/// the deployer's certificate and sign what it builds: the defaults a user
+/// gets, exercised by every test.
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub store: PathBuf,
+    pub pki: scap::pki::Lab,
 }
 
 impl Env {
     pub fn new() -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = dir.path().join("store");
-        Env { dir, store }
+        let pki = scap::pki::init(&dir.path().join("pki"), &[], 30).expect("a lab PKI");
+        fs::write(
+            dir.path().join("scap.toml"),
+            format!(
+                "sign_key = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                pki.deploy_key().display(),
+                pki.ca().display(),
+                pki.cert("deployer").display(),
+                pki.key("deployer").display()
+            ),
+        )
+        .unwrap();
+        Env { dir, store, pki }
+    }
+
+    /// `--ca --cert --key` for a process of `role` (server, agent, deployer).
+    pub fn tls_args(&self, role: &str) -> Vec<String> {
+        [
+            ("--ca", self.pki.ca()),
+            ("--cert", self.pki.cert(role)),
+            ("--key", self.pki.key(role)),
+        ]
+        .into_iter()
+        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
+        .collect()
+    }
+
+    /// A blocking HTTPS client that trusts the lab CA and presents the
+    /// certificate of `role`.
+    pub fn client(&self, role: &str) -> reqwest::blocking::Client {
+        let mut pem = fs::read(self.pki.cert(role)).unwrap();
+        pem.extend(fs::read(self.pki.key(role)).unwrap());
+        reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&fs::read(self.pki.ca()).unwrap()).unwrap(),
+            )
+            .identity(reqwest::Identity::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    /// The signature file of version `v` in the deploy store, as JSON.
+    pub fn signature(&self, v: &str) -> serde_json::Value {
+        let p = self.store.join("versions").join(format!("{v}.sig"));
+        serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+            .unwrap()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -171,7 +223,10 @@ pub fn copy_tree(from: &Path, to: &Path) {
 /// A child process that serves HTTP; killed on drop.
 pub struct Proc {
     pub child: std::process::Child,
+    /// The first URL it printed.
     pub url: String,
+    /// Its first line of output.
+    pub line: String,
 }
 
 impl Proc {
@@ -192,14 +247,29 @@ impl Proc {
             }
         };
         let url = line[line
-            .find("http://")
+            .find("http")
             .unwrap_or_else(|| panic!("no address in {line:?}"))..]
             .split_whitespace()
             .next()
             .unwrap()
             .to_string();
         std::thread::spawn(move || for _ in lines {});
-        Proc { child, url }
+        Proc { child, url, line }
+    }
+
+    /// `scap serve`'s dashboard URL (no trailing slash).
+    pub fn dashboard(&self) -> String {
+        let at = self
+            .line
+            .find("dashboard on ")
+            .unwrap_or_else(|| panic!("no dashboard in {:?}", self.line))
+            + "dashboard on ".len();
+        self.line[at..]
+            .split(|c: char| c.is_whitespace() || c == ')')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string()
     }
 
     pub fn kill(&mut self) {
@@ -228,11 +298,15 @@ pub struct Host {
     pub extra: Vec<String>,
 }
 
-/// A deploy host (`scap serve` over `env.store`) and agents on loopback.
+/// A deploy host (`scap serve` over `env.store`) and agents on loopback,
+/// over TLS with the lab PKI (or, `insecure`, plain HTTP with a token).
 pub struct Fleet {
     pub server: Option<Proc>,
     pub hosts: Vec<Host>,
     pub token_file: PathBuf,
+    pub insecure: bool,
+    /// The deployer's client (TLS), or a plain one (insecure).
+    pub http: reqwest::blocking::Client,
     /// Last, so the processes above are killed before their files go.
     pub env: Env,
 }
@@ -244,15 +318,34 @@ impl Fleet {
     }
 
     pub fn start_with(n: usize, agent_args: &[&str]) -> Fleet {
+        Fleet::start_mode(n, agent_args, false)
+    }
+
+    /// `n` agents over plain HTTP with the bearer token (`--insecure-http`).
+    pub fn start_insecure(n: usize) -> Fleet {
+        Fleet::start_mode(n, &[], true)
+    }
+
+    fn start_mode(n: usize, agent_args: &[&str], insecure: bool) -> Fleet {
         let env = Env::new();
         let token_file = env.path("token");
         fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
         fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+        let http = if insecure {
+            reqwest::blocking::Client::builder()
+                .timeout(std::time::Duration::from_secs(120))
+                .build()
+                .unwrap()
+        } else {
+            env.client("deployer")
+        };
         let mut fleet = Fleet {
             env,
             server: None,
             hosts: Vec::new(),
             token_file,
+            insecure,
+            http,
         };
         for i in 0..n {
             let name = format!("mw{}", 1001 + i);
@@ -276,6 +369,19 @@ impl Fleet {
         self.agent_proc_env(name, dir, listen, extra, &[])
     }
 
+    /// The transport flags of a process of `role` in this fleet.
+    pub fn transport(&self, role: &str) -> Vec<String> {
+        if self.insecure {
+            vec![
+                "--insecure-http".into(),
+                "--token-file".into(),
+                self.token_file.display().to_string(),
+            ]
+        } else {
+            self.env.tls_args(role)
+        }
+    }
+
     fn agent_proc_env(
         &self,
         name: &str,
@@ -285,8 +391,9 @@ impl Fleet {
         env: &[(&str, &str)],
     ) -> Proc {
         let mut cmd = Command::new(SCAP);
-        cmd.args(["agent", "--listen", listen, "--host", name, "--token-file"])
-            .arg(&self.token_file)
+        cmd.args(["agent", "--listen", listen, "--host", name, "--trusted-key"])
+            .arg(self.env.pki.deploy_pub())
+            .args(self.transport("agent"))
             .arg("--dir")
             .arg(dir)
             .args(extra)
@@ -295,6 +402,17 @@ impl Fleet {
             cmd.env(k, v);
         }
         Proc::start(cmd)
+    }
+
+    /// Starts one more agent, `name`, in `dir`.
+    pub fn add_host(&mut self, name: &str, dir: &Path) {
+        let proc = self.agent_proc(name, dir, "127.0.0.1:0", &[]);
+        self.hosts.push(Host {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            proc,
+            extra: vec![],
+        });
     }
 
     /// Restarts host `i`'s agent (after a kill), on a new port.
@@ -314,12 +432,31 @@ impl Fleet {
     }
 
     pub fn serve(&mut self) -> String {
-        let mut cmd = self.env.cmd();
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
-        let p = Proc::start(cmd);
+        let p = self.serve_store(&self.env.store.clone(), &[]);
         let url = p.url.clone();
         self.server = Some(p);
         url
+    }
+
+    /// `scap serve` of `store` with this fleet's transport; `extra` flags
+    /// (--hosts, ...). Its dashboard listens on a port of its own.
+    pub fn serve_store(&self, store: &Path, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(SCAP);
+        cmd.env_remove("SCAP_STORE")
+            .env_remove("SCAP_CONFIG")
+            .current_dir(self.env.dir.path())
+            .arg("--store")
+            .arg(store)
+            .args(self.transport("server"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--dashboard-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra);
+        Proc::start(cmd)
     }
 
     pub fn source(&self) -> String {
@@ -344,64 +481,61 @@ impl Fleet {
             .cmd()
             .args(["sync", "--hosts"])
             .arg(&group)
-            .args([
-                "--version",
-                version,
-                "--source",
-                &self.source(),
-                "--token-file",
-            ])
-            .arg(&self.token_file)
+            .args(["--version", version, "--source", &self.source()])
+            .args(self.transport("deployer"))
             .args(["--json"])
             .output()
             .unwrap()
     }
 
-    pub fn http() -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .unwrap()
+    /// A request to host `i`'s agent as the deployer (its certificate, or
+    /// the token when insecure).
+    pub fn request(&self, method: &str, i: usize, path: &str) -> reqwest::blocking::RequestBuilder {
+        let url = format!("{}{path}", self.hosts[i].proc.url);
+        let r = match method {
+            "GET" => self.http.get(url),
+            _ => self.http.post(url),
+        };
+        if self.insecure {
+            r.bearer_auth(TOKEN)
+        } else {
+            r
+        }
     }
 
-    /// POST to host `i`'s agent with the right token.
+    /// POST to host `i`'s agent as the deployer.
     pub fn post(&self, i: usize, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = Fleet::http()
-            .post(format!("{}{path}", self.hosts[i].proc.url))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .unwrap();
+        let r = self.request("POST", i, path).json(&body).send().unwrap();
         let status = r.status().as_u16();
         (status, r.json().unwrap())
     }
 
-    /// Asks host `i` to sync to `version` from the fleet's server.
-    pub fn sync_to(&self, i: usize, version: &str) -> (u16, serde_json::Value) {
-        self.post(
-            i,
-            "/v1/sync",
-            serde_json::json!({"version": version, "sources": [self.source()]}),
-        )
+    /// The body of a sync of `version` from `sources`, with its signature
+    /// (as the controller sends it).
+    pub fn sync_body(&self, version: &str, sources: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "version": version,
+            "sources": sources,
+            "signature": self.env.signature(version),
+        })
     }
 
-    /// GET from host `i`'s agent, with the right token.
+    /// Asks host `i` to sync to `version` from the fleet's server.
+    pub fn sync_to(&self, i: usize, version: &str) -> (u16, serde_json::Value) {
+        let body = self.sync_body(version, &[&self.source()]);
+        self.post(i, "/v1/sync", body)
+    }
+
+    /// GET from host `i`'s agent as the deployer.
     pub fn get(&self, i: usize, path: &str) -> (u16, serde_json::Value) {
-        let r = Fleet::http()
-            .get(format!("{}{path}", self.hosts[i].proc.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap();
+        let r = self.request("GET", i, path).send().unwrap();
         let status = r.status().as_u16();
         (status, r.json().unwrap())
     }
 
     /// The version host `i` says it runs.
     pub fn current(&self, i: usize) -> Option<String> {
-        let r = Fleet::http()
-            .get(format!("{}/v1/state", self.hosts[i].proc.url))
-            .send()
-            .ok()?;
+        let r = self.request("GET", i, "/v1/state").send().ok()?;
         let st: serde_json::Value = r.json().ok()?;
         st["state"]["current"]["version"]
             .as_str()
@@ -467,8 +601,7 @@ impl Fleet {
         cmd.args(args)
             .arg("--hosts")
             .arg(&group)
-            .arg("--token-file")
-            .arg(&self.token_file);
+            .args(self.transport("deployer"));
         cmd.output().unwrap()
     }
 

@@ -10,6 +10,7 @@ use super::{IoContext, Result, Store, StoreError};
 use crate::store::fsutil::{atomic_write, read_head};
 use crate::store::id::{IdError, IdPrefix, ObjectId, ObjectKind, TreeId, VersionId};
 use crate::store::object;
+use crate::store::signature::SignedVersion;
 
 /// A version record: what `build-manifest` knew about a version. Kept beside
 /// the version, not part of its hash.
@@ -70,7 +71,61 @@ impl Store {
         }
     }
 
+    fn signature_path(&self, v: &VersionId) -> PathBuf {
+        self.root()
+            .join("versions")
+            .join(format!("{}.sig", v.to_hex()))
+    }
+
+    /// Writes (replaces) a version's signatures, `versions/<id>.sig`.
+    pub fn write_signature(&self, v: &VersionId, doc: &SignedVersion) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(doc).expect("signatures serialize");
+        json.push(b'\n');
+        atomic_write(&self.signature_path(v), &json)
+    }
+
+    /// A version's signatures, if it has any.
+    pub fn signature(&self, v: &VersionId) -> Result<Option<SignedVersion>> {
+        let path = self.signature_path(v);
+        match fs::read(&path) {
+            Ok(b) => SignedVersion::parse(&b)
+                .map(Some)
+                .map_err(|why| StoreError::BadRecord { path, why }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    /// Removes the signature files of versions not in `keep` (an agent's
+    /// store keeps signatures only for what it can switch to).
+    pub fn retain_signatures(&self, keep: &[VersionId]) -> Result<()> {
+        let dir = self.root().join("versions");
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(v) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".sig"))
+                .and_then(|h| h.parse::<VersionId>().ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&v) {
+                let p = e.path();
+                fs::remove_file(&p).at(&p)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_record(&self, v: &VersionId) -> Result<()> {
+        let sig = self.signature_path(v);
+        match fs::remove_file(&sig) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e).at(&sig),
+            _ => {}
+        }
         let path = self.record_path(v);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e).at(&path),
