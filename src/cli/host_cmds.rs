@@ -191,7 +191,22 @@ pub struct AgentArgs {
     insecure_allow_unsigned: bool,
 }
 
+/// Raises the soft limit on open files to the hard one (systemd's default
+/// soft limit is 1024): the agent's own budget is a few hundred, but hooks
+/// and HTTP clients add theirs.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::debug!("cannot raise the open-files limit: {e}");
+        }
+    }
+}
+
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
+    raise_open_files_limit();
     let transport = ctx.transport()?;
     let host = match a.host {
         Some(h) => h,

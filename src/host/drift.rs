@@ -8,12 +8,11 @@
 //! version gives it.
 
 use std::io::Read;
-use std::sync::Arc;
 
 use rayon::prelude::*;
 use rustix::fs::FileType;
 
-use super::materialize::Dir;
+use super::materialize::{Arena, Cursor, Dir};
 use crate::cancel::Cancel;
 use crate::store::chunk::{self, ChunkError};
 use crate::store::tree::{ChunkRef, MAX_DEPTH};
@@ -28,11 +27,15 @@ pub struct Drift {
 }
 
 struct FileCheck {
-    dir: Arc<Dir>,
+    /// Its directory, in the walk's arena.
+    dir: u32,
     name: TreeName,
     rel: Vec<u8>,
     content: Content,
 }
+
+/// Files re-hashed per parallel task.
+const CHECKS_PER_TASK: usize = 64;
 
 pub fn check(
     store: &Store,
@@ -42,9 +45,13 @@ pub fn check(
 ) -> Result<Drift, StoreError> {
     let mut drift = Drift::default();
     let mut files = Vec::new();
+    let mut arena = Arena::new();
+    let root_idx = arena.push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
     walk(
         store,
-        &Arc::new(root),
+        &root,
+        root_idx,
+        &mut arena,
         tree,
         &[],
         0,
@@ -54,10 +61,23 @@ pub fn check(
     )?;
     drift.checked_files = files.len() as u64;
     let bad: Vec<(char, String, String)> = files
-        .par_iter()
-        .map(|f| {
-            cancel.check()?;
-            Ok(check_file(f))
+        .par_chunks(CHECKS_PER_TASK)
+        .map(|chunk| {
+            let mut cursor = Cursor::new(&root, &arena);
+            let mut bad = Vec::new();
+            for f in chunk {
+                cancel.check()?;
+                let found = match cursor.dir(f.dir) {
+                    Ok(dir) => check_file(dir, f),
+                    Err(e) => Some((
+                        'T',
+                        String::from_utf8_lossy(&f.rel).into_owned(),
+                        format!("cannot open its directory: {e}"),
+                    )),
+                };
+                bad.extend(found);
+            }
+            Ok(bad)
         })
         .collect::<Result<Vec<_>, StoreError>>()?
         .into_iter()
@@ -68,7 +88,7 @@ pub fn check(
     Ok(drift)
 }
 
-fn check_file(f: &FileCheck) -> Option<(char, String, String)> {
+fn check_file(dir: &Dir, f: &FileCheck) -> Option<(char, String, String)> {
     let Content::File {
         chunks,
         executable,
@@ -78,7 +98,7 @@ fn check_file(f: &FileCheck) -> Option<(char, String, String)> {
         return None;
     };
     let shown = String::from_utf8_lossy(&f.rel).into_owned();
-    let file = match f.dir.open_file(f.name.as_bytes()) {
+    let file = match dir.open_file(f.name.as_bytes()) {
         Ok(file) => file,
         Err(e) => return Some(('M', shown, format!("cannot read it: {e}"))),
     };
@@ -95,7 +115,9 @@ fn check_file(f: &FileCheck) -> Option<(char, String, String)> {
 #[allow(clippy::too_many_arguments)]
 fn walk(
     store: &Store,
-    dir: &Arc<Dir>,
+    dir: &Dir,
+    idx: u32,
+    arena: &mut Arena,
     tree: &TreeId,
     rel: &[u8],
     depth: usize,
@@ -133,16 +155,21 @@ fn walk(
         };
         match &e.content {
             Content::Dir { tree, .. } if kind == FileType::Directory => match dir.subdir(name) {
-                Ok(sub) => walk(
-                    store,
-                    &Arc::new(sub),
-                    tree,
-                    &p,
-                    depth + 1,
-                    drift,
-                    files,
-                    cancel,
-                )?,
+                Ok(sub) => {
+                    let sub_idx = arena.push(idx, e.name.clone());
+                    walk(
+                        store,
+                        &sub,
+                        sub_idx,
+                        arena,
+                        tree,
+                        &p,
+                        depth + 1,
+                        drift,
+                        files,
+                        cancel,
+                    )?
+                }
                 Err(err) => drift
                     .changes
                     .push(('T', shown, format!("cannot open it: {err}"))),
@@ -155,7 +182,7 @@ fn walk(
                 }
             }
             c @ Content::File { .. } if kind == FileType::RegularFile => files.push(FileCheck {
-                dir: dir.clone(),
+                dir: idx,
                 name: e.name.clone(),
                 rel: p,
                 content: c.clone(),

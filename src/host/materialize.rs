@@ -25,8 +25,6 @@ use std::io::{self, BufWriter};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -42,8 +40,6 @@ use crate::store::{Content, Store, StoreError, TreeId, TreeName};
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
-    /// Whether a name was added or removed here (its fsync is then due).
-    touched: AtomicBool,
 }
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
@@ -65,7 +61,6 @@ impl Dir {
         Ok(Dir {
             fd,
             path: path.to_path_buf(),
-            touched: AtomicBool::new(false),
         })
     }
 
@@ -83,20 +78,15 @@ impl Dir {
         let fd = rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty())
             .map_err(io_err)
             .at(&path)?;
-        Ok(Dir {
-            fd,
-            path,
-            touched: AtomicBool::new(false),
-        })
+        Ok(Dir { fd, path })
     }
 
     /// Creates subdirectory `name` (mode 0755 whatever the umask) and opens it.
-    pub fn mkdir(&self, name: &[u8], sync: &SyncSet) -> Result<Dir, StoreError> {
+    pub fn mkdir(&self, name: &[u8]) -> Result<Dir, StoreError> {
         let path = self.child(name);
         rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o755))
             .map_err(io_err)
             .at(&path)?;
-        self.touch(sync)?;
         let d = self.subdir(name)?;
         rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755))
             .map_err(io_err)
@@ -104,12 +94,11 @@ impl Dir {
         Ok(d)
     }
 
-    pub fn symlink(&self, name: &[u8], target: &[u8], sync: &SyncSet) -> Result<(), StoreError> {
+    pub fn symlink(&self, name: &[u8], target: &[u8]) -> Result<(), StoreError> {
         let path = self.child(name);
         rustix::fs::symlinkat(target, &self.fd, name)
             .map_err(io_err)
-            .at(&path)?;
-        self.touch(sync)
+            .at(&path)
     }
 
     /// Creates regular file `name`, which must not exist, with the mode a
@@ -202,9 +191,8 @@ impl Dir {
 
     /// Removes `name`, whatever it is; a directory with everything in it,
     /// descending only through directories opened without following.
-    pub fn remove(&self, name: &[u8], sync: &SyncSet) -> Result<(), StoreError> {
-        self.remove_at_depth(name, 0)?;
-        self.touch(sync)
+    pub fn remove(&self, name: &[u8]) -> Result<(), StoreError> {
+        self.remove_at_depth(name, 0)
     }
 
     fn remove_at_depth(&self, name: &[u8], depth: usize) -> Result<(), StoreError> {
@@ -229,15 +217,6 @@ impl Dir {
                 .at(&path)
         }
     }
-
-    /// Notes that this directory's entries changed; its fsync is then due.
-    fn touch(&self, sync: &SyncSet) -> Result<(), StoreError> {
-        if !self.touched.swap(true, Ordering::Relaxed) {
-            let dup = self.fd.try_clone().at(&self.path)?;
-            sync.add(dup);
-        }
-        Ok(())
-    }
 }
 
 impl AsFd for Dir {
@@ -258,12 +237,105 @@ pub struct Applied {
     pub removed: u64,
 }
 
+/// The directories a walk has visited, by index (0 is the root): each
+/// knows its parent and name, so that parallel work can reopen any of them
+/// from the root, name by name, without holding one descriptor per
+/// directory (a MediaWiki tree has tens of thousands).
+#[derive(Default)]
+pub(crate) struct Arena {
+    nodes: Vec<(u32, TreeName)>,
+}
+
+impl Arena {
+    pub(crate) fn new() -> Arena {
+        Arena { nodes: Vec::new() }
+    }
+
+    /// Registers `name` under `parent` (`u32::MAX` for the root's own
+    /// entry, which is index 0); returns its index.
+    pub(crate) fn push(&mut self, parent: u32, name: TreeName) -> u32 {
+        self.nodes.push((parent, name));
+        (self.nodes.len() - 1) as u32
+    }
+
+    /// Indices from the root's child down to `idx`.
+    fn chain(&self, mut idx: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        while idx != 0 {
+            out.push(idx);
+            idx = self.nodes[idx as usize].0;
+        }
+        out.reverse();
+        out
+    }
+}
+
+/// Opens arena directories one path at a time: keeps the directories on
+/// the last path asked for open (at most the tree's depth), reopening only
+/// what differs. Each parallel task has its own.
+pub(crate) struct Cursor<'a> {
+    root: &'a Dir,
+    arena: &'a Arena,
+    open: Vec<(u32, Dir)>,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(root: &'a Dir, arena: &'a Arena) -> Cursor<'a> {
+        Cursor {
+            root,
+            arena,
+            open: Vec::new(),
+        }
+    }
+
+    /// Directory `idx`, opened from the root without following anything.
+    pub(crate) fn dir(&mut self, idx: u32) -> Result<&Dir, StoreError> {
+        if idx == 0 {
+            return Ok(self.root);
+        }
+        let chain = self.arena.chain(idx);
+        let keep = self
+            .open
+            .iter()
+            .zip(&chain)
+            .take_while(|((a, _), b)| a == *b)
+            .count();
+        self.open.truncate(keep);
+        for &i in &chain[keep..] {
+            let name = self.arena.nodes[i as usize].1.as_bytes();
+            let d = match self.open.last() {
+                Some((_, parent)) => parent.subdir(name)?,
+                None => self.root.subdir(name)?,
+            };
+            self.open.push((i, d));
+        }
+        Ok(self.open.last().map(|(_, d)| d).unwrap_or(self.root))
+    }
+}
+
+/// Directories whose entries changed (their fsync is due), each added to
+/// the sync set once.
+struct Touched(std::sync::Mutex<std::collections::HashSet<u32>>);
+
+impl Touched {
+    fn mark(&self, idx: u32, dir: &Dir, sync: &SyncSet) -> Result<(), StoreError> {
+        if self.0.lock().expect("not poisoned").insert(idx) {
+            sync.add(dir.fd.try_clone().at(&dir.path)?);
+        }
+        Ok(())
+    }
+}
+
 /// A file to write once every directory exists.
 struct Write1 {
-    dir: Arc<Dir>,
+    dir: u32,
     name: TreeName,
     content: Content,
 }
+
+/// Files written per parallel task (each reopens the directories on its
+/// files' paths).
+const WRITES_PER_TASK: usize = 64;
 
 /// Turns directory `root`, which holds tree `old` (or is empty), into tree
 /// `new`: removals, directories and symlinks first, in tree order, then the
@@ -276,128 +348,141 @@ pub fn apply(
     sync: &SyncSet,
     cancel: &Cancel,
 ) -> Result<Applied, StoreError> {
-    let mut applied = Applied::default();
-    let mut writes = Vec::new();
-    structure(
+    let mut w = Walk {
         store,
-        &Arc::new(root),
-        old,
-        new,
-        0,
-        &mut writes,
-        &mut applied,
         sync,
         cancel,
-    )?;
+        arena: Arena::new(),
+        touched: Touched(Default::default()),
+        writes: Vec::new(),
+        applied: Applied::default(),
+    };
+    let root_idx = w
+        .arena
+        .push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
+    w.structure(&root, root_idx, old, new, 0)?;
     crate::failpoint::hit("agent:slot-half-written");
+    let Walk {
+        arena,
+        touched,
+        writes,
+        mut applied,
+        ..
+    } = w;
     let sizes: Vec<u64> = writes
-        .par_iter()
-        .map(|w| {
-            cancel.check()?;
-            write_file(store, w, sync)
+        .par_chunks(WRITES_PER_TASK)
+        .map(|chunk| {
+            let mut cursor = Cursor::new(&root, &arena);
+            let mut total = 0;
+            for w in chunk {
+                cancel.check()?;
+                let dir = cursor.dir(w.dir)?;
+                touched.mark(w.dir, dir, sync)?;
+                total += write_file(store, dir, w, sync)?;
+            }
+            Ok(total)
         })
-        .collect::<Result<_, _>>()?;
-    applied.files_written += sizes.len() as u64;
+        .collect::<Result<_, StoreError>>()?;
+    applied.files_written += writes.len() as u64;
     applied.bytes_written += sizes.iter().sum::<u64>();
     Ok(applied)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn structure(
-    store: &Store,
-    dir: &Arc<Dir>,
-    old: Option<&TreeId>,
-    new: &TreeId,
-    depth: usize,
-    writes: &mut Vec<Write1>,
-    applied: &mut Applied,
-    sync: &SyncSet,
-    cancel: &Cancel,
-) -> Result<(), StoreError> {
-    if old == Some(new) {
-        return Ok(());
-    }
-    cancel.check()?;
-    if depth > MAX_DEPTH {
-        return Err(StoreError::BadTree {
-            id: *new,
-            source: crate::store::tree::TreeError::NotCanonical("nested deeper than 256 levels"),
-        });
-    }
-    let old_tree = old.map(|t| store.tree(t)).transpose()?;
-    let new_tree = store.tree(new)?;
-    if let Some(old_tree) = &old_tree {
-        for e in old_tree.entries() {
-            if new_tree.get(e.name.as_bytes()).is_none() {
-                dir.remove(e.name.as_bytes(), sync)?;
-                applied.removed += 1;
-            }
-        }
-    }
-    for e in new_tree.entries() {
-        let name = e.name.as_bytes();
-        let before = old_tree
-            .as_ref()
-            .and_then(|t| t.get(name))
-            .map(|e| &e.content);
-        match (before, &e.content) {
-            (Some(a), b) if a == b => {}
-            (Some(Content::Dir { tree: a, .. }), Content::Dir { tree: b, .. }) => {
-                let sub = Arc::new(dir.subdir(name)?);
-                structure(
-                    store,
-                    &sub,
-                    Some(a),
-                    b,
-                    depth + 1,
-                    writes,
-                    applied,
-                    sync,
-                    cancel,
-                )?;
-            }
-            (
-                Some(Content::File { chunks: a, .. }),
-                Content::File {
-                    chunks: b,
-                    executable,
-                    ..
-                },
-            ) if a == b => dir.chmod_file(name, *executable, sync)?,
-            (before, new) => {
-                if before.is_some() {
-                    dir.remove(name, sync)?;
-                    applied.removed += 1;
-                }
-                match new {
-                    Content::Dir { tree, .. } => {
-                        let sub = Arc::new(dir.mkdir(name, sync)?);
-                        structure(
-                            store,
-                            &sub,
-                            None,
-                            tree,
-                            depth + 1,
-                            writes,
-                            applied,
-                            sync,
-                            cancel,
-                        )?;
-                    }
-                    Content::Symlink { target } => dir.symlink(name, target, sync)?,
-                    file @ Content::File { .. } => writes.push(Write1 {
-                        dir: dir.clone(),
-                        name: e.name.clone(),
-                        content: file.clone(),
-                    }),
-                }
-            }
-        }
-    }
-    Ok(())
+/// The structure pass of [`apply`].
+struct Walk<'a> {
+    store: &'a Store,
+    sync: &'a SyncSet,
+    cancel: &'a Cancel,
+    arena: Arena,
+    touched: Touched,
+    writes: Vec<Write1>,
+    applied: Applied,
 }
 
-fn write_file(store: &Store, w: &Write1, sync: &SyncSet) -> Result<u64, StoreError> {
+impl Walk<'_> {
+    fn structure(
+        &mut self,
+        dir: &Dir,
+        idx: u32,
+        old: Option<&TreeId>,
+        new: &TreeId,
+        depth: usize,
+    ) -> Result<(), StoreError> {
+        if old == Some(new) {
+            return Ok(());
+        }
+        self.cancel.check()?;
+        if depth > MAX_DEPTH {
+            return Err(StoreError::BadTree {
+                id: *new,
+                source: crate::store::tree::TreeError::NotCanonical(
+                    "nested deeper than 256 levels",
+                ),
+            });
+        }
+        let old_tree = old.map(|t| self.store.tree(t)).transpose()?;
+        let new_tree = self.store.tree(new)?;
+        if let Some(old_tree) = &old_tree {
+            for e in old_tree.entries() {
+                if new_tree.get(e.name.as_bytes()).is_none() {
+                    dir.remove(e.name.as_bytes())?;
+                    self.touched.mark(idx, dir, self.sync)?;
+                    self.applied.removed += 1;
+                }
+            }
+        }
+        for e in new_tree.entries() {
+            let name = e.name.as_bytes();
+            let before = old_tree
+                .as_ref()
+                .and_then(|t| t.get(name))
+                .map(|e| &e.content);
+            match (before, &e.content) {
+                (Some(a), b) if a == b => {}
+                (Some(Content::Dir { tree: a, .. }), Content::Dir { tree: b, .. }) => {
+                    let sub = dir.subdir(name)?;
+                    let sub_idx = self.arena.push(idx, e.name.clone());
+                    self.structure(&sub, sub_idx, Some(a), b, depth + 1)?;
+                }
+                (
+                    Some(Content::File { chunks: a, .. }),
+                    Content::File {
+                        chunks: b,
+                        executable,
+                        ..
+                    },
+                ) if a == b => dir.chmod_file(name, *executable, self.sync)?,
+                (before, new) => {
+                    if before.is_some() {
+                        dir.remove(name)?;
+                        self.touched.mark(idx, dir, self.sync)?;
+                        self.applied.removed += 1;
+                    }
+                    match new {
+                        Content::Dir { tree, .. } => {
+                            let sub = dir.mkdir(name)?;
+                            self.touched.mark(idx, dir, self.sync)?;
+                            let sub_idx = self.arena.push(idx, e.name.clone());
+                            self.structure(&sub, sub_idx, None, tree, depth + 1)?;
+                        }
+                        Content::Symlink { target } => {
+                            dir.symlink(name, target)?;
+                            self.touched.mark(idx, dir, self.sync)?;
+                        }
+                        file @ Content::File { .. } => self.writes.push(Write1 {
+                            dir: idx,
+                            name: e.name.clone(),
+                            content: file.clone(),
+                        }),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_file(store: &Store, dir: &Dir, w: &Write1, sync: &SyncSet) -> Result<u64, StoreError> {
     let Content::File {
         executable, size, ..
     } = &w.content
@@ -405,9 +490,8 @@ fn write_file(store: &Store, w: &Write1, sync: &SyncSet) -> Result<u64, StoreErr
         unreachable!("only files are queued")
     };
     let name = w.name.as_bytes();
-    let path = w.dir.child(name);
-    let f = w.dir.create_file(name, *executable)?;
-    w.dir.touch(sync)?;
+    let path = dir.child(name);
+    let f = dir.create_file(name, *executable)?;
     let mut out = BufWriter::with_capacity(256 * 1024, f);
     store.write_file(&w.content, &mut out, &path)?;
     let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
@@ -418,7 +502,7 @@ fn write_file(store: &Store, w: &Write1, sync: &SyncSet) -> Result<u64, StoreErr
 /// Empties and removes directory `name` of `parent` (a slot), if there.
 pub fn remove_if_present(parent: &Dir, name: &[u8]) -> Result<(), StoreError> {
     if parent.kind(name)?.is_some() {
-        parent.remove(name, &SyncSet::default())?;
+        parent.remove(name)?;
     }
     Ok(())
 }

@@ -242,7 +242,20 @@ impl Releases {
         let sync = SyncSet::default();
         let full = |sync: &SyncSet| -> Result<(How, materialize::Applied), StoreError> {
             materialize::remove_if_present(&releases, name)?;
-            let root = releases.mkdir(name, sync)?;
+            let root = releases.mkdir(name)?;
+            // The slot's own entry in releases/.
+            sync.add(
+                rustix::fs::openat(
+                    &releases,
+                    ".",
+                    rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(std::io::Error::from)
+                .at(&self.dir)?,
+            );
             let applied = materialize::apply(store, root, None, &v.root(), sync, cancel)?;
             Ok((How::Full, applied))
         };

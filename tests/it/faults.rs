@@ -1000,3 +1000,35 @@ fn a_host_that_switches_after_the_controller_gave_up_is_rolled_back_with_its_ste
         fleet.restart(i);
     }
 }
+
+#[test]
+fn tens_of_directories_per_descriptor_the_agent_may_hold() {
+    // 1,500 directories; the agent may hold 600 file descriptors at once
+    // (its budget: up to 256 files being made durable together, the
+    // directories on each thread's current path, sockets): writing and
+    // re-hashing a release must not keep one open per directory.
+    let mut fleet = Fleet::start(1);
+    let st = fleet.env.path("staging");
+    for d in 0..1500 {
+        write(
+            &st,
+            &format!("d{}/e{d}/f.php", d % 30),
+            format!("<?php // {d}\n").as_bytes(),
+        );
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    fleet.serve();
+    fleet.hosts[0].proc.kill();
+    let mut wrapper = std::process::Command::new("sh");
+    wrapper.args(["-c", "ulimit -n 600 && exec \"$0\" \"$@\"", SCAP]);
+    let (name, dir) = (fleet.hosts[0].name.clone(), fleet.hosts[0].dir.clone());
+    let cmd = fleet.agent_command(wrapper, &name, &dir, "127.0.0.1:0", &[], &[]);
+    fleet.hosts[0].proc = Proc::start(cmd);
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&st));
+    let (code, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(d["changes"], json!([]));
+    assert_eq!(d["checked_files"], 1500);
+}

@@ -390,7 +390,20 @@ impl Fleet {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Proc {
-        let mut cmd = Command::new(SCAP);
+        Proc::start(self.agent_command(Command::new(SCAP), name, dir, listen, extra, env))
+    }
+
+    /// The agent command line for `name`, appended to `cmd` (the scap
+    /// binary, or a wrapper that runs it).
+    pub fn agent_command(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        dir: &Path,
+        listen: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Command {
         cmd.args(["agent", "--listen", listen, "--host", name, "--trusted-key"])
             .arg(self.env.pki.deploy_pub())
             .args(self.transport("agent"))
@@ -401,7 +414,7 @@ impl Fleet {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Proc::start(cmd)
+        cmd
     }
 
     /// Starts one more agent, `name`, in `dir`.
