@@ -41,6 +41,8 @@ pub enum CallError {
     },
     #[error("{host}: bad answer: {why}")]
     BadAnswer { host: String, why: String },
+    #[error("{host}: TLS: {why}")]
+    Tls { host: String, why: String },
 }
 
 impl CallError {
@@ -198,6 +200,12 @@ impl Agents {
 }
 
 fn describe(host: &str, e: &reqwest::Error, timeout: Duration) -> CallError {
+    if let Some(why) = crate::net::tls::explain(e) {
+        return CallError::Tls {
+            host: host.to_string(),
+            why,
+        };
+    }
     if e.is_connect() {
         CallError::Unreachable {
             host: host.to_string(),

@@ -111,7 +111,7 @@ impl Client {
             let resp = match self.http.get(&url).send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    last_error = Some(format!("{url}: {e}"));
+                    last_error = Some(format!("{url}: {}", why(&e)));
                     continue;
                 }
             };
@@ -232,7 +232,7 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+            .map_err(|e| SourceError::Source(format!("{url}: {}", why(&e))))?;
         let status = resp.status();
         // Not found, method not allowed, not implemented: a static server.
         if matches!(status.as_u16(), 404 | 405 | 501) {
@@ -350,7 +350,7 @@ impl Client {
                     .get(&url)
                     .send()
                     .await
-                    .map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                    .map_err(|e| SourceError::Source(format!("{url}: {}", why(&e))))?;
                 if resp.status() == reqwest::StatusCode::NOT_FOUND {
                     return Ok(None);
                 }
@@ -419,6 +419,11 @@ async fn read_capped(
         out.extend_from_slice(&piece);
     }
     Ok(out)
+}
+
+/// A request error for a person: what TLS refused, if that was it.
+fn why(e: &reqwest::Error) -> String {
+    super::tls::explain(e).map_or_else(|| e.to_string(), |w| format!("TLS: {w}"))
 }
 
 fn bad(url: &str, e: BatchError) -> SourceError {

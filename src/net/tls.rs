@@ -230,6 +230,59 @@ pub fn cert_has_name(cert: &CertificateDer<'_>, name: &str) -> bool {
     ee.verify_is_valid_for_subject_name(&server_name).is_ok()
 }
 
+/// What went wrong, for a person, when an error comes from TLS: which
+/// certificate, and what to check. `None` for other errors.
+pub fn explain(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::{AlertDescription, CertificateError, Error as TlsErr};
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<TlsErr>() {
+            return Some(match t {
+                TlsErr::InvalidCertificate(c) => match c {
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                        "its certificate is not signed by the CA this command trusts (--ca): give both sides certificates from the same site CA".into()
+                    }
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                        "its certificate has expired: issue it a new one".into()
+                    }
+                    CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                        "its certificate is not valid yet: check both clocks".into()
+                    }
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. } => {
+                        "its certificate is not valid for the name or address used to reach it: issue it one that names it, or reach it by a name its certificate has".into()
+                    }
+                    CertificateError::Revoked => "its certificate is revoked".into(),
+                    other => format!("its certificate is refused: {other:?}"),
+                },
+                TlsErr::AlertReceived(a) => match a {
+                    AlertDescription::BadCertificate
+                    | AlertDescription::UnknownCA
+                    | AlertDescription::CertificateExpired
+                    | AlertDescription::CertificateUnknown
+                    | AlertDescription::CertificateRevoked
+                    | AlertDescription::AccessDenied => format!(
+                        "it refused this command's certificate ({a:?}): is --cert signed by the site CA and still valid?"
+                    ),
+                    other => format!("it ended the handshake ({other:?})"),
+                },
+                TlsErr::NoCertificatesPresented => {
+                    "it presented no certificate".into()
+                }
+                other => other.to_string(),
+            });
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(why) = explain(inner)
+        {
+            return Some(why);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
 pub struct Peer {

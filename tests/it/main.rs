@@ -19,6 +19,8 @@
 //! - `fuzz_corpora`: the fuzz targets' corpora, replayed.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
+//! - `transport`: TLS and signed versions: every refusal, a key rotation,
+//!   a capture of the wire.
 
 mod agent;
 mod canary;
@@ -30,3 +32,4 @@ mod inspect;
 mod integrity;
 mod manifest;
 mod support;
+mod transport;

@@ -404,9 +404,14 @@ impl Fleet {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Command {
+        let own_cert = extra.iter().any(|a| a == "--cert");
         cmd.args(["agent", "--listen", listen, "--host", name, "--trusted-key"])
             .arg(self.env.pki.deploy_pub())
-            .args(self.transport("agent"))
+            .args(if own_cert && !self.insecure {
+                vec!["--ca".to_string(), self.env.pki.ca().display().to_string()]
+            } else {
+                self.transport("agent")
+            })
             .arg("--dir")
             .arg(dir)
             .args(extra)
@@ -419,7 +424,13 @@ impl Fleet {
 
     /// Starts one more agent, `name`, in `dir`.
     pub fn add_host(&mut self, name: &str, dir: &Path) {
-        let proc = self.agent_proc(name, dir, "127.0.0.1:0", &[]);
+        self.add_host_with(name, dir, &[]);
+    }
+
+    /// Starts one more agent with `extra` flags (`--cert` and `--key`
+    /// there replace the lab's agent certificate).
+    pub fn add_host_with(&mut self, name: &str, dir: &Path, extra: &[String]) {
+        let proc = self.agent_proc(name, dir, "127.0.0.1:0", extra);
         self.hosts.push(Host {
             name: name.into(),
             dir: dir.to_path_buf(),
@@ -652,6 +663,53 @@ impl Fleet {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// A TCP proxy to `upstream` (`http[s]://host:port`) that records every
+/// byte it forwards, both ways: what someone on the wire would see.
+pub fn recording_proxy(upstream: &str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let scheme = upstream.split("://").next().unwrap().to_string();
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let upstream = upstream.split("://").nth(1).unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(up) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, client),
+            ] {
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (url, seen)
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Fails the test unless it runs as root (mounting a tmpfs, running scap
