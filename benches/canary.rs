@@ -26,6 +26,13 @@ fn main() {
     generate(&tree, 300);
     let staging = tree.join("mediawiki-staging");
     let store = dir.join("store");
+    // As deployed: TLS with client certificates, signed versions.
+    let (pki, config) = lab(&dir);
+    let scap = |store: &std::path::Path| {
+        let mut c = scap(store);
+        c.arg("--config").arg(&config);
+        c
+    };
     let build = || {
         let (_, out) = timed(
             scap(&store)
@@ -39,11 +46,14 @@ fn main() {
             .to_string()
     };
     let v1 = build();
-    let token = dir.join("token");
-    std::fs::write(&token, "bench-token\n").unwrap();
-    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let (mut server, server_url) =
-        start_listening(scap(&store).args(["serve", "--listen", "127.0.0.1:0"]));
+        start_listening(scap(&store).args(tls_flags(&pki, "server")).args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--dashboard-listen",
+            "127.0.0.1:0",
+        ]));
     let proxy = CountingProxy::start(&server_url);
     println!("starting {n} agents ...");
     let mut agents: Vec<Child> = Vec::new();
@@ -57,13 +67,14 @@ fn main() {
                     "127.0.0.1:0",
                     "--host",
                     &format!("mw{}", 1000 + i),
-                    "--token-file",
+                    "--trusted-key",
                 ])
-                .arg(&token)
+                .arg(pki.join("deploy.pub"))
+                .args(tls_flags(&pki, "agent"))
                 .arg("--dir")
                 .arg(dir.join(format!("hosts/mw{}", 1000 + i))),
         );
-        group.push_str(url.trim_start_matches("http://"));
+        group.push_str(url.split("://").nth(1).unwrap());
         group.push('\n');
         agents.push(child);
     }
@@ -83,9 +94,7 @@ fn main() {
                     "--wait",
                     "0",
                     "--yes",
-                    "--token-file",
                 ])
-                .arg(&token)
                 .args(extra),
         );
         (started.elapsed().as_secs_f64(), out)
@@ -106,8 +115,7 @@ fn main() {
         scap(&store)
             .args(["rollback", "--hosts"])
             .arg(&group_file)
-            .args(["--version", &v2, "--token-file"])
-            .arg(&token),
+            .args(["--version", &v2]),
     );
     let rollback = started.elapsed().as_secs_f64();
     let rb_bytes = proxy.take();

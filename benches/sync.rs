@@ -6,15 +6,18 @@
 //! after a big switch).
 //!
 //! Run: `cargo bench --bench sync` (needs rsync; SCAP_BENCH_FILES, default
-//! 30000). With `SCAP_BENCH_BASELINE=/path/to/an/older/scap`, that binary
-//! runs beside this one (its own store, server and agents) for a
-//! before/after comparison in the same run.
+//! 30000). scap runs twice side by side, each with its own store, server
+//! and agents: over TLS with client certificates (the default) and over
+//! plain HTTP (`--insecure-http`), both with signed versions. With
+//! `SCAP_BENCH_BASELINE=/path/to/an/older/scap`, that binary runs beside
+//! them (plain HTTP, its own flags) for a before/after comparison.
 //!
-//! Every deploy is measured twice per tool, on two hosts that make the same
-//! transition, in the order A B C C B A (this disk's speed drifts); the
-//! better of each pair is reported. Bytes on the wire are counted by TCP
-//! proxies (HTTP headers included), for scap both agent <-> server and
-//! controller <-> agent; for rsync they are rsync's own `--stats` totals.
+//! Every deploy is measured on two hosts per tool that make the same
+//! transition, in the order A B C D D C B A (this disk's speed drifts);
+//! rows of several changes report the lower median of each tool's samples.
+//! Bytes on the wire are counted by TCP proxies (HTTP headers, TLS
+//! included), both agent <-> server and controller <-> agent; for rsync
+//! they are rsync's own `--stats` totals.
 
 mod common;
 
@@ -46,6 +49,17 @@ fn rsync(port: u16, dest: &Path) -> (f64, u64) {
     )
 }
 
+/// How a stack talks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// This scap: TLS with client certificates, signed versions.
+    Tls,
+    /// This scap: `--insecure-http` with a token, signed versions.
+    Plain,
+    /// An older scap (`SCAP_BENCH_BASELINE`): plain HTTP, a token.
+    Before,
+}
+
 struct Host {
     child: Child,
     url: String,
@@ -54,45 +68,79 @@ struct Host {
 
 /// One scap binary with its own store, server and two agents.
 struct Stack {
+    name: &'static str,
+    mode: Mode,
     exe: PathBuf,
     store: PathBuf,
-    staging: PathBuf,
     server: Child,
     source: CountingProxy,
     hosts: Vec<Host>,
     token: PathBuf,
+    pki: PathBuf,
     dir: PathBuf,
     http: reqwest::blocking::Client,
 }
 
 impl Stack {
-    /// Builds the first version (so the store exists), then starts a
-    /// server and two agents.
-    fn start(exe: &Path, dir: &Path, staging: &Path, token: &Path) -> (Stack, f64, String) {
+    /// Builds the first version of `staging` (so the store exists), then
+    /// starts a server and two agents.
+    fn start(
+        name: &'static str,
+        mode: Mode,
+        exe: &Path,
+        dir: &Path,
+        staging: &Path,
+        token: &Path,
+    ) -> (Stack, f64, String) {
         std::fs::create_dir_all(dir).unwrap();
-        let store = dir.join("store");
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(900))
-            .build()
-            .unwrap();
-        let (secs, v) = build(exe, &store, staging);
-        let (server, server_url) =
-            start_listening(Command::new(exe).arg("--store").arg(&store).args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ]));
+        let pki = dir.join("pki");
+        if mode != Mode::Before {
+            let out = Command::new(exe)
+                .args(["pki", "init"])
+                .arg(&pki)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+        let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(900));
+        if mode == Mode::Tls {
+            let mut pem = std::fs::read(pki.join("deployer.pem")).unwrap();
+            pem.extend(std::fs::read(pki.join("deployer.key")).unwrap());
+            let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+            http = http
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+                .identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
         let mut s = Stack {
+            name,
+            mode,
             exe: exe.to_path_buf(),
-            store,
-            staging: staging.to_path_buf(),
-            server,
-            source: CountingProxy::start(&server_url),
+            store: dir.join("store"),
+            server: Command::new("true").spawn().unwrap(),
+            source: CountingProxy {
+                url: String::new(),
+                bytes: Default::default(),
+            },
             hosts: Vec::new(),
             token: token.to_path_buf(),
+            pki,
             dir: dir.to_path_buf(),
-            http,
+            http: http.build().unwrap(),
         };
+        let (secs, v) = s.build(staging);
+        let mut serve = Command::new(exe);
+        serve
+            .arg("--store")
+            .arg(&s.store)
+            .args(s.transport("server"))
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        if mode != Mode::Before {
+            serve.args(["--dashboard-listen", "127.0.0.1:0"]);
+        }
+        let (server, server_url) = start_listening(&mut serve);
+        s.server = server;
+        s.source = CountingProxy::start(&server_url);
         for i in 0..2 {
             let h = s.agent(&format!("host{i}"));
             s.hosts.push(h);
@@ -100,97 +148,135 @@ impl Stack {
         (s, secs, v)
     }
 
+    /// Transport flags for a process of `role` (server, agent).
+    fn transport(&self, role: &str) -> Vec<String> {
+        let p = |f: &str| self.pki.join(f).display().to_string();
+        match self.mode {
+            Mode::Tls => vec![
+                "--ca".into(),
+                p("ca.pem"),
+                "--cert".into(),
+                p(&format!("{role}.pem")),
+                "--key".into(),
+                p(&format!("{role}.key")),
+            ],
+            Mode::Plain => vec![
+                "--insecure-http".into(),
+                "--token-file".into(),
+                self.token.display().to_string(),
+            ],
+            Mode::Before => vec![],
+        }
+    }
+
     fn agent(&self, name: &str) -> Host {
-        let (child, url) = start_listening(
-            Command::new(&self.exe)
-                .args([
-                    "agent",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--host",
-                    name,
-                    "--token-file",
-                ])
-                .arg(&self.token)
-                .arg("--dir")
-                .arg(self.dir.join(name)),
-        );
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(self.transport("agent"))
+            .args(["agent", "--listen", "127.0.0.1:0", "--host", name])
+            .arg("--dir")
+            .arg(self.dir.join(name));
+        match self.mode {
+            Mode::Before => cmd.arg("--token-file").arg(&self.token),
+            _ => cmd.arg("--trusted-key").arg(self.pki.join("deploy.pub")),
+        };
+        let (child, url) = start_listening(&mut cmd);
         let front = CountingProxy::start(&url);
         Host { child, url, front }
     }
 
-    fn build(&self) -> (f64, String) {
-        build(&self.exe, &self.store, &self.staging)
+    /// Builds (and signs) a version of `staging`: (seconds, version).
+    fn build(&self, staging: &Path) -> (f64, String) {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--store").arg(&self.store);
+        if self.mode != Mode::Before {
+            cmd.arg("--config").arg("/dev/null");
+        }
+        cmd.args(["build-manifest", "--exclude", "**/.git", "--component"])
+            .arg(format!("mediawiki={}", staging.display()));
+        if self.mode != Mode::Before {
+            cmd.arg("--sign-key").arg(self.pki.join("deploy.key"));
+        }
+        let (run, out) = timed(&mut cmd);
+        (
+            run.secs,
+            out.lines()
+                .rev()
+                .find(|l| l.len() == 64)
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    /// A sync request's body, with the signature as the controller sends it.
+    fn body(&self, v: &str) -> serde_json::Value {
+        let mut body =
+            serde_json::json!({"version": v, "sources": [self.source.url], "by": "bench"});
+        if self.mode != Mode::Before {
+            let sig = std::fs::read(self.store.join(format!("versions/{v}.sig"))).unwrap();
+            body["signature"] = serde_json::from_slice(&sig).unwrap();
+        }
+        body
+    }
+
+    fn auth(&self, r: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+        if self.mode == Mode::Tls {
+            r
+        } else {
+            r.bearer_auth("bench-token")
+        }
+    }
+
+    fn post(&self, url: &str, body: serde_json::Value) -> (u16, f64) {
+        let t = Instant::now();
+        let r = self.auth(self.http.post(url)).json(&body).send().unwrap();
+        (r.status().as_u16(), t.elapsed().as_secs_f64())
     }
 
     /// Syncs host `i` to `v`: (seconds, bytes on the wire, the answer).
     fn sync(&self, i: usize, v: &str) -> (f64, u64, serde_json::Value) {
         let h = &self.hosts[i];
+        let body = self.body(v);
         self.source.take();
         h.front.take();
         let started = Instant::now();
         let r = self
-            .http
-            .post(format!("{}/v1/sync", h.front.url))
-            .bearer_auth("bench-token")
-            .json(&serde_json::json!({"version": v, "sources": [self.source.url], "by": "bench"}))
+            .auth(self.http.post(format!("{}/v1/sync", h.front.url)))
+            .json(&body)
             .send()
             .unwrap();
         let secs = started.elapsed().as_secs_f64();
         assert!(r.status().is_success(), "{}", r.text().unwrap());
-        let body: serde_json::Value = r.json().unwrap();
+        let answer: serde_json::Value = r.json().unwrap();
         // Let the proxies' threads finish counting.
         std::thread::sleep(Duration::from_millis(50));
         let bytes = self.source.take() + h.front.take();
-        settle(&self.http, &h.url);
-        (secs, bytes, body)
+        self.settle(&h.url);
+        (secs, bytes, answer)
     }
-}
 
-fn build(exe: &Path, store: &Path, staging: &Path) -> (f64, String) {
-    let (run, out) = timed(
-        Command::new(exe)
-            .arg("--store")
-            .arg(store)
-            .args(["build-manifest", "--exclude", "**/.git", "--component"])
-            .arg(format!("mediawiki={}", staging.display())),
-    );
-    (
-        run.secs,
-        out.lines()
-            .rev()
-            .find(|l| l.len() == 64)
-            .unwrap()
-            .to_string(),
-    )
-}
-
-/// Waits until an agent's after-switch work (spare release, gc) is done,
-/// as it would be between two real deploys minutes apart.
-fn settle(http: &reqwest::blocking::Client, agent: &str) {
-    loop {
-        let st: serde_json::Value = http
-            .get(format!("{agent}/v1/state"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        if st["busy"] == false {
-            return;
+    /// Waits until an agent's after-switch work (spare release, gc) is
+    /// done, as it would be between two real deploys minutes apart.
+    fn settle(&self, agent: &str) {
+        loop {
+            let st: serde_json::Value = self
+                .auth(self.http.get(format!("{agent}/v1/state")))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if st["busy"] == false {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-}
 
-fn post(http: &reqwest::blocking::Client, url: &str, body: serde_json::Value) -> (u16, f64) {
-    let t = Instant::now();
-    let r = http
-        .post(url)
-        .bearer_auth("bench-token")
-        .json(&body)
-        .send()
-        .unwrap();
-    (r.status().as_u16(), t.elapsed().as_secs_f64())
+    fn stop(mut self) {
+        let _ = self.server.kill();
+        for h in &mut self.hosts {
+            let _ = h.child.kill();
+        }
+    }
 }
 
 /// Seconds a rollback to `previous` takes on a fresh agent that is busy
@@ -199,33 +285,29 @@ fn post(http: &reqwest::blocking::Client, url: &str, body: serde_json::Value) ->
 fn rollback_while_busy(s: &Stack, tiny: &[String; 2], big: &str, busy: &str, n: usize) -> f64 {
     let h = s.agent(&format!("rollback-{busy}-{n}"));
     for v in tiny {
-        let (code, _) = post(
-            &s.http,
-            &format!("{}/v1/sync", h.url),
-            serde_json::json!({"version": v, "sources": [s.source.url]}),
-        );
+        let (code, _) = s.post(&format!("{}/v1/sync", h.url), s.body(v));
         assert_eq!(code, 200);
-        settle(&s.http, &h.url);
+        s.settle(&h.url);
     }
-    let sync_url = format!("{}/v1/sync", h.url);
-    let body = serde_json::json!({"version": big, "sources": [s.source.url]});
-    let http = s.http.clone();
-    let during_fetch = busy == "fetch";
-    let mut t = Some(std::thread::spawn(move || post(&http, &sync_url, body)));
-    if during_fetch {
+    let sync = s
+        .auth(s.http.post(format!("{}/v1/sync", h.url)))
+        .json(&s.body(big));
+    let mut t = Some(std::thread::spawn(move || {
+        sync.send().unwrap().status().as_u16()
+    }));
+    if busy == "fetch" {
         // Well into the fetch (a fresh host takes seconds).
         std::thread::sleep(Duration::from_millis(1500));
     } else {
-        assert_eq!(t.take().unwrap().join().unwrap().0, 200);
+        assert_eq!(t.take().unwrap().join().unwrap(), 200);
     }
-    let (code, secs) = post(
-        &s.http,
+    let (code, secs) = s.post(
         &format!("{}/v1/rollback", h.url),
         serde_json::json!({"to": "previous", "by": "bench"}),
     );
     assert_eq!(code, 200);
     if let Some(t) = t {
-        assert_eq!(t.join().unwrap().0, 409, "the fetch was cancelled");
+        assert_eq!(t.join().unwrap(), 409, "the fetch was cancelled");
     }
     let mut child = h.child;
     let _ = child.kill();
@@ -288,105 +370,124 @@ fn main() {
     let token = dir.join("token");
     std::fs::write(&token, "bench-token\n").unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let (scap, first_build, v1) =
-        Stack::start(Path::new(SCAP), &dir.join("scap"), &staging, &token);
-    let before = baseline.as_ref().map(|exe| {
-        let (s, _, v) = Stack::start(exe, &dir.join("before"), &staging, &token);
+    let exe = Path::new(SCAP);
+    let (tls, first_build, v1) = Stack::start(
+        "scap TLS",
+        Mode::Tls,
+        exe,
+        &dir.join("tls"),
+        &staging,
+        &token,
+    );
+    let (plain, _, v) = Stack::start(
+        "scap plain",
+        Mode::Plain,
+        exe,
+        &dir.join("plain"),
+        &staging,
+        &token,
+    );
+    assert_eq!(v, v1);
+    let mut stacks = vec![tls, plain];
+    if let Some(before) = &baseline {
+        let (s, _, v) = Stack::start(
+            "before",
+            Mode::Before,
+            before,
+            &dir.join("before"),
+            &staging,
+            &token,
+        );
         assert_eq!(v, v1, "both binaries make the same version");
-        s
-    });
+        stacks.push(s);
+    }
 
-    let mut headers = vec!["deploy", "scap time"];
-    if before.is_some() {
-        headers.push("scap before time");
+    let mut headers: Vec<String> = vec!["deploy".into()];
+    headers.extend(stacks.iter().map(|s| format!("{} time", s.name)));
+    headers.extend(
+        [
+            "rsync time",
+            "scap bytes",
+            "rsync bytes",
+            "TLS / rsync time",
+            "TLS / rsync bytes",
+            "TLS - plain",
+            "TLS / plain",
+        ]
+        .map(String::from),
+    );
+    if baseline.is_some() {
+        headers.push("TLS / before".into());
     }
-    headers.extend([
-        "rsync time",
-        "scap bytes",
-        "rsync bytes",
-        "scap / rsync time",
-        "scap / rsync bytes",
-    ]);
-    if before.is_some() {
-        headers.push("scap / before time");
-    }
-    let mut table = Table::new(&headers);
-    let mut hwm = 0;
+    let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let mut table = Table::new(&header_refs);
     let mut current = v1.clone();
     // A deploy kind: `rounds` successive changes (each mutates the tree,
-    // builds, then runs every tool twice, A B C C B A on two hosts that
-    // make the same transition); the median of each tool's samples.
+    // builds in every stack, then runs every tool on two hosts that make the
+    // same transition, A B C D D C B A); the lower median of each tool.
     let mut deploy = |name: &str, rounds: &[Option<(&str, u64)>], table: &mut Table| {
-        let (mut r, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        let mut r = Vec::new();
+        let mut per: Vec<Vec<(f64, u64)>> = vec![Vec::new(); stacks.len()];
         for change in rounds {
             let v = match change {
                 Some((kind, seed)) => {
                     mutate(&tree, kind, *seed);
                     std::thread::sleep(Duration::from_millis(1100));
-                    let (_, v) = scap.build();
-                    if let Some(bs) = &before {
-                        assert_eq!(bs.build().1, v, "both binaries make the same version");
+                    let (_, v) = stacks[0].build(&staging);
+                    for s in &stacks[1..] {
+                        assert_eq!(s.build(&staging).1, v, "every stack makes the same version");
                     }
                     v
                 }
                 None => current.clone(),
             };
             for (pass, dest) in rsync_dest.iter().enumerate() {
-                let mut steps: Vec<u8> = vec![0, 1, 2];
+                let mut order: Vec<usize> = (0..=stacks.len()).collect();
                 if pass == 1 {
-                    steps.reverse();
+                    order.reverse();
                 }
-                for step in steps {
-                    match step {
-                        0 => r.push(rsync(port, dest)),
-                        1 => {
-                            let (t, n, out) = scap.sync(pass, &v);
-                            if pass == 0 {
-                                println!("scap {name}: {out}");
-                            }
-                            s.push((t, n));
-                        }
-                        _ => {
-                            if let Some(bs) = &before {
-                                let (t, n, _) = bs.sync(pass, &v);
-                                b.push((t, n));
-                            }
-                        }
+                for step in order {
+                    if step == 0 {
+                        r.push(rsync(port, dest));
+                        continue;
                     }
+                    let (t, n, out) = stacks[step - 1].sync(pass, &v);
+                    if pass == 0 && step == 1 {
+                        println!("scap {name}: {out}");
+                    }
+                    per[step - 1].push((t, n));
                 }
             }
             current = v;
         }
         let med = |v: &mut Vec<(f64, u64)>| -> (f64, u64) {
-            if v.is_empty() {
-                return (0.0, 0);
-            }
             v.sort_by(|a, b| a.0.total_cmp(&b.0));
-            v[v.len() / 2]
+            v[(v.len() - 1) / 2]
         };
+        println!("samples {name}: {per:?} rsync {r:?}");
         let (rt, rb) = med(&mut r);
-        let (st, sb) = med(&mut s);
-        let (bt, _) = med(&mut b);
-        println!("samples {name}: scap {s:?} before {b:?} rsync {r:?}");
-        let mut row = vec![name.to_string(), ms(st)];
-        if before.is_some() {
-            row.push(ms(bt));
-        }
+        let meds: Vec<(f64, u64)> = per.iter_mut().map(med).collect();
+        let (tt, tb) = meds[0];
+        let pt = meds[1].0;
+        let mut row = vec![name.to_string()];
+        row.extend(meds.iter().map(|m| ms(m.0)));
         row.extend([
             ms(rt),
-            mb(sb),
+            mb(tb),
             mb(rb),
-            format!("{:.2}", st / rt),
-            format!("{:.3}", sb as f64 / rb.max(1) as f64),
+            format!("{:.2}", tt / rt),
+            format!("{:.3}", tb as f64 / rb.max(1) as f64),
+            format!("{:+.1} ms", (tt - pt) * 1000.0),
+            format!("{:.2}", tt / pt),
         ]);
-        if before.is_some() {
-            row.push(format!("{:.2}", st / bt));
+        if meds.len() > 2 {
+            row.push(format!("{:.2}", tt / meds[2].0));
         }
         table.row(row);
     };
 
     deploy(&format!("fresh host ({files} files)"), &[None], &mut table);
-    hwm = hwm.max(vm_hwm(scap.hosts[0].child.id()));
+    let hwm = vm_hwm(stacks[0].hosts[0].child.id());
     deploy(
         "backport (1-3 files; 3 in a row, median of 6)",
         &[
@@ -418,7 +519,7 @@ fn main() {
         table.row(cells);
     };
     note(format!(
-        "agent peak RSS during the fresh sync: {} MB",
+        "agent peak RSS during the fresh sync (TLS): {} MB",
         hwm / 1024
     ));
     note(format!(
@@ -428,23 +529,24 @@ fn main() {
 
     // A rollback while the agent is busy: a fresh-host fetch of the whole
     // tree in progress, or the work after switching to it.
+    let scap = &stacks[0];
     let tiny_dir = dir.join("tiny");
     let tiny: [String; 2] = std::array::from_fn(|i| {
         std::fs::create_dir_all(&tiny_dir).unwrap();
         std::fs::write(tiny_dir.join("index.php"), format!("<?php // tiny {i}\n")).unwrap();
-        build(&scap.exe, &scap.store, &tiny_dir).1
+        scap.build(&tiny_dir).1
     });
     let mut during_fetch: Vec<f64> = (0..3)
-        .map(|n| rollback_while_busy(&scap, &tiny, &v1, "fetch", n))
+        .map(|n| rollback_while_busy(scap, &tiny, &v1, "fetch", n))
         .collect();
     let mut during_bg: Vec<f64> = (0..3)
-        .map(|n| rollback_while_busy(&scap, &tiny, &v1, "after-switch", n))
+        .map(|n| rollback_while_busy(scap, &tiny, &v1, "after-switch", n))
         .collect();
     during_fetch.sort_by(f64::total_cmp);
     during_bg.sort_by(f64::total_cmp);
     println!("rollback during a fetch: {during_fetch:?}; after a switch: {during_bg:?}");
     note(format!(
-        "rollback while a fresh-host fetch of {files} files runs: median {}, worst {} (3 runs)",
+        "rollback while a fresh-host fetch of {files} files runs (TLS): median {}, worst {} (3 runs)",
         ms(during_fetch[1]),
         ms(during_fetch[2])
     ));
@@ -463,12 +565,8 @@ fn main() {
                 .map_or("none".into(), |b| b.display().to_string())
         ),
     );
-    for s in std::iter::once(scap).chain(before) {
-        let mut s = s;
-        let _ = s.server.kill();
-        for h in &mut s.hosts {
-            let _ = h.child.kill();
-        }
+    for s in stacks {
+        s.stop();
     }
     let _ = daemon.kill();
     let _ = daemon.wait();

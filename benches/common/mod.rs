@@ -93,6 +93,46 @@ pub fn scap(store: &Path) -> Command {
     c
 }
 
+/// A lab PKI in `dir/pki` and a scap.toml for the deploy host's commands
+/// (TLS as the deployer, signing with the deploy key): what a bench uses
+/// to run scap as deployed. Returns (pki dir, scap.toml).
+pub fn lab(dir: &Path) -> (PathBuf, PathBuf) {
+    let pki = dir.join("pki");
+    let out = Command::new(SCAP)
+        .args(["pki", "init"])
+        .arg(&pki)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let config = dir.join("scap.toml");
+    let p = |f: &str| pki.join(f).display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "sign_key = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            p("deploy.key"),
+            p("ca.pem"),
+            p("deployer.pem"),
+            p("deployer.key")
+        ),
+    )
+    .unwrap();
+    (pki, config)
+}
+
+/// `--ca --cert --key` of `role` in a lab PKI.
+pub fn tls_flags(pki: &Path, role: &str) -> Vec<String> {
+    let p = |f: String| pki.join(f).display().to_string();
+    vec![
+        "--ca".into(),
+        p("ca.pem".into()),
+        "--cert".into(),
+        p(format!("{role}.pem")),
+        "--key".into(),
+        p(format!("{role}.key")),
+    ]
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -244,8 +284,9 @@ impl CountingProxy {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let upstream = upstream.trim_start_matches("http://").to_string();
+        let (scheme, upstream) = upstream.split_once("://").unwrap_or(("http", upstream));
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let upstream = upstream.to_string();
         let bytes = Arc::new(AtomicU64::new(0));
         let counter = bytes.clone();
         std::thread::spawn(move || {
