@@ -21,6 +21,39 @@ pub fn fmt_utc(secs: u64) -> String {
     )
 }
 
+/// "20s", "20", "2m", "1h" (or "30m" under `nohup`) as a duration.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad =
+        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        _ => None,
+    }
+    .filter(|&s| s <= 30 * 86_400)
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// `secs` as `20261127T083012Z`: sortable, and safe in IDs and file names.
+pub fn fmt_compact(secs: u64) -> String {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (y, m, d).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -58,6 +91,7 @@ mod tests {
     #[test]
     fn known_dates() {
         assert_eq!(fmt_utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(fmt_compact(1_795_000_000), "20261118T110640Z");
         assert_eq!(fmt_utc(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(fmt_utc(1_795_000_000), "2026-11-18 11:06:40Z");
         assert_eq!(fmt_bytes(999), "999 B");

@@ -327,18 +327,18 @@ impl CountingProxy {
     }
 }
 
-/// Starts a process that prints its `http://` address first; returns it
-/// with the address.
+/// Starts a process that prints its `http://` or `https://` address first;
+/// returns it with the address.
 pub fn start_listening(cmd: &mut Command) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next().expect("a first line").expect("utf-8");
-    let url = line[line.find("http://").expect("an address")..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let at = line
+        .find("https://")
+        .or_else(|| line.find("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let url = line[at..].split_whitespace().next().unwrap().to_string();
     std::thread::spawn(move || for _ in lines {});
     (child, url)
 }

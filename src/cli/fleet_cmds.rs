@@ -14,29 +14,34 @@ use super::host_cmds::{ProgressLine, clock, report, resolve_version, runtime};
 use super::store_cmds::Ctx;
 use super::{exit, print_json};
 use crate::fleet::agents::{Agents, HostResult};
+use crate::fleet::catchup::CatchUp;
 use crate::fleet::deploy::{GateChoice, Operator, Rollout};
 use crate::fleet::gates::Gates;
 use crate::fleet::history;
-use crate::fleet::inventory::{Member, fleet};
-use crate::fleet::lock;
+use crate::fleet::inventory::{Host, Member, fleet};
+use crate::fleet::lineage::Lineage;
+use crate::fleet::lock::{self, LockError};
+use crate::fleet::policy::{Policy, check_rollout, parse_stages};
 use crate::fleet::poll::poll;
 use crate::fleet::promote::Promote;
+use crate::fleet::record::{RolloutRecord, RolloutState, Settings};
 use crate::fleet::rollback::Rollback;
-use crate::fleet::rollout::{Budget, Percent};
+use crate::fleet::rollout::{Budget, Goal, Percent, Stage};
 use crate::host::proto::{Outcome as HostOutcome, RollbackTarget};
+use crate::manifest::change::{self, ChangeSpec, Kind};
 use crate::store::{Store, VersionId};
 use crate::time::fmt_utc;
 
 /// Which hosts, and how to reach them.
 #[derive(Args, Debug, Clone)]
 pub struct FleetArgs {
-    /// dsh-style group file of hosts, one host[:port] a line (repeatable)
+    /// dsh-style group file of hosts, one host[:port] a line (repeatable) [default: scap.toml's hosts]
     #[arg(long = "hosts", value_name = "GROUPFILE")]
     hosts: Vec<PathBuf>,
-    /// TOML inventory with per-host weights, dc, cluster, canary flags
+    /// TOML inventory with per-host weights, dc, cluster, canary flags [default: scap.toml's inventory]
     #[arg(long, value_name = "FILE")]
     inventory: Option<PathBuf>,
-    /// dsh group file of canary hosts: chosen before all others (repeatable)
+    /// dsh group file of canary hosts: chosen before all others (repeatable) [default: scap.toml's canary_groups]
     #[arg(long = "canary-group", value_name = "GROUPFILE")]
     canary_groups: Vec<PathBuf>,
     /// Seconds to wait for one host's answer
@@ -45,15 +50,30 @@ pub struct FleetArgs {
 }
 
 impl FleetArgs {
-    fn members(&self) -> anyhow::Result<Vec<Member>> {
-        Ok(fleet(
-            &self.hosts,
-            self.inventory.as_deref(),
-            &self.canary_groups,
-        )?)
+    /// The fleet from the flags, else from scap.toml.
+    pub(super) fn members(&self, ctx: &Ctx) -> anyhow::Result<Vec<Member>> {
+        let (hosts, inventory) = if self.hosts.is_empty() && self.inventory.is_none() {
+            (&ctx.config.hosts, ctx.config.inventory.as_deref())
+        } else {
+            (&self.hosts, self.inventory.as_deref())
+        };
+        let canaries = if self.canary_groups.is_empty() {
+            &ctx.config.canary_groups
+        } else {
+            &self.canary_groups
+        };
+        Ok(fleet(hosts, inventory, canaries)?)
     }
 
-    fn agents(&self, ctx: &Ctx) -> anyhow::Result<Agents> {
+    /// Whether a fleet is configured at all (flags or scap.toml).
+    pub(super) fn configured(&self, ctx: &Ctx) -> bool {
+        !self.hosts.is_empty()
+            || self.inventory.is_some()
+            || !ctx.config.hosts.is_empty()
+            || ctx.config.inventory.is_some()
+    }
+
+    pub(super) fn agents(&self, ctx: &Ctx) -> anyhow::Result<Agents> {
         let transport = ctx.transport()?;
         if let Some(w) = transport.warning("scap") {
             eprintln!("{w}");
@@ -62,8 +82,9 @@ impl FleetArgs {
     }
 }
 
-/// Where the deploy lock and history live: beside the store.
-fn fleet_dir(ctx: &Ctx) -> PathBuf {
+/// Where the deploy lock, history, desired state and rollout record live:
+/// beside the store.
+pub(super) fn fleet_dir(ctx: &Ctx) -> PathBuf {
     ctx.store_path.join("fleet")
 }
 
@@ -76,72 +97,103 @@ fn label_of(ctx: &Ctx, v: &VersionId) -> String {
     crate::fleet::status::label_of(&labels(ctx), v)
 }
 
-/// Sets a flag on Ctrl-C: the rollout stops starting hosts, lets the ones
-/// in flight finish, releases the lock and reports.
+/// How versions descend, from the local store's records (empty without one).
+fn lineage(ctx: &Ctx) -> Lineage {
+    Store::open(&ctx.store_path)
+        .and_then(|s| s.records())
+        .map(|r| Lineage::new(&r))
+        .unwrap_or_default()
+}
+
+/// Sets a flag on Ctrl-C or SIGTERM: the rollout stops starting hosts,
+/// lets the ones in flight finish, records where it stopped, releases the
+/// lock and reports. (Under `nohup`, SIGHUP is ignored: the rollout goes on.)
 fn on_interrupt(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     rt.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!(
-                "\n{} Ctrl-C: finishing the hosts in flight, starting no more",
-                clock()
-            );
-            f.store(true, Ordering::SeqCst);
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_err() { return },
+            () = term => {},
         }
+        eprintln!(
+            "\n{} stopping: finishing the hosts in flight, starting no more (`scap sync --resume` continues)",
+            clock()
+        );
+        f.store(true, Ordering::SeqCst);
     });
     flag
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["version", "resume", "catch_up"])))]
 pub struct SyncArgs {
     #[command(flatten)]
     fleet: FleetArgs,
     /// Version to deploy: label, ID, or ID prefix
     #[arg(long)]
-    version: String,
+    version: Option<String>,
+    /// Continue the recorded rollout from its last completed step (after Ctrl-C, a
+    /// stop between stages, or a controller that died)
+    #[arg(long, conflicts_with_all = ["canary", "stages"])]
+    resume: bool,
+    /// Bring every host that is behind its desired state (down during a step,
+    /// reimaged) to its target; no new rollout, no gates
+    #[arg(long, conflicts_with_all = ["canary", "stages"])]
+    catch_up: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RolloutArgs {
-    /// Share of traffic to bring to the version (top-up: hosts already on it count) [default: 100%]
+    /// Share of traffic to bring to the version (top-up: hosts already on it count)
+    /// [default: scap.toml's [policy] stages, else canary hosts then 100%]
     #[arg(long, value_name = "P%", conflicts_with = "stages")]
     canary: Option<String>,
-    /// Several steps in one command, e.g. 10,20,50,100
-    #[arg(long, value_name = "P,P,...")]
+    /// Several steps in one command, e.g. canary,10%,50%,100%
+    #[arg(long, value_name = "STAGE,...")]
     stages: Option<String>,
-    /// URL of a `scap serve` (or cache) hosts fetch from (repeatable; tried in order)
+    /// URL of a `scap serve` (or cache) hosts fetch from (repeatable; tried in order) [default: scap.toml's sources]
     #[arg(long = "source", value_name = "URL")]
     sources: Vec<String>,
-    /// Health probe after each step: URL template with {host} (name) or {addr} (agent host:port), e.g. http://{host}/wiki/Main_Page (repeatable)
+    /// Health probe after each step, added to scap.toml's [[gate]]s: URL template with
+    /// {host} (name) or {addr} (agent host:port), e.g. http://{host}/wiki/Main_Page (repeatable)
     #[arg(long = "check-url", value_name = "URL")]
     check_urls: Vec<String>,
-    /// HTTP status the probes must answer
+    /// HTTP status the --check-url probes must answer
     #[arg(long, default_value_t = 200)]
     check_status: u16,
-    /// Health check command after each step; gets SCAP_VERSION, SCAP_HOSTS, SCAP_PERCENT (repeatable)
+    /// Health check command after each step, added to scap.toml's [[gate]]s; gets
+    /// SCAP_VERSION, SCAP_HOSTS, SCAP_PERCENT (repeatable)
     #[arg(long = "check-cmd", value_name = "CMD")]
     check_cmds: Vec<String>,
-    /// How long to wait before each step's health gates (scap's canary_wait_time): 20s, 2m, 0
-    #[arg(long, default_value = "20s", value_parser = super::parse_duration)]
-    wait: Duration,
-    /// Hosts that may fail or be down before a step stops: N or P%
-    #[arg(long, default_value = "0")]
-    max_failures: String,
-    /// Batch mode: no questions; a failing gate rolls back this command's hosts
+    /// How long to wait before each step's health gates: 20s, 2m, 0 [default: [policy] wait, else 20s]
+    #[arg(long, value_parser = super::parse_duration)]
+    wait: Option<Duration>,
+    /// Hosts that may fail or be down before a step stops: N or P% [default: [policy] max_failures, else 0]
+    #[arg(long)]
+    max_failures: Option<String>,
+    /// Batch mode: no questions; a failing gate rolls back this rollout's hosts
     #[arg(long, short = 'y')]
     yes: bool,
-    /// Skip the health gates (loudly)
+    /// Skip the health gates (loudly); needed to reach every host with no gate configured
     #[arg(long)]
     force: bool,
-    /// Print which hosts would change and the resulting share; change nothing
+    /// Print which hosts would change (from and to which version) and the resulting share; change nothing
     #[arg(long)]
     dry_run: bool,
-    /// Hosts synced at once
-    #[arg(long, default_value_t = 20)]
-    concurrency: usize,
+    /// Hosts synced at once [default: [policy] concurrency, else 20]
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
     #[arg(long, value_name = "CMD")]
     announce: Option<String>,
@@ -150,40 +202,330 @@ pub struct RolloutArgs {
     json: bool,
 }
 
+/// A rollout's settings: the flags over scap.toml's policy over the
+/// built-in default.
+struct Plan {
+    stages: Vec<Stage>,
+    wait: Duration,
+    budget: Budget,
+    max_failures: String,
+    concurrency: usize,
+    gates: Gates,
+    sources: Vec<String>,
+    force: bool,
+}
+
 impl RolloutArgs {
-    fn stages(&self) -> anyhow::Result<Vec<Percent>> {
-        let list: Vec<Percent> = match (&self.stages, &self.canary) {
-            (Some(s), _) => s
-                .split(',')
-                .map(|p| Percent::parse(p).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?,
-            (None, Some(c)) => {
-                vec![Percent::parse(c).map_err(|e| anyhow::anyhow!("--canary: {e}"))?]
-            }
-            (None, None) => vec![Percent::ALL],
+    fn plan(&self, ctx: &Ctx) -> anyhow::Result<Plan> {
+        let policy = Policy::from_config(&ctx.config).map_err(anyhow::Error::msg)?;
+        let stages = match (&self.stages, &self.canary) {
+            (Some(s), _) => parse_stages(s).map_err(|e| anyhow::anyhow!("--stages: {e}"))?,
+            (None, Some(c)) => vec![Stage::Share(
+                Percent::parse(c).map_err(|e| anyhow::anyhow!("--canary: {e}"))?,
+            )],
+            (None, None) => policy.stages.clone(),
         };
-        if list.windows(2).any(|w| w[0] >= w[1]) {
-            bail!("--stages must rise, e.g. 10,20,50,100 (rollback is how a share goes down)");
+        let max_failures = self
+            .max_failures
+            .clone()
+            .unwrap_or_else(|| policy.max_failures.clone());
+        let budget = Budget::parse(&max_failures).map_err(anyhow::Error::msg)?;
+        let mut gates = policy.gates.clone();
+        gates.probes.extend(
+            self.check_urls
+                .iter()
+                .map(|u| (u.clone(), self.check_status)),
+        );
+        gates.commands.extend(self.check_cmds.iter().cloned());
+        let sources = if self.sources.is_empty() {
+            ctx.config.sources.clone()
+        } else {
+            self.sources.clone()
+        };
+        let concurrency = self.concurrency.unwrap_or(policy.concurrency);
+        if concurrency == 0 {
+            bail!("--concurrency: give at least 1");
         }
-        Ok(list)
+        Ok(Plan {
+            stages,
+            wait: self.wait.unwrap_or(policy.wait),
+            budget,
+            max_failures,
+            concurrency,
+            gates,
+            sources,
+            force: self.force,
+        })
+    }
+}
+
+impl Plan {
+    /// The plan a recorded rollout was started with.
+    fn from_record(r: &RolloutRecord) -> anyhow::Result<Plan> {
+        let s = &r.settings;
+        Ok(Plan {
+            stages: r.stages.clone(),
+            wait: Duration::from_secs(s.wait_seconds),
+            budget: Budget::parse(&s.max_failures).map_err(anyhow::Error::msg)?,
+            max_failures: s.max_failures.clone(),
+            concurrency: s.concurrency.max(1),
+            gates: Gates {
+                probes: s.probes.clone(),
+                commands: s.commands.clone(),
+            },
+            sources: s.sources.clone(),
+            force: s.force,
+        })
     }
 
-    fn gates(&self) -> Gates {
-        Gates {
-            probes: self
-                .check_urls
-                .iter()
-                .map(|u| (u.clone(), self.check_status))
-                .collect(),
-            commands: self.check_cmds.clone(),
+    fn settings(&self) -> Settings {
+        Settings {
+            sources: self.sources.clone(),
+            probes: self.gates.probes.clone(),
+            commands: self.gates.commands.clone(),
+            wait_seconds: self.wait.as_secs(),
+            max_failures: self.max_failures.clone(),
+            concurrency: self.concurrency,
+            force: self.force,
         }
+    }
+
+    /// Refuses what cannot or should not run (see `fleet::policy`).
+    fn check(&self, members: &[Member], r: &RolloutArgs) -> anyhow::Result<()> {
+        if self.sources.is_empty() && !r.dry_run {
+            bail!(
+                "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
+            );
+        }
+        check_rollout(&self.stages, &self.gates, self.force, members)
+            .map_err(anyhow::Error::msg)?;
+        let interactive = std::io::stdin().is_terminal();
+        let asks = self.stages.len() > 1 || (!self.gates.is_empty() && !self.force);
+        if asks && !r.yes && !interactive && !r.dry_run {
+            bail!(
+                "stdin is not a terminal and this rollout would ask questions (stages or health gates): pass --yes to run it in batch mode"
+            );
+        }
+        Ok(())
     }
 }
 
 pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
-    let version = resolve_version(ctx, &a.version)?;
+    if a.resume {
+        return resume(ctx, &a);
+    }
+    if a.catch_up {
+        return catch_up(ctx, &a);
+    }
+    let name = a.version.as_deref().expect("clap requires one of them");
+    let version = resolve_version(ctx, name)?;
+    let members = a.fleet.members(ctx)?;
+    let plan = a.rollout.plan(ctx)?;
+    plan.check(&members, &a.rollout)?;
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
-    run_rollout(ctx, &a.fleet, &a.rollout, version)
+    let dir = fleet_dir(ctx);
+    let label = label_of(ctx, &version);
+    let record = if a.rollout.dry_run {
+        None
+    } else {
+        let old = RolloutRecord::load(&dir)?;
+        let mut from = Default::default();
+        if let Some(old) = &old {
+            if old.version == version && old.state != RolloutState::RolledBack {
+                // The same train again: its hosts still came from where the
+                // record says.
+                from = old.from.clone();
+            } else if old.resumable() {
+                eprintln!(
+                    "{} note: replacing the unfinished rollout of {} (stopped after {} of {} stages: {})",
+                    clock(),
+                    old.label,
+                    old.completed,
+                    old.stages.len(),
+                    old.note
+                );
+            }
+        }
+        let now = crate::time::unix_now();
+        Some(RolloutRecord {
+            format: crate::fleet::record::RECORD_FORMAT,
+            id: format!("{}-{}", crate::time::fmt_compact(now), version.short()),
+            version,
+            label: label.clone(),
+            stages: plan.stages.clone(),
+            completed: 0,
+            from,
+            settings: plan.settings(),
+            state: RolloutState::Running,
+            by: crate::sys::user(),
+            command: command_line(),
+            pid: std::process::id(),
+            host: crate::sys::hostname(),
+            started: now,
+            updated: now,
+            next_due: None,
+            note: String::new(),
+        })
+    };
+    let goal = Goal::One {
+        version,
+        descendants: lineage(ctx).descendants(&version),
+    };
+    run_rollout(
+        ctx,
+        Run {
+            fleet: &a.fleet,
+            members,
+            args: &a.rollout,
+            plan,
+            goal,
+            label,
+            record,
+            first_stage: 0,
+            resume: false,
+            extra: None,
+        },
+    )
+}
+
+/// `scap sync --resume`.
+fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
+    let dir = fleet_dir(ctx);
+    let Some(record) = RolloutRecord::load(&dir)? else {
+        bail!(
+            "no rollout to resume: none is recorded in {}; start one with `scap sync --version V`",
+            crate::fleet::record::path(&dir).display()
+        );
+    };
+    match record.state {
+        RolloutState::RolledBack => bail!(
+            "the rollout of {} was rolled back ({}): there is nothing to resume; start a new one with `scap sync --version V`",
+            record.label,
+            record.note
+        ),
+        RolloutState::Done => bail!(
+            "the rollout of {} is finished (all {} stages done): there is nothing to resume",
+            record.label,
+            record.stages.len()
+        ),
+        _ if record.completed >= record.stages.len() => bail!(
+            "the rollout of {} has no stage left: there is nothing to resume",
+            record.label
+        ),
+        _ => {}
+    }
+    if let Some(v) = &a.version {
+        let asked = resolve_version(ctx, v)?;
+        if asked != record.version {
+            bail!(
+                "--resume continues the recorded rollout of {}, not {}: drop --version, or start a new rollout",
+                record.label,
+                asked.short()
+            );
+        }
+    }
+    let members = a.fleet.members(ctx)?;
+    let plan = Plan::from_record(&record)?;
+    let interactive = std::io::stdin().is_terminal();
+    if !a.rollout.yes && !interactive && !a.rollout.dry_run {
+        bail!("stdin is not a terminal: pass --yes to resume in batch mode");
+    }
+    // The controller that ran it may have died holding the lock: take it
+    // over only if it is that controller's, on this host, and it is gone.
+    let _lock = if a.rollout.dry_run {
+        None
+    } else {
+        match lock::acquire(&dir, &command_line()) {
+            Ok(l) => Some(l),
+            Err(LockError::Stale { holder, .. })
+                if holder.pid == record.pid && holder.host == crate::sys::hostname() =>
+            {
+                eprintln!(
+                    "{} the controller of this rollout (pid {}) is gone: taking over its lock",
+                    clock(),
+                    holder.pid
+                );
+                lock::break_lock(&dir)?;
+                Some(lock::acquire(&dir, &command_line())?)
+            }
+            Err(e) => return Err(with_rollout(e, &dir)),
+        }
+    };
+    eprintln!(
+        "{} resuming the rollout of {} at stage {} of {} ({})",
+        clock(),
+        record.label,
+        record.completed + 1,
+        record.stages.len(),
+        record.stages[record.completed]
+    );
+    let goal = Goal::One {
+        version: record.version,
+        descendants: lineage(ctx).descendants(&record.version),
+    };
+    let first = record.completed;
+    let label = record.label.clone();
+    run_rollout(
+        ctx,
+        Run {
+            fleet: &a.fleet,
+            members,
+            args: &a.rollout,
+            plan,
+            goal,
+            label,
+            record: Some(record),
+            first_stage: first,
+            resume: true,
+            extra: None,
+        },
+    )
+}
+
+/// `scap sync --catch-up`.
+fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
+    let members = a.fleet.members(ctx)?;
+    let plan = a.rollout.plan(ctx)?;
+    if plan.sources.is_empty() && !a.rollout.dry_run {
+        bail!(
+            "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
+        );
+    }
+    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
+    let agents = a.fleet.agents(ctx)?;
+    let dir = fleet_dir(ctx);
+    let desired = crate::fleet::desired::Desired::load(&dir)?;
+    let store = Store::open(&ctx.store_path).ok();
+    let signatures = desired
+        .versions()
+        .into_iter()
+        .filter_map(|v| Some((v, store.as_ref()?.signature(&v).ok()??)))
+        .collect();
+    let rt = runtime()?;
+    let interrupted = on_interrupt(&rt);
+    let procedure = CatchUp {
+        agents: &agents,
+        members,
+        sources: plan.sources,
+        signatures,
+        concurrency: plan.concurrency,
+        dry_run: a.rollout.dry_run,
+        by: crate::sys::user(),
+        command: command_line(),
+        fleet_dir: dir,
+        interrupted: &interrupted,
+    };
+    let mut op = CliOperator::batch();
+    let outcome = rt
+        .block_on(procedure.run(&mut op))
+        .map_err(anyhow::Error::msg)?;
+    if a.rollout.json {
+        print_json(&outcome)?;
+    } else {
+        report(&outcome.results)?;
+        println!("{}", outcome.message);
+    }
+    Ok(exit::from(outcome.ok))
 }
 
 /// Takes the deploy lock (unless this is a dry run, which changes nothing).
@@ -191,74 +533,103 @@ fn deploy_lock(ctx: &Ctx, dry_run: bool) -> anyhow::Result<Option<lock::DeployLo
     if dry_run {
         return Ok(None);
     }
-    Ok(Some(lock::acquire(&fleet_dir(ctx), &command_line())?))
+    let dir = fleet_dir(ctx);
+    lock::acquire(&dir, &command_line())
+        .map(Some)
+        .map_err(|e| with_rollout(e, &dir))
 }
 
-/// Runs a rollout of `version`; the caller holds the deploy lock.
-fn run_rollout(
-    ctx: &Ctx,
-    fleet_args: &FleetArgs,
-    r: &RolloutArgs,
-    version: VersionId,
-) -> anyhow::Result<i32> {
-    let members = fleet_args.members()?;
-    let stages = r.stages()?;
-    let budget = Budget::parse(&r.max_failures).map_err(anyhow::Error::msg)?;
-    let sources = if r.sources.is_empty() {
-        ctx.config.sources.clone()
-    } else {
-        r.sources.clone()
-    };
-    if sources.is_empty() && !r.dry_run {
-        bail!(
-            "no source to fetch from: pass --source http://DEPLOY-HOST:8469 (or set sources in scap.toml)"
-        );
+/// A lock error, with the rollout the holder runs (if one is recorded).
+fn with_rollout(e: LockError, dir: &std::path::Path) -> anyhow::Error {
+    match RolloutRecord::load(dir) {
+        Ok(Some(r)) if r.state == RolloutState::Running => anyhow::anyhow!(
+            "{e}\n  rollout in progress: {} (stage {} of {}: {}), started by {} at {}",
+            r.label,
+            (r.completed + 1).min(r.stages.len()),
+            r.stages.len(),
+            r.next_stage().map(|s| s.to_string()).unwrap_or_default(),
+            r.by,
+            fmt_utc(r.started)
+        ),
+        _ => e.into(),
     }
-    let gates = r.gates();
-    let interactive = std::io::stdin().is_terminal();
-    let asks = stages.len() > 1 || (!gates.is_empty() && !r.force);
-    if asks && !r.yes && !interactive && !r.dry_run {
-        bail!(
-            "stdin is not a terminal and this rollout would ask questions (stages or health gates): pass --yes to run it in batch mode"
-        );
-    }
+}
+
+/// What `run_rollout` runs.
+struct Run<'a> {
+    fleet: &'a FleetArgs,
+    members: Vec<Member>,
+    args: &'a RolloutArgs,
+    plan: Plan,
+    goal: Goal,
+    label: String,
+    record: Option<RolloutRecord>,
+    first_stage: usize,
+    /// `--resume`: the first stage's gates may not have run yet.
+    resume: bool,
+    /// Added to the `--json` output (a change's versions).
+    extra: Option<serde_json::Value>,
+}
+
+/// Runs a rollout; the caller holds the deploy lock.
+fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
+    let Run {
+        fleet: fleet_args,
+        members,
+        args: r,
+        plan,
+        goal,
+        label,
+        record,
+        first_stage,
+        resume,
+        extra,
+    } = run;
     let agents = fleet_args.agents(ctx)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
-    let label = label_of(ctx, &version);
-    let signature = Store::open(&ctx.store_path)
-        .ok()
-        .and_then(|s| s.signature(&version).ok().flatten());
+    let store = Store::open(&ctx.store_path).ok();
+    let signatures = goal
+        .versions()
+        .into_iter()
+        .filter_map(|v| Some((v, store.as_ref()?.signature(&v).ok()??)))
+        .collect();
     let rollout = Rollout {
         agents: &agents,
         members,
-        version,
-        signature,
-        label: label.clone(),
-        sources,
-        stages,
-        gates,
-        force: r.force,
-        wait: r.wait,
-        budget,
+        goal,
+        label,
+        signatures,
+        sources: plan.sources,
+        stages: plan.stages,
+        gates: plan.gates,
+        force: plan.force,
+        wait: plan.wait,
+        budget: plan.budget,
         dry_run: r.dry_run,
-        concurrency: r.concurrency,
+        concurrency: plan.concurrency,
         by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
         interrupted: &interrupted,
+        record: std::sync::Mutex::new(record),
+        resume,
     };
     let mut op = CliOperator {
         yes: r.yes,
         line: None,
         results: Vec::new(),
     };
-    let outcome = rt.block_on(rollout.run(&mut op));
+    let outcome = rt.block_on(rollout.run(&mut op, first_stage));
     if let Some(l) = op.line.take() {
         l.finish();
     }
     if r.json {
-        print_json(&serde_json::json!({ "outcome": outcome, "hosts": op.results }))?;
+        let mut out = serde_json::json!({ "outcome": outcome, "hosts": op.results });
+        if let Some(extra) = extra {
+            out["change"] = extra;
+        }
+        print_json(&out)?;
     } else {
         report(&op.results)?;
         println!("{}", outcome.message);
@@ -364,80 +735,217 @@ impl Operator for CliOperator {
 pub struct SyncFileArgs {
     #[command(flatten)]
     fleet: FleetArgs,
-    /// File (or symlink) to take from staging, relative to the component
+    /// Path to take from staging, relative to the component, e.g. wmf-config/InitialiseSettings.php
     path: String,
-    /// Component it belongs to (scap.toml or --component names its staging dir)
+    /// Why (the SAL message), e.g. 'SWAT: [[gerrit:12345|Fix a notice]]'; or -m
+    message: Option<String>,
+    /// Why, as scap takes it
+    #[arg(
+        long = "message",
+        short = 'm',
+        value_name = "MESSAGE",
+        conflicts_with = "message"
+    )]
+    message_flag: Option<String>,
+    /// Component it belongs to (scap.toml or --staging names its staging dir)
     #[arg(long, default_value = "mediawiki")]
     component: String,
     /// The component's staging directory [default: from scap.toml]
     #[arg(long, value_name = "DIR")]
     staging: Option<PathBuf>,
-    /// Version to start from [default: the newest recorded version]
+    /// Allow a path that no live version has yet (a new file or directory)
     #[arg(long)]
-    from: Option<String>,
-    /// Why (the SAL message), e.g. 'Backport: [[gerrit:12345|Fix a notice]]'
-    #[arg(long, short = 'm')]
-    message: Option<String>,
-    /// The deploy key that signs the new version [default: scap.toml's sign_key]
+    create: bool,
+    /// The deploy key that signs the new versions [default: scap.toml's sign_key]
     #[arg(long, value_name = "FILE")]
     sign_key: Option<PathBuf>,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
 
-pub fn sync_file(ctx: &Ctx, a: SyncFileArgs) -> anyhow::Result<i32> {
+/// `scap sync-file` (`kind` File) and `scap sync-dir` (Dir): the path from
+/// staging applied to every live train, then rolled out so that each host
+/// moves to the new version of the train it runs.
+pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32> {
     let store = ctx.open_deploy()?;
+    let members = a.fleet.members(ctx)?;
+    let plan = a.rollout.plan(ctx)?;
+    plan.check(&members, &a.rollout)?;
     // Before building: another deploy must not see (or gc) a half-made change.
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
-    let signer = ctx.signer(a.sign_key.as_deref())?;
-    let base = match &a.from {
-        Some(f) => store.resolve(f)?,
-        None => store
-            .records()?
-            .first()
-            .map(|r| r.version)
-            .context("the store has no version yet: run build-manifest first")?,
+    let signer = if a.rollout.dry_run {
+        None
+    } else {
+        ctx.signer(a.sign_key.as_deref())?
     };
-    let staging = match &a.staging {
-        Some(s) => s.clone(),
-        None => ctx
-            .config
-            .components
-            .iter()
-            .find(|c| c.name == a.component)
-            .map(|c| c.path.clone())
-            .with_context(|| format!("no staging directory for component {:?}: pass --staging or name it in scap.toml", a.component))?,
+    let cfg_component = ctx.config.components.iter().find(|c| c.name == a.component);
+    let staging = match (&a.staging, cfg_component) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c.path.clone(),
+        (None, None) => bail!(
+            "no staging directory for component {:?}: pass --staging DIR or add a [[component]] to scap.toml",
+            a.component
+        ),
     };
-    let (version, changed) = crate::manifest::patch::patch(
+    let component = crate::manifest::config::components(
+        &ctx.config,
+        &[format!("{}={}", a.component, staging.display())],
+        &[],
+    )?
+    .into_iter()
+    .find(|c| c.name.to_string() == a.component)
+    .expect("the flag names it");
+    let what = match kind {
+        Kind::File => "sync-file",
+        Kind::Dir => "sync-dir",
+    };
+    let message = a
+        .message
+        .clone()
+        .or(a.message_flag.clone())
+        .unwrap_or_else(|| format!("{what} {}/{}", a.component, a.path));
+
+    // The live trains: what hosts run, hold, should run, or are being
+    // rolled out to.
+    let agents = a.fleet.agents(ctx)?;
+    let rt = runtime()?;
+    let readings = rt.block_on(poll(&agents, &members, 64));
+    let dir = fleet_dir(ctx);
+    let desired = crate::fleet::desired::Desired::load(&dir)?;
+    let record = RolloutRecord::load(&dir)?;
+    let mut live: std::collections::BTreeSet<VersionId> = desired.versions();
+    for r in &readings {
+        match &r.view {
+            Ok(_) => live.extend(r.held()),
+            Err(e) => eprintln!("{} {e}: its desired state stands for it", clock()),
+        }
+    }
+    if let Some(r) = &record {
+        live.insert(r.version);
+        live.extend(r.from.values().copied());
+    }
+    let mut bases = Vec::new();
+    for v in live {
+        if store.has(&v.object()) {
+            bases.push(v);
+        } else {
+            let hosts: Vec<String> = readings
+                .iter()
+                .filter(|r| r.held().contains(&v))
+                .map(|r| r.member.host.to_string())
+                .collect();
+            eprintln!(
+                "{} warning: version {} (held by {}) is not in this store: the change cannot be applied to it",
+                clock(),
+                v.short(),
+                if hosts.is_empty() {
+                    "the desired state".into()
+                } else {
+                    hosts.join(", ")
+                }
+            );
+        }
+    }
+    let id = change::new_id(&message, &a.path);
+    let applied = change::apply(
         &store,
-        &crate::manifest::patch::Patch {
-            base,
-            component: &a.component,
-            staging: &staging,
+        &ChangeSpec {
+            id: id.clone(),
+            bases,
+            component: &component,
             path: &a.path,
-            message: a.message.clone(),
+            kind,
+            create: a.create,
+            message: message.clone(),
             author: crate::sys::user(),
             signer: signer.as_deref(),
+            dry_run: a.rollout.dry_run,
         },
+        &super::bar::Bar::default(),
     )?;
-    if !changed {
-        eprintln!(
-            "{} {} is the same in staging and in {}: deploying {} as it is",
-            clock(),
-            a.path,
-            base.short(),
-            base.short()
-        );
-    } else {
-        eprintln!(
-            "{} built {} from {} with {} from staging",
-            clock(),
-            version,
-            base.short(),
+    let map = change::map(&applied);
+    // Per host group: from, to, the files that change.
+    let mut groups: std::collections::BTreeMap<VersionId, Vec<String>> = Default::default();
+    for r in &readings {
+        if let Some(c) = r.current() {
+            groups.entry(c).or_default().push(r.member.host.to_string());
+        }
+    }
+    let mut shown = Vec::new();
+    for ap in &applied {
+        let hosts = groups.get(&ap.base).cloned().unwrap_or_default();
+        let role = if hosts.is_empty() {
+            "held as previous/stable, or a rollout's target".to_string()
+        } else {
+            format!(
+                "{} host(s): {}",
+                hosts.len(),
+                crate::text::clip(&hosts.join(" "), 200)
+            )
+        };
+        if ap.changed() {
+            eprintln!(
+                "{} {} {} -> {} ({role})",
+                clock(),
+                if a.rollout.dry_run {
+                    "dry run: would build"
+                } else {
+                    "built"
+                },
+                label_of(ctx, &ap.base),
+                ap.version.short()
+            );
+            for f in &ap.files {
+                eprintln!("           {f}");
+            }
+        } else {
+            eprintln!(
+                "{} {} is already the same in staging and in {} ({role})",
+                clock(),
+                a.path,
+                label_of(ctx, &ap.base)
+            );
+        }
+        shown.push(serde_json::json!({
+            "from": ap.base, "to": ap.version, "hosts": hosts, "files": ap.files,
+        }));
+    }
+    if map.is_empty() {
+        if a.rollout.json {
+            print_json(&serde_json::json!({ "change": id, "versions": shown, "outcome": null }))?;
+        }
+        println!(
+            "{} is the same in staging and in every live version: nothing to deploy",
             a.path
         );
+        return Ok(exit::OK);
     }
-    run_rollout(ctx, &a.fleet, &a.rollout, version)
+    if !a.rollout.dry_run {
+        eprintln!("{} change {id}: {message}", clock());
+        // The train being rolled out continues with the change.
+        if let Some(mut r) = record {
+            r.rewrite(&map);
+            r.save(&dir)?;
+        }
+    }
+    drop(rt);
+    let extra = serde_json::json!({ "change": id, "versions": shown });
+    let goal = Goal::Change { id, map };
+    run_rollout(
+        ctx,
+        Run {
+            fleet: &a.fleet,
+            members,
+            args: &a.rollout,
+            plan,
+            goal,
+            label: format!("change {}", crate::text::clip(&message, 60)),
+            record: None,
+            first_stage: 0,
+            resume: false,
+            extra: Some(extra),
+        },
+    )
 }
 
 #[derive(Args, Debug)]
@@ -456,13 +964,17 @@ pub struct RollbackArgs {
     /// Hosts rolled back at once
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// Where hosts fetch a version they no longer hold (the old train with a change
+    /// made since) [default: scap.toml's sources]
+    #[arg(long = "source", value_name = "URL")]
+    sources: Vec<String>,
     /// Print JSON
     #[arg(long)]
     json: bool,
 }
 
 pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
-    let members = a.fleet.members()?;
+    let members = a.fleet.members(ctx)?;
     let agents = a.fleet.agents(ctx)?;
     let version = a
         .version
@@ -481,7 +993,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .transpose()
         .map_err(anyhow::Error::msg)?
         .unwrap_or(Percent(0));
-    let _lock = lock::acquire(&fleet_dir(ctx), &command_line())?;
+    let _lock = deploy_lock(ctx, false)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let procedure = Rollback {
@@ -491,6 +1003,12 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         version,
         keep,
         concurrency: a.concurrency,
+        sources: if a.sources.is_empty() {
+            ctx.config.sources.clone()
+        } else {
+            a.sources.clone()
+        },
+        lineage: lineage(ctx),
         by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
@@ -519,13 +1037,15 @@ pub struct PromoteArgs {
 }
 
 pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
-    let members = a.fleet.members()?;
+    let members = a.fleet.members(ctx)?;
     let agents = a.fleet.agents(ctx)?;
     let version = resolve_version(ctx, &a.version)?;
     let budget = Budget::parse(&a.max_failures).map_err(anyhow::Error::msg)?;
-    let _lock = lock::acquire(&fleet_dir(ctx), &command_line())?;
+    let _lock = deploy_lock(ctx, false)?;
+    let store = Store::open_deploy(&ctx.store_path).ok();
     let rt = runtime()?;
     let procedure = Promote {
+        store: store.as_ref(),
         agents: &agents,
         members,
         version,
@@ -562,7 +1082,7 @@ fn labels(ctx: &Ctx) -> Vec<(String, VersionId)> {
 }
 
 pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
-    let members = a.fleet.members()?;
+    let members = a.fleet.members(ctx)?;
     let agents = a.fleet.agents(ctx)?;
     let highlight = a
         .version
@@ -641,6 +1161,9 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
             if h["busy"] == true {
                 note.push_str(" busy");
             }
+            if h["behind"] == true {
+                note.push_str(&format!(" BEHIND: target {}", short(&h["target"])));
+            }
             if let Some(n) = h["drift"].as_u64().filter(|&n| n > 0) {
                 note.push_str(&format!(
                     " DRIFT: {n} file(s) edited by hand (scap verify --live)"
@@ -663,6 +1186,70 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
                 "  {name:<24} UNREACHABLE: {}",
                 h["error"].as_str().unwrap_or("")
             )?;
+        }
+    }
+    let behind = st["behind"].as_array().cloned().unwrap_or_default();
+    if !behind.is_empty() {
+        writeln!(
+            out,
+            "\n{} host(s) behind their target (`scap sync --catch-up`, or they catch up when their agent restarts):",
+            behind.len()
+        )?;
+        let short = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|s| s.parse::<VersionId>().ok())
+                .map_or_else(|| "-".to_string(), |v| v.short())
+        };
+        for b in &behind {
+            writeln!(
+                out,
+                "  {:<24} runs {}, target {}",
+                b["host"].as_str().unwrap_or(""),
+                short(&b["current"]),
+                short(&b["target"])
+            )?;
+        }
+    }
+    if let Some(r) = st["rollout"].as_object() {
+        let stages: Vec<&str> = r["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        let done = r["completed"].as_u64().unwrap_or(0) as usize;
+        let state = r["state"].as_str().unwrap_or("");
+        let mut line = format!(
+            "\nrollout {}: {} [{}] {} of {} stages done ({})",
+            r["id"].as_str().unwrap_or(""),
+            r["label"].as_str().unwrap_or(""),
+            state,
+            done,
+            stages.len(),
+            stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| if i < done {
+                    format!("{s} done")
+                } else {
+                    s.to_string()
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some(next) = r["next"].as_str()
+            && matches!(state, "running" | "stopped")
+        {
+            line.push_str(&format!("; next: {next}"));
+            match r["next_due"].as_u64() {
+                Some(t) => line.push_str(&format!(" due {}", fmt_utc(t))),
+                None if state == "stopped" => line.push_str(" (`scap sync --resume`)"),
+                None => {}
+            }
+        }
+        writeln!(out, "{line}")?;
+        if let Some(n) = r["note"].as_str().filter(|n| !n.is_empty()) {
+            writeln!(out, "  {n}")?;
         }
     }
     if let Some(l) = st["lock"].as_object() {
@@ -714,10 +1301,57 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
             e.action,
             e.user,
             if e.ok { "ok  " } else { "FAIL" },
-            e.version.map(|v| v.short()).unwrap_or_else(|| "-".into()),
+            match (&e.version, &e.change) {
+                (Some(v), _) => v.short(),
+                (None, Some(c)) => c.clone(),
+                (None, None) => "-".into(),
+            },
             e.target.as_deref().unwrap_or(""),
             e.message
         )?;
+    }
+    Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The agent to ask (on this host)
+    #[arg(long, default_value = "localhost:8470", value_name = "HOST:PORT")]
+    agent: String,
+    /// Seconds to wait for the sync
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// `scap pull`, run on a host: its agent asks the deploy host what it
+/// should run, and goes there.
+pub fn pull(ctx: &Ctx, a: PullArgs) -> anyhow::Result<i32> {
+    let (name, port) = match a.agent.rsplit_once(':') {
+        Some((n, p)) => (
+            n.to_string(),
+            p.parse::<u16>()
+                .with_context(|| format!("--agent {:?}: the port is not a number", a.agent))?,
+        ),
+        None => (a.agent.clone(), crate::fleet::inventory::DEFAULT_AGENT_PORT),
+    };
+    let host = Host {
+        name,
+        port,
+        addr: None,
+    };
+    let transport = ctx.transport()?;
+    let agents = Agents::new(transport, Duration::from_secs(a.timeout))?;
+    let rt = runtime()?;
+    let o = rt
+        .block_on(agents.pull(&host, &crate::sys::user()))
+        .map_err(anyhow::Error::new)?;
+    if a.json {
+        print_json(&o)?;
+    } else {
+        println!("{}: {}", o.host, o.message);
     }
     Ok(exit::OK)
 }

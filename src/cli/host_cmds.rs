@@ -189,6 +189,10 @@ pub struct AgentArgs {
     /// Lab only: run versions without a trusted signature (says so on every sync)
     #[arg(long)]
     insecure_allow_unsigned: bool,
+    /// The deploy host's `scap serve` (repeatable): asked what this host should run at
+    /// start and on `scap pull`, so a reimaged or long-down host catches up by itself
+    #[arg(long = "source", value_name = "URL")]
+    sources: Vec<String>,
 }
 
 /// Raises the soft limit on open files to the hard one (systemd's default
@@ -260,6 +264,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         transport: transport.clone(),
         trust,
         allow_unsigned: a.insecure_allow_unsigned,
+        sources: a.sources.clone(),
     })
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
     if let Some(w) = transport.warning(&format!("scap agent {host}")) {
@@ -275,12 +280,13 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         let tcp = bind(a.listen).await?;
         let addr = tcp.local_addr()?;
         let listener = listener(tcp, &transport)?;
-        let (app, _) = crate::host::api::router(agent, auth);
+        let (app, state) = crate::host::api::router(agent, auth);
         println!(
             "scap agent: host {host} listening on {}://{addr}",
             transport.scheme()
         );
         std::io::stdout().flush()?;
+        tokio::spawn(crate::host::api::pull_at_start(state));
         server::serve(listener, app, server::shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -4,7 +4,7 @@
 mod bar;
 #[cfg(feature = "dev")]
 mod demo;
-mod fleet_cmds;
+pub(crate) mod fleet_cmds;
 mod host_cmds;
 mod keys;
 mod store_cmds;
@@ -85,9 +85,11 @@ pub enum Command {
     Agent(host_cmds::AgentArgs),
     /// Deploy a version to hosts: all, or --canary=P% of traffic, or --stages
     Sync(fleet_cmds::SyncArgs),
-    /// Build a version with one file taken from staging, and deploy it
+    /// Take a file from staging into every live train (new versions), and deploy them
     SyncFile(fleet_cmds::SyncFileArgs),
-    /// Switch hosts back to their previous or stable version (no fetch)
+    /// Take a directory from staging into every live train (new versions), and deploy them
+    SyncDir(fleet_cmds::SyncFileArgs),
+    /// Switch hosts back to their previous or stable version, or where a rollout took them from
     Rollback(fleet_cmds::RollbackArgs),
     /// Record a version that is on every host as their stable version
     Promote(fleet_cmds::PromoteArgs),
@@ -97,6 +99,8 @@ pub enum Command {
     History(fleet_cmds::HistoryArgs),
     /// Show (or --break) the deploy lock
     Lock(fleet_cmds::LockArgs),
+    /// On a host: ask the deploy host what this host should run, and go there
+    Pull(fleet_cmds::PullArgs),
     /// Make a deploy key (ed25519) that signs versions
     Keygen(keys::KeygenArgs),
     /// Sign existing versions with the deploy key
@@ -170,12 +174,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => host_cmds::serve(&ctx, a),
         Command::Agent(a) => host_cmds::agent(&ctx, a),
         Command::Sync(a) => fleet_cmds::sync(&ctx, a),
-        Command::SyncFile(a) => fleet_cmds::sync_file(&ctx, a),
+        Command::SyncFile(a) => {
+            fleet_cmds::sync_change(&ctx, a, crate::manifest::change::Kind::File)
+        }
+        Command::SyncDir(a) => fleet_cmds::sync_change(&ctx, a, crate::manifest::change::Kind::Dir),
         Command::Rollback(a) => fleet_cmds::rollback(&ctx, a),
         Command::Promote(a) => fleet_cmds::promote(&ctx, a),
         Command::Status(a) => fleet_cmds::status(&ctx, a),
         Command::History(a) => fleet_cmds::history_cmd(&ctx, a),
         Command::Lock(a) => fleet_cmds::lock_cmd(&ctx, a),
+        Command::Pull(a) => fleet_cmds::pull(&ctx, a),
         Command::Keygen(a) => keys::keygen(a),
         Command::Sign(a) => keys::sign(&ctx, a),
         Command::Pki(a) => keys::pki(a),
@@ -219,20 +227,7 @@ pub struct NotFound {
 
 /// Parses `20`, `20s`, `2m` or `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
-    let (num, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s.trim()[..i], &s.trim()[i..]),
-        None => (s.trim(), "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs(secs))
+    crate::time::parse_duration(s)
 }
 
 /// How a command talks to other scap processes.

@@ -1,7 +1,7 @@
 //! Commands over the store: build-manifest, diff, ls, cat, log, resolve,
 //! label, pin, verify, gc.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -188,10 +188,71 @@ pub struct DiffArgs {
     exit_code: bool,
 }
 
+/// How `b` relates to `a` in the version records, for people: the chain
+/// of builds and changes from one to the other, or the change they share.
+fn descent(store: &Store, a: &VersionId, b: &VersionId) -> Option<String> {
+    let records = store.records().ok()?;
+    let lineage = crate::fleet::lineage::Lineage::new(&records);
+    let message = |v: &VersionId| {
+        records
+            .iter()
+            .find(|r| r.version == *v)
+            .and_then(|r| r.message.clone())
+            .unwrap_or_default()
+    };
+    let step = |v: &VersionId| match lineage.change(v) {
+        Some(c) => format!(
+            "{} (change {c}: {})",
+            v.short(),
+            crate::text::clip(&message(v), 60)
+        ),
+        None => format!("{} (build)", v.short()),
+    };
+    let chain = |path: Vec<VersionId>| {
+        let mut s = path[0].short();
+        for v in &path[1..] {
+            s.push_str(" -> ");
+            s.push_str(&step(v));
+        }
+        s
+    };
+    if a == b {
+        return None;
+    }
+    if let Some(p) = lineage.path(a, b) {
+        return Some(format!(
+            "{} descends from {}: {}",
+            b.short(),
+            a.short(),
+            chain(p)
+        ));
+    }
+    if let Some(p) = lineage.path(b, a) {
+        return Some(format!(
+            "{} descends from {}: {}",
+            a.short(),
+            b.short(),
+            chain(p)
+        ));
+    }
+    match (lineage.change(a), lineage.change(b)) {
+        (Some(ca), Some(cb)) if ca == cb => Some(format!(
+            "{} and {} were made by one change, {ca} ({}), from {} and {}",
+            a.short(),
+            b.short(),
+            crate::text::clip(&message(a), 60),
+            lineage.parent(a).map_or_else(|| "?".into(), |p| p.short()),
+            lineage.parent(b).map_or_else(|| "?".into(), |p| p.short()),
+        )),
+        _ => None,
+    }
+}
+
 pub fn diff(ctx: &Ctx, a: DiffArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
     let va = store.resolve(&a.a)?;
     let vb = store.resolve(&a.b)?;
+    let descent = descent(&store, &va, &vb);
     let mut stat = DiffStat::default();
     let differs;
     if a.stat || a.json {
@@ -218,12 +279,15 @@ pub fn diff(ctx: &Ctx, a: DiffArgs) -> anyhow::Result<i32> {
                 })
                 .collect();
             print_json(&serde_json::json!({
-                "from": va, "to": vb,
+                "from": va, "to": vb, "descent": descent,
                 "stat": if a.stat { Some(&stat) } else { None },
                 "changes": files,
             }))?;
         } else {
             let mut out = io::stdout().lock();
+            if let Some(d) = &descent {
+                writeln!(out, "{d}")?;
+            }
             writeln!(
                 out,
                 "{} files changed: {} added, {} modified, {} deleted, {} type changed",
@@ -248,6 +312,13 @@ pub fn diff(ctx: &Ctx, a: DiffArgs) -> anyhow::Result<i32> {
             )?;
         }
     } else {
+        // The file list stays parseable: the descent goes to a person's
+        // terminal only.
+        if let Some(d) = &descent
+            && io::stderr().is_terminal()
+        {
+            eprintln!("{d}");
+        }
         let mut out = io::BufWriter::new(io::stdout().lock());
         let mut any = false;
         store_diff::diff(&store, &va.root(), &vb.root(), &mut |c| {
@@ -405,6 +476,9 @@ pub struct LogArgs {
     /// Show at most this many versions
     #[arg(long, short = 'n')]
     max_count: Option<usize>,
+    /// Only the versions one change (sync-file, sync-dir) made, one per train
+    #[arg(long, value_name = "CHANGE-ID")]
+    change: Option<String>,
     /// Print JSON
     #[arg(long)]
     json: bool,
@@ -413,6 +487,15 @@ pub struct LogArgs {
 pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
     let mut records = store.records()?;
+    if let Some(c) = &a.change {
+        records.retain(|r| r.change.as_deref() == Some(c.as_str()));
+        if records.is_empty() {
+            return Err(super::NotFound {
+                what: format!("no version was made by change {c:?}: `scap history` lists changes"),
+            }
+            .into());
+        }
+    }
     records.truncate(a.max_count.unwrap_or(usize::MAX));
     let labels = store.labels()?;
     if a.json {
@@ -445,6 +528,12 @@ fn print_record(
     writeln!(out, "Date:   {}", fmt_utc(r.time))?;
     if let Some(p) = r.parent {
         writeln!(out, "Parent: {p}")?;
+    }
+    if let Some(c) = &r.change {
+        writeln!(
+            out,
+            "Change: {c} (made from its parent by sync-file/sync-dir)"
+        )?;
     }
     writeln!(out, "Files:  {} ({})", r.files, fmt_bytes(r.bytes))?;
     if let Some(m) = &r.message {
@@ -590,7 +679,10 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
-    /// Keep the newest N versions (plus every labelled and pinned one)
+    #[command(flatten)]
+    fleet: super::fleet_cmds::FleetArgs,
+    /// Keep the newest N versions (plus every labelled and pinned one, and every
+    /// version the fleet runs, holds or should run)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
     /// Show what would be removed; remove nothing
@@ -603,11 +695,43 @@ pub struct GcArgs {
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
     let store = ctx.open_deploy()?;
-    let report = store_gc::gc(&store, a.keep as usize, a.dry_run).context("gc removed nothing")?;
+    // What the fleet runs, holds and should run, read now.
+    let members = if a.fleet.configured(ctx) {
+        a.fleet.members(ctx)?
+    } else {
+        Vec::new()
+    };
+    let agents = if members.is_empty() {
+        None
+    } else {
+        Some(a.fleet.agents(ctx)?)
+    };
+    let rt = super::host_cmds::runtime()?;
+    let fleet = rt
+        .block_on(crate::fleet::keep::fleet_roots(
+            agents.as_ref(),
+            &members,
+            &super::fleet_cmds::fleet_dir(ctx),
+        ))
+        .map_err(|e| anyhow::anyhow!("gc refused: {e}"))?;
+    drop(rt);
+    let also: Vec<VersionId> = fleet.versions.iter().copied().collect();
+    let report =
+        store_gc::gc(&store, a.keep as usize, &also, a.dry_run).context("gc removed nothing")?;
     if a.json {
-        print_json(&report)?;
+        let mut j = serde_json::to_value(&report)?;
+        j["fleet"] = serde_json::to_value(&fleet)?;
+        print_json(&j)?;
     } else {
         let verb = if a.dry_run { "would remove" } else { "removed" };
+        if fleet.hosts_read > 0 || fleet.desired > 0 {
+            println!(
+                "the fleet needs {} version(s): read {} host(s) now, {} in the desired state",
+                fleet.versions.len(),
+                fleet.hosts_read,
+                fleet.desired
+            );
+        }
         println!(
             "kept {} versions ({} live objects); {verb} {} versions, {} objects ({})",
             report.kept_versions.len(),

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::inventory::Host;
 use crate::host::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, MAX_RESPONSE_BYTES, Outcome, PromoteRequest,
-    RollbackRequest, StateResponse, SyncRequest,
+    PullOutcome, PullRequest, RollbackRequest, StateResponse, SyncRequest,
 };
 use crate::host::state::{HostState, STATE_FORMAT};
 use crate::net::tls::{TlsError, Transport};
@@ -189,6 +189,14 @@ impl Agents {
 
     pub async fn promote(&self, host: &Host, req: &PromoteRequest) -> Result<HostState, CallError> {
         self.call(host, "/v1/promote", Some(req), STATE_TIMEOUT)
+            .await
+    }
+
+    /// `POST /v1/pull`: the host asks the deploy host what to run, and
+    /// goes there.
+    pub async fn pull(&self, host: &Host, by: &str) -> Result<PullOutcome, CallError> {
+        let req = PullRequest { by: by.to_string() };
+        self.call(host, "/v1/pull", Some(&req), self.op_timeout)
             .await
     }
 

@@ -1,23 +1,32 @@
 //! A rollout: stages of top-up steps, each followed by the health gates and
 //! (for people) a question. The controller's whole procedure for `scap
-//! sync`; how it talks to the operator is the caller's ([`Operator`]).
+//! sync`, `scap sync-file` and `scap sync --resume`; how it talks to the
+//! operator is the caller's ([`Operator`]).
+//!
+//! A rollout of one version keeps its record (`fleet::record`) as it goes,
+//! so it can be resumed after the controller dies, and every step updates
+//! the desired state (`fleet::desired`) of the hosts it moved.
 //!
 //! A host whose sync call timed out or answered nonsense may still have
 //! switched: before a step is judged, such hosts are told to cancel and
-//! read again, and one that reports the new version counts as changed (so
-//! a failing gate rolls it back with the rest of its step).
+//! read again, and one that reports its target counts as changed (so a
+//! failing gate rolls it back with the rest of its step).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::agents::{Agents, Call, CallError, HostResult, fan_out};
+use super::desired;
 use super::gates::Gates;
 use super::history::{self, Entry};
 use super::inventory::{Host, Member};
 use super::poll::{Reading, poll};
-use super::rollout::{Budget, Percent, TopUp, share, top_up};
+use super::record::{RolloutRecord, RolloutState};
+use super::rollout::{Budget, Goal, Stage, TopUp, share, top_up};
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
 use crate::store::signature::SignedVersion;
@@ -78,12 +87,14 @@ where
 pub struct Rollout<'a> {
     pub agents: &'a Agents,
     pub members: Vec<Member>,
-    pub version: VersionId,
-    /// Its signatures, sent with each sync (agents check them).
-    pub signature: Option<SignedVersion>,
+    pub goal: Goal,
+    /// For people: the version's label, or the change's message.
     pub label: String,
+    /// The signatures of the versions the goal brings hosts to, sent with
+    /// each sync (agents check them).
+    pub signatures: BTreeMap<VersionId, SignedVersion>,
     pub sources: Vec<String>,
-    pub stages: Vec<Percent>,
+    pub stages: Vec<Stage>,
     pub gates: Gates,
     pub force: bool,
     pub wait: Duration,
@@ -92,10 +103,16 @@ pub struct Rollout<'a> {
     pub concurrency: usize,
     pub by: String,
     pub command: String,
-    /// `STORE/fleet`: history lives here.
+    /// `STORE/fleet`: history, desired state and the rollout record live here.
     pub fleet_dir: std::path::PathBuf,
     /// Set by Ctrl-C: finish the hosts in flight, start no more.
     pub interrupted: &'a AtomicBool,
+    /// The record of this rollout (one version, not a dry run): kept up to
+    /// date as it goes, for `--resume`, status and the dashboard.
+    pub record: Mutex<Option<RolloutRecord>>,
+    /// `scap sync --resume`: the first stage run may have switched its
+    /// hosts already and stopped before their gates; they run now.
+    pub resume: bool,
 }
 
 /// How a rollout ended.
@@ -112,6 +129,8 @@ pub struct Outcome {
 /// A host this command moved, and where it was before.
 struct Changed {
     member: Member,
+    /// Its name in the desired state (see `Reading::name`).
+    name: String,
     from: Option<VersionId>,
 }
 
@@ -153,12 +172,28 @@ impl Progress {
 type Stop = Outcome;
 
 impl Rollout<'_> {
-    pub async fn run(&self, op: &mut dyn Operator) -> Outcome {
+    /// Runs the stages from `first` (0, or where a resumed rollout left).
+    pub async fn run(&self, op: &mut dyn Operator, first: usize) -> Outcome {
         let mut p = Progress::default();
-        for (n, &stage) in self.stages.iter().enumerate() {
-            if let Err(stop) = self.stage(op, stage, &mut p).await {
+        self.update_record(|r| {
+            r.state = RolloutState::Running;
+            r.pid = std::process::id();
+            r.host = crate::sys::hostname();
+            r.note.clear();
+        });
+        for n in first..self.stages.len() {
+            let stage = self.stages[n];
+            let resuming = self.resume && n == first;
+            if let Err(stop) = self.stage(op, stage, &mut p, resuming).await {
                 return stop;
             }
+            self.update_record(|r| {
+                r.completed = n + 1;
+                r.next_due = None;
+                if n + 1 == self.stages.len() {
+                    r.state = RolloutState::Done;
+                }
+            });
             if n + 1 < self.stages.len()
                 && !self.dry_run
                 && !op.confirm(&format!(
@@ -166,16 +201,15 @@ impl Rollout<'_> {
                     pct(p.reached)
                 ))
             {
-                return p.outcome(
-                    p.failed.is_empty() && !p.short,
-                    format!("stopped by the operator at {}", pct(p.reached)),
-                    vec![],
-                );
+                let msg = format!("stopped by the operator at {}", pct(p.reached));
+                self.stopped(&msg);
+                return p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
             }
         }
         if self.dry_run {
             return p.outcome(true, "dry run: nothing changed".into(), vec![]);
         }
+        self.finished().await;
         // Not reaching the last stage's share (a host down within the
         // failure budget) is reported as a failure too: never silently.
         // Every step is in the history already.
@@ -183,20 +217,63 @@ impl Rollout<'_> {
         p.outcome(p.failed.is_empty() && !p.short, msg, vec![])
     }
 
+    /// Every stage done: hosts that could not be reached are given their
+    /// target too, and catch up when they come back.
+    async fn finished(&self) {
+        if !self.stages.last().is_some_and(|s| s.is_all()) {
+            return;
+        }
+        let readings = poll(self.agents, &self.members, 64).await;
+        let why = self.why();
+        let result = desired::update(&self.fleet_dir, |d| match &self.goal {
+            Goal::One { version, .. } => {
+                for r in readings.iter().filter(|r| r.view.is_err()) {
+                    d.set(&r.name(), *version, &self.by, &why);
+                }
+            }
+            Goal::Change { map, .. } => d.rewrite(map, &self.by, &why),
+        });
+        if let Err(e) = result {
+            tracing::warn!("cannot record the desired state: {e}");
+        }
+    }
+
+    fn update_record(&self, f: impl FnOnce(&mut RolloutRecord)) {
+        if self.dry_run {
+            return;
+        }
+        let mut guard = self.record.lock().expect("not poisoned");
+        if let Some(r) = guard.as_mut() {
+            f(r);
+            if let Err(e) = r.save(&self.fleet_dir) {
+                tracing::warn!("cannot save the rollout record: {e}");
+            }
+        }
+    }
+
+    /// The rollout stopped between steps and may be resumed.
+    fn stopped(&self, why: &str) {
+        self.update_record(|r| {
+            if r.state == RolloutState::Running {
+                r.state = RolloutState::Stopped;
+            }
+            r.note = why.to_string();
+        });
+    }
+
     /// One stage: poll, top up, judge, gate. `Err` ends the rollout.
     async fn stage(
         &self,
         op: &mut dyn Operator,
-        stage: Percent,
+        stage: Stage,
         p: &mut Progress,
+        resuming: bool,
     ) -> Result<(), Stop> {
         if self.interrupted.load(Ordering::SeqCst) {
-            let o = p.outcome(
-                false,
-                "interrupted (Ctrl-C): no further hosts were started".into(),
-                vec![],
-            );
-            return Err(self.record(stage, self.no_gates(), o));
+            let msg = "interrupted (Ctrl-C): no further hosts were started";
+            self.stopped(msg);
+            let o = p.outcome(false, msg.into(), vec![]);
+            return Err(self.log_step(stage, self.no_gates(), o));
         }
         let readings = poll(self.agents, &self.members, 64).await;
         let down: Vec<&Reading> = readings.iter().filter(|r| r.view.is_err()).collect();
@@ -211,9 +288,10 @@ impl Rollout<'_> {
                 down.len(),
                 readings.len()
             );
-            return Err(self.record(stage, self.no_gates(), p.outcome(false, msg, vec![])));
+            self.stopped(&msg);
+            return Err(self.log_step(stage, self.no_gates(), p.outcome(false, msg, vec![])));
         }
-        let plan = top_up(&readings, &self.version, stage);
+        let plan = top_up(&readings, &self.goal, stage);
         self.describe(op, &plan, &readings, stage);
         if self.dry_run {
             return Ok(());
@@ -226,9 +304,33 @@ impl Rollout<'_> {
                 pct(p.reached),
                 self.label
             ));
+            // A resumed stage whose hosts switched before the controller
+            // stopped: their gates have not run yet.
+            let mut gates = self.no_gates();
+            if resuming && !self.gates.is_empty() {
+                let from = self
+                    .record
+                    .lock()
+                    .expect("not poisoned")
+                    .as_ref()
+                    .map(|r| r.from.clone())
+                    .unwrap_or_default();
+                let step: Vec<Member> = readings
+                    .iter()
+                    .filter(|r| from.contains_key(&r.name()) && self.goal.reached(r.current()))
+                    .map(|r| r.member.clone())
+                    .collect();
+                if !step.is_empty() {
+                    op.say(&format!(
+                        "resuming: running the health gates on the {} host(s) this rollout moved",
+                        step.len()
+                    ));
+                    gates = self.gate(op, stage, &step, p).await?;
+                }
+            }
             let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
             let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
-            self.record(stage, self.no_gates(), o);
+            self.log_step(stage, gates, o);
             return Ok(());
         }
         let step = self.sync_step(op, stage, &plan, &readings, p).await;
@@ -255,21 +357,22 @@ impl Rollout<'_> {
                 bad.join(", "),
                 pct(p.reached)
             );
-            return Err(self.record(stage, self.no_gates(), p.outcome(false, msg, vec![])));
+            self.stopped(&msg);
+            return Err(self.log_step(stage, self.no_gates(), p.outcome(false, msg, vec![])));
         }
         let gates = self.gate(op, stage, &step, p).await?;
         op.say(&format!("{} of production traffic synced", pct(p.reached)));
         let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
         let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
-        self.record(stage, gates, o);
+        self.log_step(stage, gates, o);
         Ok(())
     }
 
-    /// Syncs the step's hosts; returns those now on the version.
+    /// Syncs the step's hosts; returns those now on their target.
     async fn sync_step(
         &self,
         op: &mut dyn Operator,
-        stage: Percent,
+        stage: Stage,
         plan: &TopUp,
         readings: &[Reading],
         p: &mut Progress,
@@ -280,28 +383,39 @@ impl Rollout<'_> {
             .iter()
             .map(|&i| readings[i].member.host.clone())
             .collect();
-        let req = SyncRequest {
-            version: self.version,
-            sources: self.sources.clone(),
-            by: self.by.clone(),
-            fetch_timeout_seconds: None,
-            signature: self.signature.clone(),
-        };
+        let targets: Vec<VersionId> = plan
+            .add
+            .iter()
+            .map(|&i| {
+                self.goal
+                    .target(readings[i].current())
+                    .expect("top_up picks only hosts with a target")
+            })
+            .collect();
         let results = drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
-            Box::pin(self.agents.sync(h, &req))
+            let i = hosts.iter().position(|x| x == h).expect("one of hosts");
+            let req = SyncRequest {
+                version: targets[i],
+                sources: self.sources.clone(),
+                by: self.by.clone(),
+                fetch_timeout_seconds: None,
+                signature: self.signatures.get(&targets[i]).cloned(),
+            };
+            Box::pin(async move { self.agents.sync(h, &req).await })
         })
         .await;
         let mut step = Vec::new();
-        for (r, &i) in results.iter().zip(&plan.add) {
+        for ((r, &i), target) in results.iter().zip(&plan.add).zip(&targets) {
             let m = readings[i].member.clone();
             let switched = match &r.result {
                 Ok(_) => true,
-                Err(e) if e.maybe_running() => self.settle(op, &m.host, e).await,
+                Err(e) if e.maybe_running() => self.settle(op, &m.host, *target, e).await,
                 Err(_) => false,
             };
             if switched {
                 p.changed.push(Changed {
                     member: m.clone(),
+                    name: readings[i].name(),
                     from: readings[i].current(),
                 });
                 step.push(m);
@@ -316,18 +430,57 @@ impl Rollout<'_> {
             }
         }
         op.step_done(&stage.to_string(), step.len(), plan.add.len() - step.len());
+        // Every host the step chose should run its target now, whether or
+        // not it got there: one that failed or was down catches up when it
+        // comes back (or with `scap sync --catch-up`), and a rollback
+        // returns it to where it came from.
+        let why = self.why();
+        let chosen: Vec<(String, VersionId, Option<VersionId>)> = plan
+            .add
+            .iter()
+            .zip(&targets)
+            .map(|(&i, t)| (readings[i].name(), *t, readings[i].current()))
+            .collect();
+        if let Err(e) = desired::update(&self.fleet_dir, |d| {
+            for (host, v, _) in &chosen {
+                d.set(host, *v, &self.by, &why);
+            }
+        }) {
+            tracing::warn!("cannot record the desired state: {e}");
+        }
+        self.update_record(|r| {
+            for (host, _, from) in &chosen {
+                if let Some(from) = from {
+                    r.from.entry(host.clone()).or_insert(*from);
+                }
+            }
+        });
         step
     }
 
+    /// Why hosts get their new target, for the desired state.
+    fn why(&self) -> String {
+        match &self.goal {
+            Goal::One { version, .. } => format!("sync {}", version.short()),
+            Goal::Change { id, .. } => format!("change {id}"),
+        }
+    }
+
     /// After a sync call that timed out: tells the host to stop, then
-    /// reads what it runs. True if it is on the version after all.
-    async fn settle(&self, op: &mut dyn Operator, host: &Host, e: &CallError) -> bool {
+    /// reads what it runs. True if it is on its target after all.
+    async fn settle(
+        &self,
+        op: &mut dyn Operator,
+        host: &Host,
+        target: VersionId,
+        e: &CallError,
+    ) -> bool {
         let _ = self.agents.cancel(host, &self.by).await;
         match self.agents.state(host).await {
-            Ok(st) if st.state.current.as_ref().map(|d| d.version) == Some(self.version) => {
+            Ok(st) if st.state.current.as_ref().map(|d| d.version) == Some(target) => {
                 op.say(&format!(
                     "{host}: switched to {} although its answer failed ({e}): counted as changed",
-                    self.label
+                    target.short()
                 ));
                 true
             }
@@ -335,12 +488,26 @@ impl Rollout<'_> {
         }
     }
 
+    /// Waits `self.wait`, or less if Ctrl-C comes: then `false`.
+    async fn wait(&self) -> bool {
+        let until = tokio::time::Instant::now() + self.wait;
+        self.update_record(|r| r.next_due = Some(crate::time::unix_now() + self.wait.as_secs()));
+        while tokio::time::Instant::now() < until {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(until - tokio::time::Instant::now()))
+                .await;
+        }
+        true
+    }
+
     /// Runs the health gates on the step's hosts. `Ok(what the gates
     /// said)`, or `Err` when the rollout stops.
     async fn gate(
         &self,
         op: &mut dyn Operator,
-        stage: Percent,
+        stage: Stage,
         step: &[Member],
         p: &mut Progress,
     ) -> Result<&'static str, Stop> {
@@ -359,18 +526,20 @@ impl Rollout<'_> {
                 "waiting {}s before the health gates",
                 self.wait.as_secs()
             ));
-            tokio::time::sleep(self.wait).await;
+            if !self.wait().await {
+                let msg = "interrupted (Ctrl-C) while waiting for the health gates; `scap sync --resume` runs them and goes on";
+                self.stopped(msg);
+                return Err(self.log_step(stage, "not run", p.outcome(false, msg.into(), vec![])));
+            }
         }
         let hosts: Vec<Host> = step.iter().map(|m| m.host.clone()).collect();
+        let version = self.goal.versions()[0];
+        // (SCAP_VERSION: for a change on two trains, the first new version;
+        // the gate's hosts run one or the other.)
         loop {
             let failures = self
                 .gates
-                .run(
-                    self.agents.http(),
-                    &hosts,
-                    &self.version,
-                    &stage.to_string(),
-                )
+                .run(self.agents.http(), &hosts, &version, &stage.to_string())
                 .await;
             if failures.is_empty() {
                 op.say(&format!("health gates passed on {} host(s)", hosts.len()));
@@ -383,21 +552,23 @@ impl Rollout<'_> {
                 GateChoice::Retry => continue,
                 GateChoice::Ignore => return Ok("failed (ignored by the operator)"),
                 GateChoice::Exit => {
-                    let o = p.outcome(
-                        false,
-                        "health gate failed; stopped (hosts left as they are)".into(),
-                        vec![],
-                    );
-                    return Err(self.record(stage, "failed", o));
+                    let msg = "health gate failed; stopped (hosts left as they are)";
+                    self.stopped(msg);
+                    let o = p.outcome(false, msg.into(), vec![]);
+                    return Err(self.log_step(stage, "failed", o));
                 }
                 GateChoice::Rollback => {
                     let back = self.roll_back(op, &p.changed).await;
                     let msg = format!(
-                        "health gate failed at {stage}: rolled back the {} host(s) this command changed",
+                        "health gate failed at {stage}: rolled back the {} host(s) this rollout changed",
                         back.len()
                     );
+                    self.update_record(|r| {
+                        r.state = RolloutState::RolledBack;
+                        r.note = msg.clone();
+                    });
                     let o = p.outcome(false, msg, back);
-                    return Err(self.record(stage, "failed", o));
+                    return Err(self.log_step(stage, "failed", o));
                 }
             }
         }
@@ -411,15 +582,19 @@ impl Rollout<'_> {
         }
     }
 
-    fn describe(&self, op: &mut dyn Operator, plan: &TopUp, readings: &[Reading], stage: Percent) {
+    fn describe(&self, op: &mut dyn Operator, plan: &TopUp, readings: &[Reading], stage: Stage) {
         let names = |ix: &[usize]| {
             ix.iter()
                 .map(|&i| readings[i].member.host.to_string())
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let what = match stage {
+            Stage::Canary => "the canary group".to_string(),
+            Stage::Share(p) => format!("{p} of traffic"),
+        };
         op.say(&format!(
-            "{stage} of traffic is weight {} of {}: {} host(s) already on {} ({}), {} to add{}",
+            "{what} is weight {} of {}: {} host(s) already on {} ({}), {} to add{}",
             plan.needed_weight,
             plan.total_weight,
             plan.already.len(),
@@ -444,7 +619,34 @@ impl Rollout<'_> {
                 pct(plan.reached())
             ));
         }
+        if let Goal::Change { .. } = &self.goal {
+            for r in readings {
+                if r.view.is_ok()
+                    && !self.goal.reached(r.current())
+                    && self.goal.target(r.current()).is_none()
+                {
+                    op.say(&format!(
+                        "{} runs {}, which is no live train: left alone (`scap sync --catch-up` brings it to its target)",
+                        r.member.host,
+                        r.current().map_or_else(|| "nothing".into(), |v| v.short())
+                    ));
+                }
+            }
+        }
         if self.dry_run {
+            if let Goal::Change { .. } = &self.goal {
+                for &i in &plan.add {
+                    let cur = readings[i].current();
+                    if let (Some(from), Some(to)) = (cur, self.goal.target(cur)) {
+                        op.say(&format!(
+                            "dry run: {} {} -> {}",
+                            readings[i].member.host,
+                            from.short(),
+                            to.short()
+                        ));
+                    }
+                }
+            }
             op.say(&format!(
                 "dry run: would reach {} of traffic",
                 pct(plan.reached())
@@ -452,29 +654,61 @@ impl Rollout<'_> {
         }
     }
 
-    /// Switches every host this command changed back to where it was.
+    /// Switches every host this rollout changed (this command's, and for a
+    /// resumed rollout those its earlier runs moved) back to where it came
+    /// from: its own train, with any change made since. Hosts that do not
+    /// answer are given that as their desired state, and go there when they
+    /// come back.
     async fn roll_back(&self, op: &mut dyn Operator, changed: &[Changed]) -> Vec<String> {
-        let mut hosts = Vec::new();
-        let mut targets = Vec::new();
+        // A resumed rollout is one command: the hosts its earlier runs moved
+        // go back too. Otherwise the hosts this command moved (earlier
+        // steps passed their gates; `scap rollback --version V` takes them
+        // back if wanted).
+        let mut targets: BTreeMap<String, VersionId> = match &self.goal {
+            Goal::One { .. } if self.resume => self
+                .record
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .map(|r| r.from.clone())
+                .unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
         for c in changed {
             match c.from {
                 Some(from) => {
-                    hosts.push(c.member.host.clone());
-                    targets.push(from);
+                    targets.entry(c.name.clone()).or_insert(from);
                 }
                 None => op.say(&format!(
-                    "{}: had no version before this command: left on {}",
+                    "{}: had no version before this rollout: left on {}",
                     c.member.host, self.label
                 )),
             }
         }
+        let readings = poll(self.agents, &self.members, 64).await;
+        let mut plan: Vec<(Host, VersionId)> = Vec::new();
+        for r in &readings {
+            let Some(to) = targets.get(&r.name()) else {
+                continue;
+            };
+            match &r.view {
+                Ok(_) if r.current() == Some(*to) => {}
+                Ok(_) => plan.push((r.member.host.clone(), *to)),
+                Err(_) => op.say(&format!(
+                    "{}: does not answer: it goes back to {} when it comes back (its desired state)",
+                    r.member.host,
+                    to.short()
+                )),
+            }
+        }
+        let hosts: Vec<Host> = plan.iter().map(|(h, _)| h.clone()).collect();
         op.step_started("rollback", hosts.len());
-        let by = self.by.clone();
         let results = drive(op, &hosts, self.concurrency.max(50), None, |h| {
             let i = hosts.iter().position(|x| x == h).expect("one of hosts");
             let req = RollbackRequest {
-                to: RollbackTarget::Version(targets[i]),
-                by: by.clone(),
+                to: RollbackTarget::Version(plan[i].1),
+                by: self.by.clone(),
+                sources: self.sources.clone(),
             };
             Box::pin(async move { self.agents.rollback(h, &req).await })
         })
@@ -490,17 +724,44 @@ impl Rollout<'_> {
             }
         }
         op.step_done("rollback", back.len(), results.len() - back.len());
+        if let Err(e) = desired::update(&self.fleet_dir, |d| {
+            for (host, v) in &targets {
+                d.set(host, *v, &self.by, "rollback (health gate)");
+            }
+        }) {
+            tracing::warn!("cannot record the desired state: {e}");
+        }
+        // A change that failed its gate is taken out of the train's
+        // rollout too: continuing it must not deploy the change.
+        if let Goal::Change { map, .. } = &self.goal {
+            let inverse: BTreeMap<VersionId, VersionId> =
+                map.iter().map(|(a, b)| (*b, *a)).collect();
+            match RolloutRecord::load(&self.fleet_dir) {
+                Ok(Some(mut r)) => {
+                    r.rewrite(&inverse);
+                    if let Err(e) = r.save(&self.fleet_dir) {
+                        tracing::warn!("cannot save the rollout record: {e}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         back
     }
 
     /// Appends one step (a stage, or where the command stopped) to the
     /// deploy history.
-    fn record(&self, stage: Percent, gates: &str, o: Outcome) -> Outcome {
+    fn log_step(&self, stage: Stage, gates: &str, o: Outcome) -> Outcome {
+        let (action, version, change) = match &self.goal {
+            Goal::One { version, .. } => ("sync", Some(*version), None),
+            Goal::Change { id, .. } => ("change", None, Some(id.clone())),
+        };
         let entry = Entry {
             time: crate::time::unix_now(),
             user: self.by.clone(),
-            action: "sync".into(),
-            version: Some(self.version),
+            action: action.into(),
+            version,
             target: Some(stage.to_string()),
             gates: Some(gates.to_string()),
             reached: Some(o.reached),
@@ -509,6 +770,7 @@ impl Rollout<'_> {
             ok: o.ok,
             message: o.message.clone(),
             command: self.command.clone(),
+            change,
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

@@ -13,7 +13,7 @@ use crate::store::VersionId;
 pub struct Entry {
     pub time: u64,
     pub user: String,
-    /// "sync", "rollback", "promote".
+    /// "sync", "change", "rollback", "promote", "catch-up".
     pub action: String,
     pub version: Option<VersionId>,
     /// The share of traffic asked for and reached, in percent.
@@ -31,6 +31,10 @@ pub struct Entry {
     pub ok: bool,
     pub message: String,
     pub command: String,
+    /// The change (sync-file, sync-dir) this entry deployed, if any: its
+    /// versions are in the store's records with this change ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
 }
 
 pub fn path(dir: &Path) -> PathBuf {

@@ -64,6 +64,16 @@ pub enum InventoryError {
     },
 }
 
+/// A host name scap accepts: letters, digits, `.`, `-`, `_`, at most 253
+/// bytes (it goes into URLs and file names unescaped).
+pub fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+}
+
 /// Reads a dsh group file.
 pub fn read_group(path: &Path) -> Result<Vec<Host>, InventoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
@@ -99,12 +109,7 @@ pub fn parse_group(path: &Path, text: &str) -> Result<Vec<Host>, InventoryError>
             ),
             None => (line, DEFAULT_AGENT_PORT),
         };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
-        if !valid || port == 0 {
+        if !valid_host_name(name) || port == 0 {
             return Err(bad(format!("{line:?} is not a host name")));
         }
         let host = Host {

@@ -21,6 +21,9 @@ pub struct Reading {
 /// The part of a host's state the controller uses.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct HostView {
+    /// The name the host's agent goes by (`--host`): the key of its
+    /// desired state.
+    pub name: String,
     pub current: Option<VersionId>,
     pub previous: Option<VersionId>,
     pub stable: Option<VersionId>,
@@ -38,6 +41,7 @@ impl HostView {
     pub fn of(r: &StateResponse) -> HostView {
         let st = &r.state;
         HostView {
+            name: st.host.clone(),
             current: st.current.as_ref().map(|d| d.version),
             previous: st.previous.as_ref().map(|d| d.version),
             stable: st.stable.as_ref().map(|d| d.version),
@@ -64,6 +68,26 @@ impl Reading {
 
     pub fn on(&self, v: &VersionId) -> bool {
         self.current().as_ref() == Some(v)
+    }
+
+    /// The host's name for the desired state: what its agent calls itself,
+    /// or (not answering) the inventory's name for it.
+    pub fn name(&self) -> String {
+        match &self.view {
+            Ok(v) if !v.name.is_empty() => v.name.clone(),
+            _ => self.member.host.name.clone(),
+        }
+    }
+
+    /// Every version this host runs or holds for a rollback.
+    pub fn held(&self) -> Vec<VersionId> {
+        match &self.view {
+            Ok(v) => [v.current, v.previous, v.stable]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! `scap promote V`: once V is on every host, record it as their stable
-//! version (what `rollback --to stable` goes back to).
+//! version (what `rollback --to stable` goes back to), and pin it in the
+//! deploy host's store so gc keeps it; the version the last promote
+//! pinned (`STORE/fleet/promoted`) is unpinned.
 
 use serde::Serialize;
 
@@ -23,6 +25,8 @@ pub struct Promote<'a> {
     pub by: String,
     pub command: String,
     pub fleet_dir: std::path::PathBuf,
+    /// The deploy host's store, where the stable version is pinned.
+    pub store: Option<&'a crate::store::Store>,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,11 +104,26 @@ impl Promote<'_> {
         for f in &failed {
             op.say(&format!("FAIL {f}"));
         }
-        let message = format!(
+        let mut message = format!(
             "promoted {} to stable on {} host(s)",
             self.label,
             results.len() - failed.len()
         );
+        if let Some(store) = self.store
+            && !results.iter().all(|r| !r.ok())
+        {
+            match self.pin(store) {
+                Ok(Some(old)) => message.push_str(&format!(
+                    "; pinned it in the store, unpinned the old stable {}",
+                    old.short()
+                )),
+                Ok(None) => message.push_str("; pinned it in the store"),
+                Err(e) => op.say(&format!(
+                    "WARNING: cannot pin {}: {e}",
+                    self.version.short()
+                )),
+            }
+        }
         let entry = Entry {
             time: crate::time::unix_now(),
             user: self.by.clone(),
@@ -122,6 +141,7 @@ impl Promote<'_> {
             ok: failed.is_empty(),
             message: message.clone(),
             command: self.command.clone(),
+            change: None,
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");
@@ -132,5 +152,27 @@ impl Promote<'_> {
             failed,
             message,
         })
+    }
+
+    /// Pins the new stable version; unpins the one the last promote pinned.
+    fn pin(&self, store: &crate::store::Store) -> Result<Option<VersionId>, String> {
+        let path = self.fleet_dir.join("promoted");
+        let old: Option<VersionId> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        store.pin(&self.version).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.fleet_dir).map_err(|e| e.to_string())?;
+        crate::store::fsutil::atomic_write(
+            &path,
+            format!("{}\n", self.version.to_hex()).as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        match old {
+            Some(o) if o != self.version => {
+                store.unpin(&o).map_err(|e| e.to_string())?;
+                Ok(Some(o))
+            }
+            _ => Ok(None),
+        }
     }
 }

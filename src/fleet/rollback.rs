@@ -1,17 +1,34 @@
 //! `scap rollback`: switch hosts back to their previous or stable version,
-//! or to a named one: a switch on each host, no fetch. With a version and a
-//! share, only enough of that version's hosts to bring it down to the
-//! share, the last ones given it first.
+//! or to a named one. With a version and a share, only enough of that
+//! version's hosts to bring it down to the share, the last ones given it
+//! first.
+//!
+//! Where each host goes is decided here, from a fresh poll, and sent to the
+//! agent as a version:
+//! - a host the recorded rollout of that version moved goes back to where
+//!   it came from: its own train, with any change made since (the record
+//!   is rewritten by changes), never to a version without them;
+//! - `--to stable` is the host's stable train with every change made since
+//!   (`Lineage::forward`);
+//! - `--to previous` is literally the host's previous version (undoing a
+//!   backport takes the host back to before it).
+//!
+//! A version the host does not hold is fetched from the sources. Every
+//! host rolled back gets that version as its desired state.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
 use super::agents::{Agents, HostResult};
 use super::deploy::{Operator, drive};
+use super::desired;
 use super::history::{self, Entry};
 use super::inventory::{Host, Member};
+use super::lineage::Lineage;
 use super::poll::poll;
+use super::record::{RolloutRecord, RolloutState};
 use super::rollout::{Percent, take_back};
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget};
 use crate::store::VersionId;
@@ -25,6 +42,9 @@ pub struct Rollback<'a> {
     /// With `version`: leave at most this share of traffic on it.
     pub keep: Percent,
     pub concurrency: usize,
+    /// Where hosts fetch a version they do not hold.
+    pub sources: Vec<String>,
+    pub lineage: Lineage,
     pub by: String,
     pub command: String,
     pub fleet_dir: std::path::PathBuf,
@@ -53,30 +73,108 @@ impl Rollback<'_> {
                 .filter(|&i| readings[i].view.is_ok())
                 .collect(),
         };
-        let hosts: Vec<Host> = chosen
-            .iter()
-            .map(|&i| readings[i].member.host.clone())
-            .collect();
+        // The rollout of this version, if one is recorded: its hosts go
+        // back to where they came from.
+        let record = RolloutRecord::load(&self.fleet_dir)
+            .ok()
+            .flatten()
+            .filter(|r| Some(r.version) == self.version);
+        let mut plan: Vec<(Host, String, VersionId)> = Vec::new();
+        let mut results: Vec<HostResult<HostOutcome>> = Vec::new();
+        for &i in &chosen {
+            let r = &readings[i];
+            let view = r.view.as_ref().expect("chosen hosts answered");
+            let name = r.name();
+            let from_record = record.as_ref().and_then(|rec| rec.from.get(&name).copied());
+            let target = match (from_record, self.to) {
+                (Some(v), RollbackTarget::Previous) => Some(v),
+                (_, RollbackTarget::Previous) => view.previous,
+                (_, RollbackTarget::Stable) => view.stable.map(|s| self.lineage.forward(&s)),
+                (_, RollbackTarget::Version(v)) => Some(v),
+            };
+            match target {
+                Some(t) => plan.push((r.member.host.clone(), name, t)),
+                None => {
+                    let e = super::agents::CallError::Http {
+                        host: r.member.host.to_string(),
+                        status: 409,
+                        message: format!(
+                            "no {} version recorded: name a version with --to",
+                            self.to
+                        ),
+                    };
+                    op.say(&e.to_string());
+                    results.push(HostResult {
+                        host: r.member.host.clone(),
+                        seconds: 0.0,
+                        result: Err(e),
+                    });
+                }
+            }
+        }
+        let hosts: Vec<Host> = plan.iter().map(|(h, _, _)| h.clone()).collect();
         op.say(&format!(
-            "Started rollback of {} host(s) to {}",
+            "Started rollback of {} host(s) to {}{}",
             hosts.len(),
-            self.to
+            self.to,
+            if record.is_some() {
+                " (hosts of the recorded rollout: where each came from)"
+            } else {
+                ""
+            }
         ));
         op.step_started("rollback", hosts.len());
-        let req = RollbackRequest {
-            to: self.to,
-            by: self.by.clone(),
-        };
-        let results = drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
-            Box::pin(self.agents.rollback(h, &req))
-        })
-        .await;
+        let by_host: BTreeMap<&Host, VersionId> = plan.iter().map(|(h, _, v)| (h, *v)).collect();
+        results.extend(
+            drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
+                let req = RollbackRequest {
+                    to: RollbackTarget::Version(by_host[h]),
+                    by: self.by.clone(),
+                    sources: self.sources.clone(),
+                };
+                Box::pin(async move { self.agents.rollback(h, &req).await })
+            })
+            .await,
+        );
         let failed: Vec<String> = results
             .iter()
             .filter(|r| !r.ok())
             .map(|r| r.host.to_string())
             .collect();
         op.step_done("rollback", results.len() - failed.len(), failed.len());
+        // The hosts rolled back should stay there; hosts of the recorded
+        // rollout that did not answer go there when they come back.
+        let ok: Vec<&Host> = results.iter().filter(|r| r.ok()).map(|r| &r.host).collect();
+        let why = format!("rollback to {}", self.to);
+        let result = desired::update(&self.fleet_dir, |d| {
+            for (h, name, v) in &plan {
+                if ok.contains(&h) {
+                    d.set(name, *v, &self.by, &why);
+                }
+            }
+            if let Some(rec) = &record
+                && self.keep == Percent(0)
+            {
+                for r in readings.iter().filter(|r| r.view.is_err()) {
+                    if let Some(v) = rec.from.get(&r.name()) {
+                        d.set(&r.name(), *v, &self.by, &why);
+                    }
+                }
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!("cannot record the desired state: {e}");
+        }
+        if let Some(mut rec) = record
+            && self.keep == Percent(0)
+            && failed.is_empty()
+        {
+            rec.state = RolloutState::RolledBack;
+            rec.note = format!("rolled back by {}", self.by);
+            if let Err(e) = rec.save(&self.fleet_dir) {
+                tracing::warn!("cannot save the rollout record: {e}");
+            }
+        }
         let message = format!(
             "rolled back {} host(s) to {}{}",
             results.len() - failed.len(),
@@ -114,6 +212,7 @@ impl Rollback<'_> {
             ok: failed.is_empty(),
             message: message.to_string(),
             command: self.command.clone(),
+            change: None,
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

@@ -6,6 +6,8 @@
 //! the same hosts (the order is a function of the version and the host
 //! names) and finds nothing left to do.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::Serialize;
 
 use super::inventory::Member;
@@ -62,6 +64,123 @@ impl std::fmt::Display for Percent {
     }
 }
 
+/// One step of a rollout: the canary group (every host marked canary), or a
+/// share of traffic. Written `canary` or `10%`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Canary,
+    Share(Percent),
+}
+
+impl Stage {
+    pub fn parse(s: &str) -> Result<Stage, String> {
+        match s.trim() {
+            "canary" | "canaries" => Ok(Stage::Canary),
+            p => Percent::parse(p).map(Stage::Share),
+        }
+    }
+
+    /// Whether a step of this stage brings the version to every host.
+    pub fn is_all(self) -> bool {
+        self == Stage::Share(Percent::ALL)
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Canary => f.write_str("canary"),
+            Stage::Share(p) => p.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Stage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Stage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Stage, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Stage::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a rollout brings hosts to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Goal {
+    /// Every host to one version. A host on one of `descendants` (made
+    /// from it by later changes: a backport, a config change) already has
+    /// it, and is never taken back to it.
+    One {
+        version: VersionId,
+        descendants: BTreeSet<VersionId>,
+    },
+    /// A change applied to every live train: each host on a key version
+    /// goes to its value, so the share of traffic on each train stays.
+    Change {
+        id: String,
+        map: BTreeMap<VersionId, VersionId>,
+    },
+}
+
+impl Goal {
+    /// Every host to `v` (no descendants known).
+    pub fn one(v: VersionId) -> Goal {
+        Goal::One {
+            version: v,
+            descendants: BTreeSet::new(),
+        }
+    }
+
+    /// The version a host running `current` should go to, if any.
+    pub fn target(&self, current: Option<VersionId>) -> Option<VersionId> {
+        match self {
+            Goal::One { version, .. } => (!self.reached(current)).then_some(*version),
+            Goal::Change { map, .. } => current.and_then(|c| map.get(&c).copied()),
+        }
+    }
+
+    /// Whether a host running `current` has what this goal brings.
+    pub fn reached(&self, current: Option<VersionId>) -> bool {
+        match (self, current) {
+            (
+                Goal::One {
+                    version,
+                    descendants,
+                },
+                Some(c),
+            ) => c == *version || descendants.contains(&c),
+            (Goal::Change { map, .. }, Some(c)) => map.values().any(|n| *n == c),
+            (_, None) => false,
+        }
+    }
+
+    /// What orders hosts for this goal (different for each version or
+    /// change, stable for one).
+    pub fn key(&self) -> Vec<u8> {
+        match self {
+            Goal::One { version, .. } => version.object().as_bytes().to_vec(),
+            Goal::Change { id, .. } => id.as_bytes().to_vec(),
+        }
+    }
+
+    /// Every version this goal may bring a host to.
+    pub fn versions(&self) -> Vec<VersionId> {
+        match self {
+            Goal::One { version, .. } => vec![*version],
+            Goal::Change { map, .. } => {
+                let mut v: Vec<VersionId> = map.values().copied().collect();
+                v.sort();
+                v.dedup();
+                v
+            }
+        }
+    }
+}
+
 /// `weight / total` as a percentage with one decimal, for people.
 pub fn share(weight: u64, total: u64) -> f64 {
     if total == 0 {
@@ -76,17 +195,17 @@ pub fn share(weight: u64, total: u64) -> f64 {
 /// order that is a hash of the version and the host name. Stable for a
 /// version, different for the next one (so the same hosts are not always
 /// first), spread across the fleet.
-pub fn selection_order(members: &[Member], version: &VersionId) -> Vec<usize> {
+pub fn selection_order(members: &[Member], goal_key: &[u8]) -> Vec<usize> {
     let key = |m: &Member| {
         let mut h = blake3::Hasher::new();
-        h.update(version.object().as_bytes());
+        h.update(goal_key);
         h.update(m.host.to_string().as_bytes());
         let b = h.finalize();
         u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
     };
     let mut canaries: Vec<usize> = (0..members.len()).filter(|&i| members[i].canary).collect();
     canaries.sort_by_key(|&i| key(&members[i]));
-    let mut groups: std::collections::BTreeMap<(String, String), Vec<usize>> = Default::default();
+    let mut groups: BTreeMap<(String, String), Vec<usize>> = Default::default();
     for (i, m) in members.iter().enumerate().filter(|(_, m)| !m.canary) {
         groups
             .entry((m.dc.clone(), m.cluster.clone()))
@@ -115,7 +234,7 @@ pub fn selection_order(members: &[Member], version: &VersionId) -> Vec<usize> {
 /// Which hosts a step changes, and what share it reaches.
 #[derive(Clone, Debug, Serialize)]
 pub struct TopUp {
-    pub target: Percent,
+    pub target: Stage,
     pub total_weight: u64,
     pub needed_weight: u64,
     /// Indices (into the readings) of hosts already on the version.
@@ -139,31 +258,54 @@ impl TopUp {
     }
 }
 
-/// Plans a step to `target` of traffic on `version`. Never lowers the
-/// share: hosts already on the version stay, whatever the target.
-pub fn top_up(readings: &[Reading], version: &VersionId, target: Percent) -> TopUp {
+/// Plans a step of `goal` to `stage`: the canary group, or a share of the
+/// traffic. Never lowers the share: hosts already there stay, whatever
+/// the stage. A host not reachable, or (for a change) on no live train,
+/// is never picked.
+pub fn top_up(readings: &[Reading], goal: &Goal, stage: Stage) -> TopUp {
     let members: Vec<Member> = readings.iter().map(|r| r.member.clone()).collect();
     let total_weight: u64 = members.iter().map(|m| m.weight).sum();
-    let needed_weight = target.of(total_weight);
-    let already: Vec<usize> = (0..readings.len())
-        .filter(|&i| readings[i].on(version))
-        .collect();
+    let on = |i: usize| goal.reached(readings[i].current());
+    let eligible = |i: usize| {
+        readings[i].view.is_ok() && !on(i) && goal.target(readings[i].current()).is_some()
+    };
+    let already: Vec<usize> = (0..readings.len()).filter(|&i| on(i)).collect();
     let unreachable: Vec<usize> = (0..readings.len())
         .filter(|&i| readings[i].view.is_err())
         .collect();
     let mut reached_weight: u64 = already.iter().map(|&i| members[i].weight).sum();
     let mut add = Vec::new();
-    for i in selection_order(&members, version) {
-        if reached_weight >= needed_weight {
-            break;
+    let needed_weight = match stage {
+        Stage::Share(p) => {
+            let needed = p.of(total_weight);
+            for i in selection_order(&members, &goal.key()) {
+                if reached_weight >= needed {
+                    break;
+                }
+                if eligible(i) {
+                    add.push(i);
+                    reached_weight += members[i].weight;
+                }
+            }
+            needed
         }
-        if readings[i].view.is_ok() && !readings[i].on(version) {
-            add.push(i);
-            reached_weight += members[i].weight;
+        Stage::Canary => {
+            for i in selection_order(&members, &goal.key()) {
+                if members[i].canary && eligible(i) {
+                    add.push(i);
+                    reached_weight += members[i].weight;
+                }
+            }
+            // The canary group plus what was already there.
+            let canary: u64 = (0..members.len())
+                .filter(|&i| members[i].canary && !on(i))
+                .map(|i| members[i].weight)
+                .sum();
+            already.iter().map(|&i| members[i].weight).sum::<u64>() + canary
         }
-    }
+    };
     TopUp {
-        target,
+        target: stage,
         total_weight,
         needed_weight,
         already,
@@ -179,7 +321,7 @@ pub fn top_up(readings: &[Reading], version: &VersionId, target: Percent) -> Top
 pub fn take_back(readings: &[Reading], version: &VersionId, keep: Percent) -> Vec<usize> {
     let members: Vec<Member> = readings.iter().map(|r| r.member.clone()).collect();
     let total: u64 = members.iter().map(|m| m.weight).sum();
-    let mut order = selection_order(&members, version);
+    let mut order = selection_order(&members, version.object().as_bytes());
     order.reverse();
     let mut on: u64 = readings
         .iter()
@@ -301,13 +443,13 @@ mod tests {
             .map(|i| member(i, 1, if i % 2 == 0 { "eqiad" } else { "codfw" }, false))
             .collect();
         let r = readings(&m, &[], v, old, &[]);
-        let p10 = top_up(&r, &v, Percent(1000));
+        let p10 = top_up(&r, &Goal::one(v), Stage::Share(Percent(1000)));
         assert_eq!(p10.add.len(), 2);
         // The two picked are in two datacenters.
         assert_ne!(m[p10.add[0]].dc, m[p10.add[1]].dc);
         // Those two now on v: 20% adds exactly two more, not the first two again.
         let r = readings(&m, &p10.add, v, old, &[]);
-        let p20 = top_up(&r, &v, Percent(2000));
+        let p20 = top_up(&r, &Goal::one(v), Stage::Share(Percent(2000)));
         assert_eq!(p20.already, {
             let mut a = p10.add.clone();
             a.sort();
@@ -319,10 +461,22 @@ mod tests {
         let mut on = p10.add.clone();
         on.extend(&p20.add);
         let r = readings(&m, &on, v, old, &[]);
-        assert!(top_up(&r, &v, Percent(2000)).add.is_empty());
-        assert!(top_up(&r, &v, Percent(1000)).add.is_empty());
+        assert!(
+            top_up(&r, &Goal::one(v), Stage::Share(Percent(2000)))
+                .add
+                .is_empty()
+        );
+        assert!(
+            top_up(&r, &Goal::one(v), Stage::Share(Percent(1000)))
+                .add
+                .is_empty()
+        );
         // Deterministic for a version, different for another.
-        let again = top_up(&readings(&m, &[], v, old, &[]), &v, Percent(1000));
+        let again = top_up(
+            &readings(&m, &[], v, old, &[]),
+            &Goal::one(v),
+            Stage::Share(Percent(1000)),
+        );
         assert_eq!(again.add, p10.add);
     }
 
@@ -334,21 +488,68 @@ mod tests {
         m[3].weight = 10;
         m[7].canary = true;
         let r = readings(&m, &[], v, old, &[]);
-        let t = top_up(&r, &v, Percent(1000));
+        let t = top_up(&r, &Goal::one(v), Stage::Share(Percent(1000)));
         assert_eq!(t.total_weight, 19);
         assert_eq!(t.needed_weight, 2, "10% of 19 is 1.9: rounds up");
         assert_eq!(t.add[0], 7, "canary first");
         assert!(t.reached_weight >= 2);
         // A down host counts in the total and is never picked or "on".
         let r = readings(&m, &[], v, old, &[7]);
-        let t = top_up(&r, &v, Percent(1000));
+        let t = top_up(&r, &Goal::one(v), Stage::Share(Percent(1000)));
         assert!(!t.add.contains(&7));
         assert_eq!(t.unreachable, vec![7]);
         assert_eq!(t.total_weight, 19);
         // 100% cannot be reached with a host down.
-        let t = top_up(&r, &v, Percent::ALL);
+        let t = top_up(&r, &Goal::one(v), Stage::Share(Percent::ALL));
         assert!(t.short());
         assert_eq!(t.reached(), 94.7);
+    }
+
+    #[test]
+    fn a_canary_stage_and_a_change_keep_each_train_share() {
+        let (v, old) = ids();
+        let mut m: Vec<Member> = (0..10).map(|i| member(i, 1, "eqiad", false)).collect();
+        m[2].canary = true;
+        m[5].canary = true;
+        let r = readings(&m, &[], v, old, &[]);
+        let t = top_up(&r, &Goal::one(v), Stage::Canary);
+        let mut add = t.add.clone();
+        add.sort();
+        assert_eq!(add, vec![2, 5], "exactly the canary group");
+        // A change on a fleet running two trains: each host goes to its
+        // own train's new version; a share counts hosts with the change.
+        let (v2, old2) = (
+            VersionId::new(ObjectKind::Tree.hash(b"new'")),
+            VersionId::new(ObjectKind::Tree.hash(b"old'")),
+        );
+        let goal = Goal::Change {
+            id: "c1".into(),
+            map: [(v, v2), (old, old2)].into_iter().collect(),
+        };
+        let r = readings(&m, &[0, 1, 2, 3, 4], v, old, &[]);
+        let t = top_up(&r, &goal, Stage::Share(Percent::ALL));
+        assert_eq!(t.add.len(), 10);
+        for &i in &t.add {
+            let want = if i < 5 { v2 } else { old2 };
+            assert_eq!(goal.target(r[i].current()), Some(want));
+        }
+        // Continuing the train (one version) after a change: hosts on the
+        // train with the change have it, and are never taken back.
+        let goal = Goal::One {
+            version: v,
+            descendants: [v2].into_iter().collect(),
+        };
+        let r = readings(&m, &[0, 1, 2, 3, 4], v2, old2, &[]);
+        let t = top_up(&r, &goal, Stage::Share(Percent(5000)));
+        assert!(
+            t.add.is_empty(),
+            "half the traffic has the train (with the change)"
+        );
+        assert_eq!(goal.target(Some(v2)), None);
+        assert_eq!(goal.target(Some(old2)), Some(v));
+        assert_eq!(Stage::parse("canary"), Ok(Stage::Canary));
+        assert_eq!(Stage::parse("10%"), Ok(Stage::Share(Percent(1000))));
+        assert_eq!(Stage::Share(Percent(1000)).to_string(), "10%");
     }
 
     #[test]

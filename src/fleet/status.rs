@@ -26,6 +26,31 @@ pub fn label_of(labels: &[(String, VersionId)], v: &VersionId) -> String {
     }
 }
 
+/// The rollout recorded on the deploy host, for people: version, stages,
+/// which are done, the next and when it is due.
+pub fn rollout_json(fleet_dir: &Path, labels: &[(String, VersionId)]) -> serde_json::Value {
+    let Ok(Some(r)) = super::record::RolloutRecord::load(fleet_dir) else {
+        return serde_json::Value::Null;
+    };
+    let stages: Vec<String> = r.stages.iter().map(|s| s.to_string()).collect();
+    serde_json::json!({
+        "id": r.id,
+        "version": r.version,
+        "label": label_of(labels, &r.version),
+        "stages": stages,
+        "completed": r.completed,
+        "next": r.next_stage().map(|s| s.to_string()),
+        "next_due": r.next_due,
+        "state": r.state,
+        "resumable": r.resumable(),
+        "by": r.by,
+        "started": r.started,
+        "updated": r.updated,
+        "note": r.note,
+        "gates": r.settings.probes.len() + r.settings.commands.len(),
+    })
+}
+
 /// The fleet at a glance. `ages` gives, per reading, the seconds since the
 /// host last answered (the dashboard's cached polls); empty for a fresh poll.
 pub fn fleet_status(
@@ -36,6 +61,8 @@ pub fn fleet_status(
     ages: &[Option<u64>],
 ) -> serde_json::Value {
     let total: u64 = members.iter().map(|m| m.weight).sum();
+    let desired = super::desired::Desired::load(fleet_dir).unwrap_or_default();
+    let mut behind: Vec<serde_json::Value> = Vec::new();
     let mut versions: std::collections::BTreeMap<String, (VersionId, u64, Vec<String>)> =
         Default::default();
     let mut stables: std::collections::BTreeSet<String> = Default::default();
@@ -79,8 +106,20 @@ pub fn fleet_status(
                 "host": r.member.host.to_string(), "weight": r.member.weight, "dc": r.member.dc,
                 "cluster": r.member.cluster, "canary": r.member.canary,
             });
+            let target = desired.get(&r.name());
+            h["target"] = serde_json::to_value(target.map(|t| t.version)).unwrap_or_default();
+            h["target_why"] = target.map(|t| t.why.clone()).into();
             match &r.view {
                 Ok(v) => {
+                    let is_behind = target.is_some_and(|t| v.current != Some(t.version));
+                    h["behind"] = is_behind.into();
+                    if is_behind {
+                        behind.push(serde_json::json!({
+                            "host": r.member.host.to_string(),
+                            "current": v.current,
+                            "target": target.map(|t| t.version),
+                        }));
+                    }
                     h["reachable"] = true.into();
                     h["current"] = serde_json::to_value(v.current).unwrap_or_default();
                     h["previous"] = serde_json::to_value(v.previous).unwrap_or_default();
@@ -107,6 +146,8 @@ pub fn fleet_status(
         "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
         "hosts": hosts,
         "lock": lock::holder(fleet_dir).ok().flatten(),
+        "behind": behind,
+        "rollout": rollout_json(fleet_dir, labels),
         "last_deploy": history::read(fleet_dir).ok().and_then(|h| h.last().cloned()),
     })
 }

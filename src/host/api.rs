@@ -10,6 +10,7 @@
 //! | POST   | /v1/rollback  | a deployer | switch back; pre-empts whatever runs |
 //! | POST   | /v1/promote   | a deployer | record the live version as stable |
 //! | POST   | /v1/cancel    | a deployer | stop whatever runs; the host stays as it was |
+//! | POST   | /v1/pull      | a client certificate from the site CA | converge to the deploy host's desired state now |
 //!
 //! A deployer is a client whose certificate (signed by the site CA) is
 //! valid for one of the names given with `--deployer`. With
@@ -22,6 +23,12 @@
 //! (a fetch, writing a slot, a hook, the work after a switch; each stops at
 //! its next check, well under a second), then runs, and requests arriving
 //! while it waits get 409.
+//!
+//! A pull asks the deploy host (`--source`) what this host should run and
+//! syncs to it: anyone the site CA certified may ask for one (`scap pull`
+//! on the host uses the host's own certificate), since it can only bring
+//! the host to what the deploy host decided, and only to a signed version.
+//! The agent pulls once by itself at start ([`pull_at_start`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +45,7 @@ use subtle::ConstantTimeEq;
 
 use super::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
-    PromoteRequest, RollbackRequest, StateResponse, SyncRequest,
+    PromoteRequest, PullOutcome, PullRequest, RollbackRequest, StateResponse, SyncRequest,
 };
 use super::{Agent, AgentError};
 use crate::cancel::Cancel;
@@ -101,6 +108,7 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
         .route("/v1/rollback", post(rollback))
         .route("/v1/promote", post(promote))
         .route("/v1/cancel", post(cancel))
+        .route("/v1/pull", post(pull))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(st.clone());
@@ -390,7 +398,7 @@ async fn sync(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(why) = check_sources(&req.sources) {
+    if let Err(why) = check_sources(&req.sources, false) {
         return json_error(
             StatusCode::BAD_REQUEST,
             format!("host {}: sync: {why}", st.host()),
@@ -415,9 +423,10 @@ async fn sync(
     .await
 }
 
-/// Sources must be http(s) URLs, 1 to `MAX_SOURCES` of them.
-fn check_sources(sources: &[String]) -> Result<(), String> {
-    if sources.is_empty() {
+/// Sources must be http(s) URLs, 1 (0 if `may_be_empty`) to `MAX_SOURCES`
+/// of them.
+pub fn check_sources(sources: &[String], may_be_empty: bool) -> Result<(), String> {
+    if sources.is_empty() && !may_be_empty {
         return Err("no sources given: pass at least one source URL".into());
     }
     if sources.len() > MAX_SOURCES {
@@ -450,6 +459,12 @@ async fn rollback(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    if let Err(why) = check_sources(&req.sources, true) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            format!("host {}: rollback: {why}", st.host()),
+        );
+    }
     let guard = st.enter_first(&req.by).await;
     let what = format!(
         "a rollback to {} by {}",
@@ -460,10 +475,144 @@ async fn rollback(
         st,
         guard,
         what,
-        move |agent, _, cancel| agent.rollback(req.to, &req.by, cancel),
+        move |agent, rt, cancel| agent.rollback(&req, rt, cancel),
         |o| !o.noop,
     )
     .await
+}
+
+async fn pull(
+    State(st): State<Arc<AgentState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<PullRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Reader) {
+        return r;
+    }
+    let req = match st.body("pull", body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let guard = match st.enter().await {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let by = crate::text::clip(&req.by, 64);
+    run_op(
+        st,
+        guard,
+        format!("a pull by {by}"),
+        move |agent, rt, cancel| pull_now(agent, &by, rt, cancel),
+        |o| o.outcome.as_ref().is_some_and(|o| !o.noop),
+    )
+    .await
+}
+
+/// Asks the deploy host what this host should run, and goes there.
+fn pull_now(
+    agent: &Agent,
+    by: &str,
+    rt: &tokio::runtime::Handle,
+    cancel: &Cancel,
+) -> Result<PullOutcome, AgentError> {
+    let host = agent.cfg.host.clone();
+    let d = agent.desired(rt, cancel)?;
+    let current = agent.state().current.map(|c| c.version);
+    let Some(target) = d.version else {
+        return Ok(PullOutcome {
+            host,
+            target: None,
+            outcome: None,
+            message: "the deploy host has no target for this host: it keeps what it runs".into(),
+        });
+    };
+    let why = if d.why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", crate::text::clip(&d.why, 100))
+    };
+    let o = agent.converge(target, &agent.cfg.sources, by, rt, cancel)?;
+    let message = if o.noop {
+        format!("already on its target {}{why}", target.short())
+    } else {
+        format!(
+            "caught up: {} -> {}{why}",
+            current.map_or_else(|| "nothing".into(), |c| c.short()),
+            target.short()
+        )
+    };
+    Ok(PullOutcome {
+        host,
+        target: Some(target),
+        outcome: Some(o),
+        message,
+    })
+}
+
+/// At start, an agent with `--source` asks the deploy host what it should
+/// run and converges (a reimaged host, or one that was down during a
+/// step). If the deploy host does not answer, it asks again with backoff
+/// (5 s doubling to 5 min) until it does; a request from a controller
+/// meanwhile goes first.
+pub async fn pull_at_start(st: Arc<AgentState>) {
+    if st.agent.cfg.sources.is_empty() {
+        return;
+    }
+    let mut delay = std::time::Duration::from_secs(5);
+    loop {
+        let Ok(guard) = st.op.clone().try_lock_owned() else {
+            // A controller is at work: it decides; ask again later.
+            tokio::time::sleep(delay).await;
+            continue;
+        };
+        let cancel = Cancel::new();
+        st.set_running(Some(Running {
+            what: "a pull at start".into(),
+            background: false,
+            cancel: cancel.clone(),
+        }));
+        let st2 = st.clone();
+        let handle = tokio::runtime::Handle::current();
+        let r = tokio::task::spawn_blocking(move || {
+            pull_now(&st2.agent, "scap agent (start)", &handle, &cancel)
+        })
+        .await;
+        st.set_running(None);
+        match r {
+            Ok(Ok(o)) => {
+                tracing::info!("pull at start: {}", o.message);
+                let switched = o.outcome.as_ref().is_some_and(|o| !o.noop);
+                if switched {
+                    let st3 = st.clone();
+                    let bg = Cancel::new();
+                    st.set_running(Some(Running {
+                        what: "the work after a switch".into(),
+                        background: true,
+                        cancel: bg.clone(),
+                    }));
+                    let r = tokio::task::spawn_blocking(move || st3.agent.after_switch(&bg)).await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!("after-switch work failed: {e}");
+                    }
+                    st.set_running(None);
+                }
+                drop(guard);
+                return;
+            }
+            Ok(Err(e)) if e.is_cancelled() => {
+                drop(guard);
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("pull at start: {e}; asking again in {}s", delay.as_secs());
+            }
+            Err(e) => tracing::warn!("pull at start: {e}"),
+        }
+        drop(guard);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(300));
+    }
 }
 
 async fn promote(

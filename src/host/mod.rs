@@ -44,7 +44,10 @@ use crate::store::disk::{LockMode, Role};
 use crate::store::signature::{SignatureError, SignedVersion, Trust};
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
-use proto::{DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackTarget, SyncRequest};
+use proto::{
+    DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackRequest, RollbackTarget,
+    SyncRequest,
+};
 use release::{How, Releases};
 use state::{Action, Deployed, Event, HostState, StateError};
 
@@ -105,6 +108,10 @@ pub struct AgentConfig {
     pub trust: Trust,
     /// Lab only: run versions without a trusted signature (with a warning).
     pub allow_unsigned: bool,
+    /// The deploy host(s) (`scap serve`) this host asks what it should run,
+    /// at start and on `scap pull`; objects are fetched from them too. None:
+    /// the host changes only when a controller tells it to.
+    pub sources: Vec<String>,
 }
 
 impl AgentConfig {
@@ -120,6 +127,18 @@ impl AgentConfig {
                     release::MAX_SLOTS
                 ),
             );
+        }
+        if !crate::fleet::inventory::valid_host_name(&self.host) {
+            return bad(
+                "--host",
+                format!(
+                    "{:?} is not a host name (letters, digits, '.', '-', '_'): give this host's name as the fleet's inventory calls it",
+                    crate::text::clip(&self.host, 100)
+                ),
+            );
+        }
+        if let Err(why) = api::check_sources(&self.sources, true) {
+            return bad("--source", why);
         }
         if self.trust.is_empty() && !self.allow_unsigned {
             return bad(
@@ -284,7 +303,7 @@ impl Agent {
         {
             return Ok(self.noop(req.version, from, live, started));
         }
-        let result = self.sync_inner(req, rt, started, cancel);
+        let result = self.sync_inner(req, rt, started, false, cancel);
         self.finish(
             Action::Sync,
             Some(req.version),
@@ -316,18 +335,28 @@ impl Agent {
         }
     }
 
+    /// Fetches `req.version` and switches to it. `may_go_back`: a version
+    /// built before the one that runs is allowed (a rollback, or the
+    /// deploy host's desired state after one), not refused as a replay.
     fn sync_inner(
         &self,
         req: &SyncRequest,
         rt: &tokio::runtime::Handle,
         started: Instant,
+        may_go_back: bool,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
         let client = Client::new(self.fetch_http.clone(), &req.sources);
         // Before fetching anything: nothing is fetched for a version this
         // host must refuse.
-        let (signed_time, doc) =
-            self.check_signature(&req.version, req.signature.clone(), &client, rt, cancel)?;
+        let (signed_time, doc) = self.check_signature(
+            &req.version,
+            req.signature.clone(),
+            &client,
+            rt,
+            may_go_back,
+            cancel,
+        )?;
         let seconds = req
             .fetch_timeout_seconds
             .unwrap_or(DEFAULT_FETCH_TIMEOUT)
@@ -386,6 +415,7 @@ impl Agent {
         given: Option<SignedVersion>,
         client: &Client,
         rt: &tokio::runtime::Handle,
+        may_go_back: bool,
         cancel: &Cancel,
     ) -> Result<(Option<u64>, Option<SignedVersion>), AgentError> {
         let doc = match given {
@@ -418,7 +448,8 @@ impl Agent {
             }
         };
         let st = self.state();
-        if let Some(cur) = &st.current
+        if !may_go_back
+            && let Some(cur) = &st.current
             && let Some(cur_time) = cur.signed_time
             && verified.statement.time < cur_time
         {
@@ -454,17 +485,20 @@ impl Agent {
         }
     }
 
-    /// Rolls back to the previous or stable release, or a given version
-    /// this host still has. A switch, no fetch.
+    /// Rolls back to the previous or stable release, or a given version:
+    /// a switch when this host holds it; otherwise (the old train with a
+    /// change made since) a fetch from `sources`, if given.
     pub fn rollback(
         &self,
-        to: RollbackTarget,
-        by: &str,
+        req: &RollbackRequest,
+        rt: &tokio::runtime::Handle,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
         let started = Instant::now();
         let st = self.state();
         let from = st.current.as_ref().map(|d| d.version);
+        let to = req.to;
+        let by = req.by.as_str();
         let target = match to {
             RollbackTarget::Previous => st.previous.as_ref().map(|d| d.version),
             RollbackTarget::Stable => st.stable.as_ref().map(|d| d.version),
@@ -480,20 +514,89 @@ impl Agent {
             let slot = release::live_slot(&self.cfg.dir).unwrap_or_default();
             return Ok(self.noop(target, from, slot, started));
         }
-        if self.releases.find(&target).is_none() && !self.store.has(&target.object()) {
+        let local = self.releases.find(&target).is_some() || self.store.has(&target.object());
+        let result = if local {
+            // A rollback may go back in time, but only to a version a key
+            // trusted now still vouches for.
+            self.check_local_signature(&target)
+                .and_then(|signed_time| self.switch_to(&target, by, started, signed_time, cancel))
+        } else if req.sources.is_empty() {
             return Err(AgentError::Refused(format!(
                 "host {}: version {} is not on this host (not in a release or the local store): sync to it instead",
                 self.cfg.host,
                 target.short()
             )));
-        }
-        // A rollback may go back in time, but only to a version a key
-        // trusted now still vouches for.
-        let result = self
-            .check_local_signature(&target)
-            .and_then(|signed_time| self.switch_to(&target, by, started, signed_time, cancel));
+        } else {
+            let sync = SyncRequest {
+                version: target,
+                sources: req.sources.clone(),
+                by: req.by.clone(),
+                fetch_timeout_seconds: None,
+                signature: None,
+            };
+            self.sync_inner(&sync, rt, started, true, cancel)
+        };
         self.finish(Action::Rollback, Some(target), from, by, started, &result);
         result
+    }
+
+    /// Converges to `target` (the deploy host's desired state for this
+    /// host), fetching from `sources`: may go back in time (a host that was
+    /// down during a rollback), but only to a version a trusted key signed.
+    pub fn converge(
+        &self,
+        target: VersionId,
+        sources: &[String],
+        by: &str,
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+    ) -> Result<Outcome, AgentError> {
+        let started = Instant::now();
+        let from = self.state().current.map(|d| d.version);
+        if from == Some(target)
+            && let Some(live) = release::live_slot(&self.cfg.dir)
+            && self.releases.meta(&live).clean
+        {
+            return Ok(self.noop(target, from, live, started));
+        }
+        let req = SyncRequest {
+            version: target,
+            sources: sources.to_vec(),
+            by: by.to_string(),
+            fetch_timeout_seconds: None,
+            signature: None,
+        };
+        let result = self.sync_inner(&req, rt, started, true, cancel);
+        self.finish(Action::Pull, Some(target), from, by, started, &result);
+        result
+    }
+
+    /// What the deploy host says this host should run (`--source`).
+    pub fn desired(
+        &self,
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+    ) -> Result<proto::DesiredResponse, AgentError> {
+        if self.cfg.sources.is_empty() {
+            return Err(AgentError::Refused(format!(
+                "host {}: no deploy host to ask: start the agent with --source https://DEPLOY-HOST:8469",
+                self.cfg.host
+            )));
+        }
+        let client = Client::new(self.fetch_http.clone(), &self.cfg.sources);
+        rt.block_on(async {
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(30), client.desired(&self.cfg.host)) => match r {
+                    Ok(r) => r.map_err(|e| AgentError::Refused(format!(
+                        "host {}: cannot ask the deploy host what to run: {e}", self.cfg.host
+                    ))),
+                    Err(_) => Err(AgentError::Refused(format!(
+                        "host {}: the deploy host did not say what to run within 30 s", self.cfg.host
+                    ))),
+                },
+                () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
+            }
+        })
     }
 
     /// Records `v` as this host's last stable version; it must be live.

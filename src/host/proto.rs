@@ -105,6 +105,48 @@ pub struct RollbackRequest {
     pub to: RollbackTarget,
     #[serde(default = "unknown")]
     pub by: String,
+    /// Where to fetch a named version this host does not hold (the old
+    /// train with a change made since): without sources, such a rollback
+    /// is refused. The version must still carry a trusted signature.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// `GET /v1/desired/<host>` on `scap serve`: what the deploy host last
+/// decided this host should run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesiredResponse {
+    pub host: String,
+    /// `None`: no target recorded for this host (a host never deployed to
+    /// by this deploy host): it keeps what it runs.
+    pub version: Option<VersionId>,
+    #[serde(default)]
+    pub since: u64,
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub why: String,
+}
+
+/// Longest desired-state answer an agent reads.
+pub const MAX_DESIRED_BYTES: usize = 16 << 10;
+
+/// `POST /v1/pull`: converge to the deploy host's desired state now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PullRequest {
+    #[serde(default = "unknown")]
+    pub by: String,
+}
+
+/// The answer to a pull.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PullOutcome {
+    pub host: String,
+    /// The target the deploy host gave, if any.
+    pub target: Option<VersionId>,
+    /// The sync it took to get there (none when already there or no target).
+    pub outcome: Option<Outcome>,
+    pub message: String,
 }
 
 /// `POST /v1/promote`.
@@ -214,6 +256,7 @@ mod tests {
             let j = serde_json::to_string(&RollbackRequest {
                 to: t,
                 by: "me".into(),
+                sources: vec![],
             })
             .unwrap();
             assert_eq!(serde_json::from_str::<RollbackRequest>(&j).unwrap().to, t);

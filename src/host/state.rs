@@ -45,6 +45,9 @@ pub enum Action {
     Restart,
     /// A running operation was cancelled.
     Cancel,
+    /// The agent converged to the deploy host's desired state by itself
+    /// (at start, or `scap pull`).
+    Pull,
     /// Written by a newer agent; shown as is.
     #[serde(other)]
     Other,
@@ -56,6 +59,7 @@ impl std::fmt::Display for Action {
             Action::Sync => "sync",
             Action::Rollback => "rollback",
             Action::Promote => "promote",
+            Action::Pull => "pull",
             Action::Repair => "repair",
             Action::Restart => "restart",
             Action::Cancel => "cancel",

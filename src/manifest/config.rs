@@ -33,6 +33,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: {why}")]
+    Invalid { path: PathBuf, why: String },
     #[error("{path}: {source}")]
     Parse {
         path: PathBuf,
@@ -41,7 +43,8 @@ pub enum ConfigError {
     },
 }
 
-/// `scap.toml`, as written by users.
+/// `scap.toml`, as written by users. Unknown keys are refused (toml names
+/// the key and lists the known ones).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
@@ -50,6 +53,19 @@ pub struct ConfigFile {
     /// URLs hosts fetch objects from (`scap sync --source`).
     #[serde(default)]
     pub sources: Vec<String>,
+    /// The fleet: dsh group files (`--hosts`), or an inventory with
+    /// weights (`--inventory`); flags replace them.
+    #[serde(default)]
+    pub hosts: Vec<PathBuf>,
+    pub inventory: Option<PathBuf>,
+    /// dsh group files of canary hosts (`--canary-group`).
+    #[serde(default)]
+    pub canary_groups: Vec<PathBuf>,
+    /// How `scap sync` rolls out when no share is given.
+    pub policy: Option<PolicyConfig>,
+    /// Health gates run after each step (flags add to them).
+    #[serde(default, rename = "gate")]
+    pub gates: Vec<GateConfig>,
     /// Bearer token file for agents, with `--insecure-http` only.
     pub token_file: Option<PathBuf>,
     /// Certificates for TLS (the default transport).
@@ -61,6 +77,34 @@ pub struct ConfigFile {
     pub exclude: Vec<String>,
     #[serde(default, rename = "component")]
     pub components: Vec<ComponentFile>,
+}
+
+/// `[policy]` in scap.toml: the rollout `scap sync --version V` does with
+/// no share flags. Unset fields take the built-in default (today's scap:
+/// the canary hosts, the wait, the gates, then every host).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// e.g. ["canary", "10%", "50%", "100%"]
+    pub stages: Option<Vec<String>>,
+    /// Wait before each step's gates: "20s", "5m".
+    pub wait: Option<String>,
+    /// Hosts that may fail or be down before a step stops: "2" or "5%".
+    pub max_failures: Option<String>,
+    /// Hosts synced at once.
+    pub concurrency: Option<usize>,
+}
+
+/// `[[gate]]` in scap.toml: an HTTP probe or a command.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    /// URL template with {host} or {addr}, e.g. "http://{host}/wiki/Main_Page".
+    pub url: Option<String>,
+    /// The status the URL must answer (default 200).
+    pub status: Option<u16>,
+    /// A command; gets SCAP_VERSION, SCAP_HOSTS, SCAP_PERCENT.
+    pub command: Option<String>,
 }
 
 /// `[tls]` in scap.toml: this process's certificate and the CA it trusts.
@@ -106,11 +150,36 @@ impl ConfigFile {
             fix(&mut t.cert);
             fix(&mut t.key);
         }
-        for p in [&mut cfg.sign_key, &mut cfg.token_file, &mut cfg.store]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.sign_key,
+            &mut cfg.token_file,
+            &mut cfg.store,
+            &mut cfg.inventory,
+        ]
+        .into_iter()
+        .flatten()
         {
             fix(p);
+        }
+        for p in cfg.hosts.iter_mut().chain(&mut cfg.canary_groups) {
+            fix(p);
+        }
+        for (i, g) in cfg.gates.iter().enumerate() {
+            if g.url.is_some() == g.command.is_some() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "[[gate]] number {}: give either url (with an optional status) or command",
+                        i + 1
+                    ),
+                });
+            }
+            if g.status.is_some() && g.url.is_none() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    why: format!("[[gate]] number {}: status goes with url", i + 1),
+                });
+            }
         }
         Ok(cfg)
     }

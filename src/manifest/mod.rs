@@ -8,8 +8,8 @@
 //! before it is durable, so a crash or a full disk at any point leaves the
 //! store valid (at worst with unreferenced objects that gc removes).
 
+pub mod change;
 pub mod config;
-pub mod patch;
 pub mod statcache;
 
 use std::ffi::OsStr;
@@ -175,7 +175,7 @@ pub fn build(
     let mut caches = Vec::new();
     for component in &opts.components {
         let (tree, files, bytes, cache) =
-            build_component(&writer, component, generation, meter, &mut totals)?;
+            build_component(&writer, component, b"", generation, meter, &mut totals)?;
         caches.push(cache);
         components.push(ComponentRecord {
             name: component.name.to_string(),
@@ -236,6 +236,7 @@ pub fn build(
                 time: now.as_secs(),
                 time_nanos: now.subsec_nanos(),
                 parent: parent.filter(|p| *p != version),
+                change: None,
                 components,
                 files,
                 bytes,
@@ -285,23 +286,37 @@ struct Totals {
 /// encoded bytes) to save once the build is committed.
 type ComponentResult = (TreeId, u64, u64, (PathBuf, Vec<u8>));
 
+/// Builds a component's tree, or (`sub` not empty) the tree of one of its
+/// directories, `sub` relative to the component root (`scap sync-dir`):
+/// exclude globs and stat-cache keys stay relative to the component root.
+/// The caller saves the returned stat cache only for a whole component (a
+/// directory's would drop every entry outside it).
 fn build_component(
     writer: &Writer<'_>,
     component: &Component,
+    sub: &[u8],
     generation: u64,
     meter: &dyn Meter,
     totals: &mut Totals,
 ) -> Result<ComponentResult, BuildError> {
     let root = &component.path;
-    let meta = fs::metadata(root).map_err(|source| BuildError::Walk {
+    let top = if sub.is_empty() {
+        root.clone()
+    } else {
+        root.join(OsStr::from_bytes(sub))
+    };
+    let meta = fs::symlink_metadata(&top).map_err(|source| BuildError::Walk {
         component: component.name.to_string(),
-        path: root.clone(),
+        path: top.clone(),
         source,
     })?;
-    if !meta.is_dir() {
+    // A component root may be a symlink (to the staging checkout); a
+    // directory inside one is a directory, never followed.
+    let is_dir = meta.is_dir() || (sub.is_empty() && fs::metadata(&top).is_ok_and(|m| m.is_dir()));
+    if !is_dir {
         return Err(BuildError::NotADirectory {
             name: component.name.to_string(),
-            path: root.clone(),
+            path: top,
         });
     }
     let store = writer.store();
@@ -311,7 +326,7 @@ fn build_component(
     let trust_presence = cache.generation == generation;
 
     let phase = Instant::now();
-    let items = walk(component)?;
+    let items = walk(component, &top, sub)?;
     tracing::debug!(
         "{}: walked {} entries in {:?}",
         component.name,
@@ -469,7 +484,7 @@ fn cache_path(store: &Store, component: &Component) -> PathBuf {
     store.cache_dir().join(format!("stat-{}", &hex[..32]))
 }
 
-fn put_tree(writer: &Writer<'_>, tree: &Tree) -> Result<TreeId, StoreError> {
+pub(crate) fn put_tree(writer: &Writer<'_>, tree: &Tree) -> Result<TreeId, StoreError> {
     let put = writer.put(ObjectKind::Tree, &tree.encode())?;
     Ok(TreeId::new(put.id))
 }
@@ -481,14 +496,14 @@ const PARALLEL_DEPTH: usize = 3;
 /// Walks one component, symlinks not followed, excluded paths pruned, in
 /// pre-order with siblings sorted by name bytes. The top levels are read
 /// in parallel, each subtree below them by one walkdir walk.
-fn walk(component: &Component) -> Result<Vec<Item>, BuildError> {
+fn walk(component: &Component, top: &Path, sub: &[u8]) -> Result<Vec<Item>, BuildError> {
     let mut items = vec![Item {
         depth: 0,
         name_at: 0,
-        rel: Vec::new(),
+        rel: sub.to_vec(),
         kind: ItemKind::Dir,
     }];
-    items.extend(scan(component, &component.path, &[], 1)?);
+    items.extend(scan(component, top, sub, 1)?);
     Ok(items)
 }
 
@@ -690,7 +705,11 @@ fn classify(
 /// Reads, chunks and stores one file; retries when it changes underneath.
 /// `stamp` is what the walk saw; the file must still match it after being
 /// read, or it is read again.
-fn hash_file(writer: &Writer<'_>, path: &Path, stamp: Stamp) -> Result<Cached, BuildError> {
+pub(crate) fn hash_file(
+    writer: &Writer<'_>,
+    path: &Path,
+    stamp: Stamp,
+) -> Result<Cached, BuildError> {
     let unreadable = |source| BuildError::Unreadable {
         path: path.to_path_buf(),
         source,

@@ -138,6 +138,52 @@ impl Client {
         }
     }
 
+    /// What the deploy host says `host` should run, from the first source
+    /// that answers (a cache in front of it must pass `/v1/desired/`
+    /// through: the answer is `Cache-Control: no-store`).
+    pub async fn desired(
+        &self,
+        host: &str,
+    ) -> Result<crate::host::proto::DesiredResponse, FetchError> {
+        use crate::host::proto::{DesiredResponse, MAX_DESIRED_BYTES};
+        let mut last_error = String::from("no source configured");
+        for source in &self.sources {
+            let url = format!("{source}/v1/desired/{host}");
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = match self.http.get(&url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = format!("{url}: {}", why(&e));
+                    continue;
+                }
+            };
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body = read_capped(resp, 1024, &url).await.unwrap_or_default();
+                last_error = format!(
+                    "{url}: HTTP {status}: {}",
+                    crate::text::clip(String::from_utf8_lossy(&body).trim(), 300)
+                );
+                continue;
+            }
+            match read_capped(resp, MAX_DESIRED_BYTES as u64, &url).await {
+                Ok(bytes) => match serde_json::from_slice::<DesiredResponse>(&bytes) {
+                    Ok(d) if d.host == host => return Ok(d),
+                    Ok(d) => {
+                        last_error = format!(
+                            "{url}: answered for host {:?}, not {host:?}",
+                            crate::text::clip(&d.host, 100)
+                        )
+                    }
+                    Err(e) => last_error = format!("{url}: not a desired-state answer: {e}"),
+                },
+                Err(SourceError::Source(e)) => last_error = e,
+                Err(_) => {}
+            }
+        }
+        Err(FetchError::AllFailed(last_error))
+    }
+
     pub fn sources(&self) -> &[String] {
         &self.sources
     }

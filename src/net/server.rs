@@ -67,6 +67,7 @@ pub fn router(store: Store, concurrency: usize, access: Access) -> (Router, Arc<
         .route("/versions/{file}", get(record))
         .route("/refs/labels/{label}", get(label))
         .route("/batch", post(batch))
+        .route("/v1/desired/{host}", get(desired))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .route("/health", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BATCH_IDS * ID_LEN))
@@ -244,6 +245,42 @@ async fn record(State(st): State<Arc<ServerState>>, Path(file): Path<String>) ->
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// What the deploy host last decided `host` should run (its desired
+/// state), for the host's agent converging by itself. Never cached.
+async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if !crate::fleet::inventory::valid_host_name(&host) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "/v1/desired/{}: not a host name",
+                crate::text::clip(&host, 100)
+            ),
+        );
+    }
+    let dir = st.store.root().join("fleet");
+    let loaded =
+        tokio::task::spawn_blocking(move || crate::fleet::desired::Desired::load(&dir)).await;
+    let d = match loaded {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let t = d.get(&host);
+    let body = crate::host::proto::DesiredResponse {
+        host: host.clone(),
+        version: t.map(|t| t.version),
+        since: t.map_or(0, |t| t.since),
+        by: t.map(|t| t.by.clone()).unwrap_or_default(),
+        why: t.map(|t| t.why.clone()).unwrap_or_default(),
+    };
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 async fn label(State(st): State<Arc<ServerState>>, Path(label): Path<String>) -> Response {

@@ -1,7 +1,8 @@
 //! `scap gc`: mark and sweep.
 //!
-//! Roots are the newest `keep` version records, every labelled version and
-//! every pinned one. gc holds the store lock exclusively, so no writer
+//! Roots are the newest `keep` version records, every labelled version,
+//! every pinned one, and what the caller adds (on the deploy host, every
+//! version the fleet runs, holds or should run: `fleet::keep`). gc holds the store lock exclusively, so no writer
 //! session (build-manifest, an agent's fetch) is between writing objects and
 //! recording the version that references them while gc runs; it bumps the
 //! gc generation before deleting anything so stat caches re-check presence.
@@ -35,7 +36,12 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
-pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreError> {
+pub fn gc(
+    store: &Store,
+    keep: usize,
+    also: &[VersionId],
+    dry_run: bool,
+) -> Result<GcReport, StoreError> {
     store.check_deploy()?;
     let _lock = store.lock(LockMode::Exclusive)?;
     let records = store.records()?;
@@ -45,6 +51,9 @@ pub fn gc(store: &Store, keep: usize, dry_run: bool) -> Result<GcReport, StoreEr
     let mut roots: Vec<VersionId> = records.iter().take(keep).map(|r| r.version).collect();
     roots.extend(store.labels()?.into_iter().map(|(_, v)| v));
     roots.extend(store.pins()?);
+    // A version a host holds that this store never had (or already lost)
+    // cannot be kept here; it must not stop gc from keeping the rest.
+    roots.extend(also.iter().filter(|v| store.has(&v.object())));
     roots.sort();
     roots.dedup();
 

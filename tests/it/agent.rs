@@ -449,6 +449,7 @@ fn sync_reports_a_failing_host_and_fails() {
             .args(["sync", "--hosts"])
             .arg(&group)
             .args(["--version", version, "--source", &fleet.source()])
+            .args(ungated(&[]))
             .output()
             .unwrap()
     };

@@ -407,6 +407,9 @@ fn sync_file_deploys_one_file_from_staging() {
         "--wait",
         "0",
         "--yes",
+        "--canary",
+        "100%",
+        "--force",
     ]);
     ok(&out);
     let v = fleet.current(0).unwrap();

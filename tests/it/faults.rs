@@ -296,6 +296,12 @@ fn gc_during_a_build_or_a_sync_file_never_eats_its_version() {
     fleet.serve();
     let (code, r) = fleet.sync_to(0, &v0);
     assert_eq!(code, 200, "{r}");
+    // gc reads the fleet: the version the host runs is kept.
+    let hosts = fleet.group("all", &[0]);
+    let gc_args = ["gc", "--keep", "1", "--hosts", hosts.to_str().unwrap()];
+    let mut gc_args: Vec<String> = gc_args.iter().map(|s| s.to_string()).collect();
+    gc_args.extend(fleet.transport("deployer"));
+    let gc_args: Vec<&str> = gc_args.iter().map(String::as_str).collect();
     // The window the review found: objects committed, record not written.
     for (n, point) in ["build:objects-written", "build:committed", "build:recorded"]
         .iter()
@@ -312,7 +318,7 @@ fn gc_during_a_build_or_a_sync_file_never_eats_its_version() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(600));
-        let gc = fleet.env.raw(&["gc", "--keep", "1"]);
+        let gc = fleet.env.raw(&gc_args);
         let out = build.wait_with_output().unwrap();
         assert!(out.status.success());
         assert!(
@@ -343,14 +349,19 @@ fn gc_during_a_build_or_a_sync_file_never_eats_its_version() {
         .arg("--hosts")
         .arg(&group)
         .args(["--source", &fleet.source(), "--yes", "--wait", "0"])
-        .env("SCAP_FAILPOINT", "patch:committed:pause=1500")
+        .args(ungated(&[]))
+        .env("SCAP_FAILPOINT", "change:committed:pause=1500")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    let gc = fleet.env.raw(&["gc", "--keep", "1"]);
-    assert!(gc.status.success());
+    let gc = fleet.env.raw(&gc_args);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
     let out = sf.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -826,6 +837,9 @@ fn malformed_agent_answers_are_named_never_a_crash() {
             "0",
             "--max-failures",
             "1",
+            "--canary",
+            "100%",
+            "--force",
         ]);
         assert_ne!(out.status.code(), Some(101), "{body}: a panic");
         let err = String::from_utf8_lossy(&out.stderr);

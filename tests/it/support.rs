@@ -506,6 +506,7 @@ impl Fleet {
             .args(["sync", "--hosts"])
             .arg(&group)
             .args(["--version", version, "--source", &self.source()])
+            .args(ungated(&[]))
             .args(self.transport("deployer"))
             .args(["--json"])
             .output()
@@ -643,6 +644,8 @@ impl Fleet {
             "--yes",
         ];
         args.extend(extra);
+        let args = ungated(&args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run(&args)
     }
 
@@ -663,6 +666,22 @@ impl Fleet {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// `args` for a rollout that tests something other than the policy: with
+/// no share given, every host at once (`--canary 100%`), and with no gate
+/// given, `--force` (the default policy wants canary hosts, and gates
+/// before every host).
+pub fn ungated(args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let has = |p: &str| args.iter().any(|a| a.starts_with(p));
+    if !has("--canary") && !has("--stages") && !has("--resume") && !has("--catch-up") {
+        out.extend(["--canary".to_string(), "100%".to_string()]);
+    }
+    if !has("--check-") && !has("--force") {
+        out.push("--force".into());
+    }
+    out
 }
 
 /// A TCP proxy to `upstream` (`http[s]://host:port`) that records every

@@ -30,6 +30,10 @@ pub struct VersionRecord {
     pub time_nanos: u32,
     #[serde(default)]
     pub parent: Option<VersionId>,
+    /// The change (`sync-file`, `sync-dir`) that made this version from
+    /// `parent`; the versions one change made on several trains share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
     pub components: Vec<ComponentRecord>,
     pub files: u64,
     pub bytes: u64,

@@ -1,0 +1,137 @@
+//! What each host should run, as the deploy host last decided it: after a
+//! rollout step, a rollback, a change (sync-file) or a catch-up.
+//! `STORE/fleet/desired.json`, written atomically.
+//!
+//! Hosts read it through `scap serve` (`GET /v1/desired/<host>`) when their
+//! agent starts and on `scap pull`, and converge by themselves: a reimaged
+//! host, or one that was down during a step, catches up without a new
+//! rollout. `scap status` shows hosts that are behind it.
+//!
+//! **Invariant:** the hosts' own state files remain the truth about what
+//! runs; this file is the deploy host's *intent*, and nothing here is ever
+//! counted as a host being on a version.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::VersionId;
+use crate::store::fsutil::atomic_write;
+
+pub const DESIRED_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub version: VersionId,
+    /// Unix seconds when it became this host's target.
+    pub since: u64,
+    pub by: String,
+    /// What made it so: "sync", "rollback", "change <id>", ...
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub format: u32,
+    /// By host name (as the inventory names it, and as the host's agent
+    /// calls itself).
+    pub hosts: BTreeMap<String, Target>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("{path}: {why}: move it aside (the next deploy writes it anew) or upgrade scap")]
+    Bad { path: PathBuf, why: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub fn path(fleet_dir: &Path) -> PathBuf {
+    fleet_dir.join("desired.json")
+}
+
+impl Desired {
+    pub fn load(fleet_dir: &Path) -> Result<Desired, DesiredError> {
+        let p = path(fleet_dir);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Desired::default()),
+            Err(e) => {
+                return Err(DesiredError::Bad {
+                    path: p,
+                    why: e.to_string(),
+                });
+            }
+        };
+        let d: Desired = serde_json::from_slice(&bytes).map_err(|e| DesiredError::Bad {
+            path: p.clone(),
+            why: e.to_string(),
+        })?;
+        if d.format > DESIRED_FORMAT {
+            return Err(DesiredError::Bad {
+                path: p,
+                why: format!(
+                    "format v{}, this scap reads up to v{DESIRED_FORMAT}",
+                    d.format
+                ),
+            });
+        }
+        Ok(d)
+    }
+
+    pub fn save(&self, fleet_dir: &Path) -> Result<(), DesiredError> {
+        std::fs::create_dir_all(fleet_dir).map_err(|e| DesiredError::Bad {
+            path: fleet_dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let mut d = self.clone();
+        d.format = DESIRED_FORMAT;
+        let mut json = serde_json::to_vec_pretty(&d).expect("serializes");
+        json.push(b'\n');
+        Ok(atomic_write(&path(fleet_dir), &json)?)
+    }
+
+    pub fn set(&mut self, host: &str, version: VersionId, by: &str, why: &str) {
+        self.hosts.insert(
+            host.to_string(),
+            Target {
+                version,
+                since: crate::time::unix_now(),
+                by: by.to_string(),
+                why: why.to_string(),
+            },
+        );
+    }
+
+    pub fn get(&self, host: &str) -> Option<&Target> {
+        self.hosts.get(host)
+    }
+
+    /// Every version some host should run.
+    pub fn versions(&self) -> BTreeSet<VersionId> {
+        self.hosts.values().map(|t| t.version).collect()
+    }
+
+    /// A change replaced versions by others (old -> new): every target on
+    /// an old one moves to its new one.
+    pub fn rewrite(&mut self, map: &BTreeMap<VersionId, VersionId>, by: &str, why: &str) {
+        for t in self.hosts.values_mut() {
+            if let Some(new) = map.get(&t.version) {
+                *t = Target {
+                    version: *new,
+                    since: crate::time::unix_now(),
+                    by: by.to_string(),
+                    why: why.to_string(),
+                };
+            }
+        }
+    }
+}
+
+/// Loads, changes and saves the desired state in one go.
+pub fn update(fleet_dir: &Path, f: impl FnOnce(&mut Desired)) -> Result<(), DesiredError> {
+    let mut d = Desired::load(fleet_dir)?;
+    f(&mut d);
+    d.save(fleet_dir)
+}

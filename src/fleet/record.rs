@@ -1,0 +1,158 @@
+//! The rollout in progress, recorded on the deploy host so that it
+//! outlives the terminal that started it: `STORE/fleet/rollout.json`.
+//!
+//! It holds what `scap sync --resume` needs to continue from the last
+//! completed step with the same settings (the goal, the stages, the gates,
+//! the wait, the budget, the sources), which hosts it moved and where they
+//! came from (so that rolling the canary back returns each host to its own
+//! train), and when the next step is due, for `scap status` and the
+//! dashboard. A change (sync-file) made meanwhile rewrites the versions in
+//! it, so continuing deploys the new train with the change, and rolling
+//! back returns to the old train with the change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::rollout::Stage;
+use crate::store::VersionId;
+use crate::store::fsutil::atomic_write;
+
+pub const RECORD_FORMAT: u32 = 1;
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    /// A controller is running it (or died while doing so: see `pid`).
+    Running,
+    /// Stopped between steps (by the operator, Ctrl-C, a failure): `scap
+    /// sync --resume` continues it.
+    Stopped,
+    /// Every stage done.
+    Done,
+    /// Rolled back: nothing to resume.
+    RolledBack,
+}
+
+/// The settings a resumed rollout keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub sources: Vec<String>,
+    /// (URL template, status)
+    pub probes: Vec<(String, u16)>,
+    pub commands: Vec<String>,
+    pub wait_seconds: u64,
+    pub max_failures: String,
+    pub concurrency: usize,
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub format: u32,
+    /// Unique per rollout: `<unix seconds>-<version short>`.
+    pub id: String,
+    pub version: VersionId,
+    pub label: String,
+    pub stages: Vec<Stage>,
+    /// How many stages are done.
+    pub completed: usize,
+    /// Hosts this rollout moved, and the version each ran before.
+    #[serde(default)]
+    pub from: BTreeMap<String, VersionId>,
+    pub settings: Settings,
+    pub state: RolloutState,
+    pub by: String,
+    pub command: String,
+    /// The controller's process and host while `Running`.
+    pub pid: u32,
+    pub host: String,
+    pub started: u64,
+    pub updated: u64,
+    /// When the next stage may start (after the wait), if one is left.
+    #[serde(default)]
+    pub next_due: Option<u64>,
+    /// Why it stopped, for people.
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{path}: {why}: move it aside, or upgrade scap")]
+    Bad { path: PathBuf, why: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub fn path(fleet_dir: &Path) -> PathBuf {
+    fleet_dir.join("rollout.json")
+}
+
+impl RolloutRecord {
+    /// The rollout recorded, if any.
+    pub fn load(fleet_dir: &Path) -> Result<Option<RolloutRecord>, RecordError> {
+        let p = path(fleet_dir);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(RecordError::Bad {
+                    path: p,
+                    why: e.to_string(),
+                });
+            }
+        };
+        let r: RolloutRecord = serde_json::from_slice(&bytes).map_err(|e| RecordError::Bad {
+            path: p.clone(),
+            why: e.to_string(),
+        })?;
+        if r.format > RECORD_FORMAT {
+            return Err(RecordError::Bad {
+                path: p,
+                why: format!(
+                    "format v{}, this scap reads up to v{RECORD_FORMAT}",
+                    r.format
+                ),
+            });
+        }
+        Ok(Some(r))
+    }
+
+    pub fn save(&mut self, fleet_dir: &Path) -> Result<(), RecordError> {
+        std::fs::create_dir_all(fleet_dir).map_err(|e| RecordError::Bad {
+            path: fleet_dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        self.format = RECORD_FORMAT;
+        self.updated = crate::time::unix_now();
+        let mut json = serde_json::to_vec_pretty(self).expect("serializes");
+        json.push(b'\n');
+        Ok(atomic_write(&path(fleet_dir), &json)?)
+    }
+
+    /// Whether `scap sync --resume` may continue it.
+    pub fn resumable(&self) -> bool {
+        matches!(self.state, RolloutState::Running | RolloutState::Stopped)
+            && self.completed < self.stages.len()
+    }
+
+    /// The next stage, if one is left.
+    pub fn next_stage(&self) -> Option<Stage> {
+        self.stages.get(self.completed).copied()
+    }
+
+    /// A change replaced versions by others (old -> new).
+    pub fn rewrite(&mut self, map: &BTreeMap<VersionId, VersionId>) {
+        if let Some(new) = map.get(&self.version) {
+            self.version = *new;
+        }
+        for v in self.from.values_mut() {
+            if let Some(new) = map.get(v) {
+                *v = *new;
+            }
+        }
+    }
+}
