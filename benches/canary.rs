@@ -94,8 +94,14 @@ fn main() {
                     "--wait",
                     "0",
                     "--yes",
+                    // No gate in this bench: it measures the transfer.
+                    "--force",
                 ])
-                .args(extra),
+                .args(if extra.is_empty() {
+                    &["--canary", "100%"][..]
+                } else {
+                    extra
+                }),
         );
         (started.elapsed().as_secs_f64(), out)
     };

@@ -105,6 +105,27 @@ fn lineage(ctx: &Ctx) -> Lineage {
         .unwrap_or_default()
 }
 
+/// `v` with the changes (sync-file, sync-dir) made to it since, unless
+/// `exact`: deploying or rolling back a train by its label must not drop a
+/// backport or config change made meanwhile.
+fn forward(ctx: &Ctx, v: VersionId, exact: bool) -> VersionId {
+    let l = lineage(ctx);
+    let f = l.forward(&v);
+    if f != v && !exact {
+        eprintln!(
+            "{} {} has had changes since it was built: using {} ({} with them); pass --exact to use {} as it is",
+            clock(),
+            label_of(ctx, &v),
+            f.short(),
+            v.short(),
+            v.short()
+        );
+        f
+    } else {
+        v
+    }
+}
+
 /// Sets a flag on Ctrl-C or SIGTERM: the rollout stops starting hosts,
 /// lets the ones in flight finish, records where it stopped, releases the
 /// lock and reports. (Under `nohup`, SIGHUP is ignored: the rollout goes on.)
@@ -149,6 +170,10 @@ pub struct SyncArgs {
     /// reimaged) to its target; no new rollout, no gates
     #[arg(long, conflicts_with_all = ["canary", "stages"])]
     catch_up: bool,
+    /// Deploy --version as it is, even if changes (sync-file) were made to it since
+    /// [default: the version with those changes]
+    #[arg(long, requires = "version")]
+    exact: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
@@ -299,6 +324,12 @@ impl Plan {
         }
         check_rollout(&self.stages, &self.gates, self.force, members)
             .map_err(anyhow::Error::msg)?;
+        if self.force && self.gates.is_empty() && self.stages.iter().any(|s| s.is_all()) {
+            eprintln!(
+                "{} --force: deploying to every host with NO health gate",
+                clock()
+            );
+        }
         let interactive = std::io::stdin().is_terminal();
         let asks = self.stages.len() > 1 || (!self.gates.is_empty() && !self.force);
         if asks && !r.yes && !interactive && !r.dry_run {
@@ -318,7 +349,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
         return catch_up(ctx, &a);
     }
     let name = a.version.as_deref().expect("clap requires one of them");
-    let version = resolve_version(ctx, name)?;
+    let version = forward(ctx, resolve_version(ctx, name)?, a.exact);
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
@@ -961,6 +992,10 @@ pub struct RollbackArgs {
     /// Leave at most this share of traffic on --version (rolls back just enough hosts) [default: 0%]
     #[arg(long, value_name = "P%", requires = "version")]
     canary: Option<String>,
+    /// Take --version as it is, even if changes were made to it since [default: the
+    /// version with those changes, which is what hosts run]
+    #[arg(long, requires = "version")]
+    exact: bool,
     /// Hosts rolled back at once
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
@@ -979,7 +1014,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
     let version = a
         .version
         .as_deref()
-        .map(|v| resolve_version(ctx, v))
+        .map(|v| resolve_version(ctx, v).map(|v| forward(ctx, v, a.exact)))
         .transpose()?;
     let to = match a.to.as_str() {
         "previous" => RollbackTarget::Previous,

@@ -275,7 +275,7 @@ impl Rollout<'_> {
             let o = p.outcome(false, msg.into(), vec![]);
             return Err(self.log_step(stage, self.no_gates(), o));
         }
-        let readings = poll(self.agents, &self.members, 64).await;
+        let readings = self.settled_poll(op).await;
         let down: Vec<&Reading> = readings.iter().filter(|r| r.view.is_err()).collect();
         for r in &down {
             if let Err(e) = &r.view {
@@ -366,6 +366,38 @@ impl Rollout<'_> {
         let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
         self.log_step(stage, gates, o);
         Ok(())
+    }
+
+    /// Polls every host; while some are in the middle of a sync, rollback
+    /// or pull (a controller that died left one running, or a host pulls
+    /// by itself), waits for them, up to two minutes: what they will run is
+    /// not known yet, and a sync sent now would be refused as busy.
+    async fn settled_poll(&self, op: &mut dyn Operator) -> Vec<Reading> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut said = false;
+        loop {
+            let readings = poll(self.agents, &self.members, 64).await;
+            let changing: Vec<String> = readings
+                .iter()
+                .filter(|r| r.view.as_ref().is_ok_and(|v| v.changing))
+                .map(|r| r.member.host.to_string())
+                .collect();
+            if changing.is_empty()
+                || tokio::time::Instant::now() >= until
+                || self.interrupted.load(Ordering::SeqCst)
+            {
+                return readings;
+            }
+            if !said {
+                op.say(&format!(
+                    "waiting for {} host(s) busy with an operation: {}",
+                    changing.len(),
+                    crate::text::clip(&changing.join(" "), 200)
+                ));
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Syncs the step's hosts; returns those now on their target.

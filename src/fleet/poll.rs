@@ -29,6 +29,8 @@ pub struct HostView {
     pub stable: Option<VersionId>,
     pub since: Option<u64>,
     pub busy: bool,
+    /// A sync, rollback or pull runs there now.
+    pub changing: bool,
     pub last_error: Option<String>,
     /// Seconds the last sync took, and when it happened.
     pub last_sync: Option<(f64, u64)>,
@@ -47,6 +49,7 @@ impl HostView {
             stable: st.stable.as_ref().map(|d| d.version),
             since: st.current.as_ref().map(|d| d.since),
             busy: r.busy,
+            changing: r.changing,
             last_error: st
                 .last_error
                 .as_ref()

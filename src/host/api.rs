@@ -337,6 +337,7 @@ async fn get_state(
         state: st.agent.state(),
         slots: st.agent.slots(),
         busy: running.is_some() || st.op.try_lock().is_err(),
+        changing: running.as_ref().is_some_and(|r| !r.background),
         operation: running.map(|r| r.what),
         drift: st.agent.last_drift(),
     })

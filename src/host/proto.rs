@@ -221,6 +221,10 @@ pub struct StateResponse {
     /// What runs, for people.
     #[serde(default)]
     pub operation: Option<String>,
+    /// True while a sync, rollback or pull runs (not just the work after a
+    /// switch): what the host runs may change any moment.
+    #[serde(default)]
+    pub changing: bool,
     pub drift: Option<DriftSummary>,
 }
 

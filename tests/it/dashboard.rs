@@ -193,9 +193,21 @@ fn the_dashboard_follows_a_rollout_live() {
         "updated without a reload"
     );
     // The rollout panel shows both steps; the host table the versions.
-    let steps =
-        browser.js("return [...document.querySelectorAll('.step')].map(s => s.dataset.target)");
+    let steps = browser.js(
+        "return [...document.querySelectorAll('.step[data-target]')].map(s => s.dataset.target)",
+    );
     assert_eq!(steps, json!(["10%", "50%"]));
+    // And the recorded rollout: its stage, done.
+    assert_eq!(
+        browser.js("return document.querySelector('#rollout-record')?.dataset.state"),
+        json!("done")
+    );
+    assert_eq!(
+        browser.js(
+            "return [...document.querySelectorAll('.step[data-stage]')].map(s => s.dataset.stage)"
+        ),
+        json!(["50%"])
+    );
     let on_new = browser.js(&format!(
         "return document.querySelectorAll('tr[data-version=\"{new}\"]').length"
     ));

@@ -19,6 +19,9 @@
 //! - `fuzz_corpora`: the fuzz targets' corpora, replayed.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
+//! - `trains`: two trains at once: changes on every live train, the fleet
+//!   policy, desired state and hosts that converge, `--resume`, gc that
+//!   knows the fleet.
 //! - `transport`: TLS and signed versions: every refusal, a key rotation,
 //!   a capture of the wire.
 
@@ -32,4 +35,5 @@ mod inspect;
 mod integrity;
 mod manifest;
 mod support;
+mod trains;
 mod transport;

@@ -435,8 +435,22 @@ impl Fleet {
             name: name.into(),
             dir: dir.to_path_buf(),
             proc,
-            extra: vec![],
+            extra: extra.to_vec(),
         });
+    }
+
+    /// Restarts host `i`'s agent on the port it had (an inventory that
+    /// names it stays right).
+    pub fn restart_same_port(&mut self, i: usize) {
+        let port = self.hosts[i].proc.port();
+        self.hosts[i].proc.kill();
+        let (name, dir, extra) = (
+            self.hosts[i].name.clone(),
+            self.hosts[i].dir.clone(),
+            self.hosts[i].extra.clone(),
+        );
+        self.hosts[i].proc =
+            self.agent_proc_env(&name, &dir, &format!("127.0.0.1:{port}"), &extra, &[]);
     }
 
     /// Restarts host `i`'s agent (after a kill), on a new port.
@@ -770,4 +784,10 @@ pub fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Like [`ok`], but returns stdout (a command's result, `--json`).
+pub fn ok_out(out: &Output) -> String {
+    ok(out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
