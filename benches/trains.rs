@@ -32,6 +32,18 @@ struct Fleet {
     agents: Vec<Child>,
 }
 
+/// The agents and the server go with the fleet, even when a bench panics.
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
 impl Fleet {
     fn scap(&self) -> Command {
         let mut c = scap(&self.store);
@@ -179,7 +191,7 @@ fn backports(n: usize, table: &mut Table) {
     one.push(f.backport(&file, 1));
     assert_eq!(f.trains(), 1);
     // The next train to 50%.
-    mutate(&f.staging, "train", 7);
+    mutate(f.staging.parent().unwrap(), "train", 7);
     let t2 = f.build();
     f.sync(&t2, "50%");
     assert_eq!(f.trains(), 2);
@@ -206,14 +218,9 @@ fn backports(n: usize, table: &mut Table) {
         mb(bytes(&two)),
         format!("{:.2}x", best(&two) / best(&one)),
     ]);
-    let mut f = f;
-    for a in &mut f.agents {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
-    let _ = f.server.kill();
-    let _ = f.server.wait();
-    let _ = std::fs::remove_dir_all(&f.dir);
+    let dir = f.dir.clone();
+    drop(f);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Seconds from an agent's start on an empty directory to its state file

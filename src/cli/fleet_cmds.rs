@@ -15,16 +15,18 @@ use super::store_cmds::Ctx;
 use super::{exit, print_json};
 use crate::fleet::agents::{Agents, HostResult};
 use crate::fleet::catchup::CatchUp;
-use crate::fleet::deploy::{GateChoice, Operator, Rollout};
+use crate::fleet::deploy::{GateChoice, Operator, PoolFleet, Rollout};
 use crate::fleet::gates::Gates;
 use crate::fleet::history;
 use crate::fleet::inventory::{Host, Member, fleet};
 use crate::fleet::lineage::Lineage;
 use crate::fleet::lock::{self, LockError};
-use crate::fleet::policy::{Policy, check_rollout, parse_stages};
+use crate::fleet::policy::{Policy, check_rollout, parse_stages, restart_policy};
 use crate::fleet::poll::poll;
+use crate::fleet::pools::Pools;
 use crate::fleet::promote::Promote;
 use crate::fleet::record::{RolloutRecord, RolloutState, Settings};
+use crate::fleet::restart::RestartPolicy;
 use crate::fleet::rollback::Rollback;
 use crate::fleet::rollout::{Budget, Goal, Percent, Stage};
 use crate::host::proto::{Outcome as HostOutcome, RollbackTarget};
@@ -44,14 +46,43 @@ pub struct FleetArgs {
     /// dsh group file of canary hosts: chosen before all others (repeatable) [default: scap.toml's canary_groups]
     #[arg(long = "canary-group", value_name = "GROUPFILE")]
     canary_groups: Vec<PathBuf>,
+    /// Only this cluster of the pools (appserver, api_appserver, ...)
+    #[arg(long)]
+    cluster: Option<String>,
     /// Seconds to wait for one host's answer
     #[arg(long, default_value_t = 900)]
     timeout: u64,
 }
 
 impl FleetArgs {
-    /// The fleet from the flags, else from scap.toml.
+    /// The fleet: from the load balancer's pools when scap.toml has
+    /// `[pools]` (joined with the static sources for addresses and canary
+    /// flags), else from the flags, else from scap.toml.
     pub(super) fn members(&self, ctx: &Ctx) -> anyhow::Result<Vec<Member>> {
+        match self.pool_fleet(ctx)? {
+            Some(pf) => {
+                let rt = runtime()?;
+                let (members, notes) = rt.block_on(pf.members()).map_err(anyhow::Error::msg)?;
+                for n in notes {
+                    eprintln!("{} {n}", clock());
+                }
+                Ok(members)
+            }
+            None => {
+                let mut m = self.statics(ctx)?;
+                if let Some(c) = &self.cluster {
+                    m.retain(|x| &x.cluster == c);
+                    if m.is_empty() {
+                        bail!("no host of the fleet is in cluster {c:?}");
+                    }
+                }
+                Ok(m)
+            }
+        }
+    }
+
+    /// The static sources: group files and the TOML inventory.
+    fn statics(&self, ctx: &Ctx) -> anyhow::Result<Vec<Member>> {
         let (hosts, inventory) = if self.hosts.is_empty() && self.inventory.is_none() {
             (&ctx.config.hosts, ctx.config.inventory.as_deref())
         } else {
@@ -65,12 +96,35 @@ impl FleetArgs {
         Ok(fleet(hosts, inventory, canaries)?)
     }
 
-    /// Whether a fleet is configured at all (flags or scap.toml).
-    pub(super) fn configured(&self, ctx: &Ctx) -> bool {
+    /// The pools as the fleet's source, if scap.toml has `[pools]`.
+    pub(super) fn pool_fleet(&self, ctx: &Ctx) -> anyhow::Result<Option<PoolFleet>> {
+        let Some(cfg) = &ctx.config.pools else {
+            return Ok(None);
+        };
+        let statics = if self.configured_statics(ctx) {
+            self.statics(ctx)?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(PoolFleet {
+            pools: Pools::new(cfg.clone())?,
+            statics,
+            cluster: self.cluster.clone(),
+        }))
+    }
+
+    fn configured_statics(&self, ctx: &Ctx) -> bool {
         !self.hosts.is_empty()
             || self.inventory.is_some()
             || !ctx.config.hosts.is_empty()
             || ctx.config.inventory.is_some()
+            || !self.canary_groups.is_empty()
+            || !ctx.config.canary_groups.is_empty()
+    }
+
+    /// Whether a fleet is configured at all (flags or scap.toml).
+    pub(super) fn configured(&self, ctx: &Ctx) -> bool {
+        self.configured_statics(ctx) || ctx.config.pools.is_some()
     }
 
     pub(super) fn agents(&self, ctx: &Ctx) -> anyhow::Result<Agents> {
@@ -219,6 +273,21 @@ pub struct RolloutArgs {
     /// Hosts synced at once [default: [policy] concurrency, else 20]
     #[arg(long)]
     concurrency: Option<usize>,
+    /// With pools: restart a step's hosts in batches of this share of each cluster's
+    /// pooled weight [default: [restarts] batch, else 10%]
+    #[arg(long, value_name = "P%")]
+    restart_batch: Option<String>,
+    /// With pools: wait this long after a depool for connections to drain [default:
+    /// [restarts] drain, else 5s]
+    #[arg(long, value_parser = super::parse_duration)]
+    drain: Option<Duration>,
+    /// With pools: never leave less than this share of a cluster's pooled weight
+    /// pooled [default: [restarts] min_pooled, else 75%]
+    #[arg(long, value_name = "P%")]
+    min_pooled: Option<String>,
+    /// With pools: no restarts (the agents' post-switch hooks do it, or nothing)
+    #[arg(long)]
+    no_restart: bool,
     /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
     #[arg(long, value_name = "CMD")]
     announce: Option<String>,
@@ -238,6 +307,8 @@ struct Plan {
     gates: Gates,
     sources: Vec<String>,
     force: bool,
+    /// With pools: batched restarts after each step.
+    restarts: Option<RestartPolicy>,
 }
 
 impl RolloutArgs {
@@ -271,6 +342,7 @@ impl RolloutArgs {
         if concurrency == 0 {
             bail!("--concurrency: give at least 1");
         }
+        let restarts = self.restarts(ctx)?;
         Ok(Plan {
             stages,
             wait: self.wait.unwrap_or(policy.wait),
@@ -280,7 +352,40 @@ impl RolloutArgs {
             gates,
             sources,
             force: self.force,
+            restarts,
         })
+    }
+
+    /// The restart policy: flags over scap.toml over the defaults; none
+    /// without pools or with --no-restart.
+    fn restarts(&self, ctx: &Ctx) -> anyhow::Result<Option<RestartPolicy>> {
+        if ctx.config.pools.is_none() || self.no_restart {
+            if self.restart_batch.is_some() || self.min_pooled.is_some() || self.drain.is_some() {
+                if self.no_restart {
+                    bail!(
+                        "--no-restart: --restart-batch, --drain and --min-pooled go with restarts"
+                    );
+                }
+                bail!(
+                    "--restart-batch, --drain and --min-pooled need the pools: add [pools] to scap.toml"
+                );
+            }
+            return Ok(None);
+        }
+        let mut p = restart_policy(&ctx.config).map_err(anyhow::Error::msg)?;
+        if let Some(b) = &self.restart_batch {
+            p.batch = Percent::parse(b).map_err(|e| anyhow::anyhow!("--restart-batch: {e}"))?;
+            if p.batch.0 == 0 {
+                bail!("--restart-batch: give more than 0%");
+            }
+        }
+        if let Some(d) = self.drain {
+            p.drain = d;
+        }
+        if let Some(m) = &self.min_pooled {
+            p.min_pooled = Percent::parse(m).map_err(|e| anyhow::anyhow!("--min-pooled: {e}"))?;
+        }
+        Ok(Some(p))
     }
 }
 
@@ -297,9 +402,11 @@ impl Plan {
             gates: Gates {
                 probes: s.probes.clone(),
                 commands: s.commands.clone(),
+                prometheus: s.prometheus.clone(),
             },
             sources: s.sources.clone(),
             force: s.force,
+            restarts: None,
         })
     }
 
@@ -308,6 +415,7 @@ impl Plan {
             sources: self.sources.clone(),
             probes: self.gates.probes.clone(),
             commands: self.gates.commands.clone(),
+            prometheus: self.gates.prometheus.clone(),
             wait_seconds: self.wait.as_secs(),
             max_failures: self.max_failures.clone(),
             concurrency: self.concurrency,
@@ -456,7 +564,8 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         }
     }
     let members = a.fleet.members(ctx)?;
-    let plan = Plan::from_record(&record)?;
+    let mut plan = Plan::from_record(&record)?;
+    plan.restarts = a.rollout.restarts(ctx)?;
     let interactive = std::io::stdin().is_terminal();
     if !a.rollout.yes && !interactive && !a.rollout.dry_run {
         bail!("stdin is not a terminal: pass --yes to resume in batch mode");
@@ -620,6 +729,7 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let store = Store::open(&ctx.store_path).ok();
+    let plan_restarts = plan.restarts.clone();
     let signatures = goal
         .versions()
         .into_iter()
@@ -645,6 +755,9 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
         interrupted: &interrupted,
         record: std::sync::Mutex::new(record),
         resume,
+        pools: fleet_args.pool_fleet(ctx)?,
+        restarts: plan_restarts,
+        measured: std::sync::Mutex::new(Vec::new()),
     };
     let mut op = CliOperator {
         yes: r.yes,
@@ -1152,9 +1265,20 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         if highlight.map(|h| h.to_hex()) == Some(id.to_string()) {
             tags.push("<-- this one");
         }
+        let per_cluster = v["clusters"]
+            .as_object()
+            .filter(|c| c.len() > 1)
+            .map(|c| {
+                let parts: Vec<String> = c
+                    .iter()
+                    .map(|(name, share)| format!("{name} {:.1}%", share.as_f64().unwrap_or(0.0)))
+                    .collect();
+                format!("  [{}]", parts.join(", "))
+            })
+            .unwrap_or_default();
         writeln!(
             out,
-            "  {} {:>6.1}%  {:>4} hosts  {} {}",
+            "  {} {:>6.1}%  {:>4} hosts  {} {}{per_cluster}",
             bar(v["share"].as_f64().unwrap_or(0.0)),
             v["share"].as_f64().unwrap_or(0.0),
             v["hosts"].as_array().map_or(0, Vec::len),
@@ -1198,6 +1322,11 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
             }
             if h["behind"] == true {
                 note.push_str(&format!(" BEHIND: target {}", short(&h["target"])));
+            }
+            match h["pooled"].as_str() {
+                Some("yes") => note.push_str(" pooled"),
+                Some(p) => note.push_str(&format!(" DEPOOLED ({p})")),
+                None => {}
             }
             if let Some(n) = h["drift"].as_u64().filter(|&n| n > 0) {
                 note.push_str(&format!(

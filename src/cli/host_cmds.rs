@@ -166,9 +166,13 @@ pub struct AgentArgs {
     /// Command run before the switch, with SCAP_VERSION etc. set; failure aborts the switch
     #[arg(long, value_name = "CMD")]
     pre_switch: Option<String>,
-    /// Command run after the switch (php-fpm reload, opcache reset); failure is logged
+    /// Command run after the switch; failure is logged (with pools, prefer --restart-command)
     #[arg(long, value_name = "CMD")]
     post_switch: Option<String>,
+    /// What makes the new code run (php-fpm reload, opcache reset): run when the
+    /// controller asks (`POST /v1/restart`), between a depool and a repool
+    #[arg(long, value_name = "CMD")]
+    restart_command: Option<String>,
     /// Release directories kept (3 to 8: live, previous, one to prepare, more for faster rollbacks)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=8))]
     slots: u8,
@@ -259,6 +263,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         links,
         pre_switch: a.pre_switch,
         post_switch: a.post_switch,
+        restart: a.restart_command,
         slots: usize::from(a.slots),
         hook_timeout: a.hook_timeout,
         transport: transport.clone(),

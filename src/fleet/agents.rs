@@ -15,8 +15,9 @@ use serde::de::DeserializeOwned;
 
 use super::inventory::Host;
 use crate::host::proto::{
-    CancelOutcome, CancelRequest, ErrorResponse, MAX_RESPONSE_BYTES, Outcome, PromoteRequest,
-    PullOutcome, PullRequest, RollbackRequest, StateResponse, SyncRequest,
+    CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_RESPONSE_BYTES, Outcome,
+    PromoteRequest, PullOutcome, PullRequest, RestartOutcome, RestartRequest, RollbackRequest,
+    StateResponse, SyncRequest,
 };
 use crate::host::state::{HostState, STATE_FORMAT};
 use crate::net::tls::{TlsError, Transport};
@@ -189,6 +190,19 @@ impl Agents {
 
     pub async fn promote(&self, host: &Host, req: &PromoteRequest) -> Result<HostState, CallError> {
         self.call(host, "/v1/promote", Some(req), STATE_TIMEOUT)
+            .await
+    }
+
+    /// `POST /v1/restart`: runs the host's restart command.
+    pub async fn restart(&self, host: &Host, by: &str) -> Result<RestartOutcome, CallError> {
+        let req = RestartRequest { by: by.to_string() };
+        self.call(host, "/v1/restart", Some(&req), self.op_timeout)
+            .await
+    }
+
+    /// `GET /v1/health`: the version the host serves.
+    pub async fn health(&self, host: &Host) -> Result<HealthResponse, CallError> {
+        self.call::<(), _>(host, "/v1/health", None, STATE_TIMEOUT)
             .await
     }
 

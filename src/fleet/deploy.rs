@@ -23,9 +23,12 @@ use super::agents::{Agents, Call, CallError, HostResult, fan_out};
 use super::desired;
 use super::gates::Gates;
 use super::history::{self, Entry};
-use super::inventory::{Host, Member};
+use super::inventory::{Host, Member, fleet_from_pools};
 use super::poll::{Reading, poll};
+use super::pools::Pools;
+use super::prom::Measurement;
 use super::record::{RolloutRecord, RolloutState};
+use super::restart::{RestartPolicy, Restarter};
 use super::rollout::{Budget, Goal, Stage, TopUp, share, top_up};
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
@@ -113,6 +116,40 @@ pub struct Rollout<'a> {
     /// `scap sync --resume`: the first stage run may have switched its
     /// hosts already and stopped before their gates; they run now.
     pub resume: bool,
+    /// When the fleet comes from the load balancer's pools: read again
+    /// before every stage (a host depooled meanwhile takes no traffic); an
+    /// etcd that does not answer stops the rollout between steps.
+    pub pools: Option<PoolFleet>,
+    /// Restart the step's hosts in batches (depool, drain, restart, check,
+    /// repool) before their gates.
+    pub restarts: Option<RestartPolicy>,
+    /// What the Prometheus gates of the current step measured (for its
+    /// history entry).
+    pub measured: Mutex<Vec<Measurement>>,
+}
+
+/// The fleet from the pools, joined with the static sources (addresses,
+/// canary flags), optionally one cluster only.
+#[derive(Clone)]
+pub struct PoolFleet {
+    pub pools: Pools,
+    pub statics: Vec<Member>,
+    pub cluster: Option<String>,
+}
+
+impl PoolFleet {
+    pub async fn members(&self) -> Result<(Vec<Member>, Vec<String>), String> {
+        let (mut m, notes) = fleet_from_pools(&self.pools, &self.statics)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(c) = &self.cluster {
+            m.retain(|x| &x.cluster == c);
+            if m.is_empty() {
+                return Err(format!("no host of the pools is in cluster {c:?}"));
+            }
+        }
+        Ok((m, notes))
+    }
 }
 
 /// How a rollout ended.
@@ -275,7 +312,28 @@ impl Rollout<'_> {
             let o = p.outcome(false, msg.into(), vec![]);
             return Err(self.log_step(stage, self.no_gates(), o));
         }
-        let readings = self.settled_poll(op).await;
+        let members = match &self.pools {
+            Some(pf) => match pf.members().await {
+                Ok((m, notes)) => {
+                    for n in notes {
+                        op.say(&n);
+                    }
+                    m
+                }
+                Err(e) => {
+                    let msg = format!("cannot read the pools: {e}; stopping before {stage}");
+                    op.say(&msg);
+                    self.stopped(&msg);
+                    return Err(self.log_step(
+                        stage,
+                        self.no_gates(),
+                        p.outcome(false, msg, vec![]),
+                    ));
+                }
+            },
+            None => self.members.clone(),
+        };
+        let readings = self.settled_poll(op, &members).await;
         let down: Vec<&Reading> = readings.iter().filter(|r| r.view.is_err()).collect();
         for r in &down {
             if let Err(e) = &r.view {
@@ -325,7 +383,7 @@ impl Rollout<'_> {
                         "resuming: running the health gates on the {} host(s) this rollout moved",
                         step.len()
                     ));
-                    gates = self.gate(op, stage, &step, p).await?;
+                    gates = self.gate(op, stage, &step, &readings, p).await?;
                 }
             }
             let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
@@ -341,7 +399,8 @@ impl Rollout<'_> {
             .sum::<u64>()
             + step.iter().map(|m| m.weight).sum::<u64>();
         p.reached = share(on_weight, plan.total_weight);
-        p.short = on_weight < plan.needed_weight;
+        // Short overall, in some cluster, or because a planned host failed.
+        p.short = plan.short() || on_weight < plan.reached_weight;
         // Distinct hosts that failed in any step or do not answer now.
         let mut bad: Vec<String> = p.failed.clone();
         for r in &down {
@@ -360,7 +419,8 @@ impl Rollout<'_> {
             self.stopped(&msg);
             return Err(self.log_step(stage, self.no_gates(), p.outcome(false, msg, vec![])));
         }
-        let gates = self.gate(op, stage, &step, p).await?;
+        let step = self.restart(op, stage, step, &plan, &readings, p).await?;
+        let gates = self.gate(op, stage, &step, &readings, p).await?;
         op.say(&format!("{} of production traffic synced", pct(p.reached)));
         let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
         let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
@@ -372,11 +432,11 @@ impl Rollout<'_> {
     /// or pull (a controller that died left one running, or a host pulls
     /// by itself), waits for them, up to two minutes: what they will run is
     /// not known yet, and a sync sent now would be refused as busy.
-    async fn settled_poll(&self, op: &mut dyn Operator) -> Vec<Reading> {
+    async fn settled_poll(&self, op: &mut dyn Operator, members: &[Member]) -> Vec<Reading> {
         let until = tokio::time::Instant::now() + Duration::from_secs(120);
         let mut said = false;
         loop {
-            let readings = poll(self.agents, &self.members, 64).await;
+            let readings = poll(self.agents, members, 64).await;
             let changing: Vec<String> = readings
                 .iter()
                 .filter(|r| r.view.as_ref().is_ok_and(|v| v.changing))
@@ -534,6 +594,85 @@ impl Rollout<'_> {
         true
     }
 
+    /// With pools and a restart policy: restarts the step's hosts in
+    /// batches that never drop a cluster under its floor. Returns the hosts
+    /// whose new code now runs (the gates test those); a host whose restart
+    /// failed is a failure (and stays depooled); restarts stopped by the
+    /// floor or etcd stop the rollout.
+    async fn restart(
+        &self,
+        op: &mut dyn Operator,
+        stage: Stage,
+        step: Vec<Member>,
+        plan: &TopUp,
+        readings: &[Reading],
+        p: &mut Progress,
+    ) -> Result<Vec<Member>, Stop> {
+        let (Some(pf), Some(policy)) = (&self.pools, &self.restarts) else {
+            return Ok(step);
+        };
+        let jobs: Vec<(Member, VersionId)> = step
+            .iter()
+            .filter_map(|m| {
+                let i = plan
+                    .add
+                    .iter()
+                    .copied()
+                    .find(|&i| readings[i].member.host == m.host)?;
+                Some((m.clone(), self.goal.target(readings[i].current())?))
+            })
+            .collect();
+        op.step_started(&format!("restart-{stage}"), jobs.len());
+        let restarter = Restarter {
+            agents: self.agents,
+            pools: &pf.pools,
+            policy: policy.clone(),
+            by: self.by.clone(),
+            interrupted: self.interrupted,
+        };
+        let report = restarter.run(op, &jobs).await;
+        op.step_done(
+            &format!("restart-{stage}"),
+            report.restarted.len(),
+            report.failed.len(),
+        );
+        for (host, why) in &report.failed {
+            op.say(&format!("FAIL {host}: {why}"));
+            p.fail(host.clone());
+        }
+        if let Some(why) = &report.stopped {
+            let msg = format!(
+                "restarts stopped: {why}{}",
+                if report.not_restarted.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (switched, not restarted: {})",
+                        report.not_restarted.join(", ")
+                    )
+                }
+            );
+            op.say(&msg);
+            self.stopped(&msg);
+            return Err(self.log_step(stage, "not run", p.outcome(false, msg, vec![])));
+        }
+        let total = readings.len();
+        if !self.budget.allows(p.failed.len(), total) {
+            let msg = format!(
+                "{} host(s) failed ({}), more than --max-failures allows: stopped at {} of traffic; hosts whose restart failed stay depooled",
+                p.failed.len(),
+                p.failed.join(", "),
+                pct(p.reached)
+            );
+            self.stopped(&msg);
+            return Err(self.log_step(stage, "not run", p.outcome(false, msg, vec![])));
+        }
+        Ok(step
+            .into_iter()
+            .filter(|m| report.restarted.contains(&m.host.to_string()))
+            .collect())
+    }
+
     /// Runs the health gates on the step's hosts. `Ok(what the gates
     /// said)`, or `Err` when the rollout stops.
     async fn gate(
@@ -541,6 +680,7 @@ impl Rollout<'_> {
         op: &mut dyn Operator,
         stage: Stage,
         step: &[Member],
+        readings: &[Reading],
         p: &mut Progress,
     ) -> Result<&'static str, Stop> {
         if self.gates.is_empty() {
@@ -569,10 +709,38 @@ impl Rollout<'_> {
         // (SCAP_VERSION: for a change on two trains, the first new version;
         // the gate's hosts run one or the other.)
         loop {
-            let failures = self
+            // The baseline for comparison gates: the hosts that answer and
+            // are not on the version.
+            let rest: Vec<Host> = readings
+                .iter()
+                .filter(|r| r.view.is_ok() && !self.goal.reached(r.current()))
+                .filter(|r| !hosts.contains(&r.member.host))
+                .map(|r| r.member.host.clone())
+                .collect();
+            let result = self
                 .gates
-                .run(self.agents.http(), &hosts, &version, &stage.to_string())
+                .run(
+                    self.agents.http(),
+                    &hosts,
+                    &rest,
+                    &version,
+                    &stage.to_string(),
+                )
                 .await;
+            for m in &result.measurements {
+                op.say(&format!(
+                    "measured {} = {}{} (limit {}): {}",
+                    m.query,
+                    m.value,
+                    m.baseline
+                        .map(|b| format!(", the rest {b}"))
+                        .unwrap_or_default(),
+                    m.limit,
+                    if m.passed { "ok" } else { "FAILED" }
+                ));
+            }
+            *self.measured.lock().expect("not poisoned") = result.measurements;
+            let failures = result.failures;
             if failures.is_empty() {
                 op.say(&format!("health gates passed on {} host(s)", hosts.len()));
                 return Ok("passed");
@@ -645,6 +813,21 @@ impl Rollout<'_> {
                 format!(": {}", names(&plan.add))
             }
         ));
+        if plan.clusters.len() > 1 {
+            for c in &plan.clusters {
+                op.say(&format!(
+                    "  cluster {}: weight {} of {} needed, {} after this step",
+                    if c.cluster.is_empty() {
+                        "(none)"
+                    } else {
+                        &c.cluster
+                    },
+                    c.needed_weight,
+                    c.total_weight,
+                    c.reached_weight
+                ));
+            }
+        }
         if plan.short() {
             op.say(&format!(
                 "only {} can be reached: not enough hosts answer",
@@ -803,6 +986,7 @@ impl Rollout<'_> {
             message: o.message.clone(),
             command: self.command.clone(),
             change,
+            measurements: std::mem::take(&mut *self.measured.lock().expect("not poisoned")),
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

@@ -18,6 +18,8 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, Default)]
 pub struct Gates {
+    /// PromQL gates (`fleet::prom`).
+    pub prometheus: Vec<super::prom::PromGate>,
     /// (URL template with `{host}` (the host's name) or `{addr}` (its
     /// agent's host:port), expected HTTP status)
     pub probes: Vec<(String, u16)>,
@@ -28,20 +30,55 @@ pub struct Gates {
 
 impl Gates {
     pub fn is_empty(&self) -> bool {
-        self.probes.is_empty() && self.commands.is_empty()
+        self.probes.is_empty() && self.commands.is_empty() && self.prometheus.is_empty()
+    }
+
+    /// How many gates there are.
+    pub fn len(&self) -> usize {
+        self.probes.len() + self.commands.len() + self.prometheus.len()
     }
 
     /// Runs every gate; the failures, each naming the host or command.
     /// Probes use `http` (the controller's client: it trusts the site CA
     /// and presents the controller's certificate).
+    /// `rest` is the baseline for comparison gates: the hosts not on the
+    /// version.
     pub async fn run(
         &self,
         http: &reqwest::Client,
         hosts: &[Host],
+        rest: &[Host],
         version: &VersionId,
         percent: &str,
-    ) -> Vec<String> {
+    ) -> GateResult {
         let mut failures = Vec::new();
+        let mut measurements = Vec::new();
+        if !self.prometheus.is_empty() {
+            let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+            let rest: Vec<String> = rest.iter().map(|h| h.name.clone()).collect();
+            // The controller's client: it trusts the site CA, as an
+            // internal Prometheus behind TLS would use.
+            for g in &self.prometheus {
+                match g.run(http, &names, &rest, version).await {
+                    Ok(m) => {
+                        if !m.passed {
+                            failures.push(match m.baseline {
+                                Some(b) => format!(
+                                    "{}: {} on the step's hosts, more than {} (the rest: {b}, ratio {})",
+                                    m.query,
+                                    m.value,
+                                    m.limit,
+                                    g.ratio.unwrap_or(0.0)
+                                ),
+                                None => format!("{}: {}, more than {}", m.query, m.value, m.limit),
+                            });
+                        }
+                        measurements.push(m);
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+        }
         for (template, want) in &self.probes {
             let results: Vec<Option<String>> = futures_util::stream::iter(hosts)
                 .map(|h| {
@@ -87,6 +124,17 @@ impl Gates {
                 Err(e) => failures.push(format!("check {cmd:?} did not run: {e}")),
             }
         }
-        failures
+        GateResult {
+            failures,
+            measurements,
+        }
     }
+}
+
+/// What the gates said: failures (each naming the host, URL, command or
+/// query) and what the Prometheus gates measured.
+#[derive(Clone, Debug, Default)]
+pub struct GateResult {
+    pub failures: Vec<String>,
+    pub measurements: Vec<super::prom::Measurement>,
 }

@@ -35,6 +35,9 @@ pub struct Entry {
     /// versions are in the store's records with this change ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
+    /// What the step's Prometheus gates measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measurements: Vec<super::prom::Measurement>,
 }
 
 pub fn path(dir: &Path) -> PathBuf {

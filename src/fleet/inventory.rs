@@ -191,12 +191,17 @@ mod tests {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Member {
     pub host: Host,
-    /// Share of traffic relative to the others (the load balancer's weight).
+    /// Share of traffic relative to the others: from the pools, its weight
+    /// when pooled and 0 otherwise; from an inventory, its weight; from a
+    /// group file, 1.
     pub weight: u64,
     pub dc: String,
     pub cluster: String,
     /// In a canary group: chosen first.
     pub canary: bool,
+    /// Its state in the load balancer's pools (`None`: the fleet does not
+    /// come from pools, or the host is in none).
+    pub pooled: Option<super::pools::Pooled>,
 }
 
 /// `inventory.toml`: hosts with weights and labels.
@@ -289,6 +294,7 @@ pub fn fleet(
                 dc: h.dc.clone(),
                 cluster: h.cluster.clone(),
                 canary: h.canary,
+                pooled: None,
             });
         }
     }
@@ -301,6 +307,7 @@ pub fn fleet(
                     dc: String::new(),
                     cluster: String::new(),
                     canary: false,
+                    pooled: None,
                 });
             }
         }
@@ -315,6 +322,7 @@ pub fn fleet(
                     dc: String::new(),
                     cluster: String::new(),
                     canary: true,
+                    pooled: None,
                 }),
             }
         }
@@ -323,4 +331,60 @@ pub fn fleet(
         return Err(InventoryError::NoHosts);
     }
     Ok(members)
+}
+
+/// The fleet from the load balancer's pools (conftool in etcd), joined by
+/// host name with the static sources, which may give a host's agent
+/// address and mark it canary. Returns the members and what a person should
+/// know: agents in no pool (they take no traffic, and get the version at
+/// 100%).
+pub async fn fleet_from_pools(
+    pools: &super::pools::Pools,
+    statics: &[Member],
+) -> Result<(Vec<Member>, Vec<String>), super::pools::PoolError> {
+    let entries = pools.read().await?;
+    let port = pools.config().agent_port.unwrap_or(DEFAULT_AGENT_PORT);
+    let mut notes = Vec::new();
+    let mut members: Vec<Member> = entries
+        .iter()
+        .map(|e| {
+            let known = statics.iter().find(|m| m.host.name == e.host);
+            Member {
+                host: match known {
+                    Some(m) => m.host.clone(),
+                    None => Host {
+                        name: e.host.clone(),
+                        port,
+                        addr: None,
+                    },
+                },
+                weight: e.traffic(),
+                dc: e.dc.clone(),
+                cluster: e.cluster.clone(),
+                canary: known.is_some_and(|m| m.canary),
+                pooled: Some(e.pooled),
+            }
+        })
+        .collect();
+    for m in statics {
+        if !entries.iter().any(|e| e.host == m.host.name) {
+            notes.push(format!(
+                "{}: its agent is in no pool: it takes no traffic, and gets a version only when a rollout reaches 100%",
+                m.host
+            ));
+            members.push(Member {
+                weight: 0,
+                pooled: None,
+                ..m.clone()
+            });
+        }
+    }
+    if members.is_empty() {
+        return Err(super::pools::PoolError::Bad {
+            url: pools.config().etcd.join(", "),
+            key: pools.config().prefix.clone(),
+            why: "no host in the pools".into(),
+        });
+    }
+    Ok((members, notes))
 }

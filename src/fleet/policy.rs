@@ -70,6 +70,9 @@ impl Policy {
             if let Some(cmd) = &g.command {
                 gates.commands.push(cmd.clone());
             }
+            if let Some(p) = g.prom() {
+                gates.prometheus.push(p);
+            }
         }
         Ok(Policy {
             stages,
@@ -81,6 +84,29 @@ impl Policy {
             configured: p.stages.is_some(),
         })
     }
+}
+
+/// The restart policy from scap.toml's `[restarts]` (errors name the key).
+pub fn restart_policy(cfg: &ConfigFile) -> Result<super::restart::RestartPolicy, String> {
+    let mut p = super::restart::RestartPolicy::default();
+    let Some(r) = &cfg.restarts else {
+        return Ok(p);
+    };
+    if let Some(b) = &r.batch {
+        p.batch = Percent::parse(b).map_err(|e| format!("scap.toml [restarts] batch: {e}"))?;
+        if p.batch.0 == 0 {
+            return Err("scap.toml [restarts] batch: give more than 0%".into());
+        }
+    }
+    if let Some(d) = &r.drain {
+        p.drain = crate::time::parse_duration(d)
+            .map_err(|e| format!("scap.toml [restarts] drain: {e}"))?;
+    }
+    if let Some(m) = &r.min_pooled {
+        p.min_pooled =
+            Percent::parse(m).map_err(|e| format!("scap.toml [restarts] min_pooled: {e}"))?;
+    }
+    Ok(p)
 }
 
 /// Parses `--stages 10,20,50,100` (or `canary,100%`).

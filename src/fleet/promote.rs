@@ -142,6 +142,7 @@ impl Promote<'_> {
             message: message.clone(),
             command: self.command.clone(),
             change: None,
+            measurements: vec![],
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

@@ -37,19 +37,21 @@ pub enum RolloutState {
 }
 
 /// The settings a resumed rollout keeps.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub sources: Vec<String>,
     /// (URL template, status)
     pub probes: Vec<(String, u16)>,
     pub commands: Vec<String>,
+    #[serde(default)]
+    pub prometheus: Vec<super::prom::PromGate>,
     pub wait_seconds: u64,
     pub max_failures: String,
     pub concurrency: usize,
     pub force: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutRecord {
     pub format: u32,
     /// Unique per rollout: `<unix seconds>-<version short>`.

@@ -213,6 +213,7 @@ impl Rollback<'_> {
             message: message.to_string(),
             command: self.command.clone(),
             change: None,
+            measurements: vec![],
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

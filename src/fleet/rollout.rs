@@ -245,6 +245,17 @@ pub struct TopUp {
     pub unreachable: Vec<usize>,
     /// Weight on the version once `add` succeeds.
     pub reached_weight: u64,
+    /// The same, per cluster (a share is taken of each cluster's traffic).
+    pub clusters: Vec<ClusterShare>,
+}
+
+/// A cluster's part of a step.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ClusterShare {
+    pub cluster: String,
+    pub total_weight: u64,
+    pub needed_weight: u64,
+    pub reached_weight: u64,
 }
 
 impl TopUp {
@@ -255,13 +266,20 @@ impl TopUp {
     /// True when not enough reachable hosts are left to reach the target.
     pub fn short(&self) -> bool {
         self.reached_weight < self.needed_weight
+            || self
+                .clusters
+                .iter()
+                .any(|c| c.reached_weight < c.needed_weight)
     }
 }
 
 /// Plans a step of `goal` to `stage`: the canary group, or a share of the
-/// traffic. Never lowers the share: hosts already there stay, whatever
-/// the stage. A host not reachable, or (for a change) on no live train,
-/// is never picked.
+/// traffic **of each cluster** (appserver, api_appserver, ...: the canary
+/// sees every kind of traffic). Never lowers the share: hosts already there
+/// stay, whatever the stage. A host not reachable, or (for a change) on no
+/// live train, is never picked; a host that takes no traffic (depooled,
+/// inactive, in no pool) is never picked to reach a share below 100%, and
+/// gets the version when a step reaches 100%.
 pub fn top_up(readings: &[Reading], goal: &Goal, stage: Stage) -> TopUp {
     let members: Vec<Member> = readings.iter().map(|r| r.member.clone()).collect();
     let total_weight: u64 = members.iter().map(|m| m.weight).sum();
@@ -273,37 +291,87 @@ pub fn top_up(readings: &[Reading], goal: &Goal, stage: Stage) -> TopUp {
     let unreachable: Vec<usize> = (0..readings.len())
         .filter(|&i| readings[i].view.is_err())
         .collect();
-    let mut reached_weight: u64 = already.iter().map(|&i| members[i].weight).sum();
+    let order = selection_order(&members, &goal.key());
     let mut add = Vec::new();
-    let needed_weight = match stage {
-        Stage::Share(p) => {
-            let needed = p.of(total_weight);
-            for i in selection_order(&members, &goal.key()) {
-                if reached_weight >= needed {
-                    break;
-                }
+    let mut names: Vec<&str> = members.iter().map(|m| m.cluster.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let mut clusters: Vec<ClusterShare> = names
+        .iter()
+        .map(|c| {
+            let in_c = |i: &usize| members[*i].cluster == *c;
+            ClusterShare {
+                cluster: c.to_string(),
+                total_weight: (0..members.len())
+                    .filter(in_c)
+                    .map(|i| members[i].weight)
+                    .sum(),
+                needed_weight: 0,
+                reached_weight: already
+                    .iter()
+                    .filter(|i| in_c(i))
+                    .map(|&i| members[i].weight)
+                    .sum(),
+            }
+        })
+        .collect();
+    let cluster_of = |i: usize| {
+        names
+            .iter()
+            .position(|c| *c == members[i].cluster)
+            .expect("every cluster is listed")
+    };
+    match stage {
+        Stage::Share(p) if p == Percent::ALL => {
+            for &i in &order {
                 if eligible(i) {
                     add.push(i);
-                    reached_weight += members[i].weight;
+                    clusters[cluster_of(i)].reached_weight += members[i].weight;
                 }
             }
-            needed
+            for c in &mut clusters {
+                c.needed_weight = c.total_weight;
+            }
+        }
+        Stage::Share(p) => {
+            for c in &mut clusters {
+                c.needed_weight = p.of(c.total_weight);
+            }
+            for &i in &order {
+                let c = &mut clusters[cluster_of(i)];
+                if c.reached_weight >= c.needed_weight {
+                    continue;
+                }
+                if eligible(i) && members[i].weight > 0 {
+                    add.push(i);
+                    c.reached_weight += members[i].weight;
+                }
+            }
         }
         Stage::Canary => {
-            for i in selection_order(&members, &goal.key()) {
+            for &i in &order {
                 if members[i].canary && eligible(i) {
                     add.push(i);
-                    reached_weight += members[i].weight;
+                    clusters[cluster_of(i)].reached_weight += members[i].weight;
                 }
             }
             // The canary group plus what was already there.
-            let canary: u64 = (0..members.len())
-                .filter(|&i| members[i].canary && !on(i))
-                .map(|i| members[i].weight)
-                .sum();
-            already.iter().map(|&i| members[i].weight).sum::<u64>() + canary
+            for (n, c) in clusters.iter_mut().enumerate() {
+                let canary: u64 = (0..members.len())
+                    .filter(|&i| cluster_of(i) == n && members[i].canary && !on(i))
+                    .map(|i| members[i].weight)
+                    .sum();
+                let there: u64 = already
+                    .iter()
+                    .filter(|&&i| cluster_of(i) == n)
+                    .map(|&i| members[i].weight)
+                    .sum();
+                c.needed_weight = there + canary;
+            }
         }
-    };
+    }
+    let needed_weight = clusters.iter().map(|c| c.needed_weight).sum();
+    let reached_weight = clusters.iter().map(|c| c.reached_weight).sum();
     TopUp {
         target: stage,
         total_weight,
@@ -312,6 +380,7 @@ pub fn top_up(readings: &[Reading], goal: &Goal, stage: Stage) -> TopUp {
         add,
         unreachable,
         reached_weight,
+        clusters,
     }
 }
 
@@ -386,6 +455,7 @@ mod tests {
             dc: dc.into(),
             cluster: String::new(),
             canary,
+            pooled: None,
         }
     }
 

@@ -78,12 +78,47 @@ pub fn fleet_status(
             }
         }
     }
+    // Shares per cluster: a canary share is taken of each cluster's traffic.
+    let mut cluster_total: std::collections::BTreeMap<&str, u64> = Default::default();
+    for m in members {
+        *cluster_total.entry(m.cluster.as_str()).or_default() += m.weight;
+    }
+    let per_cluster = |v: &VersionId| -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (c, t) in &cluster_total {
+            let w: u64 = readings
+                .iter()
+                .filter(|r| r.member.cluster == *c && r.on(v))
+                .map(|r| r.member.weight)
+                .sum();
+            out.insert(c.to_string(), share(w, *t).into());
+        }
+        out.into()
+    };
     let mut vs: Vec<serde_json::Value> = versions
         .into_values()
         .map(|(v, w, hosts)| {
             serde_json::json!({
                 "version": v, "label": label_of(labels, &v), "weight": w, "share": share(w, total),
                 "hosts": hosts, "stable": stables.contains(&v.to_hex()),
+                "clusters": per_cluster(&v),
+            })
+        })
+        .collect();
+    let clusters: Vec<serde_json::Value> = cluster_total
+        .iter()
+        .map(|(c, t)| {
+            let of = |want: Option<super::pools::Pooled>| {
+                members
+                    .iter()
+                    .filter(|m| m.cluster == *c && m.pooled == want)
+                    .count()
+            };
+            serde_json::json!({
+                "cluster": c, "weight": t,
+                "pooled": of(Some(super::pools::Pooled::Yes)),
+                "depooled": of(Some(super::pools::Pooled::No)),
+                "inactive": of(Some(super::pools::Pooled::Inactive)),
             })
         })
         .collect();
@@ -105,6 +140,7 @@ pub fn fleet_status(
                 "reading_age_seconds": ages.get(i).copied().flatten(),
                 "host": r.member.host.to_string(), "weight": r.member.weight, "dc": r.member.dc,
                 "cluster": r.member.cluster, "canary": r.member.canary,
+                "pooled": r.member.pooled,
             });
             let target = desired.get(&r.name());
             h["target"] = serde_json::to_value(target.map(|t| t.version)).unwrap_or_default();
@@ -143,6 +179,7 @@ pub fn fleet_status(
         "time": unix_now(),
         "total_weight": total,
         "versions": vs,
+        "clusters": clusters,
         "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
         "hosts": hosts,
         "lock": lock::holder(fleet_dir).ok().flatten(),

@@ -10,6 +10,7 @@
 //! | POST   | /v1/rollback  | a deployer | switch back; pre-empts whatever runs |
 //! | POST   | /v1/promote   | a deployer | record the live version as stable |
 //! | POST   | /v1/cancel    | a deployer | stop whatever runs; the host stays as it was |
+//! | POST   | /v1/restart   | a deployer | run the restart command (the live code runs) |
 //! | POST   | /v1/pull      | a client certificate from the site CA | converge to the deploy host's desired state now |
 //!
 //! A deployer is a client whose certificate (signed by the site CA) is
@@ -45,7 +46,8 @@ use subtle::ConstantTimeEq;
 
 use super::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
-    PromoteRequest, PullOutcome, PullRequest, RollbackRequest, StateResponse, SyncRequest,
+    PromoteRequest, PullOutcome, PullRequest, RestartRequest, RollbackRequest, StateResponse,
+    SyncRequest,
 };
 use super::{Agent, AgentError};
 use crate::cancel::Cancel;
@@ -109,6 +111,7 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
         .route("/v1/promote", post(promote))
         .route("/v1/cancel", post(cancel))
         .route("/v1/pull", post(pull))
+        .route("/v1/restart", post(restart))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(st.clone());
@@ -478,6 +481,34 @@ async fn rollback(
         what,
         move |agent, rt, cancel| agent.rollback(&req, rt, cancel),
         |o| !o.noop,
+    )
+    .await
+}
+
+async fn restart(
+    State(st): State<Arc<AgentState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<RestartRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
+        return r;
+    }
+    let req = match st.body("restart", body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let guard = match st.enter().await {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let by = crate::text::clip(&req.by, 64);
+    run_op(
+        st,
+        guard,
+        format!("a restart by {by}"),
+        move |agent, _, cancel| agent.restart(&by, cancel),
+        |_| false,
     )
     .await
 }

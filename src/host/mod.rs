@@ -99,6 +99,10 @@ pub struct AgentConfig {
     pub links: Vec<(String, PathBuf)>,
     pub pre_switch: Option<String>,
     pub post_switch: Option<String>,
+    /// What makes the live release's code run (php-fpm reload, opcache
+    /// reset): run on the controller's `POST /v1/restart`, between a depool
+    /// and a repool.
+    pub restart: Option<String>,
     pub slots: usize,
     /// How long a hook may run before it is killed.
     pub hook_timeout: Duration,
@@ -622,6 +626,61 @@ impl Agent {
         st.record(Event::new(Action::Promote, Some(*v), None, by));
         st.save(&self.state_path())?;
         Ok(st.clone())
+    }
+
+    /// Runs the restart command (`POST /v1/restart`): the new code runs
+    /// once it succeeds. Its failure is the caller's to report; the host
+    /// stays on its version either way.
+    pub fn restart(&self, by: &str, cancel: &Cancel) -> Result<proto::RestartOutcome, AgentError> {
+        let started = Instant::now();
+        let Some(cmd) = &self.cfg.restart else {
+            return Err(AgentError::Refused(format!(
+                "host {}: no restart command configured: start the agent with --restart-command 'CMD'",
+                self.cfg.host
+            )));
+        };
+        let st = self.state();
+        let cur = st.current.as_ref().map(|d| d.version);
+        let dir = release::live_slot(&self.cfg.dir)
+            .map(|s| self.releases.path(&s))
+            .unwrap_or_default();
+        let env = match &cur {
+            Some(v) => self.hook_env(v, st.previous.as_ref().map(|d| &d.version), &dir),
+            None => vec![("SCAP_HOST", self.cfg.host.clone())],
+        };
+        let result = hooks::run(cmd, &env, self.cfg.hook_timeout, cancel);
+        let seconds = started.elapsed().as_secs_f64();
+        let mut e = Event::new(Action::Restart, cur, None, by);
+        e.seconds = seconds;
+        let outcome = match result {
+            Ok(()) => proto::RestartOutcome {
+                host: self.cfg.host.clone(),
+                ok: true,
+                status: "exit status 0".into(),
+                output: String::new(),
+                seconds,
+            },
+            Err(f) => {
+                e.ok = false;
+                e.error = Some(crate::text::clip(
+                    &format!("{}: {}", f.status, f.output),
+                    500,
+                ));
+                proto::RestartOutcome {
+                    host: self.cfg.host.clone(),
+                    ok: false,
+                    status: f.status,
+                    output: crate::text::clip(&f.output, 2000),
+                    seconds,
+                }
+            }
+        };
+        let mut st = self.state.lock().expect("not poisoned");
+        st.record(e);
+        if let Err(e) = st.save(&self.state_path()) {
+            tracing::warn!("cannot record the restart in the state file: {e}");
+        }
+        Ok(outcome)
     }
 
     /// Records that an operation was cancelled, and by whom.

@@ -131,6 +131,26 @@ pub struct DesiredResponse {
 /// Longest desired-state answer an agent reads.
 pub const MAX_DESIRED_BYTES: usize = 16 << 10;
 
+/// `POST /v1/restart`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestartRequest {
+    #[serde(default = "unknown")]
+    pub by: String,
+}
+
+/// The answer to a restart: the command's result (a failed command is a
+/// 200 with `ok: false`, so the controller can tell it from a host that
+/// did not answer).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestartOutcome {
+    pub host: String,
+    pub ok: bool,
+    pub status: String,
+    /// The end of its output (clipped).
+    pub output: String,
+    pub seconds: f64,
+}
+
 /// `POST /v1/pull`: converge to the deploy host's desired state now.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PullRequest {

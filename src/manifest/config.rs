@@ -66,6 +66,11 @@ pub struct ConfigFile {
     /// Health gates run after each step (flags add to them).
     #[serde(default, rename = "gate")]
     pub gates: Vec<GateConfig>,
+    /// The load balancer's pools in etcd (conftool): the fleet and its
+    /// traffic shares.
+    pub pools: Option<crate::fleet::pools::PoolsConfig>,
+    /// Restarts after a step, with pools: batch, drain, floor.
+    pub restarts: Option<RestartsConfig>,
     /// Bearer token file for agents, with `--insecure-http` only.
     pub token_file: Option<PathBuf>,
     /// Certificates for TLS (the default transport).
@@ -95,7 +100,7 @@ pub struct PolicyConfig {
     pub concurrency: Option<usize>,
 }
 
-/// `[[gate]]` in scap.toml: an HTTP probe or a command.
+/// `[[gate]]` in scap.toml: an HTTP probe, a command, or a PromQL query.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateConfig {
@@ -105,6 +110,37 @@ pub struct GateConfig {
     pub status: Option<u16>,
     /// A command; gets SCAP_VERSION, SCAP_HOSTS, SCAP_PERCENT.
     pub command: Option<String>,
+    /// Prometheus' URL, with `query` and `max` or `ratio` (and `floor`).
+    pub prometheus: Option<String>,
+    pub query: Option<String>,
+    pub max: Option<f64>,
+    pub ratio: Option<f64>,
+    pub floor: Option<f64>,
+}
+
+impl GateConfig {
+    /// The Prometheus gate this table describes, if it is one.
+    pub fn prom(&self) -> Option<crate::fleet::prom::PromGate> {
+        Some(crate::fleet::prom::PromGate {
+            url: self.prometheus.clone()?,
+            query: self.query.clone().unwrap_or_default(),
+            max: self.max,
+            ratio: self.ratio,
+            floor: self.floor,
+        })
+    }
+}
+
+/// `[restarts]` in scap.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartsConfig {
+    /// A batch: this share of each cluster's pooled weight ("10%").
+    pub batch: Option<String>,
+    /// Wait after a depool ("5s").
+    pub drain: Option<String>,
+    /// Never leave less than this share of a cluster pooled ("75%").
+    pub min_pooled: Option<String>,
 }
 
 /// `[tls]` in scap.toml: this process's certificate and the CA it trusts.
@@ -165,20 +201,28 @@ impl ConfigFile {
             fix(p);
         }
         for (i, g) in cfg.gates.iter().enumerate() {
-            if g.url.is_some() == g.command.is_some() {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    why: format!(
-                        "[[gate]] number {}: give either url (with an optional status) or command",
-                        i + 1
-                    ),
-                });
+            let invalid = |why: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                why: format!("[[gate]] number {}: {why}", i + 1),
+            };
+            let kinds = [g.url.is_some(), g.command.is_some(), g.prometheus.is_some()];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                return Err(invalid(
+                    "give one of url (with an optional status), command, or prometheus (with query and max or ratio)".into(),
+                ));
             }
             if g.status.is_some() && g.url.is_none() {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    why: format!("[[gate]] number {}: status goes with url", i + 1),
-                });
+                return Err(invalid("status goes with url".into()));
+            }
+            if g.prometheus.is_none()
+                && (g.query.is_some() || g.max.is_some() || g.ratio.is_some() || g.floor.is_some())
+            {
+                return Err(invalid(
+                    "query, max, ratio and floor go with prometheus".into(),
+                ));
+            }
+            if let Some(p) = g.prom() {
+                p.check().map_err(invalid)?;
             }
         }
         Ok(cfg)

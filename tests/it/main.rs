@@ -19,6 +19,9 @@
 //! - `fuzz_corpora`: the fuzz targets' corpora, replayed.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
+//! - `production`: the load balancer's pools in a real etcd (per-cluster
+//!   shares, depooled hosts), batched restarts watched on etcd, gates that
+//!   read a real Prometheus.
 //! - `trains`: two trains at once: changes on every live train, the fleet
 //!   policy, desired state and hosts that converge, `--resume`, gc that
 //!   knows the fleet.
@@ -34,6 +37,7 @@ mod fuzz_corpora;
 mod inspect;
 mod integrity;
 mod manifest;
+mod production;
 mod support;
 mod trains;
 mod transport;
