@@ -288,6 +288,9 @@ pub struct RolloutArgs {
     /// With pools: no restarts (the agents' post-switch hooks do it, or nothing)
     #[arg(long)]
     no_restart: bool,
+    /// Do not stage the version on every host when a rollout of several stages starts
+    #[arg(long)]
+    no_stage: bool,
     /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
     #[arg(long, value_name = "CMD")]
     announce: Option<String>,
@@ -647,6 +650,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         agents: &agents,
         members,
         sources: plan.sources,
+        caches: ctx.config.caches.clone(),
         signatures,
         concurrency: plan.concurrency,
         dry_run: a.rollout.dry_run,
@@ -758,6 +762,9 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
         pools: fleet_args.pool_fleet(ctx)?,
         restarts: plan_restarts,
         measured: std::sync::Mutex::new(Vec::new()),
+        caches: ctx.config.caches.clone(),
+        stage_ahead: !r.no_stage,
+        served: Default::default(),
     };
     let mut op = CliOperator {
         yes: r.yes,
@@ -1156,6 +1163,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         } else {
             a.sources.clone()
         },
+        caches: ctx.config.caches.clone(),
         lineage: lineage(ctx),
         by: crate::sys::user(),
         command: command_line(),
@@ -1352,6 +1360,22 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
             )?;
         }
     }
+    if let Some(staged) = st["staged"].as_object().filter(|m| !m.is_empty()) {
+        for (v, n) in staged {
+            let short = v.get(..12).unwrap_or(v);
+            writeln!(out, "  staged (prepared, not live): {short} on {n} host(s)")?;
+        }
+    }
+    if let Some(src) = st["sources_last_rollout"]
+        .as_object()
+        .filter(|m| !m.is_empty())
+    {
+        let parts: Vec<String> = src
+            .iter()
+            .map(|(s, n)| format!("{s} {}", crate::time::fmt_bytes(n.as_u64().unwrap_or(0))))
+            .collect();
+        writeln!(out, "  served in the last rollout: {}", parts.join(", "))?;
+    }
     let behind = st["behind"].as_array().cloned().unwrap_or_default();
     if !behind.is_empty() {
         writeln!(
@@ -1475,6 +1499,103 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
         )?;
     }
     Ok(exit::OK)
+}
+
+#[derive(Args, Debug)]
+pub struct StageArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// The version to stage: label, ID, or ID prefix (with changes made since, unless --exact)
+    #[arg(long)]
+    version: String,
+    #[arg(long, requires = "version")]
+    exact: bool,
+    /// The deploy host(s) [default: scap.toml's sources]; caches come from scap.toml's [caches]
+    #[arg(long = "source", value_name = "URL")]
+    sources: Vec<String>,
+    /// Hosts staging at once
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// `scap stage --version V`: every host that lacks V fetches it and
+/// prepares its release, without switching; a rollout of V is then only
+/// switches (and a rollback to what hosts ran, too).
+pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
+    let version = forward(ctx, resolve_version(ctx, &a.version)?, a.exact);
+    let members = a.fleet.members(ctx)?;
+    let sources = if a.sources.is_empty() {
+        ctx.config.sources.clone()
+    } else {
+        a.sources.clone()
+    };
+    if sources.is_empty() && ctx.config.caches.is_empty() {
+        bail!(
+            "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
+        );
+    }
+    let agents = a.fleet.agents(ctx)?;
+    let signature = Store::open(&ctx.store_path)
+        .ok()
+        .and_then(|s| s.signature(&version).ok().flatten());
+    let rt = runtime()?;
+    let interrupted = on_interrupt(&rt);
+    let readings = rt.block_on(poll(&agents, &members, 64));
+    let todo: Vec<(Host, String)> = readings
+        .iter()
+        .filter(|r| r.view.is_ok() && r.current() != Some(version))
+        .map(|r| (r.member.host.clone(), r.member.dc.clone()))
+        .collect();
+    for r in readings.iter().filter(|r| r.view.is_err()) {
+        if let Err(e) = &r.view {
+            eprintln!("{} {e}", clock());
+        }
+    }
+    let hosts: Vec<Host> = todo.iter().map(|(h, _)| h.clone()).collect();
+    let mut op = CliOperator::batch();
+    op.step_started("stage", hosts.len());
+    let results = rt.block_on(crate::fleet::deploy::drive(
+        &mut op,
+        &hosts,
+        a.concurrency.max(1),
+        Some(&interrupted),
+        |h| {
+            let dc = todo
+                .iter()
+                .find(|(x, _)| x == h)
+                .map_or("", |(_, d)| d.as_str());
+            let req = crate::host::proto::SyncRequest {
+                version,
+                sources: crate::fleet::deploy::sources_for(&ctx.config.caches, &sources, dc),
+                by: crate::sys::user(),
+                fetch_timeout_seconds: None,
+                signature: signature.clone(),
+            };
+            let agents = &agents;
+            Box::pin(async move { agents.stage(h, &req).await })
+        },
+    ));
+    op.step_done("stage", 0, 0);
+    let failed = results.iter().filter(|r| !r.ok()).count();
+    if a.json {
+        print_json(&results)?;
+    } else {
+        report(&results)?;
+        println!(
+            "{} staged on {} host(s){}",
+            label_of(ctx, &version),
+            results.len() - failed,
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(exit::from(failed == 0))
 }
 
 #[derive(Args, Debug)]

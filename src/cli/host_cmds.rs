@@ -81,6 +81,13 @@ pub struct ServeArgs {
     /// Seconds between two polls of every agent for the dashboard
     #[arg(long, default_value_t = 5)]
     poll_interval: u64,
+    /// Cap on everything served, bytes per second: 100M, 1G (a train must not
+    /// saturate the deploy host's link)
+    #[arg(long, value_name = "RATE", value_parser = crate::net::ratelimit::parse_rate)]
+    max_rate: Option<u64>,
+    /// Append one line per request here: time, peer, method, path, status, length
+    #[arg(long, value_name = "FILE")]
+    access_log: Option<PathBuf>,
 }
 
 /// A listener for `transport`: TLS with its certificates, or plain.
@@ -108,7 +115,16 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             Transport::Tls(_) => server::Access::ClientCert,
             Transport::Insecure { .. } => server::Access::Open,
         };
-        let (app, state) = server::router(store, a.concurrency, access);
+        let (app, state) = server::router_with(
+            store,
+            access,
+            server::ServeOptions {
+                concurrency: a.concurrency,
+                max_rate: a.max_rate,
+                access_log: a.access_log.clone(),
+            },
+        )
+        .with_context(|| format!("--access-log {:?}", a.access_log))?;
         let members = if a.hosts.is_empty() && a.inventory.is_none() {
             Vec::new()
         } else {
@@ -197,6 +213,15 @@ pub struct AgentArgs {
     /// start and on `scap pull`, so a reimaged or long-down host catches up by itself
     #[arg(long = "source", value_name = "URL")]
     sources: Vec<String>,
+    /// Cap on everything this host fetches, bytes per second: 100M, 20MiB
+    #[arg(long, value_name = "RATE", value_parser = crate::net::ratelimit::parse_rate)]
+    max_fetch_rate: Option<u64>,
+    /// Requests in flight to one source at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    fetch_parallel: u16,
+    /// Fetch objects only, never delta packs
+    #[arg(long)]
+    no_packs: bool,
 }
 
 /// Raises the soft limit on open files to the hard one (systemd's default
@@ -270,6 +295,9 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         trust,
         allow_unsigned: a.insecure_allow_unsigned,
         sources: a.sources.clone(),
+        max_fetch_rate: a.max_fetch_rate,
+        fetch_parallel: usize::from(a.fetch_parallel),
+        packs: !a.no_packs,
     })
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
     if let Some(w) = transport.warning(&format!("scap agent {host}")) {

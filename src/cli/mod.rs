@@ -101,6 +101,8 @@ pub enum Command {
     Lock(fleet_cmds::LockArgs),
     /// On a host: ask the deploy host what this host should run, and go there
     Pull(fleet_cmds::PullArgs),
+    /// Fetch and prepare a version on every host, without switching
+    Stage(fleet_cmds::StageArgs),
     /// Make a deploy key (ed25519) that signs versions
     Keygen(keys::KeygenArgs),
     /// Sign existing versions with the deploy key
@@ -184,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::History(a) => fleet_cmds::history_cmd(&ctx, a),
         Command::Lock(a) => fleet_cmds::lock_cmd(&ctx, a),
         Command::Pull(a) => fleet_cmds::pull(&ctx, a),
+        Command::Stage(a) => fleet_cmds::stage(&ctx, a),
         Command::Keygen(a) => keys::keygen(a),
         Command::Sign(a) => keys::sign(&ctx, a),
         Command::Pki(a) => keys::pki(a),

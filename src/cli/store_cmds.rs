@@ -718,6 +718,18 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
     let also: Vec<VersionId> = fleet.versions.iter().copied().collect();
     let report =
         store_gc::gc(&store, a.keep as usize, &also, a.dry_run).context("gc removed nothing")?;
+    // Delta packs of versions gc removed go too.
+    if !a.dry_run {
+        let n = crate::net::pack::retain(&store, &report.kept_versions).with_context(|| {
+            format!(
+                "removing old packs in {}",
+                store.root().join("packs").display()
+            )
+        })?;
+        if n > 0 {
+            eprintln!("removed {n} delta pack(s) of removed versions");
+        }
+    }
     if a.json {
         let mut j = serde_json::to_value(&report)?;
         j["fleet"] = serde_json::to_value(&fleet)?;

@@ -193,6 +193,12 @@ impl Agents {
             .await
     }
 
+    /// `POST /v1/stage`: fetch and prepare `req.version`, no switch.
+    pub async fn stage(&self, host: &Host, req: &SyncRequest) -> Result<Outcome, CallError> {
+        self.call(host, "/v1/stage", Some(req), self.op_timeout)
+            .await
+    }
+
     /// `POST /v1/restart`: runs the host's restart command.
     pub async fn restart(&self, host: &Host, by: &str) -> Result<RestartOutcome, CallError> {
         let req = RestartRequest { by: by.to_string() };

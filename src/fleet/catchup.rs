@@ -24,6 +24,7 @@ pub struct CatchUp<'a> {
     pub agents: &'a Agents,
     pub members: Vec<Member>,
     pub sources: Vec<String>,
+    pub caches: std::collections::BTreeMap<String, Vec<String>>,
     /// Signatures of the versions in the desired state, from the store.
     pub signatures: BTreeMap<VersionId, SignedVersion>,
     pub concurrency: usize,
@@ -97,6 +98,12 @@ impl CatchUp<'_> {
         op.step_started("catch-up", hosts.len());
         let results = drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
             let (_, current, target) = plan.iter().find(|(x, _, _)| x == h).expect("planned");
+            let dc = self
+                .members
+                .iter()
+                .find(|m| m.host == *h)
+                .map_or("", |m| m.dc.as_str());
+            let sources = super::deploy::sources_for(&self.caches, &self.sources, dc);
             let forward = match (self.built(current), self.built(&Some(*target))) {
                 (Some(c), Some(t)) => t >= c,
                 _ => true,
@@ -104,7 +111,7 @@ impl CatchUp<'_> {
             if forward {
                 let req = SyncRequest {
                     version: *target,
-                    sources: self.sources.clone(),
+                    sources,
                     by: self.by.clone(),
                     fetch_timeout_seconds: None,
                     signature: self.signatures.get(target).cloned(),
@@ -114,7 +121,7 @@ impl CatchUp<'_> {
                 let req = RollbackRequest {
                     to: RollbackTarget::Version(*target),
                     by: self.by.clone(),
-                    sources: self.sources.clone(),
+                    sources,
                 };
                 Box::pin(async move { self.agents.rollback(h, &req).await })
             }
@@ -154,6 +161,7 @@ impl CatchUp<'_> {
             command: self.command.clone(),
             change: None,
             measurements: vec![],
+            sources: Default::default(),
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

@@ -126,6 +126,34 @@ pub struct Rollout<'a> {
     /// What the Prometheus gates of the current step measured (for its
     /// history entry).
     pub measured: Mutex<Vec<Measurement>>,
+    /// Caches by datacenter: a host tries its own datacenter's first, then
+    /// the others', then `sources` (the deploy host).
+    pub caches: BTreeMap<String, Vec<String>>,
+    /// Stage the version on every host that lacks it when the rollout
+    /// starts (in the background): later steps are only switches.
+    pub stage_ahead: bool,
+    /// Bytes the current step's hosts (and the staging before it) received
+    /// from each source.
+    pub served: std::sync::Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+/// The sources for a host in datacenter `dc`: its own caches, the other
+/// datacenters' caches, then the deploy host(s).
+pub fn sources_for(
+    caches: &BTreeMap<String, Vec<String>>,
+    deploy: &[String],
+    dc: &str,
+) -> Vec<String> {
+    let mut out: Vec<String> = caches.get(dc).cloned().unwrap_or_default();
+    for (d, urls) in caches {
+        if d != dc {
+            out.extend(urls.iter().cloned());
+        }
+    }
+    out.extend(deploy.iter().cloned());
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|u| seen.insert(u.clone()));
+    out
 }
 
 /// The fleet from the pools, joined with the static sources (addresses,
@@ -149,6 +177,15 @@ impl PoolFleet {
             }
         }
         Ok((m, notes))
+    }
+}
+
+/// A background task that stops with its owner.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -212,6 +249,7 @@ impl Rollout<'_> {
     /// Runs the stages from `first` (0, or where a resumed rollout left).
     pub async fn run(&self, op: &mut dyn Operator, first: usize) -> Outcome {
         let mut p = Progress::default();
+        let _staging = self.stage_everywhere(op).await;
         self.update_record(|r| {
             r.state = RolloutState::Running;
             r.pid = std::process::id();
@@ -273,6 +311,71 @@ impl Rollout<'_> {
         if let Err(e) = result {
             tracing::warn!("cannot record the desired state: {e}");
         }
+    }
+
+    /// Starts staging the version on every host that answers and lacks it,
+    /// in the background (a step's sync to such a host waits for its
+    /// staging, and is then only a switch). The task ends with the rollout.
+    async fn stage_everywhere(&self, op: &mut dyn Operator) -> Option<AbortOnDrop> {
+        let Goal::One { version, .. } = &self.goal else {
+            return None;
+        };
+        if !self.stage_ahead || self.dry_run || self.stages.len() < 2 {
+            return None;
+        }
+        let readings = poll(self.agents, &self.members, 64).await;
+        let todo: Vec<(Host, String)> = readings
+            .iter()
+            .filter(|r| r.view.is_ok() && !self.goal.reached(r.current()))
+            .map(|r| (r.member.host.clone(), r.member.dc.clone()))
+            .collect();
+        if todo.is_empty() {
+            return None;
+        }
+        op.say(&format!(
+            "staging {} on {} host(s) in the background",
+            version.short(),
+            todo.len()
+        ));
+        let agents = self.agents.clone();
+        let req = SyncRequest {
+            version: *version,
+            sources: Vec::new(),
+            by: self.by.clone(),
+            fetch_timeout_seconds: None,
+            signature: self.signatures.get(version).cloned(),
+        };
+        let (caches, deploy) = (self.caches.clone(), self.sources.clone());
+        let served = self.served.clone();
+        let task = tokio::spawn(async move {
+            let hosts: Vec<Host> = todo.iter().map(|(h, _)| h.clone()).collect();
+            let count = |r: &HostResult<HostOutcome>| {
+                if let Ok(o) = &r.result {
+                    let mut s = served.lock().expect("not poisoned");
+                    for (src, n) in &o.fetched.by_source {
+                        *s.entry(src.clone()).or_default() += n;
+                    }
+                }
+            };
+            let _ = fan_out(
+                &hosts,
+                16,
+                None,
+                |h| {
+                    let dc = todo
+                        .iter()
+                        .find(|(x, _)| x == h)
+                        .map_or("", |(_, d)| d.as_str());
+                    let mut r = req.clone();
+                    r.sources = sources_for(&caches, &deploy, dc);
+                    let agents = &agents;
+                    Box::pin(async move { agents.stage(h, &r).await })
+                },
+                &count,
+            )
+            .await;
+        });
+        Some(AbortOnDrop(task))
     }
 
     fn update_record(&self, f: impl FnOnce(&mut RolloutRecord)) {
@@ -484,11 +587,16 @@ impl Rollout<'_> {
                     .expect("top_up picks only hosts with a target")
             })
             .collect();
+        let dcs: Vec<String> = plan
+            .add
+            .iter()
+            .map(|&i| readings[i].member.dc.clone())
+            .collect();
         let results = drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
             let i = hosts.iter().position(|x| x == h).expect("one of hosts");
             let req = SyncRequest {
                 version: targets[i],
-                sources: self.sources.clone(),
+                sources: sources_for(&self.caches, &self.sources, &dcs[i]),
                 by: self.by.clone(),
                 fetch_timeout_seconds: None,
                 signature: self.signatures.get(&targets[i]).cloned(),
@@ -496,6 +604,19 @@ impl Rollout<'_> {
             Box::pin(async move { self.agents.sync(h, &req).await })
         })
         .await;
+        {
+            let mut served = self.served.lock().expect("not poisoned");
+            for r in &results {
+                if let Ok(o) = &r.result {
+                    for (src, n) in &o.fetched.by_source {
+                        *served.entry(src.clone()).or_default() += n;
+                    }
+                    for why in &o.fetched.skipped {
+                        op.say(&format!("{}: skipped source {why}", r.host));
+                    }
+                }
+            }
+        }
         let mut step = Vec::new();
         for ((r, &i), target) in results.iter().zip(&plan.add).zip(&targets) {
             let m = readings[i].member.clone();
@@ -920,10 +1041,15 @@ impl Rollout<'_> {
         op.step_started("rollback", hosts.len());
         let results = drive(op, &hosts, self.concurrency.max(50), None, |h| {
             let i = hosts.iter().position(|x| x == h).expect("one of hosts");
+            let dc = self
+                .members
+                .iter()
+                .find(|m| m.host == plan[i].0)
+                .map_or("", |m| m.dc.as_str());
             let req = RollbackRequest {
                 to: RollbackTarget::Version(plan[i].1),
                 by: self.by.clone(),
-                sources: self.sources.clone(),
+                sources: sources_for(&self.caches, &self.sources, dc),
             };
             Box::pin(async move { self.agents.rollback(h, &req).await })
         })
@@ -987,6 +1113,7 @@ impl Rollout<'_> {
             command: self.command.clone(),
             change,
             measurements: std::mem::take(&mut *self.measured.lock().expect("not poisoned")),
+            sources: std::mem::take(&mut *self.served.lock().expect("not poisoned")),
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

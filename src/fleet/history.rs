@@ -38,6 +38,10 @@ pub struct Entry {
     /// What the step's Prometheus gates measured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measurements: Vec<super::prom::Measurement>,
+    /// Bytes the step's hosts received from each source (caches, the
+    /// deploy host).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sources: std::collections::BTreeMap<String, u64>,
 }
 
 pub fn path(dir: &Path) -> PathBuf {

@@ -31,6 +31,9 @@ pub struct HostView {
     pub busy: bool,
     /// A sync, rollback or pull runs there now.
     pub changing: bool,
+    /// Versions prepared in a release slot, not live (staged, or kept for
+    /// a rollback).
+    pub staged: Vec<VersionId>,
     pub last_error: Option<String>,
     /// Seconds the last sync took, and when it happened.
     pub last_sync: Option<(f64, u64)>,
@@ -50,6 +53,13 @@ impl HostView {
             since: st.current.as_ref().map(|d| d.since),
             busy: r.busy,
             changing: r.changing,
+            staged: r
+                .slots
+                .iter()
+                .filter(|s| s.meta.clean)
+                .filter_map(|s| s.meta.version)
+                .filter(|v| Some(*v) != st.current.as_ref().map(|d| d.version))
+                .collect(),
             last_error: st
                 .last_error
                 .as_ref()

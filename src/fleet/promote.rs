@@ -143,6 +143,7 @@ impl Promote<'_> {
             command: self.command.clone(),
             change: None,
             measurements: vec![],
+            sources: Default::default(),
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

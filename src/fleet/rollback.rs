@@ -42,8 +42,10 @@ pub struct Rollback<'a> {
     /// With `version`: leave at most this share of traffic on it.
     pub keep: Percent,
     pub concurrency: usize,
-    /// Where hosts fetch a version they do not hold.
+    /// Where hosts fetch a version they do not hold: the deploy host(s),
+    /// after the caches of `caches`.
     pub sources: Vec<String>,
+    pub caches: std::collections::BTreeMap<String, Vec<String>>,
     pub lineage: Lineage,
     pub by: String,
     pub command: String,
@@ -127,10 +129,15 @@ impl Rollback<'_> {
         let by_host: BTreeMap<&Host, VersionId> = plan.iter().map(|(h, _, v)| (h, *v)).collect();
         results.extend(
             drive(op, &hosts, self.concurrency, Some(self.interrupted), |h| {
+                let dc = self
+                    .members
+                    .iter()
+                    .find(|m| m.host == *h)
+                    .map_or("", |m| m.dc.as_str());
                 let req = RollbackRequest {
                     to: RollbackTarget::Version(by_host[h]),
                     by: self.by.clone(),
-                    sources: self.sources.clone(),
+                    sources: super::deploy::sources_for(&self.caches, &self.sources, dc),
                 };
                 Box::pin(async move { self.agents.rollback(h, &req).await })
             })
@@ -214,6 +221,7 @@ impl Rollback<'_> {
             command: self.command.clone(),
             change: None,
             measurements: vec![],
+            sources: Default::default(),
         };
         if let Err(e) = history::append(&self.fleet_dir, &entry) {
             tracing::warn!("cannot append to the deploy history: {e}");

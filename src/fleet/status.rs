@@ -175,7 +175,36 @@ pub fn fleet_status(
             h
         })
         .collect();
+    // Hosts with each version prepared but not live (staged).
+    let mut staged: std::collections::BTreeMap<String, u64> = Default::default();
+    for r in readings {
+        if let Ok(v) = &r.view {
+            for s in &v.staged {
+                *staged.entry(s.to_hex()).or_default() += 1;
+            }
+        }
+    }
+    // Bytes each source served in the last rollout (its steps in history).
+    let history = history::read(fleet_dir).unwrap_or_default();
+    let mut sources: std::collections::BTreeMap<String, u64> = Default::default();
+    if let Some(last) = history
+        .iter()
+        .rev()
+        .find(|e| e.action == "sync" || e.action == "change")
+    {
+        for e in history.iter().filter(|e| {
+            (e.action == "sync" || e.action == "change")
+                && e.version == last.version
+                && e.change == last.change
+        }) {
+            for (s, n) in &e.sources {
+                *sources.entry(s.clone()).or_default() += n;
+            }
+        }
+    }
     serde_json::json!({
+        "staged": staged,
+        "sources_last_rollout": sources,
         "time": unix_now(),
         "total_weight": total,
         "versions": vs,

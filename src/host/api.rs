@@ -10,6 +10,7 @@
 //! | POST   | /v1/rollback  | a deployer | switch back; pre-empts whatever runs |
 //! | POST   | /v1/promote   | a deployer | record the live version as stable |
 //! | POST   | /v1/cancel    | a deployer | stop whatever runs; the host stays as it was |
+//! | POST   | /v1/stage     | a deployer | fetch a version and prepare its release, no switch (background: a sync waits for it, a rollback stops it) |
 //! | POST   | /v1/restart   | a deployer | run the restart command (the live code runs) |
 //! | POST   | /v1/pull      | a client certificate from the site CA | converge to the deploy host's desired state now |
 //!
@@ -112,6 +113,7 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
         .route("/v1/cancel", post(cancel))
         .route("/v1/pull", post(pull))
         .route("/v1/restart", post(restart))
+        .route("/v1/stage", post(stage))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(st.clone());
@@ -274,10 +276,23 @@ async fn run_op<T: serde::Serialize + Send + 'static>(
     op: impl FnOnce(&Agent, &tokio::runtime::Handle, &Cancel) -> Result<T, AgentError> + Send + 'static,
     switched: fn(&T) -> bool,
 ) -> Response {
+    run_op_as(st, guard, what, false, op, switched).await
+}
+
+/// [`run_op`], saying whether the operation is background work (staging):
+/// a request arriving meanwhile waits for it rather than getting 409.
+async fn run_op_as<T: serde::Serialize + Send + 'static>(
+    st: Arc<AgentState>,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+    what: String,
+    background: bool,
+    op: impl FnOnce(&Agent, &tokio::runtime::Handle, &Cancel) -> Result<T, AgentError> + Send + 'static,
+    switched: fn(&T) -> bool,
+) -> Response {
     let cancel = Cancel::new();
     st.set_running(Some(Running {
         what,
-        background: false,
+        background,
         cancel: cancel.clone(),
     }));
     // The operation runs in its own task, which owns the lock: if the
@@ -481,6 +496,41 @@ async fn rollback(
         what,
         move |agent, rt, cancel| agent.rollback(&req, rt, cancel),
         |o| !o.noop,
+    )
+    .await
+}
+
+async fn stage(
+    State(st): State<Arc<AgentState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
+        return r;
+    }
+    let req = match st.body("stage", body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(why) = check_sources(&req.sources, false) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            format!("host {}: stage: {why}", st.host()),
+        );
+    }
+    let guard = match st.enter().await {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let what = format!("staging {}", req.version.short());
+    run_op_as(
+        st,
+        guard,
+        what,
+        true,
+        move |agent, rt, cancel| agent.stage(&req, rt, cancel),
+        |_| false,
     )
     .await
 }

@@ -26,6 +26,66 @@ use crate::store::{Content, ObjectId, ObjectKind, Store, StoreError, Tree, TreeI
 /// 263k-file MediaWiki tree has about 20 MB of them).
 pub const MAX_HELD_TREE_BYTES: usize = 512 << 20;
 
+/// Fetches the delta pack from `from` (what this host holds; `None` for a
+/// fresh host) to `v`, storing each object as it arrives: every chunk
+/// (verified, bounded by the largest chunk there can be), and each tree
+/// whose children are all in the store already (the pack sends children
+/// first), so the store's invariant holds at every instant. What the pack
+/// did not complete (a host whose store differs from `from`, a source
+/// without packs) is left to [`fetch_version`]. Returns whether a pack
+/// came, and the trees and chunks it stored.
+pub async fn fetch_pack(
+    client: &Client,
+    writer: &Writer<'_>,
+    from: Option<&VersionId>,
+    v: &VersionId,
+) -> Result<(bool, u64, u64), FetchError> {
+    let store: &Store = writer.store();
+    if store.has(&v.object()) {
+        return Ok((false, 0, 0));
+    }
+    let trees = std::sync::atomic::AtomicU64::new(0);
+    let chunks = std::sync::atomic::AtomicU64::new(0);
+    let sink = |id: ObjectId, kind: ObjectKind, file: &[u8]| -> Result<(), StoreError> {
+        match kind {
+            ObjectKind::Chunk => {
+                if !store.has(&id) {
+                    writer.put_verified(id, kind, file, u64::from(crate::store::chunk::CDC_MAX))?;
+                    chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            ObjectKind::Tree => {
+                if store.has(&id) {
+                    return Ok(());
+                }
+                let data = crate::store::object::decode_within(id, kind, file, MAX_TREE_LEN)
+                    .map_err(|source| StoreError::Object {
+                        path: store.object_path(&id),
+                        source,
+                    })?;
+                let tree = Tree::decode(&data).map_err(|source| StoreError::BadTree {
+                    id: TreeId::new(id),
+                    source,
+                })?;
+                let complete = tree.entries().iter().all(|e| match &e.content {
+                    Content::Dir { tree, .. } => store.has(&tree.object()),
+                    Content::File { chunks, .. } => {
+                        chunks.iter().all(|c| store.has(&c.id.object()))
+                    }
+                    Content::Symlink { .. } => true,
+                });
+                if complete {
+                    writer.put_verified(id, kind, file, MAX_TREE_LEN)?;
+                    trees.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    };
+    let came = client.pack(from, v, &sink).await?;
+    Ok((came, trees.into_inner(), chunks.into_inner()))
+}
+
 pub async fn fetch_version(
     client: &Client,
     writer: &Writer<'_>,

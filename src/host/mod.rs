@@ -116,6 +116,12 @@ pub struct AgentConfig {
     /// at start and on `scap pull`; objects are fetched from them too. None:
     /// the host changes only when a controller tells it to.
     pub sources: Vec<String>,
+    /// Bytes per second for everything this host fetches (`--max-fetch-rate`).
+    pub max_fetch_rate: Option<u64>,
+    /// Requests in flight to the sources at once.
+    pub fetch_parallel: usize,
+    /// Ask for delta packs first (cacheable); off: objects only.
+    pub packs: bool,
 }
 
 impl AgentConfig {
@@ -193,6 +199,10 @@ pub struct Agent {
     last_drift: Mutex<Option<DriftSummary>>,
     /// The slot that was live before the last switch.
     previous_slot: Mutex<Option<String>>,
+    fetch_limit: Option<std::sync::Arc<crate::net::ratelimit::RateLimit>>,
+    /// The version last staged (`POST /v1/stage`): the work after a switch
+    /// leaves its slot alone.
+    staged: Mutex<Option<VersionId>>,
 }
 
 impl Agent {
@@ -208,6 +218,9 @@ impl Agent {
         let state = HostState::load(&state_path)?.unwrap_or_else(|| HostState::new(&cfg.host));
         let fetch_http = crate::net::client::http_client(&cfg.transport)
             .map_err(|e| AgentError::Setup("TLS".into(), e.to_string()))?;
+        let cfg_limit = cfg
+            .max_fetch_rate
+            .map(|r| std::sync::Arc::new(crate::net::ratelimit::RateLimit::new(r)));
         let agent = Agent {
             cfg,
             store,
@@ -217,6 +230,8 @@ impl Agent {
             counters: AgentCounters::default(),
             last_drift: Mutex::new(None),
             previous_slot: Mutex::new(None),
+            fetch_limit: cfg_limit,
+            staged: Mutex::new(None),
         };
         agent.reconcile()?;
         agent.make_links()?;
@@ -350,7 +365,8 @@ impl Agent {
         may_go_back: bool,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
-        let client = Client::new(self.fetch_http.clone(), &req.sources);
+        let client = Client::new(self.fetch_http.clone(), &req.sources)
+            .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel);
         // Before fetching anything: nothing is fetched for a version this
         // host must refuse.
         let (signed_time, doc) = self.check_signature(
@@ -370,7 +386,7 @@ impl Agent {
             tokio::select! {
                 r = tokio::time::timeout(
                     Duration::from_secs(seconds),
-                    fetch::fetch_version(&client, &writer, &req.version),
+                    self.fetch(&client, &writer, &req.version),
                 ) => match r {
                     Ok(r) => r.map_err(|source| match source {
                         FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
@@ -407,6 +423,43 @@ impl Agent {
         let mut outcome = self.switch_to(&req.version, &req.by, started, signed_time, cancel)?;
         outcome.fetched = fetched;
         Ok(outcome)
+    }
+
+    /// Brings `v`'s objects into the store: its delta pack from what this
+    /// host runs (cacheable: hosts moving between the same versions ask for
+    /// the same URL), then whatever is still missing, object by object.
+    async fn fetch(
+        &self,
+        client: &Client,
+        writer: &crate::store::disk::Writer<'_>,
+        v: &VersionId,
+    ) -> Result<Fetched, FetchError> {
+        let before = (
+            client.stats.bytes.load(Ordering::Relaxed),
+            client.stats.requests.load(Ordering::Relaxed),
+        );
+        let mut pack = (false, 0, 0);
+        if self.cfg.packs {
+            let from = self
+                .state()
+                .current
+                .map(|d| d.version)
+                .filter(|c| self.store.has(&c.object()));
+            match fetch::fetch_pack(client, writer, from.as_ref(), v).await {
+                Ok(p) => pack = p,
+                Err(e @ FetchError::Store(_)) => return Err(e),
+                Err(e) => tracing::info!("no delta pack ({e}): fetching objects"),
+            }
+        }
+        let mut f = fetch::fetch_version(client, writer, v).await?;
+        f.pack = pack.0;
+        f.trees += pack.1;
+        f.chunks += pack.2;
+        f.bytes = client.stats.bytes.load(Ordering::Relaxed) - before.0;
+        f.requests = client.stats.requests.load(Ordering::Relaxed) - before.1;
+        f.by_source = client.per_source();
+        f.skipped = client.dropped();
+        Ok(f)
     }
 
     /// Fetches and checks `v`'s signature: `(when it was built, the
@@ -541,6 +594,86 @@ impl Agent {
             self.sync_inner(&sync, rt, started, true, cancel)
         };
         self.finish(Action::Rollback, Some(target), from, by, started, &result);
+        result
+    }
+
+    /// Stages `req.version`: fetches it and prepares a release slot with
+    /// it, without switching; a later sync to it is only a switch. Refused
+    /// like a sync (signature, replay). The work after a switch leaves the
+    /// staged slot alone.
+    pub fn stage(
+        &self,
+        req: &SyncRequest,
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+    ) -> Result<Outcome, AgentError> {
+        let started = Instant::now();
+        let st = self.state();
+        let from = st.current.as_ref().map(|d| d.version);
+        if from == Some(req.version) {
+            let slot = release::live_slot(&self.cfg.dir).unwrap_or_default();
+            return Ok(self.noop(req.version, from, slot, started));
+        }
+        if let Some(slot) = self.releases.find(&req.version) {
+            *self.staged.lock().expect("not poisoned") = Some(req.version);
+            return Ok(self.noop(req.version, from, slot, started));
+        }
+        let result: Result<Outcome, AgentError> = (|| {
+            let client = Client::new(self.fetch_http.clone(), &req.sources)
+                .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel);
+            let (_, doc) = self.check_signature(
+                &req.version,
+                req.signature.clone(),
+                &client,
+                rt,
+                false,
+                cancel,
+            )?;
+            let writer = self.store.writer()?;
+            let fetched = rt.block_on(async {
+                tokio::select! {
+                    r = self.fetch(&client, &writer, &req.version) => r.map_err(|source| match source {
+                        FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
+                        source => AgentError::Fetch { version: req.version, source: Box::new(source) },
+                    }),
+                    () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
+                }
+            })?;
+            let _committed = writer.commit()?;
+            if let Some(doc) = &doc {
+                self.store.write_signature(&req.version, doc)?;
+            }
+            let st = self.state();
+            let protected = self.protected_slots(&st);
+            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
+            let stable = st.stable.as_ref().map(|d| d.version);
+            let prepared =
+                self.releases
+                    .prepare(&self.store, &req.version, &keep, stable.as_ref(), cancel)?;
+            *self.staged.lock().expect("not poisoned") = Some(req.version);
+            Ok(Outcome {
+                host: self.cfg.host.clone(),
+                version: req.version,
+                from,
+                noop: false,
+                slot: prepared.slot,
+                how: prepared.how,
+                fetched,
+                files_written: prepared.files_written,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        })();
+        let mut e = Event::new(Action::Stage, Some(req.version), from, &req.by);
+        e.seconds = started.elapsed().as_secs_f64();
+        if let Err(err) = &result {
+            e.ok = false;
+            e.error = Some(crate::text::clip(&err.to_string(), 500));
+        }
+        let mut st = self.state.lock().expect("not poisoned");
+        st.record(e);
+        if let Err(e) = st.save(&self.state_path()) {
+            tracing::warn!("cannot record the stage in the state file: {e}");
+        }
         result
     }
 
@@ -873,9 +1006,18 @@ impl Agent {
         let started = Instant::now();
         let st = self.state();
         if let Some(cur) = &st.current {
-            let protected = self.protected_slots(&st);
+            let mut protected = self.protected_slots(&st);
+            // A staged version's slot stays as it is.
+            let staged = *self.staged.lock().expect("not poisoned");
+            if let Some(s) = staged.filter(|s| *s != cur.version)
+                && let Some(slot) = self.releases.find(&s)
+            {
+                protected.push(slot);
+            }
             let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-            if let Some(p) =
+            if keep.len() >= self.cfg.slots {
+                // No spare slot left this time.
+            } else if let Some(p) =
                 self.releases
                     .prepare_spare(&self.store, &cur.version, &keep, cancel)?
             {

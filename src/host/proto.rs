@@ -192,6 +192,16 @@ pub struct Fetched {
     /// Body bytes received from sources.
     pub bytes: u64,
     pub requests: u64,
+    /// Whether a delta pack came (the rest, if any, by object requests).
+    #[serde(default)]
+    pub pack: bool,
+    /// Body bytes received from each source.
+    #[serde(default)]
+    pub by_source: std::collections::BTreeMap<String, u64>,
+    /// Sources skipped for the rest of the sync, and why (a cache that
+    /// sent a corrupt object, or did not answer).
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
 
 /// The answer to a sync or a rollback.

@@ -48,6 +48,8 @@ pub enum Action {
     /// The agent converged to the deploy host's desired state by itself
     /// (at start, or `scap pull`).
     Pull,
+    /// A version was fetched and prepared, not switched to.
+    Stage,
     /// Written by a newer agent; shown as is.
     #[serde(other)]
     Other,
@@ -60,6 +62,7 @@ impl std::fmt::Display for Action {
             Action::Rollback => "rollback",
             Action::Promote => "promote",
             Action::Pull => "pull",
+            Action::Stage => "stage",
             Action::Repair => "repair",
             Action::Restart => "restart",
             Action::Cancel => "cancel",

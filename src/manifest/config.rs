@@ -50,9 +50,15 @@ pub enum ConfigError {
 pub struct ConfigFile {
     /// Store directory, when `--store`/`SCAP_STORE` do not say.
     pub store: Option<PathBuf>,
-    /// URLs hosts fetch objects from (`scap sync --source`).
+    /// URLs hosts fetch objects from (`scap sync --source`): the deploy
+    /// host(s), tried after every cache.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// HTTP caches in front of the deploy host, by datacenter (`[caches]
+    /// eqiad = ["https://..."]`): a host tries its own datacenter's first,
+    /// then the others', then `sources`.
+    #[serde(default)]
+    pub caches: std::collections::BTreeMap<String, Vec<String>>,
     /// The fleet: dsh group files (`--hosts`), or an inventory with
     /// weights (`--inventory`); flags replace them.
     #[serde(default)]

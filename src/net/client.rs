@@ -62,6 +62,14 @@ pub struct Client {
     http: reqwest::Client,
     sources: Vec<String>,
     pub stats: FetchStats,
+    /// Why a source was dropped for the rest of this client's fetches.
+    dropped: std::sync::Mutex<Vec<Option<String>>>,
+    /// Body bytes received from each source.
+    per_source: Vec<AtomicU64>,
+    /// `--max-fetch-rate`: every body received is paced by it.
+    limit: Option<std::sync::Arc<super::ratelimit::RateLimit>>,
+    /// Requests in flight to the sources at once.
+    parallel: usize,
 }
 
 /// Called with each object as it arrives: (ID, kind, the most content
@@ -73,6 +81,18 @@ pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, u64, &[u8]) -> Result<(), Store
 /// One object to fetch: its ID, kind, and the most bytes of content it may
 /// have (a chunk's length from its tree; a bound for a tree).
 pub type Wanted = (ObjectId, ObjectKind, u64);
+
+/// Called with each object of a pack: (ID, kind from its header, object
+/// file). The sink verifies; `StoreError::Object` or `BadTree` means "the
+/// source sent a bad object".
+pub type PackSink<'a> = dyn Fn(ObjectId, ObjectKind, &[u8]) -> Result<(), StoreError> + Sync + 'a;
+
+/// How a pack request ended.
+enum PackEnd {
+    Done,
+    /// The source has no such pack (404): ask the next.
+    NotHere,
+}
 
 /// The HTTP client a host fetches with: kept for the agent's life, so
 /// connections (and TLS sessions) are reused from one sync to the next.
@@ -97,6 +117,204 @@ impl Client {
                 .map(|s| s.trim_end_matches('/').to_string())
                 .collect(),
             stats: FetchStats::default(),
+            dropped: std::sync::Mutex::new(vec![None; sources.len()]),
+            per_source: sources.iter().map(|_| AtomicU64::new(0)).collect(),
+            limit: None,
+            parallel: PARALLEL_BATCHES,
+        }
+    }
+
+    /// Paces every body received by `limit`, and keeps at most `parallel`
+    /// requests in flight.
+    pub fn with_limits(
+        mut self,
+        limit: Option<std::sync::Arc<super::ratelimit::RateLimit>>,
+        parallel: usize,
+    ) -> Client {
+        self.limit = limit;
+        self.parallel = parallel.max(1);
+        self
+    }
+
+    /// The sources to try, in order: those not dropped (all of them when
+    /// every one was dropped: a last try is better than none).
+    fn usable(&self) -> Vec<usize> {
+        let d = self.dropped.lock().expect("not poisoned");
+        let ok: Vec<usize> = (0..self.sources.len())
+            .filter(|&i| d[i].is_none())
+            .collect();
+        if ok.is_empty() {
+            (0..self.sources.len()).collect()
+        } else {
+            ok
+        }
+    }
+
+    /// Skips source `i` for the rest of this fetch (it failed).
+    fn drop_source(&self, i: usize, why: &str) {
+        let mut d = self.dropped.lock().expect("not poisoned");
+        if d[i].is_none() {
+            tracing::warn!(
+                "{}: {why}; skipping it for the rest of this sync",
+                self.sources[i]
+            );
+            d[i] = Some(crate::text::clip(why, 300));
+        }
+    }
+
+    /// Sources dropped during this fetch, with why: for the host's result.
+    pub fn dropped(&self) -> Vec<String> {
+        let d = self.dropped.lock().expect("not poisoned");
+        d.iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().map(|w| format!("{}: {w}", self.sources[i])))
+            .collect()
+    }
+
+    /// Body bytes received from each source (those that sent any).
+    pub fn per_source(&self) -> std::collections::BTreeMap<String, u64> {
+        self.sources
+            .iter()
+            .zip(&self.per_source)
+            .map(|(s, n)| (s.clone(), n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Counts `n` body bytes from source `i`, waiting for the rate limit.
+    async fn received(&self, i: usize, n: usize) {
+        self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.per_source[i].fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(l) = &self.limit {
+            l.take(n).await;
+        }
+    }
+
+    /// Fetches the delta pack `from` -> `to` (`from` `None`: a fresh host)
+    /// from the first source that has it, handing each object to `sink`
+    /// (which verifies it) as it arrives. An interrupted pack is resumed
+    /// where it stopped, from the same source or the next (packs are the
+    /// same bytes everywhere). `Ok(false)`: no source has the pack (the
+    /// caller fetches objects instead); an error is local (a full disk).
+    pub async fn pack(
+        &self,
+        from: Option<&VersionId>,
+        to: &VersionId,
+        sink: &PackSink<'_>,
+    ) -> Result<bool, FetchError> {
+        let path = format!(
+            "/v1/pack/{}/{}",
+            from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
+            to.to_hex()
+        );
+        let mut consumed: u64 = 0;
+        for i in self.usable() {
+            let source = &self.sources[i];
+            let url = format!("{source}{path}");
+            // A few tries per source: a dropped connection resumes.
+            for _attempt in 0..3 {
+                match self.pack_from(i, &url, &mut consumed, sink).await {
+                    Ok(PackEnd::Done) => return Ok(true),
+                    Ok(PackEnd::NotHere) => break,
+                    Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
+                    Err(SourceError::Source(e)) if e.starts_with("retry: ") => {
+                        tracing::info!("{}", &e[7..]);
+                        continue;
+                    }
+                    Err(SourceError::Source(e)) => {
+                        self.drop_source(i, &e);
+                        break;
+                    }
+                    Err(SourceError::NoBatch) => break,
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn pack_from(
+        &self,
+        i: usize,
+        url: &str,
+        consumed: &mut u64,
+        sink: &PackSink<'_>,
+    ) -> Result<PackEnd, SourceError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut req = self.http.get(url);
+        if *consumed > 0 {
+            req = req.header("range", format!("bytes={consumed}-"));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SourceError::Source(format!("{url}: {}", why(&e))))?;
+        let status = resp.status().as_u16();
+        if status == 404 {
+            return Ok(PackEnd::NotHere);
+        }
+        let mut decoder = match status {
+            206 if *consumed > 0 => BatchDecoder::resumed(*consumed),
+            // The whole pack (a source that ignores ranges): what was
+            // stored already is stored again, harmlessly.
+            200 => BatchDecoder::default(),
+            _ => {
+                return Err(SourceError::Source(format!("{url}: HTTP {status}")));
+            }
+        };
+        let limit = |_: &ObjectId| super::max_file_len(crate::store::tree::MAX_TREE_LEN);
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = match piece {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(SourceError::Source(format!(
+                        "retry: {url}: cut off after {} bytes ({e}); resuming",
+                        decoder.consumed
+                    )));
+                }
+            };
+            self.received(i, piece.len()).await;
+            decoder.push(&piece);
+            let mut arrived = Vec::new();
+            while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
+                if let Some(file) = frame.file {
+                    arrived.push((frame.id, file));
+                }
+            }
+            let stored: Vec<Result<(), SourceError>> = arrived
+                .par_iter()
+                .map(|(id, file)| {
+                    let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
+                    let kind = match crate::store::object::peek(*id, head) {
+                        Ok((kind, _)) => kind,
+                        Err(e) => {
+                            return Err(SourceError::Source(format!(
+                                "{url}: object {id} in the pack: {e}"
+                            )));
+                        }
+                    };
+                    sink(*id, kind, file).map_err(|e| match e {
+                        StoreError::Object { .. } | StoreError::BadTree { .. } => {
+                            SourceError::Source(format!(
+                                "{url}: served a corrupt object in the pack: {e}"
+                            ))
+                        }
+                        other => SourceError::Fatal(other),
+                    })
+                })
+                .collect();
+            for r in stored {
+                r?;
+                self.stats.objects.fetch_add(1, Ordering::Relaxed);
+            }
+            *consumed = decoder.consumed;
+        }
+        match decoder.finish() {
+            Ok(()) => Ok(PackEnd::Done),
+            Err(_) => Err(SourceError::Source(format!(
+                "retry: {url}: ended after {} bytes, before the end of the pack; resuming",
+                decoder.consumed
+            ))),
         }
     }
 
@@ -208,19 +426,20 @@ impl Client {
         }
         let mut results = futures_util::stream::iter(batches.into_iter().enumerate())
             .map(|(i, batch)| self.fetch_batch(batch, i, sink))
-            .buffer_unordered(PARALLEL_BATCHES);
+            .buffer_unordered(self.parallel);
         while let Some(r) = results.next().await {
             r?;
         }
         Ok(())
     }
 
-    /// One batch, trying each source in turn (starting at a different one
-    /// per batch, to spread load) until every object has arrived.
+    /// One batch, trying the sources in the order given (the host's own
+    /// datacenter's caches first, the deploy host last), skipping those
+    /// that failed earlier in this fetch, until every object has arrived.
     async fn fetch_batch(
         &self,
         mut batch: Vec<Wanted>,
-        n: usize,
+        _n: usize,
         sink: &Sink<'_>,
     ) -> Result<(), FetchError> {
         if self.sources.is_empty() {
@@ -228,11 +447,11 @@ impl Client {
         }
         let mut last_error: Option<String> = None;
         let mut tried = Vec::new();
-        for k in 0..self.sources.len() {
-            let source = &self.sources[(n + k) % self.sources.len()];
+        for k in self.usable() {
+            let source = &self.sources[k];
             tried.push(source.as_str());
-            let outcome = match self.batch_from(source, &mut batch, sink).await {
-                Err(SourceError::NoBatch) => self.singles_from(source, &mut batch, sink).await,
+            let outcome = match self.batch_from(k, &mut batch, sink).await {
+                Err(SourceError::NoBatch) => self.singles_from(k, &mut batch, sink).await,
                 other => other,
             };
             match outcome {
@@ -240,7 +459,7 @@ impl Client {
                 Ok(()) => {} // this source lacks some: ask the next
                 Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
                 Err(SourceError::Source(e)) => {
-                    tracing::warn!("{e}; trying the next source");
+                    self.drop_source(k, &e);
                     last_error = Some(e);
                 }
                 Err(SourceError::NoBatch) => unreachable!("singles never answer NoBatch"),
@@ -257,13 +476,14 @@ impl Client {
         }
     }
 
-    /// Asks `source` for `batch`; removes from it each object stored.
+    /// Asks source `si` for `batch`; removes from it each object stored.
     async fn batch_from(
         &self,
-        source: &str,
+        si: usize,
         batch: &mut Vec<Wanted>,
         sink: &Sink<'_>,
     ) -> Result<(), SourceError> {
+        let source = &self.sources[si];
         let url = format!("{source}/batch");
         let mut body = Vec::with_capacity(batch.len() * 32);
         for (id, ..) in batch.iter() {
@@ -318,9 +538,7 @@ impl Client {
         let result = async {
             while let Some(piece) = stream.next().await {
                 let piece = piece.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
-                self.stats
-                    .bytes
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                self.received(si, piece.len()).await;
                 // Frames are taken out after every small step of input, so
                 // memory is bounded by the objects asked for, whatever a
                 // hostile (compressed) stream expands to.
@@ -379,13 +597,15 @@ impl Client {
         result
     }
 
-    /// Object-by-object GETs, for sources that are plain static servers.
+    /// Object-by-object GETs, for sources that are plain static servers
+    /// (or caches, which store `/objects/` but not `/batch`).
     async fn singles_from(
         &self,
-        source: &str,
+        si: usize,
         batch: &mut Vec<Wanted>,
         sink: &Sink<'_>,
     ) -> Result<(), SourceError> {
+        let source = self.sources[si].as_str();
         let fetched = futures_util::stream::iter(batch.iter().copied())
             .map(|(id, kind, max_len)| async move {
                 let hex = id.to_hex();
@@ -407,9 +627,7 @@ impl Client {
                     )));
                 }
                 let file = read_capped(resp, super::max_file_len(max_len), &url).await?;
-                self.stats
-                    .bytes
-                    .fetch_add(file.len() as u64, Ordering::Relaxed);
+                self.received(si, file.len()).await;
                 store(sink, id, kind, max_len, &file, &url)?;
                 self.stats.objects.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(id))

@@ -9,6 +9,8 @@
 //! against the ID that was asked for before it is stored or used.
 
 pub mod client;
+pub mod pack;
+pub mod ratelimit;
 pub mod server;
 pub mod tls;
 
@@ -62,6 +64,9 @@ pub fn encode_frame_header(out: &mut Vec<u8>, id: &ObjectId, file: Option<&[u8]>
 /// arrive, take whole frames out.
 #[derive(Default)]
 pub struct BatchDecoder {
+    /// Bytes taken out as whole frames (and the magic): where to resume a
+    /// pack with a range request.
+    pub consumed: u64,
     buf: Vec<u8>,
     pos: usize,
     saw_magic: bool,
@@ -88,6 +93,17 @@ pub fn max_file_len(len: u64) -> u64 {
 }
 
 impl BatchDecoder {
+    /// A decoder for the rest of a body whose first `consumed` bytes (the
+    /// magic and whole frames) were decoded earlier: a range request that
+    /// resumes a pack.
+    pub fn resumed(consumed: u64) -> BatchDecoder {
+        BatchDecoder {
+            consumed,
+            saw_magic: consumed > 0,
+            ..BatchDecoder::default()
+        }
+    }
+
     pub fn push(&mut self, data: &[u8]) {
         if self.pos > 0 && self.pos == self.buf.len() {
             self.buf.clear();
@@ -136,6 +152,7 @@ impl BatchDecoder {
                 return Err(BatchError::BadMagic);
             }
             self.pos += BATCH_MAGIC.len();
+            self.consumed += BATCH_MAGIC.len() as u64;
             self.saw_magic = true;
             return self.next_frame();
         }
@@ -156,6 +173,7 @@ impl BatchDecoder {
                 }
                 let file = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
                 self.pos += FRAME_HEADER + len;
+                self.consumed += (FRAME_HEADER + len) as u64;
                 Ok(Some(Frame {
                     id,
                     file: Some(file),
@@ -163,10 +181,12 @@ impl BatchDecoder {
             }
             MISSING if len == 0 => {
                 self.pos += FRAME_HEADER;
+                self.consumed += FRAME_HEADER as u64;
                 Ok(Some(Frame { id, file: None }))
             }
             END if len == 0 && !self.saw_end => {
                 self.pos += FRAME_HEADER;
+                self.consumed += FRAME_HEADER as u64;
                 self.saw_end = true;
                 Ok(None)
             }

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::ratelimit::RateLimit;
 use super::tls::{Listener, Peer};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -32,18 +33,33 @@ pub const DEFAULT_CONCURRENCY: usize = 256;
 /// Objects read from disk per blocking task in a batch response.
 const READ_GROUP: usize = 64;
 
-/// Counters, for logs and (later) /metrics.
+/// Counters, for logs and /metrics.
 #[derive(Default, Debug)]
 pub struct ServerStats {
     pub requests: AtomicU64,
     pub objects_served: AtomicU64,
     pub bytes_served: AtomicU64,
+    pub packs_served: AtomicU64,
 }
 
 pub struct ServerState {
     pub store: Store,
     pub stats: ServerStats,
     access: Access,
+    /// `--max-rate`: every response body is paced by it.
+    limit: Option<Arc<RateLimit>>,
+    builds: super::pack::Builds,
+    /// `--access-log`: one line per request.
+    log: Option<std::sync::Mutex<std::fs::File>>,
+}
+
+/// How `scap serve` runs, beside its store.
+#[derive(Default)]
+pub struct ServeOptions {
+    pub concurrency: usize,
+    /// Bytes per second for every response body together.
+    pub max_rate: Option<u64>,
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// Who may read the store.
@@ -57,23 +73,236 @@ pub enum Access {
 }
 
 pub fn router(store: Store, concurrency: usize, access: Access) -> (Router, Arc<ServerState>) {
+    router_with(
+        store,
+        access,
+        ServeOptions {
+            concurrency,
+            ..ServeOptions::default()
+        },
+    )
+    .expect("no access log to open")
+}
+
+pub fn router_with(
+    store: Store,
+    access: Access,
+    opts: ServeOptions,
+) -> std::io::Result<(Router, Arc<ServerState>)> {
+    let log = match &opts.access_log {
+        Some(p) => Some(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        )),
+        None => None,
+    };
     let state = Arc::new(ServerState {
         store,
         stats: ServerStats::default(),
         access,
+        limit: opts.max_rate.map(|r| Arc::new(RateLimit::new(r))),
+        builds: super::pack::Builds::default(),
+        log,
     });
     let app = Router::new()
         .route("/objects/{fan}/{rest}", get(object))
         .route("/versions/{file}", get(record))
         .route("/refs/labels/{label}", get(label))
         .route("/batch", post(batch))
+        .route("/v1/pack/{from}/{to}", get(pack))
         .route("/v1/desired/{host}", get(desired))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .route("/health", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BATCH_IDS * ID_LEN))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            opts.concurrency.max(1),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access_log,
+        ))
         .with_state(state.clone());
-    (app, state)
+    Ok((app, state))
+}
+
+/// One line per request in `--access-log`: time, peer, method, path,
+/// status, length (when known).
+async fn access_log(
+    State(st): State<Arc<ServerState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if st.log.is_none() {
+        return next.run(req).await;
+    }
+    let peer = Caller::of(req.extensions())
+        .0
+        .map_or_else(|| "-".to_string(), |p| p.addr.to_string());
+    let line_head = format!("{} {}", req.method(), req.uri().path());
+    let resp = next.run(req).await;
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    if let Some(log) = &st.log {
+        let line = format!(
+            "{} {peer} {line_head} {} {len}\n",
+            crate::time::unix_now(),
+            resp.status().as_u16()
+        );
+        let mut f = log.lock().expect("not poisoned");
+        let _ = f.write_all(line.as_bytes());
+    }
+    resp
+}
+
+/// `GET /v1/pack/<from>/<to>`: the delta pack, built on first request,
+/// with ranges, a strong ETag and `immutable` (see `net::pack`).
+async fn pack(
+    State(st): State<Arc<ServerState>>,
+    Path((from, to)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let parse = |s: &str| s.parse::<VersionId>().ok();
+    let (Some(to_v), Some(from_v)) = (
+        parse(&to),
+        if from == "empty" {
+            Some(None)
+        } else {
+            parse(&from).map(Some)
+        },
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "/v1/pack/{}/{}: expected /v1/pack/<version ID or empty>/<version ID>",
+                crate::text::clip(&from, 80),
+                crate::text::clip(&to, 80)
+            ),
+        );
+    };
+    let etag = super::pack::etag(from_v.as_ref(), &to_v);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    let path = match st.builds.build(st.store.clone(), from_v, to_v).await {
+        Ok(p) => p,
+        Err(crate::store::StoreError::UnknownVersion(v)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no pack from {from} to {to}: {v} is not in this store (ask for objects instead)"
+                ),
+            );
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{}: {e}", path.display()),
+            );
+        }
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match super::pack::range(range, len) {
+        Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Err(super::pack::Unsatisfiable) => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response();
+        }
+    };
+    st.stats.packs_served.fetch_add(1, Ordering::Relaxed);
+    let body = file_stream(st.clone(), file, start, end + 1 - start.min(end + 1));
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-scap-pack"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(if len == 0 { 0 } else { end + 1 - start }),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")).expect("digits"),
+        );
+    }
+    resp
+}
+
+/// `n` bytes of `file` from `start`, in 256 KiB pieces, paced by the
+/// server's rate limit.
+fn file_stream(
+    st: Arc<ServerState>,
+    file: tokio::fs::File,
+    start: u64,
+    n: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    futures_util::stream::unfold(
+        (file, start, n, false),
+        move |(mut file, at, left, seeked)| {
+            let st = st.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                if !seeked && let Err(e) = file.seek(std::io::SeekFrom::Start(at)).await {
+                    return Some((Err(e), (file, at, 0, true)));
+                }
+                let mut buf = vec![0u8; (256 << 10).min(left as usize)];
+                match file.read(&mut buf).await {
+                    Ok(0) => Some((
+                        Err(std::io::Error::other("pack file shorter than it was")),
+                        (file, at, 0, true),
+                    )),
+                    Ok(k) => {
+                        buf.truncate(k);
+                        if let Some(l) = &st.limit {
+                            l.take(k).await;
+                        }
+                        st.stats.bytes_served.fetch_add(k as u64, Ordering::Relaxed);
+                        Some((
+                            Ok(Bytes::from(buf)),
+                            (file, at + k as u64, left - k as u64, true),
+                        ))
+                    }
+                    Err(e) => Some((Err(e), (file, at, 0, true))),
+                }
+            }
+        },
+    )
 }
 
 /// Refuses a request without a client certificate when one is required.
@@ -181,6 +410,9 @@ async fn object(
     let store = st.store.clone();
     match tokio::task::spawn_blocking(move || store.read_raw(&id)).await {
         Ok(Ok(Some(file))) => {
+            if let Some(l) = &st.limit {
+                l.take(file.len()).await;
+            }
             st.stats.objects_served.fetch_add(1, Ordering::Relaxed);
             st.stats
                 .bytes_served
@@ -385,6 +617,9 @@ async fn batch(State(st): State<Arc<ServerState>>, headers: HeaderMap, body: Byt
         .and_then(|r| r);
         match step {
             Ok((bytes, found, _raw, encoder)) => {
+                if let Some(l) = &st.limit {
+                    l.take(bytes.len()).await;
+                }
                 st.stats.objects_served.fetch_add(found, Ordering::Relaxed);
                 st.stats
                     .bytes_served

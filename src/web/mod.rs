@@ -275,8 +275,14 @@ async fn metrics(State(web): State<Arc<Web>>) -> Response {
     m.single(
         "scap_objects_served_total",
         "counter",
-        "Objects sent to hosts.",
+        "Objects sent to hosts one by one or in batches (packs are counted apart).",
         stats.objects_served.load(Ordering::Relaxed),
+    );
+    m.single(
+        "scap_packs_served_total",
+        "counter",
+        "Delta packs (or ranges of them) sent to hosts and caches.",
+        stats.packs_served.load(Ordering::Relaxed),
     );
     m.single(
         "scap_served_bytes_total",

@@ -324,6 +324,10 @@ fn both_metrics_endpoints_parse_as_prometheus_text() {
         value(&find(&server, "scap_fleet_traffic_share_ratio")[0]),
         1.0
     );
-    assert!(value(&find(&server, "scap_objects_served_total")[0]) > 0.0);
+    assert!(
+        value(&find(&server, "scap_objects_served_total")[0])
+            + value(&find(&server, "scap_packs_served_total")[0])
+            > 0.0
+    );
     assert!(value(&find(&server, "scap_http_requests_total")[0]) > 0.0);
 }

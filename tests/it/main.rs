@@ -13,6 +13,9 @@
 //! - `dashboard`: the web page in a real headless Chromium during a
 //!   rollout, the JSON API's errors, both /metrics endpoints.
 //! - `diff`: `scap diff` against a brute-force comparison of two trees.
+//! - `fanout`: real nginx caches (contrib/nginx) in front of `scap serve`:
+//!   delta packs once per cache, a corrupt cache entry, a cache down, an
+//!   interrupted pack resumed, bandwidth caps, staging.
 //! - `faults`: fault injection: hostile trees, hostile sources and agents,
 //!   crashes at every step of a build and a sync, gc racing writers,
 //!   concurrent recoveries, rollback pre-empting work, kill -9 rounds.
@@ -32,6 +35,7 @@ mod agent;
 mod canary;
 mod dashboard;
 mod diff;
+mod fanout;
 mod faults;
 mod fuzz_corpora;
 mod inspect;

@@ -1,0 +1,301 @@
+//! Delta packs: every object a host that holds version `from` needs for
+//! version `to`, as one immutable file with a cacheable URL
+//! (`GET /v1/pack/<from>/<to>`, `/v1/pack/empty/<to>` for a fresh host).
+//! Every host that moves between the same two versions makes the same
+//! request, so an ordinary HTTP cache in front of `scap serve` answers all
+//! but the first.
+//!
+//! A pack is a batch body (store-format.md, "HTTP protocol"): the batch
+//! magic, one frame per object, the end frame. Objects are stored as the
+//! store keeps them (each compressed on its own), chunks first, then trees
+//! in post-order (every tree after everything below it that the pack
+//! holds), so a host can store each object as it arrives and keep its
+//! store's invariant. The order is a pure function of the two versions, so
+//! a pack's bytes, and its ETag, are too.
+//!
+//! Packs are built on first request (one build per pack, however many
+//! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
+//! temporary name and renamed. `scap stage` and `scap build-manifest` can
+//! build them ahead.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{BATCH_MAGIC, encode_end, encode_frame_header};
+use crate::store::tree::Content;
+use crate::store::{ObjectId, Store, StoreError, TreeId, VersionId};
+
+/// Pack format version, in the ETag (a change of order makes new ETags).
+pub const PACK_FORMAT: u32 = 1;
+
+/// Where a pack is kept.
+pub fn path(store: &Store, from: Option<&VersionId>, to: &VersionId) -> PathBuf {
+    store.root().join("packs").join(name(from, to))
+}
+
+/// `<from>-<to>.pack` (`empty-<to>.pack`).
+pub fn name(from: Option<&VersionId>, to: &VersionId) -> String {
+    format!(
+        "{}-{}.pack",
+        from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
+        to.to_hex()
+    )
+}
+
+/// The pack's strong ETag.
+pub fn etag(from: Option<&VersionId>, to: &VersionId) -> String {
+    format!(
+        "\"pack{PACK_FORMAT}-{}-{}\"",
+        from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
+        to.to_hex()
+    )
+}
+
+/// The objects of a pack, in pack order: chunks, then trees children
+/// first. Found by walking both versions side by side, path by path, and
+/// skipping every subtree whose ID is the same on both sides: the cost is
+/// in what changed. What is new at a path is included even if `from` has
+/// it elsewhere (a moved file), so the pack is everything a host holding
+/// `from` lacks, and a little more at worst.
+pub fn objects(
+    store: &Store,
+    from: Option<&VersionId>,
+    to: &VersionId,
+) -> Result<Vec<ObjectId>, StoreError> {
+    let mut chunks: Vec<ObjectId> = Vec::new();
+    let mut seen_chunks: HashSet<ObjectId> = HashSet::new();
+    let mut trees: Vec<ObjectId> = Vec::new();
+    let mut seen_trees: HashSet<TreeId> = HashSet::new();
+    // (old tree at this path, new tree, children done?)
+    let mut stack: Vec<(Option<TreeId>, TreeId, bool)> =
+        vec![(from.map(|f| f.root()), to.root(), false)];
+    while let Some((old, new, children_done)) = stack.pop() {
+        if old == Some(new) {
+            continue;
+        }
+        if children_done {
+            trees.push(new.object());
+            continue;
+        }
+        if !seen_trees.insert(new) {
+            continue;
+        }
+        let new_tree = store.tree(&new)?;
+        let old_tree = match old {
+            Some(o) => Some(store.tree(&o)?),
+            None => None,
+        };
+        let old_entry = |name: &crate::store::TreeName| {
+            old_tree
+                .as_ref()
+                .and_then(|t| t.entries().iter().find(|e| &e.name == name))
+                .map(|e| &e.content)
+        };
+        stack.push((old, new, true));
+        for e in new_tree.entries().iter().rev() {
+            match &e.content {
+                Content::File { chunks: cs, .. } => {
+                    let had: HashSet<ObjectId> = match old_entry(&e.name) {
+                        Some(Content::File { chunks: oc, .. }) => {
+                            oc.iter().map(|c| c.id.object()).collect()
+                        }
+                        _ => HashSet::new(),
+                    };
+                    for c in cs {
+                        let o = c.id.object();
+                        if !had.contains(&o) && seen_chunks.insert(o) {
+                            chunks.push(o);
+                        }
+                    }
+                }
+                Content::Dir { tree: sub, .. } => {
+                    let old_sub = match old_entry(&e.name) {
+                        Some(Content::Dir { tree, .. }) => Some(*tree),
+                        _ => None,
+                    };
+                    if old_sub != Some(*sub) {
+                        stack.push((old_sub, *sub, false));
+                    }
+                }
+                Content::Symlink { .. } => {}
+            }
+        }
+    }
+    chunks.extend(trees);
+    Ok(chunks)
+}
+
+/// Builds the pack file (if it is not there yet) and returns its path.
+/// Fails if either version is not in the store.
+pub fn build(
+    store: &Store,
+    from: Option<&VersionId>,
+    to: &VersionId,
+) -> Result<PathBuf, StoreError> {
+    let p = path(store, from, to);
+    if p.exists() {
+        return Ok(p);
+    }
+    for v in from.into_iter().chain(std::iter::once(to)) {
+        if !store.has(&v.object()) {
+            return Err(StoreError::UnknownVersion(v.to_hex()));
+        }
+    }
+    let list = objects(store, from, to)?;
+    let dir = p.parent().expect("packs/").to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name(from, to), std::process::id()));
+    let io = |e: std::io::Error| StoreError::Io {
+        path: tmp.clone(),
+        source: e,
+    };
+    {
+        let f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(BATCH_MAGIC).map_err(io)?;
+        let mut head = Vec::new();
+        for id in &list {
+            let file = store
+                .read_raw(id)?
+                .ok_or_else(|| StoreError::UnknownVersion(format!("{id} (an object of {to})")))?;
+            head.clear();
+            encode_frame_header(&mut head, id, Some(&file));
+            w.write_all(&head).map_err(io)?;
+            w.write_all(&file).map_err(io)?;
+        }
+        head.clear();
+        encode_end(&mut head);
+        w.write_all(&head).map_err(io)?;
+        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &p).map_err(io)?;
+    Ok(p)
+}
+
+/// One build per pack at a time: requests for a pack being built wait for
+/// it instead of building it again.
+#[derive(Default)]
+pub struct Builds {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Builds {
+    pub async fn build(
+        &self,
+        store: Store,
+        from: Option<VersionId>,
+        to: VersionId,
+    ) -> Result<PathBuf, StoreError> {
+        let key = name(from.as_ref(), &to);
+        let lock = self
+            .locks
+            .lock()
+            .expect("not poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        let r = tokio::task::spawn_blocking(move || build(&store, from.as_ref(), &to))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: PathBuf::from(&key),
+                source: std::io::Error::other(e),
+            })?;
+        self.locks.lock().expect("not poisoned").remove(&key);
+        r
+    }
+}
+
+/// Removes every pack that involves a version not in `keep` (gc).
+pub fn retain(store: &Store, keep: &[VersionId]) -> std::io::Result<u64> {
+    let dir = store.root().join("packs");
+    let keep: HashSet<String> = keep.iter().map(VersionId::to_hex).collect();
+    let mut removed = 0;
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(stem) = n.strip_suffix(".pack") else {
+            continue;
+        };
+        let ok = stem
+            .split_once('-')
+            .is_some_and(|(a, b)| (a == "empty" || keep.contains(a)) && keep.contains(b));
+        if !ok {
+            std::fs::remove_file(e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// A `Range` header that cannot be satisfied (answered with 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// Parses a `Range: bytes=N-` or `bytes=N-M` header against a length:
+/// the inclusive range, or `None` when absent; `Err` when unsatisfiable.
+pub fn range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+    let Some(h) = header else {
+        return Ok(None);
+    };
+    let spec = h.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
+    if spec.contains(',') {
+        // Several ranges: answer the whole file (allowed by RFC 9110).
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| Unsatisfiable)?;
+            if n == 0 {
+                return Err(Unsatisfiable);
+            }
+            (len.saturating_sub(n), len.saturating_sub(1))
+        }
+        (s, "") => (s.parse().map_err(|_| Unsatisfiable)?, len.saturating_sub(1)),
+        (s, e) => (
+            s.parse().map_err(|_| Unsatisfiable)?,
+            e.parse::<u64>()
+                .map_err(|_| Unsatisfiable)?
+                .min(len.saturating_sub(1)),
+        ),
+    };
+    if len == 0 || start > end || start >= len {
+        return Err(Unsatisfiable);
+    }
+    Ok(Some((start, end)))
+}
+
+/// Whether `p` is a pack file name this module made.
+pub fn is_pack(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "pack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Unsatisfiable, range};
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range(None, 10), Ok(None));
+        assert_eq!(range(Some("bytes=2-"), 10), Ok(Some((2, 9))));
+        assert_eq!(range(Some("bytes=2-4"), 10), Ok(Some((2, 4))));
+        assert_eq!(range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
+        assert_eq!(range(Some("bytes=2-40"), 10), Ok(Some((2, 9))));
+        assert_eq!(range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(range(Some("bytes=5-2"), 10), Err(Unsatisfiable));
+        assert_eq!(range(Some("items=1-2"), 10), Err(Unsatisfiable));
+        assert_eq!(range(Some("bytes=0-1,4-5"), 10), Ok(None));
+    }
+}

@@ -1,0 +1,525 @@
+//! Fan-out through standard HTTP caches: real nginx caches (the
+//! configuration shipped in contrib/nginx, filled in) in front of a real
+//! `scap serve`, two "datacenters" of agents; delta packs served once per
+//! cache, a corrupt cache entry, a cache down, an interrupted pack resumed,
+//! bandwidth caps, and staging.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A real nginx (Debian's) running contrib/nginx/scap-cache.conf, filled
+/// in, in a temp dir; stopped when dropped.
+struct Cache {
+    child: Option<Child>,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cache {
+    fn start(env: &Env, upstream: &str) -> Cache {
+        require_program("/usr/sbin/nginx", "nginx");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let template = fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/nginx/scap-cache.conf"
+        ))
+        .unwrap();
+        let d = dir.path();
+        for sub in ["cache", "tmp", "logs"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let up = upstream.split("://").nth(1).unwrap();
+        let site = template
+            .replace("@CACHE_DIR@", &d.join("cache").display().to_string())
+            .replace("@UPSTREAM@", up)
+            .replace("@UPSTREAM_NAME@", "localhost")
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@CERT@", &env.pki.cert("server").display().to_string())
+            .replace("@KEY@", &env.pki.key("server").display().to_string())
+            .replace("@CA@", &env.pki.ca().display().to_string())
+            .replace(
+                "@ACCESS_LOG@",
+                &d.join("logs/access.log").display().to_string(),
+            );
+        assert!(!site.contains('@'), "every placeholder filled: {site}");
+        let tmp = d.join("tmp").display().to_string();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {}/nginx.pid;\nerror_log {}/logs/error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;\n{site}\n}}\n",
+            d.display(),
+            d.display()
+        );
+        fs::write(d.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-p")
+            .arg(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                fs::read_to_string(d.join("logs/error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Cache {
+            child: Some(child),
+            url: format!("https://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The cached files whose key is `uri`.
+    fn entries(&self, uri: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.dir.path().join("cache")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if contains(&fs::read(&p).unwrap(), format!("KEY: {uri}\n").as_bytes()) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `scap serve` of the fleet's store with an access log.
+fn serve_logged(fleet: &mut Fleet, extra: &[&str]) -> PathBuf {
+    let log = fleet.env.path("access.log");
+    let log_s = log.display().to_string();
+    let mut args = vec!["--access-log", log_s.as_str()];
+    args.extend(extra);
+    let store = fleet.env.store.clone();
+    let p = fleet.serve_store(&store, &args);
+    fleet.server = Some(p);
+    log
+}
+
+/// Lines of the deploy host's access log with `needle`.
+fn served(log: &Path, needle: &str) -> Vec<String> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// An inventory putting hosts 0..k in eqiad, the rest in codfw.
+fn inventory(fleet: &Fleet, k: usize) -> PathBuf {
+    let mut text = String::new();
+    for (i, h) in fleet.hosts.iter().enumerate() {
+        text.push_str(&format!(
+            "[[host]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\ndc = \"{}\"\n\n",
+            h.name,
+            h.proc.port(),
+            if i < k { "eqiad" } else { "codfw" }
+        ));
+    }
+    let p = fleet.env.path("inventory.toml");
+    fs::write(&p, text).unwrap();
+    p
+}
+
+fn config(fleet: &Fleet, inv: &Path, caches: &[(&str, &str)]) {
+    let base = fs::read_to_string(fleet.env.path("scap.base.toml")).unwrap_or_else(|_| {
+        let b = fs::read_to_string(fleet.env.path("scap.toml")).unwrap();
+        fs::write(fleet.env.path("scap.base.toml"), &b).unwrap();
+        b
+    });
+    let caches: String = caches
+        .iter()
+        .map(|(dc, url)| format!("{dc} = [\"{url}\"]\n"))
+        .collect();
+    fs::write(
+        fleet.env.path("scap.toml"),
+        format!(
+            "inventory = \"{}\"\nsources = [\"{}\"]\n{base}\n[caches]\n{caches}",
+            inv.display(),
+            fleet.source()
+        ),
+    )
+    .unwrap();
+}
+
+fn scap(fleet: &Fleet, args: &[&str]) -> Output {
+    fleet
+        .env
+        .cmd()
+        .args(args)
+        .args(fleet.transport("deployer"))
+        .output()
+        .unwrap()
+}
+
+/// The hosts' results of a `--json` rollout.
+fn results(out: &Output) -> Vec<serde_json::Value> {
+    let j: serde_json::Value = serde_json::from_str(&ok_out(out)).unwrap();
+    j["hosts"].as_array().unwrap().clone()
+}
+
+/// A tree of `files` incompressible 16 KB files (the same for any tag),
+/// plus an index.php naming `tag`.
+fn tree(fleet: &Fleet, tag: &str, files: usize) -> String {
+    let mw = fleet.env.path("mw");
+    for i in 0..files {
+        write(
+            &mw,
+            &format!("includes/f{i}.php"),
+            &noise(16 << 10, i as u64),
+        );
+    }
+    write(&mw, "index.php", format!("<?php // {tag}\n").as_bytes());
+    fleet.env.build(&[("mediawiki", &mw)], &[])
+}
+
+#[test]
+fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
+    let mut fleet = Fleet::start(6);
+    let v1 = tree(&fleet, "v1", 60);
+    let log = serve_logged(&mut fleet, &[]);
+    let mut eqiad = Cache::start(&fleet.env, &fleet.source());
+    let codfw = Cache::start(&fleet.env, &fleet.source());
+    let inv = inventory(&fleet, 3);
+    config(
+        &fleet,
+        &inv,
+        &[("eqiad", &eqiad.url), ("codfw", &codfw.url)],
+    );
+    let rollout = |v: &str, stages: &str| {
+        scap(
+            &fleet,
+            &[
+                "sync",
+                "--version",
+                v,
+                "--stages",
+                stages,
+                "--yes",
+                "--wait",
+                "0",
+                "--force",
+                "--json",
+            ],
+        )
+    };
+    // Six fresh hosts: the deploy host serves the whole-version pack once
+    // per cache, and nothing else but small requests.
+    let hosts = results(&rollout(&v1, "100"));
+    assert_eq!(hosts.len(), 6);
+    for h in &hosts {
+        let o = &h["outcome"]["fetched"];
+        assert_eq!(o["pack"], true, "{h}");
+        let i: usize = h["host"].as_str().unwrap()[2..].parse::<usize>().unwrap() - 1001;
+        let own = if i < 3 { &eqiad.url } else { &codfw.url };
+        assert!(o["by_source"][own.as_str()].as_u64().unwrap() > 0, "{h}");
+    }
+    let packs = served(&log, &format!("GET /v1/pack/empty/{v1} 200"));
+    assert_eq!(packs.len(), 2, "one per cache: {packs:?}");
+    // A train to every host, in three steps: each pack once per cache.
+    let v2 = tree(&fleet, "v2", 80);
+    ok(&rollout(&v2, "10,50,100"));
+    let packs = served(&log, &format!("GET /v1/pack/{v1}/{v2} "));
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    assert_eq!(fleet.on(&v2).len(), 6);
+    // Status: bytes per source in the last rollout.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok_out(&scap(&fleet, &["status", "--json"]))).unwrap();
+    let src = st["sources_last_rollout"].as_object().unwrap();
+    assert!(
+        src.contains_key(&eqiad.url) && src.contains_key(&codfw.url),
+        "{st}"
+    );
+
+    // A corrupt pack in eqiad's cache: its hosts reject it by hash, name
+    // the cache, and get everything elsewhere.
+    let v3 = tree(&fleet, "v3", 90);
+    let r = fleet
+        .http
+        .get(format!("{}/v1/pack/{v2}/{v3}", eqiad.url))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let body = r.bytes().unwrap();
+    assert!(body.len() > 10_000);
+    let mut entries = Vec::new();
+    for _ in 0..50 {
+        entries = eqiad.entries(&format!("/v1/pack/{v2}/{v3}"));
+        if !entries.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(entries.len(), 1, "the pack is cached");
+    let mut bytes = fs::read(&entries[0]).unwrap();
+    let at = bytes.len() - body.len() / 2;
+    for b in &mut bytes[at..at + 64] {
+        *b ^= 0x5a;
+    }
+    fs::write(&entries[0], bytes).unwrap();
+    let out = rollout(&v3, "100");
+    let e = stderr(&out);
+    let hosts = results(&out);
+    assert_eq!(fleet.on(&v3).len(), 6, "{e}");
+    let named = hosts
+        .iter()
+        .filter(|h| {
+            h["outcome"]["fetched"]["skipped"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x.as_str().unwrap().contains(&eqiad.url)))
+        })
+        .count();
+    assert!(
+        named >= 1,
+        "the bad cache is named in the hosts' results: {hosts:?}"
+    );
+    assert!(
+        e.contains("skipped source") && e.contains(&eqiad.url),
+        "{e}"
+    );
+    // Every host's tree is right (drift check: nothing differs).
+    for i in 0..6 {
+        let (code, d) = fleet.get(i, "/v1/verify");
+        assert_eq!(code, 200);
+        assert_eq!(d["changes"].as_array().unwrap().len(), 0, "{d}");
+    }
+
+    // A cache down: its hosts use the other cache or the deploy host.
+    eqiad.stop();
+    let v4 = tree(&fleet, "v4", 95);
+    let out = rollout(&v4, "100");
+    let e = stderr(&out);
+    ok(&out);
+    assert_eq!(fleet.on(&v4).len(), 6, "{e}");
+    assert!(
+        e.contains("skipped source") && e.contains(&eqiad.url),
+        "{e}"
+    );
+    drop(codfw);
+}
+
+/// A TCP proxy that cuts the first response it relays after `cut` bytes
+/// (then relays everything): an interrupted download.
+fn cutting_proxy(upstream: &str, cut: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let upstream = upstream.split("://").nth(1).unwrap().to_string();
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(up) = std::net::TcpStream::connect(&upstream) else {
+                return;
+            };
+            // The response direction of the first connection is cut.
+            let cut_this = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+            for (i, (mut from, mut to)) in [
+                (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, client),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let limit = if cut_this && i == 1 { cut } else { usize::MAX };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    let mut sent = 0usize;
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = n.min(limit - sent);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                        if sent >= limit {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    url
+}
+
+#[test]
+fn an_interrupted_pack_resumes_and_caps_hold() {
+    let mut fleet = Fleet::start(1);
+    let v1 = tree(&fleet, "v1", 200);
+    let log = serve_logged(&mut fleet, &["--max-rate", "1M"]);
+    // The first connection is cut after 300 KB (well into the pack).
+    let proxy = cutting_proxy(&fleet.source(), 300_000);
+    let body = fleet.sync_body(&v1, &[&proxy]);
+    let started = Instant::now();
+    let (code, r) = fleet.post(0, "/v1/sync", body);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(code, 200, "{r}");
+    let f = &r["fetched"];
+    assert_eq!(f["pack"], true, "{r}");
+    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.pack")))
+        .unwrap()
+        .len();
+    // Resumed, not restarted: what arrived is about the pack, once.
+    let got = f["bytes"].as_u64().unwrap();
+    assert!(
+        got < pack_len + pack_len / 10,
+        "{got} bytes for a {pack_len}-byte pack: {r}"
+    );
+    let ranges = served(&log, &format!("GET /v1/pack/empty/{v1} 206"));
+    assert_eq!(
+        ranges.len(),
+        1,
+        "one range request resumed it: {:?}",
+        served(&log, "/v1/pack/")
+    );
+    // The server's cap (1 MB/s, one second of burst) paced it.
+    let floor = (pack_len as f64 - 1e6) / 1e6;
+    assert!(
+        floor > 1.0 && secs >= floor * 0.8,
+        "{secs} s for {pack_len} bytes at 1 MB/s"
+    );
+    // A pack nobody can build: 404, and the agent falls back to objects.
+    let r = fleet
+        .http
+        .get(format!(
+            "{}/v1/pack/{}/{v1}",
+            fleet.source(),
+            "0".repeat(64)
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = fleet
+        .http
+        .get(format!("{}/v1/pack/nonsense/{v1}", fleet.source()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Packs are cacheable: a strong ETag, immutable, ranges.
+    let r = fleet
+        .http
+        .get(format!("{}/v1/pack/empty/{v1}", fleet.source()))
+        .header("range", "bytes=0-7")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 206);
+    assert!(
+        r.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    assert!(r.headers()["etag"].to_str().unwrap().starts_with("\"pack"));
+    assert_eq!(&r.bytes().unwrap()[..], b"scapbat1");
+}
+
+#[test]
+fn staged_versions_make_each_step_a_switch() {
+    let mut fleet = Fleet::start(5);
+    let v1 = tree(&fleet, "v1", 40);
+    fleet.serve();
+    let inv = inventory(&fleet, 5);
+    config(&fleet, &inv, &[]);
+    ok(&scap(
+        &fleet,
+        &[
+            "sync",
+            "--version",
+            &v1,
+            "--canary",
+            "100%",
+            "--yes",
+            "--wait",
+            "0",
+            "--force",
+        ],
+    ));
+    let v2 = tree(&fleet, "v2", 120);
+    let out = scap(&fleet, &["stage", "--version", &v2]);
+    assert!(
+        ok_out(&out).contains("staged on 5 host(s)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(fleet.on(&v2).is_empty(), "staging switches nothing");
+    let st: serde_json::Value =
+        serde_json::from_str(&ok_out(&scap(&fleet, &["status", "--json"]))).unwrap();
+    assert_eq!(st["staged"][v2.as_str()], 5, "{st}");
+    let out = scap(
+        &fleet,
+        &[
+            "sync",
+            "--version",
+            &v2,
+            "--stages",
+            "20,60,100",
+            "--yes",
+            "--wait",
+            "0",
+            "--force",
+            "--json",
+        ],
+    );
+    for h in results(&out) {
+        assert_eq!(h["outcome"]["how"], "reused", "a switch only: {h}");
+        assert_eq!(h["outcome"]["fetched"]["bytes"], 0, "{h}");
+    }
+    assert_eq!(fleet.on(&v2).len(), 5);
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..5 {
+        let (_, s) = fleet.get(i, "/v1/state");
+        for e in s["state"]["history"].as_array().unwrap() {
+            *by.entry(e["action"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(by["stage"], 5, "{by:?}");
+}
