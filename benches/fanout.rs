@@ -166,13 +166,19 @@ fn site(dir: &Path, n: usize, files: usize, caches: bool) -> Site {
         _procs: Procs(Vec::new()),
     };
     s.build();
-    let (server, url) = start_listening(s.scap().args(tls_flags(&pki, "server")).args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--dashboard-listen",
-        "127.0.0.1:0",
-    ]));
+    let (server, url) = start_listening(
+        s.scap()
+            .args(tls_flags(&pki, "server"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--dashboard-listen",
+                "127.0.0.1:0",
+                "--access-log",
+            ])
+            .arg(dir.join("access.log")),
+    );
     procs.push(server);
     s.counter = CountingProxy::start(&url);
     let deploy = s.counter.url.clone();
@@ -247,6 +253,20 @@ fn rollouts(dir: &Path, n: usize, caches: bool) -> ([(f64, u64, u64); 2], Vec<f6
             if caches { "caches" } else { "direct" }
         );
         out[k] = (secs, bytes, pack);
+        // What reached the deploy host, by request kind (the access log
+        // since the last rollout).
+        let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let _ = std::fs::write(dir.join("access.log"), "");
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in log.lines() {
+            let path = l
+                .split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .unwrap_or("?");
+            let kind: String = path.split('/').take(3).collect::<Vec<_>>().join("/");
+            *kinds.entry(kind).or_default() += 1;
+        }
+        println!("  requests at the deploy host: {kinds:?}");
         std::thread::sleep(Duration::from_secs(3));
     }
     let mut steps = Vec::new();

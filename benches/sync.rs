@@ -339,6 +339,7 @@ fn main() {
     let tree = dir.join("tree");
     println!("machine: {}\ngenerating {files} files ...", machine());
     generate(&tree, files);
+    big_configs(&tree);
     let staging = tree.join("mediawiki-staging");
     std::thread::sleep(Duration::from_millis(1100));
 
@@ -501,6 +502,15 @@ fn main() {
             Some(("backport", 3)),
             Some(("backport", 31)),
             Some(("backport", 32)),
+        ],
+        &mut table,
+    );
+    deploy(
+        "config backport: one line in each of three ~400 KB files (3 in a row, median of 6)",
+        &[
+            Some(("bigconfig", 1)),
+            Some(("bigconfig", 2)),
+            Some(("bigconfig", 3)),
         ],
         &mut table,
     );

@@ -22,8 +22,61 @@ pub fn generate(dir: &Path, files: usize) {
         .unwrap_or_else(|e| panic!("generating {}: {e}", dir.display()));
 }
 
-/// Applies one kind of deploy's change (`scap-workload mutate`).
+/// The three large wmf-config files of production (InitialiseSettings.php
+/// is ~400 KB): replaced by ~400 KB files of settings, so a config
+/// backport has production's shape.
+pub const BIG_CONFIGS: [&str; 3] = [
+    "InitialiseSettings.php",
+    "CommonSettings.php",
+    "ProductionServices.php",
+];
+
+/// Writes [`BIG_CONFIGS`] under `dir`'s staging wmf-config, ~400 KB each.
+pub fn big_configs(dir: &Path) {
+    let wmf = dir.join("mediawiki-staging/wmf-config");
+    for (k, name) in BIG_CONFIGS.iter().enumerate() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (k as u64 + 1);
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut out =
+            String::from("<?php\n# This file is generated: settings per wiki.\nreturn [\n");
+        let mut i = 0;
+        while out.len() < 400_000 {
+            let r = next();
+            out.push_str(&format!(
+                "'wmg{}Setting{i}' => [\n\t'default' => {},\n\t'{}wiki' => '{:x}',\n],\n",
+                ["Use", "Enable", "Max", "Default"][(r % 4) as usize],
+                r % 1000 == 0,
+                ["en", "de", "fr", "commons", "wikidata"][(r >> 8) as usize % 5],
+                r >> 40
+            ));
+            i += 1;
+        }
+        out.push_str("];\n");
+        std::fs::write(wmf.join(name), out).unwrap();
+    }
+}
+
+/// Applies one kind of deploy's change (`scap-workload mutate`), or
+/// `bigconfig`: one line added in the middle of each of [`BIG_CONFIGS`].
 pub fn mutate(dir: &Path, kind: &str, seed: u64) {
+    if kind == "bigconfig" {
+        let wmf = dir.join("mediawiki-staging/wmf-config");
+        for name in BIG_CONFIGS {
+            let p = wmf.join(name);
+            let mut data = std::fs::read(&p).unwrap();
+            let at = data.len() / 2;
+            let line = data[at..].iter().position(|&b| b == b'\n').unwrap() + at + 1;
+            let text = format!("'wmgUseFeature{seed}' => true, // T{}\n", 300_000 + seed);
+            data.splice(line..line, text.bytes());
+            std::fs::write(&p, data).unwrap();
+        }
+        return;
+    }
     let kind: scap_workload::Mutation = kind.parse().expect("a mutation kind");
     scap_workload::mutate(dir, kind, seed)
         .unwrap_or_else(|e| panic!("changing {}: {e}", dir.display()));

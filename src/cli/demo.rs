@@ -151,6 +151,8 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
         "--yes",
         "--wait",
         "0",
+        "--check-url",
+        "https://{addr}/v1/health",
     ])?;
     with(&["promote", "1.46.0-wmf.1"])?;
     println!("\n== the train, by share of traffic: each step tops up to its percentage");

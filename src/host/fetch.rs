@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::proto::Fetched;
-use crate::net::client::{Client, FetchError};
+use crate::net::client::{Client, FetchError, PackItem};
 use crate::store::disk::Writer;
 use crate::store::tree::{MAX_DEPTH, MAX_TREE_LEN, TreeError};
 use crate::store::{Content, ObjectId, ObjectKind, Store, StoreError, Tree, TreeId, VersionId};
@@ -46,7 +46,49 @@ pub async fn fetch_pack(
     }
     let trees = std::sync::atomic::AtomicU64::new(0);
     let chunks = std::sync::atomic::AtomicU64::new(0);
-    let sink = |id: ObjectId, kind: ObjectKind, file: &[u8]| -> Result<(), StoreError> {
+    let sink = |id: ObjectId, item: PackItem<'_>| -> Result<(), StoreError> {
+        let max = |kind: ObjectKind| match kind {
+            ObjectKind::Chunk => u64::from(crate::store::chunk::CDC_MAX),
+            ObjectKind::Tree => MAX_TREE_LEN,
+        };
+        let (kind, file) = match item {
+            PackItem::Object { kind, file } => (kind, std::borrow::Cow::Borrowed(file)),
+            PackItem::Delta { base, kind, zstd } => {
+                if store.has(&id) {
+                    return Ok(());
+                }
+                // Without its base the delta is useless: the object is
+                // fetched whole afterwards.
+                let Ok(dict) = store.read(&base, kind) else {
+                    return Ok(());
+                };
+                let bad = |why: String| StoreError::Object {
+                    path: store.object_path(&id),
+                    source: crate::store::object::ObjectError::Corrupt { id, why },
+                };
+                let mut d = zstd::bulk::Decompressor::with_dictionary(&dict)
+                    .map_err(|e| bad(format!("delta: {e}")))?;
+                // The frame declares its size (the builder writes it):
+                // allocate that, never more than the kind allows.
+                let declared = zstd::zstd_safe::get_frame_content_size(zstd)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(max(kind));
+                let content = d
+                    .decompress(zstd, declared.min(max(kind)) as usize)
+                    .map_err(|e| bad(format!("delta against {base}: {e}")))?;
+                if kind.hash(&content) != id {
+                    return Err(bad(format!(
+                        "delta against {base} does not give the object"
+                    )));
+                }
+                (
+                    kind,
+                    std::borrow::Cow::Owned(crate::store::object::encode(kind, &content)),
+                )
+            }
+        };
+        let file: &[u8] = &file;
         match kind {
             ObjectKind::Chunk => {
                 if !store.has(&id) {

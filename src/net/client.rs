@@ -82,10 +82,39 @@ pub type Sink<'a> = dyn Fn(ObjectId, ObjectKind, u64, &[u8]) -> Result<(), Store
 /// have (a chunk's length from its tree; a bound for a tree).
 pub type Wanted = (ObjectId, ObjectKind, u64);
 
-/// Called with each object of a pack: (ID, kind from its header, object
-/// file). The sink verifies; `StoreError::Object` or `BadTree` means "the
-/// source sent a bad object".
-pub type PackSink<'a> = dyn Fn(ObjectId, ObjectKind, &[u8]) -> Result<(), StoreError> + Sync + 'a;
+/// Called with each object of a pack. The sink verifies; `StoreError::
+/// Object` or `BadTree` means "the source sent a bad object".
+pub type PackSink<'a> = dyn Fn(ObjectId, PackItem<'_>) -> Result<(), StoreError> + Sync + 'a;
+
+/// One object of a pack as it arrived.
+pub enum PackItem<'a> {
+    /// An object file, `kind` from its header.
+    Object { kind: ObjectKind, file: &'a [u8] },
+    /// A delta against `base` (which the receiver may lack: then it skips
+    /// it, and the object is fetched whole later).
+    Delta {
+        base: ObjectId,
+        kind: ObjectKind,
+        zstd: &'a [u8],
+    },
+}
+
+impl<'a> PackItem<'a> {
+    /// Parses a delta frame's payload: base ID, kind, zstd frame.
+    pub fn delta(payload: &'a [u8]) -> Option<PackItem<'a>> {
+        let base = ObjectId::from_bytes(payload.get(..32)?.try_into().ok()?);
+        let kind = match *payload.get(32)? {
+            0 => ObjectKind::Chunk,
+            1 => ObjectKind::Tree,
+            _ => return None,
+        };
+        Some(PackItem::Delta {
+            base,
+            kind,
+            zstd: payload.get(33..)?,
+        })
+    }
+}
 
 /// How a pack request ended.
 enum PackEnd {
@@ -278,22 +307,33 @@ impl Client {
             let mut arrived = Vec::new();
             while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
                 if let Some(file) = frame.file {
-                    arrived.push((frame.id, file));
+                    arrived.push((frame.id, frame.delta, file));
                 }
             }
             let stored: Vec<Result<(), SourceError>> = arrived
                 .par_iter()
-                .map(|(id, file)| {
-                    let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
-                    let kind = match crate::store::object::peek(*id, head) {
-                        Ok((kind, _)) => kind,
-                        Err(e) => {
-                            return Err(SourceError::Source(format!(
-                                "{url}: object {id} in the pack: {e}"
-                            )));
+                .map(|(id, delta, file)| {
+                    let item = if *delta {
+                        match PackItem::delta(file) {
+                            Some(item) => item,
+                            None => {
+                                return Err(SourceError::Source(format!(
+                                    "{url}: delta frame of {id} in the pack: malformed"
+                                )));
+                            }
+                        }
+                    } else {
+                        let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
+                        match crate::store::object::peek(*id, head) {
+                            Ok((kind, _)) => PackItem::Object { kind, file },
+                            Err(e) => {
+                                return Err(SourceError::Source(format!(
+                                    "{url}: object {id} in the pack: {e}"
+                                )));
+                            }
                         }
                     };
-                    sink(*id, kind, file).map_err(|e| match e {
+                    sink(*id, item).map_err(|e| match e {
                         StoreError::Object { .. } | StoreError::BadTree { .. } => {
                             SourceError::Source(format!(
                                 "{url}: served a corrupt object in the pack: {e}"
@@ -570,6 +610,11 @@ impl Client {
                             return Err(SourceError::Source(format!(
                                 "{url}: sent object {} twice",
                                 frame.id
+                            )));
+                        }
+                        if frame.delta {
+                            return Err(SourceError::Source(format!(
+                                "{url}: sent a delta frame in a batch (only packs have them)"
                             )));
                         }
                         if let Some(file) = frame.file {

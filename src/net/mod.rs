@@ -27,6 +27,11 @@ pub const MISSING: u8 = 1;
 /// Frame status: the last frame of a response (all-zero ID, length 0). A
 /// response without it was cut off, even if it ended between frames.
 pub const END: u8 = 2;
+/// Frame status (packs only): the object as a delta against another the
+/// receiver is expected to hold: base ID (32 bytes), kind (1 byte), then a
+/// zstd frame of the content compressed with the base's content as its
+/// dictionary.
+pub const DELTA: u8 = 3;
 /// zstd level of a compressed batch stream (`Accept-Encoding: zstd`).
 pub const STREAM_ZSTD_LEVEL: i32 = 3;
 /// Bytes before each frame's object: ID, status, u32 LE length.
@@ -36,8 +41,11 @@ pub const FRAME_HEADER: usize = ID_LEN + 1 + 4;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
     pub id: ObjectId,
-    /// The object file's bytes, or `None` when the server lacks it.
+    /// The object file's bytes, or `None` when the server lacks it. For a
+    /// delta frame, its payload (see [`DELTA`]).
     pub file: Option<Vec<u8>>,
+    /// Set for a delta frame.
+    pub delta: bool,
 }
 
 pub fn encode_end(out: &mut Vec<u8>) {
@@ -122,7 +130,10 @@ impl BatchDecoder {
         limit: &dyn Fn(&ObjectId) -> u64,
     ) -> Result<Option<Frame>, BatchError> {
         let avail = &self.buf[self.pos..];
-        if self.saw_magic && !self.saw_end && avail.len() >= FRAME_HEADER && avail[ID_LEN] == FOUND
+        if self.saw_magic
+            && !self.saw_end
+            && avail.len() >= FRAME_HEADER
+            && (avail[ID_LEN] == FOUND || avail[ID_LEN] == DELTA)
         {
             let id = ObjectId::from_bytes(avail[..ID_LEN].try_into().expect("32 bytes"));
             let len =
@@ -177,12 +188,35 @@ impl BatchDecoder {
                 Ok(Some(Frame {
                     id,
                     file: Some(file),
+                    delta: false,
+                }))
+            }
+            DELTA if len <= ID_LEN || len as u64 > crate::store::object::MAX_OBJECT_LEN + 64 => {
+                Err(BatchError::BadFrame(
+                    "a delta frame of an impossible length",
+                ))
+            }
+            DELTA => {
+                if avail.len() < FRAME_HEADER + len {
+                    return Ok(None);
+                }
+                let file = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
+                self.pos += FRAME_HEADER + len;
+                self.consumed += (FRAME_HEADER + len) as u64;
+                Ok(Some(Frame {
+                    id,
+                    file: Some(file),
+                    delta: true,
                 }))
             }
             MISSING if len == 0 => {
                 self.pos += FRAME_HEADER;
                 self.consumed += FRAME_HEADER as u64;
-                Ok(Some(Frame { id, file: None }))
+                Ok(Some(Frame {
+                    id,
+                    file: None,
+                    delta: false,
+                }))
             }
             END if len == 0 && !self.saw_end => {
                 self.pos += FRAME_HEADER;
@@ -235,10 +269,15 @@ mod tests {
                 frames,
                 vec![
                     Frame {
+                        delta: false,
                         id: a,
                         file: Some(b"hello".to_vec())
                     },
-                    Frame { id: b, file: None }
+                    Frame {
+                        id: b,
+                        file: None,
+                        delta: false
+                    }
                 ]
             );
         }

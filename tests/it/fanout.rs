@@ -523,3 +523,112 @@ fn staged_versions_make_each_step_a_switch() {
     }
     assert_eq!(by["stage"], 5, "{by:?}");
 }
+
+/// A PHP config file of about 400 KB, distinct per `seed`, in the shape of
+/// InitialiseSettings.php (one setting per few lines).
+fn config_file(seed: u64) -> Vec<u8> {
+    let n = noise(60_000, seed);
+    let mut out = b"<?php\nreturn [\n".to_vec();
+    let mut i = 0;
+    while out.len() < 400_000 {
+        let w = &n[(i * 4) % (n.len() - 4)..][..4];
+        out.extend_from_slice(
+            format!(
+                "'wg{seed}Setting{i}' => [\n\t'default' => {},\n\t'enwiki' => '{:02x}{:02x}{:02x}',\n],\n",
+                w[0], w[1], w[2], w[3]
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    out.extend_from_slice(b"];\n");
+    out
+}
+
+#[test]
+fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
+    let fleet = Fleet::start(2);
+    let mw = fleet.env.path("mw");
+    let names = [
+        "wmf-config/InitialiseSettings.php",
+        "wmf-config/CommonSettings.php",
+        "wmf-config/ProductionServices.php",
+    ];
+    let mut files: Vec<Vec<u8>> = (0..3).map(|k| config_file(k as u64 + 1)).collect();
+    for (name, data) in names.iter().zip(&files) {
+        write(&mw, name, data);
+    }
+    write(&mw, "index.php", b"<?php // v1\n");
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let mut fleet = fleet;
+    fleet.serve();
+    for i in 0..2 {
+        let (code, r) = fleet.sync_to(i, &v1);
+        assert_eq!(code, 200, "{r}");
+    }
+    // One line changed in the middle of each file.
+    for (name, data) in names.iter().zip(files.iter_mut()) {
+        let at = data.len() / 2;
+        let line = data[at..].iter().position(|&b| b == b'\n').unwrap() + at + 1;
+        data.splice(
+            line..line,
+            b"\t'wmgUseNewThing' => true, // T12345\n".iter().copied(),
+        );
+        write(&mw, name, data);
+    }
+    let v2 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+
+    // Host 0 holds v1: the pack sends each changed chunk (and each changed
+    // tree) as a delta against the one it replaces.
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    let f = &r["fetched"];
+    assert_eq!(f["pack"], true, "{r}");
+    let bytes = f["bytes"].as_u64().unwrap();
+    let pack = fs::read(fleet.env.store.join(format!("packs/{v1}-{v2}.pack"))).unwrap();
+    // 3 chunk deltas + the trees on the changed path, a few hundred bytes
+    // each at most: far below one whole 64 KiB-class chunk per file.
+    assert!(
+        (pack.len() as u64) < 6_000,
+        "a 3-line backport makes a {}-byte pack",
+        pack.len()
+    );
+    assert!(bytes < 12_000, "host 0 fetched {bytes} bytes: {r}");
+    for (name, data) in names.iter().zip(&files) {
+        assert_eq!(
+            &fs::read(fleet.live(0, "mediawiki").join(name)).unwrap(),
+            data
+        );
+    }
+
+    // Host 1 holds v1 but its store lost every object (a store that
+    // differs from what its version implies): the deltas' bases are not
+    // there, so the agent skips them and fetches those objects whole.
+    let objects = fleet.hosts[1].dir.join("store/objects");
+    let mut removed = 0;
+    for d in fs::read_dir(&objects).unwrap() {
+        let d = d.unwrap().path();
+        if d.is_dir() {
+            for f in fs::read_dir(&d).unwrap() {
+                fs::remove_file(f.unwrap().path()).unwrap();
+                removed += 1;
+            }
+        }
+    }
+    assert!(removed > 5, "{removed} objects removed");
+    let (code, r) = fleet.sync_to(1, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert!(
+        r["fetched"]["bytes"].as_u64().unwrap() > 100_000,
+        "the whole chunks came after all: {r}"
+    );
+    assert_eq!(fleet.current(1).as_deref(), Some(v2.as_str()));
+    for (name, data) in names.iter().zip(&files) {
+        assert_eq!(
+            &fs::read(fleet.live(1, "mediawiki").join(name)).unwrap(),
+            data
+        );
+    }
+    let (code, v) = fleet.get(1, "/v1/verify");
+    assert_eq!(code, 200, "{v}");
+}
