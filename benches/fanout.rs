@@ -239,6 +239,7 @@ fn rollouts(dir: &Path, n: usize, caches: bool) -> ([(f64, u64, u64); 2], Vec<f6
     let v1 = s.build();
     s.sync(&v1, &["--canary", "100%"]);
     std::thread::sleep(Duration::from_secs(3));
+    let _ = std::fs::write(dir.join("access.log"), "");
     let mut out = [(0.0, 0, 0); 2];
     for (k, kind) in ["train", "backport"].iter().enumerate() {
         let from = s.build();
@@ -263,10 +264,20 @@ fn rollouts(dir: &Path, n: usize, caches: bool) -> ([(f64, u64, u64); 2], Vec<f6
                 .split_whitespace()
                 .find(|w| w.starts_with('/'))
                 .unwrap_or("?");
-            let kind: String = path.split('/').take(3).collect::<Vec<_>>().join("/");
+            let status = l
+                .split_whitespace()
+                .skip_while(|w| !w.starts_with('/'))
+                .nth(1)
+                .unwrap_or("");
+            let kind: String = path.split('/').take(3).collect::<Vec<_>>().join("/") + " " + status;
             *kinds.entry(kind).or_default() += 1;
         }
         println!("  requests at the deploy host: {kinds:?}");
+        if std::env::var_os("SCAP_BENCH_DEBUG").is_some() {
+            for l in log.lines().filter(|l| l.contains("/v1/pack/")).take(8) {
+                println!("    {l}");
+            }
+        }
         std::thread::sleep(Duration::from_secs(3));
     }
     let mut steps = Vec::new();

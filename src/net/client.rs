@@ -100,6 +100,13 @@ pub enum PackItem<'a> {
 }
 
 impl<'a> PackItem<'a> {
+    /// The kind of object it gives.
+    pub fn kind(&self) -> ObjectKind {
+        match self {
+            PackItem::Object { kind, .. } | PackItem::Delta { kind, .. } => *kind,
+        }
+    }
+
     /// Parses a delta frame's payload: base ID, kind, zstd frame.
     pub fn delta(payload: &'a [u8]) -> Option<PackItem<'a>> {
         let base = ObjectId::from_bytes(payload.get(..32)?.try_into().ok()?);
@@ -310,43 +317,51 @@ impl Client {
                     arrived.push((frame.id, frame.delta, file));
                 }
             }
-            let stored: Vec<Result<(), SourceError>> = arrived
-                .par_iter()
-                .map(|(id, delta, file)| {
-                    let item = if *delta {
-                        match PackItem::delta(file) {
-                            Some(item) => item,
-                            None => {
-                                return Err(SourceError::Source(format!(
-                                    "{url}: delta frame of {id} in the pack: malformed"
-                                )));
-                            }
+            let mut items = Vec::with_capacity(arrived.len());
+            for (id, delta, file) in &arrived {
+                let item = if *delta {
+                    PackItem::delta(file).ok_or_else(|| {
+                        SourceError::Source(format!(
+                            "{url}: delta frame of {id} in the pack: malformed"
+                        ))
+                    })?
+                } else {
+                    let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
+                    match crate::store::object::peek(*id, head) {
+                        Ok((kind, _)) => PackItem::Object { kind, file },
+                        Err(e) => {
+                            return Err(SourceError::Source(format!(
+                                "{url}: object {id} in the pack: {e}"
+                            )));
                         }
-                    } else {
-                        let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
-                        match crate::store::object::peek(*id, head) {
-                            Ok((kind, _)) => PackItem::Object { kind, file },
-                            Err(e) => {
-                                return Err(SourceError::Source(format!(
-                                    "{url}: object {id} in the pack: {e}"
-                                )));
-                            }
-                        }
-                    };
-                    sink(*id, item).map_err(|e| match e {
-                        StoreError::Object { .. } | StoreError::BadTree { .. } => {
-                            SourceError::Source(format!(
-                                "{url}: served a corrupt object in the pack: {e}"
-                            ))
-                        }
-                        other => SourceError::Fatal(other),
-                    })
+                    }
+                };
+                items.push((*id, item));
+            }
+            let store_one = |(id, item): (ObjectId, PackItem<'_>)| {
+                sink(id, item).map_err(|e| match e {
+                    StoreError::Object { .. } | StoreError::BadTree { .. } => SourceError::Source(
+                        format!("{url}: served a corrupt object in the pack: {e}"),
+                    ),
+                    other => SourceError::Fatal(other),
                 })
-                .collect();
+            };
+            // Chunks in parallel; trees one by one in the pack's order
+            // (children before parents), so each finds what it lists
+            // already stored.
+            let (chunks, trees): (Vec<_>, Vec<_>) = items
+                .into_iter()
+                .partition(|(_, item)| item.kind() == ObjectKind::Chunk);
+            let n = chunks.len() + trees.len();
+            let stored: Vec<Result<(), SourceError>> =
+                chunks.into_par_iter().map(store_one).collect();
             for r in stored {
                 r?;
-                self.stats.objects.fetch_add(1, Ordering::Relaxed);
             }
+            for t in trees {
+                store_one(t)?;
+            }
+            self.stats.objects.fetch_add(n as u64, Ordering::Relaxed);
             *consumed = decoder.consumed;
         }
         match decoder.finish() {

@@ -262,6 +262,10 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     ok(&rollout(&v2, "10,50,100"));
     let packs = served(&log, &format!("GET /v1/pack/{v1}/{v2} "));
     assert_eq!(packs.len(), 2, "{packs:?}");
+    // The packs were complete: no host had to ask for anything else, so
+    // nothing uncacheable reached the deploy host.
+    let batches = served(&log, "POST /batch");
+    assert!(batches.is_empty(), "{batches:?}");
     assert_eq!(fleet.on(&v2).len(), 6);
     // Status: bytes per source in the last rollout.
     let st: serde_json::Value =
