@@ -63,10 +63,9 @@ pub fn etag(from: Option<&VersionId>, to: &VersionId) -> String {
 
 /// The objects of a pack, in pack order: chunks, then trees children
 /// first. Found by walking both versions side by side, path by path, and
-/// skipping every subtree whose ID is the same on both sides: the cost is
-/// in what changed. What is new at a path is included even if `from` has
-/// it elsewhere (a moved file), so the pack is everything a host holding
-/// `from` lacks, and a little more at worst.
+/// skipping every subtree whose ID is the same on both sides, and every
+/// object `from` holds anywhere (a moved file, a new branch copied from
+/// the old one): the pack is exactly what a host holding `from` lacks.
 /// Each with the object it replaces at the same place in `from` (a chunk
 /// of the file at the same path, a tree at the same path), if any: the
 /// base a delta can be made against.
@@ -75,6 +74,13 @@ pub fn objects(
     from: Option<&VersionId>,
     to: &VersionId,
 ) -> Result<Vec<(ObjectId, Option<ObjectId>)>, StoreError> {
+    // Everything a host holding `from` has, wherever it is in `from`: a
+    // train's new php-* branch is mostly the old branch's files at new
+    // paths, and none of those may travel again.
+    let held = match from {
+        Some(f) => reachable(store, f)?,
+        None => HashSet::new(),
+    };
     let mut chunks: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
     let mut seen_chunks: HashSet<ObjectId> = HashSet::new();
     let mut trees: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
@@ -90,7 +96,7 @@ pub fn objects(
             trees.push((new.object(), old.map(|o| o.object())));
             continue;
         }
-        if !seen_trees.insert(new) {
+        if !seen_trees.insert(new) || held.contains(&new.object()) {
             continue;
         }
         let new_tree = store.tree(&new)?;
@@ -98,12 +104,11 @@ pub fn objects(
             Some(o) => Some(store.tree(&o)?),
             None => None,
         };
-        let old_entry = |name: &crate::store::TreeName| {
-            old_tree
-                .as_ref()
-                .and_then(|t| t.entries().iter().find(|e| &e.name == name))
-                .map(|e| &e.content)
-        };
+        let old_entries: HashMap<&crate::store::TreeName, &Content> = old_tree
+            .as_ref()
+            .map(|t| t.entries().iter().map(|e| (&e.name, &e.content)).collect())
+            .unwrap_or_default();
+        let old_entry = |name: &crate::store::TreeName| old_entries.get(name).copied();
         stack.push((old, new, true));
         for e in new_tree.entries().iter().rev() {
             match &e.content {
@@ -117,7 +122,7 @@ pub fn objects(
                     let had: HashSet<ObjectId> = old_chunks.iter().copied().collect();
                     for (k, c) in cs.iter().enumerate() {
                         let o = c.id.object();
-                        if !had.contains(&o) && seen_chunks.insert(o) {
+                        if !had.contains(&o) && !held.contains(&o) && seen_chunks.insert(o) {
                             // The chunk it most likely replaces: the one at
                             // the same index (content-defined boundaries
                             // resynchronise after an edit), else the last.
@@ -131,7 +136,7 @@ pub fn objects(
                         Some(Content::Dir { tree, .. }) => Some(*tree),
                         _ => None,
                     };
-                    if old_sub != Some(*sub) {
+                    if old_sub != Some(*sub) && !held.contains(&sub.object()) {
                         stack.push((old_sub, *sub, false));
                     }
                 }
@@ -141,6 +146,29 @@ pub fn objects(
     }
     chunks.extend(trees);
     Ok(chunks)
+}
+
+/// Every object (trees and chunks) reachable from `v`'s root.
+fn reachable(store: &Store, v: &VersionId) -> Result<HashSet<ObjectId>, StoreError> {
+    let mut out: HashSet<ObjectId> = HashSet::new();
+    let mut stack = vec![v.root()];
+    out.insert(v.root().object());
+    while let Some(t) = stack.pop() {
+        for e in store.tree(&t)?.entries() {
+            match &e.content {
+                Content::File { chunks, .. } => {
+                    out.extend(chunks.iter().map(|c| c.id.object()));
+                }
+                Content::Dir { tree, .. } => {
+                    if out.insert(tree.object()) {
+                        stack.push(*tree);
+                    }
+                }
+                Content::Symlink { .. } => {}
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Builds the pack file (if it is not there yet) and returns its path.

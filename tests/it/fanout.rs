@@ -605,6 +605,24 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
         );
     }
 
+    // A train: the same files again under a new branch directory. Host 0
+    // holds every one of them (at other paths): the pack carries only the
+    // new trees.
+    for (name, data) in names.iter().zip(&files) {
+        write(&mw, &format!("php-1.46.0-wmf.2/{name}"), data);
+    }
+    let v3 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let (code, r) = fleet.sync_to(0, &v3);
+    assert_eq!(code, 200, "{r}");
+    let pack = fs::metadata(fleet.env.store.join(format!("packs/{v2}-{v3}.pack")))
+        .unwrap()
+        .len();
+    assert!(
+        pack < 2_000,
+        "a train of files the host holds: {pack}-byte pack"
+    );
+    assert_eq!(r["fetched"]["chunks"], 0, "{r}");
+
     // Host 1 holds v1 but its store lost every object (a store that
     // differs from what its version implies): the deltas' bases are not
     // there, so the agent skips them and fetches those objects whole.
