@@ -142,30 +142,15 @@ impl CatchUp<'_> {
                 format!("; {} failed: {}", failed.len(), failed.join(", "))
             }
         );
-        let entry = Entry {
-            time: crate::time::unix_now(),
-            user: self.by.clone(),
-            action: "catch-up".into(),
-            version: None,
-            target: None,
-            reached: None,
-            gates: None,
-            hosts: results
-                .iter()
-                .filter(|r| r.ok())
-                .map(|r| r.host.to_string())
-                .collect(),
-            failed: failed.clone(),
-            ok: failed.is_empty(),
-            message: message.clone(),
-            command: self.command.clone(),
-            change: None,
-            measurements: vec![],
-            sources: Default::default(),
-        };
-        if let Err(e) = history::append(&self.fleet_dir, &entry) {
-            tracing::warn!("cannot append to the deploy history: {e}");
-        }
+        let entry = Entry::outcome(
+            "catch-up",
+            &self.by,
+            &self.command,
+            &results,
+            &failed,
+            &message,
+        );
+        history::record(&self.fleet_dir, &entry);
         Ok(CatchUpOutcome {
             ok: failed.is_empty(),
             behind,

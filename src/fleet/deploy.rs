@@ -1115,9 +1115,7 @@ impl Rollout<'_> {
             measurements: std::mem::take(&mut *self.measured.lock().expect("not poisoned")),
             sources: std::mem::take(&mut *self.served.lock().expect("not poisoned")),
         };
-        if let Err(e) = history::append(&self.fleet_dir, &entry) {
-            tracing::warn!("cannot append to the deploy history: {e}");
-        }
+        history::record(&self.fleet_dir, &entry);
         o
     }
 }

@@ -44,6 +44,53 @@ pub struct Entry {
     pub sources: std::collections::BTreeMap<String, u64>,
 }
 
+impl Entry {
+    /// A fleet command's outcome, now: the hosts it changed (those of
+    /// `results` that succeeded) and the ones that failed. The caller sets
+    /// what else applies (version, target, share reached).
+    pub fn outcome<T>(
+        action: &str,
+        user: &str,
+        command: &str,
+        results: &[super::agents::HostResult<T>],
+        failed: &[String],
+        message: &str,
+    ) -> Entry {
+        Entry {
+            time: crate::time::unix_now(),
+            user: user.to_string(),
+            action: action.to_string(),
+            version: None,
+            target: None,
+            reached: None,
+            gates: None,
+            hosts: results
+                .iter()
+                .filter(|r| r.ok())
+                .map(|r| r.host.to_string())
+                .collect(),
+            failed: failed.to_vec(),
+            ok: failed.is_empty(),
+            message: message.to_string(),
+            command: command.to_string(),
+            change: None,
+            measurements: vec![],
+            sources: Default::default(),
+        }
+    }
+}
+
+/// Appends `entry` to the history; one that cannot be written is warned
+/// about, never fatal: what it records has happened.
+pub fn record(dir: &Path, entry: &Entry) {
+    if let Err(e) = append(dir, entry) {
+        tracing::warn!(
+            "cannot append to the deploy history {}: {e}",
+            path(dir).display()
+        );
+    }
+}
+
 pub fn path(dir: &Path) -> PathBuf {
     dir.join("history.jsonl")
 }

@@ -125,29 +125,18 @@ impl Promote<'_> {
             }
         }
         let entry = Entry {
-            time: crate::time::unix_now(),
-            user: self.by.clone(),
-            action: "promote".into(),
             version: Some(self.version),
-            target: None,
             reached: Some(share(on, total)),
-            gates: None,
-            hosts: results
-                .iter()
-                .filter(|r| r.ok())
-                .map(|r| r.host.to_string())
-                .collect(),
-            failed: failed.clone(),
-            ok: failed.is_empty(),
-            message: message.clone(),
-            command: self.command.clone(),
-            change: None,
-            measurements: vec![],
-            sources: Default::default(),
+            ..Entry::outcome(
+                "promote",
+                &self.by,
+                &self.command,
+                &results,
+                &failed,
+                &message,
+            )
         };
-        if let Err(e) = history::append(&self.fleet_dir, &entry) {
-            tracing::warn!("cannot append to the deploy history: {e}");
-        }
+        history::record(&self.fleet_dir, &entry);
         Ok(PromoteOutcome {
             ok: failed.is_empty(),
             results,

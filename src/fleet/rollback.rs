@@ -203,28 +203,17 @@ impl Rollback<'_> {
 
     fn record(&self, results: &[HostResult<HostOutcome>], failed: &[String], message: &str) {
         let entry = Entry {
-            time: crate::time::unix_now(),
-            user: self.by.clone(),
-            action: "rollback".into(),
             version: self.version,
             target: Some(self.to.to_string()),
-            reached: None,
-            gates: None,
-            hosts: results
-                .iter()
-                .filter(|r| r.ok())
-                .map(|r| r.host.to_string())
-                .collect(),
-            failed: failed.to_vec(),
-            ok: failed.is_empty(),
-            message: message.to_string(),
-            command: self.command.clone(),
-            change: None,
-            measurements: vec![],
-            sources: Default::default(),
+            ..Entry::outcome(
+                "rollback",
+                &self.by,
+                &self.command,
+                results,
+                failed,
+                message,
+            )
         };
-        if let Err(e) = history::append(&self.fleet_dir, &entry) {
-            tracing::warn!("cannot append to the deploy history: {e}");
-        }
+        history::record(&self.fleet_dir, &entry);
     }
 }

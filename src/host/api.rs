@@ -198,6 +198,35 @@ impl AgentState {
         })
     }
 
+    /// Every operation's prologue: the caller may do it (`need`), the body
+    /// parses, and the sources it names (if `sources` says how many may
+    /// be given) are http(s) URLs. The error is the answer to send.
+    fn admit<T: DeserializeOwned>(
+        &self,
+        caller: &Caller,
+        headers: &HeaderMap,
+        need: Need,
+        what: &str,
+        body: Result<Json<T>, JsonRejection>,
+        sources: impl FnOnce(&T) -> Option<(&[String], bool)>,
+    ) -> Result<T, Box<Response>> {
+        if let Some(r) = self.refuse(caller, headers, need) {
+            return Err(Box::new(r));
+        }
+        let req = self
+            .body(what, body)
+            .map_err(|e| Box::new(e.into_response()))?;
+        if let Some((given, may_be_empty)) = sources(&req)
+            && let Err(why) = check_sources(given, may_be_empty)
+        {
+            return Err(Box::new(json_error(
+                StatusCode::BAD_REQUEST,
+                format!("host {}: {what}: {why}", self.host()),
+            )));
+        }
+        Ok(req)
+    }
+
     fn running(&self) -> Option<Running> {
         self.running.lock().expect("not poisoned").clone()
     }
@@ -410,19 +439,12 @@ async fn sync(
     headers: HeaderMap,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("sync", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "sync", body, |r| {
+        Some((r.sources.as_slice(), false))
+    }) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Err(why) = check_sources(&req.sources, false) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            format!("host {}: sync: {why}", st.host()),
-        );
-    }
     let guard = match st.enter().await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -471,19 +493,12 @@ async fn rollback(
     headers: HeaderMap,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("rollback", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "rollback", body, |r| {
+        Some((r.sources.as_slice(), true))
+    }) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Err(why) = check_sources(&req.sources, true) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            format!("host {}: rollback: {why}", st.host()),
-        );
-    }
     let guard = st.enter_first(&req.by).await;
     let what = format!(
         "a rollback to {} by {}",
@@ -506,19 +521,12 @@ async fn stage(
     headers: HeaderMap,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("stage", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "stage", body, |r| {
+        Some((r.sources.as_slice(), false))
+    }) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Err(why) = check_sources(&req.sources, false) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            format!("host {}: stage: {why}", st.host()),
-        );
-    }
     let guard = match st.enter().await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -541,12 +549,9 @@ async fn restart(
     headers: HeaderMap,
     body: Result<Json<RestartRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("restart", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "restart", body, |_| None) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
     let guard = match st.enter().await {
         Ok(g) => g,
@@ -569,12 +574,9 @@ async fn pull(
     headers: HeaderMap,
     body: Result<Json<PullRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Reader) {
-        return r;
-    }
-    let req = match st.body("pull", body) {
+    let req = match st.admit(&caller, &headers, Need::Reader, "pull", body, |_| None) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
     let guard = match st.enter().await {
         Ok(g) => g,
@@ -703,12 +705,9 @@ async fn promote(
     headers: HeaderMap,
     body: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("promote", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "promote", body, |_| None) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
     let guard = match st.enter().await {
         Ok(g) => g,
@@ -731,12 +730,9 @@ async fn cancel(
     headers: HeaderMap,
     body: Result<Json<CancelRequest>, JsonRejection>,
 ) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
-    let req = match st.body("cancel", body) {
+    let req = match st.admit(&caller, &headers, Need::Deployer, "cancel", body, |_| None) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
     let running = st.running();
     if let Some(r) = &running {

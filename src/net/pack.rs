@@ -76,10 +76,16 @@ pub fn objects(
 ) -> Result<Vec<(ObjectId, Option<ObjectId>)>, StoreError> {
     // Everything a host holding `from` has, wherever it is in `from`: a
     // train's new php-* branch is mostly the old branch's files at new
-    // paths, and none of those may travel again.
-    let held = match from {
-        Some(f) => reachable(store, f)?,
-        None => HashSet::new(),
+    // paths, and none of those may travel again. Asked only about what is
+    // at a path `from` does not have (so a backport never walks all of
+    // `from`), and computed on the first such question.
+    let mut held: Option<HashSet<ObjectId>> = None;
+    let mut holds = |id: &ObjectId| -> Result<bool, StoreError> {
+        let Some(f) = from else { return Ok(false) };
+        if held.is_none() {
+            held = Some(reachable(store, f)?);
+        }
+        Ok(held.as_ref().is_some_and(|h| h.contains(id)))
     };
     let mut chunks: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
     let mut seen_chunks: HashSet<ObjectId> = HashSet::new();
@@ -96,7 +102,7 @@ pub fn objects(
             trees.push((new.object(), old.map(|o| o.object())));
             continue;
         }
-        if !seen_trees.insert(new) || held.contains(&new.object()) {
+        if !seen_trees.insert(new) || (old.is_none() && holds(&new.object())?) {
             continue;
         }
         let new_tree = store.tree(&new)?;
@@ -122,7 +128,10 @@ pub fn objects(
                     let had: HashSet<ObjectId> = old_chunks.iter().copied().collect();
                     for (k, c) in cs.iter().enumerate() {
                         let o = c.id.object();
-                        if !had.contains(&o) && !held.contains(&o) && seen_chunks.insert(o) {
+                        if had.contains(&o) || (old_chunks.is_empty() && holds(&o)?) {
+                            continue;
+                        }
+                        if seen_chunks.insert(o) {
                             // The chunk it most likely replaces: the one at
                             // the same index (content-defined boundaries
                             // resynchronise after an edit), else the last.
@@ -136,7 +145,7 @@ pub fn objects(
                         Some(Content::Dir { tree, .. }) => Some(*tree),
                         _ => None,
                     };
-                    if old_sub != Some(*sub) && !held.contains(&sub.object()) {
+                    if old_sub != Some(*sub) && (old_sub.is_some() || !holds(&sub.object())?) {
                         stack.push((old_sub, *sub, false));
                     }
                 }
