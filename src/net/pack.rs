@@ -12,9 +12,10 @@
 //! tree on a changed path), as a zstd delta against it when that is
 //! smaller: a one-line change to a 400 KB config file costs tens of bytes,
 //! not a 64 KiB chunk. Chunks come first, then trees in post-order (every
-//! tree after everything below it that the pack holds), so a host can store
-//! each object as it arrives and keep its store's invariant. The order is a pure function of the two versions, so
-//! a pack's bytes, and its ETag, are too.
+//! tree after everything below it that the pack holds), so a host can
+//! store each object as it arrives and keep its store's invariant. The
+//! order is a pure function of the two versions, so a pack's bytes, and
+//! its ETag, are too.
 //!
 //! Packs are built on first request (one build per pack, however many
 //! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
