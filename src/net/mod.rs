@@ -178,25 +178,12 @@ impl BatchDecoder {
             FOUND if len as u64 > crate::store::object::MAX_OBJECT_LEN + 64 => {
                 Err(BatchError::BadFrame("object larger than any object can be"))
             }
-            FOUND => {
-                if avail.len() < FRAME_HEADER + len {
-                    return Ok(None);
-                }
-                let file = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
-                self.pos += FRAME_HEADER + len;
-                self.consumed += (FRAME_HEADER + len) as u64;
-                Ok(Some(Frame {
-                    id,
-                    file: Some(file),
-                    delta: false,
-                }))
-            }
             DELTA if len <= ID_LEN || len as u64 > crate::store::object::MAX_OBJECT_LEN + 64 => {
                 Err(BatchError::BadFrame(
                     "a delta frame of an impossible length",
                 ))
             }
-            DELTA => {
+            FOUND | DELTA => {
                 if avail.len() < FRAME_HEADER + len {
                     return Ok(None);
                 }
@@ -206,7 +193,7 @@ impl BatchDecoder {
                 Ok(Some(Frame {
                     id,
                     file: Some(file),
-                    delta: true,
+                    delta: status == DELTA,
                 }))
             }
             MISSING if len == 0 => {
