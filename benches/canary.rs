@@ -33,18 +33,7 @@ fn main() {
         c.arg("--config").arg(&config);
         c
     };
-    let build = || {
-        let (_, out) = timed(
-            scap(&store)
-                .args(["build-manifest", "--component"])
-                .arg(format!("mediawiki={}", staging.display())),
-        );
-        out.lines()
-            .rev()
-            .find(|l| l.len() == 64)
-            .unwrap()
-            .to_string()
-    };
+    let build = || build_version(&mut scap(&store), "mediawiki", &staging).1;
     let v1 = build();
     let (mut server, server_url) =
         start_listening(scap(&store).args(tls_flags(&pki, "server")).args([

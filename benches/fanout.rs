@@ -20,14 +20,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// nginx running contrib/nginx/scap-cache.conf in `dir`, in front of
 /// `upstream` (host:port), with the lab's server certificate.
 fn nginx(dir: &Path, upstream: &str, pki: &Path) -> (Child, String) {
@@ -111,16 +103,7 @@ impl Site {
     }
 
     fn build(&self) -> String {
-        let (_, out) = timed(
-            self.scap()
-                .args(["build-manifest", "--component"])
-                .arg(format!("mediawiki={}", self.staging.display())),
-        );
-        out.lines()
-            .rev()
-            .find(|l| l.len() == 64)
-            .unwrap()
-            .to_string()
+        build_version(&mut self.scap(), "mediawiki", &self.staging).1
     }
 
     /// `scap sync` with `extra`: (seconds, deploy-host bytes).
@@ -362,24 +345,7 @@ fn main() {
     // Warm the caches: a first host of each datacenter.
     let (first, _) = s.sync(&v, &["--canary", "30%"]);
     println!("first hosts (cold caches): {first:.2} s");
-    let rsync_port = port();
-    let conf = dir.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\n[mw]\npath = {}\nread only = yes\n",
-            s.staging.display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={rsync_port}"))
-        .arg("--config")
-        .arg(&conf)
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut daemon, rsync_port) = rsync_daemon(&dir, &s.staging);
     let rsync = |to: &Path| {
         let _ = std::fs::remove_dir_all(to);
         timed(

@@ -14,18 +14,7 @@ use std::process::Command;
 use common::*;
 
 fn build(store: &Path, tree: &Path) -> (Run, String) {
-    let (run, out) = timed(
-        scap(store)
-            .args(["build-manifest", "--component"])
-            .arg(format!("tree={}", tree.display())),
-    );
-    let v = out
-        .lines()
-        .rev()
-        .find(|l| l.len() == 64)
-        .expect("a version ID")
-        .to_string();
-    (run, v)
+    build_version(&mut scap(store), "tree", tree)
 }
 
 fn casync_make(store: &Path, index: &Path, tree: &Path) -> Run {

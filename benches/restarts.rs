@@ -29,14 +29,6 @@ impl Drop for Etcd {
     }
 }
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn etcd(dir: &std::path::Path) -> Etcd {
     assert!(
         have("etcd"),
@@ -119,18 +111,7 @@ fn main() {
         c.arg("--config").arg(config);
         c
     };
-    let build = || {
-        let (_, out) = timed(
-            scap_cfg(&base_config)
-                .args(["build-manifest", "--component"])
-                .arg(format!("mediawiki={}", staging.display())),
-        );
-        out.lines()
-            .rev()
-            .find(|l| l.len() == 64)
-            .unwrap()
-            .to_string()
-    };
+    let build = || build_version(&mut scap_cfg(&base_config), "mediawiki", &staging).1;
     let v1 = build();
     let (mut server, url) = start_listening(
         scap_cfg(&base_config)

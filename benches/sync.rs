@@ -21,7 +21,6 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -197,14 +196,7 @@ impl Stack {
             cmd.arg("--sign-key").arg(self.pki.join("deploy.key"));
         }
         let (run, out) = timed(&mut cmd);
-        (
-            run.secs,
-            out.lines()
-                .rev()
-                .find(|l| l.len() == 64)
-                .unwrap()
-                .to_string(),
-        )
+        (run.secs, version_id(&out))
     }
 
     /// A sync request's body, with the signature as the controller sends it.
@@ -343,36 +335,7 @@ fn main() {
     let staging = tree.join("mediawiki-staging");
     std::thread::sleep(Duration::from_millis(1100));
 
-    // rsync daemon over the staging tree.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let conf = dir.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\n[mw]\npath = {}\nread only = yes\n",
-            staging.display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new("rsync")
-        .args([
-            "--daemon",
-            "--no-detach",
-            "--address=127.0.0.1",
-            &format!("--port={port}"),
-            "--config",
-        ])
-        .arg(&conf)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "rsync daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut daemon, port) = rsync_daemon(&dir, &staging);
     let rsync_dest = [dir.join("rsync-host0"), dir.join("rsync-host1")];
 
     let token = dir.join("token");

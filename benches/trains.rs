@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -52,16 +51,7 @@ impl Fleet {
     }
 
     fn build(&self) -> String {
-        let (_, out) = timed(
-            self.scap()
-                .args(["build-manifest", "--component"])
-                .arg(format!("mediawiki={}", self.staging.display())),
-        );
-        out.lines()
-            .rev()
-            .find(|l| l.len() == 64)
-            .unwrap()
-            .to_string()
+        build_version(&mut self.scap(), "mediawiki", &self.staging).1
     }
 
     /// `scap sync` of `v` to `share`, no gates (this measures transfer).
@@ -283,17 +273,7 @@ fn catch_up(table: &mut Table) {
         c.arg("--config").arg(&config);
         c
     };
-    let (_, out) = timed(
-        scap_cfg()
-            .args(["build-manifest", "--component"])
-            .arg(format!("mediawiki={}", staging.display())),
-    );
-    let v = out
-        .lines()
-        .rev()
-        .find(|l| l.len() == 64)
-        .unwrap()
-        .to_string();
+    let (_, v) = build_version(&mut scap_cfg(), "mediawiki", &staging);
     let (mut server, url) = start_listening(scap_cfg().args(tls_flags(&pki, "server")).args([
         "serve",
         "--listen",
@@ -330,32 +310,7 @@ fn catch_up(table: &mut Table) {
     let _ = agent.kill();
     let _ = agent.wait();
 
-    // rsync daemon over the staging tree.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let conf = dir.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\n[mw]\npath = {}\nread only = yes\n",
-            staging.display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg("--config")
-        .arg(&conf)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "rsync daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut daemon, port) = rsync_daemon(&dir, &staging);
     let rsync_to = dir.join("rsync-host");
     let rsync = || {
         let _ = std::fs::remove_dir_all(&rsync_to);

@@ -407,3 +407,64 @@ pub fn vm_hwm(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An rsync daemon on 127.0.0.1 serving `root` as module `mw`, once it
+/// accepts connections: (the daemon, its port). The caller kills it.
+pub fn rsync_daemon(dir: &Path, root: &Path) -> (std::process::Child, u16) {
+    assert!(
+        have("rsync"),
+        "rsync is not installed (apt-get install rsync)"
+    );
+    let port = port();
+    let conf = dir.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\n[mw]\npath = {}\nread only = yes\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg("--config")
+        .arg(&conf)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "rsync daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (daemon, port)
+}
+
+/// The version ID `scap build-manifest` printed: the last line of its
+/// stdout that is 64 hex digits.
+pub fn version_id(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no version ID in build-manifest's output:\n{out}"))
+        .to_string()
+}
+
+/// `cmd build-manifest --component NAME=TREE`, timed: (the run, the
+/// version ID).
+pub fn build_version(cmd: &mut Command, component: &str, tree: &Path) -> (Run, String) {
+    let (run, out) = timed(
+        cmd.args(["build-manifest", "--component"])
+            .arg(format!("{component}={}", tree.display())),
+    );
+    (run, version_id(&out))
+}

@@ -13,18 +13,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// A real nginx (Debian's) running contrib/nginx/scap-cache.conf, filled
 /// in, in a temp dir; stopped when dropped.
 struct Cache {

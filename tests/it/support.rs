@@ -791,3 +791,30 @@ pub fn ok_out(out: &Output) -> String {
     ok(out);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for servers that
+/// must be told their port: etcd, Prometheus, nginx).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits up to `secs` for `f`, polling; panics naming `what`.
+pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < until {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("gave up after {secs} s waiting for {what}");
+}
+
+/// A command's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -44,10 +44,6 @@ fn run_inv(fleet: &Fleet, inv: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// A train's staging tree: its own code, and the shared config.
 fn train_tree(dir: &Path, name: &str) {
     write(
@@ -72,18 +68,6 @@ fn train_tree(dir: &Path, name: &str) {
     );
     write(dir, "wmf-config/CommonSettings.php", b"<?php // common\n");
     write(dir, "docroot/robots.txt", b"User-agent: *\n");
-}
-
-/// Waits up to `secs` for `f`.
-fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < until {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("gave up after {secs} s waiting for {what}");
 }
 
 /// The share of traffic (percent) on each version, from `scap status`.
