@@ -365,8 +365,7 @@ impl Agent {
         may_go_back: bool,
         cancel: &Cancel,
     ) -> Result<Outcome, AgentError> {
-        let client = Client::new(self.fetch_http.clone(), &req.sources)
-            .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel);
+        let client = self.fetch_client(&req.sources);
         // Before fetching anything: nothing is fetched for a version this
         // host must refuse.
         let (signed_time, doc) = self.check_signature(
@@ -423,6 +422,13 @@ impl Agent {
         let mut outcome = self.switch_to(&req.version, &req.by, started, signed_time, cancel)?;
         outcome.fetched = fetched;
         Ok(outcome)
+    }
+
+    /// A client for fetching from `sources`, under this agent's bandwidth
+    /// cap and per-source parallelism.
+    fn fetch_client(&self, sources: &[String]) -> Client {
+        Client::new(self.fetch_http.clone(), sources)
+            .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel)
     }
 
     /// Brings `v`'s objects into the store: its delta pack from what this
@@ -619,8 +625,7 @@ impl Agent {
             return Ok(self.noop(req.version, from, slot, started));
         }
         let result: Result<Outcome, AgentError> = (|| {
-            let client = Client::new(self.fetch_http.clone(), &req.sources)
-                .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel);
+            let client = self.fetch_client(&req.sources);
             let (_, doc) = self.check_signature(
                 &req.version,
                 req.signature.clone(),
