@@ -6,11 +6,17 @@
 //! after a big switch).
 //!
 //! Run: `cargo bench --bench sync` (needs rsync; SCAP_BENCH_FILES, default
-//! 30000). scap runs twice side by side, each with its own store, server
-//! and agents: over TLS with client certificates (the default) and over
-//! plain HTTP (`--insecure-http`), both with signed versions. With
+//! 30000; 263000 is production's size). scap runs twice side by side, each
+//! with its own store, server and agents: over TLS with client certificates
+//! (the default) and over plain HTTP (`--insecure-http`, left out with
+//! SCAP_BENCH_PLAIN=0), both with signed versions. With
 //! `SCAP_BENCH_BASELINE=/path/to/an/older/scap`, that binary runs beside
 //! them (plain HTTP, its own flags) for a before/after comparison.
+//!
+//! Each row also gives the deploy host's build of that change (the TLS
+//! stack's: wall time and peak RSS), and the disk each host uses after it:
+//! the agent's whole directory (store, release slots, state) against the
+//! rsync host's tree, each inode counted once (`du`).
 //!
 //! Every deploy is measured on two hosts per tool that make the same
 //! transition, in the order A B C D D C B A (this disk's speed drifts);
@@ -90,7 +96,7 @@ impl Stack {
         dir: &Path,
         staging: &Path,
         token: &Path,
-    ) -> (Stack, f64, String) {
+    ) -> (Stack, Run, String) {
         std::fs::create_dir_all(dir).unwrap();
         let pki = dir.join("pki");
         if mode != Mode::Before {
@@ -127,7 +133,7 @@ impl Stack {
             dir: dir.to_path_buf(),
             http: http.build().unwrap(),
         };
-        let (secs, v) = s.build(staging);
+        let (run, v) = s.build(staging);
         let mut serve = Command::new(exe);
         serve
             .arg("--store")
@@ -144,7 +150,7 @@ impl Stack {
             let h = s.agent(&format!("host{i}"));
             s.hosts.push(h);
         }
-        (s, secs, v)
+        (s, run, v)
     }
 
     /// Transport flags for a process of `role` (server, agent).
@@ -183,8 +189,9 @@ impl Stack {
         Host { child, url, front }
     }
 
-    /// Builds (and signs) a version of `staging`: (seconds, version).
-    fn build(&self, staging: &Path) -> (f64, String) {
+    /// Builds (and signs) a version of `staging`: (time and peak RSS,
+    /// version).
+    fn build(&self, staging: &Path) -> (Run, String) {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--store").arg(&self.store);
         if self.mode != Mode::Before {
@@ -196,7 +203,7 @@ impl Stack {
             cmd.arg("--sign-key").arg(self.pki.join("deploy.key"));
         }
         let (run, out) = timed(&mut cmd);
-        (run.secs, version_id(&out))
+        (run, version_id(&out))
     }
 
     /// A sync request's body, with the signature as the controller sends it.
@@ -350,16 +357,20 @@ fn main() {
         &staging,
         &token,
     );
-    let (plain, _, v) = Stack::start(
-        "scap plain",
-        Mode::Plain,
-        exe,
-        &dir.join("plain"),
-        &staging,
-        &token,
-    );
-    assert_eq!(v, v1);
-    let mut stacks = vec![tls, plain];
+    let mut stacks = vec![tls];
+    let with_plain = std::env::var("SCAP_BENCH_PLAIN").as_deref() != Ok("0");
+    if with_plain {
+        let (plain, _, v) = Stack::start(
+            "scap plain",
+            Mode::Plain,
+            exe,
+            &dir.join("plain"),
+            &staging,
+            &token,
+        );
+        assert_eq!(v, v1);
+        stacks.push(plain);
+    }
     if let Some(before) = &baseline {
         let (s, _, v) = Stack::start(
             "before",
@@ -382,14 +393,26 @@ fn main() {
             "rsync bytes",
             "TLS / rsync time",
             "TLS / rsync bytes",
-            "TLS - plain",
-            "TLS / plain",
+        ]
+        .map(String::from),
+    );
+    if with_plain {
+        headers.extend(["TLS - plain", "TLS / plain"].map(String::from));
+    }
+    headers.extend(
+        [
+            "build (deploy host)",
+            "builder RSS",
+            "agent disk",
+            "rsync disk",
+            "agent disk / rsync",
         ]
         .map(String::from),
     );
     if baseline.is_some() {
         headers.push("TLS / before".into());
     }
+    let agent_dir = stacks[0].dir.join("host0");
     let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
     let mut table = Table::new(&header_refs);
     let mut current = v1.clone();
@@ -399,12 +422,14 @@ fn main() {
     let mut deploy = |name: &str, rounds: &[Option<(&str, u64)>], table: &mut Table| {
         let mut r = Vec::new();
         let mut per: Vec<Vec<(f64, u64)>> = vec![Vec::new(); stacks.len()];
+        let mut builds: Vec<Run> = Vec::new();
         for change in rounds {
             let v = match change {
                 Some((kind, seed)) => {
                     mutate(&tree, kind, *seed);
                     std::thread::sleep(Duration::from_millis(1100));
-                    let (_, v) = stacks[0].build(&staging);
+                    let (run, v) = stacks[0].build(&staging);
+                    builds.push(run);
                     for s in &stacks[1..] {
                         assert_eq!(s.build(&staging).1, v, "every stack makes the same version");
                     }
@@ -439,7 +464,6 @@ fn main() {
         let (rt, rb) = med(&mut r);
         let meds: Vec<(f64, u64)> = per.iter_mut().map(med).collect();
         let (tt, tb) = meds[0];
-        let pt = meds[1].0;
         let mut row = vec![name.to_string()];
         row.extend(meds.iter().map(|m| ms(m.0)));
         row.extend([
@@ -448,11 +472,27 @@ fn main() {
             mb(rb),
             format!("{:.2}", tt / rt),
             format!("{:.3}", tb as f64 / rb.max(1) as f64),
-            format!("{:+.1} ms", (tt - pt) * 1000.0),
-            format!("{:.2}", tt / pt),
         ]);
-        if meds.len() > 2 {
-            row.push(format!("{:.2}", tt / meds[2].0));
+        if with_plain {
+            let pt = meds[1].0;
+            row.extend([
+                format!("{:+.1} ms", (tt - pt) * 1000.0),
+                format!("{:.2}", tt / pt),
+            ]);
+        }
+        builds.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+        match builds.get(builds.len().saturating_sub(1) / 2) {
+            Some(b) => row.extend([ms(b.secs), format!("{} MB", b.rss_kib / 1024)]),
+            None => row.extend(["-".into(), "-".into()]),
+        }
+        let (agent_disk, rsync_disk) = (du(&agent_dir), du(&rsync_dest[0]));
+        row.extend([
+            mb(agent_disk),
+            mb(rsync_disk),
+            format!("{:.2}", agent_disk as f64 / rsync_disk.max(1) as f64),
+        ]);
+        if baseline.is_some() {
+            row.push(format!("{:.2}", tt / meds[stacks.len() - 1].0));
         }
         table.row(row);
     };
@@ -492,6 +532,28 @@ fn main() {
         ],
         &mut table,
     );
+    // A rollback to the previous release and a sync back to the live
+    // version: each a switch to a slot the agent holds, after a stat of
+    // every file in it (hardlinked slots: see host::share).
+    let mut back: Vec<f64> = Vec::new();
+    let mut forth: Vec<f64> = Vec::new();
+    for _ in 0..3 {
+        for (i, h) in stacks[0].hosts.iter().enumerate() {
+            let (code, secs) = stacks[0].post(
+                &format!("{}/v1/rollback", h.url),
+                serde_json::json!({"to": "previous", "by": "bench"}),
+            );
+            assert_eq!(code, 200);
+            stacks[0].settle(&h.url);
+            back.push(secs);
+            let (secs, _, out) = stacks[0].sync(i, &current);
+            assert_eq!(out["how"], "reused", "{out}");
+            forth.push(secs);
+        }
+    }
+    back.sort_by(f64::total_cmp);
+    forth.sort_by(f64::total_cmp);
+    println!("rollback to previous: {back:?}; back to live: {forth:?}");
     let cols = headers.len();
     let mut note = |text: String| {
         let mut cells = vec![text];
@@ -499,12 +561,20 @@ fn main() {
         table.row(cells);
     };
     note(format!(
-        "agent peak RSS during the fresh sync (TLS): {} MB",
-        hwm / 1024
+        "agent peak RSS during the fresh sync (TLS): {} MB; over the whole run above: {} MB",
+        hwm / 1024,
+        vm_hwm(stacks[0].hosts[0].child.id()) / 1024
     ));
     note(format!(
-        "build-manifest (deploy host, not in the times above): cold {}",
-        ms(first_build),
+        "build-manifest (deploy host, not in the times above): cold {}, peak RSS {} MB",
+        ms(first_build.secs),
+        first_build.rss_kib / 1024
+    ));
+    note(format!(
+        "rollback to the previous release (TLS, a switch after a stat of every file): median {}, worst {} (6 runs); sync back to the live version: median {}",
+        ms(back[(back.len() - 1) / 2]),
+        ms(back[back.len() - 1]),
+        ms(forth[(forth.len() - 1) / 2]),
     ));
 
     // A rollback while the agent is busy: a fresh-host fetch of the whole

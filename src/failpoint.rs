@@ -2,7 +2,10 @@
 //! in its environment, a scap process kills itself with SIGKILL (as `kill
 //! -9` would: no cleanup, no `Drop`) when it reaches the point called
 //! `<name>`; with `SCAP_FAILPOINT=<name>:pause=<ms>` it sleeps there
-//! instead, so a test can start a racing command inside that window.
+//! instead, so a test can start a racing command inside that window;
+//! with `SCAP_FAILPOINT=<name>:errno=<n>` the system call made at a point
+//! that asks for [`errno`] fails with error `n` (a filesystem without
+//! hardlinks, say), every time.
 //! Without the variable a point costs one cached lookup. The points are
 //! listed in ARCHITECTURE.md ("Crash points").
 
@@ -12,22 +15,38 @@ use std::time::Duration;
 enum Act {
     Die,
     Pause(Duration),
+    Errno(i32),
+}
+
+fn want() -> &'static Option<(String, Act)> {
+    static WANT: OnceLock<Option<(String, Act)>> = OnceLock::new();
+    WANT.get_or_init(|| {
+        let v = std::env::var("SCAP_FAILPOINT").ok()?;
+        Some(if let Some((n, ms)) = v.split_once(":pause=") {
+            (
+                n.to_string(),
+                Act::Pause(Duration::from_millis(ms.parse().unwrap_or(1000))),
+            )
+        } else if let Some((n, e)) = v.split_once(":errno=") {
+            (n.to_string(), Act::Errno(e.parse().unwrap_or(5)))
+        } else {
+            (v, Act::Die)
+        })
+    })
+}
+
+/// The error the system call at point `name` is to fail with, if
+/// `SCAP_FAILPOINT` says `name:errno=<n>`.
+pub fn errno(name: &str) -> Option<i32> {
+    match want() {
+        Some((n, Act::Errno(e))) if n == name => Some(*e),
+        _ => None,
+    }
 }
 
 /// Dies (or pauses) here if `SCAP_FAILPOINT` names this point.
 pub fn hit(name: &str) {
-    static WANT: OnceLock<Option<(String, Act)>> = OnceLock::new();
-    let want = WANT.get_or_init(|| {
-        let v = std::env::var("SCAP_FAILPOINT").ok()?;
-        Some(match v.split_once(":pause=") {
-            Some((n, ms)) => (
-                n.to_string(),
-                Act::Pause(Duration::from_millis(ms.parse().unwrap_or(1000))),
-            ),
-            None => (v, Act::Die),
-        })
-    });
-    match want {
+    match want() {
         Some((n, Act::Die)) if n == name => {
             let _ = rustix::process::kill_process(
                 rustix::process::getpid(),

@@ -10,7 +10,9 @@
 //!   name (a symlink included) is an error, never a target; a file being
 //!   replaced is unlinked first (the slot is not live, so no reader sees
 //!   the gap); there are no temporary names a tree could collide with;
-//! - modes are set with `fchmod` on the opened file, never by path;
+//! - modes are set with `fchmod` on the file just created, never by path,
+//!   and never on an existing file (it may be a hardlink shared with the
+//!   live slot: see [`super::share`]);
 //! - removal is `unlinkat` of a name in an opened directory, descending
 //!   only through directories opened with `O_NOFOLLOW`.
 //!
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
+use super::share;
 use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
 use crate::store::fsutil::SyncSet;
@@ -141,21 +144,6 @@ impl Dir {
         Ok(File::from(fd))
     }
 
-    /// Sets the executable bit of regular file `name`, and nothing else.
-    pub fn chmod_file(
-        &self,
-        name: &[u8],
-        executable: bool,
-        sync: &SyncSet,
-    ) -> Result<(), StoreError> {
-        let f = self.open_file(name)?;
-        rustix::fs::fchmod(&f, Mode::from_raw_mode(file_mode(executable)))
-            .map_err(io_err)
-            .at(&self.child(name))?;
-        sync.add(f);
-        Ok(())
-    }
-
     /// What `name` is, without following it; `None` if absent.
     pub fn kind(&self, name: &[u8]) -> Result<Option<FileType>, StoreError> {
         match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -234,7 +222,27 @@ pub fn file_mode(executable: bool) -> u32 {
 pub struct Applied {
     pub files_written: u64,
     pub bytes_written: u64,
+    /// Files hardlinked from the reference slot instead of written.
+    pub files_linked: u64,
     pub removed: u64,
+}
+
+/// How [`apply`] writes files.
+pub struct Options<'a> {
+    /// The mtime (unix seconds) of every file written: the slot's seal
+    /// minus one (see [`super::share`]).
+    pub mtime: i64,
+    /// A slot to hardlink unchanged files from.
+    pub reference: Option<Reference<'a>>,
+}
+
+/// The slot files are hardlinked from: a file is linked when this slot's
+/// version has the same content and mode at the same path, and the file
+/// there passes [`super::share`]'s check against `seal`.
+pub struct Reference<'a> {
+    pub root: &'a Dir,
+    pub tree: TreeId,
+    pub seal: i64,
 }
 
 /// The directories a walk has visited, by index (0 is the root): each
@@ -331,20 +339,26 @@ struct Write1 {
     dir: u32,
     name: TreeName,
     content: Content,
+    /// The reference slot holds the same file at the same path.
+    link: bool,
 }
 
 /// Files written per parallel task (each reopens the directories on its
 /// files' paths).
-const WRITES_PER_TASK: usize = 64;
+pub(crate) const WRITES_PER_TASK: usize = 64;
 
 /// Turns directory `root`, which holds tree `old` (or is empty), into tree
 /// `new`: removals, directories and symlinks first, in tree order, then the
-/// files in parallel. Everything it changed is added to `sync`.
+/// files in parallel, each hardlinked from `opts.reference` when it can be.
+/// No inode is ever changed in place (it may be shared with other slots):
+/// a changed file, or one whose mode changes, is a new one. Everything it
+/// changed is added to `sync`.
 pub fn apply(
     store: &Store,
     root: Dir,
     old: Option<&TreeId>,
     new: &TreeId,
+    opts: &Options<'_>,
     sync: &SyncSet,
     cancel: &Cancel,
 ) -> Result<Applied, StoreError> {
@@ -352,6 +366,7 @@ pub fn apply(
         store,
         sync,
         cancel,
+        linking: opts.reference.is_some(),
         arena: Arena::new(),
         touched: Touched(Default::default()),
         writes: Vec::new(),
@@ -360,7 +375,8 @@ pub fn apply(
     let root_idx = w
         .arena
         .push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
-    w.structure(&root, root_idx, old, new, 0)?;
+    let refr = opts.reference.as_ref().map(|r| r.tree);
+    w.structure(&root, root_idx, old, new, refr.as_ref(), 0)?;
     crate::failpoint::hit("agent:slot-half-written");
     let Walk {
         arena,
@@ -369,22 +385,41 @@ pub fn apply(
         mut applied,
         ..
     } = w;
-    let sizes: Vec<u64> = writes
+    let done: Vec<(u64, u64)> = writes
         .par_chunks(WRITES_PER_TASK)
         .map(|chunk| {
             let mut cursor = Cursor::new(&root, &arena);
-            let mut total = 0;
+            let mut from = opts
+                .reference
+                .as_ref()
+                .map(|r| (Cursor::new(r.root, &arena), r.seal));
+            let (mut bytes, mut linked) = (0, 0);
             for w in chunk {
                 cancel.check()?;
                 let dir = cursor.dir(w.dir)?;
                 touched.mark(w.dir, dir, sync)?;
-                total += write_file(store, dir, w, sync)?;
+                let was_linked = match (&mut from, w.link) {
+                    // A reference directory that cannot be opened (edited
+                    // by hand) only means writing the file.
+                    (Some((src, seal)), true) => match src.dir(w.dir) {
+                        Ok(src) => share::link(src, dir, w.name.as_bytes(), &w.content, *seal)?,
+                        Err(_) => false,
+                    },
+                    _ => false,
+                };
+                if was_linked {
+                    linked += 1;
+                } else {
+                    bytes += write_file(store, dir, &w.name, &w.content, opts.mtime, sync)?;
+                }
             }
-            Ok(total)
+            Ok((bytes, linked))
         })
         .collect::<Result<_, StoreError>>()?;
-    applied.files_written += writes.len() as u64;
-    applied.bytes_written += sizes.iter().sum::<u64>();
+    let linked: u64 = done.iter().map(|d| d.1).sum();
+    applied.files_linked += linked;
+    applied.files_written += writes.len() as u64 - linked;
+    applied.bytes_written += done.iter().map(|d| d.0).sum::<u64>();
     Ok(applied)
 }
 
@@ -393,6 +428,8 @@ struct Walk<'a> {
     store: &'a Store,
     sync: &'a SyncSet,
     cancel: &'a Cancel,
+    /// Whether there is a reference slot to link from.
+    linking: bool,
     arena: Arena,
     touched: Touched,
     writes: Vec<Write1>,
@@ -406,6 +443,7 @@ impl Walk<'_> {
         idx: u32,
         old: Option<&TreeId>,
         new: &TreeId,
+        refr: Option<&TreeId>,
         depth: usize,
     ) -> Result<(), StoreError> {
         if old == Some(new) {
@@ -422,6 +460,11 @@ impl Walk<'_> {
         }
         let old_tree = old.map(|t| self.store.tree(t)).transpose()?;
         let new_tree = self.store.tree(new)?;
+        // The reference's directory at this path, if it is one.
+        let ref_tree = match refr {
+            Some(t) if self.linking => Some(self.store.tree(t)?),
+            _ => None,
+        };
         if let Some(old_tree) = &old_tree {
             for e in old_tree.entries() {
                 if new_tree.get(e.name.as_bytes()).is_none() {
@@ -437,21 +480,21 @@ impl Walk<'_> {
                 .as_ref()
                 .and_then(|t| t.get(name))
                 .map(|e| &e.content);
+            let there = ref_tree
+                .as_ref()
+                .and_then(|t| t.get(name))
+                .map(|e| &e.content);
+            let ref_sub = match there {
+                Some(Content::Dir { tree, .. }) => Some(tree),
+                _ => None,
+            };
             match (before, &e.content) {
                 (Some(a), b) if a == b => {}
                 (Some(Content::Dir { tree: a, .. }), Content::Dir { tree: b, .. }) => {
                     let sub = dir.subdir(name)?;
                     let sub_idx = self.arena.push(idx, e.name.clone());
-                    self.structure(&sub, sub_idx, Some(a), b, depth + 1)?;
+                    self.structure(&sub, sub_idx, Some(a), b, ref_sub, depth + 1)?;
                 }
-                (
-                    Some(Content::File { chunks: a, .. }),
-                    Content::File {
-                        chunks: b,
-                        executable,
-                        ..
-                    },
-                ) if a == b => dir.chmod_file(name, *executable, self.sync)?,
                 (before, new) => {
                     if before.is_some() {
                         dir.remove(name)?;
@@ -463,7 +506,7 @@ impl Walk<'_> {
                             let sub = dir.mkdir(name)?;
                             self.touched.mark(idx, dir, self.sync)?;
                             let sub_idx = self.arena.push(idx, e.name.clone());
-                            self.structure(&sub, sub_idx, None, tree, depth + 1)?;
+                            self.structure(&sub, sub_idx, None, tree, ref_sub, depth + 1)?;
                         }
                         Content::Symlink { target } => {
                             dir.symlink(name, target)?;
@@ -473,6 +516,7 @@ impl Walk<'_> {
                             dir: idx,
                             name: e.name.clone(),
                             content: file.clone(),
+                            link: there == Some(file),
                         }),
                     }
                 }
@@ -482,19 +526,41 @@ impl Walk<'_> {
     }
 }
 
-fn write_file(store: &Store, dir: &Dir, w: &Write1, sync: &SyncSet) -> Result<u64, StoreError> {
+/// Creates file `name` (which must not exist) in `dir` with `content`,
+/// its mode, and mtime `mtime`; returns its size.
+pub(crate) fn write_file(
+    store: &Store,
+    dir: &Dir,
+    name: &TreeName,
+    content: &Content,
+    mtime: i64,
+    sync: &SyncSet,
+) -> Result<u64, StoreError> {
     let Content::File {
         executable, size, ..
-    } = &w.content
+    } = content
     else {
-        unreachable!("only files are queued")
+        unreachable!("only files are written")
     };
-    let name = w.name.as_bytes();
+    let name = name.as_bytes();
     let path = dir.child(name);
     let f = dir.create_file(name, *executable)?;
     let mut out = BufWriter::with_capacity(256 * 1024, f);
-    store.write_file(&w.content, &mut out, &path)?;
+    store.write_file(content, &mut out, &path)?;
     let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
+    let t = rustix::fs::Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    rustix::fs::futimens(
+        &f,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )
+    .map_err(io_err)
+    .at(&path)?;
     sync.add(f);
     Ok(*size)
 }

@@ -29,6 +29,7 @@ pub mod fetch;
 pub mod materialize;
 pub mod proto;
 pub mod release;
+pub mod share;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -1027,13 +1028,20 @@ impl Agent {
                     .prepare_spare(&self.store, &cur.version, &keep, cancel)?
             {
                 tracing::debug!(
-                    "spare slot {} brought to {} ({}, {} files)",
+                    "spare slot {} brought to {} ({}, {} files written, {} linked)",
                     p.slot,
                     cur.version.short(),
                     p.how,
-                    p.files_written
+                    p.files_written,
+                    p.files_linked
                 );
             }
+        }
+        // The next deploy checks the spare slot, which holds the live
+        // version: list its files now, off the deploy's path.
+        if let Some(cur) = &st.current {
+            self.releases
+                .prefetch_files(&self.store, &cur.version, cancel)?;
         }
         self.collect_garbage(cancel)?;
         // A fresh release matches its version; checking it here gives the

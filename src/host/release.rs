@@ -22,14 +22,16 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::materialize::{self, Dir};
+use super::share;
 use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
 use crate::store::fsutil::{SyncSet, atomic_write, sync_dir};
-use crate::store::{Store, StoreError, VersionId};
+use crate::store::{Store, StoreError, TreeId, VersionId};
 
 /// Most release slots an agent keeps (`--slots`).
 pub const MAX_SLOTS: usize = 8;
@@ -46,6 +48,12 @@ pub struct SlotMeta {
     /// Unix seconds of the last time it was made or switched to.
     #[serde(default)]
     pub used: u64,
+    /// When the operation that last wrote it began ([`share`]'s seal):
+    /// every file in it untouched since has an older mtime. None for a slot
+    /// written before slots shared files: it holds its own copies and is
+    /// never linked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,13 +95,24 @@ pub struct Prepared {
     pub how: How,
     pub files_written: u64,
     pub bytes_written: u64,
+    /// Files hardlinked from the live slot.
+    pub files_linked: u64,
+    /// Files found changed by hand through a shared inode and rewritten.
+    pub repaired: u64,
     pub removed: u64,
 }
 
 pub struct Releases {
     dir: PathBuf,
     slots: Vec<String>,
+    /// The file lists of the last few versions checked ([`share`]), newest
+    /// last: a deploy's check is then only its `stat`s.
+    lists: std::sync::Mutex<Vec<(TreeId, Arc<share::FileList>)>>,
 }
+
+/// File lists kept: the live version's (the spare holds it) and the
+/// previous one's (rollback).
+const LISTS_KEPT: usize = 2;
 
 impl Releases {
     /// `slots` is from [`MIN_SLOTS`] to [`MAX_SLOTS`] (the agent's
@@ -108,7 +127,73 @@ impl Releases {
         let slots = (0..slots)
             .map(|i| char::from(b'a' + i as u8).to_string())
             .collect();
-        Ok(Releases { dir, slots })
+        Ok(Releases {
+            dir,
+            slots,
+            lists: Default::default(),
+        })
+    }
+
+    /// The file list of version root `tree`, from the cache or its trees.
+    fn files(
+        &self,
+        store: &Store,
+        tree: &TreeId,
+        cancel: &Cancel,
+    ) -> Result<Arc<share::FileList>, StoreError> {
+        let mut lists = self.lists.lock().expect("not poisoned");
+        if let Some(at) = lists.iter().position(|(t, _)| t == tree) {
+            let hit = lists.remove(at);
+            let list = hit.1.clone();
+            lists.push(hit);
+            return Ok(list);
+        }
+        let list = Arc::new(share::FileList::new(store, tree, cancel)?);
+        if lists.len() >= LISTS_KEPT {
+            lists.remove(0);
+        }
+        lists.push((*tree, list.clone()));
+        Ok(list)
+    }
+
+    /// Checks slot `root`, which holds `v` sealed at `seal`, for files
+    /// changed through a shared inode and rewrites them with mtime
+    /// `mtime` ([`share`]); returns how many.
+    #[allow(clippy::too_many_arguments)]
+    fn check_and_repair(
+        &self,
+        store: &Store,
+        root: &Dir,
+        v: &VersionId,
+        seal: i64,
+        mtime: i64,
+        sync: &SyncSet,
+        cancel: &Cancel,
+    ) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
+        let list = self.files(store, &v.root(), cancel)?;
+        let listed = started.elapsed();
+        let suspects = share::check(root, &list, seal, cancel)?;
+        tracing::debug!(
+            "checked {} files of {} in {:?} (file list: {listed:?}): {} to rewrite",
+            list.len(),
+            root.path().display(),
+            started.elapsed(),
+            suspects.len()
+        );
+        share::repair(store, root, &list, &suspects, mtime, sync, cancel)
+    }
+
+    /// Builds (and keeps) `v`'s file list ahead of the deploy that will
+    /// check it: the agent calls this after bringing the spare slot to the
+    /// live version, in the background.
+    pub fn prefetch_files(
+        &self,
+        store: &Store,
+        v: &VersionId,
+        cancel: &Cancel,
+    ) -> Result<(), StoreError> {
+        self.files(store, &v.root(), cancel).map(|_| ())
     }
 
     pub fn path(&self, slot: &str) -> PathBuf {
@@ -127,6 +212,7 @@ impl Releases {
                 version: None,
                 clean: false,
                 used: 0,
+                sealed: None,
             })
     }
 
@@ -166,14 +252,63 @@ impl Releases {
         cancel: &Cancel,
     ) -> Result<Prepared, StoreError> {
         if let Some(slot) = self.find(v) {
-            return Ok(Prepared {
-                slot,
-                how: How::Reused,
-                ..Default::default()
-            });
+            match self.recheck(store, &slot, cancel) {
+                Ok(repaired) => {
+                    return Ok(Prepared {
+                        slot,
+                        how: How::Reused,
+                        repaired,
+                        ..Default::default()
+                    });
+                }
+                Err(e) if content_mismatch(&e) => {
+                    tracing::warn!(
+                        "release slot {slot} does not hold version {} as its record says ({e}): rewriting it in full",
+                        v.short()
+                    );
+                    let mut meta = self.meta(&slot);
+                    meta.clean = false;
+                    return self.prepare_into(store, v, Slot { name: slot, meta }, cancel);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let slot = self.choose(keep, stable);
         self.prepare_into(store, v, slot, cancel)
+    }
+
+    /// Checks a clean slot about to be switched to as it is (a rollback)
+    /// for files changed through an inode it shares ([`share`]), and
+    /// rewrites them; returns how many. Keeps its seal: rewritten files get
+    /// an mtime before it.
+    fn recheck(&self, store: &Store, slot: &str, cancel: &Cancel) -> Result<u64, StoreError> {
+        let meta = self.meta(slot);
+        let (Some(v), Some(seal)) = (meta.version, meta.sealed) else {
+            return Ok(0);
+        };
+        let releases = Dir::open(&self.dir)?;
+        let root = releases.subdir(slot.as_bytes())?;
+        let list = self.files(store, &v.root(), cancel)?;
+        let suspects = share::check(&root, &list, seal, cancel)?;
+        if suspects.is_empty() {
+            return Ok(0);
+        }
+        self.set_meta(
+            slot,
+            &SlotMeta {
+                clean: false,
+                ..meta.clone()
+            },
+        )?;
+        let sync = SyncSet::default();
+        let repaired = share::repair(store, &root, &list, &suspects, seal - 1, &sync, cancel)?;
+        sync.sync(&releases, &self.dir)?;
+        tracing::warn!(
+            "release slot {slot} (version {}): {repaired} file(s) changed by hand through a shared inode, rewritten from the store",
+            v.short()
+        );
+        self.set_meta(slot, &meta)?;
+        Ok(repaired)
     }
 
     /// Brings the spare slot (one not in `keep`) to `v` ahead of time, so
@@ -225,6 +360,7 @@ impl Releases {
         slot: Slot,
         cancel: &Cancel,
     ) -> Result<Prepared, StoreError> {
+        let seal = share::seal_now();
         let base = match (slot.meta.clean, slot.meta.version) {
             (true, Some(old)) if store.has(&old.object()) => Some(old),
             _ => None,
@@ -232,14 +368,41 @@ impl Releases {
         self.set_meta(
             &slot.name,
             &SlotMeta {
-                version: slot.meta.version,
                 clean: false,
-                used: slot.meta.used,
+                ..slot.meta.clone()
             },
         )?;
         let releases = Dir::open(&self.dir)?;
         let name = slot.name.as_bytes();
         let sync = SyncSet::default();
+        // Unchanged files are hardlinked from the live slot, when it is
+        // clean, sealed and its version is in the store.
+        let live = self
+            .dir
+            .parent()
+            .and_then(live_slot)
+            .filter(|l| *l != slot.name)
+            .map(|l| (self.meta(&l), l))
+            .and_then(|(m, l)| match (m.clean, m.version, m.sealed) {
+                (true, Some(lv), Some(ls)) if store.has(&lv.object()) => Some((l, lv, ls)),
+                _ => None,
+            });
+        let live_root = match &live {
+            Some((l, ..)) => releases.subdir(l.as_bytes()).ok(),
+            None => None,
+        };
+        let opts = materialize::Options {
+            mtime: seal - 1,
+            reference: live
+                .as_ref()
+                .zip(live_root.as_ref())
+                .map(|((_, lv, ls), root)| materialize::Reference {
+                    root,
+                    tree: lv.root(),
+                    seal: *ls,
+                }),
+        };
+        let mut repaired = 0;
         let full = |sync: &SyncSet| -> Result<(How, materialize::Applied), StoreError> {
             materialize::remove_if_present(&releases, name)?;
             let root = releases.mkdir(name)?;
@@ -256,14 +419,31 @@ impl Releases {
                 .map_err(std::io::Error::from)
                 .at(&self.dir)?,
             );
-            let applied = materialize::apply(store, root, None, &v.root(), sync, cancel)?;
+            let applied = materialize::apply(store, root, None, &v.root(), &opts, sync, cancel)?;
             Ok((How::Full, applied))
         };
         let result = match base {
             Some(old) => releases
                 .subdir(name)
                 .and_then(|root| {
-                    materialize::apply(store, root, Some(&old.root()), &v.root(), &sync, cancel)
+                    // Files the diff leaves in place must not carry a hand
+                    // edit made through an inode they share with the live
+                    // slot ([`share`]); those written before slots shared
+                    // anything (no seal) are the slot's own.
+                    if let Some(old_seal) = slot.meta.sealed {
+                        repaired = self.check_and_repair(
+                            store, &root, &old, old_seal, seal - 1, &sync, cancel,
+                        )?;
+                    }
+                    materialize::apply(
+                        store,
+                        root,
+                        Some(&old.root()),
+                        &v.root(),
+                        &opts,
+                        &sync,
+                        cancel,
+                    )
                 })
                 .map(|a| (How::Diff, a))
                 .or_else(|e| {
@@ -298,13 +478,22 @@ impl Releases {
                 version: Some(*v),
                 clean: true,
                 used: crate::time::unix_now(),
+                sealed: Some(seal),
             },
         )?;
+        if repaired > 0 {
+            tracing::warn!(
+                "release slot {}: {repaired} file(s) changed by hand through a shared inode, rewritten from the store",
+                slot.name
+            );
+        }
         Ok(Prepared {
             slot: slot.name,
             how,
             files_written: applied.files_written,
             bytes_written: applied.bytes_written,
+            files_linked: applied.files_linked,
+            repaired,
             removed: applied.removed,
         })
     }

@@ -42,6 +42,7 @@ mod inspect;
 mod integrity;
 mod manifest;
 mod production;
+mod share;
 mod support;
 mod trains;
 mod transport;

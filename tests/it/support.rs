@@ -232,10 +232,14 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` and waits until it prints its `http://` address
     /// (readiness, not a sleep).
-    pub fn start(mut cmd: Command) -> Proc {
+    pub fn start(cmd: Command) -> Proc {
+        Proc::start_logging(cmd, std::process::Stdio::inherit())
+    }
+
+    /// [`Proc::start`], its stderr sent to `stderr` (a log file to read).
+    pub fn start_logging(mut cmd: Command, stderr: std::process::Stdio) -> Proc {
         use std::io::BufRead;
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit());
+        cmd.stdout(std::process::Stdio::piped()).stderr(stderr);
         let mut child = cmd.spawn().expect("spawn");
         let stdout = child.stdout.take().unwrap();
         let mut lines = std::io::BufReader::new(stdout).lines();
@@ -467,6 +471,23 @@ impl Fleet {
             self.hosts[i].extra.clone(),
         );
         self.hosts[i].proc = self.agent_proc_env(&name, &dir, "127.0.0.1:0", &extra, env);
+    }
+
+    /// Restarts host `i`'s agent with `env` added, its log (stderr) going
+    /// to file `log`.
+    pub fn restart_logged(&mut self, i: usize, env: &[(&str, &str)], log: &Path) {
+        self.hosts[i].proc.kill();
+        let h = &self.hosts[i];
+        let cmd = self.agent_command(
+            Command::new(SCAP),
+            &h.name,
+            &h.dir,
+            "127.0.0.1:0",
+            &h.extra,
+            env,
+        );
+        let log = fs::File::create(log).unwrap();
+        self.hosts[i].proc = Proc::start_logging(cmd, log.into());
     }
 
     pub fn serve(&mut self) -> String {

@@ -1,0 +1,322 @@
+//! One copy on disk: release slots share unchanged files as hardlinks, and
+//! a hand edit of the live tree (which, through a shared inode, shows in
+//! other slots too) never reaches what a deploy writes or a rollback
+//! restores.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::support::*;
+
+/// Release slots of the agent in `dir`: name -> (version, clean).
+fn slots(dir: &Path) -> BTreeMap<String, (Option<String>, bool)> {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(dir.join("releases")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            let m: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+            out.insert(
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                (
+                    m["version"].as_str().map(str::to_string),
+                    m["clean"].as_bool().unwrap(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn live_slot(dir: &Path) -> String {
+    fs::read_link(dir.join("current"))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Waits until a clean slot other than the live one holds the live version
+/// (the agent's background work after a switch).
+fn wait_for_spare(dir: &Path, version: &str) {
+    wait_for(60, "the spare slot to reach the live version", || {
+        let live = live_slot(dir);
+        slots(dir)
+            .iter()
+            .any(|(n, (v, clean))| *n != live && *clean && v.as_deref() == Some(version))
+    });
+}
+
+/// Bytes of the regular files below `roots`, each inode counted once
+/// (what `du` counts), and how many files have more than one link.
+fn unique_bytes(roots: &[PathBuf]) -> (u64, u64) {
+    fn go(p: &Path, seen: &mut HashSet<(u64, u64)>, bytes: &mut u64, shared: &mut u64) {
+        for e in fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                go(&e.path(), seen, bytes, shared);
+            } else if m.is_file() {
+                if m.nlink() > 1 {
+                    *shared += 1;
+                }
+                if seen.insert((m.dev(), m.ino())) {
+                    *bytes += m.len();
+                }
+            }
+        }
+    }
+    let (mut seen, mut bytes, mut shared) = (HashSet::new(), 0, 0);
+    for root in roots {
+        go(root, &mut seen, &mut bytes, &mut shared);
+    }
+    (bytes, shared)
+}
+
+/// The release slots of the agent in `dir` (their records left out).
+fn slot_dirs(dir: &Path) -> Vec<PathBuf> {
+    slots(dir)
+        .keys()
+        .map(|s| dir.join("releases").join(s))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// A tree of 60 files of 4 KiB, one per version-specific line.
+fn tree(root: &Path, tag: &str) {
+    let _ = fs::remove_dir_all(root);
+    sample_tree(root);
+    for i in 0..60 {
+        let mut data = noise(4096, i);
+        data.extend_from_slice(format!("\n// {tag}\n").as_bytes());
+        write(
+            root,
+            &format!("includes/libs/f{i:02}.php"),
+            if i < 3 { &data } else { &data[..4096] },
+        );
+    }
+}
+
+/// Writes `content` into the existing file at `path`, in place (the inode
+/// stays: what vim does to a file with several links, and `>`).
+fn edit_in_place(path: &Path, content: &[u8]) {
+    let ino = fs::metadata(path).unwrap().ino();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.write_all(content).unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(path).unwrap().ino(), ino, "edited in place");
+}
+
+struct Versions {
+    staging: PathBuf,
+    /// A copy of the staging tree of each version.
+    trees: BTreeMap<String, PathBuf>,
+}
+
+impl Versions {
+    fn build(&mut self, fleet: &Fleet, tag: &str) -> String {
+        tree(&self.staging, tag);
+        let v = fleet.env.build(&[("mediawiki", &self.staging)], &[]);
+        let copy = fleet.env.path(&format!("copy-{tag}"));
+        copy_tree(&self.staging, &copy);
+        self.trees.insert(v.clone(), copy);
+        v
+    }
+
+    /// Every clean slot of host `dir` but `except` holds exactly its
+    /// version.
+    fn check_slots(&self, dir: &Path, except: &[&str], when: &str) {
+        for (name, (v, clean)) in slots(dir) {
+            let (Some(v), true) = (v, clean) else {
+                continue;
+            };
+            if except.contains(&name.as_str()) {
+                continue;
+            }
+            same(
+                &dir.join("releases").join(&name).join("mediawiki"),
+                &self.trees[&v],
+                &format!("{when}: slot {name} holds version {v}"),
+            );
+        }
+    }
+}
+
+/// Fails naming the paths where trees `a` and `b` differ.
+fn same(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (snapshot(a), snapshot(b));
+    let differ: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(differ.is_empty(), "{what}: differs at {differ:?}");
+}
+
+#[test]
+fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions {
+        staging: fleet.env.path("staging"),
+        trees: BTreeMap::new(),
+    };
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    let v3 = vs.build(&fleet, "v3");
+    fleet.serve();
+
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "full");
+    wait_for_spare(&dir, &v1);
+    // The spare slot is the live one, linked: one copy on disk.
+    let (tree_bytes, _) = unique_bytes(&[vs.trees[&v1].clone()]);
+    let (bytes, shared) = unique_bytes(&slot_dirs(&dir));
+    assert!(shared > 60, "files are shared between slots: {shared}");
+    assert_eq!(bytes, tree_bytes, "two slots of v1 take one tree's bytes");
+
+    // A backport (three files change) writes only those files.
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "diff", "{r}");
+    assert_eq!(r["files_written"], 3, "{r}");
+    wait_for_spare(&dir, &v2);
+    let (bytes, _) = unique_bytes(&slot_dirs(&dir));
+    assert!(
+        bytes < tree_bytes + 4 * 4200,
+        "three slots after a backport hold the tree once plus the changed files: {bytes} for a {tree_bytes}-byte tree"
+    );
+    vs.check_slots(&dir, &[], "after the backport");
+
+    // A hand edit of a live file that v1, v2 and v3 share: through the
+    // shared inode it shows in the previous and spare slots too.
+    let live = fleet.live(0, "mediawiki");
+    let hacked = live.join("includes/libs/f30.php");
+    let true_content = fs::read(&hacked).unwrap();
+    assert!(fs::metadata(&hacked).unwrap().nlink() >= 2);
+    edit_in_place(&hacked, b"<?php die('live hack');\n");
+    let previous = live_slot(&dir);
+    let elsewhere: Vec<String> = slots(&dir)
+        .keys()
+        .filter(|s| **s != previous)
+        .filter(|s| {
+            fs::read(
+                dir.join("releases")
+                    .join(s)
+                    .join("mediawiki/includes/libs/f30.php"),
+            )
+            .ok()
+                == Some(b"<?php die('live hack');\n".to_vec())
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !elsewhere.is_empty(),
+        "the edit shows in another slot through the shared inode"
+    );
+    // Drift reports it.
+    let out = fleet
+        .env
+        .raw(&["verify", "--live", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("M\tmediawiki/includes/libs/f30.php\t(content differs)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The next deploy goes to the spare slot, which shares the edited
+    // inode: the new release has the true content.
+    let (code, r) = fleet.sync_to(0, &v3);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        fs::read(live.join("includes/libs/f30.php")).unwrap(),
+        true_content
+    );
+    same(&live, &vs.trees[&v3], "v3 is live, true");
+    // The slot that was live keeps the hack (drift's to report) ...
+    assert_eq!(
+        fs::read(
+            dir.join("releases")
+                .join(&previous)
+                .join("mediawiki/includes/libs/f30.php")
+        )
+        .unwrap(),
+        b"<?php die('live hack');\n"
+    );
+    // ... and a rollback to it restores the true content.
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v2.as_str()));
+    same(&live, &vs.trees[&v2], "rolled back to true v2");
+    let out = fleet
+        .env
+        .raw(&["verify", "--live", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A mode changed by hand on a shared inode is the same case; and the
+    // agent never changes a shared inode itself (a version whose only
+    // change is an exec bit gets a new file).
+    let edited = live_slot(&dir);
+    let run = live.join("maintenance/run.php");
+    fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": v3, "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    same(&live, &vs.trees[&v3], "rolled forward to true v3");
+    wait_for_spare(&dir, &v3);
+    // Every slot but the one edited while live holds its true version.
+    vs.check_slots(&dir, &[&edited], "after the rollbacks");
+}
+
+#[test]
+fn without_hardlinks_slots_get_copies_and_it_is_said_once() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions {
+        staging: fleet.env.path("staging"),
+        trees: BTreeMap::new(),
+    };
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    fleet.serve();
+    // The filesystem refuses every link (EPERM, as one without hardlinks).
+    let log = fleet.env.path("agent.log");
+    fleet.restart_logged(0, &[("SCAP_FAILPOINT", "agent:link:errno=1")], &log);
+    for v in [&v1, &v2] {
+        let (code, r) = fleet.sync_to(0, v);
+        assert_eq!(code, 200, "{r}");
+        wait_for_spare(&dir, v);
+    }
+    vs.check_slots(&dir, &[], "with copies");
+    let (_, shared) = unique_bytes(&slot_dirs(&dir));
+    assert_eq!(shared, 0, "no file is shared");
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("cannot hardlink").count(),
+        1,
+        "said once: {text}"
+    );
+    assert!(text.contains("writing a copy instead"), "{text}");
+}
