@@ -47,6 +47,20 @@ pub fn batch_decode(data: &[u8]) {
         }
     }
     let _ = d.finish();
+    // The same bytes as a pack (format 3): segments never decompress past
+    // their bound, and what they hold goes through the batch decoder.
+    let mut segments = crate::net::pack::SegmentReader::default();
+    let mut d = BatchDecoder::default();
+    for piece in [&data[..split], &data[split..]] {
+        segments.push(piece);
+        while let Ok(Some(raw)) = segments.next_segment() {
+            assert!(raw.len() <= crate::net::pack::MAX_SEGMENT);
+            d.push(&raw);
+            while let Ok(Some(f)) = d.next_frame_within(&|_| 1000) {
+                assert!(f.file.is_none_or(|b| b.len() <= 1000));
+            }
+        }
+    }
 }
 
 /// Hostile agent answers: the controller's parsing of every answer type

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rayon::prelude::*;
 
+use super::pack::SegmentReader;
 use super::tls::{TlsError, Transport};
 use super::{BatchDecoder, BatchError, MAX_BATCH_IDS};
 use crate::store::id::{ObjectId, ObjectKind};
@@ -239,7 +240,7 @@ impl Client {
         sink: &PackSink<'_>,
     ) -> Result<bool, FetchError> {
         let path = format!(
-            "/v1/pack/{}/{}",
+            "/v1/pack3/{}/{}",
             from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
             to.to_hex()
         );
@@ -288,11 +289,15 @@ impl Client {
         if status == 404 {
             return Ok(PackEnd::NotHere);
         }
-        let mut decoder = match status {
-            206 if *consumed > 0 => BatchDecoder::resumed(*consumed),
+        // Segments, each a piece of one batch body (net::pack).
+        let (mut segments, mut decoder) = match status {
+            206 if *consumed > 0 => (
+                SegmentReader::resumed(*consumed),
+                BatchDecoder::resumed(*consumed),
+            ),
             // The whole pack (a source that ignores ranges): what was
             // stored already is stored again, harmlessly.
-            200 => BatchDecoder::default(),
+            200 => (SegmentReader::default(), BatchDecoder::default()),
             _ => {
                 return Err(SourceError::Source(format!("{url}: HTTP {status}")));
             }
@@ -305,16 +310,24 @@ impl Client {
                 Err(e) => {
                     return Err(SourceError::Source(format!(
                         "retry: {url}: cut off after {} bytes ({e}); resuming",
-                        decoder.consumed
+                        segments.consumed
                     )));
                 }
             };
             self.received(i, piece.len()).await;
-            decoder.push(&piece);
+            segments.push(&piece);
             let mut arrived = Vec::new();
-            while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
-                if let Some(file) = frame.file {
-                    arrived.push((frame.id, frame.delta, file));
+            while let Some(raw) = segments
+                .next_segment()
+                .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
+            {
+                decoder.push(&raw);
+                while let Some(frame) =
+                    decoder.next_frame_within(&limit).map_err(|e| bad(url, e))?
+                {
+                    if let Some(file) = frame.file {
+                        arrived.push((frame.id, frame.delta, file));
+                    }
                 }
             }
             let mut items = Vec::with_capacity(arrived.len());
@@ -362,13 +375,20 @@ impl Client {
                 store_one(t)?;
             }
             self.stats.objects.fetch_add(n as u64, Ordering::Relaxed);
-            *consumed = decoder.consumed;
+            // Everything in the whole segments read so far is stored: a
+            // resumed request starts after them. (A segment ends at a frame
+            // boundary, so the batch decoder has nothing pending then.)
+            *consumed = segments.consumed;
+            // A source that always has more ready would otherwise never
+            // let this future be interrupted (the fetch deadline, a
+            // rollback's cancel): give way between pieces.
+            tokio::task::yield_now().await;
         }
-        match decoder.finish() {
-            Ok(()) => Ok(PackEnd::Done),
-            Err(_) => Err(SourceError::Source(format!(
+        match decoder.finish().ok().filter(|()| segments.is_empty()) {
+            Some(()) => Ok(PackEnd::Done),
+            None => Err(SourceError::Source(format!(
                 "retry: {url}: ended after {} bytes, before the end of the pack; resuming",
-                decoder.consumed
+                segments.consumed
             ))),
         }
     }

@@ -1,21 +1,27 @@
 //! Delta packs: every object a host that holds version `from` needs for
 //! version `to`, as one immutable file with a cacheable URL
-//! (`GET /v1/pack/<from>/<to>`, `/v1/pack/empty/<to>` for a fresh host).
+//! (`GET /v1/pack3/<from>/<to>`, `/v1/pack3/empty/<to>` for a fresh host).
 //! Every host that moves between the same two versions makes the same
 //! request, so an ordinary HTTP cache in front of `scap serve` answers all
 //! but the first.
 //!
-//! A pack is a batch body (store-format.md, "HTTP protocol"): the batch
-//! magic, one frame per object, the end frame. Objects are stored as the
-//! store keeps them (each compressed on its own), or, when an object
-//! replaces one at the same place in `from` (a chunk of an edited file, a
-//! tree on a changed path), as a zstd delta against it when that is
-//! smaller: a one-line change to a 400 KB config file costs tens of bytes,
-//! not a 64 KiB chunk. Chunks come first, then trees in post-order (every
-//! tree after everything below it that the pack holds), so a host can
-//! store each object as it arrives and keep its store's invariant. The
-//! order is a pure function of the two versions, so a pack's bytes, and
-//! its ETag, are too.
+//! A pack (format 3) is a batch body (store-format.md, "HTTP protocol"):
+//! the batch magic, one frame per object, the end frame, cut at frame
+//! boundaries into segments of about [`SEGMENT`] bytes, each compressed as
+//! one zstd frame and written as its compressed length (u32 LE) and that
+//! frame. Objects inside are uncompressed (compression byte 0), so small
+//! files compress against each other, as in rsync's `--compress` stream:
+//! a fresh host receives fewer bytes than rsync sends. A segment is also
+//! the unit of resumption: an interrupted pack is asked for again from the
+//! end of the last whole segment. An object that replaces one at the same
+//! place in `from` (a chunk of an edited file, a tree on a changed path)
+//! is sent as a zstd delta against it when that is smaller: a one-line
+//! change to a 400 KB config file costs tens of bytes, not a 64 KiB chunk.
+//! Chunks come first, then trees in post-order (every tree after
+//! everything below it that the pack holds), so a host can store each
+//! object as it arrives and keep its store's invariant. The order and the
+//! segments are a pure function of the two versions, so a pack's bytes,
+//! and its ETag, are too.
 //!
 //! Packs are built on first request (one build per pack, however many
 //! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
@@ -31,10 +37,23 @@ use super::{BATCH_MAGIC, encode_end, encode_frame_header};
 use crate::store::tree::Content;
 use crate::store::{ObjectId, Store, StoreError, TreeId, VersionId};
 
-/// Pack format version, in the ETag (a change of order or encoding makes
-/// new ETags). 2: objects changed in place (a chunk or tree at the same
-/// path in `from`) may be sent as deltas against their predecessor.
-pub const PACK_FORMAT: u32 = 2;
+/// Pack format version, in the URL, the file name and the ETag (a change of
+/// order or encoding makes new ones). 2: objects changed in place (a chunk
+/// or tree at the same path in `from`) may be sent as deltas against their
+/// predecessor. 3: the body is cut into zstd-compressed segments, objects
+/// inside them uncompressed.
+pub const PACK_FORMAT: u32 = 3;
+
+/// Raw bytes of batch body per segment, at least (a segment ends at the
+/// first frame boundary past it).
+pub const SEGMENT: usize = 1 << 20;
+
+/// Most raw bytes a segment may hold (a receiver refuses more): the target
+/// plus the largest frame (a tree).
+pub const MAX_SEGMENT: usize = SEGMENT + crate::store::tree::MAX_TREE_LEN as usize + (64 << 10);
+
+/// zstd level of segments (as a compressed batch stream).
+const SEGMENT_LEVEL: i32 = super::STREAM_ZSTD_LEVEL;
 
 /// zstd level of delta frames (small inputs: the best ratio is cheap).
 const DELTA_LEVEL: i32 = 19;
@@ -44,10 +63,11 @@ pub fn path(store: &Store, from: Option<&VersionId>, to: &VersionId) -> PathBuf 
     store.root().join("packs").join(name(from, to))
 }
 
-/// `<from>-<to>.pack` (`empty-<to>.pack`).
+/// `<from>-<to>.3.pack` (`empty-<to>.3.pack`): the format is in the name,
+/// so that a pack of an older format left in the store is never served.
 pub fn name(from: Option<&VersionId>, to: &VersionId) -> String {
     format!(
-        "{}-{}.pack",
+        "{}-{}.{PACK_FORMAT}.pack",
         from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
         to.to_hex()
     )
@@ -211,38 +231,155 @@ pub fn build(
     };
     {
         let f = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(BATCH_MAGIC).map_err(io)?;
-        let mut head = Vec::new();
+        let mut w = Segments {
+            out: std::io::BufWriter::with_capacity(1 << 20, f),
+            raw: Vec::with_capacity(SEGMENT + (64 << 10)),
+            full: Vec::new(),
+        };
+        w.raw.extend_from_slice(BATCH_MAGIC);
         for (id, base) in &list {
             let file = store
                 .read_raw(id)?
                 .ok_or_else(|| StoreError::UnknownVersion(format!("{id} (an object of {to})")))?;
-            head.clear();
             match base.and_then(|b| delta(store, id, &b, &file, &mut dictionaries).transpose()) {
                 Some(payload) => {
                     let payload = payload?;
-                    encode_frame_header(&mut head, id, Some(&payload));
-                    let at = head.len() - super::FRAME_HEADER + crate::store::id::ID_LEN;
-                    head[at] = super::DELTA;
-                    w.write_all(&head).map_err(io)?;
-                    w.write_all(&payload).map_err(io)?;
+                    let at = w.raw.len() + crate::store::id::ID_LEN;
+                    encode_frame_header(&mut w.raw, id, Some(&payload));
+                    w.raw[at] = super::DELTA;
+                    w.raw.extend_from_slice(&payload);
                 }
                 None => {
-                    encode_frame_header(&mut head, id, Some(&file));
-                    w.write_all(&head).map_err(io)?;
-                    w.write_all(&file).map_err(io)?;
+                    let file = crate::store::object::uncompressed(*id, &file);
+                    encode_frame_header(&mut w.raw, id, Some(&file));
+                    w.raw.extend_from_slice(&file);
                 }
             }
+            w.frame_done().map_err(io)?;
         }
-        head.clear();
-        encode_end(&mut head);
-        w.write_all(&head).map_err(io)?;
-        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+        encode_end(&mut w.raw);
+        let f = w.finish().map_err(io)?;
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, &p).map_err(io)?;
     Ok(p)
+}
+
+/// Writes a pack's segments: frames accumulate in `raw`; each time it
+/// passes [`SEGMENT`] it becomes a segment, and a few whole segments are
+/// compressed at once, in parallel, then written in order.
+struct Segments {
+    out: std::io::BufWriter<std::fs::File>,
+    raw: Vec<u8>,
+    full: Vec<Vec<u8>>,
+}
+
+impl Segments {
+    /// Called after each whole frame.
+    fn frame_done(&mut self) -> std::io::Result<()> {
+        if self.raw.len() >= SEGMENT {
+            let next = Vec::with_capacity(SEGMENT + (64 << 10));
+            self.full.push(std::mem::replace(&mut self.raw, next));
+            if self.full.len() >= 8 {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        let compressed: Vec<Vec<u8>> = self
+            .full
+            .par_iter()
+            .map(|raw| zstd::bulk::compress(raw, SEGMENT_LEVEL))
+            .collect::<std::io::Result<_>>()?;
+        for z in compressed {
+            self.out.write_all(&(z.len() as u32).to_le_bytes())?;
+            self.out.write_all(&z)?;
+        }
+        self.full.clear();
+        Ok(())
+    }
+
+    /// Writes what is left (the last segment holds the end frame).
+    fn finish(mut self) -> std::io::Result<std::fs::File> {
+        let last = std::mem::take(&mut self.raw);
+        self.full.push(last);
+        self.flush()?;
+        self.out.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// Reads a pack's segments as its bytes arrive: each whole segment,
+/// decompressed (bounded by [`MAX_SEGMENT`]), is a piece of a batch body.
+#[derive(Default)]
+pub struct SegmentReader {
+    /// Pack bytes taken out as whole segments: where to resume.
+    pub consumed: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// What is wrong with a pack's segments.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SegmentError {
+    #[error("pack segment of {0} compressed bytes: more than a segment can be")]
+    TooLarge(u64),
+    #[error("pack segment does not decompress within {MAX_SEGMENT} bytes: {0}")]
+    Corrupt(String),
+}
+
+impl SegmentReader {
+    /// A reader for the rest of a pack whose first `consumed` bytes (whole
+    /// segments) were read before.
+    pub fn resumed(consumed: u64) -> SegmentReader {
+        SegmentReader {
+            consumed,
+            ..SegmentReader::default()
+        }
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole segment's raw bytes, if it has arrived.
+    pub fn next_segment(&mut self) -> Result<Option<Vec<u8>>, SegmentError> {
+        let avail = &self.buf[self.pos..];
+        let Some(len) = avail.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if len > zstd::zstd_safe::compress_bound(MAX_SEGMENT) {
+            return Err(SegmentError::TooLarge(len as u64));
+        }
+        // Every segment holds at least one frame: an empty one is garbage
+        // (and a stream of them would be consumed forever).
+        if len == 0 {
+            return Err(SegmentError::Corrupt("an empty segment".into()));
+        }
+        let Some(z) = avail.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let raw = zstd::bulk::decompress(z, MAX_SEGMENT)
+            .map_err(|e| SegmentError::Corrupt(e.to_string()))?;
+        if raw.is_empty() {
+            return Err(SegmentError::Corrupt("an empty segment".into()));
+        }
+        self.pos += 4 + len;
+        self.consumed += 4 + len as u64;
+        Ok(Some(raw))
+    }
+
+    /// Whether every byte received was part of a whole segment.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
 }
 
 /// A delta frame's payload for object `id` (its object file `file`)
@@ -346,6 +483,8 @@ pub fn retain(store: &Store, keep: &[VersionId]) -> std::io::Result<u64> {
         let Some(stem) = n.strip_suffix(".pack") else {
             continue;
         };
+        // `<from>-<to>.<format>` (format 2's had no suffix).
+        let stem = stem.split_once('.').map_or(stem, |(s, _)| s);
         let ok = stem
             .split_once('-')
             .is_some_and(|(a, b)| (a == "empty" || keep.contains(a)) && keep.contains(b));
@@ -402,7 +541,48 @@ pub fn is_pack(p: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Unsatisfiable, range};
+    use super::{MAX_SEGMENT, SegmentError, SegmentReader, Unsatisfiable, range};
+
+    fn segment(raw: &[u8]) -> Vec<u8> {
+        let z = zstd::bulk::compress(raw, 3).unwrap();
+        let mut out = (z.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&z);
+        out
+    }
+
+    #[test]
+    fn segments_arrive_whole_and_bounded() {
+        let mut pack = segment(b"first");
+        pack.extend(segment(b"second"));
+        let mut r = SegmentReader::default();
+        // Byte by byte: a segment comes out only once it is whole.
+        let mut got = Vec::new();
+        for b in &pack {
+            r.push(std::slice::from_ref(b));
+            while let Some(raw) = r.next_segment().unwrap() {
+                got.push(raw);
+            }
+        }
+        assert_eq!(got, vec![b"first".to_vec(), b"second".to_vec()]);
+        assert_eq!(r.consumed, pack.len() as u64);
+        assert!(r.is_empty());
+        // A bomb: a few KB that would decompress past the bound.
+        let mut r = SegmentReader::default();
+        r.push(&segment(&vec![0u8; MAX_SEGMENT + 1]));
+        assert!(matches!(r.next_segment(), Err(SegmentError::Corrupt(_))));
+        // A length no segment can have, refused before it is buffered.
+        let mut r = SegmentReader::default();
+        r.push(&u32::MAX.to_le_bytes());
+        assert!(matches!(r.next_segment(), Err(SegmentError::TooLarge(_))));
+        // Empty segments (zeros), which would otherwise never end.
+        let mut r = SegmentReader::default();
+        r.push(&[0u8; 64]);
+        assert!(matches!(r.next_segment(), Err(SegmentError::Corrupt(_))));
+        // Garbage of a plausible length.
+        let mut r = SegmentReader::default();
+        r.push(&[3, 0, 0, 0, 1, 2, 3]);
+        assert!(matches!(r.next_segment(), Err(SegmentError::Corrupt(_))));
+    }
 
     #[test]
     fn ranges() {

@@ -120,6 +120,12 @@ pub fn uncompressed(id: ObjectId, file: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Whether `file` (an object file, not yet verified) says its payload is
+/// stored uncompressed.
+pub fn is_uncompressed(file: &[u8]) -> bool {
+    file.get(6) == Some(&0)
+}
+
 /// Reads only the header: the kind and uncompressed length.
 pub fn peek(id: ObjectId, file: &[u8]) -> Result<(ObjectKind, u64), ObjectError> {
     if file.len() < HEADER_LEN {

@@ -243,12 +243,12 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
         let own = if i < 3 { &eqiad.url } else { &codfw.url };
         assert!(o["by_source"][own.as_str()].as_u64().unwrap() > 0, "{h}");
     }
-    let packs = served(&log, &format!("GET /v1/pack/empty/{v1} 200"));
+    let packs = served(&log, &format!("GET /v1/pack3/empty/{v1} 200"));
     assert_eq!(packs.len(), 2, "one per cache: {packs:?}");
     // A train to every host, in three steps: each pack once per cache.
     let v2 = tree(&fleet, "v2", 80);
     ok(&rollout(&v2, "10,50,100"));
-    let packs = served(&log, &format!("GET /v1/pack/{v1}/{v2} "));
+    let packs = served(&log, &format!("GET /v1/pack3/{v1}/{v2} "));
     assert_eq!(packs.len(), 2, "{packs:?}");
     // The packs were complete: no host had to ask for anything else, so
     // nothing uncacheable reached the deploy host.
@@ -269,7 +269,7 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     let v3 = tree(&fleet, "v3", 90);
     let r = fleet
         .http
-        .get(format!("{}/v1/pack/{v2}/{v3}", eqiad.url))
+        .get(format!("{}/v1/pack3/{v2}/{v3}", eqiad.url))
         .send()
         .unwrap();
     assert!(r.status().is_success());
@@ -277,7 +277,7 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     assert!(body.len() > 10_000);
     let mut entries = Vec::new();
     for _ in 0..50 {
-        entries = eqiad.entries(&format!("/v1/pack/{v2}/{v3}"));
+        entries = eqiad.entries(&format!("/v1/pack3/{v2}/{v3}"));
         if !entries.is_empty() {
             break;
         }
@@ -387,8 +387,9 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     let mut fleet = Fleet::start(1);
     let v1 = tree(&fleet, "v1", 200);
     let log = serve_logged(&mut fleet, &["--max-rate", "1M"]);
-    // The first connection is cut after 300 KB (well into the pack).
-    let proxy = cutting_proxy(&fleet.source(), 300_000);
+    // The first connection is cut after 1.5 MB (well into the pack, past
+    // its first 1 MiB segment).
+    let proxy = cutting_proxy(&fleet.source(), 1_500_000);
     let body = fleet.sync_body(&v1, &[&proxy]);
     let started = Instant::now();
     let (code, r) = fleet.post(0, "/v1/sync", body);
@@ -396,21 +397,23 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     assert_eq!(code, 200, "{r}");
     let f = &r["fetched"];
     assert_eq!(f["pack"], true, "{r}");
-    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.pack")))
+    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.3.pack")))
         .unwrap()
         .len();
-    // Resumed, not restarted: what arrived is about the pack, once.
+    // Resumed, not restarted: what arrived is the pack once, plus at most
+    // the part of a segment that was cut off (it is asked for again from
+    // the end of the last whole segment).
     let got = f["bytes"].as_u64().unwrap();
     assert!(
-        got < pack_len + pack_len / 10,
+        pack_len > 3_000_000 && got < pack_len + 1_100_000,
         "{got} bytes for a {pack_len}-byte pack: {r}"
     );
-    let ranges = served(&log, &format!("GET /v1/pack/empty/{v1} 206"));
+    let ranges = served(&log, &format!("GET /v1/pack3/empty/{v1} 206"));
     assert_eq!(
         ranges.len(),
         1,
         "one range request resumed it: {:?}",
-        served(&log, "/v1/pack/")
+        served(&log, "/v1/pack3/")
     );
     // The server's cap (1 MB/s, one second of burst) paced it.
     let floor = (pack_len as f64 - 1e6) / 1e6;
@@ -422,7 +425,7 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     let r = fleet
         .http
         .get(format!(
-            "{}/v1/pack/{}/{v1}",
+            "{}/v1/pack3/{}/{v1}",
             fleet.source(),
             "0".repeat(64)
         ))
@@ -431,14 +434,14 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     assert_eq!(r.status().as_u16(), 404);
     let r = fleet
         .http
-        .get(format!("{}/v1/pack/nonsense/{v1}", fleet.source()))
+        .get(format!("{}/v1/pack3/nonsense/{v1}", fleet.source()))
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     // Packs are cacheable: a strong ETag, immutable, ranges.
     let r = fleet
         .http
-        .get(format!("{}/v1/pack/empty/{v1}", fleet.source()))
+        .get(format!("{}/v1/pack3/empty/{v1}", fleet.source()))
         .header("range", "bytes=0-7")
         .send()
         .unwrap();
@@ -449,8 +452,14 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
             .unwrap()
             .contains("immutable")
     );
-    assert!(r.headers()["etag"].to_str().unwrap().starts_with("\"pack"));
-    assert_eq!(&r.bytes().unwrap()[..], b"scapbat1");
+    assert!(
+        r.headers()["etag"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"pack3-")
+    );
+    // Format 3: the first segment's compressed length, then its zstd frame.
+    assert_eq!(&r.bytes().unwrap()[4..], &[0x28, 0xb5, 0x2f, 0xfd]);
 }
 
 #[test]
@@ -577,7 +586,7 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
     let f = &r["fetched"];
     assert_eq!(f["pack"], true, "{r}");
     let bytes = f["bytes"].as_u64().unwrap();
-    let pack = fs::read(fleet.env.store.join(format!("packs/{v1}-{v2}.pack"))).unwrap();
+    let pack = fs::read(fleet.env.store.join(format!("packs/{v1}-{v2}.3.pack"))).unwrap();
     // 3 chunk deltas + the trees on the changed path, a few hundred bytes
     // each at most: far below one whole 64 KiB-class chunk per file.
     assert!(
@@ -602,7 +611,7 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
     let v3 = fleet.env.build(&[("mediawiki", &mw)], &[]);
     let (code, r) = fleet.sync_to(0, &v3);
     assert_eq!(code, 200, "{r}");
-    let pack = fs::metadata(fleet.env.store.join(format!("packs/{v2}-{v3}.pack")))
+    let pack = fs::metadata(fleet.env.store.join(format!("packs/{v2}-{v3}.3.pack")))
         .unwrap()
         .len();
     assert!(
@@ -641,4 +650,63 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
     }
     let (code, v) = fleet.get(1, "/v1/verify");
     assert_eq!(code, 200, "{v}");
+}
+
+/// Object files under `store/objects`: (bytes, how many store their
+/// payload uncompressed although it is over 200 bytes).
+fn object_files(store: &std::path::Path) -> (u64, usize) {
+    let (mut bytes, mut raw) = (0, 0);
+    for d in fs::read_dir(store.join("objects")).unwrap() {
+        let d = d.unwrap().path();
+        if !d.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(&d).unwrap() {
+            let data = fs::read(f.unwrap().path()).unwrap();
+            bytes += data.len() as u64;
+            if data.len() > 216 && data[6] == 0 {
+                raw += 1;
+            }
+        }
+    }
+    (bytes, raw)
+}
+
+#[test]
+fn a_fresh_pack_compresses_files_against_each_other_and_hosts_store_them_compressed() {
+    let mut fleet = Fleet::start(1);
+    // Many small files that differ in one line and share the rest (a
+    // licence header, the same boilerplate): each compresses poorly alone,
+    // very well against the others.
+    let mw = fleet.env.path("mw");
+    let header: String = (0..40)
+        .map(|i| format!(" * Licence line {i}: the same text in every file of the tree.\n"))
+        .collect();
+    for i in 0..400 {
+        write(
+            &mw,
+            &format!("includes/c{}/F{i}.php", i % 10),
+            format!("<?php\n/**\n{header} */\nclass F{i} extends Base {{ const N = {i}; }}\n")
+                .as_bytes(),
+        );
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    fleet.serve();
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["fetched"]["pack"], true, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&mw));
+    let (stored, _) = object_files(&fleet.env.store);
+    let fetched = r["fetched"]["bytes"].as_u64().unwrap();
+    assert!(
+        fetched * 4 < stored,
+        "the fresh host fetched {fetched} bytes for {stored} bytes of object files"
+    );
+    // What arrived uncompressed is stored compressed on the host.
+    let (host_bytes, raw) = object_files(&fleet.hosts[0].dir.join("store"));
+    assert_eq!(raw, 0, "every sizeable object is compressed on the host");
+    assert!(
+        host_bytes <= stored + stored / 20,
+        "{host_bytes} vs {stored}"
+    );
 }

@@ -359,6 +359,18 @@ impl Writer<'_> {
         Ok(Put { id, new: true })
     }
 
+    /// Stores `data`, the content of object `id` of `kind` as the caller
+    /// has just verified it (decoded and hashed against `id`: a received
+    /// object stored uncompressed, or a delta's result), compressed as the
+    /// store keeps objects. For a receiver that would otherwise verify the
+    /// same bytes twice.
+    pub fn put_decoded(&self, id: ObjectId, kind: ObjectKind, data: &[u8]) -> Result<()> {
+        if !self.store.has(&id) {
+            self.write_object(&id, &object::encode(kind, data))?;
+        }
+        Ok(())
+    }
+
     /// Stores an object file received from elsewhere, after checking it is
     /// object `id` of kind `kind` with at most `max_len` bytes of content,
     /// as it arrived. Returns the decoded payload.
