@@ -123,6 +123,13 @@ struct Versions {
 }
 
 impl Versions {
+    fn new(fleet: &Fleet) -> Versions {
+        Versions {
+            staging: fleet.env.path("staging"),
+            trees: BTreeMap::new(),
+        }
+    }
+
     fn build(&mut self, fleet: &Fleet, tag: &str) -> String {
         tree(&self.staging, tag);
         let v = fleet.env.build(&[("mediawiki", &self.staging)], &[]);
@@ -166,10 +173,7 @@ fn same(a: &Path, b: &Path, what: &str) {
 #[test]
 fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
     let mut fleet = Fleet::start(1);
-    let mut vs = Versions {
-        staging: fleet.env.path("staging"),
-        trees: BTreeMap::new(),
-    };
+    let mut vs = Versions::new(&fleet);
     let dir = fleet.hosts[0].dir.clone();
     let v1 = vs.build(&fleet, "v1");
     let v2 = vs.build(&fleet, "v2");
@@ -292,31 +296,35 @@ fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
 
 #[test]
 fn without_hardlinks_slots_get_copies_and_it_is_said_once() {
-    let mut fleet = Fleet::start(1);
-    let mut vs = Versions {
-        staging: fleet.env.path("staging"),
-        trees: BTreeMap::new(),
-    };
-    let dir = fleet.hosts[0].dir.clone();
-    let v1 = vs.build(&fleet, "v1");
-    let v2 = vs.build(&fleet, "v2");
-    fleet.serve();
-    // The filesystem refuses every link (EPERM, as one without hardlinks).
-    let log = fleet.env.path("agent.log");
-    fleet.restart_logged(0, &[("SCAP_FAILPOINT", "agent:link:errno=1")], &log);
-    for v in [&v1, &v2] {
-        let (code, r) = fleet.sync_to(0, v);
-        assert_eq!(code, 200, "{r}");
-        wait_for_spare(&dir, v);
+    // EPERM: a filesystem without hardlinks (the agent stops trying);
+    // EMLINK: every inode at the filesystem's link limit (tried per file).
+    for (errno, why) in [(1, "Operation not permitted"), (31, "Too many links")] {
+        let mut fleet = Fleet::start(1);
+        let mut vs = Versions::new(&fleet);
+        let dir = fleet.hosts[0].dir.clone();
+        let v1 = vs.build(&fleet, "v1");
+        let v2 = vs.build(&fleet, "v2");
+        fleet.serve();
+        let log = fleet.env.path("agent.log");
+        let failpoint = format!("agent:link:errno={errno}");
+        fleet.restart_logged(0, &[("SCAP_FAILPOINT", &failpoint)], &log);
+        for v in [&v1, &v2] {
+            let (code, r) = fleet.sync_to(0, v);
+            assert_eq!(code, 200, "errno {errno}: {r}");
+            wait_for_spare(&dir, v);
+        }
+        vs.check_slots(&dir, &[], &format!("copies (errno {errno})"));
+        let (_, shared) = unique_bytes(&slot_dirs(&dir));
+        assert_eq!(shared, 0, "errno {errno}: no file is shared");
+        let text = fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text.matches("cannot hardlink").count(),
+            1,
+            "errno {errno}: said once: {text}"
+        );
+        assert!(
+            text.contains("writing a copy instead") && text.contains(why),
+            "errno {errno}: {text}"
+        );
     }
-    vs.check_slots(&dir, &[], "with copies");
-    let (_, shared) = unique_bytes(&slot_dirs(&dir));
-    assert_eq!(shared, 0, "no file is shared");
-    let text = fs::read_to_string(&log).unwrap();
-    assert_eq!(
-        text.matches("cannot hardlink").count(),
-        1,
-        "said once: {text}"
-    );
-    assert!(text.contains("writing a copy instead"), "{text}");
 }
