@@ -46,112 +46,150 @@ pub async fn fetch_pack(
     }
     let trees = std::sync::atomic::AtomicU64::new(0);
     let chunks = std::sync::atomic::AtomicU64::new(0);
-    let sink =
-        |id: ObjectId, item: PackItem<'_>| -> Result<(), StoreError> {
-            let max = |kind: ObjectKind| match kind {
-                ObjectKind::Chunk => u64::from(crate::store::chunk::CDC_MAX),
-                ObjectKind::Tree => MAX_TREE_LEN,
-            };
-            // What arrived: an object file as the source's store keeps it (to
-            // store as it is, once verified), or content this closure verified
-            // (an uncompressed object, a delta's result: compressed here).
-            enum Got<'a> {
-                File(&'a [u8]),
-                Verified(Vec<u8>),
-            }
-            let (kind, got) = match item {
-                PackItem::Object { kind, file } if crate::store::object::is_uncompressed(file) => {
-                    if store.has(&id) {
-                        return Ok(());
-                    }
-                    let data = crate::store::object::decode_within(id, kind, file, max(kind))
-                        .map_err(|source| StoreError::Object {
-                            path: store.object_path(&id),
-                            source,
-                        })?;
-                    (kind, Got::Verified(data))
-                }
-                PackItem::Object { kind, file } => (kind, Got::File(file)),
-                PackItem::Delta { base, kind, zstd } => {
-                    if store.has(&id) {
-                        return Ok(());
-                    }
-                    // Without its base the delta is useless: the object is
-                    // fetched whole afterwards.
-                    let Ok(dict) = store.read(&base, kind) else {
-                        return Ok(());
-                    };
-                    let bad = |why: String| StoreError::Object {
-                        path: store.object_path(&id),
-                        source: crate::store::object::ObjectError::Corrupt { id, why },
-                    };
-                    let mut d = zstd::bulk::Decompressor::with_dictionary(&dict)
-                        .map_err(|e| bad(format!("delta: {e}")))?;
-                    // The frame declares its size (the builder writes it):
-                    // allocate that, never more than the kind allows.
-                    let declared = zstd::zstd_safe::get_frame_content_size(zstd)
-                        .ok()
-                        .flatten()
-                        .unwrap_or(max(kind));
-                    let content = d
-                        .decompress(zstd, declared.min(max(kind)) as usize)
-                        .map_err(|e| bad(format!("delta against {base}: {e}")))?;
-                    if kind.hash(&content) != id {
-                        return Err(bad(format!(
-                            "delta against {base} does not give the object"
-                        )));
-                    }
-                    (kind, Got::Verified(content))
-                }
-            };
-            let put = || -> Result<(), StoreError> {
-                match &got {
-                    Got::Verified(d) => writer.put_decoded(id, kind, d),
-                    Got::File(f) => writer.put_verified(id, kind, f, max(kind)).map(|_| ()),
-                }
-            };
-            match kind {
-                ObjectKind::Chunk => {
-                    if !store.has(&id) {
-                        put()?;
-                        chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                ObjectKind::Tree => {
-                    if store.has(&id) {
-                        return Ok(());
-                    }
-                    let data: std::borrow::Cow<'_, [u8]> = match &got {
-                        Got::Verified(d) => std::borrow::Cow::Borrowed(d),
-                        Got::File(f) => std::borrow::Cow::Owned(
-                            crate::store::object::decode_within(id, kind, f, MAX_TREE_LEN)
-                                .map_err(|source| StoreError::Object {
-                                    path: store.object_path(&id),
-                                    source,
-                                })?,
-                        ),
-                    };
-                    let tree = Tree::decode(&data).map_err(|source| StoreError::BadTree {
-                        id: TreeId::new(id),
-                        source,
-                    })?;
-                    let complete = tree.entries().iter().all(|e| match &e.content {
-                        Content::Dir { tree, .. } => store.has(&tree.object()),
-                        Content::File { chunks, .. } => {
-                            chunks.iter().all(|c| store.has(&c.id.object()))
-                        }
-                        Content::Symlink { .. } => true,
-                    });
-                    if complete {
-                        put()?;
-                        trees.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            }
-            Ok(())
+    let sink = |id: ObjectId, item: PackItem<'_>| -> Result<(), StoreError> {
+        if store.has(&id) {
+            return Ok(());
+        }
+        let Some(got) = Arrived::of(store, id, item)? else {
+            // A delta whose base this host lacks: fetched whole later.
+            return Ok(());
         };
+        match got.kind {
+            ObjectKind::Chunk => {
+                got.store(writer, id)?;
+                chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            ObjectKind::Tree => {
+                let data = got.content(store, id)?;
+                let tree = Tree::decode(&data).map_err(|source| StoreError::BadTree {
+                    id: TreeId::new(id),
+                    source,
+                })?;
+                let complete = tree.entries().iter().all(|e| match &e.content {
+                    Content::Dir { tree, .. } => store.has(&tree.object()),
+                    Content::File { chunks, .. } => {
+                        chunks.iter().all(|c| store.has(&c.id.object()))
+                    }
+                    Content::Symlink { .. } => true,
+                });
+                if complete {
+                    got.store(writer, id)?;
+                    trees.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    };
     let came = client.pack(from, v, &sink).await?;
     Ok((came, trees.into_inner(), chunks.into_inner()))
+}
+
+/// Largest content of an object of `kind`.
+fn max_len(kind: ObjectKind) -> u64 {
+    match kind {
+        ObjectKind::Chunk => u64::from(crate::store::chunk::CDC_MAX),
+        ObjectKind::Tree => MAX_TREE_LEN,
+    }
+}
+
+/// One object of a pack as the sink handles it.
+struct Arrived<'a> {
+    kind: ObjectKind,
+    got: Got<'a>,
+}
+
+enum Got<'a> {
+    /// An object file as the source's store keeps it (compressed): stored
+    /// as it is once verified.
+    File(&'a [u8]),
+    /// Content this module verified against the ID (an object sent
+    /// uncompressed, a delta's result): compressed as it is stored.
+    Verified(Vec<u8>),
+}
+
+impl<'a> Arrived<'a> {
+    /// Verifies what the pack gave for `id` where that costs nothing more
+    /// than decoding it; `None` for a delta whose base this host lacks.
+    fn of(
+        store: &Store,
+        id: ObjectId,
+        item: PackItem<'a>,
+    ) -> Result<Option<Arrived<'a>>, StoreError> {
+        let bad_object = |source| StoreError::Object {
+            path: store.object_path(&id),
+            source,
+        };
+        Ok(Some(match item {
+            PackItem::Object { kind, file } if crate::store::object::is_uncompressed(file) => {
+                let data = crate::store::object::decode_within(id, kind, file, max_len(kind))
+                    .map_err(bad_object)?;
+                Arrived {
+                    kind,
+                    got: Got::Verified(data),
+                }
+            }
+            PackItem::Object { kind, file } => Arrived {
+                kind,
+                got: Got::File(file),
+            },
+            PackItem::Delta { base, kind, zstd } => {
+                let Ok(dict) = store.read(&base, kind) else {
+                    return Ok(None);
+                };
+                let bad = |why: String| {
+                    bad_object(crate::store::object::ObjectError::Corrupt { id, why })
+                };
+                let mut d = zstd::bulk::Decompressor::with_dictionary(&dict)
+                    .map_err(|e| bad(format!("delta: {e}")))?;
+                // The frame declares its size (the builder writes it):
+                // allocate that, never more than the kind allows.
+                let declared = zstd::zstd_safe::get_frame_content_size(zstd)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(max_len(kind));
+                let content = d
+                    .decompress(zstd, declared.min(max_len(kind)) as usize)
+                    .map_err(|e| bad(format!("delta against {base}: {e}")))?;
+                if kind.hash(&content) != id {
+                    return Err(bad(format!(
+                        "delta against {base} does not give the object"
+                    )));
+                }
+                Arrived {
+                    kind,
+                    got: Got::Verified(content),
+                }
+            }
+        }))
+    }
+
+    /// Its content (decoding, and so verifying, an object file).
+    fn content(
+        &self,
+        store: &Store,
+        id: ObjectId,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, StoreError> {
+        match &self.got {
+            Got::Verified(d) => Ok(std::borrow::Cow::Borrowed(d)),
+            Got::File(f) => {
+                crate::store::object::decode_within(id, self.kind, f, max_len(self.kind))
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|source| StoreError::Object {
+                        path: store.object_path(&id),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn store(&self, writer: &Writer<'_>, id: ObjectId) -> Result<(), StoreError> {
+        match &self.got {
+            Got::Verified(d) => writer.put_decoded(id, self.kind, d),
+            Got::File(f) => writer
+                .put_verified(id, self.kind, f, max_len(self.kind))
+                .map(|_| ()),
+        }
+    }
 }
 
 pub async fn fetch_version(
