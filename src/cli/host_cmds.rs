@@ -457,7 +457,7 @@ pub fn report(results: &[HostResult<Outcome>]) -> anyhow::Result<()> {
         match &r.result {
             Ok(o) => writeln!(
                 out,
-                "{:<24} ok    {:>6.2}s  {}{}  fetched {} in {} objects, wrote {} files",
+                "{:<24} ok    {:>6.2}s  {}{}  fetched {} in {} objects, wrote {} files{}",
                 r.host.to_string(),
                 r.seconds,
                 o.version.short(),
@@ -465,6 +465,14 @@ pub fn report(results: &[HostResult<Outcome>]) -> anyhow::Result<()> {
                 fmt_bytes(o.fetched.bytes),
                 o.fetched.trees + o.fetched.chunks,
                 o.files_written,
+                if o.repaired > 0 {
+                    format!(
+                        ", rewrote {} changed by hand (see verify --live)",
+                        o.repaired
+                    )
+                } else {
+                    String::new()
+                },
             )?,
             Err(e) => writeln!(
                 out,

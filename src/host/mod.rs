@@ -351,6 +351,8 @@ impl Agent {
             how: How::AlreadyThere,
             fetched: Fetched::default(),
             files_written: 0,
+            files_linked: 0,
+            repaired: 0,
             seconds: started.elapsed().as_secs_f64(),
         }
     }
@@ -666,6 +668,8 @@ impl Agent {
                 how: prepared.how,
                 fetched,
                 files_written: prepared.files_written,
+                files_linked: prepared.files_linked,
+                repaired: prepared.repaired,
                 seconds: started.elapsed().as_secs_f64(),
             })
         })();
@@ -928,6 +932,8 @@ impl Agent {
             how: prepared.how,
             fetched: Fetched::default(),
             files_written: prepared.files_written,
+            files_linked: prepared.files_linked,
+            repaired: prepared.repaired,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -218,6 +218,13 @@ pub struct Outcome {
     pub fetched: Fetched,
     #[serde(default)]
     pub files_written: u64,
+    /// Files hardlinked from the live release instead of written.
+    #[serde(default)]
+    pub files_linked: u64,
+    /// Files of the release found changed by hand through an inode it
+    /// shares with the live one, and rewritten (`host::share`).
+    #[serde(default)]
+    pub repaired: u64,
     #[serde(default)]
     pub seconds: f64,
 }

@@ -195,6 +195,7 @@ fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["how"], "diff", "{r}");
     assert_eq!(r["files_written"], 3, "{r}");
+    assert_eq!(r["repaired"], 0, "{r}");
     wait_for_spare(&dir, &v2);
     let (bytes, _) = unique_bytes(&slot_dirs(&dir));
     assert!(
@@ -250,6 +251,7 @@ fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
     // inode: the new release has the true content.
     let (code, r) = fleet.sync_to(0, &v3);
     assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 1, "the check found the edited file: {r}");
     assert_eq!(
         fs::read(live.join("includes/libs/f30.php")).unwrap(),
         true_content
@@ -268,6 +270,8 @@ fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
     // ... and a rollback to it restores the true content.
     let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
     assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "reused", "{r}");
+    assert_eq!(r["repaired"], 1, "the check found the edited file: {r}");
     assert_eq!(fleet.current(0).as_deref(), Some(v2.as_str()));
     same(&live, &vs.trees[&v2], "rolled back to true v2");
     let out = fleet
@@ -288,6 +292,7 @@ fn slots_share_files_and_a_hand_edit_reaches_no_deploy_or_rollback() {
     fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": v3, "by": "test"}));
     assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 1, "the mode changed by hand: {r}");
     same(&live, &vs.trees[&v3], "rolled forward to true v3");
     wait_for_spare(&dir, &v3);
     // Every slot but the one edited while live holds its true version.
