@@ -366,7 +366,6 @@ pub fn apply(
         store,
         sync,
         cancel,
-        linking: opts.reference.is_some(),
         arena: Arena::new(),
         touched: Touched(Default::default()),
         writes: Vec::new(),
@@ -428,8 +427,6 @@ struct Walk<'a> {
     store: &'a Store,
     sync: &'a SyncSet,
     cancel: &'a Cancel,
-    /// Whether there is a reference slot to link from.
-    linking: bool,
     arena: Arena,
     touched: Touched,
     writes: Vec<Write1>,
@@ -462,7 +459,7 @@ impl Walk<'_> {
         let new_tree = self.store.tree(new)?;
         // The reference's directory at this path, if it is one.
         let ref_tree = match refr {
-            Some(t) if self.linking => Some(self.store.tree(t)?),
+            Some(t) => Some(self.store.tree(t)?),
             _ => None,
         };
         if let Some(old_tree) = &old_tree {

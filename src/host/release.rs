@@ -156,20 +156,16 @@ impl Releases {
         Ok(list)
     }
 
-    /// Checks slot `root`, which holds `v` sealed at `seal`, for files
-    /// changed through a shared inode and rewrites them with mtime
-    /// `mtime` ([`share`]); returns how many.
-    #[allow(clippy::too_many_arguments)]
-    fn check_and_repair(
+    /// The files of slot `root`, which holds `v` sealed at `seal`, changed
+    /// through a shared inode ([`share::check`]), with `v`'s file list.
+    fn suspects(
         &self,
         store: &Store,
         root: &Dir,
         v: &VersionId,
         seal: i64,
-        mtime: i64,
-        sync: &SyncSet,
         cancel: &Cancel,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(Arc<share::FileList>, Vec<usize>), StoreError> {
         let started = std::time::Instant::now();
         let list = self.files(store, &v.root(), cancel)?;
         let listed = started.elapsed();
@@ -181,7 +177,7 @@ impl Releases {
             started.elapsed(),
             suspects.len()
         );
-        share::repair(store, root, &list, &suspects, mtime, sync, cancel)
+        Ok((list, suspects))
     }
 
     /// Builds (and keeps) `v`'s file list ahead of the deploy that will
@@ -288,8 +284,7 @@ impl Releases {
         };
         let releases = Dir::open(&self.dir)?;
         let root = releases.subdir(slot.as_bytes())?;
-        let list = self.files(store, &v.root(), cancel)?;
-        let suspects = share::check(&root, &list, seal, cancel)?;
+        let (list, suspects) = self.suspects(store, &root, &v, seal, cancel)?;
         if suspects.is_empty() {
             return Ok(0);
         }
@@ -303,10 +298,7 @@ impl Releases {
         let sync = SyncSet::default();
         let repaired = share::repair(store, &root, &list, &suspects, seal - 1, &sync, cancel)?;
         sync.sync(&releases, &self.dir)?;
-        tracing::warn!(
-            "release slot {slot} (version {}): {repaired} file(s) changed by hand through a shared inode, rewritten from the store",
-            v.short()
-        );
+        log_repaired(slot, repaired);
         self.set_meta(slot, &meta)?;
         Ok(repaired)
     }
@@ -431,9 +423,10 @@ impl Releases {
                     // slot ([`share`]); those written before slots shared
                     // anything (no seal) are the slot's own.
                     if let Some(old_seal) = slot.meta.sealed {
-                        repaired = self.check_and_repair(
-                            store, &root, &old, old_seal, seal - 1, &sync, cancel,
-                        )?;
+                        let (list, suspects) =
+                            self.suspects(store, &root, &old, old_seal, cancel)?;
+                        repaired =
+                            share::repair(store, &root, &list, &suspects, seal - 1, &sync, cancel)?;
                     }
                     materialize::apply(
                         store,
@@ -481,12 +474,7 @@ impl Releases {
                 sealed: Some(seal),
             },
         )?;
-        if repaired > 0 {
-            tracing::warn!(
-                "release slot {}: {repaired} file(s) changed by hand through a shared inode, rewritten from the store",
-                slot.name
-            );
-        }
+        log_repaired(&slot.name, repaired);
         Ok(Prepared {
             slot: slot.name,
             how,
@@ -503,6 +491,16 @@ impl Releases {
         let mut m = self.meta(slot);
         m.used = crate::time::unix_now();
         self.set_meta(slot, &m)
+    }
+}
+
+/// Logs files of `slot` rewritten because they were changed by hand
+/// through a shared inode, if any.
+fn log_repaired(slot: &str, repaired: u64) {
+    if repaired > 0 {
+        tracing::warn!(
+            "release slot {slot}: {repaired} file(s) changed by hand through a shared inode, rewritten from the store (`scap verify --live` lists the edits in the live release)"
+        );
     }
 }
 
