@@ -37,55 +37,153 @@ struct FileCheck {
 /// Files re-hashed per parallel task.
 const CHECKS_PER_TASK: usize = 64;
 
+/// Files listed before they are re-hashed: the walk hands them over in
+/// batches of this many, so that what a check holds does not grow with the
+/// tree (each entry carries its path and chunk list: ~250 bytes).
+const FILES_PER_BATCH: usize = 4096;
+
 pub fn check(
     store: &Store,
     root: Dir,
     tree: &TreeId,
     cancel: &Cancel,
 ) -> Result<Drift, StoreError> {
-    let mut drift = Drift::default();
-    let mut files = Vec::new();
-    let mut arena = Arena::new();
-    let root_idx = arena.push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
-    walk(
+    let mut w = Walk {
         store,
-        &root,
-        root_idx,
-        &mut arena,
-        tree,
-        &[],
-        0,
-        &mut drift,
-        &mut files,
+        root: &root,
+        arena: Arena::new(),
+        files: Vec::with_capacity(FILES_PER_BATCH),
+        drift: Drift::default(),
         cancel,
-    )?;
-    drift.checked_files = files.len() as u64;
-    let bad: Vec<(char, String, String)> = files
-        .par_chunks(CHECKS_PER_TASK)
-        .map(|chunk| {
-            let mut cursor = Cursor::new(&root, &arena);
-            let mut bad = Vec::new();
-            for f in chunk {
-                cancel.check()?;
-                let found = match cursor.dir(f.dir) {
-                    Ok(dir) => check_file(dir, f),
-                    Err(e) => Some((
-                        'T',
-                        String::from_utf8_lossy(&f.rel).into_owned(),
-                        format!("cannot open its directory: {e}"),
-                    )),
-                };
-                bad.extend(found);
-            }
-            Ok(bad)
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    drift.changes.extend(bad);
+    };
+    let root_idx = w
+        .arena
+        .push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
+    w.walk(&root, root_idx, tree, &[], 0)?;
+    w.flush()?;
+    let mut drift = w.drift;
     drift.changes.sort_by(|a, b| a.1.cmp(&b.1));
     Ok(drift)
+}
+
+/// A drift check in progress: the directories walked so far and the files
+/// listed but not yet re-hashed.
+struct Walk<'a> {
+    store: &'a Store,
+    root: &'a Dir,
+    arena: Arena,
+    files: Vec<FileCheck>,
+    drift: Drift,
+    cancel: &'a Cancel,
+}
+
+impl Walk<'_> {
+    /// Re-hashes the files listed so far, in parallel, and forgets them.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let (root, arena, cancel) = (self.root, &self.arena, self.cancel);
+        let bad: Vec<Vec<(char, String, String)>> = self
+            .files
+            .par_chunks(CHECKS_PER_TASK)
+            .map(|chunk| {
+                let mut cursor = Cursor::new(root, arena);
+                let mut bad = Vec::new();
+                for f in chunk {
+                    cancel.check()?;
+                    let found = match cursor.dir(f.dir) {
+                        Ok(dir) => check_file(dir, f),
+                        Err(e) => Some((
+                            'T',
+                            String::from_utf8_lossy(&f.rel).into_owned(),
+                            format!("cannot open its directory: {e}"),
+                        )),
+                    };
+                    bad.extend(found);
+                }
+                Ok(bad)
+            })
+            .collect::<Result<_, StoreError>>()?;
+        self.drift.checked_files += self.files.len() as u64;
+        self.drift.changes.extend(bad.into_iter().flatten());
+        self.files.clear();
+        Ok(())
+    }
+
+    fn walk(
+        &mut self,
+        dir: &Dir,
+        idx: u32,
+        tree: &TreeId,
+        rel: &[u8],
+        depth: usize,
+    ) -> Result<(), StoreError> {
+        self.cancel.check()?;
+        if depth > MAX_DEPTH {
+            return Ok(());
+        }
+        let t = self.store.tree(tree)?;
+        let on_disk = dir.names().unwrap_or_default();
+        for name in &on_disk {
+            if t.get(name).is_none() {
+                let mut p = rel.to_vec();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                self.drift.changes.push((
+                    'A',
+                    String::from_utf8_lossy(&p).into_owned(),
+                    "not in the version".into(),
+                ));
+            }
+        }
+        for e in t.entries() {
+            let name = e.name.as_bytes();
+            let p = join(rel, &e.name);
+            let shown = || String::from_utf8_lossy(&p).into_owned();
+            let Ok(Some(kind)) = dir.kind(name) else {
+                self.drift.changes.push(('D', shown(), "missing".into()));
+                continue;
+            };
+            match &e.content {
+                Content::Dir { tree, .. } if kind == FileType::Directory => {
+                    match dir.subdir(name) {
+                        Ok(sub) => {
+                            let sub_idx = self.arena.push(idx, e.name.clone());
+                            self.walk(&sub, sub_idx, tree, &p, depth + 1)?
+                        }
+                        Err(err) => {
+                            self.drift
+                                .changes
+                                .push(('T', shown(), format!("cannot open it: {err}")))
+                        }
+                    }
+                }
+                Content::Symlink { target } if kind == FileType::Symlink => {
+                    if dir.read_link(name).ok().as_deref() != Some(target.as_slice()) {
+                        self.drift
+                            .changes
+                            .push(('M', shown(), "symlink target differs".into()));
+                    }
+                }
+                c @ Content::File { .. } if kind == FileType::RegularFile => {
+                    self.files.push(FileCheck {
+                        dir: idx,
+                        name: e.name.clone(),
+                        rel: p,
+                        content: c.clone(),
+                    });
+                    if self.files.len() >= FILES_PER_BATCH {
+                        self.flush()?;
+                    }
+                }
+                c => self
+                    .drift
+                    .changes
+                    .push(('T', shown(), format!("should be a {}", c.kind_name()))),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn check_file(dir: &Dir, f: &FileCheck) -> Option<(char, String, String)> {
@@ -110,89 +208,6 @@ fn check_file(dir: &Dir, f: &FileCheck) -> Option<(char, String, String)> {
         return Some(('M', shown, "content differs".into()));
     }
     (is_exec != *executable).then(|| ('M', shown, "executable bit differs".into()))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn walk(
-    store: &Store,
-    dir: &Dir,
-    idx: u32,
-    arena: &mut Arena,
-    tree: &TreeId,
-    rel: &[u8],
-    depth: usize,
-    drift: &mut Drift,
-    files: &mut Vec<FileCheck>,
-    cancel: &Cancel,
-) -> Result<(), StoreError> {
-    cancel.check()?;
-    if depth > MAX_DEPTH {
-        return Ok(());
-    }
-    let t = store.tree(tree)?;
-    let on_disk = dir.names().unwrap_or_default();
-    for name in &on_disk {
-        if t.get(name).is_none() {
-            let mut p = rel.to_vec();
-            if !p.is_empty() {
-                p.push(b'/');
-            }
-            p.extend_from_slice(name);
-            drift.changes.push((
-                'A',
-                String::from_utf8_lossy(&p).into_owned(),
-                "not in the version".into(),
-            ));
-        }
-    }
-    for e in t.entries() {
-        let name = e.name.as_bytes();
-        let p = join(rel, &e.name);
-        let shown = String::from_utf8_lossy(&p).into_owned();
-        let Ok(Some(kind)) = dir.kind(name) else {
-            drift.changes.push(('D', shown, "missing".into()));
-            continue;
-        };
-        match &e.content {
-            Content::Dir { tree, .. } if kind == FileType::Directory => match dir.subdir(name) {
-                Ok(sub) => {
-                    let sub_idx = arena.push(idx, e.name.clone());
-                    walk(
-                        store,
-                        &sub,
-                        sub_idx,
-                        arena,
-                        tree,
-                        &p,
-                        depth + 1,
-                        drift,
-                        files,
-                        cancel,
-                    )?
-                }
-                Err(err) => drift
-                    .changes
-                    .push(('T', shown, format!("cannot open it: {err}"))),
-            },
-            Content::Symlink { target } if kind == FileType::Symlink => {
-                if dir.read_link(name).ok().as_deref() != Some(target.as_slice()) {
-                    drift
-                        .changes
-                        .push(('M', shown, "symlink target differs".into()));
-                }
-            }
-            c @ Content::File { .. } if kind == FileType::RegularFile => files.push(FileCheck {
-                dir: idx,
-                name: e.name.clone(),
-                rel: p,
-                content: c.clone(),
-            }),
-            c => drift
-                .changes
-                .push(('T', shown, format!("should be a {}", c.kind_name()))),
-        }
-    }
-    Ok(())
 }
 
 /// The chunk list of what `file` holds, read no further than `size + 1`

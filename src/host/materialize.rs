@@ -259,6 +259,10 @@ impl Arena {
         Arena { nodes: Vec::new() }
     }
 
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.nodes.shrink_to_fit();
+    }
+
     /// Registers `name` under `parent` (`u32::MAX` for the root's own
     /// entry, which is index 0); returns its index.
     pub(crate) fn push(&mut self, parent: u32, name: TreeName) -> u32 {
@@ -364,11 +368,13 @@ pub fn apply(
 ) -> Result<Applied, StoreError> {
     let mut w = Walk {
         store,
+        root: &root,
+        opts,
         sync,
         cancel,
         arena: Arena::new(),
         touched: Touched(Default::default()),
-        writes: Vec::new(),
+        writes: Vec::with_capacity(WRITES_PER_BATCH),
         applied: Applied::default(),
     };
     let root_idx = w
@@ -377,63 +383,88 @@ pub fn apply(
     let refr = opts.reference.as_ref().map(|r| r.tree);
     w.structure(&root, root_idx, old, new, refr.as_ref(), 0)?;
     crate::failpoint::hit("agent:slot-half-written");
-    let Walk {
-        arena,
-        touched,
-        writes,
-        mut applied,
-        ..
-    } = w;
-    let done: Vec<(u64, u64)> = writes
-        .par_chunks(WRITES_PER_TASK)
-        .map(|chunk| {
-            let mut cursor = Cursor::new(&root, &arena);
-            let mut from = opts
-                .reference
-                .as_ref()
-                .map(|r| (Cursor::new(r.root, &arena), r.seal));
-            let (mut bytes, mut linked) = (0, 0);
-            for w in chunk {
-                cancel.check()?;
-                let dir = cursor.dir(w.dir)?;
-                touched.mark(w.dir, dir, sync)?;
-                let was_linked = match (&mut from, w.link) {
-                    // A reference directory that cannot be opened (edited
-                    // by hand) only means writing the file.
-                    (Some((src, seal)), true) => match src.dir(w.dir) {
-                        Ok(src) => share::link(src, dir, w.name.as_bytes(), &w.content, *seal)?,
-                        Err(_) => false,
-                    },
-                    _ => false,
-                };
-                if was_linked {
-                    linked += 1;
-                } else {
-                    bytes += write_file(store, dir, &w.name, &w.content, opts.mtime, sync)?;
-                }
-            }
-            Ok((bytes, linked))
-        })
-        .collect::<Result<_, StoreError>>()?;
-    let linked: u64 = done.iter().map(|d| d.1).sum();
-    applied.files_linked += linked;
-    applied.files_written += writes.len() as u64 - linked;
-    applied.bytes_written += done.iter().map(|d| d.0).sum::<u64>();
-    Ok(applied)
+    w.write()?;
+    Ok(w.applied)
 }
 
-/// The structure pass of [`apply`].
+/// Files listed before they are written: the structure pass hands them
+/// over in batches of this many (each directory on their paths exists by
+/// then), so that what a deploy holds does not grow with the tree.
+const WRITES_PER_BATCH: usize = 8192;
+
+/// A pass of [`apply`]: the structure, in tree order, then the files.
 struct Walk<'a> {
     store: &'a Store,
+    root: &'a Dir,
+    opts: &'a Options<'a>,
     sync: &'a SyncSet,
     cancel: &'a Cancel,
     arena: Arena,
     touched: Touched,
+    /// Files to write, not yet written.
     writes: Vec<Write1>,
     applied: Applied,
 }
 
 impl Walk<'_> {
+    /// Writes (or links) the files listed so far, in parallel, and forgets
+    /// them.
+    fn write(&mut self) -> Result<(), StoreError> {
+        let Walk {
+            store,
+            root,
+            opts,
+            sync,
+            cancel,
+            arena,
+            touched,
+            writes,
+            applied,
+        } = self;
+        let (arena, touched) = (&*arena, &*touched);
+        let done: Vec<(u64, u64)> = writes
+            .par_chunks(WRITES_PER_TASK)
+            .map(|chunk| {
+                let mut cursor = Cursor::new(root, arena);
+                let mut from = opts
+                    .reference
+                    .as_ref()
+                    .map(|r| (Cursor::new(r.root, arena), r.seal));
+                let (mut bytes, mut linked) = (0, 0);
+                for w in chunk {
+                    cancel.check()?;
+                    let dir = cursor.dir(w.dir)?;
+                    touched.mark(w.dir, dir, sync)?;
+                    let was_linked = match (&mut from, w.link) {
+                        // A reference directory that cannot be opened
+                        // (edited by hand) only means writing the file.
+                        (Some((src, seal)), true) => match src.dir(w.dir) {
+                            Ok(src) => {
+                                share::link(src, dir, w.name.as_bytes(), &w.content, *seal)?
+                            }
+                            Err(_) => false,
+                        },
+                        _ => false,
+                    };
+                    if was_linked {
+                        linked += 1;
+                    } else {
+                        bytes += write_file(store, dir, &w.name, &w.content, opts.mtime, sync)?;
+                    }
+                }
+                Ok((bytes, linked))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let linked: u64 = done.iter().map(|d| d.1).sum();
+        applied.files_linked += linked;
+        applied.files_written += writes.len() as u64 - linked;
+        applied.bytes_written += done.iter().map(|d| d.0).sum::<u64>();
+        writes.clear();
+        Ok(())
+    }
+
+    /// The structure pass: removals, directories and symlinks, in tree
+    /// order; files are listed, and written a batch at a time.
     fn structure(
         &mut self,
         dir: &Dir,
@@ -509,12 +540,17 @@ impl Walk<'_> {
                             dir.symlink(name, target)?;
                             self.touched.mark(idx, dir, self.sync)?;
                         }
-                        file @ Content::File { .. } => self.writes.push(Write1 {
-                            dir: idx,
-                            name: e.name.clone(),
-                            content: file.clone(),
-                            link: there == Some(file),
-                        }),
+                        file @ Content::File { .. } => {
+                            self.writes.push(Write1 {
+                                dir: idx,
+                                name: e.name.clone(),
+                                content: file.clone(),
+                                link: there == Some(file),
+                            });
+                            if self.writes.len() >= WRITES_PER_BATCH {
+                                self.write()?;
+                            }
+                        }
                     }
                 }
             }

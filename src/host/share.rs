@@ -211,6 +211,12 @@ impl FileList {
             .push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
         list.trees.push(*tree);
         list.collect(store, root, tree, 0, cancel)?;
+        // Kept for a while (two versions' lists): give back what growing
+        // by doubling left spare (up to half of each).
+        list.files.shrink_to_fit();
+        list.names.shrink_to_fit();
+        list.trees.shrink_to_fit();
+        list.arena.shrink_to_fit();
         Ok(list)
     }
 
