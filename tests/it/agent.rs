@@ -669,3 +669,60 @@ fn a_hostile_tree_from_a_source_is_rejected() {
     assert_eq!(fleet.current(0), None);
     assert!(!fleet.hosts[0].dir.join("current").exists());
 }
+
+/// A tree of more files than the agent writes, links or re-hashes in one
+/// batch (8,192 and 4,096): what the later batches hold is written, shared
+/// and checked like the first.
+#[test]
+fn a_tree_larger_than_one_batch_is_written_and_checked_whole() {
+    let mut fleet = Fleet::start(1);
+    let staging = fleet.env.path("staging");
+    let n = 10_000;
+    for i in 0..n {
+        write(
+            &staging,
+            &format!("d{:03}/f{i:05}.php", i / 97),
+            format!("<?php // v1 {i}\n").as_bytes(),
+        );
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["files_written"], n, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+    // A deploy past the first batches: the spare slot, brought up by
+    // links, is checked and changed in place of a full write.
+    for i in [3, 5_000, 9_999] {
+        write(
+            &staging,
+            &format!("d{:03}/f{i:05}.php", i / 97),
+            b"<?php // v2\n",
+        );
+    }
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "diff", "{r}");
+    assert_eq!(r["files_written"], 3, "{r}");
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+    // Drift finds edits in the first batch and the last.
+    let live = fleet.live(0, "mediawiki");
+    fs::write(live.join("d000/f00000.php"), b"<?php // by hand\n").unwrap();
+    fs::remove_file(live.join("d103/f09998.php")).unwrap();
+    let dir = fleet.hosts[0].dir.to_str().unwrap().to_string();
+    let out = fleet.env.raw(&["verify", "--live", "--dir", &dir]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "M\tmediawiki/d000/f00000.php\t(content differs)",
+        "D\tmediawiki/d103/f09998.php",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+    let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        all.contains(&format!("{} files checked", n - 1)) && all.contains("2 changed by hand"),
+        "{all}"
+    );
+}
