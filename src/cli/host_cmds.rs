@@ -319,7 +319,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
             transport.scheme()
         );
         std::io::stdout().flush()?;
-        tokio::spawn(crate::host::api::pull_at_start(state));
+        tokio::spawn(crate::host::api::at_start(state));
         server::serve(listener, app, server::shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

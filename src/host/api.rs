@@ -634,6 +634,29 @@ fn pull_now(
     })
 }
 
+/// What an agent does by itself at start, in the background: watch its
+/// release slots (so that the first deploy checks only what changed in
+/// them: [`crate::host::watch`]), then [`pull_at_start`].
+pub async fn at_start(st: Arc<AgentState>) {
+    let guard = st.op.clone().lock_owned().await;
+    let bg = Cancel::new();
+    st.set_running(Some(Running {
+        what: "watching the release slots".into(),
+        background: true,
+        cancel: bg.clone(),
+    }));
+    let st2 = st.clone();
+    let r = tokio::task::spawn_blocking(move || st2.agent.watch_slots(&bg)).await;
+    match r {
+        Ok(Err(e)) if e.is_cancelled() => tracing::info!("watching the release slots: {e}"),
+        Ok(Err(e)) => tracing::warn!("watching the release slots: {e}"),
+        _ => {}
+    }
+    st.set_running(None);
+    drop(guard);
+    pull_at_start(st).await;
+}
+
 /// At start, an agent with `--source` asks the deploy host what it should
 /// run and converges (a reimaged host, or one that was down during a
 /// step). If the deploy host does not answer, it asks again with backoff

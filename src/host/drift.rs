@@ -151,11 +151,11 @@ impl Walk<'_> {
                             let sub_idx = self.arena.push(idx, e.name.clone());
                             self.walk(&sub, sub_idx, tree, &p, depth + 1)?
                         }
-                        Err(err) => {
-                            self.drift
-                                .changes
-                                .push(('T', shown(), format!("cannot open it: {err}")))
-                        }
+                        Err(err) => self.drift.changes.push((
+                            'T',
+                            shown(),
+                            format!("cannot open it: {err}"),
+                        )),
                     }
                 }
                 Content::Symlink { target } if kind == FileType::Symlink => {
@@ -176,10 +176,11 @@ impl Walk<'_> {
                         self.flush()?;
                     }
                 }
-                c => self
-                    .drift
-                    .changes
-                    .push(('T', shown(), format!("should be a {}", c.kind_name()))),
+                c => self.drift.changes.push((
+                    'T',
+                    shown(),
+                    format!("should be a {}", c.kind_name()),
+                )),
             }
         }
         Ok(())

@@ -270,6 +270,22 @@ impl Arena {
         (self.nodes.len() - 1) as u32
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Directory `idx`'s path below the root (empty for the root).
+    pub(crate) fn path(&self, idx: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in self.chain(idx) {
+            if !out.is_empty() {
+                out.push(b'/');
+            }
+            out.extend_from_slice(self.nodes[i as usize].1.as_bytes());
+        }
+        out
+    }
+
     /// Indices from the root's child down to `idx`.
     fn chain(&self, mut idx: u32) -> Vec<u32> {
         let mut out = Vec::new();
@@ -439,9 +455,7 @@ impl Walk<'_> {
                         // A reference directory that cannot be opened
                         // (edited by hand) only means writing the file.
                         (Some((src, seal)), true) => match src.dir(w.dir) {
-                            Ok(src) => {
-                                share::link(src, dir, w.name.as_bytes(), &w.content, *seal)?
-                            }
+                            Ok(src) => share::link(src, dir, w.name.as_bytes(), &w.content, *seal)?,
                             Err(_) => false,
                         },
                         _ => false,

@@ -31,6 +31,7 @@ pub mod proto;
 pub mod release;
 pub mod share;
 pub mod state;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -353,6 +354,7 @@ impl Agent {
             files_written: 0,
             files_linked: 0,
             repaired: 0,
+            files_checked: 0,
             seconds: started.elapsed().as_secs_f64(),
         }
     }
@@ -670,6 +672,7 @@ impl Agent {
                 files_written: prepared.files_written,
                 files_linked: prepared.files_linked,
                 repaired: prepared.repaired,
+                files_checked: prepared.files_checked,
                 seconds: started.elapsed().as_secs_f64(),
             })
         })();
@@ -934,6 +937,7 @@ impl Agent {
             files_written: prepared.files_written,
             files_linked: prepared.files_linked,
             repaired: prepared.repaired,
+            files_checked: prepared.files_checked,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -1049,12 +1053,21 @@ impl Agent {
             self.releases
                 .prefetch_files(&self.store, &cur.version, cancel)?;
         }
+        // So that it checks only what changed since.
+        self.releases.watch_slots(&self.store, cancel)?;
         self.collect_garbage(cancel)?;
         // A fresh release matches its version; checking it here gives the
         // fleet's status a baseline that `GET /v1/verify` keeps current.
         self.verify_live(cancel)?;
         tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
+    }
+
+    /// Watches the release slots, so that the next deploy's check of the
+    /// slot it changes is only of what changed ([`watch`]): what the agent
+    /// does at start, in the background.
+    pub fn watch_slots(&self, cancel: &Cancel) -> Result<(), AgentError> {
+        Ok(self.releases.watch_slots(&self.store, cancel)?)
     }
 
     /// Keeps in the local store what releases, rollback and promote need:

@@ -225,6 +225,11 @@ pub struct Outcome {
     /// shares with the live one, and rewritten (`host::share`).
     #[serde(default)]
     pub repaired: u64,
+    /// Files of the release whose `stat` that check took: every file, or
+    /// with the agent's watch on its slots (`host::watch`), only those
+    /// reported changed since the last check.
+    #[serde(default)]
+    pub files_checked: u64,
     #[serde(default)]
     pub seconds: f64,
 }

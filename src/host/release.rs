@@ -27,7 +27,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::materialize::{self, Dir};
-use super::share;
+use super::share::{self, Found};
+use super::watch::Watch;
 use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
 use crate::store::fsutil::{SyncSet, atomic_write, sync_dir};
@@ -99,6 +100,9 @@ pub struct Prepared {
     pub files_linked: u64,
     /// Files found changed by hand through a shared inode and rewritten.
     pub repaired: u64,
+    /// Files the check for those took a `stat` of: every file of the slot,
+    /// or with the slots watched, those reported changed.
+    pub files_checked: u64,
     pub removed: u64,
 }
 
@@ -108,6 +112,8 @@ pub struct Releases {
     /// The file lists of the last few versions checked ([`share`]), newest
     /// last: a deploy's check is then only its `stat`s.
     lists: std::sync::Mutex<Vec<(TreeId, Arc<share::FileList>)>>,
+    /// Which files of the slots may have changed since they were checked.
+    watch: Watch,
 }
 
 /// File lists kept: the live version's (the spare holds it) and the
@@ -124,11 +130,12 @@ impl Releases {
         );
         let dir = base.join("releases");
         fs::create_dir_all(&dir).at(&dir)?;
-        let slots = (0..slots)
+        let slots: Vec<String> = (0..slots)
             .map(|i| char::from(b'a' + i as u8).to_string())
             .collect();
         Ok(Releases {
             dir,
+            watch: Watch::new(slots.len()),
             slots,
             lists: Default::default(),
         })
@@ -156,17 +163,48 @@ impl Releases {
         Ok(list)
     }
 
-    /// The files of slot `root`, which holds `v` sealed at `seal`, changed
-    /// through a shared inode ([`share::check`]), with `v`'s file list.
+    /// Slot `slot`'s index.
+    fn index(&self, slot: &str) -> usize {
+        self.slots
+            .iter()
+            .position(|s| s == slot)
+            .expect("a slot of this agent")
+    }
+
+    /// The slots whose directory exists.
+    fn existing(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|i| fs::symlink_metadata(self.path(&self.slots[*i])).is_ok())
+            .collect()
+    }
+
+    /// The files of slot `slot` (opened as `root`), which holds `v` sealed
+    /// at `seal`, changed through a shared inode ([`share::check`]): only
+    /// those the slots' watch reported since the last check, when it can
+    /// tell ([`super::watch`]), else every file.
     fn suspects(
         &self,
         store: &Store,
         root: &Dir,
+        slot: &str,
         v: &VersionId,
         seal: i64,
         cancel: &Cancel,
-    ) -> Result<(Arc<share::FileList>, Vec<usize>), StoreError> {
+    ) -> Result<(Found, u64), StoreError> {
         let started = std::time::Instant::now();
+        let idx = self.index(slot);
+        if let Some(paths) = self.watch.take(idx, &self.existing()) {
+            let bad = share::check_paths(store, root, &v.root(), &paths, seal, cancel)
+                .inspect_err(|_| self.watch.unwatch(idx))?;
+            tracing::debug!(
+                "checked {} file(s) of {} the watch reported in {:?}: {} to rewrite",
+                paths.len(),
+                root.path().display(),
+                started.elapsed(),
+                bad.len()
+            );
+            return Ok((Found::Paths(v.root(), bad), paths.len() as u64));
+        }
         let list = self.files(store, &v.root(), cancel)?;
         let listed = started.elapsed();
         let suspects = share::check(root, &list, seal, cancel)?;
@@ -177,7 +215,50 @@ impl Releases {
             started.elapsed(),
             suspects.len()
         );
-        Ok((list, suspects))
+        let checked = list.len() as u64;
+        Ok((Found::Listed(list, suspects), checked))
+    }
+
+    /// Watches every clean slot not watched yet ([`super::watch`]): a
+    /// watch on each of its directories, then a check of every file, so
+    /// that the next deploy checks only what changed since. The agent runs
+    /// this in the background, after a switch and at start.
+    pub fn watch_slots(&self, store: &Store, cancel: &Cancel) -> Result<(), StoreError> {
+        for (idx, name) in self.slots.iter().enumerate() {
+            if self.watch.watched(idx) {
+                continue;
+            }
+            let meta = self.meta(name);
+            let (true, Some(v), Some(seal)) = (meta.clean, meta.version, meta.sealed) else {
+                continue;
+            };
+            if !store.has(&v.object()) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let list = self.files(store, &v.root(), cancel)?;
+            let releases = Dir::open(&self.dir)?;
+            let Ok(root) = releases.subdir(name.as_bytes()) else {
+                continue;
+            };
+            self.watch.forget(idx);
+            let all = list.each_dir(&root, cancel, |path, dir| self.watch.add(idx, path, dir));
+            if !matches!(all, Ok(true)) {
+                self.watch.forget(idx);
+                all?;
+                continue;
+            }
+            self.watch.start(idx);
+            let bad = share::check(&root, &list, seal, cancel)
+                .inspect_err(|_| self.watch.unwatch(idx))?;
+            self.watch.suspect(idx, bad.iter().map(|i| list.path(*i)));
+            tracing::debug!(
+                "release slot {name} watched in {:?}: {} file(s) changed by hand",
+                started.elapsed(),
+                bad.len()
+            );
+        }
+        Ok(())
     }
 
     /// Builds (and keeps) `v`'s file list ahead of the deploy that will
@@ -249,11 +330,12 @@ impl Releases {
     ) -> Result<Prepared, StoreError> {
         if let Some(slot) = self.find(v) {
             match self.recheck(store, &slot, cancel) {
-                Ok(repaired) => {
+                Ok((repaired, files_checked)) => {
                     return Ok(Prepared {
                         slot,
                         how: How::Reused,
                         repaired,
+                        files_checked,
                         ..Default::default()
                     });
                 }
@@ -277,16 +359,21 @@ impl Releases {
     /// for files changed through an inode it shares ([`share`]), and
     /// rewrites them; returns how many. Keeps its seal: rewritten files get
     /// an mtime before it.
-    fn recheck(&self, store: &Store, slot: &str, cancel: &Cancel) -> Result<u64, StoreError> {
+    fn recheck(
+        &self,
+        store: &Store,
+        slot: &str,
+        cancel: &Cancel,
+    ) -> Result<(u64, u64), StoreError> {
         let meta = self.meta(slot);
         let (Some(v), Some(seal)) = (meta.version, meta.sealed) else {
-            return Ok(0);
+            return Ok((0, 0));
         };
         let releases = Dir::open(&self.dir)?;
         let root = releases.subdir(slot.as_bytes())?;
-        let (list, suspects) = self.suspects(store, &root, &v, seal, cancel)?;
-        if suspects.is_empty() {
-            return Ok(0);
+        let (found, checked) = self.suspects(store, &root, slot, &v, seal, cancel)?;
+        if found.is_empty() {
+            return Ok((0, checked));
         }
         self.set_meta(
             slot,
@@ -296,11 +383,13 @@ impl Releases {
             },
         )?;
         let sync = SyncSet::default();
-        let repaired = share::repair(store, &root, &list, &suspects, seal - 1, &sync, cancel)?;
-        sync.sync(&releases, &self.dir)?;
+        let repaired = found
+            .repair(store, &root, seal - 1, &sync, cancel)
+            .and_then(|n| sync.sync(&releases, &self.dir).map(|()| n))
+            .inspect_err(|_| self.watch.unwatch(self.index(slot)))?;
         log_repaired(slot, repaired);
         self.set_meta(slot, &meta)?;
-        Ok(repaired)
+        Ok((repaired, checked))
     }
 
     /// Brings the spare slot (one not in `keep`) to `v` ahead of time, so
@@ -394,8 +483,10 @@ impl Releases {
                     seal: *ls,
                 }),
         };
-        let mut repaired = 0;
+        let (mut repaired, mut checked) = (0, 0);
+        let idx = self.index(&slot.name);
         let full = |sync: &SyncSet| -> Result<(How, materialize::Applied), StoreError> {
+            self.watch.forget(idx);
             materialize::remove_if_present(&releases, name)?;
             let root = releases.mkdir(name)?;
             // The slot's own entry in releases/.
@@ -423,11 +514,13 @@ impl Releases {
                     // slot ([`share`]); those written before slots shared
                     // anything (no seal) are the slot's own.
                     if let Some(old_seal) = slot.meta.sealed {
-                        let (list, suspects) =
-                            self.suspects(store, &root, &old, old_seal, cancel)?;
-                        repaired =
-                            share::repair(store, &root, &list, &suspects, seal - 1, &sync, cancel)?;
+                        let found;
+                        (found, checked) =
+                            self.suspects(store, &root, &slot.name, &old, old_seal, cancel)?;
+                        repaired = found.repair(store, &root, seal - 1, &sync, cancel)?;
                     }
+                    // Changed from here on: watched again after the switch.
+                    self.watch.forget(idx);
                     materialize::apply(
                         store,
                         root,
@@ -458,8 +551,12 @@ impl Releases {
             // A cancelled slot stays dirty (rewritten next time); stopping
             // fast is the point. Anything else (a full disk): nothing
             // half-written stays behind, the space is given back.
-            Err(e @ StoreError::Cancelled(_)) => return Err(e),
+            Err(e @ StoreError::Cancelled(_)) => {
+                self.watch.forget(idx);
+                return Err(e);
+            }
             Err(e) => {
+                self.watch.forget(idx);
                 let _ = materialize::remove_if_present(&releases, name);
                 let _ = fs::remove_file(self.meta_path(&slot.name));
                 return Err(e);
@@ -482,6 +579,7 @@ impl Releases {
             bytes_written: applied.bytes_written,
             files_linked: applied.files_linked,
             repaired,
+            files_checked: checked,
             removed: applied.removed,
         })
     }

@@ -266,6 +266,166 @@ impl FileList {
     pub(crate) fn len(&self) -> usize {
         self.files.len()
     }
+
+    /// File `i`'s path below the slot's root.
+    pub(crate) fn path(&self, i: usize) -> Vec<u8> {
+        let f = &self.files[i];
+        let mut p = self.arena.path(f.dir);
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(self.name(f));
+        p
+    }
+
+    /// Opens every directory of the version in slot `root` in turn, the
+    /// root first, and gives `f` its path and descriptor; stops at the
+    /// first error.
+    pub(crate) fn each_dir(
+        &self,
+        root: &Dir,
+        cancel: &Cancel,
+        mut f: impl FnMut(Vec<u8>, &Dir) -> bool,
+    ) -> Result<bool, StoreError> {
+        let mut cursor = Cursor::new(root, &self.arena);
+        for idx in 0..self.arena.len() as u32 {
+            if idx % 1024 == 0 {
+                cancel.check()?;
+            }
+            let dir = cursor.dir(idx)?;
+            if !f(self.arena.path(idx), dir) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What a check found changed in a slot: by index in the version's file
+/// list (a check of every file), or by path (a check of what the slots'
+/// watch reported: [`super::watch`]).
+pub(crate) enum Found {
+    Listed(std::sync::Arc<FileList>, Vec<usize>),
+    Paths(TreeId, Vec<Vec<u8>>),
+}
+
+impl Found {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Found::Listed(_, bad) => bad.len(),
+            Found::Paths(_, bad) => bad.len(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rewrites what was found as new inodes with mtime `mtime`: see
+    /// [`repair`].
+    pub(crate) fn repair(
+        &self,
+        store: &Store,
+        root: &Dir,
+        mtime: i64,
+        sync: &SyncSet,
+        cancel: &Cancel,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Found::Listed(list, bad) => repair(store, root, list, bad, mtime, sync, cancel),
+            Found::Paths(tree, bad) => {
+                let mut n = 0;
+                for_each_file(store, root, tree, bad, cancel, |dir, e, _| {
+                    if dir.kind(e.name.as_bytes())?.is_some() {
+                        dir.remove(e.name.as_bytes())?;
+                    }
+                    sync.add(dir.as_fd().try_clone_to_owned().at(dir.path())?);
+                    materialize::write_file(store, dir, &e.name, &e.content, mtime, sync)?;
+                    n += 1;
+                    Ok(())
+                })?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// The files at `paths` of slot `root`, which holds version tree `tree`
+/// and was sealed at `seal`, that fail the check ([`check`]'s, for a few
+/// paths). A path that is no file of the version is left out: an extra
+/// name is drift's to report, and the check is about files the version
+/// has.
+pub(crate) fn check_paths(
+    store: &Store,
+    root: &Dir,
+    tree: &TreeId,
+    paths: &[Vec<u8>],
+    seal: i64,
+    cancel: &Cancel,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut bad = Vec::new();
+    for_each_file(store, root, tree, paths, cancel, |dir, e, path| {
+        let Some((size, exec)) = size_mode(&e.content) else {
+            return Ok(());
+        };
+        let ok = rustix::fs::statat(dir, e.name.as_bytes(), AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| made_by_agent(&st, size, exec, seal));
+        if !ok {
+            bad.push(path.to_vec());
+        }
+        Ok(())
+    })?;
+    Ok(bad)
+}
+
+/// Calls `f` with the slot directory, the version's entry and the path of
+/// each of `paths` that is a regular file of version tree `tree`, a
+/// directory at a time. A directory of the version that is not one in the
+/// slot is an error, as in [`check`].
+fn for_each_file(
+    store: &Store,
+    root: &Dir,
+    tree: &TreeId,
+    paths: &[Vec<u8>],
+    cancel: &Cancel,
+    mut f: impl FnMut(&Dir, &crate::store::Entry, &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    // Directory -> (name, path) of each file asked about in it.
+    type ByDir<'a> = std::collections::BTreeMap<&'a [u8], Vec<(&'a [u8], &'a [u8])>>;
+    let mut by_dir = ByDir::new();
+    for p in paths {
+        let (parent, name) = match p.iter().rposition(|b| *b == b'/') {
+            Some(at) => (&p[..at], &p[at + 1..]),
+            None => (&p[..0], &p[..]),
+        };
+        by_dir.entry(parent).or_default().push((name, p));
+    }
+    'dirs: for (parent, names) in by_dir {
+        cancel.check()?;
+        let mut t = store.tree(tree)?;
+        let mut dir: Option<Dir> = None;
+        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            let Some(Content::Dir { tree: sub, .. }) = t.get(comp).map(|e| &e.content) else {
+                continue 'dirs;
+            };
+            let sub = *sub;
+            dir = Some(match &dir {
+                Some(d) => d.subdir(comp)?,
+                None => root.subdir(comp)?,
+            });
+            t = store.tree(&sub)?;
+        }
+        let d = dir.as_ref().unwrap_or(root);
+        for (name, path) in names {
+            if let Some(e) = t
+                .get(name)
+                .filter(|e| matches!(e.content, Content::File { .. }))
+            {
+                f(d, e, path)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Files checked by one thread between two looks at the cancel flag.

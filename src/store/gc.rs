@@ -125,7 +125,9 @@ pub fn mark_and_sweep(
     let mut trees: HashSet<TreeId> = HashSet::new();
     for v in roots {
         cancel.check()?;
-        chunks_of(store, &v.root(), &mut trees, &mut |c| live.insert(&c.object()))?;
+        chunks_of(store, &v.root(), &mut trees, &mut |c| {
+            live.insert(&c.object())
+        })?;
     }
     for t in &trees {
         live.insert(&t.object());

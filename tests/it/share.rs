@@ -333,3 +333,122 @@ fn without_hardlinks_slots_get_copies_and_it_is_said_once() {
         );
     }
 }
+
+/// Waits until host 0's agent has no work running (the work after a
+/// switch: the spare slot, the watch on the slots, gc, drift).
+fn settle(fleet: &Fleet) {
+    wait_for(60, "the agent's background work to end", || {
+        fleet.get(0, "/v1/state").1["busy"] == false
+    });
+}
+
+/// Files of a release of [`tree`] (what a check of every file stats).
+fn files_in(root: &Path) -> u64 {
+    snapshot(root)
+        .values()
+        .filter(|n| matches!(n, Node::File { .. }))
+        .count() as u64
+}
+
+#[test]
+fn watched_slots_are_checked_only_where_they_changed() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    let v3 = vs.build(&fleet, "v3");
+    let v4 = vs.build(&fleet, "v4");
+    fleet.serve();
+    let all = files_in(&vs.trees[&v1]);
+    assert!(all > 60, "{all}");
+
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    settle(&fleet);
+    // Nothing changed in the watched spare: nothing to stat.
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        (&r["how"], &r["files_checked"]),
+        (&json!("diff"), &json!(0)),
+        "{r}"
+    );
+    settle(&fleet);
+
+    // Edits in place through the live tree, to inodes every slot shares:
+    // reported by the watch, and only those are checked.
+    let live = fleet.live(0, "mediawiki");
+    edit_in_place(&live.join("includes/libs/f30.php"), b"<?php die('hack');\n");
+    fs::set_permissions(
+        live.join("includes/libs/f31.php"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let previous = live_slot(&dir);
+    let (code, r) = fleet.sync_to(0, &v3);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 2, "{r}");
+    assert_eq!(r["files_checked"], 2, "only the edited files: {r}");
+    same(&live, &vs.trees[&v3], "v3 is live, true");
+    settle(&fleet);
+    // The slot that was live kept the edits (drift's to report); a
+    // rollback to it finds them through the watch too.
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(live_slot(&dir), previous);
+    assert_eq!(
+        (&r["repaired"], &r["files_checked"]),
+        (&json!(2), &json!(2)),
+        "{r}"
+    );
+    same(&live, &vs.trees[&v2], "rolled back to true v2");
+    settle(&fleet);
+
+    // An edit while the agent is down is not seen by a watch: the agent
+    // checks every file at start, and the next deploy rewrites it.
+    fleet.hosts[0].proc.kill();
+    edit_in_place(
+        &live.join("includes/libs/f40.php"),
+        b"<?php die('offline');\n",
+    );
+    fleet.restart(0);
+    settle(&fleet);
+    let (code, r) = fleet.sync_to(0, &v4);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 1, "{r}");
+    assert!(r["files_checked"].as_u64().unwrap() < 5, "{r}");
+    same(&live, &vs.trees[&v4], "v4 is live, true");
+    settle(&fleet);
+    vs.check_slots(&dir, &[&previous], "after the watched deploys");
+}
+
+#[test]
+fn without_inotify_every_file_is_checked_and_it_is_said() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    fleet.restart_logged(0, &[("SCAP_FAILPOINT", "agent:inotify:errno=24")], &log);
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    settle(&fleet);
+    let live = fleet.live(0, "mediawiki");
+    edit_in_place(&live.join("includes/libs/f30.php"), b"<?php die('hack');\n");
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 1, "{r}");
+    assert_eq!(
+        r["files_checked"],
+        files_in(&vs.trees[&v1]),
+        "every file: {r}"
+    );
+    same(&live, &vs.trees[&v2], "v2 is live, true");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("inotify is not available") && text.contains("Too many open files"),
+        "{text}"
+    );
+}

@@ -1,0 +1,335 @@
+//! Which files of the release slots may have changed since they were last
+//! checked: inotify on every directory of every slot, so that the check
+//! [`super::share`] needs before a slot is changed or switched to costs a
+//! `stat` per file *touched*, not per file in the tree.
+//!
+//! A slot is *watched* once every directory of its version has a watch and
+//! a full check ran after the watches were in place ([`Watch::begin`], then
+//! the caller's check). From then on, each event adds a path to the slots'
+//! *suspects*:
+//!
+//! - a write or an attribute change of a file (`IN_MODIFY`, `IN_ATTRIB`) at
+//!   path P of any slot makes P suspect in **every** slot: the inode may be
+//!   shared with them (slots share files at the same path only);
+//! - a name created, removed or renamed (`IN_CREATE`, `IN_DELETE`,
+//!   `IN_MOVED_*`) makes P suspect in that slot;
+//! - anything the watches cannot follow path by path (a directory created,
+//!   removed or renamed by hand, a watch gone, the kernel's queue
+//!   overflowing, more suspects than [`MAX_SUSPECTS`]) un-watches the slot,
+//!   or every slot.
+//!
+//! [`Watch::take`] gives a slot's suspects only while **every** slot
+//! directory that exists is watched (an edit through an unwatched slot's
+//! path could reach a shared inode unseen); otherwise the caller checks
+//! every file, as without inotify. The agent un-watches a slot before it
+//! changes it ([`Watch::forget`]) and watches it again in the background
+//! after a switch.
+//!
+//! Events are read by a thread of their own that holds the lock while it
+//! reads, and [`Watch::take`] reads what is queued under the same lock: an
+//! edit finished before a check begins is always counted.
+//!
+//! What this cannot see, and the full check could: a write through a
+//! hardlink made by hand outside the slots (inotify reports a change to the
+//! directory it was made through). The drift check after each switch, and
+//! the full check after every agent start, cover that; ARCHITECTURE.md
+//! states the trade-off.
+
+use std::collections::{BTreeSet, HashMap};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+
+use rustix::fs::inotify::{self, ReadFlags, WatchFlags};
+use rustix::io::Errno;
+
+use super::materialize::Dir;
+
+/// Suspects a slot may collect before it is simply un-watched (its next
+/// check is then a full one): bounds the memory a flood of edits takes.
+pub const MAX_SUSPECTS: usize = 4096;
+
+/// What a watch on a slot directory reports.
+const MASK: WatchFlags = WatchFlags::MODIFY
+    .union(WatchFlags::ATTRIB)
+    .union(WatchFlags::CREATE)
+    .union(WatchFlags::DELETE)
+    .union(WatchFlags::MOVED_FROM)
+    .union(WatchFlags::MOVED_TO)
+    .union(WatchFlags::DELETE_SELF)
+    .union(WatchFlags::MOVE_SELF);
+
+/// The slots' watches; inert where inotify is not available.
+pub struct Watch {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    fd: OwnedFd,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each watch: its slot and the directory's path in the slot.
+    wds: HashMap<i32, (usize, Box<[u8]>)>,
+    slots: Vec<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    watched: bool,
+    wds: Vec<i32>,
+    suspects: BTreeSet<Vec<u8>>,
+}
+
+impl State {
+    fn unwatch(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        s.watched = false;
+        s.suspects.clear();
+    }
+
+    fn suspect(&mut self, slot: usize, path: Vec<u8>) {
+        let s = &mut self.slots[slot];
+        if !s.watched {
+            return;
+        }
+        s.suspects.insert(path);
+        if s.suspects.len() > MAX_SUSPECTS {
+            self.unwatch(slot);
+        }
+    }
+
+    fn event(&mut self, wd: i32, what: ReadFlags, name: Option<&[u8]>) {
+        if what.contains(ReadFlags::QUEUE_OVERFLOW) {
+            for s in 0..self.slots.len() {
+                self.unwatch(s);
+            }
+            return;
+        }
+        let Some((slot, dir)) = self.wds.get(&wd) else {
+            return;
+        };
+        let slot = *slot;
+        if what.contains(ReadFlags::IGNORED) {
+            self.wds.remove(&wd);
+            self.slots[slot].wds.retain(|w| *w != wd);
+            self.unwatch(slot);
+            return;
+        }
+        if what.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT) {
+            self.unwatch(slot);
+            return;
+        }
+        let Some(name) = name else {
+            return;
+        };
+        let mut path = dir.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        let names =
+            ReadFlags::CREATE | ReadFlags::DELETE | ReadFlags::MOVED_FROM | ReadFlags::MOVED_TO;
+        if what.contains(ReadFlags::ISDIR) {
+            // A directory made, removed or renamed by hand: not followed
+            // path by path. (Its mode or times changing does not matter to
+            // the check of the files.)
+            if what.intersects(names) {
+                self.unwatch(slot);
+            }
+            return;
+        }
+        if what.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB) {
+            for s in 0..self.slots.len() {
+                self.suspect(s, path.clone());
+            }
+        }
+        if what.intersects(names) {
+            self.suspect(slot, path);
+        }
+    }
+}
+
+impl Inner {
+    /// Reads every queued event; the caller holds the lock.
+    fn drain(&self, st: &mut State) {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 16 * 1024];
+        let mut r = inotify::Reader::new(&self.fd, &mut buf);
+        loop {
+            match r.next() {
+                Ok(ev) => {
+                    let name = ev.file_name().map(|n| n.to_bytes());
+                    st.event(ev.wd(), ev.events(), name);
+                }
+                Err(Errno::AGAIN) | Err(Errno::INTR) => return,
+                Err(e) => {
+                    tracing::warn!("reading the release slots' inotify events: {e}");
+                    for s in 0..st.slots.len() {
+                        st.unwatch(s);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        let mut st = self.state.lock().expect("not poisoned");
+        self.drain(&mut st);
+        st
+    }
+}
+
+impl Watch {
+    /// Watches for `slots` release slots (by index); inert, with a warning,
+    /// where inotify cannot be had.
+    pub fn new(slots: usize) -> Watch {
+        // A test stands in for a host out of inotify instances
+        // (`SCAP_FAILPOINT=agent:inotify:errno=24`).
+        let fd = match crate::failpoint::errno("agent:inotify").map_or_else(
+            || inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC),
+            |n| Err(Errno::from_raw_os_error(n)),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(
+                    "inotify is not available ({e}): every deploy checks each file of the release slot it changes (a stat per file)"
+                );
+                return Watch { inner: None };
+            }
+        };
+        let inner = Arc::new(Inner {
+            fd,
+            state: Mutex::new(State {
+                wds: HashMap::new(),
+                slots: (0..slots).map(|_| Slot::default()).collect(),
+            }),
+        });
+        let weak = Arc::downgrade(&inner);
+        let spawned = std::thread::Builder::new()
+            .name("slot-watch".into())
+            .spawn(move || read_events(weak));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the release slots' watch thread ({e})");
+            return Watch { inner: None };
+        }
+        Watch { inner: Some(inner) }
+    }
+
+    /// Un-watches slot `slot` and drops its watches: the agent is about to
+    /// change it.
+    pub fn forget(&self, slot: usize) {
+        let Some(inner) = &self.inner else { return };
+        let mut st = inner.lock();
+        st.unwatch(slot);
+        for wd in std::mem::take(&mut st.slots[slot].wds) {
+            st.wds.remove(&wd);
+            // Gone already if its directory was removed.
+            let _ = inotify::remove_watch(&inner.fd, wd);
+        }
+    }
+
+    /// Adds a watch on directory `dir` of slot `slot` (at `path` in it),
+    /// while the slot is being watched again ([`Watch::forget`] first, then
+    /// every directory, then [`Watch::start`]). False if it cannot be had.
+    pub fn add(&self, slot: usize, path: Vec<u8>, dir: &Dir) -> bool {
+        let Some(inner) = &self.inner else {
+            return false;
+        };
+        // The watch is on the directory open here, not on whatever a path
+        // string names by now.
+        let proc = format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd());
+        match inotify::add_watch(&inner.fd, proc.as_str(), MASK) {
+            Ok(wd) => {
+                let mut st = inner.lock();
+                st.slots[slot].wds.push(wd);
+                st.wds.insert(wd, (slot, path.into_boxed_slice()));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch {} ({e}): deploys check every file of its release slot",
+                    dir.path().display()
+                );
+                false
+            }
+        }
+    }
+
+    /// Marks slot `slot`, every directory of which has a watch, watched
+    /// with no suspects: the caller then checks every file of it and
+    /// reports what failed with [`Watch::suspect`].
+    pub fn start(&self, slot: usize) {
+        let Some(inner) = &self.inner else { return };
+        let mut st = inner.lock();
+        let s = &mut st.slots[slot];
+        s.watched = true;
+        s.suspects.clear();
+    }
+
+    /// Un-watches slot `slot` (keeping its watches): its next check is a
+    /// full one. For a check that stopped half-way.
+    pub fn unwatch(&self, slot: usize) {
+        if let Some(inner) = &self.inner {
+            inner.lock().unwatch(slot);
+        }
+    }
+
+    /// Adds paths of slot `slot` found changed by a check to its suspects.
+    pub fn suspect(&self, slot: usize, paths: impl IntoIterator<Item = Vec<u8>>) {
+        let Some(inner) = &self.inner else { return };
+        let mut st = inner.lock();
+        for p in paths {
+            st.suspect(slot, p);
+        }
+    }
+
+    /// Whether slot `slot` is watched.
+    pub fn watched(&self, slot: usize) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| i.lock().slots[slot].watched)
+    }
+
+    /// The paths of slot `slot` that may have changed since it was last
+    /// checked, handed over (the next call gives only what changed after
+    /// this one), if every slot in `existing` (the slots whose directory
+    /// exists) is watched; None: check every file.
+    pub fn take(&self, slot: usize, existing: &[usize]) -> Option<Vec<Vec<u8>>> {
+        let inner = self.inner.as_ref()?;
+        let mut st = inner.lock();
+        if !st.slots[slot].watched || existing.iter().any(|s| !st.slots[*s].watched) {
+            return None;
+        }
+        Some(
+            std::mem::take(&mut st.slots[slot].suspects)
+                .into_iter()
+                .collect(),
+        )
+    }
+}
+
+/// The watch thread: waits for events, then reads them under the lock.
+fn read_events(inner: Weak<Inner>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let mut fds = [rustix::event::PollFd::new(
+            &i.fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let second = rustix::fs::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&second)) {
+            Ok(n) if n > 0 => drop(i.lock()),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => {
+                tracing::warn!("waiting for the release slots' inotify events: {e}");
+                return;
+            }
+        }
+    }
+}
