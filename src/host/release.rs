@@ -229,6 +229,14 @@ impl Releases {
                 continue;
             }
             let meta = self.meta(name);
+            if !meta.clean && live_slot_of(&self.dir).as_deref() != Some(name) {
+                // Left half-written (a crash, a cancel): it would be
+                // rewritten in full before use anyway, and files it may
+                // share with the others cannot go unwatched.
+                let releases = Dir::open(&self.dir)?;
+                materialize::remove_if_present(&releases, name.as_bytes())?;
+                continue;
+            }
             let (true, Some(v), Some(seal)) = (meta.clean, meta.version, meta.sealed) else {
                 continue;
             };
@@ -618,6 +626,11 @@ fn content_mismatch(e: &StoreError) -> bool {
         }
         _ => false,
     }
+}
+
+/// The live slot of the agent whose `releases/` is `releases`.
+fn live_slot_of(releases: &Path) -> Option<String> {
+    releases.parent().and_then(live_slot)
 }
 
 /// The live slot: where `current` points, if anywhere.
