@@ -517,6 +517,8 @@ fn main() {
         ],
         &mut table,
     );
+    // Before the train doubles the tree: the agent's peak at this size.
+    let hwm_before_train = vm_hwm(stacks[0].hosts[0].child.id());
     deploy(
         "train (new php-* branch)",
         &[Some(("train", 4))],
@@ -533,8 +535,8 @@ fn main() {
         &mut table,
     );
     // A rollback to the previous release and a sync back to the live
-    // version: each a switch to a slot the agent holds, after a stat of
-    // every file in it (hardlinked slots: see host::share).
+    // version: each a switch to a slot the agent holds, after the check of
+    // the files in it the slots' watch reported (host::share, host::watch).
     let mut back: Vec<f64> = Vec::new();
     let mut forth: Vec<f64> = Vec::new();
     for _ in 0..3 {
@@ -561,8 +563,9 @@ fn main() {
         table.row(cells);
     };
     note(format!(
-        "agent peak RSS during the fresh sync (TLS): {} MB; over the whole run above: {} MB",
+        "agent peak RSS (TLS): {} MB during the fresh sync; {} MB over it and the backports ({files} files); {} MB over the whole run (the train doubles the tree)",
         hwm / 1024,
+        hwm_before_train / 1024,
         vm_hwm(stacks[0].hosts[0].child.id()) / 1024
     ));
     note(format!(
@@ -571,7 +574,7 @@ fn main() {
         first_build.rss_kib / 1024
     ));
     note(format!(
-        "rollback to the previous release (TLS, a switch after a stat of every file): median {}, worst {} (6 runs); sync back to the live version: median {}",
+        "rollback to the previous release (TLS: a switch after the check of the files the slots' watch reported): median {}, worst {} (6 runs); sync back to the live version: median {}",
         ms(back[(back.len() - 1) / 2]),
         ms(back[back.len() - 1]),
         ms(forth[(forth.len() - 1) / 2]),

@@ -30,7 +30,8 @@
 //! syncs to it: anyone the site CA certified may ask for one (`scap pull`
 //! on the host uses the host's own certificate), since it can only bring
 //! the host to what the deploy host decided, and only to a signed version.
-//! The agent pulls once by itself at start ([`pull_at_start`]).
+//! At start the agent watches its release slots, then pulls once by itself
+//! ([`at_start`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

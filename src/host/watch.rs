@@ -224,10 +224,20 @@ impl Watch {
         let Some(inner) = &self.inner else { return };
         let mut st = inner.lock();
         st.unwatch(slot);
-        for wd in std::mem::take(&mut st.slots[slot].wds) {
+        for (n, wd) in std::mem::take(&mut st.slots[slot].wds)
+            .into_iter()
+            .enumerate()
+        {
             st.wds.remove(&wd);
             // Gone already if its directory was removed.
             let _ = inotify::remove_watch(&inner.fd, wd);
+            // Each removal queues an event: read them as they come, or a
+            // slot of more directories than the kernel's queue holds
+            // (fs.inotify.max_queued_events, 16,384) would overflow it
+            // and un-watch every slot.
+            if n % 1024 == 1023 {
+                inner.drain(&mut st);
+            }
         }
     }
 
@@ -331,5 +341,48 @@ fn read_events(inner: Weak<Inner>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropping the watches of a slot of more directories than the
+    /// kernel's event queue holds leaves the other slots watched.
+    #[test]
+    fn forgetting_a_big_slot_does_not_overflow_the_queue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let big = tmp.path().join("big");
+        let dirs = queue + 1000;
+        for i in 0..dirs {
+            std::fs::create_dir_all(big.join(format!("{}/{i}", i / 1000))).unwrap();
+        }
+        let small = tmp.path().join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let watch = Watch::new(2);
+        assert!(watch.add(1, Vec::new(), &Dir::open(&small).unwrap()));
+        watch.start(1);
+        let mut added = 0;
+        for top in std::fs::read_dir(&big).unwrap() {
+            let top = top.unwrap().path();
+            for d in std::fs::read_dir(&top).unwrap() {
+                assert!(watch.add(0, Vec::new(), &Dir::open(&d.unwrap().path()).unwrap()));
+                added += 1;
+            }
+        }
+        assert_eq!(added, dirs);
+        watch.start(0);
+        watch.forget(0);
+        assert!(!watch.watched(0));
+        assert!(watch.watched(1), "slot 1 is still watched");
+        // And it still reports what changes in it.
+        std::fs::write(small.join("f"), b"x").unwrap();
+        assert_eq!(watch.take(1, &[1]), Some(vec![b"f".to_vec()]));
     }
 }
