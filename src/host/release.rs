@@ -222,50 +222,69 @@ impl Releases {
     /// Watches every clean slot not watched yet ([`super::watch`]): a
     /// watch on each of its directories, then a check of every file, so
     /// that the next deploy checks only what changed since. The agent runs
-    /// this in the background, after a switch and at start.
+    /// this in the background, after a switch and at start. A slot that
+    /// cannot be watched (a directory of its version missing, the
+    /// kernel's watch limit) stays un-watched: deploys then check all of it,
+    /// and the work after a switch goes on (only a cancel stops it).
     pub fn watch_slots(&self, store: &Store, cancel: &Cancel) -> Result<(), StoreError> {
         for (idx, name) in self.slots.iter().enumerate() {
             if self.watch.watched(idx) {
                 continue;
             }
-            let meta = self.meta(name);
-            if !meta.clean && live_slot_of(&self.dir).as_deref() != Some(name) {
-                // Left half-written (a crash, a cancel): it would be
-                // rewritten in full before use anyway, and files it may
-                // share with the others cannot go unwatched.
-                let releases = Dir::open(&self.dir)?;
-                materialize::remove_if_present(&releases, name.as_bytes())?;
-                continue;
+            match self.watch_slot(store, idx, name, cancel) {
+                Ok(()) => {}
+                Err(e @ StoreError::Cancelled(_)) => {
+                    self.watch.forget(idx);
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.watch.forget(idx);
+                    tracing::warn!(
+                        "release slot {name} is not watched ({e}): deploys check every file of it"
+                    );
+                }
             }
-            let (true, Some(v), Some(seal)) = (meta.clean, meta.version, meta.sealed) else {
-                continue;
-            };
-            if !store.has(&v.object()) {
-                continue;
-            }
-            let started = std::time::Instant::now();
-            let list = self.files(store, &v.root(), cancel)?;
-            let releases = Dir::open(&self.dir)?;
-            let Ok(root) = releases.subdir(name.as_bytes()) else {
-                continue;
-            };
-            self.watch.forget(idx);
-            let all = list.each_dir(&root, cancel, |path, dir| self.watch.add(idx, path, dir));
-            if !matches!(all, Ok(true)) {
-                self.watch.forget(idx);
-                all?;
-                continue;
-            }
-            self.watch.start(idx);
-            let bad = share::check(&root, &list, seal, cancel)
-                .inspect_err(|_| self.watch.unwatch(idx))?;
-            self.watch.suspect(idx, bad.iter().map(|i| list.path(*i)));
-            tracing::debug!(
-                "release slot {name} watched in {:?}: {} file(s) changed by hand",
-                started.elapsed(),
-                bad.len()
-            );
         }
+        Ok(())
+    }
+
+    fn watch_slot(
+        &self,
+        store: &Store,
+        idx: usize,
+        name: &str,
+        cancel: &Cancel,
+    ) -> Result<(), StoreError> {
+        let meta = self.meta(name);
+        let releases = Dir::open(&self.dir)?;
+        if !meta.clean && live_slot_of(&self.dir).as_deref() != Some(name) {
+            // Left half-written (a crash, a cancel): it would be rewritten
+            // in full before use anyway, and files it may share with the
+            // others cannot go unwatched.
+            return materialize::remove_if_present(&releases, name.as_bytes());
+        }
+        let (true, Some(v), Some(seal)) = (meta.clean, meta.version, meta.sealed) else {
+            return Ok(());
+        };
+        if !store.has(&v.object()) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let list = self.files(store, &v.root(), cancel)?;
+        let root = releases.subdir(name.as_bytes())?;
+        self.watch.forget(idx);
+        if !list.each_dir(&root, cancel, |path, dir| self.watch.add(idx, path, dir))? {
+            self.watch.forget(idx);
+            return Ok(());
+        }
+        self.watch.start(idx);
+        let bad = share::check(&root, &list, seal, cancel)?;
+        self.watch.suspect(idx, bad.iter().map(|i| list.path(*i)));
+        tracing::debug!(
+            "release slot {name} watched in {:?}: {} file(s) changed by hand",
+            started.elapsed(),
+            bad.len()
+        );
         Ok(())
     }
 

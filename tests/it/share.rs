@@ -452,3 +452,48 @@ fn without_inotify_every_file_is_checked_and_it_is_said() {
         "{text}"
     );
 }
+
+#[test]
+fn a_directory_removed_by_hand_from_the_previous_slot_is_rewritten_on_rollback() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    fleet.serve();
+    for v in [&v1, &v2] {
+        let (code, r) = fleet.sync_to(0, v);
+        assert_eq!(code, 200, "{r}");
+        settle(&fleet);
+    }
+    let live = live_slot(&dir);
+    let previous = slots(&dir)
+        .into_iter()
+        .find(|(n, (v, _))| *n != live && v.as_deref() == Some(v1.as_str()))
+        .map(|(n, _)| n)
+        .expect("a slot holds v1");
+    // The watch loses that directory: the rollback's check is of every
+    // file, finds the slot is not what its record says, and rewrites it.
+    fs::remove_dir_all(
+        dir.join("releases")
+            .join(&previous)
+            .join("mediawiki/includes/libs"),
+    )
+    .unwrap();
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v1],
+        "rolled back to a whole v1",
+    );
+    settle(&fleet);
+    let (_, st) = fleet.get(0, "/v1/state");
+    assert_eq!(
+        st["drift"]["version"],
+        v1.as_str(),
+        "the work after the switch ran: {st}"
+    );
+    assert_eq!(st["drift"]["changed"], 0, "{st}");
+}
