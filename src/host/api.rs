@@ -236,6 +236,33 @@ impl AgentState {
         *self.running.lock().expect("not poisoned") = r;
     }
 
+    /// Records background work starting (a request arriving waits for
+    /// it, a rollback cancels it); the caller holds the operation lock.
+    fn begin_background(&self, what: &str) -> Cancel {
+        let cancel = Cancel::new();
+        self.set_running(Some(Running {
+            what: what.into(),
+            background: true,
+            cancel: cancel.clone(),
+        }));
+        cancel
+    }
+
+    /// Records background work ending: logs how, and clears it.
+    fn end_background(
+        &self,
+        what: &str,
+        r: Result<Result<(), AgentError>, tokio::task::JoinError>,
+    ) {
+        match r {
+            Ok(Err(e)) if e.is_cancelled() => tracing::info!("{what} stopped: {e}"),
+            Ok(Err(e)) => tracing::warn!("{what} failed: {e}"),
+            Err(e) => tracing::warn!("{what} failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+        self.set_running(None);
+    }
+
     fn busy(&self, what: &str) -> ApiError {
         ApiError(
             StatusCode::CONFLICT,
@@ -278,6 +305,9 @@ impl AgentState {
         g
     }
 }
+
+/// What `/v1/state` says runs while the work after a switch does.
+const AFTER_SWITCH: &str = "the work after a switch";
 
 fn error_response(e: AgentError) -> Response {
     let status = match &e {
@@ -339,24 +369,12 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
             && switched(v)
             && st2.rollbacks_waiting.load(Ordering::SeqCst) == 0
         {
-            let bg = Cancel::new();
-            st2.set_running(Some(Running {
-                what: "the work after a switch".into(),
-                background: true,
-                cancel: bg.clone(),
-            }));
+            let bg = st2.begin_background(AFTER_SWITCH);
             let st4 = st2.clone();
             tokio::spawn(async move {
                 let st5 = st4.clone();
                 let r = tokio::task::spawn_blocking(move || st5.agent.after_switch(&bg)).await;
-                match r {
-                    Ok(Err(e)) if e.is_cancelled() => {
-                        tracing::info!("after-switch work stopped: {e}")
-                    }
-                    Ok(Err(e)) => tracing::warn!("after-switch work failed: {e}"),
-                    _ => {}
-                }
-                st4.set_running(None);
+                st4.end_background(AFTER_SWITCH, r);
                 drop(guard);
             });
         } else {
@@ -640,20 +658,11 @@ fn pull_now(
 /// them: [`crate::host::watch`]), then [`pull_at_start`].
 pub async fn at_start(st: Arc<AgentState>) {
     let guard = st.op.clone().lock_owned().await;
-    let bg = Cancel::new();
-    st.set_running(Some(Running {
-        what: "watching the release slots".into(),
-        background: true,
-        cancel: bg.clone(),
-    }));
+    let what = "watching the release slots";
+    let bg = st.begin_background(what);
     let st2 = st.clone();
     let r = tokio::task::spawn_blocking(move || st2.agent.watch_slots(&bg)).await;
-    match r {
-        Ok(Err(e)) if e.is_cancelled() => tracing::info!("watching the release slots: {e}"),
-        Ok(Err(e)) => tracing::warn!("watching the release slots: {e}"),
-        _ => {}
-    }
-    st.set_running(None);
+    st.end_background(what, r);
     drop(guard);
     pull_at_start(st).await;
 }
@@ -693,17 +702,9 @@ pub async fn pull_at_start(st: Arc<AgentState>) {
                 let switched = o.outcome.as_ref().is_some_and(|o| !o.noop);
                 if switched {
                     let st3 = st.clone();
-                    let bg = Cancel::new();
-                    st.set_running(Some(Running {
-                        what: "the work after a switch".into(),
-                        background: true,
-                        cancel: bg.clone(),
-                    }));
+                    let bg = st.begin_background(AFTER_SWITCH);
                     let r = tokio::task::spawn_blocking(move || st3.agent.after_switch(&bg)).await;
-                    if let Ok(Err(e)) = r {
-                        tracing::warn!("after-switch work failed: {e}");
-                    }
-                    st.set_running(None);
+                    st.end_background(AFTER_SWITCH, r);
                 }
                 drop(guard);
                 return;
