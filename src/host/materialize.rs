@@ -259,6 +259,12 @@ impl Arena {
         Arena { nodes: Vec::new() }
     }
 
+    pub(crate) fn with_capacity(dirs: usize) -> Arena {
+        Arena {
+            nodes: Vec::with_capacity(dirs),
+        }
+    }
+
     pub(crate) fn shrink_to_fit(&mut self) {
         self.nodes.shrink_to_fit();
     }

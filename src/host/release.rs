@@ -155,10 +155,13 @@ impl Releases {
             lists.push(hit);
             return Ok(list);
         }
-        let list = Arc::new(share::FileList::new(store, tree, cancel)?);
+        let like = lists.last().map(|l| l.1.size()).unwrap_or_default();
+        // The one it replaces goes first: the agent's peak memory is then
+        // two lists, not three.
         if lists.len() >= LISTS_KEPT {
             lists.remove(0);
         }
+        let list = Arc::new(share::FileList::new(store, tree, like, cancel)?);
         lists.push((*tree, list.clone()));
         Ok(list)
     }
@@ -233,8 +236,10 @@ impl Releases {
             }
             match self.watch_slot(store, idx, name, cancel) {
                 Ok(()) => {}
+                // Fast: a rollback may be waiting for this to stop. Its
+                // watches go the next time it is watched.
                 Err(e @ StoreError::Cancelled(_)) => {
-                    self.watch.forget(idx);
+                    self.watch.mute(idx);
                     return Err(e);
                 }
                 Err(e) => {
@@ -255,6 +260,10 @@ impl Releases {
         name: &str,
         cancel: &Cancel,
     ) -> Result<(), StoreError> {
+        // Its old watches (a slot changed since is only muted), before
+        // anything else: removing a slot that still has them would queue
+        // an event per directory.
+        self.watch.forget(idx);
         let meta = self.meta(name);
         let releases = Dir::open(&self.dir)?;
         if !meta.clean && live_slot_of(&self.dir).as_deref() != Some(name) {
@@ -272,7 +281,6 @@ impl Releases {
         let started = std::time::Instant::now();
         let list = self.files(store, &v.root(), cancel)?;
         let root = releases.subdir(name.as_bytes())?;
-        self.watch.forget(idx);
         if !list.each_dir(&root, cancel, |path, dir| self.watch.add(idx, path, dir))? {
             self.watch.forget(idx);
             return Ok(());
@@ -547,7 +555,7 @@ impl Releases {
                         repaired = found.repair(store, &root, seal - 1, &sync, cancel)?;
                     }
                     // Changed from here on: watched again after the switch.
-                    self.watch.forget(idx);
+                    self.watch.mute(idx);
                     materialize::apply(
                         store,
                         root,
@@ -579,7 +587,7 @@ impl Releases {
             // fast is the point. Anything else (a full disk): nothing
             // half-written stays behind, the space is given back.
             Err(e @ StoreError::Cancelled(_)) => {
-                self.watch.forget(idx);
+                self.watch.mute(idx);
                 return Err(e);
             }
             Err(e) => {

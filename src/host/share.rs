@@ -174,50 +174,79 @@ pub(crate) fn link(
 
 /// Every regular file of a version, in tree order, and the directories
 /// leading to them: what [`check`] stats. Built once per version from its
-/// trees and kept by [`super::release::Releases`] (a few MB at 263k
-/// files), so that a deploy's check is only the `stat`s.
+/// trees and kept by [`super::release::Releases`] (about 36 bytes a file:
+/// 9.5 MB at 263k files), so that a deploy's check is only the `stat`s.
 pub(crate) struct FileList {
     arena: Arena,
     /// Each arena directory's tree, to look up a file that must be
     /// rewritten.
     trees: Vec<TreeId>,
     files: Vec<FileEntry>,
+    /// The files' names, one after the other: file `i`'s runs to where
+    /// file `i + 1`'s starts.
     names: Vec<u8>,
 }
 
+/// 16 bytes: a list is kept per version, and built while another is.
 struct FileEntry {
     dir: u32,
     name_at: u32,
-    name_len: u32,
-    executable: bool,
-    size: u64,
+    /// The size, and [`EXECUTABLE`].
+    size_mode: u64,
+}
+
+/// The bit of [`FileEntry::size_mode`] that is the mode (no file is 2^63
+/// bytes; a tree that says so has its size clamped below the bit, which no
+/// file on disk then matches: [`check`] reports it).
+const EXECUTABLE: u64 = 1 << 63;
+
+/// How big a version's [`FileList`] was: what the next one reserves, so
+/// that building it does not double its vectors on the way (versions in a
+/// row are about the same size).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ListSize {
+    files: usize,
+    names: usize,
+    dirs: usize,
 }
 
 impl FileList {
-    /// Walks `tree` (a version's root) in the store.
+    /// Walks `tree` (a version's root) in the store; `like` is the size
+    /// of another version's list, to reserve ahead.
     pub(crate) fn new(
         store: &Store,
         tree: &TreeId,
+        like: ListSize,
         cancel: &Cancel,
     ) -> Result<FileList, StoreError> {
+        // A little over, so that a version slightly larger than the last
+        // one does not double a vector for its last few files.
+        let over = |n: usize| n + n / 16;
         let mut list = FileList {
-            arena: Arena::new(),
-            trees: Vec::new(),
-            files: Vec::new(),
-            names: Vec::new(),
+            arena: Arena::with_capacity(over(like.dirs)),
+            trees: Vec::with_capacity(over(like.dirs)),
+            files: Vec::with_capacity(over(like.files)),
+            names: Vec::with_capacity(over(like.names)),
         };
         let root = list
             .arena
             .push(u32::MAX, TreeName::new(b"-".to_vec()).expect("a name"));
         list.trees.push(*tree);
         list.collect(store, root, tree, 0, cancel)?;
-        // Kept for a while (two versions' lists): give back what growing
-        // by doubling left spare (up to half of each).
+        // Kept for a while: give back what was reserved or doubled.
         list.files.shrink_to_fit();
         list.names.shrink_to_fit();
         list.trees.shrink_to_fit();
         list.arena.shrink_to_fit();
         Ok(list)
+    }
+
+    pub(crate) fn size(&self) -> ListSize {
+        ListSize {
+            files: self.files.len(),
+            names: self.names.len(),
+            dirs: self.arena.len(),
+        }
     }
 
     fn collect(
@@ -243,15 +272,13 @@ impl FileList {
                 Content::File {
                     size, executable, ..
                 } => {
-                    let name = e.name.as_bytes();
+                    let mode = if *executable { EXECUTABLE } else { 0 };
                     self.files.push(FileEntry {
                         dir: idx,
                         name_at: self.names.len() as u32,
-                        name_len: name.len() as u32,
-                        executable: *executable,
-                        size: *size,
+                        size_mode: (*size).min(EXECUTABLE - 1) | mode,
                     });
-                    self.names.extend_from_slice(name);
+                    self.names.extend_from_slice(e.name.as_bytes());
                 }
                 Content::Symlink { .. } => {}
             }
@@ -259,8 +286,13 @@ impl FileList {
         Ok(())
     }
 
-    fn name(&self, f: &FileEntry) -> &[u8] {
-        &self.names[f.name_at as usize..(f.name_at + f.name_len) as usize]
+    /// File `i`'s name.
+    fn name(&self, i: usize) -> &[u8] {
+        let end = self
+            .files
+            .get(i + 1)
+            .map_or(self.names.len(), |n| n.name_at as usize);
+        &self.names[self.files[i].name_at as usize..end]
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -274,7 +306,7 @@ impl FileList {
         if !p.is_empty() {
             p.push(b'/');
         }
-        p.extend_from_slice(self.name(f));
+        p.extend_from_slice(self.name(i));
         p
     }
 
@@ -451,8 +483,9 @@ pub(crate) fn check(
                 cancel.check()?;
             }
             let dir = cursor.dir(f.dir)?;
-            let ok = rustix::fs::statat(dir, list.name(f), AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| made_by_agent(&st, f.size, f.executable, seal));
+            let (size, executable) = (f.size_mode & !EXECUTABLE, f.size_mode & EXECUTABLE != 0);
+            let ok = rustix::fs::statat(dir, list.name(start + i), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| made_by_agent(&st, size, executable, seal));
             if !ok {
                 bad.push(start + i);
             }
@@ -496,7 +529,7 @@ pub(crate) fn repair(
         cancel.check()?;
         let f = &list.files[i];
         let dir = cursor.dir(f.dir)?;
-        let name = list.name(f);
+        let name = list.name(i);
         let tree = store.tree(&list.trees[f.dir as usize])?;
         let Some(entry) = tree
             .get(name)
