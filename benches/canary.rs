@@ -138,4 +138,5 @@ fn main() {
     }
     let _ = server.kill();
     let _ = server.wait();
+    done(&dir);
 }

@@ -240,6 +240,7 @@ fn main() {
         "manifest",
         &format!("machine: {}\nfiles: {files}", machine()),
     );
+    done(&dir);
 }
 
 fn build_with(exe: &Path, store: &Path, tree: &Path) -> f64 {

@@ -301,4 +301,5 @@ fn main() {
     }
     let _ = server.kill();
     let _ = server.wait();
+    done(&dir);
 }

@@ -335,6 +335,12 @@ fn main() {
         .unwrap_or(30_000);
     let baseline = std::env::var("SCAP_BENCH_BASELINE").ok().map(PathBuf::from);
     let dir = fresh("sync");
+    // What a run took at 263k files, TLS only: ~260 KB a file of the tree
+    // (the trees, two rsync hosts, the agents, the stores, a train).
+    let stacks = 1
+        + u64::from(std::env::var("SCAP_BENCH_PLAIN").as_deref() != Ok("0"))
+        + u64::from(baseline.is_some());
+    need_space(&dir, files as u64 * (180_000 + 80_000 * stacks));
     let tree = dir.join("tree");
     println!("machine: {}\ngenerating {files} files ...", machine());
     generate(&tree, files);
@@ -627,4 +633,5 @@ fn main() {
     }
     let _ = daemon.kill();
     let _ = daemon.wait();
+    done(&dir);
 }

@@ -353,6 +353,7 @@ fn catch_up(table: &mut Table) {
     let _ = daemon.wait();
     let _ = server.kill();
     let _ = server.wait();
+    done(&dir);
 }
 
 fn main() {

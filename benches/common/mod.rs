@@ -218,6 +218,40 @@ pub fn fresh(name: &str) -> PathBuf {
     p
 }
 
+/// Removes a bench's directory once it is done (the 263k-file sync bench
+/// leaves ~70 GB behind, enough to fill the disk under the next bench),
+/// unless `SCAP_BENCH_KEEP` is set.
+pub fn done(dir: &Path) {
+    if std::env::var_os("SCAP_BENCH_KEEP").is_some() {
+        println!("kept {} (SCAP_BENCH_KEEP)", dir.display());
+        return;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Fails, naming the numbers, if the filesystem of `dir` has less than
+/// `bytes` free: a bench that runs out of disk half-way measures nothing
+/// and leaves a full disk behind.
+pub fn need_space(dir: &Path, bytes: u64) {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .expect("df (coreutils) runs");
+    let avail: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("cannot read df's answer for {}", dir.display()));
+    assert!(
+        avail >= bytes,
+        "this bench needs about {:.0} GB free under {}, and there are {:.1} GB: free some, or point SCAP_BENCH_DIR elsewhere",
+        bytes as f64 / 1e9,
+        dir.display(),
+        avail as f64 / 1e9
+    );
+}
+
 pub fn du(path: &Path) -> u64 {
     let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout)

@@ -661,6 +661,17 @@ impl Agent {
                 self.releases
                     .prepare(&self.store, &req.version, &keep, stable.as_ref(), cancel)?;
             *self.staged.lock().expect("not poisoned") = Some(req.version);
+            // The slot just written is un-watched: watch it now, still off
+            // the deploy's path, so that the switch to it checks only what
+            // changed since (else every file). The staged slot stands
+            // whatever happens to this.
+            if let Err(e) = self.releases.watch_slots(&self.store, cancel) {
+                tracing::info!(
+                    "staged {} in slot {}; watching it stopped: {e}",
+                    req.version.short(),
+                    prepared.slot
+                );
+            }
             Ok(Outcome {
                 host: self.cfg.host.clone(),
                 version: req.version,

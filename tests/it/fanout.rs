@@ -512,6 +512,8 @@ fn staged_versions_make_each_step_a_switch() {
     for h in results(&out) {
         assert_eq!(h["outcome"]["how"], "reused", "a switch only: {h}");
         assert_eq!(h["outcome"]["fetched"]["bytes"], 0, "{h}");
+        // Staging watched the slot it wrote: the switch stats nothing.
+        assert_eq!(h["outcome"]["files_checked"], 0, "{h}");
     }
     assert_eq!(fleet.on(&v2).len(), 5);
     let mut by: BTreeMap<String, u64> = BTreeMap::new();
