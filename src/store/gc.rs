@@ -18,10 +18,13 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::sync::Arc;
 
 use super::diff::chunks_of;
+use super::disk::pack::{Pack, PackWriter, Slot, dead_path, write_dead};
 use super::disk::{IoContext, LockMode, Store, StoreError};
 use super::fsutil::read_head;
+use super::fsutil::sync_dir;
 use super::id::{ObjectId, ObjectKind, TreeId, VersionId};
 use super::object;
 use crate::cancel::Cancel;
@@ -159,17 +162,44 @@ pub fn mark_and_sweep(
             _ => dead_trees.push(path),
         }
     }
+    let plans = plan_packs(store, &live, &mut report)?;
     if dry_run {
         return Ok(report);
     }
     store.bump_gc_generation()?;
     store.begin_sweep()?;
+    remove_stale_repacks(store)?;
+    // Packs kept with unreachable trees in them list those first: from
+    // then on they are not in the store, so deleting their children below
+    // never leaves a tree without its children.
+    for plan in &plans {
+        if let PackPlan::MarkDead(pack, dead) = plan {
+            write_dead(pack.path(), dead.clone())?;
+        }
+    }
     for (n, path) in dead_trees.iter().enumerate() {
         if n == dead_trees.len() / 2 {
             crate::failpoint::hit("gc:sweeping-trees");
         }
         fs::remove_file(path).at(path)?;
     }
+    let dir = store.packs_dir();
+    for plan in &plans {
+        match plan {
+            PackPlan::Delete(pack) => remove_pack(pack.path())?,
+            PackPlan::Repack(pack) => {
+                if !repack(store, pack, &live, cancel)? {
+                    break;
+                }
+                remove_pack(pack.path())?;
+            }
+            PackPlan::MarkDead(..) => {}
+        }
+    }
+    if dir.is_dir() {
+        sync_dir(&dir)?;
+    }
+    store.pack_set().refresh(&dir, true)?;
     for (n, path) in dead_chunks.iter().enumerate() {
         if n % 256 == 0 && cancel.is_cancelled() {
             report.removed_objects -= (dead_chunks.len() - n) as u64;
@@ -179,6 +209,126 @@ pub fn mark_and_sweep(
     }
     store.end_sweep()?;
     Ok(report)
+}
+
+/// What gc does with one pack.
+enum PackPlan {
+    /// Nothing in it is reachable.
+    Delete(Arc<Pack>),
+    /// At least half its bytes are unreachable: its reachable objects are
+    /// copied into a new pack, then it is removed.
+    Repack(Arc<Pack>),
+    /// Mostly reachable: kept whole, its unreachable trees (these, and
+    /// those already listed) listed dead.
+    MarkDead(Arc<Pack>, Vec<ObjectId>),
+}
+
+fn plan_packs(
+    store: &Store,
+    live: &LiveSet,
+    report: &mut GcReport,
+) -> Result<Vec<PackPlan>, StoreError> {
+    let mut plans = Vec::new();
+    for pack in store.pack_set().all(&store.packs_dir())? {
+        let (mut live_n, mut dead_n, mut dead_bytes) = (0u64, 0u64, 0u64);
+        let mut dead_trees: Vec<ObjectId> = Vec::new();
+        let mut listed: Vec<ObjectId> = Vec::new();
+        pack.for_each_entry(|id, slot| {
+            if pack.is_dead(&id) {
+                listed.push(id);
+                dead_bytes += u64::from(slot.len);
+            } else if live.contains(&id) {
+                live_n += 1;
+            } else {
+                dead_n += 1;
+                dead_bytes += u64::from(slot.len);
+                let head = pack.read(Slot {
+                    offset: slot.offset,
+                    len: slot.len.min(object::HEADER_LEN as u32),
+                })?;
+                if !matches!(object::peek(id, &head), Ok((ObjectKind::Chunk, _))) {
+                    dead_trees.push(id);
+                }
+            }
+            Ok(())
+        })?;
+        if live_n == 0 {
+            report.removed_objects += dead_n;
+            report.removed_bytes += pack.body_len();
+            plans.push(PackPlan::Delete(pack));
+        } else if dead_bytes * 2 >= pack.body_len() {
+            report.removed_objects += dead_n;
+            report.removed_bytes += dead_bytes;
+            plans.push(PackPlan::Repack(pack));
+        } else if !dead_trees.is_empty() {
+            listed.extend(dead_trees);
+            plans.push(PackPlan::MarkDead(pack, listed));
+        }
+    }
+    Ok(plans)
+}
+
+fn remove_pack(path: &std::path::Path) -> Result<(), StoreError> {
+    fs::remove_file(path).at(path)?;
+    let dead = dead_path(path);
+    match fs::remove_file(&dead) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&dead),
+        _ => Ok(()),
+    }
+}
+
+/// Temp packs of a repack that died (gc holds the store exclusively: no
+/// other gc is writing one).
+fn remove_stale_repacks(store: &Store) -> Result<(), StoreError> {
+    let dir = store.packs_dir();
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".pack.gc-") {
+            let p = e.path();
+            fs::remove_file(&p).at(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `pack`'s reachable objects into a new pack, durable and in
+/// place before the caller removes `pack`. False if cancelled first (the
+/// old pack stays, whole).
+fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result<bool, StoreError> {
+    let dir = store.packs_dir();
+    let tmp = dir.join(format!(".pack.gc-{}.tmp", std::process::id()));
+    let mut out = PackWriter::create(tmp)?;
+    let mut n = 0u64;
+    let copied = pack.for_each_entry(|id, slot| {
+        n += 1;
+        if n.is_multiple_of(256) && cancel.is_cancelled() {
+            return Err(StoreError::Cancelled(cancel.why()));
+        }
+        if live.contains(&id) && !pack.is_dead(&id) {
+            out.append(id, &pack.read(slot)?)?;
+        }
+        Ok(())
+    });
+    let sealed = copied.and_then(|()| {
+        out.seal()?;
+        out.file().sync_all().at(&dir)
+    });
+    match sealed {
+        Ok(()) => {}
+        Err(StoreError::Cancelled(_)) => {
+            out.discard();
+            return Ok(false);
+        }
+        Err(e) => {
+            out.discard();
+            return Err(e);
+        }
+    }
+    out.publish(&dir)?;
+    sync_dir(&dir)?;
+    Ok(true)
 }
 
 #[cfg(test)]

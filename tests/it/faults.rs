@@ -195,6 +195,7 @@ fn a_crash_at_every_step_of_a_build_leaves_a_valid_store() {
     let points = [
         "writer:started",
         "build:objects-written",
+        "writer:loose-written",
         "writer:synced",
         "build:committed",
         "build:recorded",
@@ -212,16 +213,25 @@ fn a_crash_at_every_step_of_a_build_leaves_a_valid_store() {
         let out = build_with(&env, &mw, point, &["--label", "next"]);
         assert_eq!(out.status.signal(), Some(9), "{point}: killed at the point");
         // Before the commit the new objects are not durable: a power cut
-        // could tear them. Tear the newest, and see recovery remove it.
-        let torn = if *point == "build:objects-written" {
-            let journal = fs::read_dir(env.store.join("journal")).unwrap().count();
-            assert_eq!(journal, 1, "{point}: the dead session's journal is there");
-            let obj = newest_object(&env.store);
-            let b = fs::read(&obj).unwrap();
-            fs::write(&obj, &b[..b.len() / 2]).unwrap();
-            Some(obj)
-        } else {
-            None
+        // could tear them. Before the commit they are in the session's own
+        // pack, which recovery removes whole; once written loose (a small
+        // session's), tear the newest, and see recovery remove it.
+        let torn = match *point {
+            "build:objects-written" | "writer:loose-written" => {
+                let journal = fs::read_dir(env.store.join("journal")).unwrap().count();
+                assert_eq!(journal, 1, "{point}: the dead session's journal is there");
+                let obj = newest_object(&env.store);
+                let name = obj.file_name().unwrap().to_string_lossy().into_owned();
+                assert_eq!(
+                    name.starts_with(".pack."),
+                    *point == "build:objects-written",
+                    "{point}: {name}"
+                );
+                let b = fs::read(&obj).unwrap();
+                fs::write(&obj, &b[..b.len() / 2]).unwrap();
+                Some(obj)
+            }
+            _ => None,
         };
         // The next build recovers and completes; verify is clean.
         let out = env
@@ -239,10 +249,12 @@ fn a_crash_at_every_step_of_a_build_leaves_a_valid_store() {
         if let Some(torn) = &torn {
             // The torn object, and the trees written with it that named it.
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.contains("torn object(s) left by a crashed session"),
-                "{point}: {err}"
-            );
+            let said = if *point == "build:objects-written" {
+                "removed the unfinished pack of a session that crashed"
+            } else {
+                "torn object(s) left by a crashed session"
+            };
+            assert!(err.contains(said), "{point}: {err}");
             let b = fs::read(torn).unwrap_or_default();
             assert!(
                 b.is_empty() || env.raw(&["verify"]).status.success(),

@@ -18,6 +18,7 @@
 //! **Invariant:** a tree object is in a store only if every object below it
 //! is. **Invariant:** nothing references an object before it is durable.
 
+pub mod pack;
 mod refs;
 mod session;
 
@@ -28,16 +29,21 @@ use std::fs;
 use std::io;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
+
+use pack::{PackSet, PackWriter};
 
 use super::fsutil::atomic_write;
 use super::id::{IdError, ObjectId, ObjectKind, TreeId};
 use super::object::{self, ObjectError};
 use super::tree::{Tree, TreeError};
 
-/// Version of the store layout, written to `STORE/scap-store`.
-pub const STORE_FORMAT: u32 = 1;
+/// Version of the store layout, written to `STORE/scap-store`. Format 2
+/// adds pack files (`STORE/objects/pack/`); a store is marked 2 when its first
+/// pack is written, so an older scap refuses it rather than miss objects.
+pub const STORE_FORMAT: u32 = 2;
 const MARKER: &str = "scap-store";
 
 /// Who a store belongs to, from its marker file: a deploy host's store has
@@ -130,11 +136,17 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
-/// An open store. All state is on disk.
+/// An open store. All state is on disk; what a clone shares is the index
+/// of the store's packs as this process loaded them.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
     role: Option<Role>,
+    packs: Arc<PackSet>,
+    /// A writer session's own pack, being written: seen by this view of
+    /// the store only (the one [`Writer::store`] gives), never by other
+    /// sessions, which must not reference objects before they are durable.
+    pending: Option<Arc<Mutex<Option<PackWriter>>>>,
 }
 
 impl Store {
@@ -173,6 +185,8 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             role,
+            packs: Arc::default(),
+            pending: None,
         })
     }
 
@@ -207,6 +221,8 @@ impl Store {
         let s = Store {
             root: root.to_path_buf(),
             role: Some(role),
+            packs: Arc::default(),
+            pending: None,
         };
         s.write_marker(role)?;
         Store::open(root)
@@ -217,6 +233,19 @@ impl Store {
             &self.root.join(MARKER),
             format!("scap store\nformat {STORE_FORMAT}\nrole {}\n", role.name()).as_bytes(),
         )
+    }
+
+    /// Marks the store format 2 (it has packs) if it says less.
+    pub(crate) fn mark_packed(&self) -> Result<()> {
+        let marker = self.root.join(MARKER);
+        let text = fs::read_to_string(&marker).at(&marker)?;
+        if text
+            .lines()
+            .any(|l| l.trim() == format!("format {STORE_FORMAT}"))
+        {
+            return Ok(());
+        }
+        self.write_marker(self.role.unwrap_or(Role::Deploy))
     }
 
     /// Errs if this is an agent's store (deploy-host commands refuse it).
@@ -240,17 +269,58 @@ impl Store {
         self.root.join("objects").join(&hex[..2]).join(&hex[2..])
     }
 
+    /// Where the store's pack files are: `objects/pack/`, beside the loose
+    /// objects' fan-out directories (`packs/` holds the server's delta
+    /// packs, a cache).
+    pub fn packs_dir(&self) -> PathBuf {
+        self.root.join("objects").join("pack")
+    }
+
+    pub(crate) fn pack_set(&self) -> &PackSet {
+        &self.packs
+    }
+
+    /// Whether the store has object `id`: loose, in a pack, or in this
+    /// view's pending pack. An unreadable pack index counts as a miss
+    /// (logged): the object is fetched or written again.
     pub fn has(&self, id: &ObjectId) -> bool {
-        fs::symlink_metadata(self.object_path(id)).is_ok()
+        if let Some(p) = &self.pending
+            && p.lock()
+                .expect("not poisoned")
+                .as_ref()
+                .is_some_and(|w| w.contains(id))
+        {
+            return true;
+        }
+        if fs::symlink_metadata(self.object_path(id)).is_ok() {
+            return true;
+        }
+        match self.packs.find(&self.packs_dir(), id) {
+            Ok(found) => found.is_some(),
+            Err(e) => {
+                tracing::warn!("{e}");
+                false
+            }
+        }
     }
 
     /// The object file's bytes as stored (and served), unverified.
     pub fn read_raw(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
+        if let Some(p) = &self.pending
+            && let Some(w) = p.lock().expect("not poisoned").as_ref()
+            && let Some(b) = w.read(id)?
+        {
+            return Ok(Some(b));
+        }
         let path = self.object_path(id);
         match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).at(&path),
+            Ok(b) => return Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).at(&path),
+        }
+        match self.packs.find(&self.packs_dir(), id)? {
+            Some((pack, slot)) => pack.read(slot).map(Some),
+            None => Ok(None),
         }
     }
 

@@ -261,12 +261,12 @@ impl Store {
         let p = prefix.as_str();
         let fan = self.root().join("objects").join(&p[..2]);
         let rd = match fs::read_dir(&fan) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![]),
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
             Err(e) => return Err(e).at(&fan),
         };
         let mut out = Vec::new();
-        for entry in rd {
+        for entry in rd.into_iter().flatten() {
             let entry = entry.at(&fan)?;
             let hex = format!("{}{}", &p[..2], entry.file_name().to_string_lossy());
             let Ok(id) = hex.parse::<ObjectId>() else {
@@ -280,6 +280,21 @@ impl Store {
             if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
                 out.push(VersionId::new(id));
             }
+        }
+        for pack in self.pack_set().all(&self.packs_dir())? {
+            pack.for_each_entry(|id, slot| {
+                if !prefix.matches(&id) || pack.is_dead(&id) {
+                    return Ok(());
+                }
+                let head = pack.read(super::pack::Slot {
+                    offset: slot.offset,
+                    len: slot.len.min(object::HEADER_LEN as u32),
+                })?;
+                if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
+                    out.push(VersionId::new(id));
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
     }

@@ -6,25 +6,34 @@
 //!    `journal.lock` exclusively; under it, recovers every dead session and
 //!    creates, locks and syncs its own journal `journal/<session>`; then
 //!    releases `journal.lock`;
-//! 2. writes objects: temp file in the object's fan-out directory, rename,
-//!    no fsync one by one;
-//! 3. [`Writer::commit`]: makes its objects durable (an fsync each when few
-//!    and no other journal exists, else one `syncfs`, which also covers
-//!    objects another session wrote that this one found present), removes
-//!    its journal, and hands back the shared store lock as [`Committed`],
-//!    which the caller holds while it writes what references the objects.
+//! 2. writes objects into its own pack (`objects/pack/.pack.<session>.tmp`),
+//!    which only this session's view of the store ([`Writer::store`]) sees;
+//! 3. [`Writer::commit`]: a session that wrote more than [`LOOSE_MAX`]
+//!    objects seals its pack (index, footer), fsyncs it, renames it into
+//!    `objects/pack/` and fsyncs the directory: one file, however many objects. A
+//!    smaller one writes them as loose objects (temp file in the object's
+//!    fan-out directory, rename) and makes those durable (an fsync each
+//!    when no other journal exists, else one `syncfs`, which also covers
+//!    objects another session wrote that this one found present). Then it
+//!    removes its journal, and hands back the shared store lock as
+//!    [`Committed`], which the caller holds while it writes what
+//!    references the objects.
 //!
-//! Recovery of a dead session re-verifies every object modified since its
-//! journal was created, deletes the ones that fail, then the trees that
-//! reference a missing object (until none is left); it bumps the gc
-//! generation before the first deletion, so stat caches re-check presence.
+//! Recovery of a dead session removes its temp pack (nothing can reference
+//! what it held: the session never committed), re-verifies every loose
+//! object modified since its journal was created, deletes the ones that
+//! fail, then the trees that reference a missing object (until none is
+//! left); it bumps the gc generation before the first deletion, so stat
+//! caches re-check presence.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::pack::{Pack, PackWriter};
 use super::{IoContext, Result, Store, StoreError};
 use crate::store::fsutil::{FSYNC_EACH_MAX, SyncSet, atomic_write, read_head, sync_dir, syncfs};
 use crate::store::id::{ObjectId, ObjectKind, TreeId};
@@ -34,6 +43,10 @@ use crate::store::object;
 const GC_MARKER: &str = "gc-sweeping";
 /// Clock slack when comparing a journal's time with objects' mtimes.
 const CLOCK_SLACK: Duration = Duration::from_secs(2);
+/// A session that wrote at most this many objects keeps them loose (a
+/// backport's 3-10 objects: one pack per backport would leave thousands
+/// of tiny packs to search); a larger one writes one pack.
+pub const LOOSE_MAX: usize = FSYNC_EACH_MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockMode {
@@ -98,15 +111,19 @@ impl Store {
         journal.lock().at(&journal_path)?;
         journal.sync_all().at(&journal_path)?;
         sync_dir(&journal_dir)?;
+        // Under the shared lock: packs gc removed or rewrote are seen.
+        self.packs.refresh(&self.packs_dir(), false)?;
         crate::failpoint::hit("writer:started");
+        let mut view = self.clone();
+        view.pending = Some(Arc::new(Mutex::new(None)));
         Ok(Writer {
-            store: self,
+            store: view,
+            base: self,
             lock: Some(lock),
             journal,
             journal_path,
             session,
             counter: AtomicU64::new(0),
-            written_paths: Default::default(),
             written: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
             finished: false,
@@ -166,15 +183,26 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a dead session's temp files (names ending in `suffix`).
+    /// Removes a dead session's temp files (names ending in `suffix`):
+    /// loose objects' and its pack's.
     fn remove_temp_files(&self, suffix: &str) -> Result<()> {
         let objects = self.root().join("objects");
+        // `objects/pack/` is one of these directories.
         for fan in fs::read_dir(&objects).at(&objects)? {
             let fan = fan.at(&objects)?.path();
             let Ok(rd) = fs::read_dir(&fan) else { continue };
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(suffix) {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(suffix) {
                     let p = e.path();
+                    if name.starts_with(".pack.") {
+                        tracing::warn!(
+                            "removed the unfinished pack of a session that crashed before its commit ({}, {} bytes): nothing referenced it",
+                            p.display(),
+                            e.metadata().map_or(0, |m| m.len())
+                        );
+                    }
                     fs::remove_file(&p).at(&p)?;
                 }
             }
@@ -321,15 +349,16 @@ fn flock(path: &Path, mode: LockMode, waiting: impl FnOnce()) -> Result<File> {
 
 /// A writer session: adds objects, then `commit`s them durably.
 pub struct Writer<'s> {
-    store: &'s Store,
+    /// The store as this session sees it: its pending pack included.
+    store: Store,
+    base: &'s Store,
     lock: Option<StoreLock>,
     journal: File,
     journal_path: PathBuf,
-    /// Names this session's temp files: `objects/ab/.<rest>.<n>.<session>.tmp`.
+    /// Names this session's temp files: `objects/ab/.<rest>.<n>.<session>.tmp`
+    /// and `objects/pack/.pack.<session>.tmp`.
     session: String,
     counter: AtomicU64,
-    /// The first `FSYNC_EACH_MAX` objects written, to fsync one by one.
-    written_paths: std::sync::Mutex<Vec<PathBuf>>,
     written: AtomicU64,
     written_bytes: AtomicU64,
     finished: bool,
@@ -344,8 +373,10 @@ pub struct Put {
 }
 
 impl Writer<'_> {
+    /// The store with this session's objects in it (others see them only
+    /// once committed).
     pub fn store(&self) -> &Store {
-        self.store
+        &self.store
     }
 
     /// Stores `data` as an object of `kind` unless the store has it already.
@@ -393,13 +424,38 @@ impl Writer<'_> {
         Ok(data)
     }
 
-    /// Writes the temp file in the object's own fan-out directory, so the
-    /// rename stays within one directory (a rename across directories takes
-    /// a filesystem-wide lock in Linux, and writers would queue on it).
+    /// Appends the object to this session's pack (created on the first).
     fn write_object(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        let pending = self
+            .store
+            .pending
+            .as_ref()
+            .expect("a writer's view has a pack");
+        let mut guard = pending.lock().expect("not poisoned");
+        if guard.is_none() {
+            let tmp = self
+                .store
+                .packs_dir()
+                .join(format!(".pack.{}.tmp", self.session));
+            *guard = Some(PackWriter::create(tmp)?);
+        }
+        let pack = guard.as_mut().expect("created above");
+        let before = pack.len();
+        pack.append(*id, file)?;
+        if pack.len() > before {
+            self.written.fetch_add(1, Ordering::Relaxed);
+            self.written_bytes
+                .fetch_add(file.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Writes a loose object: temp file in its own fan-out directory, then
+    /// rename (within one directory: a rename across directories takes a
+    /// filesystem-wide lock in Linux). Returns its path.
+    fn write_loose(&self, id: &ObjectId, file: &[u8]) -> Result<PathBuf> {
         let dest = self.store.object_path(id);
         let hex = id.to_hex();
-        // Unique per write: two threads may store the same content at once.
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dest.with_file_name(format!(".{}.{n}.{}.tmp", &hex[2..], self.session));
         let write = |tmp: &Path| -> io::Result<()> {
@@ -422,13 +478,7 @@ impl Writer<'_> {
             let _ = fs::remove_file(&tmp);
             return Err(e).at(&dest);
         }
-        let n = self.written.fetch_add(1, Ordering::Relaxed);
-        self.written_bytes
-            .fetch_add(file.len() as u64, Ordering::Relaxed);
-        if (n as usize) < FSYNC_EACH_MAX {
-            self.written_paths.lock().expect("not poisoned").push(dest);
-        }
-        Ok(())
+        Ok(dest)
     }
 
     /// Objects and bytes (as stored) written by this session so far.
@@ -454,19 +504,58 @@ impl Writer<'_> {
             return Ok(());
         }
         self.finished = true;
-        let written = self.written.load(Ordering::Relaxed);
-        if written as usize > FSYNC_EACH_MAX || self.store.other_journals(&self.journal_path) {
-            syncfs(&self.journal, self.store.root())?;
-        } else if written > 0 {
-            let paths = std::mem::take(&mut *self.written_paths.lock().expect("not poisoned"));
-            let mut dirs: Vec<&Path> = paths.iter().filter_map(|p| p.parent()).collect();
-            dirs.sort();
-            dirs.dedup();
-            let set = SyncSet::default();
-            for p in paths.iter().map(PathBuf::as_path).chain(dirs) {
-                set.add_path(p)?;
+        let pending = self
+            .store
+            .pending
+            .as_ref()
+            .and_then(|p| p.lock().expect("not poisoned").take());
+        let mut loose: Vec<PathBuf> = Vec::new();
+        if let Some(mut pack) = pending {
+            if pack.len() <= LOOSE_MAX {
+                let result = (|| -> Result<()> {
+                    let mut objects: Vec<_> = pack.objects().map(|(id, _)| *id).collect();
+                    objects.sort();
+                    for id in objects {
+                        if self.base.has(&id) {
+                            continue;
+                        }
+                        let file = pack.read(&id)?.expect("listed by the pack");
+                        loose.push(self.write_loose(&id, &file)?);
+                    }
+                    Ok(())
+                })();
+                pack.discard();
+                result?;
+                crate::failpoint::hit("writer:loose-written");
+            } else {
+                let dir = self.store.packs_dir();
+                let sealed = pack.seal().and_then(|()| {
+                    crate::failpoint::hit("writer:pack-sealed");
+                    pack.file().sync_all().at(&dir)
+                });
+                if let Err(e) = sealed {
+                    pack.discard();
+                    return Err(e);
+                }
+                let path = pack.publish(&dir)?;
+                sync_dir(&dir)?;
+                self.base.mark_packed()?;
+                self.base.packs.add(Pack::open(&path)?);
             }
-            set.sync(&self.journal, self.store.root())?;
+        }
+        if self.store.other_journals(&self.journal_path) {
+            syncfs(&self.journal, self.store.root())?;
+        } else if !loose.is_empty() {
+            {
+                let mut dirs: Vec<&Path> = loose.iter().filter_map(|p| p.parent()).collect();
+                dirs.sort();
+                dirs.dedup();
+                let set = SyncSet::default();
+                for p in loose.iter().map(PathBuf::as_path).chain(dirs) {
+                    set.add_path(p)?;
+                }
+                set.sync(&self.journal, self.store.root())?;
+            }
         }
         crate::failpoint::hit("writer:synced");
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
