@@ -864,13 +864,16 @@ fn malformed_agent_answers_are_named_never_a_crash() {
 fn agent_killed_at_every_step_of_a_sync_is_on_one_version() {
     let mut fleet = Fleet::start(1);
     let st = fleet.env.path("staging");
-    tree_of_files(&st, 150, 11);
+    // 300 files: more objects than a session keeps loose, so the fetch
+    // writes a pack (and `writer:pack-sealed` is reached).
+    tree_of_files(&st, 300, 11);
     write(&st, "VERSION", b"v1");
     let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
     fleet.serve();
     for (n, point) in [
         "writer:started",
         "agent:fetched",
+        "writer:pack-sealed",
         "writer:synced",
         "agent:slot-half-written",
         "agent:prepared",
@@ -880,7 +883,7 @@ fn agent_killed_at_every_step_of_a_sync_is_on_one_version() {
     .enumerate()
     {
         // A version no slot holds yet, so that every step runs.
-        tree_of_files(&st, 150, 20 + n as u64);
+        tree_of_files(&st, 300, 20 + n as u64);
         write(&st, "VERSION", point.as_bytes());
         let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
         // Back to v1 (older than what the host ran: only a rollback goes
