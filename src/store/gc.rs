@@ -285,7 +285,9 @@ fn remove_stale_repacks(store: &Store) -> Result<(), StoreError> {
         return Ok(());
     };
     for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with(".pack.gc-") {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".pack.gc-") || name.starts_with(".idx.gc-") {
             let p = e.path();
             fs::remove_file(&p).at(&p)?;
         }

@@ -197,6 +197,7 @@ impl Store {
                 if name.ends_with(suffix) {
                     let p = e.path();
                     if name.starts_with(".pack.") {
+                        // (and its side index, `.idx.<session>.tmp`)
                         tracing::warn!(
                             "removed the unfinished pack of a session that crashed before its commit ({}, {} bytes): nothing referenced it",
                             p.display(),
@@ -513,7 +514,7 @@ impl Writer<'_> {
         if let Some(mut pack) = pending {
             if pack.len() <= LOOSE_MAX {
                 let result = (|| -> Result<()> {
-                    let mut objects: Vec<_> = pack.objects().map(|(id, _)| *id).collect();
+                    let mut objects = pack.ids()?;
                     objects.sort();
                     for id in objects {
                         if self.base.has(&id) {
