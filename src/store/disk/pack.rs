@@ -70,8 +70,10 @@ pub struct Slot {
 #[derive(Debug)]
 pub struct Pack {
     path: PathBuf,
-    file: File,
-    prefixes: Vec<u64>,
+    /// Shared with the copy [`Pack::with_dead`] makes when gc changes the
+    /// dead list: the index is read and hashed once per pack, not per gc.
+    file: Arc<File>,
+    prefixes: Arc<Vec<u64>>,
     index_offset: u64,
     /// Trees listed in `<name>.dead`, sorted: not in the store.
     dead: Vec<ObjectId>,
@@ -148,11 +150,22 @@ impl Pack {
         let dead = read_dead(&dead_path(path))?;
         Ok(Pack {
             path: path.to_path_buf(),
-            file,
-            prefixes,
+            file: Arc::new(file),
+            prefixes: Arc::new(prefixes),
             index_offset,
             dead,
         })
+    }
+
+    /// This pack with another dead list (gc changed it on disk).
+    fn with_dead(&self, dead: Vec<ObjectId>) -> Pack {
+        Pack {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            prefixes: self.prefixes.clone(),
+            index_offset: self.index_offset,
+            dead,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -645,17 +658,21 @@ impl PackSet {
         names.sort();
         let mut packs = Vec::with_capacity(names.len());
         for path in names {
-            let old = loaded.packs.iter().find(|p| p.path == path);
-            let dead_changed =
-                old.is_some_and(|p| read_dead(&dead_path(&path)).map_or(true, |d| d != p.dead));
-            match old {
-                Some(p) if !dead_changed => packs.push(p.clone()),
-                _ => match Pack::open(&path) {
-                    Ok(p) => packs.push(Arc::new(p)),
-                    // Removed by gc between the listing and the open.
-                    Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                },
+            if let Some(p) = loaded.packs.iter().find(|p| p.path == path) {
+                // Only the dead list can change once a pack has its name.
+                let dead = read_dead(&dead_path(&path))?;
+                packs.push(if dead == p.dead {
+                    p.clone()
+                } else {
+                    Arc::new(p.with_dead(dead))
+                });
+                continue;
+            }
+            match Pack::open(&path) {
+                Ok(p) => packs.push(Arc::new(p)),
+                // Removed by gc between the listing and the open.
+                Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         loaded.packs = packs;
