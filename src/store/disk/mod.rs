@@ -298,7 +298,7 @@ impl Store {
         match self.packs.find(&self.packs_dir(), id) {
             Ok(found) => found.is_some(),
             Err(e) => {
-                tracing::warn!("{e}");
+                self.packs.warn_once(&e);
                 false
             }
         }

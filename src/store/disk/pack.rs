@@ -590,6 +590,9 @@ impl PackWriter {
 #[derive(Debug, Default)]
 pub struct PackSet {
     inner: RwLock<Loaded>,
+    /// Whether a lookup's error was logged already (once per process: a
+    /// damaged pack would otherwise log on every lookup).
+    warned: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -683,6 +686,15 @@ impl PackSet {
                 .map_or(true, |age| age < RACY)
         });
         Ok(true)
+    }
+
+    /// Logs `e` the first time only; returns whether it did.
+    pub fn warn_once(&self, e: &StoreError) -> bool {
+        let first = !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if first {
+            tracing::error!("{e} (objects not found meanwhile count as missing)");
+        }
+        first
     }
 
     /// Adds a pack this process just published (no rescan needed to see it).
@@ -811,6 +823,19 @@ mod tests {
             let err = Pack::open(&path).expect_err(why).to_string();
             assert!(err.contains(&*path.to_string_lossy()), "{why}: {err}");
         }
+        // Through a store: a lookup misses, and says so once.
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(store_dir.path(), Role::Host).unwrap();
+        fs::create_dir_all(store.packs_dir()).unwrap();
+        fs::write(store.packs_dir().join("0badbad0.pack"), b"SCAPPACK").unwrap();
+        let id = ObjectKind::Chunk.hash(&chunk(1));
+        assert!(!store.has(&id));
+        assert!(
+            !store.pack_set().warn_once(&bad(&path, "again")),
+            "said once"
+        );
+        let err = store.read(&id, ObjectKind::Chunk).unwrap_err().to_string();
+        assert!(err.contains("0badbad0.pack"), "{err}");
         // Objects whose bytes are damaged are refused when read.
         let mut body = good.clone();
         body[PACK_HEADER_LEN as usize + 20] ^= 0xff;
