@@ -21,10 +21,9 @@ use std::fs;
 use std::sync::Arc;
 
 use super::diff::chunks_of;
-use super::disk::pack::{Pack, PackWriter, Slot, dead_path, write_dead};
+use super::disk::pack::{Pack, PackWriter, dead_path, write_dead};
 use super::disk::{IoContext, LockMode, Store, StoreError};
-use super::fsutil::read_head;
-use super::fsutil::sync_dir;
+use super::fsutil::{read_head, sync_dir};
 use super::id::{ObjectId, ObjectKind, TreeId, VersionId};
 use super::object;
 use crate::cancel::Cancel;
@@ -196,10 +195,10 @@ pub fn mark_and_sweep(
             PackPlan::MarkDead(..) => {}
         }
     }
-    if dir.is_dir() {
+    if !plans.is_empty() {
         sync_dir(&dir)?;
+        store.pack_set().refresh(&dir, true)?;
     }
-    store.pack_set().refresh(&dir, true)?;
     for (n, path) in dead_chunks.iter().enumerate() {
         if n % 256 == 0 && cancel.is_cancelled() {
             report.removed_objects -= (dead_chunks.len() - n) as u64;
@@ -242,10 +241,7 @@ fn plan_packs(
             } else {
                 dead_n += 1;
                 dead_bytes += u64::from(slot.len);
-                let head = pack.read(Slot {
-                    offset: slot.offset,
-                    len: slot.len.min(object::HEADER_LEN as u32),
-                })?;
+                let head = pack.read_head(slot)?;
                 if !matches!(object::peek(id, &head), Ok((ObjectKind::Chunk, _))) {
                     dead_trees.push(id);
                 }

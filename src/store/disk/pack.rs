@@ -214,7 +214,16 @@ impl Pack {
         Ok(buf)
     }
 
-    /// Every entry, in ID order, dead ones included, `batch` at a time.
+    /// The first bytes of the object file at `slot` (its header, for
+    /// [`crate::store::object::peek`]).
+    pub fn read_head(&self, slot: Slot) -> Result<Vec<u8>> {
+        self.read(Slot {
+            offset: slot.offset,
+            len: slot.len.min(crate::store::object::HEADER_LEN as u32),
+        })
+    }
+
+    /// Every entry, in ID order, dead ones included.
     pub fn for_each_entry(&self, mut f: impl FnMut(ObjectId, Slot) -> Result<()>) -> Result<()> {
         let mut buf = vec![0u8; ENTRY_LEN * 4096];
         let mut at = self.index_offset;

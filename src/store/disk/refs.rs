@@ -286,10 +286,7 @@ impl Store {
                 if !prefix.matches(&id) || pack.is_dead(&id) {
                     return Ok(());
                 }
-                let head = pack.read(super::pack::Slot {
-                    offset: slot.offset,
-                    len: slot.len.min(object::HEADER_LEN as u32),
-                })?;
+                let head = pack.read_head(slot)?;
                 if matches!(object::peek(id, &head), Ok((ObjectKind::Tree, _))) {
                     out.push(VersionId::new(id));
                 }

@@ -547,16 +547,14 @@ impl Writer<'_> {
         if self.store.other_journals(&self.journal_path) {
             syncfs(&self.journal, self.store.root())?;
         } else if !loose.is_empty() {
-            {
-                let mut dirs: Vec<&Path> = loose.iter().filter_map(|p| p.parent()).collect();
-                dirs.sort();
-                dirs.dedup();
-                let set = SyncSet::default();
-                for p in loose.iter().map(PathBuf::as_path).chain(dirs) {
-                    set.add_path(p)?;
-                }
-                set.sync(&self.journal, self.store.root())?;
+            let mut dirs: Vec<&Path> = loose.iter().filter_map(|p| p.parent()).collect();
+            dirs.sort();
+            dirs.dedup();
+            let set = SyncSet::default();
+            for p in loose.iter().map(PathBuf::as_path).chain(dirs) {
+                set.add_path(p)?;
             }
+            set.sync(&self.journal, self.store.root())?;
         }
         crate::failpoint::hit("writer:synced");
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
