@@ -49,6 +49,12 @@ pub fn cap_malloc_arenas() -> bool {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1 }
 }
 
+/// See the glibc version: elsewhere there is nothing to cap.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn cap_malloc_arenas() -> bool {
+    false
+}
+
 /// Hands the free pages malloc keeps back to the system; false where there
 /// is no such call (another C library).
 ///
@@ -56,8 +62,9 @@ pub fn cap_malloc_arenas() -> bool {
 /// middle, between blocks still in use, stay resident, and after a deploy
 /// at production size they were two thirds of the agent's anonymous memory
 /// (49 MB resident against a heap that peaked at 17 MB). The agent calls
-/// this when a deploy's work is done, so that the next one starts from what
-/// it holds, not from the last one's high-water mark.
+/// this when the work after a switch starts and when it ends, so that each
+/// deploy starts from what the agent holds, not from the last one's
+/// high-water mark.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn trim_malloc() -> bool {
     // SAFETY: malloc_trim(3) takes an integer, reads or writes no memory
@@ -70,11 +77,5 @@ pub fn trim_malloc() -> bool {
 /// See the glibc version: elsewhere there is nothing to trim.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_malloc() -> bool {
-    false
-}
-
-/// See the glibc version: elsewhere there is nothing to cap.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn cap_malloc_arenas() -> bool {
     false
 }
