@@ -62,9 +62,8 @@ pub fn cap_malloc_arenas() -> bool {
 /// middle, between blocks still in use, stay resident, and after a deploy
 /// at production size they were two thirds of the agent's anonymous memory
 /// (49 MB resident against a heap that peaked at 17 MB). The agent calls
-/// this when the work after a switch starts and when it ends, so that each
-/// deploy starts from what the agent holds, not from the last one's
-/// high-water mark.
+/// this when the work after a switch ends, so that each deploy starts from
+/// what the agent holds, not from the last one's high-water mark.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn trim_malloc() -> bool {
     // SAFETY: malloc_trim(3) takes an integer, reads or writes no memory

@@ -1031,9 +1031,6 @@ impl Agent {
     /// store, and check the live release for drift.
     pub fn after_switch(&self, cancel: &Cancel) -> Result<(), AgentError> {
         let started = Instant::now();
-        // What the deploy freed (a fresh host's fetch holds the most) goes
-        // back before this work allocates its own; and again at its end.
-        crate::sys::trim_malloc();
         let st = self.state();
         if let Some(cur) = &st.current {
             let mut protected = self.protected_slots(&st);
@@ -1073,6 +1070,11 @@ impl Agent {
         // A fresh release matches its version; checking it here gives the
         // fleet's status a baseline that `GET /v1/verify` keeps current.
         self.verify_live(cancel)?;
+        // What this work and the deploy before it freed goes back to the
+        // system, so that the next deploy starts from what the agent holds.
+        // Not at this work's start: a rollback arriving right after a
+        // switch would wait for it (malloc_trim walks every free block and
+        // cannot be cancelled).
         crate::sys::trim_malloc();
         tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
