@@ -20,7 +20,7 @@ pub fn user() -> String {
 /// Heap arenas a long-running scap process lets glibc's malloc keep: one
 /// per core of the machines this runs on is enough for its few busy
 /// threads.
-pub const MALLOC_ARENAS: i32 = 2;
+const MALLOC_ARENAS: i32 = 2;
 
 /// Caps glibc's malloc at [`MALLOC_ARENAS`] heap arenas; false where that
 /// cannot be set (another C library). Call it before the process starts a
@@ -55,8 +55,8 @@ pub fn cap_malloc_arenas() -> bool {
     false
 }
 
-/// Hands the free pages malloc keeps back to the system; false where there
-/// is no such call (another C library).
+/// Hands the free pages malloc keeps back to the system (nothing to do
+/// with another C library).
 ///
 /// glibc returns memory only from the top of a heap: pages freed in the
 /// middle, between blocks still in use, stay resident, and after a deploy
@@ -65,16 +65,15 @@ pub fn cap_malloc_arenas() -> bool {
 /// this when the work after a switch ends, so that each deploy starts from
 /// what the agent holds, not from the last one's high-water mark.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn trim_malloc() -> bool {
+pub fn trim_malloc() {
     // SAFETY: malloc_trim(3) takes an integer, reads or writes no memory
     // of ours, and takes each arena's lock as it walks it: glibc marks it
     // MT-Safe. It is `unsafe` only because it is a foreign function, and
-    // no safe interface to it exists.
-    unsafe { libc::malloc_trim(0) == 1 }
+    // no safe interface to it exists. Its result (whether any memory was
+    // given back) is of no use here.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// See the glibc version: elsewhere there is nothing to trim.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn trim_malloc() -> bool {
-    false
-}
+pub fn trim_malloc() {}

@@ -1072,9 +1072,10 @@ impl Agent {
         self.verify_live(cancel)?;
         // What this work and the deploy before it freed goes back to the
         // system, so that the next deploy starts from what the agent holds.
-        // Not at this work's start: a rollback arriving right after a
-        // switch would wait for it (malloc_trim walks every free block and
-        // cannot be cancelled).
+        // Not at this work's start, nor when a rollback cancels it (the
+        // rollback's own work after its switch trims): the rollback would
+        // wait for it (malloc_trim walks every free block and cannot be
+        // cancelled).
         crate::sys::trim_malloc();
         tracing::debug!("after-switch work took {:?}", started.elapsed());
         Ok(())
