@@ -99,6 +99,10 @@ struct Arrived<'a> {
 }
 
 enum Got<'a> {
+    /// An object file sent uncompressed (as a pack's are: its segments are
+    /// compressed), verified: stored as it is; gc compresses it later
+    /// ([`Writer::put_checked`]).
+    Raw(&'a [u8]),
     /// An object file as the source's store keeps it (compressed): stored
     /// as it is once verified.
     File(&'a [u8]),
@@ -121,11 +125,11 @@ impl<'a> Arrived<'a> {
         };
         Ok(Some(match item {
             PackItem::Object { kind, file } if crate::store::object::is_uncompressed(file) => {
-                let data = crate::store::object::decode_within(id, kind, file, max_len(kind))
+                crate::store::object::decode_borrowed(id, kind, file, max_len(kind))
                     .map_err(bad_object)?;
                 Arrived {
                     kind,
-                    got: Got::Verified(data),
+                    got: Got::Raw(file),
                 }
             }
             PackItem::Object { kind, file } => Arrived {
@@ -171,6 +175,9 @@ impl<'a> Arrived<'a> {
     ) -> Result<std::borrow::Cow<'_, [u8]>, StoreError> {
         match &self.got {
             Got::Verified(d) => Ok(std::borrow::Cow::Borrowed(d)),
+            Got::Raw(f) => Ok(std::borrow::Cow::Borrowed(
+                &f[crate::store::object::HEADER_LEN..],
+            )),
             Got::File(f) => {
                 crate::store::object::decode_within(id, self.kind, f, max_len(self.kind))
                     .map(std::borrow::Cow::Owned)
@@ -185,6 +192,7 @@ impl<'a> Arrived<'a> {
     fn store(&self, writer: &Writer<'_>, id: ObjectId) -> Result<(), StoreError> {
         match &self.got {
             Got::Verified(d) => writer.put_decoded(id, self.kind, d),
+            Got::Raw(f) => writer.put_checked(id, f),
             Got::File(f) => writer
                 .put_verified(id, self.kind, f, max_len(self.kind))
                 .map(|_| ()),

@@ -303,31 +303,13 @@ impl Client {
             }
         };
         let limit = |_: &ObjectId| super::max_file_len(crate::store::tree::MAX_TREE_LEN);
-        let mut stream = resp.bytes_stream();
-        while let Some(piece) = stream.next().await {
-            let piece = match piece {
-                Ok(p) => p,
-                Err(e) => {
-                    return Err(SourceError::Source(format!(
-                        "retry: {url}: cut off after {} bytes ({e}); resuming",
-                        segments.consumed
-                    )));
-                }
-            };
-            self.received(i, piece.len()).await;
-            segments.push(&piece);
+        // Stores one segment's objects (its raw bytes).
+        let mut store_segment = |raw: Vec<u8>| -> Result<(), SourceError> {
+            decoder.push(&raw);
             let mut arrived = Vec::new();
-            while let Some(raw) = segments
-                .next_segment()
-                .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
-            {
-                decoder.push(&raw);
-                while let Some(frame) =
-                    decoder.next_frame_within(&limit).map_err(|e| bad(url, e))?
-                {
-                    if let Some(file) = frame.file {
-                        arrived.push((frame.id, frame.delta, file));
-                    }
+            while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
+                if let Some(file) = frame.file {
+                    arrived.push((frame.id, frame.delta, file));
                 }
             }
             let mut items = Vec::with_capacity(arrived.len());
@@ -375,14 +357,62 @@ impl Client {
                 store_one(t)?;
             }
             self.stats.objects.fetch_add(n as u64, Ordering::Relaxed);
-            // Everything in the whole segments read so far is stored: a
-            // resumed request starts after them. (A segment ends at a frame
-            // boundary, so the batch decoder has nothing pending then.)
-            *consumed = segments.consumed;
+            Ok(())
+        };
+        // A segment, decompressed, waits while the next one arrives; then
+        // its objects are stored while the next decompresses (one zstd
+        // stream cannot be decompressed in parallel, so this takes it off
+        // the path of the rest). With the pack's bytes consumed up to its
+        // end.
+        let mut waiting: Option<(Vec<u8>, u64)> = None;
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = match piece {
+                Ok(p) => p,
+                Err(e) => {
+                    // What arrived whole is kept: the resumed request
+                    // starts after it.
+                    if let Some((raw, end)) = waiting.take() {
+                        store_segment(raw)?;
+                        *consumed = end;
+                    }
+                    return Err(SourceError::Source(format!(
+                        "retry: {url}: cut off after {} bytes ({e}); resuming",
+                        *consumed
+                    )));
+                }
+            };
+            self.received(i, piece.len()).await;
+            segments.push(&piece);
+            while let Some((z, end)) = segments
+                .next_compressed()
+                .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
+            {
+                let (raw, stored) = rayon::join(
+                    || super::pack::decompress_segment(&z),
+                    || match waiting.take() {
+                        Some((raw, end)) => store_segment(raw).map(|()| Some(end)),
+                        None => Ok(None),
+                    },
+                );
+                // Everything in the segments stored so far is in the
+                // store: a resumed request starts after them. (A segment
+                // ends at a frame boundary, so the batch decoder has
+                // nothing pending then.)
+                if let Some(end) = stored? {
+                    *consumed = end;
+                }
+                let raw = raw.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                waiting = Some((raw, end));
+            }
             // A source that always has more ready would otherwise never
             // let this future be interrupted (the fetch deadline, a
             // rollback's cancel): give way between pieces.
             tokio::task::yield_now().await;
+        }
+        if let Some((raw, end)) = waiting.take() {
+            store_segment(raw)?;
+            *consumed = end;
         }
         match decoder.finish().ok().filter(|()| segments.is_empty()) {
             Some(()) => Ok(PackEnd::Done),

@@ -350,6 +350,16 @@ impl SegmentReader {
 
     /// The next whole segment's raw bytes, if it has arrived.
     pub fn next_segment(&mut self) -> Result<Option<Vec<u8>>, SegmentError> {
+        match self.next_compressed()? {
+            Some((z, _)) => decompress_segment(&z).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next whole segment as it arrived (compressed), if it has, and
+    /// the pack's bytes consumed up to its end; [`decompress_segment`]
+    /// gives its raw bytes.
+    pub fn next_compressed(&mut self) -> Result<Option<(Vec<u8>, u64)>, SegmentError> {
         let avail = &self.buf[self.pos..];
         let Some(len) = avail.get(..4) else {
             return Ok(None);
@@ -366,20 +376,27 @@ impl SegmentReader {
         let Some(z) = avail.get(4..4 + len) else {
             return Ok(None);
         };
-        let raw = zstd::bulk::decompress(z, MAX_SEGMENT)
-            .map_err(|e| SegmentError::Corrupt(e.to_string()))?;
-        if raw.is_empty() {
-            return Err(SegmentError::Corrupt("an empty segment".into()));
-        }
+        let z = z.to_vec();
         self.pos += 4 + len;
         self.consumed += 4 + len as u64;
-        Ok(Some(raw))
+        Ok(Some((z, self.consumed)))
     }
 
     /// Whether every byte received was part of a whole segment.
     pub fn is_empty(&self) -> bool {
         self.pos == self.buf.len()
     }
+}
+
+/// A segment's raw bytes (a piece of a batch body), bounded by
+/// [`MAX_SEGMENT`].
+pub fn decompress_segment(z: &[u8]) -> Result<Vec<u8>, SegmentError> {
+    let raw =
+        zstd::bulk::decompress(z, MAX_SEGMENT).map_err(|e| SegmentError::Corrupt(e.to_string()))?;
+    if raw.is_empty() {
+        return Err(SegmentError::Corrupt("an empty segment".into()));
+    }
+    Ok(raw)
 }
 
 /// A delta frame's payload for object `id` (its object file `file`)

@@ -35,6 +35,9 @@ pub struct GcReport {
     pub live_objects: u64,
     pub removed_objects: u64,
     pub removed_bytes: u64,
+    /// Bytes of packs whose objects were stored uncompressed as they
+    /// arrived (a fresh host's fetch), compressed into new packs.
+    pub compressed_bytes: u64,
     pub dry_run: bool,
 }
 
@@ -214,8 +217,9 @@ pub fn mark_and_sweep(
 enum PackPlan {
     /// Nothing in it is reachable.
     Delete(Arc<Pack>),
-    /// At least half its bytes are unreachable: its reachable objects are
-    /// copied into a new pack, then it is removed.
+    /// At least half its bytes are unreachable, or it holds objects stored
+    /// uncompressed for speed ([`Pack::holds_raw`]): its reachable objects
+    /// are copied (compressed) into a new pack, then it is removed.
     Repack(Arc<Pack>),
     /// Mostly reachable: kept whole, its unreachable trees (these, and
     /// those already listed) listed dead.
@@ -252,9 +256,12 @@ fn plan_packs(
             report.removed_objects += dead_n;
             report.removed_bytes += pack.body_len();
             plans.push(PackPlan::Delete(pack));
-        } else if dead_bytes * 2 >= pack.body_len() {
+        } else if dead_bytes * 2 >= pack.body_len() || pack.holds_raw() {
             report.removed_objects += dead_n;
             report.removed_bytes += dead_bytes;
+            if pack.holds_raw() {
+                report.compressed_bytes += pack.body_len() - dead_bytes;
+            }
             plans.push(PackPlan::Repack(pack));
         } else if !dead_trees.is_empty() {
             listed.extend(dead_trees);
@@ -291,24 +298,61 @@ fn remove_stale_repacks(store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Objects a repack reads, compresses (in parallel) and appends at once.
+const REPACK_BATCH: usize = 256;
+
 /// Copies `pack`'s reachable objects into a new pack, durable and in
-/// place before the caller removes `pack`. False if cancelled first (the
-/// old pack stays, whole).
+/// place before the caller removes `pack`; those it holds uncompressed for
+/// speed ([`Pack::holds_raw`]) are checked against their IDs and
+/// compressed on the way. False if cancelled first (the old pack stays,
+/// whole).
 fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result<bool, StoreError> {
+    use rayon::prelude::*;
     let dir = store.packs_dir();
     let tmp = dir.join(format!(".pack.gc-{}.tmp", std::process::id()));
     let mut out = PackWriter::create(tmp)?;
-    let mut n = 0u64;
-    let copied = pack.for_each_entry(|id, slot| {
-        n += 1;
-        if n.is_multiple_of(256) && cancel.is_cancelled() {
+    let mut batch: Vec<(ObjectId, Vec<u8>)> = Vec::with_capacity(REPACK_BATCH);
+    let flush = |batch: &mut Vec<(ObjectId, Vec<u8>)>, out: &mut PackWriter| {
+        if cancel.is_cancelled() {
             return Err(StoreError::Cancelled(cancel.why()));
         }
-        if live.contains(&id) && !pack.is_dead(&id) {
-            out.append(id, &pack.read(slot)?)?;
+        if pack.holds_raw() {
+            let files: Vec<Vec<u8>> = batch
+                .par_iter()
+                .map(|(id, file)| match object::compressed(*id, file) {
+                    Ok(std::borrow::Cow::Owned(f)) => f,
+                    Ok(std::borrow::Cow::Borrowed(_)) => file.clone(),
+                    // Copied as it is, as a repack copies everything: a
+                    // read of it fails, naming it, and an agent fetches
+                    // it again.
+                    Err(e) => {
+                        tracing::warn!("{}: {e}: kept as it is", pack.path().display());
+                        file.clone()
+                    }
+                })
+                .collect();
+            for ((id, _), f) in batch.iter().zip(files) {
+                out.append(*id, &f)?;
+            }
+        } else {
+            for (id, f) in batch.iter() {
+                out.append(*id, f)?;
+            }
         }
+        batch.clear();
         Ok(())
-    });
+    };
+    let copied = pack
+        .for_each_entry(|id, slot| {
+            if live.contains(&id) && !pack.is_dead(&id) {
+                batch.push((id, pack.read(slot)?));
+                if batch.len() == REPACK_BATCH {
+                    flush(&mut batch, &mut out)?;
+                }
+            }
+            Ok(())
+        })
+        .and_then(|()| flush(&mut batch, &mut out));
     let sealed = copied.and_then(|()| {
         out.seal()?;
         out.file().sync_all().at(&dir)

@@ -98,6 +98,20 @@ pub fn encode(kind: ObjectKind, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An object file stored uncompressed as it arrived (see
+/// [`crate::store::disk::Writer::put_checked`]), checked against `id` and
+/// encoded as [`encode`] would have: compressed when that saves space.
+/// Any other file is checked and returned as it is.
+pub fn compressed(id: ObjectId, file: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, ObjectError> {
+    let (kind, _) = peek(id, file)?;
+    let data = decode_borrowed(id, kind, file, MAX_OBJECT_LEN)?;
+    Ok(if is_uncompressed(file) {
+        std::borrow::Cow::Owned(encode(kind, &data))
+    } else {
+        std::borrow::Cow::Borrowed(file)
+    })
+}
+
 /// The same object with its payload stored uncompressed, for a stream that
 /// is compressed as a whole. Not verified (the receiver verifies); a file
 /// that does not decompress is returned as it is, for the receiver to reject.
@@ -180,6 +194,18 @@ pub fn decode_within(
     file: &[u8],
     max_len: u64,
 ) -> Result<Vec<u8>, ObjectError> {
+    decode_borrowed(id, expected, file, max_len).map(std::borrow::Cow::into_owned)
+}
+
+/// [`decode_within`] without a copy of an uncompressed payload: the content
+/// borrowed from `file`, checked against `id`.
+pub fn decode_borrowed(
+    id: ObjectId,
+    expected: ObjectKind,
+    file: &[u8],
+    max_len: u64,
+) -> Result<std::borrow::Cow<'_, [u8]>, ObjectError> {
+    use std::borrow::Cow;
     let (kind, len) = peek(id, file)?;
     if len > max_len {
         return Err(ObjectError::BadHeader {
@@ -196,11 +222,13 @@ pub fn decode_within(
     }
     let payload = &file[HEADER_LEN..];
     let data = match file[6] {
-        0 => payload.to_vec(),
-        1 => decompress(payload, len as usize).map_err(|e| ObjectError::Corrupt {
-            id,
-            why: e.to_string(),
-        })?,
+        0 => Cow::Borrowed(payload),
+        1 => Cow::Owned(
+            decompress(payload, len as usize).map_err(|e| ObjectError::Corrupt {
+                id,
+                why: e.to_string(),
+            })?,
+        ),
         _ => {
             return Err(ObjectError::BadHeader {
                 id,

@@ -551,6 +551,62 @@ fn full_disk_on_a_host_keeps_the_live_release() {
     }
 }
 
+/// On a filesystem with little room (under 1 GiB free), a fresh host
+/// compresses what it fetches as it arrives, rather than storing it
+/// uncompressed for gc to compress after the switch (which needs room
+/// for both until then), and says so.
+#[test]
+fn a_host_low_on_disk_compresses_what_it_fetches_as_it_arrives() {
+    require_root("mount a small tmpfs");
+    let env_dir = tempfile::tempdir().unwrap();
+    let mnt = env_dir.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    assert!(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _guard = Unmount(mnt.clone());
+    let mut fleet = Fleet::start_with(0, &[]);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    // More objects than a small session keeps loose.
+    for i in 0..400 {
+        let body = format!("<?php\n// {i}\n{}", "$wgX[] = 'same text';\n".repeat(50));
+        write(&staging, &format!("gen/f{i:03}.php"), body.as_bytes());
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    fleet.add_host("mw-small", &mnt.join("scap"));
+    let log = env_dir.path().join("agent.log");
+    fleet.restart_logged(0, &[("SCAP_LOG", "scap=info")], &log);
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["fetched"]["pack"], true, "{r}");
+    let said = fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("compressing what arrives as it is stored"),
+        "{said}"
+    );
+    // The pack it wrote was never flagged for gc to compress.
+    for e in fs::read_dir(mnt.join("scap/store/objects/pack")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "pack") {
+            let data = fs::read(&p).unwrap();
+            assert_eq!(
+                data[12..16],
+                [0, 0, 0, 0],
+                "{}: not flagged raw",
+                p.display()
+            );
+        }
+    }
+    assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
+}
+
 pub struct Unmount(pub std::path::PathBuf);
 impl Drop for Unmount {
     fn drop(&mut self) {

@@ -497,3 +497,96 @@ fn a_directory_removed_by_hand_from_the_previous_slot_is_rewritten_on_rollback()
     );
     assert_eq!(st["drift"]["changed"], 0, "{st}");
 }
+
+/// Bytes of the agent's pack files and whether any is flagged raw (its
+/// objects stored uncompressed as they arrived, for gc to compress).
+fn packs(dir: &Path) -> (u64, bool) {
+    let (mut bytes, mut raw) = (0, false);
+    let Ok(rd) = fs::read_dir(dir.join("store/objects/pack")) else {
+        return (0, false);
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "pack") {
+            let data = fs::read(&p).unwrap();
+            bytes += data.len() as u64;
+            raw |= u32::from_le_bytes(data[12..16].try_into().unwrap()) & 1 != 0;
+        }
+    }
+    (bytes, raw)
+}
+
+/// A fresh host stores what it fetches uncompressed (no zstd on the
+/// deploy's path) and compresses it in its work after the switch: the
+/// store ends compressed, and every slot and a rollback still read true
+/// content from it.
+#[test]
+fn a_fresh_hosts_store_is_compressed_after_its_switch() {
+    let mut fleet = Fleet::start(1);
+    let dir = fleet.hosts[0].dir.clone();
+    let staging = fleet.env.path("staging");
+    sample_tree(&staging);
+    // More objects than a small session keeps loose, and text that
+    // compresses as PHP does.
+    let mut text_bytes = 0;
+    for i in 0..400 {
+        let body = format!(
+            "<?php\n// file {i}\n{}",
+            "$wgConf['x'] = [ 'a' => 1 ];\n".repeat(40 + i % 13)
+        );
+        text_bytes += body.len() as u64;
+        write(
+            &staging,
+            &format!("includes/gen/f{i:03}.php"),
+            body.as_bytes(),
+        );
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let copy1 = fleet.env.path("copy-v1");
+    copy_tree(&staging, &copy1);
+    write(&staging, "includes/gen/f007.php", b"<?php\n// changed\n");
+    let v2 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "full", "{r}");
+    wait_for(60, "the agent to compress its store", || {
+        let (bytes, raw) = packs(&dir);
+        bytes > 0 && !raw
+    });
+    // Stored raw, the packs would hold at least the tree's bytes.
+    let (bytes, _) = packs(&dir);
+    let (tree_bytes, _) = unique_bytes(std::slice::from_ref(&copy1));
+    assert!(
+        bytes + text_bytes / 2 < tree_bytes,
+        "the store's packs ({bytes} bytes) are compressed: the tree has {tree_bytes} bytes, {text_bytes} of them text"
+    );
+    wait_for_spare(&dir, &v1);
+    same(
+        &dir.join("current/mediawiki"),
+        &copy1,
+        "the live slot after the fresh sync",
+    );
+
+    // Every object of the version reads back from the compressed packs.
+    let mut verify = std::process::Command::new(SCAP);
+    verify
+        .arg("--store")
+        .arg(dir.join("store"))
+        .args(["verify", &v1]);
+    ok(&verify.output().unwrap());
+
+    // A backport (a small session: its objects are compressed as it
+    // commits), then back.
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["how"], "diff", "{r}");
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    same(
+        &dir.join("current/mediawiki"),
+        &copy1,
+        "the live slot after the rollback",
+    );
+}

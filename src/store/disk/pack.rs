@@ -35,6 +35,10 @@ pub const PACK_MAGIC: &[u8; 8] = b"SCAPPACK";
 /// Version of the pack format, in each pack's header.
 pub const PACK_FORMAT: u32 = 1;
 pub const PACK_HEADER_LEN: u64 = 16;
+/// Header flag (the u32 at offset 12): the pack holds objects stored
+/// uncompressed as they arrived, for speed (a fresh host's fetch), that gc
+/// compresses into a new pack. Readers ignore flags they do not know.
+pub const FLAG_RAW: u32 = 1;
 pub const ENTRY_LEN: usize = 48;
 pub const FOOTER_LEN: u64 = 48;
 /// Largest object file a pack may hold (a chunk is at most 4 MiB before
@@ -75,6 +79,8 @@ pub struct Pack {
     file: Arc<File>,
     prefixes: Arc<Vec<u64>>,
     index_offset: u64,
+    /// The header's flags ([`FLAG_RAW`]).
+    flags: u32,
     /// Trees listed in `<name>.dead`, sorted: not in the store.
     dead: Vec<ObjectId>,
 }
@@ -93,6 +99,7 @@ impl Pack {
             return Err(bad(path, "not a scap pack (bad magic)"));
         }
         let format = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
         if format > PACK_FORMAT {
             return Err(bad(
                 path,
@@ -153,6 +160,7 @@ impl Pack {
             file: Arc::new(file),
             prefixes: Arc::new(prefixes),
             index_offset,
+            flags,
             dead,
         })
     }
@@ -164,8 +172,15 @@ impl Pack {
             file: self.file.clone(),
             prefixes: self.prefixes.clone(),
             index_offset: self.index_offset,
+            flags: self.flags,
             dead,
         }
+    }
+
+    /// Whether it holds objects stored uncompressed for gc to compress
+    /// ([`FLAG_RAW`]).
+    pub fn holds_raw(&self) -> bool {
+        self.flags & FLAG_RAW != 0
     }
 
     pub fn path(&self) -> &Path {
@@ -301,6 +316,7 @@ pub struct PackWriter {
     tmp: PathBuf,
     offset: u64,
     index: PendingIndex,
+    flags: u32,
 }
 
 /// What a pack being written holds, in about 12 bytes an object (a hash
@@ -460,6 +476,7 @@ impl PackWriter {
             tmp,
             offset: PACK_HEADER_LEN,
             index,
+            flags: 0,
         })
     }
 
@@ -523,12 +540,32 @@ impl PackWriter {
             .collect()
     }
 
+    /// Flags the pack [`FLAG_RAW`] when it is sealed.
+    pub fn mark_raw(&mut self) {
+        self.flags |= FLAG_RAW;
+    }
+
+    /// Whether [`PackWriter::mark_raw`] was called.
+    pub fn is_raw(&self) -> bool {
+        self.flags & FLAG_RAW != 0
+    }
+
+    /// The temp file's path.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Writes the index and footer. The caller makes the file durable
     /// (`syncfs`, or [`File::sync_all`]) before [`PackWriter::publish`].
     pub fn seal(&mut self) -> Result<()> {
         self.index.fold();
         let index_offset = self.offset;
         let mut hasher = blake3::Hasher::new();
+        if self.flags != 0 {
+            self.file
+                .write_all_at(&self.flags.to_le_bytes(), 12)
+                .at(&self.tmp)?;
+        }
         let mut out = io::BufWriter::with_capacity(1 << 20, &self.file);
         use std::io::Seek;
         out.get_mut()
@@ -991,5 +1028,100 @@ mod tests {
                 .is_ok()
         );
         assert!(!store.has(&ObjectKind::Chunk.hash(&chunk(2))));
+    }
+
+    /// Objects received uncompressed are stored as they came (no zstd on a
+    /// fresh host's path): a large session flags its pack, and gc
+    /// compresses it into a new one; a small session compresses its loose
+    /// objects as it commits. Every object reads back the same throughout.
+    #[test]
+    fn received_uncompressed_objects_are_compressed_by_gc_or_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let raw = |o: &[u8]| {
+            object::uncompressed(
+                ObjectKind::Chunk.hash(o),
+                &object::encode(ObjectKind::Chunk, o),
+            )
+        };
+        let w = store.writer().unwrap();
+        let mut entries = Vec::new();
+        for n in 0..600u32 {
+            let data = chunk(n);
+            let id = ObjectKind::Chunk.hash(&data);
+            let file = raw(&data);
+            assert!(object::is_uncompressed(&file));
+            w.put_checked(id, &file).unwrap();
+            entries.push(Entry {
+                name: TreeName::new(format!("f{n:04}").into_bytes()).unwrap(),
+                content: Content::File {
+                    chunks: vec![crate::store::tree::ChunkRef {
+                        id: crate::store::id::ChunkId::new(id),
+                        len: data.len() as u32,
+                    }],
+                    size: data.len() as u64,
+                    executable: false,
+                },
+            });
+        }
+        let tree = Tree::new(entries).unwrap().encode();
+        let root = ObjectKind::Tree.hash(&tree);
+        w.put_checked(root, &raw_tree(&tree)).unwrap();
+        drop(w.commit().unwrap());
+        let packs = store.pack_set().all(&store.packs_dir()).unwrap();
+        assert_eq!(packs.len(), 1);
+        assert!(packs[0].holds_raw(), "flagged for gc");
+        let raw_len = packs[0].body_len();
+        let check = |store: &Store| {
+            for n in 0..600u32 {
+                let id = ObjectKind::Chunk.hash(&chunk(n));
+                assert_eq!(store.read(&id, ObjectKind::Chunk).unwrap(), chunk(n));
+            }
+            assert_eq!(store.read(&root, ObjectKind::Tree).unwrap(), tree);
+        };
+        check(&store);
+
+        let report = crate::store::gc::mark_and_sweep(
+            &store,
+            &[crate::store::id::VersionId::new(root)],
+            false,
+            &crate::cancel::Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(report.compressed_bytes, raw_len);
+        let packs = store.pack_set().all(&store.packs_dir()).unwrap();
+        assert_eq!(packs.len(), 1, "the raw pack is replaced");
+        assert!(!packs[0].holds_raw());
+        assert!(
+            packs[0].body_len() * 2 < raw_len,
+            "compressed: {} of {raw_len} bytes",
+            packs[0].body_len()
+        );
+        check(&store);
+        check(&Store::open(dir.path()).unwrap());
+        // Nothing left to compress: the next gc keeps the pack.
+        let again = crate::store::gc::mark_and_sweep(
+            &store,
+            &[crate::store::id::VersionId::new(root)],
+            false,
+            &crate::cancel::Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(again.compressed_bytes, 0);
+
+        // A small session: its loose objects are compressed at commit.
+        let w = store.writer().unwrap();
+        let data = "a small session's object ".repeat(200).into_bytes();
+        let id = ObjectKind::Chunk.hash(&data);
+        w.put_checked(id, &raw(&data)).unwrap();
+        drop(w.commit().unwrap());
+        let file = store.read_raw(&id).unwrap().unwrap();
+        assert!(!object::is_uncompressed(&file), "compressed at commit");
+        assert_eq!(store.read(&id, ObjectKind::Chunk).unwrap(), data);
+    }
+
+    fn raw_tree(tree: &[u8]) -> Vec<u8> {
+        let id = ObjectKind::Tree.hash(tree);
+        object::uncompressed(id, &object::encode(ObjectKind::Tree, tree))
     }
 }

@@ -126,6 +126,8 @@ impl Store {
             counter: AtomicU64::new(0),
             written: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
+            raw_written: AtomicU64::new(0),
+            low_space: std::sync::atomic::AtomicBool::new(false),
             finished: false,
         })
     }
@@ -362,8 +364,21 @@ pub struct Writer<'s> {
     counter: AtomicU64,
     written: AtomicU64,
     written_bytes: AtomicU64,
+    /// Received objects stored uncompressed so far, and whether the disk
+    /// ran low ([`LOW_SPACE`]): from then on they are compressed as they
+    /// arrive.
+    raw_written: AtomicU64,
+    low_space: std::sync::atomic::AtomicBool,
     finished: bool,
 }
+
+/// Received objects are stored uncompressed while the store's filesystem
+/// keeps at least this much free (or a tenth of its size, if more): what
+/// gc compresses later needs room until then.
+pub const LOW_SPACE: u64 = 1 << 30;
+
+/// Received objects stored uncompressed between two checks of free space.
+const SPACE_CHECK_EVERY: u64 = 512;
 
 /// What a `put` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -420,13 +435,72 @@ impl Writer<'_> {
             }
         })?;
         if !self.store.has(&id) {
-            self.write_object(&id, file)?;
+            self.write_received(&id, file)?;
         }
         Ok(data)
     }
 
+    /// Stores an object file received from elsewhere that the caller has
+    /// just checked is object `id` (decoded, bounded and hashed), as it
+    /// arrived. An uncompressed one (what a pack or a compressed batch
+    /// stream carries) is not compressed here, on the deploy's path: a
+    /// session of many such objects flags its pack [`super::pack::FLAG_RAW`], and
+    /// gc compresses it later; a small session's are compressed as it
+    /// commits.
+    pub fn put_checked(&self, id: ObjectId, file: &[u8]) -> Result<()> {
+        if !self.store.has(&id) {
+            self.write_received(&id, file)?;
+        }
+        Ok(())
+    }
+
+    fn write_received(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        if !object::is_uncompressed(file) {
+            return self.write_object(id, file);
+        }
+        let n = self.raw_written.fetch_add(1, Ordering::Relaxed);
+        if n % SPACE_CHECK_EVERY == 0 && !self.low_space.load(Ordering::Relaxed) && self.space_low()
+        {
+            self.low_space.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                "{}: under {} MiB (or a tenth of the filesystem) free: compressing what arrives as it is stored, not later",
+                self.store.root().display(),
+                LOW_SPACE >> 20
+            );
+        }
+        if self.low_space.load(Ordering::Relaxed) {
+            return match object::compressed(*id, file) {
+                Ok(f) => self.write_object(id, &f),
+                Err(source) => Err(StoreError::Object {
+                    path: self.store.object_path(id),
+                    source,
+                }),
+            };
+        }
+        self.write_object_with(id, file, true)
+    }
+
+    /// Whether the store's filesystem has less than [`LOW_SPACE`] (or a
+    /// tenth of its size) free; false if that cannot be told.
+    fn space_low(&self) -> bool {
+        match rustix::fs::statvfs(self.store.root()) {
+            Ok(st) => {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                let size = st.f_blocks.saturating_mul(st.f_frsize);
+                free < LOW_SPACE.max(size / 10)
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Appends the object to this session's pack (created on the first).
     fn write_object(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        self.write_object_with(id, file, false)
+    }
+
+    /// [`Writer::write_object`]; `raw`: `file` is stored uncompressed for
+    /// speed, to be compressed later.
+    fn write_object_with(&self, id: &ObjectId, file: &[u8], raw: bool) -> Result<()> {
         let pending = self
             .store
             .pending
@@ -443,6 +517,9 @@ impl Writer<'_> {
         let pack = guard.as_mut().expect("created above");
         let before = pack.len();
         pack.append(*id, file)?;
+        if raw {
+            pack.mark_raw();
+        }
         if pack.len() > before {
             self.written.fetch_add(1, Ordering::Relaxed);
             self.written_bytes
@@ -521,6 +598,17 @@ impl Writer<'_> {
                             continue;
                         }
                         let file = pack.read(&id)?.expect("listed by the pack");
+                        // What was stored raw for speed is compressed now:
+                        // gc compresses only packs.
+                        let file = match pack.is_raw() {
+                            true => object::compressed(id, &file).map_err(|source| {
+                                StoreError::Object {
+                                    path: pack.path().to_path_buf(),
+                                    source,
+                                }
+                            })?,
+                            false => std::borrow::Cow::Borrowed(file.as_slice()),
+                        };
                         loose.push(self.write_loose(&id, &file)?);
                     }
                     Ok(())
