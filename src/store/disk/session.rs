@@ -459,7 +459,9 @@ impl Writer<'_> {
             return self.write_object(id, file);
         }
         let n = self.raw_written.fetch_add(1, Ordering::Relaxed);
-        if n % SPACE_CHECK_EVERY == 0 && !self.low_space.load(Ordering::Relaxed) && self.space_low()
+        if n.is_multiple_of(SPACE_CHECK_EVERY)
+            && !self.low_space.load(Ordering::Relaxed)
+            && self.space_low()
         {
             self.low_space.store(true, Ordering::Relaxed);
             tracing::warn!(
