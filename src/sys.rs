@@ -77,3 +77,32 @@ pub fn trim_malloc() {
 /// See the glibc version: elsewhere there is nothing to trim.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_malloc() {}
+
+/// Starts writing `len` bytes of `file` from `offset` to disk, without
+/// waiting for them (`sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`): a
+/// hint, so that a later `fsync` of a large file being appended to waits
+/// only for its tail. Nothing is made durable by this alone.
+///
+/// A writer session appends a fresh host's whole fetch to one pack (about
+/// the tree's size, stored uncompressed); the `fsync` that seals it, also
+/// when a rollback cancels the fetch, then had every byte of it to write,
+/// and the rollback waited for it.
+#[cfg(target_os = "linux")]
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) takes a descriptor, two integers and
+    // flags, and reads or writes no memory of ours; `file` keeps the
+    // descriptor open for the call. It is `unsafe` only because it is a
+    // foreign function: rustix, the crate's safe system-call layer, does
+    // not wrap it, and `File::sync_data` would wait for the write, which
+    // is what this avoids. Its result is of no use (a failure only means
+    // the later `fsync` does the writing).
+    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// See the Linux version: elsewhere the later `fsync` does it all.
+#[cfg(not(target_os = "linux"))]
+pub fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}

@@ -317,7 +317,13 @@ pub struct PackWriter {
     offset: u64,
     index: PendingIndex,
     flags: u32,
+    /// Bytes before this offset have been handed to the disk
+    /// ([`crate::sys::start_writeback`]).
+    written_back: u64,
 }
+
+/// Bytes a pack being written accumulates before their writeback starts.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// What a pack being written holds, in about 12 bytes an object (a hash
 /// map of whole IDs took ~100 bytes, 26 MB at 263k files): each entry, in
@@ -477,6 +483,7 @@ impl PackWriter {
             offset: PACK_HEADER_LEN,
             index,
             flags: 0,
+            written_back: PACK_HEADER_LEN,
         })
     }
 
@@ -517,6 +524,14 @@ impl PackWriter {
             },
         )?;
         self.offset += u64::from(len);
+        if self.offset - self.written_back >= WRITEBACK_EVERY {
+            crate::sys::start_writeback(
+                &self.file,
+                self.written_back,
+                self.offset - self.written_back,
+            );
+            self.written_back = self.offset;
+        }
         Ok(())
     }
 
