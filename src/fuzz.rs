@@ -33,6 +33,11 @@ pub fn object_decode(data: &[u8]) {
         let _ = object::peek(id, data);
         let _ = object::uncompressed(id, data);
     }
+    // What gc compresses: only an object that is `id`, and it stays that.
+    if let Ok(file) = object::compressed(id, data) {
+        let (kind, _) = object::peek(id, &file).expect("checked");
+        assert!(object::decode(id, kind, &file).is_ok());
+    }
 }
 
 /// Hostile batch responses, in arbitrary pieces: the decoder never panics

@@ -298,8 +298,11 @@ fn remove_stale_repacks(store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Objects a repack reads, compresses (in parallel) and appends at once.
+/// Objects a repack reads, compresses (in parallel) and appends at once:
+/// at most this many, and no more bytes than [`REPACK_BATCH_BYTES`] past
+/// the first (a chunk may be several MB: an agent's memory is bounded).
 const REPACK_BATCH: usize = 256;
+const REPACK_BATCH_BYTES: usize = 4 << 20;
 
 /// Copies `pack`'s reachable objects into a new pack, durable and in
 /// place before the caller removes `pack`; those it holds uncompressed for
@@ -312,6 +315,7 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
     let tmp = dir.join(format!(".pack.gc-{}.tmp", std::process::id()));
     let mut out = PackWriter::create(tmp)?;
     let mut batch: Vec<(ObjectId, Vec<u8>)> = Vec::with_capacity(REPACK_BATCH);
+    let mut batch_bytes = 0;
     let flush = |batch: &mut Vec<(ObjectId, Vec<u8>)>, out: &mut PackWriter| {
         if cancel.is_cancelled() {
             return Err(StoreError::Cancelled(cancel.why()));
@@ -346,8 +350,10 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
         .for_each_entry(|id, slot| {
             if live.contains(&id) && !pack.is_dead(&id) {
                 batch.push((id, pack.read(slot)?));
-                if batch.len() == REPACK_BATCH {
+                batch_bytes += slot.len as usize;
+                if batch.len() == REPACK_BATCH || batch_bytes >= REPACK_BATCH_BYTES {
                     flush(&mut batch, &mut out)?;
+                    batch_bytes = 0;
                 }
             }
             Ok(())

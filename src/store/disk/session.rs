@@ -464,11 +464,13 @@ impl Writer<'_> {
             && self.space_low()
         {
             self.low_space.store(true, Ordering::Relaxed);
-            tracing::warn!(
+            // Said once per process; each session checks for itself.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| tracing::warn!(
                 "{}: under {} MiB (or a tenth of the filesystem) free: compressing what arrives as it is stored, not later",
                 self.store.root().display(),
                 LOW_SPACE >> 20
-            );
+            ));
         }
         if self.low_space.load(Ordering::Relaxed) {
             return match object::compressed(*id, file) {
