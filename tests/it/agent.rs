@@ -490,19 +490,9 @@ fn sync_reports_a_failing_host_and_fails() {
 
 #[test]
 fn full_disk_on_a_host_keeps_the_live_release() {
-    require_root("mount a small tmpfs");
     let env_dir = tempfile::tempdir().unwrap();
-    let mnt = env_dir.path().join("small");
-    fs::create_dir(&mnt).unwrap();
-    assert!(
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let _guard = Unmount(mnt.clone());
+    let small = Tmpfs::mount(&env_dir.path().join("small"), "3m");
+    let mnt = small.path().to_path_buf();
     let mut fleet = Fleet::start_with(0, &[]);
     let staging = fleet.env.path("staging");
     versioned_tree(&staging, "v1");
@@ -557,19 +547,9 @@ fn full_disk_on_a_host_keeps_the_live_release() {
 /// for both until then), and says so.
 #[test]
 fn a_host_low_on_disk_compresses_what_it_fetches_as_it_arrives() {
-    require_root("mount a small tmpfs");
     let env_dir = tempfile::tempdir().unwrap();
-    let mnt = env_dir.path().join("small");
-    fs::create_dir(&mnt).unwrap();
-    assert!(
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let _guard = Unmount(mnt.clone());
+    let small = Tmpfs::mount(&env_dir.path().join("small"), "64m");
+    let mnt = small.path().to_path_buf();
     let mut fleet = Fleet::start_with(0, &[]);
     let staging = fleet.env.path("staging");
     versioned_tree(&staging, "v1");
@@ -605,16 +585,6 @@ fn a_host_low_on_disk_compresses_what_it_fetches_as_it_arrives() {
         }
     }
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&staging));
-}
-
-pub struct Unmount(pub std::path::PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// A TCP proxy that forwards at most `budget` bytes of each response, then

@@ -674,7 +674,7 @@ fn object_files(store: &std::path::Path) -> (u64, usize) {
             let data = fs::read(&f).unwrap();
             bytes += data.len() as u64;
             if name.ends_with(".pack") {
-                if u32::from_le_bytes(data[12..16].try_into().unwrap()) & 1 != 0 {
+                if pack_flagged_raw(&data) {
                     raw += 1;
                 }
             } else if data.len() > 216 && data[6] == 0 {

@@ -171,27 +171,13 @@ fn gc_keeps_what_it_must() {
 
 #[test]
 fn full_disk_leaves_the_store_valid() {
-    require_root("mount a small tmpfs");
     let env = Env::new();
     let mw = env.path("mw");
     for i in 0..50 {
         write(&mw, &format!("f{i}.php"), &noise(2000, i));
     }
-    let mnt = env.path("small");
-    fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let small = Tmpfs::mount(&env.path("small"), "2m");
+    let mnt = small.path().to_path_buf();
     let store = mnt.join("store");
     let run = |args: &[&str]| {
         std::process::Command::new(SCAP)

@@ -510,7 +510,7 @@ fn packs(dir: &Path) -> (u64, bool) {
         if p.extension().is_some_and(|x| x == "pack") {
             let data = fs::read(&p).unwrap();
             bytes += data.len() as u64;
-            raw |= u32::from_le_bytes(data[12..16].try_into().unwrap()) & 1 != 0;
+            raw |= pack_flagged_raw(&data);
         }
     }
     (bytes, raw)

@@ -776,6 +776,42 @@ pub fn require_root(why: &str) {
     );
 }
 
+/// A tmpfs of `size` (mount(8)'s syntax: `3m`) mounted at `dir`, which it
+/// creates: a small disk for a test to fill. Unmounted (lazily: an agent
+/// may still hold files in it) when dropped. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        require_root("mount a small tmpfs");
+        fs::create_dir(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs at {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Whether a pack file's header (`data`: the file) has flag `raw` (bit 0
+/// of the u32 at offset 12, store-format.md): objects stored uncompressed
+/// as they arrived, for gc to compress.
+pub fn pack_flagged_raw(data: &[u8]) -> bool {
+    u32::from_le_bytes(data[12..16].try_into().unwrap()) & 1 != 0
+}
+
 /// Fails the test unless `path` exists, naming the Debian package to install.
 pub fn require_program(path: &str, package: &str) {
     assert!(

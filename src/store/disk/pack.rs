@@ -960,14 +960,19 @@ mod tests {
 
     fn file_entry(name: &str, data: &[u8], w: &super::super::Writer<'_>) -> Entry {
         let c = w.put(ObjectKind::Chunk, data).unwrap().id;
+        one_chunk_entry(name, c, data.len())
+    }
+
+    /// A file `name` of one chunk, `id`, of `len` bytes.
+    fn one_chunk_entry(name: &str, id: ObjectId, len: usize) -> Entry {
         Entry {
             name: TreeName::new(name.as_bytes().to_vec()).unwrap(),
             content: Content::File {
                 chunks: vec![crate::store::tree::ChunkRef {
-                    id: crate::store::id::ChunkId::new(c),
-                    len: data.len() as u32,
+                    id: crate::store::id::ChunkId::new(id),
+                    len: len as u32,
                 }],
-                size: data.len() as u64,
+                size: len as u64,
                 executable: false,
             },
         }
@@ -1053,35 +1058,19 @@ mod tests {
     fn received_uncompressed_objects_are_compressed_by_gc_or_at_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
-        let raw = |o: &[u8]| {
-            object::uncompressed(
-                ObjectKind::Chunk.hash(o),
-                &object::encode(ObjectKind::Chunk, o),
-            )
-        };
         let w = store.writer().unwrap();
         let mut entries = Vec::new();
         for n in 0..600u32 {
             let data = chunk(n);
             let id = ObjectKind::Chunk.hash(&data);
-            let file = raw(&data);
+            let file = raw(ObjectKind::Chunk, &data);
             assert!(object::is_uncompressed(&file));
             w.put_checked(id, &file).unwrap();
-            entries.push(Entry {
-                name: TreeName::new(format!("f{n:04}").into_bytes()).unwrap(),
-                content: Content::File {
-                    chunks: vec![crate::store::tree::ChunkRef {
-                        id: crate::store::id::ChunkId::new(id),
-                        len: data.len() as u32,
-                    }],
-                    size: data.len() as u64,
-                    executable: false,
-                },
-            });
+            entries.push(one_chunk_entry(&format!("f{n:04}"), id, data.len()));
         }
         let tree = Tree::new(entries).unwrap().encode();
         let root = ObjectKind::Tree.hash(&tree);
-        w.put_checked(root, &raw_tree(&tree)).unwrap();
+        w.put_checked(root, &raw(ObjectKind::Tree, &tree)).unwrap();
         drop(w.commit().unwrap());
         let packs = store.pack_set().all(&store.packs_dir()).unwrap();
         assert_eq!(packs.len(), 1);
@@ -1128,15 +1117,15 @@ mod tests {
         let w = store.writer().unwrap();
         let data = "a small session's object ".repeat(200).into_bytes();
         let id = ObjectKind::Chunk.hash(&data);
-        w.put_checked(id, &raw(&data)).unwrap();
+        w.put_checked(id, &raw(ObjectKind::Chunk, &data)).unwrap();
         drop(w.commit().unwrap());
         let file = store.read_raw(&id).unwrap().unwrap();
         assert!(!object::is_uncompressed(&file), "compressed at commit");
         assert_eq!(store.read(&id, ObjectKind::Chunk).unwrap(), data);
     }
 
-    fn raw_tree(tree: &[u8]) -> Vec<u8> {
-        let id = ObjectKind::Tree.hash(tree);
-        object::uncompressed(id, &object::encode(ObjectKind::Tree, tree))
+    /// `data` as an object file of `kind` sent uncompressed (a pack's).
+    fn raw(kind: ObjectKind, data: &[u8]) -> Vec<u8> {
+        object::uncompressed(kind.hash(data), &object::encode(kind, data))
     }
 }

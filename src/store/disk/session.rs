@@ -473,13 +473,12 @@ impl Writer<'_> {
             ));
         }
         if self.low_space.load(Ordering::Relaxed) {
-            return match object::compressed(*id, file) {
-                Ok(f) => self.write_object(id, &f),
-                Err(source) => Err(StoreError::Object {
-                    path: self.store.object_path(id),
-                    source,
-                }),
-            };
+            // The caller checked it: compress its payload, no second hash.
+            let (kind, _) = object::peek(*id, file).map_err(|source| StoreError::Object {
+                path: self.store.object_path(id),
+                source,
+            })?;
+            return self.write_object(id, &object::encode(kind, &file[object::HEADER_LEN..]));
         }
         self.write_object_with(id, file, true)
     }
