@@ -22,36 +22,67 @@ pub fn user() -> String {
 /// threads.
 const MALLOC_ARENAS: i32 = 2;
 
-/// Caps glibc's malloc at [`MALLOC_ARENAS`] heap arenas; false where that
-/// cannot be set (another C library). Call it before the process starts a
-/// thread: it is not thread-safe, and it has no effect once a thread has
-/// been given an arena of its own.
+/// Size from which glibc's malloc gives a block its own mapping, returned
+/// to the system when freed, instead of carving it from a heap arena.
+const MALLOC_MMAP_THRESHOLD: i32 = 1 << 20;
+
+/// Free bytes at the top of a heap that glibc's malloc keeps instead of
+/// giving them back at once: twice the mmap threshold, as glibc's own
+/// adjustment of the two sets it. Fixing the mmap threshold leaves this at
+/// its default (128 KiB), below a single chunk or file write buffer (256
+/// KiB), each of which would then be given back when freed at a heap's top
+/// and faulted in again by the next.
+const MALLOC_TRIM_THRESHOLD: i32 = 2 * MALLOC_MMAP_THRESHOLD;
+
+/// Sets glibc's malloc up for a process that runs for months: at most
+/// [`MALLOC_ARENAS`] heap arenas, blocks of [`MALLOC_MMAP_THRESHOLD`] or
+/// more mapped on their own, and [`MALLOC_TRIM_THRESHOLD`] of free memory
+/// kept at a heap's top. False where that cannot be set (another C
+/// library). Call it before the process starts a thread: it is not
+/// thread-safe, and it has no effect once a thread has been given an arena
+/// of its own.
 ///
-/// glibc gives each thread that allocates while another holds an arena a
-/// new arena, up to eight per core, and keeps what is freed in it for
-/// reuse. The agent's background work after a deploy (gc, the drift check,
-/// bringing the spare slot up) runs on whichever pool thread is free, so at
-/// production size its resident set grew by about 5 MB with each deploy,
-/// from 52 MB after a fresh sync of 263k files to 87 MB after six
-/// backports; with two arenas it stopped at 60 MB, and a fresh sync took
-/// no longer (BENCHMARKS.md, "At production size").
+/// - glibc gives each thread that allocates while another holds an arena a
+///   new arena, up to eight per core, and keeps what is freed in it for
+///   reuse. The agent's background work after a deploy (gc, the drift
+///   check, bringing the spare slot up) runs on whichever pool thread is
+///   free, so at production size its resident set grew by about 5 MB with
+///   each deploy, from 52 MB after a fresh sync of 263k files to 87 MB
+///   after six backports; with two arenas it stopped at 60 MB, and a fresh
+///   sync took no longer (BENCHMARKS.md, "At production size").
+/// - glibc maps a block of its own only above a threshold that it raises
+///   to the size of each such block freed (up to 32 MB): after the first
+///   version's file list (two vectors of ~5 MB at 263k files) is freed,
+///   the next lists, gc's live set and a pack's prefixes come from the
+///   heap, where what is freed around blocks still in use stays resident.
+///   A fixed threshold keeps those few large blocks out of the heap; the
+///   agent's many small ones (a chunk is at most 256 KiB, a file's write
+///   buffer 256 KiB) stay in it. A buffer of a megabyte or more that the
+///   deploy's path allocates again and again is reused instead (a pack's
+///   segments: `net::pack::decompress_segment_into`), or each would be a
+///   new mapping whose every page faults in (three times the page faults
+///   of a fresh sync at 30k files, before it was).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn cap_malloc_arenas() -> bool {
+pub fn tune_malloc() -> bool {
     // SAFETY: mallopt(3) takes two integers and reads or writes no memory
     // of ours: it changes malloc's own settings. glibc's manual marks it
     // MT-Unsafe (it writes settings that other threads' mallocs read
     // without a lock), so the caller calls it before the process starts
     // any thread. It is `unsafe` only because it is a foreign function,
-    // and nothing safe reaches this setting: the only other way in is
-    // `GLIBC_TUNABLES=glibc.malloc.arena_max=2` in the environment the
-    // process starts with, which scap cannot count on a service unit to
-    // set.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1 }
+    // and nothing safe reaches these settings: the only other way in is
+    // `GLIBC_TUNABLES` (`glibc.malloc.arena_max`, `.mmap_threshold`,
+    // `.trim_threshold`) in the environment the process starts with, which
+    // scap cannot count on a service unit to set.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1
+            && libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
+    }
 }
 
-/// See the glibc version: elsewhere there is nothing to cap.
+/// See the glibc version: elsewhere there is nothing to set.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn cap_malloc_arenas() -> bool {
+pub fn tune_malloc() -> bool {
     false
 }
 

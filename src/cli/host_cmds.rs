@@ -240,8 +240,8 @@ fn raise_open_files_limit() {
 
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
     // First, while this process has one thread: the agent runs for months.
-    if !crate::sys::cap_malloc_arenas() {
-        tracing::debug!("malloc's arenas are not capped here (not glibc)");
+    if !crate::sys::tune_malloc() {
+        tracing::debug!("malloc is not tuned here (not glibc)");
     }
     raise_open_files_limit();
     let transport = ctx.transport()?;

@@ -304,8 +304,8 @@ impl Client {
         };
         let limit = |_: &ObjectId| super::max_file_len(crate::store::tree::MAX_TREE_LEN);
         // Stores one segment's objects (its raw bytes).
-        let mut store_segment = |raw: Vec<u8>| -> Result<(), SourceError> {
-            decoder.push(&raw);
+        let mut store_segment = |raw: &[u8]| -> Result<(), SourceError> {
+            decoder.push(raw);
             let mut arrived = Vec::new();
             while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
                 if let Some(file) = frame.file {
@@ -365,6 +365,8 @@ impl Client {
         // the path of the rest). With the pack's bytes consumed up to its
         // end.
         let mut waiting: Option<(Vec<u8>, u64)> = None;
+        // The buffer of the segment stored last, for the next to reuse.
+        let mut spare: Vec<u8> = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(piece) = stream.next().await {
             let piece = match piece {
@@ -373,7 +375,7 @@ impl Client {
                     // What arrived whole is kept: the resumed request
                     // starts after it.
                     if let Some((raw, end)) = waiting.take() {
-                        store_segment(raw)?;
+                        store_segment(&raw)?;
                         *consumed = end;
                     }
                     return Err(SourceError::Source(format!(
@@ -388,10 +390,11 @@ impl Client {
                 .next_compressed()
                 .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
             {
-                let (raw, stored) = rayon::join(
-                    || super::pack::decompress_segment(&z),
+                let mut next = std::mem::take(&mut spare);
+                let (decompressed, stored) = rayon::join(
+                    || super::pack::decompress_segment_into(&z, &mut next),
                     || match waiting.take() {
-                        Some((raw, end)) => store_segment(raw).map(|()| Some(end)),
+                        Some((raw, end)) => store_segment(&raw).map(|()| Some((raw, end))),
                         None => Ok(None),
                     },
                 );
@@ -399,11 +402,12 @@ impl Client {
                 // store: a resumed request starts after them. (A segment
                 // ends at a frame boundary, so the batch decoder has
                 // nothing pending then.)
-                if let Some(end) = stored? {
+                if let Some((raw, end)) = stored? {
                     *consumed = end;
+                    spare = raw;
                 }
-                let raw = raw.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
-                waiting = Some((raw, end));
+                decompressed.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
+                waiting = Some((next, end));
             }
             // A source that always has more ready would otherwise never
             // let this future be interrupted (the fetch deadline, a
@@ -411,7 +415,7 @@ impl Client {
             tokio::task::yield_now().await;
         }
         if let Some((raw, end)) = waiting.take() {
-            store_segment(raw)?;
+            store_segment(&raw)?;
             *consumed = end;
         }
         match decoder.finish().ok().filter(|()| segments.is_empty()) {

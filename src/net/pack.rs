@@ -391,12 +391,37 @@ impl SegmentReader {
 /// A segment's raw bytes (a piece of a batch body), bounded by
 /// [`MAX_SEGMENT`].
 pub fn decompress_segment(z: &[u8]) -> Result<Vec<u8>, SegmentError> {
-    let raw =
-        zstd::bulk::decompress(z, MAX_SEGMENT).map_err(|e| SegmentError::Corrupt(e.to_string()))?;
+    let mut raw = Vec::new();
+    decompress_segment_into(z, &mut raw)?;
+    Ok(raw)
+}
+
+/// [`decompress_segment`] into `raw`, replacing what it held: a receiver
+/// reuses two buffers for a whole pack instead of allocating a new one of
+/// ~1 MiB per segment (each a fresh mapping whose every page faults in).
+pub fn decompress_segment_into(z: &[u8], raw: &mut Vec<u8>) -> Result<(), SegmentError> {
+    // The size the frame declares (the sender writes it), else the most a
+    // segment may be: never more.
+    let want = zstd::zstd_safe::get_frame_content_size(z)
+        .ok()
+        .flatten()
+        .map_or(MAX_SEGMENT, |n| (n as usize).min(MAX_SEGMENT));
+    raw.clear();
+    raw.reserve_exact(want);
+    zstd::bulk::Decompressor::new()
+        .and_then(|mut d| d.decompress_to_buffer(z, raw))
+        .map_err(|e| SegmentError::Corrupt(e.to_string()))?;
     if raw.is_empty() {
         return Err(SegmentError::Corrupt("an empty segment".into()));
     }
-    Ok(raw)
+    // A reused buffer may be larger than the bound: the bound still holds.
+    if raw.len() > MAX_SEGMENT {
+        return Err(SegmentError::Corrupt(format!(
+            "{} bytes decompressed",
+            raw.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A delta frame's payload for object `id` (its object file `file`)
@@ -599,6 +624,36 @@ mod tests {
         let mut r = SegmentReader::default();
         r.push(&[3, 0, 0, 0, 1, 2, 3]);
         assert!(matches!(r.next_segment(), Err(SegmentError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_reused_buffer_holds_each_segment_exactly() {
+        let big: Vec<u8> = (0..MAX_SEGMENT / 2).map(|i| (i * 7 % 251) as u8).collect();
+        let small = b"a small segment".to_vec();
+        // A frame that does not declare its size (a streaming encoder's).
+        let undeclared = zstd::stream::encode_all(&big[..1000], 3).unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&undeclared)
+                .ok()
+                .flatten(),
+            None
+        );
+        let mut buf = Vec::new();
+        for (z, want) in [
+            (zstd::bulk::compress(&big, 3).unwrap(), &big[..]),
+            (zstd::bulk::compress(&small, 3).unwrap(), &small[..]),
+            (undeclared, &big[..1000]),
+            (zstd::bulk::compress(&big, 3).unwrap(), &big[..]),
+        ] {
+            super::decompress_segment_into(&z, &mut buf).unwrap();
+            assert_eq!(buf, want);
+        }
+        // A bomb is refused into a reused buffer too.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_SEGMENT + 1], 3).unwrap();
+        assert!(matches!(
+            super::decompress_segment_into(&bomb, &mut buf),
+            Err(SegmentError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub fn mark_and_sweep(
     }
     drop(trees);
     live.seal();
+    // Held through the sweep: give back what the folds reserved.
+    live.prefixes.shrink_to_fit();
     cancel.check()?;
 
     let mut report = GcReport {
@@ -313,7 +315,8 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
     use rayon::prelude::*;
     let dir = store.packs_dir();
     let tmp = dir.join(format!(".pack.gc-{}.tmp", std::process::id()));
-    let mut out = PackWriter::create(tmp)?;
+    // In ID order, as `for_each_entry` gives them: no index held in memory.
+    let mut out = PackWriter::create_in_order(tmp)?;
     let mut batch: Vec<(ObjectId, Vec<u8>)> = Vec::with_capacity(REPACK_BATCH);
     let mut batch_bytes = 0;
     let flush = |batch: &mut Vec<(ObjectId, Vec<u8>)>, out: &mut PackWriter| {

@@ -331,6 +331,10 @@ const WRITEBACK_EVERY: u64 = 32 << 20;
 /// write order; memory keeps the first 8 bytes of each ID with the
 /// entry's position there, sorted, plus an unsorted tail folded in as it
 /// grows. A lookup confirms the whole ID by reading the entry.
+///
+/// A writer whose objects come in ascending ID order (a repack copies a
+/// pack's objects in its index's order) keeps nothing in memory: the side
+/// file is the index, in order, and a lookup is a binary search of it.
 #[derive(Debug)]
 struct PendingIndex {
     side: File,
@@ -339,6 +343,9 @@ struct PendingIndex {
     prefixes: Vec<u64>,
     positions: Vec<u32>,
     tail: HashMap<u64, u32>,
+    /// `Some` for a writer made by [`PackWriter::create_in_order`]: the
+    /// last ID appended.
+    in_order: Option<Option<ObjectId>>,
 }
 
 impl PendingIndex {
@@ -356,6 +363,7 @@ impl PendingIndex {
             prefixes: Vec::new(),
             positions: Vec::new(),
             tail: HashMap::new(),
+            in_order: None,
         })
     }
 
@@ -368,6 +376,9 @@ impl PendingIndex {
     }
 
     fn find(&self, id: &ObjectId) -> Result<Option<Slot>> {
+        if self.in_order.is_some() {
+            return self.search(id);
+        }
         let p = prefix(id);
         let check = |pos: u32| -> Result<Option<Slot>> {
             let e = self.entry(pos)?;
@@ -389,7 +400,31 @@ impl PendingIndex {
         Ok(None)
     }
 
+    /// Binary search of the side file, for a writer in ID order.
+    fn search(&self, id: &ObjectId) -> Result<Option<Slot>> {
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (got, slot) = decode_entry(&self.entry(mid)?);
+            match got.cmp(id) {
+                std::cmp::Ordering::Equal => return Ok(Some(slot)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
     fn insert(&mut self, id: &ObjectId, slot: Slot) -> Result<()> {
+        if let Some(last) = &mut self.in_order {
+            if last.is_some_and(|l| l >= *id) {
+                return Err(bad(
+                    &self.side_path,
+                    format!("object {id} appended out of ID order (a bug in scap)"),
+                ));
+            }
+            *last = Some(*id);
+        }
         let mut e = [0u8; ENTRY_LEN];
         e[..32].copy_from_slice(id.as_bytes());
         e[32..40].copy_from_slice(&slot.offset.to_le_bytes());
@@ -399,6 +434,9 @@ impl PendingIndex {
             .write_all_at(&e, u64::from(pos) * ENTRY_LEN as u64)
             .at(&self.side_path)?;
         self.n += 1;
+        if self.in_order.is_some() {
+            return Ok(());
+        }
         let p = prefix(id);
         match self.tail.entry(p) {
             std::collections::hash_map::Entry::Occupied(_) => {
@@ -485,6 +523,17 @@ impl PackWriter {
             flags: 0,
             written_back: PACK_HEADER_LEN,
         })
+    }
+
+    /// A writer for objects appended in strictly ascending ID order (a
+    /// repack copying another pack's objects in its index's order): it
+    /// holds no index in memory, where [`PackWriter::create`]'s takes about
+    /// 12 bytes an object, and twice that while it folds. An append out of
+    /// order is an error.
+    pub fn create_in_order(tmp: PathBuf) -> Result<PackWriter> {
+        let mut w = PackWriter::create(tmp)?;
+        w.index.in_order = Some(None);
+        Ok(w)
     }
 
     /// Whether the pack holds `id`. An unreadable side file counts as no
@@ -586,6 +635,24 @@ impl PackWriter {
         out.get_mut()
             .seek(io::SeekFrom::Start(index_offset))
             .at(&self.tmp)?;
+        let count = u64::from(self.index.n);
+        if self.index.in_order.is_some() {
+            // The side file is the index, in order: copied a block at a time.
+            let mut buf = vec![0u8; ENTRY_LEN * 4096];
+            let mut left = self.index.n as usize * ENTRY_LEN;
+            let mut at = 0u64;
+            while left > 0 {
+                let n = left.min(buf.len());
+                self.index
+                    .side
+                    .read_exact_at(&mut buf[..n], at)
+                    .at(&self.index.side_path)?;
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).at(&self.tmp)?;
+                at += n as u64;
+                left -= n;
+            }
+        }
         let (prefixes, positions) = (&self.index.prefixes, &self.index.positions);
         let mut i = 0;
         while i < prefixes.len() {
@@ -605,7 +672,6 @@ impl PackWriter {
             }
             i = j;
         }
-        let count = prefixes.len() as u64;
         let mut footer = [0u8; FOOTER_LEN as usize];
         footer[..8].copy_from_slice(&index_offset.to_le_bytes());
         footer[8..16].copy_from_slice(&count.to_le_bytes());
@@ -789,6 +855,60 @@ mod tests {
         }
         w.seal().unwrap();
         w.publish(dir).unwrap()
+    }
+
+    #[test]
+    fn a_writer_in_id_order_makes_the_same_pack_and_refuses_an_object_out_of_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // More than one block of the index (4096 entries) when sealed.
+        let mut objects: Vec<(ObjectId, Vec<u8>)> = (0..5000)
+            .map(|n| {
+                let o = chunk(n);
+                (
+                    ObjectKind::Chunk.hash(&o),
+                    object::encode(ObjectKind::Chunk, &o),
+                )
+            })
+            .collect();
+        objects.sort_by_key(|a| a.0);
+        let mut w = PackWriter::create_in_order(dir.path().join(".pack.o.tmp")).unwrap();
+        for (id, file) in &objects {
+            w.append(*id, file).unwrap();
+        }
+        // Appending what it holds again is a no-op, as for any writer.
+        w.append(objects[10].0, &objects[10].1).unwrap();
+        assert_eq!(w.len(), 5000);
+        for (id, file) in objects.iter().step_by(97) {
+            assert!(w.contains(id));
+            assert_eq!(w.read(id).unwrap().as_ref(), Some(file));
+        }
+        assert!(!w.contains(&ObjectKind::Chunk.hash(b"never")));
+        // An object below the last one is refused, naming it.
+        let low = (0..)
+            .map(|n: u32| ObjectKind::Chunk.hash(&n.to_le_bytes()))
+            .find(|id| *id < objects[4999].0 && objects.binary_search_by(|o| o.0.cmp(id)).is_err())
+            .unwrap();
+        let err = w.append(low, b"x").unwrap_err().to_string();
+        assert!(
+            err.contains(&low.to_string()) && err.contains("out of ID order"),
+            "{err}"
+        );
+        w.seal().unwrap();
+        let in_order = w.publish(dir.path()).unwrap();
+        // The same bytes as the pack the general writer makes.
+        let other = tempfile::tempdir().unwrap();
+        let mut g = PackWriter::create(other.path().join(".pack.g.tmp")).unwrap();
+        for (id, file) in &objects {
+            g.append(*id, file).unwrap();
+        }
+        g.seal().unwrap();
+        let general = g.publish(other.path()).unwrap();
+        assert_eq!(fs::read(&in_order).unwrap(), fs::read(&general).unwrap());
+        assert_eq!(in_order.file_name(), general.file_name());
+        let pack = Pack::open(&in_order).unwrap();
+        for (id, file) in &objects {
+            assert_eq!(pack.read(pack.find(id).unwrap().unwrap()).unwrap(), *file);
+        }
     }
 
     #[test]
