@@ -113,7 +113,7 @@ impl Pack {
         let index_offset = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
         let count = u64::from_le_bytes(footer[8..16].try_into().expect("8 bytes"));
         let want_hash: [u8; 32] = footer[16..48].try_into().expect("32 bytes");
-        let index_len = count
+        count
             .checked_mul(ENTRY_LEN as u64)
             .filter(|l| {
                 index_offset >= PACK_HEADER_LEN
@@ -126,15 +126,10 @@ impl Pack {
         // Stream the index: hash it, check it, keep the prefixes.
         let mut prefixes = Vec::with_capacity(count as usize);
         let mut hasher = blake3::Hasher::new();
-        let mut at = index_offset;
         let mut last: Option<[u8; 32]> = None;
-        let mut buf = vec![0u8; ENTRY_LEN * 4096];
-        let mut left = index_len;
-        while left > 0 {
-            let n = (left as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at).at(path)?;
-            hasher.update(&buf[..n]);
-            for e in buf[..n].chunks_exact(ENTRY_LEN) {
+        for_each_block(&file, path, index_offset, count, |block| {
+            hasher.update(block);
+            for e in block.chunks_exact(ENTRY_LEN) {
                 let (id, slot) = decode_entry(e);
                 if last.is_some_and(|l| l >= *id.as_bytes()) {
                     return Err(bad(path, "index not sorted by ID"));
@@ -148,9 +143,8 @@ impl Pack {
                 last = Some(*id.as_bytes());
                 prefixes.push(prefix(&id));
             }
-            at += n as u64;
-            left -= n as u64;
-        }
+            Ok(())
+        })?;
         if *hasher.finalize().as_bytes() != want_hash {
             return Err(bad(path, "index hash mismatch"));
         }
@@ -240,20 +234,14 @@ impl Pack {
 
     /// Every entry, in ID order, dead ones included.
     pub fn for_each_entry(&self, mut f: impl FnMut(ObjectId, Slot) -> Result<()>) -> Result<()> {
-        let mut buf = vec![0u8; ENTRY_LEN * 4096];
-        let mut at = self.index_offset;
-        let mut left = self.prefixes.len() * ENTRY_LEN;
-        while left > 0 {
-            let n = left.min(buf.len());
-            self.file.read_exact_at(&mut buf[..n], at).at(&self.path)?;
-            for e in buf[..n].chunks_exact(ENTRY_LEN) {
+        let count = self.prefixes.len() as u64;
+        for_each_block(&self.file, &self.path, self.index_offset, count, |block| {
+            for e in block.chunks_exact(ENTRY_LEN) {
                 let (id, slot) = decode_entry(e);
                 f(id, slot)?;
             }
-            at += n as u64;
-            left -= n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     pub fn is_dead(&self, id: &ObjectId) -> bool {
@@ -264,6 +252,27 @@ impl Pack {
     pub fn body_len(&self) -> u64 {
         self.index_offset - PACK_HEADER_LEN
     }
+}
+
+/// Calls `f` with the `count` index entries of `file` (at `path`) from
+/// offset `at`, a block of up to 4096 at a time.
+fn for_each_block(
+    file: &File,
+    path: &Path,
+    at: u64,
+    count: u64,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; ENTRY_LEN * 4096];
+    let (mut at, mut left) = (at, count * ENTRY_LEN as u64);
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at).at(path)?;
+        f(&buf[..n])?;
+        at += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 fn decode_entry(e: &[u8]) -> (ObjectId, Slot) {
@@ -398,6 +407,18 @@ impl PendingIndex {
             i += 1;
         }
         Ok(None)
+    }
+
+    /// Whether an object being appended is held already. A writer in ID
+    /// order knows without reading anything for an ID at or past its last
+    /// one (a repack's every append); below it, it searches.
+    fn holds(&self, id: &ObjectId) -> Result<bool> {
+        match self.in_order {
+            Some(None) => Ok(false),
+            Some(Some(last)) if *id > last => Ok(false),
+            Some(Some(last)) if *id == last => Ok(true),
+            _ => Ok(self.find(id)?.is_some()),
+        }
     }
 
     /// Binary search of the side file, for a writer in ID order.
@@ -552,7 +573,7 @@ impl PackWriter {
 
     /// Appends one object file (unless the pack has it).
     pub fn append(&mut self, id: ObjectId, file: &[u8]) -> Result<()> {
-        if self.index.find(&id)?.is_some() {
+        if self.index.holds(&id)? {
             return Ok(());
         }
         let len = u32::try_from(file.len())
@@ -637,21 +658,12 @@ impl PackWriter {
             .at(&self.tmp)?;
         let count = u64::from(self.index.n);
         if self.index.in_order.is_some() {
-            // The side file is the index, in order: copied a block at a time.
-            let mut buf = vec![0u8; ENTRY_LEN * 4096];
-            let mut left = self.index.n as usize * ENTRY_LEN;
-            let mut at = 0u64;
-            while left > 0 {
-                let n = left.min(buf.len());
-                self.index
-                    .side
-                    .read_exact_at(&mut buf[..n], at)
-                    .at(&self.index.side_path)?;
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).at(&self.tmp)?;
-                at += n as u64;
-                left -= n;
-            }
+            // The side file is the index, in order: copied as it is.
+            let index = &self.index;
+            for_each_block(&index.side, &index.side_path, 0, count, |block| {
+                hasher.update(block);
+                out.write_all(block).at(&self.tmp)
+            })?;
         }
         let (prefixes, positions) = (&self.index.prefixes, &self.index.positions);
         let mut i = 0;
