@@ -229,7 +229,7 @@ fn rollouts(dir: &Path, n: usize, caches: bool) -> ([(f64, u64, u64); 2], Vec<f6
         mutate(&s.tree, kind, 40 + k as u64);
         let v = s.build();
         let (secs, bytes) = s.sync(&v, &["--stages", "10,50,100"]);
-        let pack = std::fs::metadata(s.store.join(format!("packs/{from}-{v}.3.pack")))
+        let pack = std::fs::metadata(s.store.join(format!("packs/{from}-{v}.4.pack")))
             .map(|m| m.len())
             .unwrap_or(0);
         println!(
@@ -257,7 +257,7 @@ fn rollouts(dir: &Path, n: usize, caches: bool) -> ([(f64, u64, u64); 2], Vec<f6
         }
         println!("  requests at the deploy host: {kinds:?}");
         if std::env::var_os("SCAP_BENCH_DEBUG").is_some() {
-            for l in log.lines().filter(|l| l.contains("/v1/pack3/")).take(8) {
+            for l in log.lines().filter(|l| l.contains("/v1/pack4/")).take(8) {
                 println!("    {l}");
             }
         }

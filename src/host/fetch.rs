@@ -14,9 +14,13 @@
 //! most `MAX_DEPTH` deep, and at most [`MAX_HELD_TREE_BYTES`] of trees held
 //! while the walk runs.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use super::proto::Fetched;
+use crate::cancel::Cancel;
 use crate::net::client::{Client, FetchError, PackItem};
 use crate::store::disk::Writer;
 use crate::store::tree::{MAX_DEPTH, MAX_TREE_LEN, TreeError};
@@ -28,17 +32,21 @@ pub const MAX_HELD_TREE_BYTES: usize = 512 << 20;
 
 /// Fetches the delta pack from `from` (what this host holds; `None` for a
 /// fresh host) to `v`, storing each object as it arrives: every chunk
-/// (verified, bounded by the largest chunk there can be), and each tree
-/// whose children are all in the store already (the pack sends children
-/// first), so the store's invariant holds at every instant. What the pack
-/// did not complete (a host whose store differs from `from`, a source
-/// without packs) is left to [`fetch_version`]. Returns whether a pack
-/// came, and the trees and chunks it stored.
+/// (verified, bounded by the largest chunk there can be) at once; each
+/// tree (which the pack sends before what it lists) once everything it
+/// lists is stored, so the store's invariant holds at every instant.
+/// Trees waiting for that are held in memory (the directories on the path
+/// the pack is at: a few, as the pack is in walk order) and shown to
+/// `arrivals`, with each object stored, for a release being written at the
+/// same time. What the pack did not complete (a host whose store differs
+/// from `from`, a source without packs) is left to [`fetch_version`].
+/// Returns whether a pack came, and the trees and chunks it stored.
 pub async fn fetch_pack(
     client: &Client,
     writer: &Writer<'_>,
     from: Option<&VersionId>,
     v: &VersionId,
+    arrivals: Option<&Arrivals>,
 ) -> Result<(bool, u64, u64), FetchError> {
     let store: &Store = writer.store();
     if store.has(&v.object()) {
@@ -46,6 +54,7 @@ pub async fn fetch_pack(
     }
     let trees = std::sync::atomic::AtomicU64::new(0);
     let chunks = std::sync::atomic::AtomicU64::new(0);
+    let held = Mutex::new(HeldTrees::default());
     let sink = |id: ObjectId, item: PackItem<'_>| -> Result<(), StoreError> {
         if store.has(&id) {
             return Ok(());
@@ -58,6 +67,9 @@ pub async fn fetch_pack(
             ObjectKind::Chunk => {
                 got.store(writer, id)?;
                 chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(a) = arrivals {
+                    a.chunk_stored();
+                }
             }
             ObjectKind::Tree => {
                 let data = got.content(store, id)?;
@@ -65,23 +77,249 @@ pub async fn fetch_pack(
                     id: TreeId::new(id),
                     source,
                 })?;
-                let complete = tree.entries().iter().all(|e| match &e.content {
-                    Content::Dir { tree, .. } => store.has(&tree.object()),
-                    Content::File { chunks, .. } => {
-                        chunks.iter().all(|c| store.has(&c.id.object()))
-                    }
-                    Content::Symlink { .. } => true,
-                });
-                if complete {
-                    got.store(writer, id)?;
-                    trees.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                drop(data);
+                let mut held = held.lock().expect("not poisoned");
+                // What the pack sent since the last tree is below it, or
+                // below a sibling: those siblings are whole now.
+                let n = held.settle(writer, arrivals, false)?;
+                trees.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                held.hold(TreeId::new(id), got.into_owned(), tree, arrivals);
             }
         }
         Ok(())
     };
-    let came = client.pack(from, v, &sink).await?;
-    Ok((came, trees.into_inner(), chunks.into_inner()))
+    let came = client.pack(from, v, &sink).await;
+    // Whatever the pack's end: store what is whole, forget the rest (the
+    // walk of `fetch_version` asks for it again).
+    let n = held
+        .lock()
+        .expect("not poisoned")
+        .settle(writer, arrivals, true)
+        .map_err(FetchError::Store)?;
+    trees.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    Ok((came?, trees.into_inner(), chunks.into_inner()))
+}
+
+/// Trees a pack sent that list objects not all stored yet, in the order
+/// they came: with the pack in walk order, each one's parent is below it.
+#[derive(Default)]
+struct HeldTrees {
+    stack: Vec<HeldTree>,
+    bytes: usize,
+}
+
+struct HeldTree {
+    id: TreeId,
+    got: Arrived<'static>,
+    tree: Arc<Tree>,
+    /// Entries known to be in the store already (a tree is checked again
+    /// as each child arrives: this keeps that linear).
+    present: usize,
+}
+
+impl HeldTrees {
+    /// Holds a tree (within [`MAX_HELD_TREE_BYTES`]: past that, it is
+    /// fetched again by the walk that follows the pack).
+    fn hold(&mut self, id: TreeId, got: Arrived<'static>, tree: Tree, arrivals: Option<&Arrivals>) {
+        let len = got.len();
+        if self.bytes + len > MAX_HELD_TREE_BYTES {
+            return;
+        }
+        self.bytes += len;
+        let tree = Arc::new(tree);
+        if let Some(a) = arrivals {
+            a.held(id, tree.clone());
+        }
+        self.stack.push(HeldTree {
+            id,
+            got,
+            tree,
+            present: 0,
+        });
+    }
+
+    /// Stores the trees on top of the stack that are whole, children
+    /// before parents; stops at the first that is not, unless `all` (the
+    /// pack ended): then those are dropped. Returns how many it stored.
+    fn settle(
+        &mut self,
+        writer: &Writer<'_>,
+        arrivals: Option<&Arrivals>,
+        all: bool,
+    ) -> Result<u64, StoreError> {
+        let store = writer.store();
+        let mut stored = 0;
+        while let Some(top) = self.stack.last_mut() {
+            let whole = top.whole(store);
+            if !whole && !all {
+                break;
+            }
+            let top = self.stack.pop().expect("a top");
+            self.bytes -= top.got.len();
+            if whole {
+                top.got.store(writer, top.id.object())?;
+                stored += 1;
+            }
+            if let Some(a) = arrivals {
+                a.stored(&top.id);
+            }
+        }
+        Ok(stored)
+    }
+}
+
+impl HeldTree {
+    fn whole(&mut self, store: &Store) -> bool {
+        let entries = self.tree.entries();
+        while let Some(e) = entries.get(self.present) {
+            let here = match &e.content {
+                Content::Dir { tree, .. } => store.has(&tree.object()),
+                Content::File { chunks, .. } => chunks.iter().all(|c| store.has(&c.id.object())),
+                Content::Symlink { .. } => true,
+            };
+            if !here {
+                return false;
+            }
+            self.present += 1;
+        }
+        true
+    }
+}
+
+/// What a fetch has brought so far, for a release written while it runs
+/// ([`crate::host::materialize`]): the trees it holds (not in the store
+/// yet: what they list has not all arrived), and a wake-up each time it
+/// stores an object. Whatever is in neither is waited for, until the
+/// fetch ends ([`Arrivals::end`]): an object still missing then is an
+/// error, and the release is written again after the fetch.
+#[derive(Default)]
+pub struct Arrivals {
+    state: Mutex<ArrivalState>,
+    changed: Condvar,
+    chunks: std::sync::atomic::AtomicU64,
+}
+
+/// Chunks stored between two wake-ups of a release waiting for one: the
+/// writer trails the fetch by about that much (and polls, see
+/// [`POLL`]), instead of every waiter waking for every chunk (on two
+/// cores, that took as much time as the fetch itself).
+const CHUNKS_PER_WAKEUP: u64 = 64;
+
+/// How often a release waiting for an object looks again whatever wakes
+/// it (a cancel, chunks between wake-ups).
+const POLL: Duration = Duration::from_millis(5);
+
+#[derive(Default)]
+struct ArrivalState {
+    trees: HashMap<TreeId, Arc<Tree>>,
+    ended: bool,
+    waiting: usize,
+}
+
+impl Arrivals {
+    fn held(&self, id: TreeId, tree: Arc<Tree>) {
+        let mut st = self.state.lock().expect("not poisoned");
+        st.trees.insert(id, tree);
+        if st.waiting > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// A tree is in the store: no longer held.
+    fn stored(&self, tree: &TreeId) {
+        let mut st = self.state.lock().expect("not poisoned");
+        st.trees.remove(tree);
+        if st.waiting > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// A chunk is in the store.
+    fn chunk_stored(&self) {
+        let n = self
+            .chunks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % CHUNKS_PER_WAKEUP == CHUNKS_PER_WAKEUP - 1 {
+            let st = self.state.lock().expect("not poisoned");
+            if st.waiting > 0 {
+                self.changed.notify_all();
+            }
+        }
+    }
+
+    /// The fetch is over: what is missing now will not come.
+    pub fn end(&self) {
+        self.state.lock().expect("not poisoned").ended = true;
+        self.changed.notify_all();
+    }
+
+    /// Tree `id`: from the store, or as the fetch holds it; waits for it.
+    pub fn tree(&self, store: &Store, id: &TreeId, cancel: &Cancel) -> Result<Tree, StoreError> {
+        let mut st = self.state.lock().expect("not poisoned");
+        loop {
+            if let Some(t) = st.trees.get(id) {
+                return Ok(Tree::clone(t));
+            }
+            // Stored before it leaves `trees`: absent from both, it has
+            // not arrived.
+            if store.has(&id.object()) {
+                drop(st);
+                return store.tree(id);
+            }
+            st = self.wait(st, &id.object(), cancel)?;
+        }
+    }
+
+    /// Waits until every chunk of `content` is in the store.
+    pub fn chunks(
+        &self,
+        store: &Store,
+        content: &Content,
+        cancel: &Cancel,
+    ) -> Result<(), StoreError> {
+        let Content::File { chunks, .. } = content else {
+            return Ok(());
+        };
+        for c in chunks {
+            let id = c.id.object();
+            if store.has(&id) {
+                continue;
+            }
+            let mut st = self.state.lock().expect("not poisoned");
+            while !store.has(&id) {
+                st = self.wait(st, &id, cancel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait<'g>(
+        &self,
+        mut st: MutexGuard<'g, ArrivalState>,
+        what: &ObjectId,
+        cancel: &Cancel,
+    ) -> Result<MutexGuard<'g, ArrivalState>, StoreError> {
+        if st.ended {
+            return Err(StoreError::Cancelled(format!(
+                "the fetch ended without object {what}: the release is written after it"
+            )));
+        }
+        cancel.check()?;
+        st.waiting += 1;
+        let (mut st, _) = self.changed.wait_timeout(st, POLL).expect("not poisoned");
+        st.waiting -= 1;
+        Ok(st)
+    }
+}
+
+/// Ends [`Arrivals`] when dropped: however the fetch ends, a release
+/// being written with it stops waiting.
+pub struct EndOnDrop<'a>(pub &'a Arrivals);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// Largest content of an object of `kind`.
@@ -102,10 +340,10 @@ enum Got<'a> {
     /// An object file sent uncompressed (as a pack's are: its segments are
     /// compressed), verified: stored as it is; gc compresses it later
     /// ([`Writer::put_checked`]).
-    Raw(&'a [u8]),
+    Raw(Cow<'a, [u8]>),
     /// An object file as the source's store keeps it (compressed): stored
     /// as it is once verified.
-    File(&'a [u8]),
+    File(Cow<'a, [u8]>),
     /// Content this module verified against the ID (an object sent
     /// uncompressed, a delta's result): compressed as it is stored.
     Verified(Vec<u8>),
@@ -129,12 +367,12 @@ impl<'a> Arrived<'a> {
                     .map_err(bad_object)?;
                 Arrived {
                     kind,
-                    got: Got::Raw(file),
+                    got: Got::Raw(Cow::Borrowed(file)),
                 }
             }
             PackItem::Object { kind, file } => Arrived {
                 kind,
-                got: Got::File(file),
+                got: Got::File(Cow::Borrowed(file)),
             },
             PackItem::Delta { base, kind, zstd } => {
                 let Ok(dict) = store.read(&base, kind) else {
@@ -167,20 +405,35 @@ impl<'a> Arrived<'a> {
         }))
     }
 
-    /// Its content (decoding, and so verifying, an object file).
-    fn content(
-        &self,
-        store: &Store,
-        id: ObjectId,
-    ) -> Result<std::borrow::Cow<'_, [u8]>, StoreError> {
+    /// The same, owning its bytes (to be held).
+    fn into_owned(self) -> Arrived<'static> {
+        let own = |c: Cow<'a, [u8]>| -> Cow<'static, [u8]> { Cow::Owned(c.into_owned()) };
+        Arrived {
+            kind: self.kind,
+            got: match self.got {
+                Got::Raw(c) => Got::Raw(own(c)),
+                Got::File(c) => Got::File(own(c)),
+                Got::Verified(d) => Got::Verified(d),
+            },
+        }
+    }
+
+    /// Bytes it holds.
+    fn len(&self) -> usize {
         match &self.got {
-            Got::Verified(d) => Ok(std::borrow::Cow::Borrowed(d)),
-            Got::Raw(f) => Ok(std::borrow::Cow::Borrowed(
-                &f[crate::store::object::HEADER_LEN..],
-            )),
+            Got::Raw(c) | Got::File(c) => c.len(),
+            Got::Verified(d) => d.len(),
+        }
+    }
+
+    /// Its content (decoding, and so verifying, an object file).
+    fn content(&self, store: &Store, id: ObjectId) -> Result<Cow<'_, [u8]>, StoreError> {
+        match &self.got {
+            Got::Verified(d) => Ok(Cow::Borrowed(d)),
+            Got::Raw(f) => Ok(Cow::Borrowed(&f[crate::store::object::HEADER_LEN..])),
             Got::File(f) => {
                 crate::store::object::decode_within(id, self.kind, f, max_len(self.kind))
-                    .map(std::borrow::Cow::Owned)
+                    .map(Cow::Owned)
                     .map_err(|source| StoreError::Object {
                         path: store.object_path(&id),
                         source,

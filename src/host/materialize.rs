@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
+use super::fetch::Arrivals;
 use super::share;
 use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
@@ -234,6 +235,10 @@ pub struct Options<'a> {
     pub mtime: i64,
     /// A slot to hardlink unchanged files from.
     pub reference: Option<Reference<'a>>,
+    /// The version is still arriving: trees and chunks not in the store
+    /// yet are taken from, or waited for on, the fetch bringing them
+    /// (a fresh host writes its release while its pack arrives).
+    pub arriving: Option<&'a Arrivals>,
 }
 
 /// The slot files are hardlinked from: a file is linked when this slot's
@@ -398,6 +403,14 @@ pub fn apply(
         touched: Touched(Default::default()),
         writes: Vec::with_capacity(WRITES_PER_BATCH),
         applied: Applied::default(),
+        // Arriving, the files listed are written as soon as a few tasks'
+        // worth are: the writing then trails the fetch by that much, not
+        // by a whole batch.
+        batch: if opts.arriving.is_some() {
+            WRITES_PER_TASK * 8
+        } else {
+            WRITES_PER_BATCH
+        },
     };
     let root_idx = w
         .arena
@@ -426,6 +439,8 @@ struct Walk<'a> {
     /// Files to write, not yet written.
     writes: Vec<Write1>,
     applied: Applied,
+    /// Files listed before they are written.
+    batch: usize,
 }
 
 impl Walk<'_> {
@@ -442,6 +457,7 @@ impl Walk<'_> {
             touched,
             writes,
             applied,
+            batch: _,
         } = self;
         let (arena, touched) = (&*arena, &*touched);
         let done: Vec<(u64, u64)> = writes
@@ -469,6 +485,9 @@ impl Walk<'_> {
                     if was_linked {
                         linked += 1;
                     } else {
+                        if let Some(a) = opts.arriving {
+                            a.chunks(store, &w.content, cancel)?;
+                        }
                         bytes += write_file(store, dir, &w.name, &w.content, opts.mtime, sync)?;
                     }
                 }
@@ -507,7 +526,10 @@ impl Walk<'_> {
             });
         }
         let old_tree = old.map(|t| self.store.tree(t)).transpose()?;
-        let new_tree = self.store.tree(new)?;
+        let new_tree = match self.opts.arriving {
+            Some(a) => a.tree(self.store, new, self.cancel)?,
+            None => self.store.tree(new)?,
+        };
         // The reference's directory at this path, if it is one.
         let ref_tree = match refr {
             Some(t) => Some(self.store.tree(t)?),
@@ -567,7 +589,7 @@ impl Walk<'_> {
                                 content: file.clone(),
                                 link: there == Some(file),
                             });
-                            if self.writes.len() >= WRITES_PER_BATCH {
+                            if self.writes.len() >= self.batch {
                                 self.write()?;
                             }
                         }

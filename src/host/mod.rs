@@ -386,24 +386,38 @@ impl Agent {
             .unwrap_or(DEFAULT_FETCH_TIMEOUT)
             .clamp(1, 7 * 24 * 3600);
         let writer = self.store.writer()?;
-        let fetched = rt.block_on(async {
-            tokio::select! {
-                r = tokio::time::timeout(
-                    Duration::from_secs(seconds),
-                    self.fetch(&client, &writer, &req.version),
-                ) => match r {
-                    Ok(r) => r.map_err(|source| match source {
-                        FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
-                        source => AgentError::Fetch {
-                            version: req.version,
-                            source: Box::new(source),
-                        },
-                    }),
-                    Err(_) => Err(AgentError::FetchTimeout { version: req.version, seconds }),
-                },
-                () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
-            }
-        })?;
+        // A release written from nothing (a fresh host) is written while
+        // the pack arrives, on threads of its own: it waits for what has
+        // not come yet, and the fetch never waits for it.
+        let arrivals = fetch::Arrivals::default();
+        let (fetched, early) = std::thread::scope(|scope| {
+            let early =
+                self.write_while_fetching(scope, writer.store(), &req.version, &arrivals, cancel);
+            let ended = fetch::EndOnDrop(&arrivals);
+            let fetched = rt.block_on(async {
+                tokio::select! {
+                    r = tokio::time::timeout(
+                        Duration::from_secs(seconds),
+                        self.fetch(&client, &writer, &req.version, Some(&arrivals)),
+                    ) => match r {
+                        Ok(r) => r.map_err(|source| match source {
+                            FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
+                            source => AgentError::Fetch {
+                                version: req.version,
+                                source: Box::new(source),
+                            },
+                        }),
+                        Err(_) => Err(AgentError::FetchTimeout { version: req.version, seconds }),
+                    },
+                    () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
+                }
+            });
+            drop(ended);
+            tracing::debug!("fetch ended after {:?}", started.elapsed());
+            let early = early.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (fetched, early.flatten())
+        });
+        let fetched = fetched?;
         crate::failpoint::hit("agent:fetched");
         // Held until the release that references the objects is written
         // and switched to: the store's gc cannot run in between.
@@ -424,9 +438,68 @@ impl Agent {
         if let Some(doc) = &doc {
             self.store.write_signature(&req.version, doc)?;
         }
-        let mut outcome = self.switch_to(&req.version, &req.by, started, signed_time, cancel)?;
+        let ready = match early {
+            Some(Ok(p)) => {
+                // Its objects are durable now (committed above).
+                self.releases.mark_prepared(&req.version, &p)?;
+                tracing::debug!(
+                    "wrote slot {} ({} files) while fetching, done {:?} after the start",
+                    p.slot,
+                    p.files_written,
+                    started.elapsed()
+                );
+                Some(p)
+            }
+            Some(Err(e)) => {
+                tracing::debug!(
+                    "the release written while fetching is not used ({e}): writing it now"
+                );
+                None
+            }
+            None => None,
+        };
+        let mut outcome =
+            self.switch_to(&req.version, &req.by, started, signed_time, cancel, ready)?;
         outcome.fetched = fetched;
         Ok(outcome)
+    }
+
+    /// Starts writing `v` into a release slot from nothing while it is
+    /// fetched ([`Releases::prepare_arriving`]), when that is how its slot
+    /// would be written anyway; on a thread pool of its own, whose threads
+    /// may wait for objects without holding up the fetch's.
+    fn write_while_fetching<'scope, 'env>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        view: &Store,
+        v: &VersionId,
+        arrivals: &'env fetch::Arrivals,
+        cancel: &'env Cancel,
+    ) -> Option<std::thread::ScopedJoinHandle<'scope, Option<Result<release::Prepared, StoreError>>>>
+    {
+        if !self.cfg.packs || view.has(&v.object()) || self.releases.find(v).is_some() {
+            return None;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("scap-release-{i}"))
+            .build()
+            .inspect_err(|e| tracing::debug!("no threads to write the release while fetching: {e}"))
+            .ok()?;
+        let (view, v) = (view.clone(), *v);
+        Some(scope.spawn(move || {
+            let st = self.state();
+            let protected = self.protected_slots(&st);
+            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
+            let stable = st.stable.as_ref().map(|d| d.version);
+            let t = Instant::now();
+            let r = pool.install(|| {
+                self.releases
+                    .prepare_arriving(&view, &v, &keep, stable.as_ref(), cancel, arrivals)
+            });
+            tracing::debug!("release written while fetching in {:?}", t.elapsed());
+            r
+        }))
     }
 
     /// A client for fetching from `sources`, under this agent's bandwidth
@@ -444,6 +517,7 @@ impl Agent {
         client: &Client,
         writer: &crate::store::disk::Writer<'_>,
         v: &VersionId,
+        arrivals: Option<&fetch::Arrivals>,
     ) -> Result<Fetched, FetchError> {
         let before = (
             client.stats.bytes.load(Ordering::Relaxed),
@@ -456,7 +530,7 @@ impl Agent {
                 .current
                 .map(|d| d.version)
                 .filter(|c| self.store.has(&c.object()));
-            match fetch::fetch_pack(client, writer, from.as_ref(), v).await {
+            match fetch::fetch_pack(client, writer, from.as_ref(), v, arrivals).await {
                 Ok(p) => pack = p,
                 Err(e @ FetchError::Store(_)) => return Err(e),
                 Err(e) => tracing::info!("no delta pack ({e}): fetching objects"),
@@ -586,8 +660,9 @@ impl Agent {
         let result = if local {
             // A rollback may go back in time, but only to a version a key
             // trusted now still vouches for.
-            self.check_local_signature(&target)
-                .and_then(|signed_time| self.switch_to(&target, by, started, signed_time, cancel))
+            self.check_local_signature(&target).and_then(|signed_time| {
+                self.switch_to(&target, by, started, signed_time, cancel, None)
+            })
         } else if req.sources.is_empty() {
             return Err(AgentError::Refused(format!(
                 "host {}: version {} is not on this host (not in a release or the local store): sync to it instead",
@@ -642,7 +717,7 @@ impl Agent {
             let writer = self.store.writer()?;
             let fetched = rt.block_on(async {
                 tokio::select! {
-                    r = self.fetch(&client, &writer, &req.version) => r.map_err(|source| match source {
+                    r = self.fetch(&client, &writer, &req.version, None) => r.map_err(|source| match source {
                         FetchError::Store(e @ StoreError::Cancelled(_)) => AgentError::Store(e),
                         source => AgentError::Fetch { version: req.version, source: Box::new(source) },
                     }),
@@ -872,15 +947,19 @@ impl Agent {
         started: Instant,
         signed_time: Option<u64>,
         cancel: &Cancel,
+        ready: Option<release::Prepared>,
     ) -> Result<Outcome, AgentError> {
         let st = self.state();
         let protected = self.protected_slots(&st);
         let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
         let stable = st.stable.as_ref().map(|d| d.version);
         let phase = Instant::now();
-        let prepared = self
-            .releases
-            .prepare(&self.store, v, &keep, stable.as_ref(), cancel)?;
+        let prepared = match ready {
+            Some(p) => p,
+            None => self
+                .releases
+                .prepare(&self.store, v, &keep, stable.as_ref(), cancel)?,
+        };
         tracing::debug!(
             "prepared slot {} ({}, {} files) in {:?}",
             prepared.slot,

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::fetch::Arrivals;
 use super::materialize::{self, Dir};
 use super::share::{self, Found};
 use super::watch::Watch;
@@ -104,6 +105,9 @@ pub struct Prepared {
     /// or with the slots watched, those reported changed.
     pub files_checked: u64,
     pub removed: u64,
+    /// The slot's seal (see [`share`]).
+    #[serde(skip)]
+    pub seal: i64,
 }
 
 pub struct Releases {
@@ -381,13 +385,56 @@ impl Releases {
                     );
                     let mut meta = self.meta(&slot);
                     meta.clean = false;
-                    return self.prepare_into(store, v, Slot { name: slot, meta }, cancel);
+                    return self.prepare_into(store, v, Slot { name: slot, meta }, cancel, None);
                 }
                 Err(e) => return Err(e),
             }
         }
         let slot = self.choose(keep, stable);
-        self.prepare_into(store, v, slot, cancel)
+        self.prepare_into(store, v, slot, cancel, None)
+    }
+
+    /// Writes `v` into a slot from nothing while its objects still arrive
+    /// (`arrivals`: a fresh host, whose release is then written while its
+    /// pack comes, not after it), when that is what [`Releases::prepare`]
+    /// would do anyway; `None` when a slot holds `v` or would be brought to
+    /// it by a diff. The slot stays marked dirty: the caller marks it
+    /// clean ([`Releases::mark_prepared`]) once the objects it was written
+    /// from are durable in the store, and so never switches to a release
+    /// the store could not restore. An error leaves it dirty (or removed)
+    /// for [`Releases::prepare`] to write again.
+    pub fn prepare_arriving(
+        &self,
+        store: &Store,
+        v: &VersionId,
+        keep: &[&str],
+        stable: Option<&VersionId>,
+        cancel: &Cancel,
+        arrivals: &Arrivals,
+    ) -> Option<Result<Prepared, StoreError>> {
+        if self.find(v).is_some() {
+            return None;
+        }
+        let slot = self.choose(keep, stable);
+        if let (true, Some(old)) = (slot.meta.clean, slot.meta.version)
+            && store.has(&old.object())
+        {
+            return None;
+        }
+        Some(self.prepare_into(store, v, slot, cancel, Some(arrivals)))
+    }
+
+    /// Records a slot [`Releases::prepare_arriving`] wrote as clean at `v`.
+    pub fn mark_prepared(&self, v: &VersionId, p: &Prepared) -> Result<(), StoreError> {
+        self.set_meta(
+            &p.slot,
+            &SlotMeta {
+                version: Some(*v),
+                clean: true,
+                used: crate::time::unix_now(),
+                sealed: Some(p.seal),
+            },
+        )
     }
 
     /// Checks a clean slot about to be switched to as it is (a rollback)
@@ -441,7 +488,7 @@ impl Releases {
         if slot.meta.clean && slot.meta.version == Some(*v) {
             return Ok(None);
         }
-        self.prepare_into(store, v, slot, cancel).map(Some)
+        self.prepare_into(store, v, slot, cancel, None).map(Some)
     }
 
     /// The slot to overwrite: not in `keep`, preferably not holding
@@ -475,6 +522,7 @@ impl Releases {
         v: &VersionId,
         slot: Slot,
         cancel: &Cancel,
+        arriving: Option<&Arrivals>,
     ) -> Result<Prepared, StoreError> {
         let seal = share::seal_now();
         let base = match (slot.meta.clean, slot.meta.version) {
@@ -517,6 +565,7 @@ impl Releases {
                     tree: lv.root(),
                     seal: *ls,
                 }),
+            arriving,
         };
         let (mut repaired, mut checked) = (0, 0);
         let idx = self.index(&slot.name);
@@ -597,17 +646,7 @@ impl Releases {
                 return Err(e);
             }
         };
-        self.set_meta(
-            &slot.name,
-            &SlotMeta {
-                version: Some(*v),
-                clean: true,
-                used: crate::time::unix_now(),
-                sealed: Some(seal),
-            },
-        )?;
-        log_repaired(&slot.name, repaired);
-        Ok(Prepared {
+        let prepared = Prepared {
             slot: slot.name,
             how,
             files_written: applied.files_written,
@@ -616,7 +655,13 @@ impl Releases {
             repaired,
             files_checked: checked,
             removed: applied.removed,
-        })
+            seal,
+        };
+        if arriving.is_none() {
+            self.mark_prepared(v, &prepared)?;
+        }
+        log_repaired(&prepared.slot, repaired);
+        Ok(prepared)
     }
 
     /// Marks a slot as just used (for choosing which to overwrite next).

@@ -239,11 +239,7 @@ impl Client {
         to: &VersionId,
         sink: &PackSink<'_>,
     ) -> Result<bool, FetchError> {
-        let path = format!(
-            "/v1/pack3/{}/{}",
-            from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
-            to.to_hex()
-        );
+        let path = super::pack::url_path(from, to);
         let mut consumed: u64 = 0;
         for i in self.usable() {
             let source = &self.sources[i];

@@ -1,6 +1,6 @@
 //! Delta packs: every object a host that holds version `from` needs for
 //! version `to`, as one immutable file with a cacheable URL
-//! (`GET /v1/pack3/<from>/<to>`, `/v1/pack3/empty/<to>` for a fresh host).
+//! (`GET /v1/pack4/<from>/<to>`, `/v1/pack4/empty/<to>` for a fresh host).
 //! Every host that moves between the same two versions makes the same
 //! request, so an ordinary HTTP cache in front of `scap serve` answers all
 //! but the first.
@@ -17,11 +17,13 @@
 //! place in `from` (a chunk of an edited file, a tree on a changed path)
 //! is sent as a zstd delta against it when that is smaller: a one-line
 //! change to a 400 KB config file costs tens of bytes, not a 64 KiB chunk.
-//! Chunks come first, then trees in post-order (every tree after
-//! everything below it that the pack holds), so a host can store each
-//! object as it arrives and keep its store's invariant. The order and the
-//! segments are a pure function of the two versions, so a pack's bytes,
-//! and its ETag, are too.
+//! The order is the materializer's walk (format 4): depth first, each
+//! directory's tree, then its entries in name order (a file's chunks, a
+//! subdirectory's objects), so a fresh host writes its release as the pack
+//! arrives instead of after it; it holds each tree until everything below
+//! it is stored, so its store's invariant holds throughout. The order and
+//! the segments are a pure function of the two versions, so a pack's
+//! bytes, and its ETag, are too.
 //!
 //! Packs are built on first request (one build per pack, however many
 //! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
@@ -41,8 +43,9 @@ use crate::store::{ObjectId, Store, StoreError, TreeId, VersionId};
 /// order or encoding makes new ones). 2: objects changed in place (a chunk
 /// or tree at the same path in `from`) may be sent as deltas against their
 /// predecessor. 3: the body is cut into zstd-compressed segments, objects
-/// inside them uncompressed.
-pub const PACK_FORMAT: u32 = 3;
+/// inside them uncompressed. 4: the objects in the materializer's order
+/// (each tree before what it lists), no longer chunks then trees.
+pub const PACK_FORMAT: u32 = 4;
 
 /// Raw bytes of batch body per segment, at least (a segment ends at the
 /// first frame boundary past it).
@@ -63,7 +66,16 @@ pub fn path(store: &Store, from: Option<&VersionId>, to: &VersionId) -> PathBuf 
     store.root().join("packs").join(name(from, to))
 }
 
-/// `<from>-<to>.3.pack` (`empty-<to>.3.pack`): the format is in the name,
+/// The URL path of a pack: `/v1/pack4/<from>/<to>`.
+pub fn url_path(from: Option<&VersionId>, to: &VersionId) -> String {
+    format!(
+        "/v1/pack{PACK_FORMAT}/{}/{}",
+        from.map_or_else(|| "empty".to_string(), VersionId::to_hex),
+        to.to_hex()
+    )
+}
+
+/// `<from>-<to>.4.pack` (`empty-<to>.4.pack`): the format is in the name,
 /// so that a pack of an older format left in the store is never served.
 pub fn name(from: Option<&VersionId>, to: &VersionId) -> String {
     format!(
@@ -82,14 +94,18 @@ pub fn etag(from: Option<&VersionId>, to: &VersionId) -> String {
     )
 }
 
-/// The objects of a pack, in pack order: chunks, then trees children
-/// first. Found by walking both versions side by side, path by path, and
-/// skipping every subtree whose ID is the same on both sides, and every
-/// object `from` holds anywhere (a moved file, a new branch copied from
-/// the old one): the pack is exactly what a host holding `from` lacks.
-/// Each with the object it replaces at the same place in `from` (a chunk
-/// of the file at the same path, a tree at the same path), if any: the
-/// base a delta can be made against.
+/// The objects of a pack, in pack order: the order [`crate::host`]'s
+/// materializer walks a version in, so that a fresh host writes its
+/// release while the pack arrives. Depth first, each directory's tree
+/// first, then its entries in name order: a file's chunks, a
+/// subdirectory's objects. Found by walking both versions side by side,
+/// path by path, skipping every subtree whose ID is the same on both
+/// sides, and every object `from` holds anywhere (a moved file, a new
+/// branch copied from the old one): the pack is exactly what a host
+/// holding `from` lacks. An object that occurs twice is sent at its first
+/// place. Each with the object it replaces at the same place in `from`
+/// (a chunk of the file at the same path, a tree at the same path), if
+/// any: the base a delta can be made against.
 pub fn objects(
     store: &Store,
     from: Option<&VersionId>,
@@ -108,74 +124,81 @@ pub fn objects(
         }
         Ok(held.as_ref().is_some_and(|h| h.contains(id)))
     };
-    let mut chunks: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
-    let mut seen_chunks: HashSet<ObjectId> = HashSet::new();
-    let mut trees: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
-    let mut seen_trees: HashSet<TreeId> = HashSet::new();
-    // (old tree at this path, new tree, children done?)
-    let mut stack: Vec<(Option<TreeId>, TreeId, bool)> =
-        vec![(from.map(|f| f.root()), to.root(), false)];
-    while let Some((old, new, children_done)) = stack.pop() {
-        if old == Some(new) {
-            continue;
+    let mut out: Vec<(ObjectId, Option<ObjectId>)> = Vec::new();
+    let mut seen: HashSet<ObjectId> = HashSet::new();
+    // The directories being walked: (old tree at this path, new tree, next
+    // entry of the new one).
+    let mut stack: Vec<(Option<crate::store::Tree>, crate::store::Tree, usize)> = Vec::new();
+    let mut visit = |old: Option<TreeId>,
+                     new: TreeId,
+                     stack: &mut Vec<_>,
+                     out: &mut Vec<_>,
+                     holds: &mut dyn FnMut(&ObjectId) -> Result<bool, StoreError>|
+     -> Result<(), StoreError> {
+        if old == Some(new) || seen.contains(&new.object()) {
+            return Ok(());
         }
-        if children_done {
-            trees.push((new.object(), old.map(|o| o.object())));
-            continue;
+        if old.is_none() && holds(&new.object())? {
+            return Ok(());
         }
-        if !seen_trees.insert(new) || (old.is_none() && holds(&new.object())?) {
+        seen.insert(new.object());
+        out.push((new.object(), old.map(|o| o.object())));
+        let old_tree = old.map(|o| store.tree(&o)).transpose()?;
+        stack.push((old_tree, store.tree(&new)?, 0));
+        Ok(())
+    };
+    visit(
+        from.map(|f| f.root()),
+        to.root(),
+        &mut stack,
+        &mut out,
+        &mut holds,
+    )?;
+    let mut chunks_seen: HashSet<ObjectId> = HashSet::new();
+    while let Some((old_tree, new_tree, next)) = stack.last_mut() {
+        let Some(e) = new_tree.entries().get(*next) else {
+            stack.pop();
             continue;
-        }
-        let new_tree = store.tree(&new)?;
-        let old_tree = match old {
-            Some(o) => Some(store.tree(&o)?),
-            None => None,
         };
-        let old_entries: HashMap<&crate::store::TreeName, &Content> = old_tree
+        *next += 1;
+        let old_entry = old_tree
             .as_ref()
-            .map(|t| t.entries().iter().map(|e| (&e.name, &e.content)).collect())
-            .unwrap_or_default();
-        let old_entry = |name: &crate::store::TreeName| old_entries.get(name).copied();
-        stack.push((old, new, true));
-        for e in new_tree.entries().iter().rev() {
-            match &e.content {
-                Content::File { chunks: cs, .. } => {
-                    let old_chunks: Vec<ObjectId> = match old_entry(&e.name) {
-                        Some(Content::File { chunks: oc, .. }) => {
-                            oc.iter().map(|c| c.id.object()).collect()
-                        }
-                        _ => Vec::new(),
-                    };
-                    let had: HashSet<ObjectId> = old_chunks.iter().copied().collect();
-                    for (k, c) in cs.iter().enumerate() {
-                        let o = c.id.object();
-                        if had.contains(&o) || (old_chunks.is_empty() && holds(&o)?) {
-                            continue;
-                        }
-                        if seen_chunks.insert(o) {
-                            // The chunk it most likely replaces: the one at
-                            // the same index (content-defined boundaries
-                            // resynchronise after an edit), else the last.
-                            let base = old_chunks.get(k).or(old_chunks.last()).copied();
-                            chunks.push((o, base));
-                        }
+            .and_then(|t| t.get(e.name.as_bytes()))
+            .map(|e| e.content.clone());
+        match e.content.clone() {
+            Content::File { chunks: cs, .. } => {
+                let old_chunks: Vec<ObjectId> = match old_entry {
+                    Some(Content::File { chunks: oc, .. }) => {
+                        oc.iter().map(|c| c.id.object()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let had: HashSet<ObjectId> = old_chunks.iter().copied().collect();
+                for (k, c) in cs.iter().enumerate() {
+                    let o = c.id.object();
+                    if had.contains(&o) || (old_chunks.is_empty() && holds(&o)?) {
+                        continue;
+                    }
+                    if chunks_seen.insert(o) {
+                        // The chunk it most likely replaces: the one at
+                        // the same index (content-defined boundaries
+                        // resynchronise after an edit), else the last.
+                        let base = old_chunks.get(k).or(old_chunks.last()).copied();
+                        out.push((o, base));
                     }
                 }
-                Content::Dir { tree: sub, .. } => {
-                    let old_sub = match old_entry(&e.name) {
-                        Some(Content::Dir { tree, .. }) => Some(*tree),
-                        _ => None,
-                    };
-                    if old_sub != Some(*sub) && (old_sub.is_some() || !holds(&sub.object())?) {
-                        stack.push((old_sub, *sub, false));
-                    }
-                }
-                Content::Symlink { .. } => {}
             }
+            Content::Dir { tree: sub, .. } => {
+                let old_sub = match old_entry {
+                    Some(Content::Dir { tree, .. }) => Some(tree),
+                    _ => None,
+                };
+                visit(old_sub, sub, &mut stack, &mut out, &mut holds)?;
+            }
+            Content::Symlink { .. } => {}
         }
     }
-    chunks.extend(trees);
-    Ok(chunks)
+    Ok(out)
 }
 
 /// Every object (trees and chunks) reachable from `v`'s root.
@@ -667,5 +690,185 @@ mod tests {
         assert_eq!(range(Some("bytes=5-2"), 10), Err(Unsatisfiable));
         assert_eq!(range(Some("items=1-2"), 10), Err(Unsatisfiable));
         assert_eq!(range(Some("bytes=0-1,4-5"), 10), Ok(None));
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use std::collections::HashSet;
+
+    use crate::store::disk::{Role, Writer};
+    use crate::store::tree::{ChunkRef, Content, Entry, Tree, TreeName};
+    use crate::store::{ChunkId, ObjectId, ObjectKind, Store, TreeId, VersionId};
+
+    fn file(w: &Writer<'_>, parts: &[&[u8]]) -> Content {
+        let chunks = parts
+            .iter()
+            .map(|p| ChunkRef {
+                id: ChunkId::new(w.put(ObjectKind::Chunk, p).unwrap().id),
+                len: p.len() as u32,
+            })
+            .collect();
+        Content::File {
+            executable: false,
+            size: parts.iter().map(|p| p.len() as u64).sum(),
+            chunks,
+        }
+    }
+
+    fn dir(w: &Writer<'_>, entries: Vec<(&str, Content)>) -> Content {
+        let tree = Tree::new(
+            entries
+                .into_iter()
+                .map(|(n, content)| Entry {
+                    name: TreeName::new(n.as_bytes().to_vec()).unwrap(),
+                    content,
+                })
+                .collect(),
+        )
+        .unwrap();
+        let id = TreeId::new(w.put(ObjectKind::Tree, &tree.encode()).unwrap().id);
+        Content::Dir {
+            tree: id,
+            size: 0,
+            files: 0,
+        }
+    }
+
+    fn version(c: &Content) -> VersionId {
+        let Content::Dir { tree, .. } = c else {
+            unreachable!()
+        };
+        VersionId::from(*tree)
+    }
+
+    /// The materializer's walk, written recursively: each tree, then its
+    /// entries in order; each object at its first place.
+    fn walk(store: &Store, t: &TreeId, seen: &mut HashSet<ObjectId>, out: &mut Vec<ObjectId>) {
+        if !seen.insert(t.object()) {
+            return;
+        }
+        out.push(t.object());
+        for e in store.tree(t).unwrap().entries() {
+            match &e.content {
+                Content::File { chunks, .. } => {
+                    for c in chunks {
+                        if seen.insert(c.id.object()) {
+                            out.push(c.id.object());
+                        }
+                    }
+                }
+                Content::Dir { tree, .. } => walk(store, tree, seen, out),
+                Content::Symlink { .. } => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_pack_comes_in_the_order_a_release_is_written() {
+        let dir_ = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir_.path(), Role::Deploy).unwrap();
+        let w = store.writer().unwrap();
+        let shared = dir(&w, vec![("s.php", file(&w, &[b"shared"]))]);
+        let v1 = dir(
+            &w,
+            vec![
+                ("b.php", file(&w, &[b"b1", b"b2"])),
+                (
+                    "a",
+                    dir(
+                        &w,
+                        vec![
+                            ("x.php", file(&w, &[b"x"])),
+                            ("deep", dir(&w, vec![("y.php", file(&w, &[b"y", b"b2"]))])),
+                            ("z.php", file(&w, &[b"z"])),
+                        ],
+                    ),
+                ),
+                ("c", shared.clone()),
+                ("d", shared.clone()),
+                (
+                    "link",
+                    Content::Symlink {
+                        target: b"a/x.php".to_vec(),
+                    },
+                ),
+            ],
+        );
+        let v1 = version(&v1);
+        // The session's own view: its objects are not committed.
+        let store = w.store();
+        // A fresh host's pack: the walk, each object once (a subtree at two
+        // paths, a chunk in two files), every tree before what it lists.
+        let list: Vec<ObjectId> = super::objects(store, None, &v1)
+            .unwrap()
+            .into_iter()
+            .map(|(id, base)| {
+                assert_eq!(base, None, "nothing to make a delta against");
+                id
+            })
+            .collect();
+        let mut want = Vec::new();
+        walk(store, &v1.root(), &mut HashSet::new(), &mut want);
+        assert_eq!(list, want);
+        assert_eq!(list.len(), 10, "4 trees (the shared one once), 6 chunks");
+        assert_eq!(list[0], v1.root().object());
+        let at = |id: &ObjectId| list.iter().position(|x| x == id).unwrap();
+        for id in &list {
+            if let Ok(t) = store.tree(&TreeId::new(*id)) {
+                for e in t.entries() {
+                    let below: Vec<ObjectId> = match &e.content {
+                        Content::File { chunks, .. } => {
+                            chunks.iter().map(|c| c.id.object()).collect()
+                        }
+                        Content::Dir { tree, .. } => vec![tree.object()],
+                        Content::Symlink { .. } => vec![],
+                    };
+                    for b in below {
+                        assert!(at(&b) > at(id), "{b} comes after the tree listing it");
+                    }
+                }
+            }
+        }
+        // A backport: only the changed path, deltas against what it
+        // replaces, still tree before content.
+        let v2 = dir(
+            &w,
+            vec![
+                ("b.php", file(&w, &[b"b1", b"b2"])),
+                (
+                    "a",
+                    dir(
+                        &w,
+                        vec![
+                            ("x.php", file(&w, &[b"x"])),
+                            ("deep", dir(&w, vec![("y.php", file(&w, &[b"y2", b"b2"]))])),
+                            ("z.php", file(&w, &[b"z"])),
+                        ],
+                    ),
+                ),
+                ("c", shared.clone()),
+                ("d", shared),
+                (
+                    "link",
+                    Content::Symlink {
+                        target: b"a/x.php".to_vec(),
+                    },
+                ),
+            ],
+        );
+        let v2 = version(&v2);
+        let store = w.store();
+        let list = super::objects(store, Some(&v1), &v2).unwrap();
+        let kinds: Vec<bool> = list
+            .iter()
+            .map(|(id, _)| store.tree(&TreeId::new(*id)).is_ok())
+            .collect();
+        assert_eq!(
+            kinds,
+            [true, true, true, false],
+            "root, a, deep, then y2: {list:?}"
+        );
+        assert!(list.iter().all(|(_, base)| base.is_some()), "{list:?}");
     }
 }

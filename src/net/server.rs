@@ -111,7 +111,10 @@ pub fn router_with(
         .route("/versions/{file}", get(record))
         .route("/refs/labels/{label}", get(label))
         .route("/batch", post(batch))
-        .route("/v1/pack3/{from}/{to}", get(pack))
+        .route(
+            &format!("/v1/pack{}/{{from}}/{{to}}", super::pack::PACK_FORMAT),
+            get(pack),
+        )
         .route("/v1/desired/{host}", get(desired))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .route("/health", get(|| async { "ok\n" }))
@@ -160,7 +163,7 @@ async fn access_log(
     resp
 }
 
-/// `GET /v1/pack3/<from>/<to>`: the delta pack, built on first request,
+/// `GET /v1/pack4/<from>/<to>`: the delta pack, built on first request,
 /// with ranges, a strong ETag and `immutable` (see `net::pack`).
 async fn pack(
     State(st): State<Arc<ServerState>>,
@@ -180,7 +183,8 @@ async fn pack(
         return error(
             StatusCode::BAD_REQUEST,
             format!(
-                "/v1/pack3/{}/{}: expected /v1/pack3/<version ID or empty>/<version ID>",
+                "/v1/pack{}/{}/{}: expected /v1/pack{0}/<version ID or empty>/<version ID>",
+                super::pack::PACK_FORMAT,
                 crate::text::clip(&from, 80),
                 crate::text::clip(&to, 80)
             ),

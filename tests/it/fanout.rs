@@ -243,12 +243,12 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
         let own = if i < 3 { &eqiad.url } else { &codfw.url };
         assert!(o["by_source"][own.as_str()].as_u64().unwrap() > 0, "{h}");
     }
-    let packs = served(&log, &format!("GET /v1/pack3/empty/{v1} 200"));
+    let packs = served(&log, &format!("GET /v1/pack4/empty/{v1} 200"));
     assert_eq!(packs.len(), 2, "one per cache: {packs:?}");
     // A train to every host, in three steps: each pack once per cache.
     let v2 = tree(&fleet, "v2", 80);
     ok(&rollout(&v2, "10,50,100"));
-    let packs = served(&log, &format!("GET /v1/pack3/{v1}/{v2} "));
+    let packs = served(&log, &format!("GET /v1/pack4/{v1}/{v2} "));
     assert_eq!(packs.len(), 2, "{packs:?}");
     // The packs were complete: no host had to ask for anything else, so
     // nothing uncacheable reached the deploy host.
@@ -269,7 +269,7 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     let v3 = tree(&fleet, "v3", 90);
     let r = fleet
         .http
-        .get(format!("{}/v1/pack3/{v2}/{v3}", eqiad.url))
+        .get(format!("{}/v1/pack4/{v2}/{v3}", eqiad.url))
         .send()
         .unwrap();
     assert!(r.status().is_success());
@@ -277,7 +277,7 @@ fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     assert!(body.len() > 10_000);
     let mut entries = Vec::new();
     for _ in 0..50 {
-        entries = eqiad.entries(&format!("/v1/pack3/{v2}/{v3}"));
+        entries = eqiad.entries(&format!("/v1/pack4/{v2}/{v3}"));
         if !entries.is_empty() {
             break;
         }
@@ -397,7 +397,7 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     assert_eq!(code, 200, "{r}");
     let f = &r["fetched"];
     assert_eq!(f["pack"], true, "{r}");
-    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.3.pack")))
+    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.4.pack")))
         .unwrap()
         .len();
     // Resumed, not restarted: what arrived is the pack once, plus at most
@@ -408,12 +408,12 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
         pack_len > 3_000_000 && got < pack_len + 1_100_000,
         "{got} bytes for a {pack_len}-byte pack: {r}"
     );
-    let ranges = served(&log, &format!("GET /v1/pack3/empty/{v1} 206"));
+    let ranges = served(&log, &format!("GET /v1/pack4/empty/{v1} 206"));
     assert_eq!(
         ranges.len(),
         1,
         "one range request resumed it: {:?}",
-        served(&log, "/v1/pack3/")
+        served(&log, "/v1/pack4/")
     );
     // The server's cap (1 MB/s, one second of burst) paced it.
     let floor = (pack_len as f64 - 1e6) / 1e6;
@@ -425,7 +425,7 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     let r = fleet
         .http
         .get(format!(
-            "{}/v1/pack3/{}/{v1}",
+            "{}/v1/pack4/{}/{v1}",
             fleet.source(),
             "0".repeat(64)
         ))
@@ -434,14 +434,14 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
     assert_eq!(r.status().as_u16(), 404);
     let r = fleet
         .http
-        .get(format!("{}/v1/pack3/nonsense/{v1}", fleet.source()))
+        .get(format!("{}/v1/pack4/nonsense/{v1}", fleet.source()))
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     // Packs are cacheable: a strong ETag, immutable, ranges.
     let r = fleet
         .http
-        .get(format!("{}/v1/pack3/empty/{v1}", fleet.source()))
+        .get(format!("{}/v1/pack4/empty/{v1}", fleet.source()))
         .header("range", "bytes=0-7")
         .send()
         .unwrap();
@@ -456,10 +456,164 @@ fn an_interrupted_pack_resumes_and_caps_hold() {
         r.headers()["etag"]
             .to_str()
             .unwrap()
-            .starts_with("\"pack3-")
+            .starts_with("\"pack4-")
     );
     // Format 3: the first segment's compressed length, then its zstd frame.
     assert_eq!(&r.bytes().unwrap()[4..], &[0x28, 0xb5, 0x2f, 0xfd]);
+}
+
+/// Regular files in the host's release slots (not their records).
+fn release_files(host_dir: &Path) -> usize {
+    fn count(d: &Path) -> usize {
+        fs::read_dir(d).map_or(0, |rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => count(&e.path()),
+                    Ok(t) if t.is_file() => 1,
+                    _ => 0,
+                })
+                .sum()
+        })
+    }
+    fs::read_dir(host_dir.join("releases")).map_or(0, |rd| {
+        rd.filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| count(&e.path()))
+            .sum()
+    })
+}
+
+/// Bytes of the pack the host's store is writing (a fetch's, before its
+/// commit), if any.
+fn pending_pack(host_dir: &Path) -> Option<u64> {
+    fs::read_dir(host_dir.join("store/objects/pack"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with(".pack."))
+        .and_then(|e| e.metadata().ok())
+        .map(|m| m.len())
+}
+
+/// Syncs host 0 to `v` in the background; while it runs, watches for the
+/// first file in a release slot. Returns the sync's answer and, if a file
+/// appeared before it ended, the size of the pack the host was writing
+/// at that moment (`None`: none was being written).
+fn sync_watching_release(
+    fleet: &Fleet,
+    v: &str,
+) -> ((u16, serde_json::Value), Option<Option<u64>>) {
+    let body = fleet.sync_body(v, &[&fleet.source()]);
+    let dir = fleet.hosts[0].dir.clone();
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
+        let mut seen = None;
+        while !sync.is_finished() && seen.is_none() {
+            if release_files(&dir) > 0 {
+                seen = Some(pending_pack(&dir));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (sync.join().unwrap(), seen)
+    })
+}
+
+#[test]
+fn a_fresh_host_writes_its_release_while_the_pack_arrives() {
+    let mut fleet = Fleet::start(1);
+    let v1 = tree(&fleet, "v1", 200);
+    serve_logged(&mut fleet, &["--max-rate", "1M"]);
+    let pack_len = {
+        // Built ahead, so the sync's time is the transfer's.
+        let r = fleet
+            .http
+            .get(format!("{}/v1/pack4/empty/{v1}", fleet.source()))
+            .header("range", "bytes=0-0")
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 206);
+        fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.4.pack")))
+            .unwrap()
+            .len()
+    };
+    assert!(pack_len > 3_000_000, "{pack_len}");
+    let ((code, r), seen) = sync_watching_release(&fleet, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["fetched"]["pack"], true, "{r}");
+    assert_eq!(r["how"], "full", "{r}");
+    // Paced at 1 MB/s, the pack takes seconds: the release's first files
+    // were written while it still arrived (its pack file being written),
+    // not after.
+    let at = seen.expect("files in a release slot before the sync ended");
+    assert!(
+        at.is_some(),
+        "the first release files appeared only after the fetch was committed: {r}"
+    );
+    // And the result is the version, whole, recorded clean, its objects
+    // in the store.
+    assert_eq!(
+        snapshot(&fleet.live(0, "mediawiki")),
+        snapshot(&fleet.env.path("mw"))
+    );
+    let (_, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(d["changes"], serde_json::json!([]), "{d}");
+    let slot = r["slot"].as_str().unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &fs::read(fleet.hosts[0].dir.join(format!("releases/{slot}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["clean"], true, "{meta}");
+    assert_eq!(meta["version"], v1.as_str(), "{meta}");
+    assert_eq!(pending_pack(&fleet.hosts[0].dir), None);
+}
+
+#[test]
+fn a_fetch_cancelled_while_its_release_is_written_leaves_nothing_used() {
+    let mut fleet = Fleet::start(1);
+    let v1 = tree(&fleet, "v1", 200);
+    serve_logged(&mut fleet, &["--max-rate", "1M"]);
+    let body = fleet.sync_body(&v1, &[&fleet.source()]);
+    let dir = fleet.hosts[0].dir.clone();
+    let (code, r) = std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
+        // Cancelled once the release has files, the pack half there.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while release_files(&dir) == 0 {
+            assert!(Instant::now() < deadline, "no release file in 60 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (code, c) = fleet.post(0, "/v1/cancel", serde_json::json!({"by": "test"}));
+        assert_eq!(code, 200, "{c}");
+        sync.join().unwrap()
+    });
+    assert_eq!(code, 409, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("cancelled by test"),
+        "{r}"
+    );
+    // The host runs nothing, and the slot it was writing is marked dirty
+    // (never switched to; written again next time).
+    assert_eq!(fleet.current(0), None);
+    assert!(!dir.join("current").exists());
+    let metas: Vec<serde_json::Value> = fs::read_dir(dir.join("releases"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| serde_json::from_slice(&fs::read(p).unwrap()).unwrap())
+        .collect();
+    assert!(
+        !metas.is_empty() && metas.iter().all(|m| m["clean"] == false),
+        "{metas:?}"
+    );
+    // The next sync ends whole.
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        snapshot(&fleet.live(0, "mediawiki")),
+        snapshot(&fleet.env.path("mw"))
+    );
+    let (_, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(d["changes"], serde_json::json!([]), "{d}");
 }
 
 #[test]
@@ -588,7 +742,7 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
     let f = &r["fetched"];
     assert_eq!(f["pack"], true, "{r}");
     let bytes = f["bytes"].as_u64().unwrap();
-    let pack = fs::read(fleet.env.store.join(format!("packs/{v1}-{v2}.3.pack"))).unwrap();
+    let pack = fs::read(fleet.env.store.join(format!("packs/{v1}-{v2}.4.pack"))).unwrap();
     // 3 chunk deltas + the trees on the changed path, a few hundred bytes
     // each at most: far below one whole 64 KiB-class chunk per file.
     assert!(
@@ -613,7 +767,7 @@ fn a_backport_travels_as_deltas_and_without_the_base_falls_back() {
     let v3 = fleet.env.build(&[("mediawiki", &mw)], &[]);
     let (code, r) = fleet.sync_to(0, &v3);
     assert_eq!(code, 200, "{r}");
-    let pack = fs::metadata(fleet.env.store.join(format!("packs/{v2}-{v3}.3.pack")))
+    let pack = fs::metadata(fleet.env.store.join(format!("packs/{v2}-{v3}.4.pack")))
         .unwrap()
         .len();
     assert!(
