@@ -450,10 +450,16 @@ impl Agent {
                 );
                 Some(p)
             }
+            // Cut short: the fetch ended without an object it waited for
+            // (the objects came another way) or the sync was cancelled.
+            Some(Err(e @ StoreError::Cancelled(_))) => {
+                tracing::debug!("the release written while fetching stopped ({e}): writing it now");
+                None
+            }
+            // A real fault (a full disk): the slot was removed; writing it
+            // again below names the fault if it is still there.
             Some(Err(e)) => {
-                tracing::debug!(
-                    "the release written while fetching is not used ({e}): writing it now"
-                );
+                tracing::info!("writing the release while fetching failed ({e}): writing it now");
                 None
             }
             None => None,
@@ -497,7 +503,9 @@ impl Agent {
                 self.releases
                     .prepare_arriving(&view, &v, &keep, stable.as_ref(), cancel, arrivals)
             });
-            tracing::debug!("release written while fetching in {:?}", t.elapsed());
+            if r.is_some() {
+                tracing::debug!("release written while fetching in {:?}", t.elapsed());
+            }
             r
         }))
     }
