@@ -495,9 +495,7 @@ impl Agent {
         let (view, v) = (view.clone(), *v);
         Some(scope.spawn(move || {
             let st = self.state();
-            let protected = self.protected_slots(&st);
-            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-            let stable = st.stable.as_ref().map(|d| d.version);
+            let (keep, stable) = self.spared(&st);
             let t = Instant::now();
             let r = pool.install(|| {
                 self.releases
@@ -737,9 +735,7 @@ impl Agent {
                 self.store.write_signature(&req.version, doc)?;
             }
             let st = self.state();
-            let protected = self.protected_slots(&st);
-            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-            let stable = st.stable.as_ref().map(|d| d.version);
+            let (keep, stable) = self.spared(&st);
             let prepared =
                 self.releases
                     .prepare(&self.store, &req.version, &keep, stable.as_ref(), cancel)?;
@@ -958,9 +954,7 @@ impl Agent {
         ready: Option<release::Prepared>,
     ) -> Result<Outcome, AgentError> {
         let st = self.state();
-        let protected = self.protected_slots(&st);
-        let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-        let stable = st.stable.as_ref().map(|d| d.version);
+        let (keep, stable) = self.spared(&st);
         let phase = Instant::now();
         let prepared = match ready {
             Some(p) => p,
@@ -1085,6 +1079,16 @@ impl Agent {
         }
     }
 
+    /// What a deploy leaves alone: the slots it never writes
+    /// ([`Agent::protected_slots`]), and the stable version, whose slot it
+    /// spares when it can.
+    fn spared(&self, st: &HostState) -> (Vec<String>, Option<VersionId>) {
+        (
+            self.protected_slots(st),
+            st.stable.as_ref().map(|d| d.version),
+        )
+    }
+
     /// Slots never written by a deploy: the live one and the previous
     /// release's (requests may still run there; rollback switches to it).
     /// The previous slot is the one that was live before the last switch
@@ -1128,12 +1132,11 @@ impl Agent {
             {
                 protected.push(slot);
             }
-            let keep: Vec<&str> = protected.iter().map(String::as_str).collect();
-            if keep.len() >= self.cfg.slots {
+            if protected.len() >= self.cfg.slots {
                 // No spare slot left this time.
             } else if let Some(p) =
                 self.releases
-                    .prepare_spare(&self.store, &cur.version, &keep, cancel)?
+                    .prepare_spare(&self.store, &cur.version, &protected, cancel)?
             {
                 tracing::debug!(
                     "spare slot {} brought to {} ({}, {} files written, {} linked)",

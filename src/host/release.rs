@@ -363,7 +363,7 @@ impl Releases {
         &self,
         store: &Store,
         v: &VersionId,
-        keep: &[&str],
+        keep: &[String],
         stable: Option<&VersionId>,
         cancel: &Cancel,
     ) -> Result<Prepared, StoreError> {
@@ -407,7 +407,7 @@ impl Releases {
         &self,
         store: &Store,
         v: &VersionId,
-        keep: &[&str],
+        keep: &[String],
         stable: Option<&VersionId>,
         cancel: &Cancel,
         arrivals: &Arrivals,
@@ -416,9 +416,7 @@ impl Releases {
             return None;
         }
         let slot = self.choose(keep, stable);
-        if let (true, Some(old)) = (slot.meta.clean, slot.meta.version)
-            && store.has(&old.object())
-        {
+        if diff_base(store, &slot).is_some() {
             return None;
         }
         Some(self.prepare_into(store, v, slot, cancel, Some(arrivals)))
@@ -481,7 +479,7 @@ impl Releases {
         &self,
         store: &Store,
         v: &VersionId,
-        keep: &[&str],
+        keep: &[String],
         cancel: &Cancel,
     ) -> Result<Option<Prepared>, StoreError> {
         let slot = self.choose(keep, None);
@@ -495,11 +493,11 @@ impl Releases {
     /// `stable`; of those, a clean one most recently made (the spare that
     /// the agent keeps at the live version, so the diff to apply is the
     /// deploy's own), else an empty or dirty one.
-    fn choose(&self, keep: &[&str], stable: Option<&VersionId>) -> Slot {
+    fn choose(&self, keep: &[String], stable: Option<&VersionId>) -> Slot {
         let mut candidates: Vec<Slot> = self
             .list()
             .into_iter()
-            .filter(|s| !keep.contains(&s.name.as_str()))
+            .filter(|s| !keep.contains(&s.name))
             .collect();
         let without_stable: Vec<Slot> = candidates
             .iter()
@@ -525,10 +523,7 @@ impl Releases {
         arriving: Option<&Arrivals>,
     ) -> Result<Prepared, StoreError> {
         let seal = share::seal_now();
-        let base = match (slot.meta.clean, slot.meta.version) {
-            (true, Some(old)) if store.has(&old.object()) => Some(old),
-            _ => None,
-        };
+        let base = diff_base(store, &slot);
         self.set_meta(
             &slot.name,
             &SlotMeta {
@@ -669,6 +664,16 @@ impl Releases {
         let mut m = self.meta(slot);
         m.used = crate::time::unix_now();
         self.set_meta(slot, &m)
+    }
+}
+
+/// The version `slot` is brought from by a diff: the one it holds, if it
+/// is clean and that version is in the store; `None`: it is written in
+/// full.
+fn diff_base(store: &Store, slot: &Slot) -> Option<VersionId> {
+    match (slot.meta.clean, slot.meta.version) {
+        (true, Some(old)) if store.has(&old.object()) => Some(old),
+        _ => None,
     }
 }
 

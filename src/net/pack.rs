@@ -770,32 +770,36 @@ mod order_tests {
         let store = Store::open_or_init(dir_.path(), Role::Deploy).unwrap();
         let w = store.writer().unwrap();
         let shared = dir(&w, vec![("s.php", file(&w, &[b"shared"]))]);
-        let v1 = dir(
-            &w,
-            vec![
-                ("b.php", file(&w, &[b"b1", b"b2"])),
-                (
-                    "a",
-                    dir(
-                        &w,
-                        vec![
-                            ("x.php", file(&w, &[b"x"])),
-                            ("deep", dir(&w, vec![("y.php", file(&w, &[b"y", b"b2"]))])),
-                            ("z.php", file(&w, &[b"z"])),
-                        ],
+        // A tree whose a/deep/y.php starts with `y`: two files share a
+        // chunk, two directories a subtree.
+        let version_with = |y: &[u8]| {
+            version(&dir(
+                &w,
+                vec![
+                    ("b.php", file(&w, &[b"b1", b"b2"])),
+                    (
+                        "a",
+                        dir(
+                            &w,
+                            vec![
+                                ("x.php", file(&w, &[b"x"])),
+                                ("deep", dir(&w, vec![("y.php", file(&w, &[y, b"b2"]))])),
+                                ("z.php", file(&w, &[b"z"])),
+                            ],
+                        ),
                     ),
-                ),
-                ("c", shared.clone()),
-                ("d", shared.clone()),
-                (
-                    "link",
-                    Content::Symlink {
-                        target: b"a/x.php".to_vec(),
-                    },
-                ),
-            ],
-        );
-        let v1 = version(&v1);
+                    ("c", shared.clone()),
+                    ("d", shared.clone()),
+                    (
+                        "link",
+                        Content::Symlink {
+                            target: b"a/x.php".to_vec(),
+                        },
+                    ),
+                ],
+            ))
+        };
+        let v1 = version_with(b"y");
         // The session's own view: its objects are not committed.
         let store = w.store();
         // A fresh host's pack: the walk, each object once (a subtree at two
@@ -832,33 +836,7 @@ mod order_tests {
         }
         // A backport: only the changed path, deltas against what it
         // replaces, still tree before content.
-        let v2 = dir(
-            &w,
-            vec![
-                ("b.php", file(&w, &[b"b1", b"b2"])),
-                (
-                    "a",
-                    dir(
-                        &w,
-                        vec![
-                            ("x.php", file(&w, &[b"x"])),
-                            ("deep", dir(&w, vec![("y.php", file(&w, &[b"y2", b"b2"]))])),
-                            ("z.php", file(&w, &[b"z"])),
-                        ],
-                    ),
-                ),
-                ("c", shared.clone()),
-                ("d", shared),
-                (
-                    "link",
-                    Content::Symlink {
-                        target: b"a/x.php".to_vec(),
-                    },
-                ),
-            ],
-        );
-        let v2 = version(&v2);
-        let store = w.store();
+        let v2 = version_with(b"y2");
         let list = super::objects(store, Some(&v1), &v2).unwrap();
         let kinds: Vec<bool> = list
             .iter()
