@@ -23,6 +23,7 @@ use super::proto::Fetched;
 use crate::cancel::Cancel;
 use crate::net::client::{Client, FetchError, PackItem};
 use crate::store::disk::Writer;
+use crate::store::disk::pack::Arriving;
 use crate::store::tree::{MAX_DEPTH, MAX_TREE_LEN, TreeError};
 use crate::store::{Content, ObjectId, ObjectKind, Store, StoreError, Tree, TreeId, VersionId};
 
@@ -334,6 +335,9 @@ fn max_len(kind: ObjectKind) -> u64 {
 struct Arrived<'a> {
     kind: ObjectKind,
     got: Got<'a>,
+    /// The pack segment a raw object file came in, and where in it: the
+    /// store keeps the segment as it came ([`Writer::put_in_segment`]).
+    at: Option<(&'a Arriving, usize)>,
 }
 
 enum Got<'a> {
@@ -362,17 +366,19 @@ impl<'a> Arrived<'a> {
             source,
         };
         Ok(Some(match item {
-            PackItem::Object { kind, file } if crate::store::object::is_uncompressed(file) => {
+            PackItem::Object { kind, file, at } if crate::store::object::is_uncompressed(file) => {
                 crate::store::object::decode_borrowed(id, kind, file, max_len(kind))
                     .map_err(bad_object)?;
                 Arrived {
                     kind,
                     got: Got::Raw(Cow::Borrowed(file)),
+                    at,
                 }
             }
-            PackItem::Object { kind, file } => Arrived {
+            PackItem::Object { kind, file, .. } => Arrived {
                 kind,
                 got: Got::File(Cow::Borrowed(file)),
+                at: None,
             },
             PackItem::Delta { base, kind, zstd } => {
                 let Ok(dict) = store.read(&base, kind) else {
@@ -400,16 +406,19 @@ impl<'a> Arrived<'a> {
                 Arrived {
                     kind,
                     got: Got::Verified(content),
+                    at: None,
                 }
             }
         }))
     }
 
-    /// The same, owning its bytes (to be held).
+    /// The same, owning its bytes (to be held; stored on its own, not as
+    /// a part of its segment).
     fn into_owned(self) -> Arrived<'static> {
         let own = |c: Cow<'a, [u8]>| -> Cow<'static, [u8]> { Cow::Owned(c.into_owned()) };
         Arrived {
             kind: self.kind,
+            at: None,
             got: match self.got {
                 Got::Raw(c) => Got::Raw(own(c)),
                 Got::File(c) => Got::File(own(c)),
@@ -445,7 +454,10 @@ impl<'a> Arrived<'a> {
     fn store(&self, writer: &Writer<'_>, id: ObjectId) -> Result<(), StoreError> {
         match &self.got {
             Got::Verified(d) => writer.put_decoded(id, self.kind, d),
-            Got::Raw(f) => writer.put_checked(id, f),
+            Got::Raw(f) => match self.at {
+                Some((seg, offset)) => writer.put_in_segment(id, f, seg, offset),
+                None => writer.put_checked(id, f),
+            },
             Got::File(f) => writer
                 .put_verified(id, self.kind, f, max_len(self.kind))
                 .map(|_| ()),

@@ -7,6 +7,8 @@
 //! corrupt or truncated, is asked of the next source. A source without
 //! `/batch` (a plain static server) is read object by object.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use rayon::prelude::*;
 use super::pack::SegmentReader;
 use super::tls::{TlsError, Transport};
 use super::{BatchDecoder, BatchError, MAX_BATCH_IDS};
+use crate::store::disk::pack::Arriving;
 use crate::store::id::{ObjectId, ObjectKind};
 use crate::store::signature::{MAX_SIG_FILE, SignedVersion};
 use crate::store::{StoreError, VersionId};
@@ -89,8 +92,14 @@ pub type PackSink<'a> = dyn Fn(ObjectId, PackItem<'_>) -> Result<(), StoreError>
 
 /// One object of a pack as it arrived.
 pub enum PackItem<'a> {
-    /// An object file, `kind` from its header.
-    Object { kind: ObjectKind, file: &'a [u8] },
+    /// An object file, `kind` from its header; `at`: the segment it came
+    /// in and where in that segment's content it is (for a receiver that
+    /// stores segments as they came).
+    Object {
+        kind: ObjectKind,
+        file: &'a [u8],
+        at: Option<(&'a Arriving, usize)>,
+    },
     /// A delta against `base` (which the receiver may lack: then it skips
     /// it, and the object is fetched whole later).
     Delta {
@@ -300,16 +309,23 @@ impl Client {
         };
         let limit = |_: &ObjectId| super::max_file_len(crate::store::tree::MAX_TREE_LEN);
         // Stores one segment's objects (its raw bytes).
-        let mut store_segment = |raw: &[u8]| -> Result<(), SourceError> {
-            decoder.push(raw);
+        let mut store_segment = |seg: &Arriving| -> Result<(), SourceError> {
+            // Where the segment starts in the batch body: each frame's
+            // object file is at its end, so its place in the segment
+            // follows (checked again where it is used).
+            let start = decoder.consumed;
+            decoder.push(&seg.content);
             let mut arrived = Vec::new();
             while let Some(frame) = decoder.next_frame_within(&limit).map_err(|e| bad(url, e))? {
                 if let Some(file) = frame.file {
-                    arrived.push((frame.id, frame.delta, file));
+                    let at = (decoder.consumed - start)
+                        .checked_sub(file.len() as u64)
+                        .map(|o| o as usize);
+                    arrived.push((frame.id, frame.delta, file, at));
                 }
             }
             let mut items = Vec::with_capacity(arrived.len());
-            for (id, delta, file) in &arrived {
+            for (id, delta, file, at) in &arrived {
                 let item = if *delta {
                     PackItem::delta(file).ok_or_else(|| {
                         SourceError::Source(format!(
@@ -319,7 +335,11 @@ impl Client {
                 } else {
                     let head = &file[..file.len().min(crate::store::object::HEADER_LEN)];
                     match crate::store::object::peek(*id, head) {
-                        Ok((kind, _)) => PackItem::Object { kind, file },
+                        Ok((kind, _)) => PackItem::Object {
+                            kind,
+                            file,
+                            at: at.map(|o| (seg, o)),
+                        },
                         Err(e) => {
                             return Err(SourceError::Source(format!(
                                 "{url}: object {id} in the pack: {e}"
@@ -360,9 +380,10 @@ impl Client {
         // stream cannot be decompressed in parallel, so this takes it off
         // the path of the rest). With the pack's bytes consumed up to its
         // end.
-        let mut waiting: Option<(Vec<u8>, u64)> = None;
-        // The buffer of the segment stored last, for the next to reuse.
-        let mut spare: Vec<u8> = Vec::new();
+        let mut waiting: Option<(Arriving, u64)> = None;
+        // Contents of segments stored before, for the next to reuse once
+        // nothing else holds them (the store keeps its last few).
+        let mut spare: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
         let mut stream = resp.bytes_stream();
         while let Some(piece) = stream.next().await {
             let piece = match piece {
@@ -370,8 +391,8 @@ impl Client {
                 Err(e) => {
                     // What arrived whole is kept: the resumed request
                     // starts after it.
-                    if let Some((raw, end)) = waiting.take() {
-                        store_segment(&raw)?;
+                    if let Some((seg, end)) = waiting.take() {
+                        store_segment(&seg)?;
                         *consumed = end;
                     }
                     return Err(SourceError::Source(format!(
@@ -386,11 +407,16 @@ impl Client {
                 .next_compressed()
                 .map_err(|e| SourceError::Source(format!("{url}: {e}")))?
             {
-                let mut next = std::mem::take(&mut spare);
+                let mut next = spare
+                    .iter()
+                    .position(|c| Arc::strong_count(c) == 1)
+                    .and_then(|i| spare.remove(i))
+                    .and_then(|c| Arc::try_unwrap(c).ok())
+                    .unwrap_or_default();
                 let (decompressed, stored) = rayon::join(
                     || super::pack::decompress_segment_into(&z, &mut next),
                     || match waiting.take() {
-                        Some((raw, end)) => store_segment(&raw).map(|()| Some((raw, end))),
+                        Some((seg, end)) => store_segment(&seg).map(|()| Some((seg, end))),
                         None => Ok(None),
                     },
                 );
@@ -398,20 +424,23 @@ impl Client {
                 // store: a resumed request starts after them. (A segment
                 // ends at a frame boundary, so the batch decoder has
                 // nothing pending then.)
-                if let Some((raw, end)) = stored? {
+                if let Some((seg, end)) = stored? {
                     *consumed = end;
-                    spare = raw;
+                    spare.push_back(seg.content);
+                    if spare.len() > 6 {
+                        spare.pop_front();
+                    }
                 }
                 decompressed.map_err(|e| SourceError::Source(format!("{url}: {e}")))?;
-                waiting = Some((next, end));
+                waiting = Some((Arriving::new(z, Arc::new(next)), end));
             }
             // A source that always has more ready would otherwise never
             // let this future be interrupted (the fetch deadline, a
             // rollback's cancel): give way between pieces.
             tokio::task::yield_now().await;
         }
-        if let Some((raw, end)) = waiting.take() {
-            store_segment(&raw)?;
+        if let Some((seg, end)) = waiting.take() {
+            store_segment(&seg)?;
             *consumed = end;
         }
         match decoder.finish().ok().filter(|()| segments.is_empty()) {

@@ -55,6 +55,9 @@ pub const SEGMENT: usize = 1 << 20;
 /// plus the largest frame (a tree).
 pub const MAX_SEGMENT: usize = SEGMENT + crate::store::tree::MAX_TREE_LEN as usize + (64 << 10);
 
+// A receiver stores segments as they came: a store's pack holds any.
+const _: () = assert!(MAX_SEGMENT <= crate::store::disk::pack::MAX_SEGMENT_CONTENT as usize);
+
 /// zstd level of segments (as a compressed batch stream).
 const SEGMENT_LEVEL: i32 = super::STREAM_ZSTD_LEVEL;
 
@@ -420,8 +423,8 @@ pub fn decompress_segment(z: &[u8]) -> Result<Vec<u8>, SegmentError> {
 }
 
 /// [`decompress_segment`] into `raw`, replacing what it held: a receiver
-/// reuses two buffers for a whole pack instead of allocating a new one of
-/// ~1 MiB per segment (each a fresh mapping whose every page faults in).
+/// reuses a few buffers for a whole pack instead of allocating a new one
+/// of ~1 MiB per segment (each a fresh mapping whose every page faults in).
 pub fn decompress_segment_into(z: &[u8], raw: &mut Vec<u8>) -> Result<(), SegmentError> {
     // The size the frame declares (the sender writes it), else the most a
     // segment may be: never more.

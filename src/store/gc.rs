@@ -247,9 +247,14 @@ fn plan_packs(
             } else {
                 dead_n += 1;
                 dead_bytes += u64::from(slot.len);
-                let head = pack.read_head(slot)?;
-                if !matches!(object::peek(id, &head), Ok((ObjectKind::Chunk, _))) {
-                    dead_trees.push(id);
+                // Dead trees matter to a pack kept whole; one holding raw
+                // objects never is (and reading a head from a segment
+                // means decompressing it).
+                if !pack.holds_raw() {
+                    let head = pack.read_head(slot)?;
+                    if !matches!(object::peek(id, &head), Ok((ObjectKind::Chunk, _))) {
+                        dead_trees.push(id);
+                    }
                 }
             }
             Ok(())
@@ -262,7 +267,9 @@ fn plan_packs(
             report.removed_objects += dead_n;
             report.removed_bytes += dead_bytes;
             if pack.holds_raw() {
-                report.compressed_bytes += pack.body_len() - dead_bytes;
+                // (A pack with segments holds fewer bytes than its
+                // objects: they are compressed in it.)
+                report.compressed_bytes += pack.body_len().saturating_sub(dead_bytes);
             }
             plans.push(PackPlan::Repack(pack));
         } else if !dead_trees.is_empty() {
@@ -315,8 +322,13 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
     use rayon::prelude::*;
     let dir = store.packs_dir();
     let tmp = dir.join(format!(".pack.gc-{}.tmp", std::process::id()));
-    // In ID order, as `for_each_entry` gives them: no index held in memory.
-    let mut out = PackWriter::create_in_order(tmp)?;
+    // In ID order, as `for_each_entry` gives them: no index held in
+    // memory. A pack with segments is read in its own order instead (each
+    // segment decompressed once), so the new one is written in that order.
+    let mut out = match pack.has_segments() {
+        false => PackWriter::create_in_order(tmp)?,
+        true => PackWriter::create(tmp)?,
+    };
     let mut batch: Vec<(ObjectId, Vec<u8>)> = Vec::with_capacity(REPACK_BATCH);
     let mut batch_bytes = 0;
     let flush = |batch: &mut Vec<(ObjectId, Vec<u8>)>, out: &mut PackWriter| {
@@ -349,19 +361,29 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
         batch.clear();
         Ok(())
     };
-    let copied = pack
-        .for_each_entry(|id, slot| {
-            if live.contains(&id) && !pack.is_dead(&id) {
-                batch.push((id, pack.read(slot)?));
-                batch_bytes += slot.len as usize;
-                if batch.len() == REPACK_BATCH || batch_bytes >= REPACK_BATCH_BYTES {
-                    flush(&mut batch, &mut out)?;
-                    batch_bytes = 0;
-                }
-            }
-            Ok(())
-        })
-        .and_then(|()| flush(&mut batch, &mut out));
+    let mut copy = |id: ObjectId, slot| {
+        batch.push((id, pack.read(slot)?));
+        batch_bytes += slot.len as usize;
+        if batch.len() == REPACK_BATCH || batch_bytes >= REPACK_BATCH_BYTES {
+            flush(&mut batch, &mut out)?;
+            batch_bytes = 0;
+        }
+        Ok(())
+    };
+    let keep = |id: &ObjectId| live.contains(id) && !pack.is_dead(id);
+    let copied = match pack.has_segments() {
+        false => pack.for_each_entry(|id, slot| match keep(&id) {
+            true => copy(id, slot),
+            false => Ok(()),
+        }),
+        true => pack.order(|id, _| keep(id)).and_then(|order| {
+            order.into_iter().try_for_each(|i| {
+                let (id, slot) = pack.entry(i as usize)?;
+                copy(id, slot)
+            })
+        }),
+    }
+    .and_then(|()| flush(&mut batch, &mut out));
     let sealed = copied.and_then(|()| {
         out.seal()?;
         out.file().sync_all().at(&dir)

@@ -566,6 +566,81 @@ fn a_fresh_host_writes_its_release_while_the_pack_arrives() {
     assert_eq!(pending_pack(&fleet.hosts[0].dir), None);
 }
 
+/// A fresh host writes the bytes it receives once: the pack's segments as
+/// they came (compressed), its objects entries into them. The pack file
+/// it writes never grows past the pack it was sent, where the objects'
+/// own bytes are several times that; its gc rewrites it after the switch
+/// (pack file 1, compressed object by object), and every object reads
+/// back.
+#[test]
+fn a_fresh_host_stores_the_pack_it_receives_as_it_came() {
+    let mut fleet = Fleet::start(1);
+    let mw = fleet.env.path("mw");
+    let mut tree_bytes = 0;
+    for i in 0..300 {
+        let body: String = (0..300)
+            .map(|j| format!("$wgConf['setting{j}']['wiki{i}'] = {};\n", i * j))
+            .collect();
+        tree_bytes += body.len() as u64;
+        write(
+            &mw,
+            &format!("includes/c{}/f{i}.php", i % 7),
+            body.as_bytes(),
+        );
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    serve_logged(&mut fleet, &["--max-rate", "1M"]);
+    let body = fleet.sync_body(&v1, &[&fleet.source()]);
+    let dir = fleet.hosts[0].dir.clone();
+    let ((code, r), largest) = std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
+        let mut largest = None;
+        while !sync.is_finished() {
+            if let Some(n) = pending_pack(&dir) {
+                largest = largest.max(Some(n));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (sync.join().unwrap(), largest)
+    });
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["fetched"]["pack"], true, "{r}");
+    let pack_len = fs::metadata(fleet.env.store.join(format!("packs/empty-{v1}.4.pack")))
+        .unwrap()
+        .len();
+    assert!(pack_len * 4 < tree_bytes, "{pack_len} of {tree_bytes}");
+    let largest = largest.expect("the host's pack seen while it was written");
+    // Its segments, plus the trees (stored on their own, each once all it
+    // lists is) and the pack's header.
+    assert!(
+        largest <= pack_len + 64 * 1024,
+        "the host wrote {largest} bytes of pack for a {pack_len}-byte pack ({tree_bytes} bytes of files)"
+    );
+    assert_eq!(
+        snapshot(&fleet.live(0, "mediawiki")),
+        snapshot(&fleet.env.path("mw"))
+    );
+    // The work after the switch rewrites it: no pack holds segments.
+    wait_for(60, "the host to rewrite the pack it received", || {
+        let packs: Vec<Vec<u8>> = fs::read_dir(dir.join("store/objects/pack"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+            .map(|e| fs::read(e.path()).unwrap())
+            .collect();
+        !packs.is_empty()
+            && packs
+                .iter()
+                .all(|p| p[8..12] == 1u32.to_le_bytes() && !pack_flagged_raw(p))
+    });
+    let mut verify = std::process::Command::new(SCAP);
+    verify
+        .arg("--store")
+        .arg(dir.join("store"))
+        .args(["verify", &v1]);
+    ok(&verify.output().unwrap());
+}
+
 #[test]
 fn a_fetch_cancelled_while_its_release_is_written_leaves_nothing_used() {
     let mut fleet = Fleet::start(1);

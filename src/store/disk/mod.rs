@@ -306,11 +306,16 @@ impl Store {
 
     /// The object file's bytes as stored (and served), unverified.
     pub fn read_raw(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
-        if let Some(p) = &self.pending
-            && let Some(w) = p.lock().expect("not poisoned").as_ref()
-            && let Some(b) = w.read(id)?
-        {
-            return Ok(Some(b));
+        if let Some(p) = &self.pending {
+            // Found under the lock, read outside it (the fetch appends
+            // meanwhile; reading may mean decompressing a segment).
+            let at = match p.lock().expect("not poisoned").as_ref() {
+                Some(w) => w.locate(id)?,
+                None => None,
+            };
+            if let Some(at) = at {
+                return at.read().map(Some);
+            }
         }
         let path = self.object_path(id);
         match fs::read(&path) {

@@ -12,28 +12,40 @@
 //! `<name>.dead` beside it lists trees gc found unreachable in a pack it
 //! kept: those are not in the store (their children may be gone).
 //!
+//! A fresh host's fetch also stores the compressed **segments** of the
+//! delta pack it receives as they came (pack format 2): an entry then
+//! names a segment and where the object file is in its content, and a
+//! read decompresses that segment (the last few are kept, so reading a
+//! pack in its order decompresses each once). The bytes a host receives
+//! are written once, compressed; gc rewrites such a pack (flagged
+//! [`FLAG_RAW`]) as a format 1 pack after the switch.
+//!
 //! Everything read from a pack is checked before use: the footer's bounds,
-//! the index's hash, order and bounds (each entry inside the body), and
-//! each object, as every object, against its ID when decoded.
+//! the index's hash, order and bounds (each entry inside the body, or
+//! inside its segment's declared content), the segment table's bounds,
+//! each segment's content length when decompressed, and each object, as
+//! every object, against its ID when decoded.
 //!
 //! In memory a loaded pack keeps the first 8 bytes of each ID (8 bytes an
 //! object: 2 MB for a 263k-file tree); a lookup confirms the whole ID by
 //! reading its index entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use super::{IoContext, Result, StoreError};
 use crate::store::id::ObjectId;
 
 pub const PACK_MAGIC: &[u8; 8] = b"SCAPPACK";
-/// Version of the pack format, in each pack's header.
-pub const PACK_FORMAT: u32 = 1;
+/// Newest pack format this scap reads (in each pack's header). A pack
+/// without segments is written as format 1, which older scaps read too.
+pub const PACK_FORMAT: u32 = 2;
+const PACK_FORMAT_PLAIN: u32 = 1;
 pub const PACK_HEADER_LEN: u64 = 16;
 /// Header flag (the u32 at offset 12): the pack holds objects stored
 /// uncompressed as they arrived, for speed (a fresh host's fetch), that gc
@@ -41,6 +53,16 @@ pub const PACK_HEADER_LEN: u64 = 16;
 pub const FLAG_RAW: u32 = 1;
 pub const ENTRY_LEN: usize = 48;
 pub const FOOTER_LEN: u64 = 48;
+/// Format 2's footer: format 1's, then the segment table's length.
+const FOOTER_LEN_SEGMENTS: u64 = 56;
+const SEGMENT_ENTRY_LEN: usize = 16;
+/// Most content one segment may hold (a delta pack's are at most
+/// [`crate::net::pack::MAX_SEGMENT`]).
+pub const MAX_SEGMENT_CONTENT: u32 = 8 << 20;
+/// Decompressed segments a pack keeps: a reader going through a pack in
+/// its order (gc's rewrite, a release written as the pack arrives)
+/// decompresses each once.
+const SEGMENTS_KEPT: usize = 4;
 /// Largest object file a pack may hold (a chunk is at most 4 MiB before
 /// compression, a tree at most 64 MiB).
 const MAX_OBJECT_FILE: u64 = 80 << 20;
@@ -66,8 +88,133 @@ fn prefix(id: &ObjectId) -> u64 {
 /// Where one object is in its pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
+    /// In the file, or (`seg` > 0) in the segment's content.
     pub offset: u64,
     pub len: u32,
+    /// 0: the object file is in the pack file itself; n: it is in the
+    /// content of segment n (1-based) of the segment table.
+    pub seg: u32,
+}
+
+/// One entry of a pack's segment table: a zstd frame in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    zlen: u32,
+    /// Its content's length, which it must decompress to.
+    len: u32,
+}
+
+/// A pack's file, for reading objects, with the segments decompressed
+/// last.
+#[derive(Debug)]
+struct Body {
+    file: File,
+    path: PathBuf,
+    kept: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+}
+
+impl Body {
+    fn new(file: File, path: PathBuf) -> Body {
+        Body {
+            file,
+            path,
+            kept: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The object file at `slot`; `seg` is its segment's table entry.
+    fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<Vec<u8>> {
+        let Some(seg) = seg else {
+            let mut buf = vec![0u8; slot.len as usize];
+            self.file
+                .read_exact_at(&mut buf, slot.offset)
+                .at(&self.path)?;
+            return Ok(buf);
+        };
+        let content = self.segment(slot.seg, seg)?;
+        usize::try_from(slot.offset)
+            .ok()
+            .and_then(|o| content.get(o..)?.get(..slot.len as usize))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| bad(&self.path, format!("an object out of segment {}", slot.seg)))
+    }
+
+    /// Segment `n`'s content: kept, or read and decompressed (bounded by
+    /// its declared length, which it must have).
+    fn segment(&self, n: u32, seg: Segment) -> Result<Arc<Vec<u8>>> {
+        if let Some(hit) = self.kept(n) {
+            return Ok(hit);
+        }
+        let mut z = vec![0u8; seg.zlen as usize];
+        self.file.read_exact_at(&mut z, seg.offset).at(&self.path)?;
+        let content = zstd::bulk::decompress(&z, seg.len as usize)
+            .map_err(|e| bad(&self.path, format!("segment {n} does not decompress: {e}")))?;
+        if content.len() != seg.len as usize {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "segment {n} decompresses to {} bytes, not the {} its table says",
+                    content.len(),
+                    seg.len
+                ),
+            ));
+        }
+        let content = Arc::new(content);
+        self.keep(n, content.clone());
+        Ok(content)
+    }
+
+    fn kept(&self, n: u32) -> Option<Arc<Vec<u8>>> {
+        let kept = self.kept.lock().expect("not poisoned");
+        kept.iter().find(|(k, _)| *k == n).map(|(_, c)| c.clone())
+    }
+
+    fn keep(&self, n: u32, content: Arc<Vec<u8>>) {
+        let mut kept = self.kept.lock().expect("not poisoned");
+        if kept.iter().any(|(k, _)| *k == n) {
+            return;
+        }
+        if kept.len() == SEGMENTS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((n, content));
+    }
+}
+
+/// Where an object of a pack being written is: read it without holding
+/// the writer ([`PackWriter::locate`]).
+pub struct Located {
+    body: Arc<Body>,
+    slot: Slot,
+    seg: Option<Segment>,
+}
+
+impl Located {
+    /// The object file, as stored.
+    pub fn read(&self) -> Result<Vec<u8>> {
+        self.body.read(self.slot, self.seg)
+    }
+}
+
+/// A segment of a delta pack as it arrived (`net::pack`): its zstd frame
+/// and its content, which a receiver stores as they came
+/// ([`super::Writer::put_in_segment`]).
+pub struct Arriving {
+    pub compressed: Vec<u8>,
+    pub content: Arc<Vec<u8>>,
+    /// Its number in the session's pack once stored there.
+    pub(super) stored: Mutex<Option<u32>>,
+}
+
+impl Arriving {
+    pub fn new(compressed: Vec<u8>, content: Arc<Vec<u8>>) -> Arriving {
+        Arriving {
+            compressed,
+            content,
+            stored: Mutex::new(None),
+        }
+    }
 }
 
 /// One pack file, open and indexed.
@@ -76,9 +223,11 @@ pub struct Pack {
     path: PathBuf,
     /// Shared with the copy [`Pack::with_dead`] makes when gc changes the
     /// dead list: the index is read and hashed once per pack, not per gc.
-    file: Arc<File>,
+    body: Arc<Body>,
     prefixes: Arc<Vec<u64>>,
     index_offset: u64,
+    /// The segment table (format 2; empty for format 1).
+    segments: Arc<Vec<Segment>>,
     /// The header's flags ([`FLAG_RAW`]).
     flags: u32,
     /// Trees listed in `<name>.dead`, sorted: not in the store.
@@ -86,7 +235,8 @@ pub struct Pack {
 }
 
 impl Pack {
-    /// Opens and checks a pack: footer bounds, index hash, order, bounds.
+    /// Opens and checks a pack: footer bounds, index hash, order, bounds,
+    /// and the segment table's bounds.
     pub fn open(path: &Path) -> Result<Pack> {
         let file = File::open(path).at(path)?;
         let len = file.metadata().at(path)?.len();
@@ -108,21 +258,53 @@ impl Pack {
                 ),
             ));
         }
-        let mut footer = [0u8; FOOTER_LEN as usize];
-        file.read_exact_at(&mut footer, len - FOOTER_LEN).at(path)?;
+        let footer_len = match format {
+            2 => FOOTER_LEN_SEGMENTS,
+            _ => FOOTER_LEN,
+        };
+        if len < PACK_HEADER_LEN + footer_len {
+            return Err(bad(path, format!("{len} bytes: too short for a pack")));
+        }
+        let mut footer = vec![0u8; footer_len as usize];
+        file.read_exact_at(&mut footer, len - footer_len).at(path)?;
         let index_offset = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
         let count = u64::from_le_bytes(footer[8..16].try_into().expect("8 bytes"));
         let want_hash: [u8; 32] = footer[16..48].try_into().expect("32 bytes");
-        count
+        let nseg = match format {
+            2 => u64::from_le_bytes(footer[48..56].try_into().expect("8 bytes")),
+            _ => 0,
+        };
+        let table_offset = count
             .checked_mul(ENTRY_LEN as u64)
-            .filter(|l| {
-                index_offset >= PACK_HEADER_LEN
-                    && index_offset
-                        .checked_add(*l)
-                        .and_then(|e| e.checked_add(FOOTER_LEN))
-                        == Some(len)
-            })
+            .and_then(|l| index_offset.checked_add(l));
+        table_offset
+            .zip(nseg.checked_mul(SEGMENT_ENTRY_LEN as u64))
+            .and_then(|(t, l)| t.checked_add(l)?.checked_add(footer_len))
+            .filter(|end| index_offset >= PACK_HEADER_LEN && *end == len)
             .ok_or_else(|| bad(path, "footer does not match the file's length"))?;
+        let table_offset = table_offset.expect("checked above");
+        // The segment table (small: one entry per ~1 MiB of content).
+        let mut table = vec![0u8; nseg as usize * SEGMENT_ENTRY_LEN];
+        file.read_exact_at(&mut table, table_offset).at(path)?;
+        let max_z = zstd::zstd_safe::compress_bound(MAX_SEGMENT_CONTENT as usize) as u64;
+        let mut segments = Vec::with_capacity(nseg as usize);
+        for (i, e) in table.chunks_exact(SEGMENT_ENTRY_LEN).enumerate() {
+            let seg = Segment {
+                offset: u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
+                zlen: u32::from_le_bytes(e[8..12].try_into().expect("4 bytes")),
+                len: u32::from_le_bytes(e[12..16].try_into().expect("4 bytes")),
+            };
+            if seg.offset < PACK_HEADER_LEN
+                || seg.zlen == 0
+                || u64::from(seg.zlen) > max_z
+                || seg.len == 0
+                || seg.len > MAX_SEGMENT_CONTENT
+                || seg.offset + u64::from(seg.zlen) > index_offset
+            {
+                return Err(bad(path, format!("segment {} out of bounds", i + 1)));
+            }
+            segments.push(seg);
+        }
         // Stream the index: hash it, check it, keep the prefixes.
         let mut prefixes = Vec::with_capacity(count as usize);
         let mut hasher = blake3::Hasher::new();
@@ -134,10 +316,14 @@ impl Pack {
                 if last.is_some_and(|l| l >= *id.as_bytes()) {
                     return Err(bad(path, "index not sorted by ID"));
                 }
-                if slot.offset < PACK_HEADER_LEN
-                    || u64::from(slot.len) > MAX_OBJECT_FILE
-                    || slot.offset + u64::from(slot.len) > index_offset
-                {
+                let end = slot.offset.checked_add(u64::from(slot.len));
+                let inside = match slot.seg {
+                    0 => slot.offset >= PACK_HEADER_LEN && end.is_some_and(|e| e <= index_offset),
+                    n => segments
+                        .get(n as usize - 1)
+                        .is_some_and(|s| end.is_some_and(|e| e <= u64::from(s.len))),
+                };
+                if !inside || u64::from(slot.len) > MAX_OBJECT_FILE {
                     return Err(bad(path, format!("index entry for {id} out of bounds")));
                 }
                 last = Some(*id.as_bytes());
@@ -145,15 +331,17 @@ impl Pack {
             }
             Ok(())
         })?;
+        hasher.update(&table);
         if *hasher.finalize().as_bytes() != want_hash {
             return Err(bad(path, "index hash mismatch"));
         }
         let dead = read_dead(&dead_path(path))?;
         Ok(Pack {
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            body: Arc::new(Body::new(file, path.to_path_buf())),
             prefixes: Arc::new(prefixes),
             index_offset,
+            segments: Arc::new(segments),
             flags,
             dead,
         })
@@ -163,12 +351,20 @@ impl Pack {
     fn with_dead(&self, dead: Vec<ObjectId>) -> Pack {
         Pack {
             path: self.path.clone(),
-            file: self.file.clone(),
+            body: self.body.clone(),
             prefixes: self.prefixes.clone(),
             index_offset: self.index_offset,
+            segments: self.segments.clone(),
             flags: self.flags,
             dead,
         }
+    }
+
+    /// Whether it holds segments (format 2): reading an object means
+    /// decompressing its segment, so a reader of many goes in
+    /// [`Pack::order`].
+    pub fn has_segments(&self) -> bool {
+        !self.segments.is_empty()
     }
 
     /// Whether it holds objects stored uncompressed for gc to compress
@@ -189,9 +385,11 @@ impl Pack {
         self.prefixes.is_empty()
     }
 
-    fn entry(&self, i: usize) -> Result<(ObjectId, Slot)> {
+    /// Index entry `i` (in ID order).
+    pub fn entry(&self, i: usize) -> Result<(ObjectId, Slot)> {
         let mut e = [0u8; ENTRY_LEN];
-        self.file
+        self.body
+            .file
             .read_exact_at(&mut e, self.index_offset + (i * ENTRY_LEN) as u64)
             .at(&self.path)?;
         Ok(decode_entry(&e))
@@ -216,39 +414,77 @@ impl Pack {
 
     /// The object file at `slot`, as stored.
     pub fn read(&self, slot: Slot) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; slot.len as usize];
-        self.file
-            .read_exact_at(&mut buf, slot.offset)
-            .at(&self.path)?;
-        Ok(buf)
+        let seg = match slot.seg {
+            0 => None,
+            n => Some(
+                *self
+                    .segments
+                    .get(n as usize - 1)
+                    .ok_or_else(|| bad(&self.path, format!("no segment {n}")))?,
+            ),
+        };
+        self.body.read(slot, seg)
     }
 
     /// The first bytes of the object file at `slot` (its header, for
     /// [`crate::store::object::peek`]).
     pub fn read_head(&self, slot: Slot) -> Result<Vec<u8>> {
+        let head = crate::store::object::HEADER_LEN as u32;
+        if slot.seg != 0 {
+            let mut file = self.read(slot)?;
+            file.truncate(head as usize);
+            return Ok(file);
+        }
         self.read(Slot {
-            offset: slot.offset,
-            len: slot.len.min(crate::store::object::HEADER_LEN as u32),
+            len: slot.len.min(head),
+            ..slot
         })
+    }
+
+    /// The positions of the index entries `keep` accepts, in the order a
+    /// reader of their objects should go: the pack's own (by segment and
+    /// place in it) for a pack with segments, so each segment is
+    /// decompressed once; ID order otherwise. 16 bytes an entry, for
+    /// [`Pack::entry`].
+    pub fn order(&self, mut keep: impl FnMut(&ObjectId, Slot) -> bool) -> Result<Vec<u32>> {
+        let mut at: Vec<(u32, u64, u32)> = Vec::new();
+        let mut i = 0u32;
+        self.for_each_entry(|id, slot| {
+            if keep(&id, slot) {
+                at.push((slot.seg, slot.offset, i));
+            }
+            i += 1;
+            Ok(())
+        })?;
+        if self.has_segments() {
+            at.sort_unstable();
+        }
+        Ok(at.into_iter().map(|(_, _, i)| i).collect())
     }
 
     /// Every entry, in ID order, dead ones included.
     pub fn for_each_entry(&self, mut f: impl FnMut(ObjectId, Slot) -> Result<()>) -> Result<()> {
         let count = self.prefixes.len() as u64;
-        for_each_block(&self.file, &self.path, self.index_offset, count, |block| {
-            for e in block.chunks_exact(ENTRY_LEN) {
-                let (id, slot) = decode_entry(e);
-                f(id, slot)?;
-            }
-            Ok(())
-        })
+        for_each_block(
+            &self.body.file,
+            &self.path,
+            self.index_offset,
+            count,
+            |block| {
+                for e in block.chunks_exact(ENTRY_LEN) {
+                    let (id, slot) = decode_entry(e);
+                    f(id, slot)?;
+                }
+                Ok(())
+            },
+        )
     }
 
     pub fn is_dead(&self, id: &ObjectId) -> bool {
         self.dead.binary_search(id).is_ok()
     }
 
-    /// Bytes of object files in the pack.
+    /// Bytes of object files and segments in the pack.
     pub fn body_len(&self) -> u64 {
         self.index_offset - PACK_HEADER_LEN
     }
@@ -279,7 +515,17 @@ fn decode_entry(e: &[u8]) -> (ObjectId, Slot) {
     let id = ObjectId::from_bytes(e[..32].try_into().expect("32 bytes"));
     let offset = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
     let len = u32::from_le_bytes(e[40..44].try_into().expect("4 bytes"));
-    (id, Slot { offset, len })
+    let seg = u32::from_le_bytes(e[44..48].try_into().expect("4 bytes"));
+    (id, Slot { offset, len, seg })
+}
+
+fn encode_entry(id: &ObjectId, slot: Slot) -> [u8; ENTRY_LEN] {
+    let mut e = [0u8; ENTRY_LEN];
+    e[..32].copy_from_slice(id.as_bytes());
+    e[32..40].copy_from_slice(&slot.offset.to_le_bytes());
+    e[40..44].copy_from_slice(&slot.len.to_le_bytes());
+    e[44..48].copy_from_slice(&slot.seg.to_le_bytes());
+    e
 }
 
 pub fn dead_path(pack: &Path) -> PathBuf {
@@ -321,10 +567,12 @@ pub fn write_dead(pack: &Path, mut dead: Vec<ObjectId>) -> Result<()> {
 /// A pack being written: objects appended to a temp file, then sealed.
 #[derive(Debug)]
 pub struct PackWriter {
-    file: File,
-    tmp: PathBuf,
+    /// The temp file (`body.path`), shared with readers of what it holds.
+    body: Arc<Body>,
     offset: u64,
     index: PendingIndex,
+    /// Segments stored as they arrived ([`PackWriter::append_segment`]).
+    segments: Vec<Segment>,
     flags: u32,
     /// Bytes before this offset have been handed to the disk
     /// ([`crate::sys::start_writeback`]).
@@ -446,10 +694,7 @@ impl PendingIndex {
             }
             *last = Some(*id);
         }
-        let mut e = [0u8; ENTRY_LEN];
-        e[..32].copy_from_slice(id.as_bytes());
-        e[32..40].copy_from_slice(&slot.offset.to_le_bytes());
-        e[40..44].copy_from_slice(&slot.len.to_le_bytes());
+        let e = encode_entry(id, slot);
         let pos = self.n;
         self.side
             .write_all_at(&e, u64::from(pos) * ENTRY_LEN as u64)
@@ -524,7 +769,7 @@ impl PackWriter {
             .at(&tmp)?;
         let mut header = [0u8; PACK_HEADER_LEN as usize];
         header[..8].copy_from_slice(PACK_MAGIC);
-        header[8..12].copy_from_slice(&PACK_FORMAT.to_le_bytes());
+        header[8..12].copy_from_slice(&PACK_FORMAT_PLAIN.to_le_bytes());
         let index = file
             .write_all(&header)
             .at(&tmp)
@@ -537,10 +782,10 @@ impl PackWriter {
             }
         };
         Ok(PackWriter {
-            file,
-            tmp,
+            body: Arc::new(Body::new(file, tmp)),
             offset: PACK_HEADER_LEN,
             index,
+            segments: Vec::new(),
             flags: 0,
             written_back: PACK_HEADER_LEN,
         })
@@ -576,45 +821,143 @@ impl PackWriter {
         if self.index.holds(&id)? {
             return Ok(());
         }
-        let len = u32::try_from(file.len())
-            .ok()
-            .filter(|l| u64::from(*l) <= MAX_OBJECT_FILE)
-            .ok_or_else(|| bad(&self.tmp, format!("object {id} too large for a pack")))?;
-        if self.index.n == u32::MAX {
-            return Err(bad(&self.tmp, "more objects than one pack holds"));
-        }
+        let len = self.object_len(&id, file.len())?;
         // A short write (a full disk) leaves the offset where it was; the
         // next append overwrites the torn bytes.
-        self.file.write_all_at(file, self.offset).at(&self.tmp)?;
+        self.body
+            .file
+            .write_all_at(file, self.offset)
+            .at(&self.body.path)?;
         self.index.insert(
             &id,
             Slot {
                 offset: self.offset,
                 len,
+                seg: 0,
             },
         )?;
-        self.offset += u64::from(len);
+        self.advance(u64::from(len));
+        Ok(())
+    }
+
+    /// Checks an object file's length, and that the pack has room for
+    /// one more entry.
+    fn object_len(&self, id: &ObjectId, len: usize) -> Result<u32> {
+        if self.index.n == u32::MAX {
+            return Err(bad(&self.body.path, "more objects than one pack holds"));
+        }
+        u32::try_from(len)
+            .ok()
+            .filter(|l| u64::from(*l) <= MAX_OBJECT_FILE)
+            .ok_or_else(|| bad(&self.body.path, format!("object {id} too large for a pack")))
+    }
+
+    /// Moves the end past `len` bytes just written, starting their
+    /// writeback every [`WRITEBACK_EVERY`].
+    fn advance(&mut self, len: u64) {
+        self.offset += len;
         if self.offset - self.written_back >= WRITEBACK_EVERY {
             crate::sys::start_writeback(
-                &self.file,
+                &self.body.file,
                 self.written_back,
                 self.offset - self.written_back,
             );
             self.written_back = self.offset;
         }
-        Ok(())
+    }
+
+    /// Appends a segment as it arrived (its zstd frame; `content` what it
+    /// decompressed to, kept for readers of the objects in it). Returns
+    /// its number, for [`PackWriter::append_in_segment`].
+    pub fn append_segment(&mut self, compressed: &[u8], content: Arc<Vec<u8>>) -> Result<u32> {
+        let max_z = zstd::zstd_safe::compress_bound(MAX_SEGMENT_CONTENT as usize);
+        let len = u32::try_from(content.len())
+            .ok()
+            .filter(|l| *l > 0 && *l <= MAX_SEGMENT_CONTENT);
+        let (Some(len), true) = (len, !compressed.is_empty() && compressed.len() <= max_z) else {
+            return Err(bad(
+                &self.body.path,
+                format!(
+                    "a segment of {} bytes ({} compressed) does not fit a pack",
+                    content.len(),
+                    compressed.len()
+                ),
+            ));
+        };
+        let n = u32::try_from(self.segments.len() + 1)
+            .map_err(|_| bad(&self.body.path, "more segments than one pack holds"))?;
+        self.body
+            .file
+            .write_all_at(compressed, self.offset)
+            .at(&self.body.path)?;
+        self.segments.push(Segment {
+            offset: self.offset,
+            zlen: compressed.len() as u32,
+            len,
+        });
+        self.advance(compressed.len() as u64);
+        self.body.keep(n, content);
+        Ok(n)
+    }
+
+    /// Adds object `id`, whose file is `len` bytes at `offset` in the
+    /// content of segment `seg` (unless the pack has it).
+    pub fn append_in_segment(
+        &mut self,
+        id: ObjectId,
+        seg: u32,
+        offset: u32,
+        len: usize,
+    ) -> Result<()> {
+        if self.index.holds(&id)? {
+            return Ok(());
+        }
+        let len = self.object_len(&id, len)?;
+        let inside = seg
+            .checked_sub(1)
+            .and_then(|i| self.segments.get(i as usize))
+            .is_some_and(|s| u64::from(offset) + u64::from(len) <= u64::from(s.len));
+        if !inside {
+            return Err(bad(
+                &self.body.path,
+                format!("object {id} is not inside segment {seg} (a bug in scap)"),
+            ));
+        }
+        self.index.insert(
+            &id,
+            Slot {
+                offset: u64::from(offset),
+                len,
+                seg,
+            },
+        )
+    }
+
+    /// Where an object this writer holds is, to be read without holding
+    /// the writer (a lock around it, while the fetch appends).
+    pub fn locate(&self, id: &ObjectId) -> Result<Option<Located>> {
+        let Some(slot) = self.index.find(id)? else {
+            return Ok(None);
+        };
+        let seg = match slot.seg {
+            0 => None,
+            n => Some(
+                *self
+                    .segments
+                    .get(n as usize - 1)
+                    .ok_or_else(|| bad(&self.body.path, format!("no segment {n}")))?,
+            ),
+        };
+        Ok(Some(Located {
+            body: self.body.clone(),
+            slot,
+            seg,
+        }))
     }
 
     /// An object this writer holds, as stored.
     pub fn read(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
-        let Some(slot) = self.index.find(id)? else {
-            return Ok(None);
-        };
-        let mut buf = vec![0u8; slot.len as usize];
-        self.file
-            .read_exact_at(&mut buf, slot.offset)
-            .at(&self.tmp)?;
-        Ok(Some(buf))
+        self.locate(id)?.map(|at| at.read()).transpose()
     }
 
     /// The IDs of the objects written, in write order (for a session
@@ -623,6 +966,11 @@ impl PackWriter {
         (0..self.index.n)
             .map(|pos| Ok(decode_entry(&self.index.entry(pos)?).0))
             .collect()
+    }
+
+    /// Bytes of object files and segments written so far.
+    pub fn body_len(&self) -> u64 {
+        self.offset - PACK_HEADER_LEN
     }
 
     /// Flags the pack [`FLAG_RAW`] when it is sealed.
@@ -637,32 +985,45 @@ impl PackWriter {
 
     /// The temp file's path.
     pub fn path(&self) -> &Path {
-        &self.tmp
+        &self.body.path
     }
 
-    /// Writes the index and footer. The caller makes the file durable
-    /// (`syncfs`, or [`File::sync_all`]) before [`PackWriter::publish`].
+    /// The footer's length: format 2's when the pack holds segments.
+    fn footer_len(&self) -> u64 {
+        match self.segments.is_empty() {
+            true => FOOTER_LEN,
+            false => FOOTER_LEN_SEGMENTS,
+        }
+    }
+
+    /// Writes the index, the segment table and the footer. The caller
+    /// makes the file durable (`syncfs`, or [`File::sync_all`]) before
+    /// [`PackWriter::publish`].
     pub fn seal(&mut self) -> Result<()> {
         self.index.fold();
+        let tmp = &self.body.path;
         let index_offset = self.offset;
         let mut hasher = blake3::Hasher::new();
-        if self.flags != 0 {
-            self.file
-                .write_all_at(&self.flags.to_le_bytes(), 12)
-                .at(&self.tmp)?;
-        }
-        let mut out = io::BufWriter::with_capacity(1 << 20, &self.file);
+        let mut header = [0u8; 8];
+        let format = match self.segments.is_empty() {
+            true => PACK_FORMAT_PLAIN,
+            false => PACK_FORMAT,
+        };
+        header[..4].copy_from_slice(&format.to_le_bytes());
+        header[4..].copy_from_slice(&self.flags.to_le_bytes());
+        self.body.file.write_all_at(&header, 8).at(tmp)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, &self.body.file);
         use std::io::Seek;
         out.get_mut()
             .seek(io::SeekFrom::Start(index_offset))
-            .at(&self.tmp)?;
+            .at(tmp)?;
         let count = u64::from(self.index.n);
         if self.index.in_order.is_some() {
             // The side file is the index, in order: copied as it is.
             let index = &self.index;
             for_each_block(&index.side, &index.side_path, 0, count, |block| {
                 hasher.update(block);
-                out.write_all(block).at(&self.tmp)
+                out.write_all(block).at(tmp)
             })?;
         }
         let (prefixes, positions) = (&self.index.prefixes, &self.index.positions);
@@ -680,38 +1041,55 @@ impl PackWriter {
             run.sort_unstable_by(|a, b| a[..32].cmp(&b[..32]));
             for e in &run {
                 hasher.update(e);
-                out.write_all(e).at(&self.tmp)?;
+                out.write_all(e).at(tmp)?;
             }
             i = j;
         }
-        let mut footer = [0u8; FOOTER_LEN as usize];
-        footer[..8].copy_from_slice(&index_offset.to_le_bytes());
-        footer[8..16].copy_from_slice(&count.to_le_bytes());
-        footer[16..48].copy_from_slice(hasher.finalize().as_bytes());
-        out.write_all(&footer).at(&self.tmp)?;
-        out.flush().at(&self.tmp)?;
+        for seg in &self.segments {
+            let mut e = [0u8; SEGMENT_ENTRY_LEN];
+            e[..8].copy_from_slice(&seg.offset.to_le_bytes());
+            e[8..12].copy_from_slice(&seg.zlen.to_le_bytes());
+            e[12..16].copy_from_slice(&seg.len.to_le_bytes());
+            hasher.update(&e);
+            out.write_all(&e).at(tmp)?;
+        }
+        let mut footer = Vec::with_capacity(FOOTER_LEN_SEGMENTS as usize);
+        footer.extend_from_slice(&index_offset.to_le_bytes());
+        footer.extend_from_slice(&count.to_le_bytes());
+        footer.extend_from_slice(hasher.finalize().as_bytes());
+        if !self.segments.is_empty() {
+            footer.extend_from_slice(&(self.segments.len() as u64).to_le_bytes());
+        }
+        out.write_all(&footer).at(tmp)?;
+        out.flush().at(tmp)?;
         drop(out);
-        let end = index_offset + count * ENTRY_LEN as u64 + FOOTER_LEN;
-        self.file.set_len(end).at(&self.tmp)?;
+        let end = index_offset
+            + count * ENTRY_LEN as u64
+            + (self.segments.len() * SEGMENT_ENTRY_LEN) as u64
+            + self.footer_len();
+        self.body.file.set_len(end).at(tmp)?;
         Ok(())
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        &self.body.file
     }
 
     /// Renames the sealed, durable pack into `dir` under its name (the
     /// index hash): from here on it is in the store. The caller syncs
     /// `dir`.
     pub fn publish(self, dir: &Path) -> Result<PathBuf> {
-        let mut footer = [0u8; FOOTER_LEN as usize];
-        let len = self.file.metadata().at(&self.tmp)?.len();
-        self.file
-            .read_exact_at(&mut footer, len - FOOTER_LEN)
-            .at(&self.tmp)?;
+        let tmp = &self.body.path;
+        let footer_len = self.footer_len();
+        let mut footer = vec![0u8; footer_len as usize];
+        let len = self.body.file.metadata().at(tmp)?.len();
+        self.body
+            .file
+            .read_exact_at(&mut footer, len - footer_len)
+            .at(tmp)?;
         let name: String = footer[16..32].iter().map(|b| format!("{b:02x}")).collect();
         let dest = dir.join(format!("{name}.pack"));
-        fs::rename(&self.tmp, &dest).at(&dest)?;
+        fs::rename(tmp, &dest).at(&dest)?;
         let _ = fs::remove_file(&self.index.side_path);
         Ok(dest)
     }
@@ -719,7 +1097,7 @@ impl PackWriter {
     /// Drops the temp files (a session that wrote few objects keeps them
     /// loose instead; a failed seal).
     pub fn discard(self) {
-        let _ = fs::remove_file(&self.tmp);
+        let _ = fs::remove_file(&self.body.path);
         let _ = fs::remove_file(&self.index.side_path);
     }
 }
@@ -930,6 +1308,9 @@ mod tests {
         let path = packed(dir.path(), &objects);
         let pack = Pack::open(&path).unwrap();
         assert_eq!(pack.len(), 1000);
+        // No segments: format 1, which older scaps read.
+        assert_eq!(&fs::read(&path).unwrap()[8..12], &1u32.to_le_bytes());
+        assert!(!pack.has_segments());
         for o in &objects {
             let id = ObjectKind::Chunk.hash(o);
             let slot = pack.find(&id).unwrap().expect("packed");
@@ -944,6 +1325,145 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 1000);
+    }
+
+    /// `objects` as a delta pack's segments carry them: uncompressed
+    /// object files behind some other bytes (frame headers), cut into
+    /// `per` objects a segment. Returns each segment and, for each object,
+    /// its segment (0-based) and offset in that segment's content.
+    fn segments(objects: &[Vec<u8>], per: usize) -> (Vec<Arriving>, Vec<(usize, usize)>) {
+        let mut out = Vec::new();
+        let mut at = Vec::new();
+        for (s, group) in objects.chunks(per).enumerate() {
+            let mut content = b"scapbat1".to_vec();
+            for o in group {
+                content.extend_from_slice(&[7u8; 37]);
+                at.push((s, content.len()));
+                content.extend_from_slice(&raw(ObjectKind::Chunk, o));
+            }
+            let z = zstd::bulk::compress(&content, 3).unwrap();
+            out.push(Arriving::new(z, Arc::new(content)));
+        }
+        (out, at)
+    }
+
+    #[test]
+    fn a_pack_with_segments_gives_back_each_object_and_refuses_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects: Vec<Vec<u8>> = (0..600).map(chunk).collect();
+        let (segs, at) = segments(&objects[100..], 125);
+        let mut w = PackWriter::create(dir.path().join(".pack.t.tmp")).unwrap();
+        // Some objects in the file itself, the rest in segments.
+        for o in &objects[..100] {
+            let id = ObjectKind::Chunk.hash(o);
+            w.append(id, &object::encode(ObjectKind::Chunk, o)).unwrap();
+        }
+        let mut numbers = Vec::new();
+        for seg in &segs {
+            numbers.push(
+                w.append_segment(&seg.compressed, seg.content.clone())
+                    .unwrap(),
+            );
+        }
+        for (o, (s, offset)) in objects[100..].iter().zip(&at) {
+            let id = ObjectKind::Chunk.hash(o);
+            let len = raw(ObjectKind::Chunk, o).len();
+            w.append_in_segment(id, numbers[*s], *offset as u32, len)
+                .unwrap();
+        }
+        // Nothing outside a segment's content, nor a segment it lacks.
+        let id = ObjectKind::Chunk.hash(b"x");
+        let last = segs.last().unwrap().content.len() as u32;
+        assert!(w.append_in_segment(id, numbers[3], last - 10, 11).is_err());
+        assert!(w.append_in_segment(id, 99, 0, 11).is_err());
+        assert!(w.append_in_segment(id, 0, 0, 11).is_err());
+        // Read back while written, and once published.
+        let check = |read: &dyn Fn(&ObjectId) -> Vec<u8>| {
+            for o in &objects {
+                let id = ObjectKind::Chunk.hash(o);
+                assert_eq!(
+                    object::decode(id, ObjectKind::Chunk, &read(&id)).unwrap(),
+                    *o
+                );
+            }
+        };
+        check(&|id| w.read(id).unwrap().expect("written"));
+        w.seal().unwrap();
+        let path = w.publish(dir.path()).unwrap();
+        let good = fs::read(&path).unwrap();
+        assert_eq!(&good[8..12], &2u32.to_le_bytes(), "pack format 2");
+        let pack = Pack::open(&path).unwrap();
+        assert!(pack.has_segments());
+        assert_eq!(pack.len(), 600);
+        check(&|id| pack.read(pack.find(id).unwrap().unwrap()).unwrap());
+        // In the pack's order: the file's objects, then by segment.
+        let order = pack.order(|_, _| true).unwrap();
+        let slots: Vec<Slot> = order
+            .iter()
+            .map(|&i| pack.entry(i as usize).unwrap().1)
+            .collect();
+        assert!(
+            slots
+                .windows(2)
+                .all(|p| (p[0].seg, p[0].offset) < (p[1].seg, p[1].offset))
+        );
+        assert_eq!(slots.iter().filter(|s| s.seg == 0).count(), 100);
+
+        // Damage anywhere in the index, table or footer is refused, with
+        // the path; a damaged segment fails the reads of its objects.
+        let footer = good.len() - 56;
+        let index_offset =
+            u64::from_le_bytes(good[footer..footer + 8].try_into().unwrap()) as usize;
+        let table = index_offset + 600 * ENTRY_LEN;
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![("truncated", good[..good.len() - 1].to_vec())];
+        for (why, at) in [
+            ("index", index_offset + 40),
+            ("segment table offset", table + 2),
+            ("segment table length", table + 13),
+            ("segment count", footer + 48),
+            ("footer hash", footer + 20),
+        ] {
+            let mut b = good.clone();
+            b[at] ^= 1;
+            cases.push((why, b));
+        }
+        let mut newer = good.clone();
+        newer[8] = 3;
+        cases.push(("format 3", newer));
+        for cut in (0..good.len()).step_by(4099) {
+            cases.push(("cut", good[..cut].to_vec()));
+        }
+        for (why, bytes) in cases {
+            fs::write(&path, &bytes).unwrap();
+            let err = Pack::open(&path).expect_err(why).to_string();
+            assert!(err.contains(&*path.to_string_lossy()), "{why}: {err}");
+        }
+        let mut body = good.clone();
+        let first_segment = PACK_HEADER_LEN as usize
+            + objects[..100]
+                .iter()
+                .map(|o| object::encode(ObjectKind::Chunk, o).len())
+                .sum::<usize>();
+        body[first_segment + 30] ^= 0xff;
+        fs::write(&path, &body).unwrap();
+        let pack = Pack::open(&path).unwrap();
+        let mut failed = 0;
+        for o in &objects[100..] {
+            let id = ObjectKind::Chunk.hash(o);
+            match pack.read(pack.find(&id).unwrap().unwrap()) {
+                Err(e) => {
+                    assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+                    failed += 1;
+                }
+                Ok(file) => {
+                    let _ = object::decode(id, ObjectKind::Chunk, &file);
+                }
+            }
+        }
+        assert!(
+            failed >= 125,
+            "the damaged segment's objects fail: {failed}"
+        );
     }
 
     /// The writer's compact index: thousands of objects (several folds of
@@ -1244,6 +1764,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.compressed_bytes, 0);
+
+        // Objects that came in a delta pack's segments: stored in them,
+        // as they came, and rewritten by gc in the pack's order.
+        let more: Vec<Vec<u8>> = (600..1200).map(chunk).collect();
+        let (segs, at) = segments(&more, 100);
+        let w = store.writer().unwrap();
+        let mut entries = Vec::new();
+        for (n, (o, (s, offset))) in more.iter().zip(&at).enumerate() {
+            let id = ObjectKind::Chunk.hash(o);
+            w.put_in_segment(id, &raw(ObjectKind::Chunk, o), &segs[*s], *offset)
+                .unwrap();
+            entries.push(one_chunk_entry(&format!("g{n:04}"), id, o.len()));
+        }
+        // An object whose place is wrong is stored on its own.
+        let odd = chunk(5000);
+        let odd_id = ObjectKind::Chunk.hash(&odd);
+        w.put_in_segment(odd_id, &raw(ObjectKind::Chunk, &odd), &segs[0], 3)
+            .unwrap();
+        entries.push(one_chunk_entry("odd", odd_id, odd.len()));
+        let tree2 = Tree::new(entries).unwrap().encode();
+        let root2 = ObjectKind::Tree.hash(&tree2);
+        w.put_checked(root2, &raw(ObjectKind::Tree, &tree2))
+            .unwrap();
+        assert_eq!(
+            w.store().read(&odd_id, ObjectKind::Chunk).unwrap(),
+            odd,
+            "read while the session writes"
+        );
+        drop(w.commit().unwrap());
+        let packs = store.pack_set().all(&store.packs_dir()).unwrap();
+        let segmented: Vec<_> = packs.iter().filter(|p| p.has_segments()).collect();
+        assert_eq!(segmented.len(), 1);
+        let stored: u64 = segs.iter().map(|s| s.compressed.len() as u64).sum();
+        assert_eq!(
+            segmented[0].body_len(),
+            stored
+                + (raw(ObjectKind::Chunk, &odd).len() + raw(ObjectKind::Tree, &tree2).len()) as u64,
+            "the segments as they came (not their objects), the odd one and the tree"
+        );
+        let check2 = |store: &Store| {
+            for o in more.iter().chain([&odd]) {
+                let id = ObjectKind::Chunk.hash(o);
+                assert_eq!(store.read(&id, ObjectKind::Chunk).unwrap(), *o);
+            }
+        };
+        check2(&store);
+        let roots = [
+            crate::store::id::VersionId::new(root),
+            crate::store::id::VersionId::new(root2),
+        ];
+        let report =
+            crate::store::gc::mark_and_sweep(&store, &roots, false, &crate::cancel::Cancel::new())
+                .unwrap();
+        assert!(report.compressed_bytes > 0);
+        let packs = store.pack_set().all(&store.packs_dir()).unwrap();
+        assert!(packs.iter().all(|p| !p.has_segments() && !p.holds_raw()));
+        check(&store);
+        check2(&store);
+        check2(&Store::open(dir.path()).unwrap());
 
         // A small session: its loose objects are compressed at commit.
         let w = store.writer().unwrap();

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::pack::{Pack, PackWriter};
+use super::pack::{Arriving, Pack, PackWriter};
 use super::{IoContext, Result, Store, StoreError};
 use crate::store::fsutil::{FSYNC_EACH_MAX, SyncSet, atomic_write, read_head, sync_dir, syncfs};
 use crate::store::id::{ObjectId, ObjectKind, TreeId};
@@ -454,10 +454,54 @@ impl Writer<'_> {
         Ok(())
     }
 
-    fn write_received(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
-        if !object::is_uncompressed(file) {
-            return self.write_object(id, file);
+    /// [`Writer::put_checked`] for an object file that came in `seg`, a
+    /// segment of a delta pack, at `offset` in its content: the segment
+    /// is stored as it came (compressed) with the first object stored
+    /// from it, and the object is a reference into it, so that the bytes
+    /// a fresh host receives are written once. As `put_checked` when the
+    /// disk runs low or the object is not where `offset` says.
+    pub fn put_in_segment(
+        &self,
+        id: ObjectId,
+        file: &[u8],
+        seg: &Arriving,
+        offset: usize,
+    ) -> Result<()> {
+        if self.store.has(&id) {
+            return Ok(());
         }
+        let there = seg.content.get(offset..).and_then(|c| c.get(..file.len())) == Some(file);
+        if !there || !object::is_uncompressed(file) || !self.keep_raw() {
+            return self.write_received(&id, file);
+        }
+        let mut guard = self.pending_pack()?;
+        let pack = guard.as_mut().expect("created by pending_pack");
+        let before = (pack.len(), pack.body_len());
+        let n = {
+            let mut stored = seg.stored.lock().expect("not poisoned");
+            match *stored {
+                Some(n) => n,
+                None => {
+                    let n = pack.append_segment(&seg.compressed, seg.content.clone())?;
+                    *stored = Some(n);
+                    n
+                }
+            }
+        };
+        pack.append_in_segment(id, n, offset as u32, file.len())?;
+        pack.mark_raw();
+        if pack.len() > before.0 {
+            self.written.fetch_add(1, Ordering::Relaxed);
+        }
+        self.written_bytes
+            .fetch_add(pack.body_len() - before.1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether a received object may be stored uncompressed (counted), or
+    /// the disk is low ([`LOW_SPACE`]) and it is compressed as it is
+    /// stored.
+    fn keep_raw(&self) -> bool {
         let n = self.raw_written.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(SPACE_CHECK_EVERY)
             && !self.low_space.load(Ordering::Relaxed)
@@ -472,7 +516,14 @@ impl Writer<'_> {
                 LOW_SPACE >> 20
             ));
         }
-        if self.low_space.load(Ordering::Relaxed) {
+        !self.low_space.load(Ordering::Relaxed)
+    }
+
+    fn write_received(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        if !object::is_uncompressed(file) {
+            return self.write_object(id, file);
+        }
+        if !self.keep_raw() {
             // The caller checked it: compress its payload, no second hash.
             let (kind, _) = object::peek(*id, file).map_err(|source| StoreError::Object {
                 path: self.store.object_path(id),
@@ -504,6 +555,23 @@ impl Writer<'_> {
     /// [`Writer::write_object`]; `raw`: `file` is stored uncompressed for
     /// speed, to be compressed later.
     fn write_object_with(&self, id: &ObjectId, file: &[u8], raw: bool) -> Result<()> {
+        let mut guard = self.pending_pack()?;
+        let pack = guard.as_mut().expect("created by pending_pack");
+        let before = pack.len();
+        pack.append(*id, file)?;
+        if raw {
+            pack.mark_raw();
+        }
+        if pack.len() > before {
+            self.written.fetch_add(1, Ordering::Relaxed);
+            self.written_bytes
+                .fetch_add(file.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// This session's pack, created on the first object, locked.
+    fn pending_pack(&self) -> Result<std::sync::MutexGuard<'_, Option<PackWriter>>> {
         let pending = self
             .store
             .pending
@@ -517,18 +585,7 @@ impl Writer<'_> {
                 .join(format!(".pack.{}.tmp", self.session));
             *guard = Some(PackWriter::create(tmp)?);
         }
-        let pack = guard.as_mut().expect("created above");
-        let before = pack.len();
-        pack.append(*id, file)?;
-        if raw {
-            pack.mark_raw();
-        }
-        if pack.len() > before {
-            self.written.fetch_add(1, Ordering::Relaxed);
-            self.written_bytes
-                .fetch_add(file.len() as u64, Ordering::Relaxed);
-        }
-        Ok(())
+        Ok(guard)
     }
 
     /// Writes a loose object: temp file in its own fan-out directory, then
