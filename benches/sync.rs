@@ -11,7 +11,9 @@
 //! (the default) and over plain HTTP (`--insecure-http`, left out with
 //! SCAP_BENCH_PLAIN=0), both with signed versions. With
 //! `SCAP_BENCH_BASELINE=/path/to/an/older/scap`, that binary runs beside
-//! them (plain HTTP, its own flags) for a before/after comparison.
+//! them for a before/after comparison: over TLS like the first stack if it
+//! has `scap pki` (a binary from after the transport work), else plain
+//! HTTP with its own flags.
 //!
 //! Each row also gives the deploy host's build of that change (the TLS
 //! stack's: wall time and peak RSS), and the disk each host uses after it:
@@ -61,7 +63,8 @@ enum Mode {
     Tls,
     /// This scap: `--insecure-http` with a token, signed versions.
     Plain,
-    /// An older scap (`SCAP_BENCH_BASELINE`): plain HTTP, a token.
+    /// An older scap from before TLS (`SCAP_BENCH_BASELINE`): plain
+    /// HTTP, a token, unsigned versions.
     Before,
 }
 
@@ -378,9 +381,15 @@ fn main() {
         stacks.push(plain);
     }
     if let Some(before) = &baseline {
+        // A baseline from after the transport work (it has `pki`) runs as
+        // this binary's TLS stack does; an older one plain and unsigned.
+        let speaks_tls = Command::new(before)
+            .args(["pki", "--help"])
+            .output()
+            .is_ok_and(|o| o.status.success());
         let (s, _, v) = Stack::start(
             "before",
-            Mode::Before,
+            if speaks_tls { Mode::Tls } else { Mode::Before },
             before,
             &dir.join("before"),
             &staging,

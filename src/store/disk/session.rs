@@ -651,9 +651,10 @@ impl Writer<'_> {
         if let Some(mut pack) = pending {
             if pack.len() <= LOOSE_MAX {
                 let result = (|| -> Result<()> {
-                    let mut objects = pack.ids()?;
-                    objects.sort();
-                    for id in objects {
+                    // In the order written: objects stored in a received
+                    // pack's segments are read segment by segment, each
+                    // decompressed once.
+                    for id in pack.ids()? {
                         if self.base.has(&id) {
                             continue;
                         }
