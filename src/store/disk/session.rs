@@ -128,6 +128,7 @@ impl Store {
             written_bytes: AtomicU64::new(0),
             raw_written: AtomicU64::new(0),
             low_space: std::sync::atomic::AtomicBool::new(false),
+            space_at_start: std::sync::OnceLock::new(),
             finished: false,
         })
     }
@@ -369,6 +370,8 @@ pub struct Writer<'s> {
     /// arrive.
     raw_written: AtomicU64,
     low_space: std::sync::atomic::AtomicBool,
+    /// Whether the disk was low at the first received object.
+    space_at_start: std::sync::OnceLock<bool>,
     finished: bool,
 }
 
@@ -503,9 +506,12 @@ impl Writer<'_> {
     /// stored.
     fn keep_raw(&self) -> bool {
         let n = self.raw_written.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(SPACE_CHECK_EVERY)
-            && !self.low_space.load(Ordering::Relaxed)
-            && self.space_low()
+        // Every caller waits for the first check: a receiver storing in
+        // parallel must not store anything raw (a whole segment, for its
+        // first object) on a disk already low before it is known.
+        let low_at_start = *self.space_at_start.get_or_init(|| self.space_low());
+        if !self.low_space.load(Ordering::Relaxed)
+            && (low_at_start || (n > 0 && n.is_multiple_of(SPACE_CHECK_EVERY) && self.space_low()))
         {
             self.low_space.store(true, Ordering::Relaxed);
             // Said once per process; each session checks for itself.
