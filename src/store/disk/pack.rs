@@ -299,7 +299,10 @@ impl Pack {
                 || u64::from(seg.zlen) > max_z
                 || seg.len == 0
                 || seg.len > MAX_SEGMENT_CONTENT
-                || seg.offset + u64::from(seg.zlen) > index_offset
+                || seg
+                    .offset
+                    .checked_add(u64::from(seg.zlen))
+                    .is_none_or(|end| end > index_offset)
             {
                 return Err(bad(path, format!("segment {} out of bounds", i + 1)));
             }
@@ -1430,6 +1433,41 @@ mod tests {
         let mut newer = good.clone();
         newer[8] = 3;
         cases.push(("format 3", newer));
+        // Fields out of bounds under a hash that matches (the hash is no
+        // MAC): refused by the bounds checks, never an overflow.
+        for (why, at, value) in [
+            (
+                "a segment at the end of the address space",
+                table,
+                u64::MAX.to_le_bytes().to_vec(),
+            ),
+            (
+                "a segment frame too long",
+                table + 8,
+                u32::MAX.to_le_bytes().to_vec(),
+            ),
+            (
+                "a segment of no content",
+                table + 12,
+                0u32.to_le_bytes().to_vec(),
+            ),
+            (
+                "an entry in a segment that is not there",
+                index_offset + 44,
+                99u32.to_le_bytes().to_vec(),
+            ),
+            (
+                "an entry past its segment's content",
+                index_offset + 32,
+                u64::MAX.to_le_bytes().to_vec(),
+            ),
+        ] {
+            let mut b = good.clone();
+            b[at..at + value.len()].copy_from_slice(&value);
+            let hash = blake3::hash(&b[index_offset..footer]);
+            b[footer + 16..footer + 48].copy_from_slice(hash.as_bytes());
+            cases.push((why, b));
+        }
         for cut in (0..good.len()).step_by(4099) {
             cases.push(("cut", good[..cut].to_vec()));
         }
