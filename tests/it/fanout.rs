@@ -622,23 +622,13 @@ fn a_fresh_host_stores_the_pack_it_receives_as_it_came() {
     );
     // The work after the switch rewrites it: no pack holds segments.
     wait_for(60, "the host to rewrite the pack it received", || {
-        let packs: Vec<Vec<u8>> = fs::read_dir(dir.join("store/objects/pack"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
-            .map(|e| fs::read(e.path()).unwrap())
-            .collect();
+        let packs = host_packs(&dir);
         !packs.is_empty()
             && packs
                 .iter()
                 .all(|p| p[8..12] == 1u32.to_le_bytes() && !pack_flagged_raw(p))
     });
-    let mut verify = std::process::Command::new(SCAP);
-    verify
-        .arg("--store")
-        .arg(dir.join("store"))
-        .args(["verify", &v1]);
-    ok(&verify.output().unwrap());
+    verify_store(&dir.join("store"), &v1);
 }
 
 #[test]

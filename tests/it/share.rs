@@ -501,19 +501,11 @@ fn a_directory_removed_by_hand_from_the_previous_slot_is_rewritten_on_rollback()
 /// Bytes of the agent's pack files and whether any is flagged raw (its
 /// objects stored uncompressed as they arrived, for gc to compress).
 fn packs(dir: &Path) -> (u64, bool) {
-    let (mut bytes, mut raw) = (0, false);
-    let Ok(rd) = fs::read_dir(dir.join("store/objects/pack")) else {
-        return (0, false);
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "pack") {
-            let data = fs::read(&p).unwrap();
-            bytes += data.len() as u64;
-            raw |= pack_flagged_raw(&data);
-        }
-    }
-    (bytes, raw)
+    let packs = host_packs(dir);
+    (
+        packs.iter().map(|p| p.len() as u64).sum(),
+        packs.iter().any(|p| pack_flagged_raw(p)),
+    )
 }
 
 /// A fresh host stores what it fetches uncompressed (no zstd on the
@@ -570,12 +562,7 @@ fn a_fresh_hosts_store_is_compressed_after_its_switch() {
     );
 
     // Every object of the version reads back from the compressed packs.
-    let mut verify = std::process::Command::new(SCAP);
-    verify
-        .arg("--store")
-        .arg(dir.join("store"))
-        .args(["verify", &v1]);
-    ok(&verify.output().unwrap());
+    verify_store(&dir.join("store"), &v1);
 
     // A backport (a small session: its objects are compressed as it
     // commits), then back.

@@ -812,6 +812,27 @@ pub fn pack_flagged_raw(data: &[u8]) -> bool {
     u32::from_le_bytes(data[12..16].try_into().unwrap()) & 1 != 0
 }
 
+/// The pack files (`*.pack`) of the agent directory `dir`'s store, each
+/// read whole; none if it has no pack directory yet.
+pub fn host_packs(dir: &Path) -> Vec<Vec<u8>> {
+    let Ok(rd) = fs::read_dir(dir.join("store/objects/pack")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .map(|p| fs::read(p).unwrap())
+        .collect()
+}
+
+/// Runs `scap verify VERSION` on the store at `store`; fails the test if
+/// any object is missing or damaged.
+pub fn verify_store(store: &Path, version: &str) {
+    let mut verify = Command::new(SCAP);
+    verify.arg("--store").arg(store).args(["verify", version]);
+    ok(&verify.output().unwrap());
+}
+
 /// Fails the test unless `path` exists, naming the Debian package to install.
 pub fn require_program(path: &str, package: &str) {
     assert!(

@@ -105,6 +105,18 @@ struct Segment {
     len: u32,
 }
 
+/// The table entry of the segment `slot` is in (`None`: in the file).
+fn segment_of(segments: &[Segment], slot: Slot, path: &Path) -> Result<Option<Segment>> {
+    match slot.seg {
+        0 => Ok(None),
+        n => segments
+            .get(n as usize - 1)
+            .copied()
+            .map(Some)
+            .ok_or_else(|| bad(path, format!("no segment {n}"))),
+    }
+}
+
 /// A pack's file, for reading objects, with the segments decompressed
 /// last.
 #[derive(Debug)]
@@ -417,16 +429,8 @@ impl Pack {
 
     /// The object file at `slot`, as stored.
     pub fn read(&self, slot: Slot) -> Result<Vec<u8>> {
-        let seg = match slot.seg {
-            0 => None,
-            n => Some(
-                *self
-                    .segments
-                    .get(n as usize - 1)
-                    .ok_or_else(|| bad(&self.path, format!("no segment {n}")))?,
-            ),
-        };
-        self.body.read(slot, seg)
+        self.body
+            .read(slot, segment_of(&self.segments, slot, &self.path)?)
     }
 
     /// The first bytes of the object file at `slot` (its header, for
@@ -942,15 +946,7 @@ impl PackWriter {
         let Some(slot) = self.index.find(id)? else {
             return Ok(None);
         };
-        let seg = match slot.seg {
-            0 => None,
-            n => Some(
-                *self
-                    .segments
-                    .get(n as usize - 1)
-                    .ok_or_else(|| bad(&self.body.path, format!("no segment {n}")))?,
-            ),
-        };
+        let seg = segment_of(&self.segments, slot, &self.body.path)?;
         Ok(Some(Located {
             body: self.body.clone(),
             slot,

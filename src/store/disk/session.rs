@@ -474,8 +474,11 @@ impl Writer<'_> {
             return Ok(());
         }
         let there = seg.content.get(offset..).and_then(|c| c.get(..file.len())) == Some(file);
-        if !there || !object::is_uncompressed(file) || !self.keep_raw() {
+        if !there || !object::is_uncompressed(file) {
             return self.write_received(&id, file);
+        }
+        if !self.keep_raw() {
+            return self.write_compressed(&id, file);
         }
         let mut guard = self.pending_pack()?;
         let pack = guard.as_mut().expect("created by pending_pack");
@@ -530,14 +533,20 @@ impl Writer<'_> {
             return self.write_object(id, file);
         }
         if !self.keep_raw() {
-            // The caller checked it: compress its payload, no second hash.
-            let (kind, _) = object::peek(*id, file).map_err(|source| StoreError::Object {
-                path: self.store.object_path(id),
-                source,
-            })?;
-            return self.write_object(id, &object::encode(kind, &file[object::HEADER_LEN..]));
+            return self.write_compressed(id, file);
         }
         self.write_object_with(id, file, true)
+    }
+
+    /// Stores a received uncompressed object file compressed (the disk is
+    /// low). The caller checked it: its payload is compressed, no second
+    /// hash.
+    fn write_compressed(&self, id: &ObjectId, file: &[u8]) -> Result<()> {
+        let (kind, _) = object::peek(*id, file).map_err(|source| StoreError::Object {
+            path: self.store.object_path(id),
+            source,
+        })?;
+        self.write_object(id, &object::encode(kind, &file[object::HEADER_LEN..]))
     }
 
     /// Whether the store's filesystem has less than [`LOW_SPACE`] (or a
