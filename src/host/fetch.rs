@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,8 +54,8 @@ pub async fn fetch_pack(
     if store.has(&v.object()) {
         return Ok((false, 0, 0));
     }
-    let trees = std::sync::atomic::AtomicU64::new(0);
-    let chunks = std::sync::atomic::AtomicU64::new(0);
+    let trees = AtomicU64::new(0);
+    let chunks = AtomicU64::new(0);
     let held = Mutex::new(HeldTrees::default());
     let sink = |id: ObjectId, item: PackItem<'_>| -> Result<(), StoreError> {
         if store.has(&id) {
@@ -66,8 +67,11 @@ pub async fn fetch_pack(
         };
         match got.kind {
             ObjectKind::Chunk => {
+                if let Some(a) = arrivals {
+                    a.pace(writer);
+                }
                 got.store(writer, id)?;
-                chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                chunks.fetch_add(1, Ordering::Relaxed);
                 if let Some(a) = arrivals {
                     a.chunk_stored();
                 }
@@ -83,7 +87,7 @@ pub async fn fetch_pack(
                 // What the pack sent since the last tree is below it, or
                 // below a sibling: those siblings are whole now.
                 let n = held.settle(writer, arrivals, false)?;
-                trees.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                trees.fetch_add(n, Ordering::Relaxed);
                 held.hold(TreeId::new(id), got.into_owned(), tree, arrivals);
             }
         }
@@ -97,7 +101,7 @@ pub async fn fetch_pack(
         .expect("not poisoned")
         .settle(writer, arrivals, true)
         .map_err(FetchError::Store)?;
-    trees.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    trees.fetch_add(n, Ordering::Relaxed);
     Ok((came?, trees.into_inner(), chunks.into_inner()))
 }
 
@@ -193,12 +197,29 @@ impl HeldTree {
 /// stores an object. Whatever is in neither is waited for, until the
 /// fetch ends ([`Arrivals::end`]): an object still missing then is an
 /// error, and the release is written again after the fetch.
+///
+/// While a release is being written with it ([`Arrivals::writing`]), the
+/// fetch also keeps within [`AHEAD`] segments of the last one the release
+/// read: the release then reads what it writes from the segments the store
+/// keeps decompressed ([`crate::store::disk::pack::SEGMENTS_KEPT`]), not by
+/// decompressing them a second time. The fetch never waits while a release
+/// thread waits for an object (which may be the next one), nor once the
+/// release stopped.
 #[derive(Default)]
 pub struct Arrivals {
     state: Mutex<ArrivalState>,
     changed: Condvar,
-    chunks: std::sync::atomic::AtomicU64,
+    chunks: AtomicU64,
+    /// A release is being written with this fetch.
+    writing: AtomicBool,
 }
+
+/// Segments of the pack the fetch may store past the last one a release
+/// written with it has read from.
+const AHEAD: usize = 2;
+
+/// How often a fetch waiting for the release looks again.
+const PACE_POLL: Duration = Duration::from_millis(1);
 
 /// Chunks stored between two wake-ups of a release waiting for one: the
 /// writer trails the fetch by about that much (and polls, see
@@ -237,9 +258,7 @@ impl Arrivals {
 
     /// A chunk is in the store.
     fn chunk_stored(&self) {
-        let n = self
-            .chunks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.chunks.fetch_add(1, Ordering::Relaxed);
         if n % CHUNKS_PER_WAKEUP == CHUNKS_PER_WAKEUP - 1 {
             let st = self.state.lock().expect("not poisoned");
             if st.waiting > 0 {
@@ -252,6 +271,32 @@ impl Arrivals {
     pub fn end(&self) {
         self.state.lock().expect("not poisoned").ended = true;
         self.changed.notify_all();
+    }
+
+    /// A release is being written with this fetch until the guard is
+    /// dropped (however its writing ends): the fetch keeps within
+    /// [`AHEAD`] of it meanwhile.
+    pub fn writing(&self) -> Writing<'_> {
+        self.writing.store(true, Ordering::Relaxed);
+        Writing(self)
+    }
+
+    /// Waits, before the fetch stores a chunk, while it has stored more
+    /// than [`AHEAD`] segments past the last one the release read from,
+    /// unless a release thread is waiting for an object or the release
+    /// has stopped.
+    fn pace(&self, writer: &Writer<'_>) {
+        if !self.writing.load(Ordering::Relaxed) {
+            return;
+        }
+        while writer.segments_unread() > AHEAD {
+            let st = self.state.lock().expect("not poisoned");
+            if st.waiting > 0 || !self.writing.load(Ordering::Relaxed) {
+                return;
+            }
+            drop(st);
+            std::thread::sleep(PACE_POLL);
+        }
     }
 
     /// Tree `id`: from the store, or as the fetch holds it; waits for it.
@@ -271,25 +316,14 @@ impl Arrivals {
         }
     }
 
-    /// Waits until every chunk of `content` is in the store.
-    pub fn chunks(
-        &self,
-        store: &Store,
-        content: &Content,
-        cancel: &Cancel,
-    ) -> Result<(), StoreError> {
-        let Content::File { chunks, .. } = content else {
+    /// Waits until chunk `id` is in the store.
+    pub fn chunk(&self, store: &Store, id: &ObjectId, cancel: &Cancel) -> Result<(), StoreError> {
+        if store.has(id) {
             return Ok(());
-        };
-        for c in chunks {
-            let id = c.id.object();
-            if store.has(&id) {
-                continue;
-            }
-            let mut st = self.state.lock().expect("not poisoned");
-            while !store.has(&id) {
-                st = self.wait(st, &id, cancel)?;
-            }
+        }
+        let mut st = self.state.lock().expect("not poisoned");
+        while !store.has(id) {
+            st = self.wait(st, id, cancel)?;
         }
         Ok(())
     }
@@ -310,6 +344,15 @@ impl Arrivals {
         let (mut st, _) = self.changed.wait_timeout(st, POLL).expect("not poisoned");
         st.waiting -= 1;
         Ok(st)
+    }
+}
+
+/// A release being written with a fetch ([`Arrivals::writing`]).
+pub struct Writing<'a>(&'a Arrivals);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.writing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -476,14 +519,8 @@ pub async fn fetch_version(
         return Ok(out);
     }
     let stats_before = (
-        client
-            .stats
-            .bytes
-            .load(std::sync::atomic::Ordering::Relaxed),
-        client
-            .stats
-            .requests
-            .load(std::sync::atomic::Ordering::Relaxed),
+        client.stats.bytes.load(Ordering::Relaxed),
+        client.stats.requests.load(Ordering::Relaxed),
     );
     // Every fetched tree: its object file and the subtrees it lists.
     let mut fetched: HashMap<TreeId, (Vec<u8>, Vec<TreeId>)> = HashMap::new();
@@ -606,15 +643,114 @@ pub async fn fetch_version(
             );
         }
     }
-    out.bytes = client
-        .stats
-        .bytes
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - stats_before.0;
-    out.requests = client
-        .stats
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - stats_before.1;
+    out.bytes = client.stats.bytes.load(Ordering::Relaxed) - stats_before.0;
+    out.requests = client.stats.requests.load(Ordering::Relaxed) - stats_before.1;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::store::disk::Role;
+    use crate::store::object;
+
+    /// A chunk in a segment: its ID, object file and place.
+    type Placed = (ObjectId, Vec<u8>, usize);
+
+    /// Segments of `per` chunks each as a delta pack carries them, with
+    /// the chunks of each.
+    fn segments(n: usize, per: usize) -> (Vec<Arriving>, Vec<Vec<Placed>>) {
+        let mut segs = Vec::new();
+        let mut objects = Vec::new();
+        for s in 0..n {
+            let mut content = b"scapbat1".to_vec();
+            let mut these = Vec::new();
+            for k in 0..per {
+                let data = format!("segment {s} chunk {k} ").repeat(40).into_bytes();
+                let id = ObjectKind::Chunk.hash(&data);
+                let file = object::uncompressed(id, &object::encode(ObjectKind::Chunk, &data));
+                content.extend_from_slice(&[7u8; 11]);
+                these.push((id, file.clone(), content.len()));
+                content.extend_from_slice(&file);
+            }
+            let z = zstd::bulk::compress(&content, 3).unwrap();
+            segs.push(Arriving::new(z, Arc::new(content)));
+            objects.push(these);
+        }
+        (segs, objects)
+    }
+
+    /// Runs `pace` on a thread of `s`; the receiver hears when it returns.
+    fn pacing<'s>(
+        s: &'s std::thread::Scope<'s, '_>,
+        a: &'s Arrivals,
+        w: &'s Writer<'_>,
+    ) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        s.spawn(move || {
+            a.pace(w);
+            tx.send(()).unwrap();
+        });
+        rx
+    }
+
+    const HELD: Duration = Duration::from_millis(200);
+    const SOON: Duration = Duration::from_secs(10);
+
+    /// The fetch waits for a release written with it only while it has
+    /// stored more than `AHEAD` segments past the last one the release
+    /// read from; never while a release thread waits for an object (which
+    /// may be the very next one), and not once the release has stopped.
+    #[test]
+    fn a_fetch_keeps_within_a_few_segments_of_the_release_written_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let w = store.writer().unwrap();
+        let (segs, objects) = segments(AHEAD + 5, 4);
+        let store_segment = |s: usize| {
+            for (id, file, at) in &objects[s] {
+                w.put_in_segment(*id, file, &segs[s], *at).unwrap();
+            }
+        };
+        for s in 0..AHEAD + 2 {
+            store_segment(s);
+        }
+        assert_eq!(w.segments_unread(), AHEAD + 2);
+        let a = Arrivals::default();
+        let cancel = Cancel::new();
+        std::thread::scope(|s| {
+            // No release is being written: the fetch goes on.
+            pacing(s, &a, &w).recv_timeout(SOON).unwrap();
+
+            let writing = a.writing();
+            let done = pacing(s, &a, &w);
+            assert!(done.recv_timeout(HELD).is_err(), "ahead: the fetch waits");
+            // The release reads from segment 2 (of AHEAD + 2): it is
+            // AHEAD behind now.
+            let (id, ..) = &objects[1][0];
+            w.store().read(id, ObjectKind::Chunk).unwrap();
+            done.recv_timeout(SOON).unwrap();
+            assert_eq!(w.segments_unread(), AHEAD);
+
+            // A release thread waiting for an object lets the fetch go on.
+            store_segment(AHEAD + 2);
+            store_segment(AHEAD + 3);
+            let done = pacing(s, &a, &w);
+            assert!(done.recv_timeout(HELD).is_err(), "ahead: the fetch waits");
+            let (next, ..) = &objects[AHEAD + 4][0];
+            let waiter = s.spawn(|| a.chunk(w.store(), next, &cancel));
+            done.recv_timeout(SOON).unwrap();
+            store_segment(AHEAD + 4);
+            waiter.join().unwrap().unwrap();
+
+            // Once the release stops, however, the fetch goes on.
+            assert!(w.segments_unread() > AHEAD);
+            let done = pacing(s, &a, &w);
+            assert!(done.recv_timeout(HELD).is_err(), "ahead: the fetch waits");
+            drop(writing);
+            done.recv_timeout(SOON).unwrap();
+        });
+    }
 }

@@ -27,6 +27,7 @@ use std::io::{self, BufWriter};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -374,9 +375,12 @@ struct Write1 {
     link: bool,
 }
 
-/// Files written per parallel task (each reopens the directories on its
-/// files' paths).
-pub(crate) const WRITES_PER_TASK: usize = 64;
+/// Files, and bytes of them, listed before they are written while the
+/// version arrives: the writing then trails the fetch by that much, not by
+/// a whole batch, and the files being written at any instant are within a
+/// few of the pack's segments (which the store keeps decompressed).
+const WRITES_PER_ARRIVING_BATCH: usize = 512;
+const BYTES_PER_ARRIVING_BATCH: u64 = 2 * crate::net::pack::SEGMENT as u64;
 
 /// Turns directory `root`, which holds tree `old` (or is empty), into tree
 /// `new`: removals, directories and symlinks first, in tree order, then the
@@ -403,14 +407,12 @@ pub fn apply(
         touched: Touched(Default::default()),
         writes: Vec::with_capacity(WRITES_PER_BATCH),
         applied: Applied::default(),
-        // Arriving, the files listed are written as soon as a few tasks'
-        // worth are: the writing then trails the fetch by that much, not
-        // by a whole batch.
         batch: if opts.arriving.is_some() {
-            WRITES_PER_TASK * 8
+            (WRITES_PER_ARRIVING_BATCH, BYTES_PER_ARRIVING_BATCH)
         } else {
-            WRITES_PER_BATCH
+            (WRITES_PER_BATCH, u64::MAX)
         },
+        listed_bytes: 0,
     };
     let root_idx = w
         .arena
@@ -439,8 +441,10 @@ struct Walk<'a> {
     /// Files to write, not yet written.
     writes: Vec<Write1>,
     applied: Applied,
-    /// Files listed before they are written.
-    batch: usize,
+    /// Files, and bytes, listed before they are written.
+    batch: (usize, u64),
+    /// Bytes of the files listed, not yet written.
+    listed_bytes: u64,
 }
 
 impl Walk<'_> {
@@ -458,18 +462,29 @@ impl Walk<'_> {
             writes,
             applied,
             batch: _,
+            listed_bytes,
         } = self;
+        *listed_bytes = 0;
         let (arena, touched) = (&*arena, &*touched);
-        let done: Vec<(u64, u64)> = writes
-            .par_chunks(WRITES_PER_TASK)
-            .map(|chunk| {
-                let mut cursor = Cursor::new(root, arena);
-                let mut from = opts
-                    .reference
-                    .as_ref()
-                    .map(|r| (Cursor::new(r.root, arena), r.seal));
-                let (mut bytes, mut linked) = (0, 0);
-                for w in chunk {
+        // Each thread takes the next file not yet taken: the files being
+        // written at any instant are next to each other in tree order,
+        // which is the order a pack arrives in (a release written while
+        // it arrives reads from the few segments the store keeps
+        // decompressed).
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = |_| -> Result<(u64, u64), StoreError> {
+            let mut cursor = Cursor::new(root, arena);
+            let mut from = opts
+                .reference
+                .as_ref()
+                .map(|r| (Cursor::new(r.root, arena), r.seal));
+            let (mut bytes, mut linked) = (0, 0);
+            while !failed.load(Ordering::Relaxed) {
+                let Some(w) = writes.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                let one = (|| -> Result<(), StoreError> {
                     cancel.check()?;
                     let dir = cursor.dir(w.dir)?;
                     touched.mark(w.dir, dir, sync)?;
@@ -485,14 +500,20 @@ impl Walk<'_> {
                     if was_linked {
                         linked += 1;
                     } else {
-                        if let Some(a) = opts.arriving {
-                            a.chunks(store, &w.content, cancel)?;
-                        }
-                        bytes += write_file(store, dir, &w.name, &w.content, opts.mtime, sync)?;
+                        let arriving = opts.arriving.map(|a| (a, &**cancel));
+                        bytes += write_file(
+                            store, dir, &w.name, &w.content, opts.mtime, sync, arriving,
+                        )?;
                     }
-                }
-                Ok((bytes, linked))
-            })
+                    Ok(())
+                })();
+                one.inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+            }
+            Ok((bytes, linked))
+        };
+        let done: Vec<(u64, u64)> = (0..rayon::current_num_threads())
+            .into_par_iter()
+            .map(worker)
             .collect::<Result<_, StoreError>>()?;
         let linked: u64 = done.iter().map(|d| d.1).sum();
         applied.files_linked += linked;
@@ -582,14 +603,17 @@ impl Walk<'_> {
                             dir.symlink(name, target)?;
                             self.touched.mark(idx, dir, self.sync)?;
                         }
-                        file @ Content::File { .. } => {
+                        file @ Content::File { size, .. } => {
+                            self.listed_bytes += size;
                             self.writes.push(Write1 {
                                 dir: idx,
                                 name: e.name.clone(),
                                 content: file.clone(),
                                 link: there == Some(file),
                             });
-                            if self.writes.len() >= self.batch {
+                            if self.writes.len() >= self.batch.0
+                                || self.listed_bytes >= self.batch.1
+                            {
                                 self.write()?;
                             }
                         }
@@ -602,7 +626,8 @@ impl Walk<'_> {
 }
 
 /// Creates file `name` (which must not exist) in `dir` with `content`,
-/// its mode, and mtime `mtime`; returns its size.
+/// its mode, and mtime `mtime`; returns its size. `arriving`: each chunk
+/// not in the store yet is waited for as the file reaches it.
 pub(crate) fn write_file(
     store: &Store,
     dir: &Dir,
@@ -610,6 +635,7 @@ pub(crate) fn write_file(
     content: &Content,
     mtime: i64,
     sync: &SyncSet,
+    arriving: Option<(&Arrivals, &Cancel)>,
 ) -> Result<u64, StoreError> {
     let Content::File {
         executable, size, ..
@@ -621,7 +647,11 @@ pub(crate) fn write_file(
     let path = dir.child(name);
     let f = dir.create_file(name, *executable)?;
     let mut out = BufWriter::with_capacity(256 * 1024, f);
-    store.write_file(content, &mut out, &path)?;
+    match arriving {
+        Some((a, cancel)) => store
+            .write_file_as_arriving(content, &mut out, &path, &|id| a.chunk(store, id, cancel))?,
+        None => store.write_file(content, &mut out, &path)?,
+    }
     let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
     let t = rustix::fs::Timespec {
         tv_sec: mtime,

@@ -388,7 +388,8 @@ impl Agent {
         let writer = self.store.writer()?;
         // A release written from nothing (a fresh host) is written while
         // the pack arrives, on threads of its own: it waits for what has
-        // not come yet, and the fetch never waits for it.
+        // not come yet, and the fetch keeps within a few segments of it
+        // (`fetch::Arrivals`).
         let arrivals = fetch::Arrivals::default();
         let (fetched, early) = std::thread::scope(|scope| {
             let early =
@@ -494,6 +495,7 @@ impl Agent {
             .ok()?;
         let (view, v) = (view.clone(), *v);
         Some(scope.spawn(move || {
+            let _writing = arrivals.writing();
             let st = self.state();
             let (keep, stable) = self.spared(&st);
             let t = Instant::now();

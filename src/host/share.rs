@@ -372,7 +372,7 @@ impl Found {
                         dir.remove(e.name.as_bytes())?;
                     }
                     sync.add(dir.as_fd().try_clone_to_owned().at(dir.path())?);
-                    materialize::write_file(store, dir, &e.name, &e.content, mtime, sync)?;
+                    materialize::write_file(store, dir, &e.name, &e.content, mtime, sync, None)?;
                     n += 1;
                     Ok(())
                 })?;
@@ -544,7 +544,7 @@ pub(crate) fn repair(
             dir.remove(name)?;
         }
         sync.add(dir.as_fd().try_clone_to_owned().at(dir.path())?);
-        materialize::write_file(store, dir, &entry.name, &entry.content, mtime, sync)?;
+        materialize::write_file(store, dir, &entry.name, &entry.content, mtime, sync, None)?;
     }
     Ok(suspects.len() as u64)
 }

@@ -427,7 +427,8 @@ impl Client {
                 if let Some((seg, end)) = stored? {
                     *consumed = end;
                     spare.push_back(seg.content);
-                    if spare.len() > 6 {
+                    // More than the store keeps: the oldest are free.
+                    if spare.len() > crate::store::disk::pack::SEGMENTS_KEPT + 2 {
                         spare.pop_front();
                     }
                 }

@@ -97,10 +97,24 @@ impl Store {
         out: &mut dyn Write,
         out_path: &std::path::Path,
     ) -> Result<(), StoreError> {
+        self.write_file_as_arriving(content, out, out_path, &|_| Ok(()))
+    }
+
+    /// [`Store::write_file`], calling `arrived` before each chunk is read
+    /// (a release written while its version arrives waits there for the
+    /// chunk, not for the whole file).
+    pub fn write_file_as_arriving(
+        &self,
+        content: &Content,
+        out: &mut dyn Write,
+        out_path: &std::path::Path,
+        arrived: &dyn Fn(&ObjectId) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let Content::File { chunks, .. } = content else {
             return Ok(());
         };
         for c in chunks {
+            arrived(&c.id.object())?;
             let data = self.read(&c.id.object(), ObjectKind::Chunk)?;
             out.write_all(&data).map_err(|source| StoreError::Io {
                 path: out_path.to_path_buf(),

@@ -507,7 +507,7 @@ fn sync_watching_release(
     std::thread::scope(|s| {
         let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
         let mut seen = None;
-        while !sync.is_finished() && seen.is_none() {
+        while !sync.is_finished() {
             if release_files(&dir) > 0 {
                 seen = Some(pending_pack(&dir));
             }
@@ -629,6 +629,62 @@ fn a_fresh_host_stores_the_pack_it_receives_as_it_came() {
                 .all(|p| p[8..12] == 1u32.to_le_bytes() && !pack_flagged_raw(p))
     });
     verify_store(&dir.join("store"), &v1);
+}
+
+/// A file larger than the few pack segments a host keeps decompressed is
+/// written as its chunks arrive, not once they all have: paced at 4 MB/s,
+/// its first bytes are in the release while the host's pack holds less
+/// than half of it (it is incompressible: the pack grows with it). The
+/// release is the version, whole.
+#[test]
+fn a_fresh_host_writes_a_large_file_as_its_chunks_arrive() {
+    let mut fleet = Fleet::start(1);
+    let mw = fleet.env.path("mw");
+    let big_len = 8u64 << 20;
+    write(&mw, "cache/l10n/big.cdb", &noise(big_len as usize, 7));
+    for i in 0..20 {
+        write(&mw, &format!("includes/f{i}.php"), &noise(4 << 10, i));
+    }
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    serve_logged(&mut fleet, &["--max-rate", "4M"]);
+    let body = fleet.sync_body(&v1, &[&fleet.source()]);
+    let dir = fleet.hosts[0].dir.clone();
+    let ((code, r), seen) = std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
+        // The file's size and the pack's, the first time the file has
+        // bytes.
+        let mut seen = None;
+        while !sync.is_finished() && seen.is_none() {
+            let pack = pending_pack(&dir);
+            for slot in fs::read_dir(dir.join("releases"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let big = slot.path().join("mediawiki/cache/l10n/big.cdb");
+                if let Ok(m) = fs::metadata(&big)
+                    && m.len() > 0
+                {
+                    seen = Some((m.len(), pack));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (sync.join().unwrap(), seen)
+    });
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["fetched"]["pack"], true, "{r}");
+    let (len, pack) = seen.expect("the large file seen in the release before the sync ended");
+    assert!(
+        pack.is_some_and(|p| p < big_len / 2),
+        "the large file had its first {len} bytes written when the host's pack held {pack:?} of its {big_len}"
+    );
+    assert_eq!(
+        snapshot(&fleet.live(0, "mediawiki")),
+        snapshot(&fleet.env.path("mw"))
+    );
+    let (_, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(d["changes"], serde_json::json!([]), "{d}");
 }
 
 #[test]

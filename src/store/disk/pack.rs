@@ -35,6 +35,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -60,9 +61,10 @@ const SEGMENT_ENTRY_LEN: usize = 16;
 /// [`crate::net::pack::MAX_SEGMENT`]).
 pub const MAX_SEGMENT_CONTENT: u32 = 8 << 20;
 /// Decompressed segments a pack keeps: a reader going through a pack in
-/// its order (gc's rewrite, a release written as the pack arrives)
+/// its order (gc's rewrite, a release written as the pack arrives, which
+/// the fetch keeps within two segments of: `host::fetch::AHEAD`)
 /// decompresses each once.
-const SEGMENTS_KEPT: usize = 4;
+pub const SEGMENTS_KEPT: usize = 6;
 /// Largest object file a pack may hold (a chunk is at most 4 MiB before
 /// compression, a tree at most 64 MiB).
 const MAX_OBJECT_FILE: u64 = 80 << 20;
@@ -124,6 +126,9 @@ struct Body {
     file: File,
     path: PathBuf,
     kept: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+    /// The highest segment an object was read from: how far the readers
+    /// of a pack being written are ([`PackWriter::segments_unread`]).
+    read_upto: AtomicU32,
 }
 
 impl Body {
@@ -132,6 +137,7 @@ impl Body {
             file,
             path,
             kept: Mutex::new(VecDeque::new()),
+            read_upto: AtomicU32::new(0),
         }
     }
 
@@ -145,6 +151,7 @@ impl Body {
             return Ok(buf);
         };
         let content = self.segment(slot.seg, seg)?;
+        self.read_upto.fetch_max(slot.seg, Ordering::Relaxed);
         usize::try_from(slot.offset)
             .ok()
             .and_then(|o| content.get(o..)?.get(..slot.len as usize))
@@ -905,6 +912,13 @@ impl PackWriter {
         self.advance(compressed.len() as u64);
         self.body.keep(n, content);
         Ok(n)
+    }
+
+    /// Segments stored after the highest one an object was read from (by
+    /// a release written while they arrive).
+    pub fn segments_unread(&self) -> usize {
+        let read = self.body.read_upto.load(Ordering::Relaxed) as usize;
+        self.segments.len().saturating_sub(read)
     }
 
     /// Adds object `id`, whose file is `len` bytes at `offset` in the

@@ -504,6 +504,18 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Segments of delta packs stored ([`Writer::put_in_segment`]) after
+    /// the highest one an object was read from since.
+    pub fn segments_unread(&self) -> usize {
+        let pending = self
+            .store
+            .pending
+            .as_ref()
+            .expect("a writer's view has a pack");
+        let guard = pending.lock().expect("not poisoned");
+        guard.as_ref().map_or(0, PackWriter::segments_unread)
+    }
+
     /// Whether a received object may be stored uncompressed (counted), or
     /// the disk is low ([`LOW_SPACE`]) and it is compressed as it is
     /// stored.
