@@ -281,6 +281,12 @@ impl Stack {
     }
 }
 
+/// Writes every dirty page to disk (`sync`).
+fn flush_dirty() {
+    let st = Command::new("sync").status().expect("sync runs");
+    assert!(st.success(), "sync failed");
+}
+
 /// Seconds a rollback to `previous` takes on a fresh agent that is busy
 /// with `busy`: "fetch" (a fresh-host fetch of `big` in progress) or
 /// "after-switch" (the background work right after switching to `big`).
@@ -458,6 +464,10 @@ fn main() {
                     order.reverse();
                 }
                 for step in order {
+                    // No run pays for the one before's dirty pages (an
+                    // rsync leaves its tree to the kernel's writeback;
+                    // scap's switch has synced its own).
+                    flush_dirty();
                     if step == 0 {
                         r.push(rsync(port, dest));
                         continue;
