@@ -507,7 +507,7 @@ fn sync_watching_release(
     std::thread::scope(|s| {
         let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
         let mut seen = None;
-        while !sync.is_finished() {
+        while !sync.is_finished() && seen.is_none() {
             if release_files(&dir) > 0 {
                 seen = Some(pending_pack(&dir));
             }
