@@ -647,11 +647,10 @@ pub(crate) fn write_file(
     let path = dir.child(name);
     let f = dir.create_file(name, *executable)?;
     let mut out = BufWriter::with_capacity(256 * 1024, f);
-    match arriving {
-        Some((a, cancel)) => store
-            .write_file_as_arriving(content, &mut out, &path, &|id| a.chunk(store, id, cancel))?,
-        None => store.write_file(content, &mut out, &path)?,
-    }
+    store.write_file_as_arriving(content, &mut out, &path, &|id| match arriving {
+        Some((a, cancel)) => a.chunk(store, id, cancel),
+        None => Ok(()),
+    })?;
     let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
     let t = rustix::fs::Timespec {
         tv_sec: mtime,

@@ -494,6 +494,26 @@ fn pending_pack(host_dir: &Path) -> Option<u64> {
         .map(|m| m.len())
 }
 
+/// Syncs host 0 to `v` in the background, calling `watch` with the host's
+/// directory every `every` until the sync ends or `watch` has seen what it
+/// looks for (returns `false`). Returns the sync's answer.
+fn sync_watching(
+    fleet: &Fleet,
+    v: &str,
+    every: Duration,
+    mut watch: impl FnMut(&Path) -> bool,
+) -> (u16, serde_json::Value) {
+    let body = fleet.sync_body(v, &[&fleet.source()]);
+    let dir = fleet.hosts[0].dir.clone();
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
+        while !sync.is_finished() && watch(&dir) {
+            std::thread::sleep(every);
+        }
+        sync.join().unwrap()
+    })
+}
+
 /// Syncs host 0 to `v` in the background; while it runs, watches for the
 /// first file in a release slot. Returns the sync's answer and, if a file
 /// appeared before it ended, the size of the pack the host was writing
@@ -502,19 +522,14 @@ fn sync_watching_release(
     fleet: &Fleet,
     v: &str,
 ) -> ((u16, serde_json::Value), Option<Option<u64>>) {
-    let body = fleet.sync_body(v, &[&fleet.source()]);
-    let dir = fleet.hosts[0].dir.clone();
-    std::thread::scope(|s| {
-        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
-        let mut seen = None;
-        while !sync.is_finished() && seen.is_none() {
-            if release_files(&dir) > 0 {
-                seen = Some(pending_pack(&dir));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let mut seen = None;
+    let answer = sync_watching(fleet, v, Duration::from_millis(20), |dir| {
+        if release_files(dir) > 0 {
+            seen = Some(pending_pack(dir));
         }
-        (sync.join().unwrap(), seen)
-    })
+        seen.is_none()
+    });
+    (answer, seen)
 }
 
 #[test]
@@ -590,18 +605,13 @@ fn a_fresh_host_stores_the_pack_it_receives_as_it_came() {
     }
     let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
     serve_logged(&mut fleet, &["--max-rate", "1M"]);
-    let body = fleet.sync_body(&v1, &[&fleet.source()]);
     let dir = fleet.hosts[0].dir.clone();
-    let ((code, r), largest) = std::thread::scope(|s| {
-        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
-        let mut largest = None;
-        while !sync.is_finished() {
-            if let Some(n) = pending_pack(&dir) {
-                largest = largest.max(Some(n));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+    let mut largest = None;
+    let (code, r) = sync_watching(&fleet, &v1, Duration::from_millis(5), |dir| {
+        if let Some(n) = pending_pack(dir) {
+            largest = largest.max(Some(n));
         }
-        (sync.join().unwrap(), largest)
+        true
     });
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["fetched"]["pack"], true, "{r}");
@@ -647,30 +657,23 @@ fn a_fresh_host_writes_a_large_file_as_its_chunks_arrive() {
     }
     let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
     serve_logged(&mut fleet, &["--max-rate", "4M"]);
-    let body = fleet.sync_body(&v1, &[&fleet.source()]);
-    let dir = fleet.hosts[0].dir.clone();
-    let ((code, r), seen) = std::thread::scope(|s| {
-        let sync = s.spawn(|| fleet.post(0, "/v1/sync", body));
-        // The file's size and the pack's, the first time the file has
-        // bytes.
-        let mut seen = None;
-        while !sync.is_finished() && seen.is_none() {
-            let pack = pending_pack(&dir);
-            for slot in fs::read_dir(dir.join("releases"))
-                .into_iter()
-                .flatten()
-                .flatten()
+    // The file's size and the pack's, the first time the file has bytes.
+    let mut seen = None;
+    let (code, r) = sync_watching(&fleet, &v1, Duration::from_millis(10), |dir| {
+        let pack = pending_pack(dir);
+        for slot in fs::read_dir(dir.join("releases"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let big = slot.path().join("mediawiki/cache/l10n/big.cdb");
+            if let Ok(m) = fs::metadata(&big)
+                && m.len() > 0
             {
-                let big = slot.path().join("mediawiki/cache/l10n/big.cdb");
-                if let Ok(m) = fs::metadata(&big)
-                    && m.len() > 0
-                {
-                    seen = Some((m.len(), pack));
-                }
+                seen = Some((m.len(), pack));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        (sync.join().unwrap(), seen)
+        seen.is_none()
     });
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["fetched"]["pack"], true, "{r}");

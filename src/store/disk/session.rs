@@ -507,12 +507,7 @@ impl Writer<'_> {
     /// Segments of delta packs stored ([`Writer::put_in_segment`]) after
     /// the highest one an object was read from since.
     pub fn segments_unread(&self) -> usize {
-        let pending = self
-            .store
-            .pending
-            .as_ref()
-            .expect("a writer's view has a pack");
-        let guard = pending.lock().expect("not poisoned");
+        let guard = self.pending().lock().expect("not poisoned");
         guard.as_ref().map_or(0, PackWriter::segments_unread)
     }
 
@@ -597,14 +592,17 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// This session's pack, created on the first object, locked.
-    fn pending_pack(&self) -> Result<std::sync::MutexGuard<'_, Option<PackWriter>>> {
-        let pending = self
-            .store
+    /// The slot of this session's pack (empty until its first object).
+    fn pending(&self) -> &Mutex<Option<PackWriter>> {
+        self.store
             .pending
             .as_ref()
-            .expect("a writer's view has a pack");
-        let mut guard = pending.lock().expect("not poisoned");
+            .expect("a writer's view has a pack")
+    }
+
+    /// This session's pack, created on the first object, locked.
+    fn pending_pack(&self) -> Result<std::sync::MutexGuard<'_, Option<PackWriter>>> {
+        let mut guard = self.pending().lock().expect("not poisoned");
         if guard.is_none() {
             let tmp = self
                 .store
