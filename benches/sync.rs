@@ -22,7 +22,10 @@
 //!
 //! Every deploy is measured on two hosts per tool that make the same
 //! transition, in the order A B C D D C B A (this disk's speed drifts);
-//! rows of several changes report the lower median of each tool's samples.
+//! the fresh host below 100k files on four (A B C C B A A B C C B A: a
+//! fresh sync writes the whole tree, at the mercy of this machine's memory
+//! and disk, whose cost for one run varies 2-3x from minute to minute);
+//! rows report the lower median of each tool's samples.
 //! Bytes on the wire are counted by TCP proxies (HTTP headers, TLS
 //! included), both agent <-> server and controller <-> agent; for rsync
 //! they are rsync's own `--stats` totals.
@@ -349,7 +352,11 @@ fn main() {
     let stacks = 1
         + u64::from(std::env::var("SCAP_BENCH_PLAIN").as_deref() != Ok("0"))
         + u64::from(baseline.is_some());
-    need_space(&dir, files as u64 * (180_000 + 80_000 * stacks));
+    // The fresh-host row's extra hosts (two more of each tool below 100k
+    // files, where one pair of samples is at the mercy of this disk).
+    let fresh_passes: usize = if files <= 100_000 { 4 } else { 2 };
+    let extra = (fresh_passes as u64 - 2) * (15_000 + 21_000 * stacks);
+    need_space(&dir, files as u64 * (180_000 + 80_000 * stacks + extra));
     let tree = dir.join("tree");
     println!("machine: {}\ngenerating {files} files ...", machine());
     generate(&tree, files);
@@ -358,7 +365,9 @@ fn main() {
     std::thread::sleep(Duration::from_millis(1100));
 
     let (mut daemon, port) = rsync_daemon(&dir, &staging);
-    let rsync_dest = [dir.join("rsync-host0"), dir.join("rsync-host1")];
+    let rsync_dest: Vec<PathBuf> = (0..fresh_passes)
+        .map(|i| dir.join(format!("rsync-host{i}")))
+        .collect();
 
     let token = dir.join("token");
     std::fs::write(&token, "bench-token\n").unwrap();
@@ -433,14 +442,26 @@ fn main() {
     if baseline.is_some() {
         headers.push("TLS / before".into());
     }
+    // The fresh host runs on more hosts than the rows after it, which go
+    // on with the first two (the others stay idle until the end).
+    for s in &mut stacks {
+        for i in 2..fresh_passes {
+            let h = s.agent(&format!("host{i}"));
+            s.hosts.push(h);
+        }
+    }
     let agent_dir = stacks[0].dir.join("host0");
     let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
     let mut table = Table::new(&header_refs);
     let mut current = v1.clone();
     // A deploy kind: `rounds` successive changes (each mutates the tree,
-    // builds in every stack, then runs every tool on two hosts that make the
-    // same transition, A B C D D C B A); the lower median of each tool.
-    let mut deploy = |name: &str, rounds: &[Option<(&str, u64)>], table: &mut Table| {
+    // builds in every stack, then runs every tool on `passes` hosts that
+    // make the same transition, A B C C B A A B C ...); the lower median of
+    // each tool.
+    let mut deploy = |name: &str,
+                      passes: usize,
+                      rounds: &[Option<(&str, u64)>],
+                      table: &mut Table| {
         let mut r = Vec::new();
         let mut per: Vec<Vec<(f64, u64)>> = vec![Vec::new(); stacks.len()];
         let mut builds: Vec<Run> = Vec::new();
@@ -458,9 +479,9 @@ fn main() {
                 }
                 None => current.clone(),
             };
-            for (pass, dest) in rsync_dest.iter().enumerate() {
+            for (pass, dest) in rsync_dest.iter().enumerate().take(passes) {
                 let mut order: Vec<usize> = (0..=stacks.len()).collect();
-                if pass == 1 {
+                if pass % 2 == 1 {
                     order.reverse();
                 }
                 for step in order {
@@ -522,10 +543,17 @@ fn main() {
         table.row(row);
     };
 
-    deploy(&format!("fresh host ({files} files)"), &[None], &mut table);
+    deploy(
+        &format!("fresh host ({files} files; median of {fresh_passes})"),
+        fresh_passes,
+        &[None],
+        &mut table,
+    );
+
     let hwm = vm_hwm(stacks[0].hosts[0].child.id());
     deploy(
         "backport (1-3 files; 3 in a row, median of 6)",
+        2,
         &[
             Some(("backport", 3)),
             Some(("backport", 31)),
@@ -535,6 +563,7 @@ fn main() {
     );
     deploy(
         "config backport: one line in each of three ~400 KB files (3 in a row, median of 6)",
+        2,
         &[
             Some(("bigconfig", 1)),
             Some(("bigconfig", 2)),
@@ -546,12 +575,14 @@ fn main() {
     let hwm_before_train = vm_hwm(stacks[0].hosts[0].child.id());
     deploy(
         "train (new php-* branch)",
+        2,
         &[Some(("train", 4))],
         &mut table,
     );
-    deploy("no-op (median of 6)", &[None, None, None], &mut table);
+    deploy("no-op (median of 6)", 2, &[None, None, None], &mut table);
     deploy(
         "config change (3 in a row, median of 6)",
+        2,
         &[
             Some(("config", 5)),
             Some(("config", 6)),
@@ -565,7 +596,8 @@ fn main() {
     let mut back: Vec<f64> = Vec::new();
     let mut forth: Vec<f64> = Vec::new();
     for _ in 0..3 {
-        for (i, h) in stacks[0].hosts.iter().enumerate() {
+        // The two hosts the rows after the fresh host went on with.
+        for (i, h) in stacks[0].hosts.iter().enumerate().take(2) {
             let (code, secs) = stacks[0].post(
                 &format!("{}/v1/rollback", h.url),
                 serde_json::json!({"to": "previous", "by": "bench"}),

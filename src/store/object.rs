@@ -185,6 +185,31 @@ pub fn decode(id: ObjectId, expected: ObjectKind, file: &[u8]) -> Result<Vec<u8>
     decode_within(id, expected, file, MAX_OBJECT_LEN)
 }
 
+/// [`decode`] for an object file already verified against `id` from
+/// these very bytes (by the receiver that stored it): its header is
+/// checked, its content not hashed again, and an uncompressed payload is
+/// moved to the front of `file`, not copied.
+pub fn decode_verified(
+    id: ObjectId,
+    expected: ObjectKind,
+    mut file: Vec<u8>,
+) -> Result<Vec<u8>, ObjectError> {
+    let (kind, len) = peek(id, &file)?;
+    if kind != expected {
+        return Err(ObjectError::WrongKind {
+            id,
+            expected,
+            found: kind.to_string(),
+        });
+    }
+    if file[6] != 0 || (file.len() - HEADER_LEN) as u64 != len {
+        return decode(id, expected, &file);
+    }
+    file.copy_within(HEADER_LEN.., 0);
+    file.truncate(len as usize);
+    Ok(file)
+}
+
 /// Like [`decode`], refusing (before decompressing anything) an object
 /// whose header claims more than `max_len` bytes of content: a chunk must
 /// be the length its tree gives it.

@@ -306,6 +306,13 @@ impl Store {
 
     /// The object file's bytes as stored (and served), unverified.
     pub fn read_raw(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
+        Ok(self.read_stored(id)?.map(|(file, _)| file))
+    }
+
+    /// [`Store::read_raw`], and whether the file was verified against `id`
+    /// from these very bytes: an object of this session's pack, read from
+    /// a segment as its receiver stored it ([`pack::Located::read_verified`]).
+    fn read_stored(&self, id: &ObjectId) -> Result<Option<(Vec<u8>, bool)>> {
         if let Some(p) = &self.pending {
             // Found under the lock, read outside it (the fetch appends
             // meanwhile; reading may mean decompressing a segment).
@@ -314,27 +321,33 @@ impl Store {
                 None => None,
             };
             if let Some(at) = at {
-                return at.read().map(Some);
+                return at.read_verified().map(Some);
             }
         }
         let path = self.object_path(id);
         match fs::read(&path) {
-            Ok(b) => return Ok(Some(b)),
+            Ok(b) => return Ok(Some((b, false))),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e).at(&path),
         }
         match self.packs.find(&self.packs_dir(), id)? {
-            Some((pack, slot)) => pack.read(slot).map(Some),
+            Some((pack, slot)) => pack.read(slot).map(|file| Some((file, false))),
             None => Ok(None),
         }
     }
 
-    /// Reads, decompresses and verifies one object.
+    /// Reads, decompresses and verifies one object (an object this
+    /// session's fetch verified from the very bytes read is not hashed
+    /// again: [`Store::read_stored`]).
     pub fn read(&self, id: &ObjectId, kind: ObjectKind) -> Result<Vec<u8>> {
-        let raw = self
-            .read_raw(id)?
+        let (raw, verified) = self
+            .read_stored(id)?
             .ok_or(StoreError::Missing { id: *id, kind })?;
-        object::decode(*id, kind, &raw).map_err(|source| StoreError::Object {
+        let decoded = match verified {
+            true => object::decode_verified(*id, kind, raw),
+            false => object::decode(*id, kind, &raw),
+        };
+        decoded.map_err(|source| StoreError::Object {
             path: self.object_path(id),
             source,
         })

@@ -125,10 +125,22 @@ fn segment_of(segments: &[Segment], slot: Slot, path: &Path) -> Result<Option<Se
 struct Body {
     file: File,
     path: PathBuf,
-    kept: Mutex<VecDeque<(u32, Arc<Vec<u8>>)>>,
+    /// The last segments decompressed.
+    kept: Mutex<VecDeque<Kept>>,
     /// The highest segment an object was read from: how far the readers
     /// of a pack being written are ([`PackWriter::segments_unread`]).
     read_upto: AtomicU32,
+}
+
+/// A segment's content, decompressed.
+#[derive(Debug)]
+struct Kept {
+    n: u32,
+    content: Arc<Vec<u8>>,
+    /// The content a receiver stored ([`PackWriter::append_segment`]),
+    /// whose objects were verified from these very bytes before any was
+    /// indexed (`host::fetch`); not a segment read back from the file.
+    received: bool,
 }
 
 impl Body {
@@ -142,26 +154,28 @@ impl Body {
     }
 
     /// The object file at `slot`; `seg` is its segment's table entry.
-    fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<Vec<u8>> {
+    /// True with it when it comes from a segment as its receiver stored
+    /// it (verified: see [`Kept::received`]).
+    fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<(Vec<u8>, bool)> {
         let Some(seg) = seg else {
             let mut buf = vec![0u8; slot.len as usize];
             self.file
                 .read_exact_at(&mut buf, slot.offset)
                 .at(&self.path)?;
-            return Ok(buf);
+            return Ok((buf, false));
         };
-        let content = self.segment(slot.seg, seg)?;
+        let (content, received) = self.segment(slot.seg, seg)?;
         self.read_upto.fetch_max(slot.seg, Ordering::Relaxed);
         usize::try_from(slot.offset)
             .ok()
             .and_then(|o| content.get(o..)?.get(..slot.len as usize))
-            .map(<[u8]>::to_vec)
+            .map(|file| (file.to_vec(), received))
             .ok_or_else(|| bad(&self.path, format!("an object out of segment {}", slot.seg)))
     }
 
-    /// Segment `n`'s content: kept, or read and decompressed (bounded by
-    /// its declared length, which it must have).
-    fn segment(&self, n: u32, seg: Segment) -> Result<Arc<Vec<u8>>> {
+    /// Segment `n`'s content: kept (and whether as received), or read and
+    /// decompressed (bounded by its declared length, which it must have).
+    fn segment(&self, n: u32, seg: Segment) -> Result<(Arc<Vec<u8>>, bool)> {
         if let Some(hit) = self.kept(n) {
             return Ok(hit);
         }
@@ -180,24 +194,30 @@ impl Body {
             ));
         }
         let content = Arc::new(content);
-        self.keep(n, content.clone());
-        Ok(content)
+        self.keep(n, content.clone(), false);
+        Ok((content, false))
     }
 
-    fn kept(&self, n: u32) -> Option<Arc<Vec<u8>>> {
+    fn kept(&self, n: u32) -> Option<(Arc<Vec<u8>>, bool)> {
         let kept = self.kept.lock().expect("not poisoned");
-        kept.iter().find(|(k, _)| *k == n).map(|(_, c)| c.clone())
+        kept.iter()
+            .find(|k| k.n == n)
+            .map(|k| (k.content.clone(), k.received))
     }
 
-    fn keep(&self, n: u32, content: Arc<Vec<u8>>) {
+    fn keep(&self, n: u32, content: Arc<Vec<u8>>, received: bool) {
         let mut kept = self.kept.lock().expect("not poisoned");
-        if kept.iter().any(|(k, _)| *k == n) {
+        if kept.iter().any(|k| k.n == n) {
             return;
         }
         if kept.len() == SEGMENTS_KEPT {
             kept.pop_front();
         }
-        kept.push_back((n, content));
+        kept.push_back(Kept {
+            n,
+            content,
+            received,
+        });
     }
 }
 
@@ -212,6 +232,13 @@ pub struct Located {
 impl Located {
     /// The object file, as stored.
     pub fn read(&self) -> Result<Vec<u8>> {
+        self.body.read(self.slot, self.seg).map(|(file, _)| file)
+    }
+
+    /// The object file, and whether it was verified against its ID from
+    /// these very bytes: read from a segment its receiver stored, kept in
+    /// memory since (never one read back from the file).
+    pub fn read_verified(&self) -> Result<(Vec<u8>, bool)> {
         self.body.read(self.slot, self.seg)
     }
 }
@@ -438,6 +465,7 @@ impl Pack {
     pub fn read(&self, slot: Slot) -> Result<Vec<u8>> {
         self.body
             .read(slot, segment_of(&self.segments, slot, &self.path)?)
+            .map(|(file, _)| file)
     }
 
     /// The first bytes of the object file at `slot` (its header, for
@@ -910,7 +938,7 @@ impl PackWriter {
             len,
         });
         self.advance(compressed.len() as u64);
-        self.body.keep(n, content);
+        self.body.keep(n, content, true);
         Ok(n)
     }
 
@@ -922,7 +950,10 @@ impl PackWriter {
     }
 
     /// Adds object `id`, whose file is `len` bytes at `offset` in the
-    /// content of segment `seg` (unless the pack has it).
+    /// content of segment `seg` (unless the pack has it). The caller has
+    /// verified the object from those very bytes of the content it gave
+    /// [`PackWriter::append_segment`]: a read of it while that content is
+    /// kept is not hashed again ([`Kept::received`]).
     pub fn append_in_segment(
         &mut self,
         id: ObjectId,
@@ -1516,6 +1547,67 @@ mod tests {
 
     /// The writer's compact index: thousands of objects (several folds of
     /// the tail), and IDs that share their first 8 bytes.
+    #[test]
+    fn only_an_object_read_from_a_segment_as_received_counts_as_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects: Vec<Vec<u8>> = (0..400).map(chunk).collect();
+        // More segments than are kept: the first is read back from the file.
+        let per = objects.len() / (SEGMENTS_KEPT + 2);
+        let (segs, at) = segments(&objects, per);
+        let mut w = PackWriter::create(dir.path().join(".pack.v.tmp")).unwrap();
+        let numbers: Vec<u32> = segs
+            .iter()
+            .map(|seg| {
+                w.append_segment(&seg.compressed, seg.content.clone())
+                    .unwrap()
+            })
+            .collect();
+        for (o, (s, off)) in objects.iter().zip(&at) {
+            let id = ObjectKind::Chunk.hash(o);
+            w.append_in_segment(
+                id,
+                numbers[*s],
+                *off as u32,
+                raw(ObjectKind::Chunk, o).len(),
+            )
+            .unwrap();
+        }
+        let read = |o: &Vec<u8>| {
+            let id = ObjectKind::Chunk.hash(o);
+            let (file, verified) = w.locate(&id).unwrap().unwrap().read_verified().unwrap();
+            assert_eq!(object::decode(id, ObjectKind::Chunk, &file).unwrap(), *o);
+            assert_eq!(
+                object::decode_verified(id, ObjectKind::Chunk, file).unwrap(),
+                *o
+            );
+            verified
+        };
+        assert!(
+            read(objects.last().unwrap()),
+            "the last segment, kept as received"
+        );
+        assert!(
+            !read(&objects[0]),
+            "the first, evicted: read back from the file"
+        );
+        // And read back, it is kept, still not as received.
+        assert!(!read(&objects[1]));
+        // decode_verified checks what it can without hashing: the header,
+        // the kind; a compressed file it decodes, and so verifies, in full.
+        let id = ObjectKind::Chunk.hash(&objects[0]);
+        let tree =
+            object::decode_verified(id, ObjectKind::Tree, raw(ObjectKind::Chunk, &objects[0]));
+        assert!(
+            matches!(tree, Err(object::ObjectError::WrongKind { .. })),
+            "{tree:?}"
+        );
+        let mut wrong = object::encode(ObjectKind::Chunk, &objects[0]);
+        let n = wrong.len();
+        wrong[n - 1] ^= 1;
+        assert!(object::decode_verified(id, ObjectKind::Chunk, wrong).is_err());
+        assert!(object::decode_verified(id, ObjectKind::Chunk, vec![0; 3]).is_err());
+    }
+
     #[test]
     fn the_pending_index_finds_every_object_across_folds_and_shared_prefixes() {
         let dir = tempfile::tempdir().unwrap();
