@@ -194,7 +194,30 @@ pub fn decode_verified(
     expected: ObjectKind,
     mut file: Vec<u8>,
 ) -> Result<Vec<u8>, ObjectError> {
-    let (kind, len) = peek(id, &file)?;
+    let len = check_header(id, expected, &file, MAX_OBJECT_LEN)?;
+    if file[6] != 0 || (file.len() - HEADER_LEN) as u64 != len {
+        return decode(id, expected, &file);
+    }
+    file.copy_within(HEADER_LEN.., 0);
+    file.truncate(len as usize);
+    Ok(file)
+}
+
+/// The content length an object file's header gives, once the header is
+/// checked: well formed, of kind `expected`, at most `max_len` bytes.
+fn check_header(
+    id: ObjectId,
+    expected: ObjectKind,
+    file: &[u8],
+    max_len: u64,
+) -> Result<u64, ObjectError> {
+    let (kind, len) = peek(id, file)?;
+    if len > max_len {
+        return Err(ObjectError::BadHeader {
+            id,
+            why: "longer than its tree says",
+        });
+    }
     if kind != expected {
         return Err(ObjectError::WrongKind {
             id,
@@ -202,12 +225,7 @@ pub fn decode_verified(
             found: kind.to_string(),
         });
     }
-    if file[6] != 0 || (file.len() - HEADER_LEN) as u64 != len {
-        return decode(id, expected, &file);
-    }
-    file.copy_within(HEADER_LEN.., 0);
-    file.truncate(len as usize);
-    Ok(file)
+    Ok(len)
 }
 
 /// Like [`decode`], refusing (before decompressing anything) an object
@@ -231,20 +249,7 @@ pub fn decode_borrowed(
     max_len: u64,
 ) -> Result<std::borrow::Cow<'_, [u8]>, ObjectError> {
     use std::borrow::Cow;
-    let (kind, len) = peek(id, file)?;
-    if len > max_len {
-        return Err(ObjectError::BadHeader {
-            id,
-            why: "longer than its tree says",
-        });
-    }
-    if kind != expected {
-        return Err(ObjectError::WrongKind {
-            id,
-            expected,
-            found: kind.to_string(),
-        });
-    }
+    let len = check_header(id, expected, file, max_len)?;
     let payload = &file[HEADER_LEN..];
     let data = match file[6] {
         0 => Cow::Borrowed(payload),
@@ -267,7 +272,7 @@ pub fn decode_borrowed(
             why: format!("{} bytes, header says {len}", data.len()),
         });
     }
-    let actual = kind.hash(&data);
+    let actual = expected.hash(&data);
     if actual != id {
         return Err(ObjectError::HashMismatch { id, actual });
     }
