@@ -325,10 +325,7 @@ fn repack(store: &Store, pack: &Pack, live: &LiveSet, cancel: &Cancel) -> Result
     // In ID order, as `for_each_entry` gives them: no index held in
     // memory. A pack with segments is read in its own order instead (each
     // segment decompressed once), so the new one is written in that order.
-    let mut out = match pack.has_segments() {
-        false => PackWriter::create_in_order(tmp)?,
-        true => PackWriter::create(tmp)?,
-    };
+    let mut out = store.create_pack(tmp, !pack.has_segments())?;
     let mut batch: Vec<(ObjectId, Vec<u8>)> = Vec::with_capacity(REPACK_BATCH);
     let mut batch_bytes = 0;
     let flush = |batch: &mut Vec<(ObjectId, Vec<u8>)>, out: &mut PackWriter| {

@@ -21,6 +21,7 @@
 pub mod pack;
 mod refs;
 mod session;
+mod staged;
 
 pub use refs::{ComponentRecord, VersionRecord, check_label};
 pub use session::{Committed, LockMode, Put, StoreLock, Writer};
@@ -258,6 +259,22 @@ impl Store {
 
     pub fn role(&self) -> Option<Role> {
         self.role
+    }
+
+    /// A new pack of this store at `tmp` (`in_order`:
+    /// [`PackWriter::create_in_order`]). An app server's is written past
+    /// the page cache ([`PackWriter::bypass_cache`]): its release holds
+    /// what the pack does as files, and reads the pack only while the two
+    /// are written together, from the segments kept in memory.
+    pub(crate) fn create_pack(&self, tmp: PathBuf, in_order: bool) -> Result<PackWriter> {
+        let mut w = match in_order {
+            true => PackWriter::create_in_order(tmp)?,
+            false => PackWriter::create(tmp)?,
+        };
+        if self.role == Some(Role::Host) {
+            w.bypass_cache();
+        }
+        Ok(w)
     }
 
     pub fn root(&self) -> &Path {

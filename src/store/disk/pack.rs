@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use super::staged::Staged;
 use super::{IoContext, Result, StoreError};
 use crate::store::id::ObjectId;
 
@@ -130,6 +131,9 @@ struct Body {
     /// The highest segment an object was read from: how far the readers
     /// of a pack being written are ([`PackWriter::segments_unread`]).
     read_upto: AtomicU32,
+    /// A pack being written: its end, not all in the file yet
+    /// ([`Staged`]). `None` for a pack opened to be read.
+    staged: Option<Mutex<Staged>>,
 }
 
 /// A segment's content, decompressed.
@@ -144,13 +148,35 @@ struct Kept {
 }
 
 impl Body {
-    fn new(file: File, path: PathBuf) -> Body {
+    fn new(file: File, path: PathBuf, staged: Option<Staged>) -> Body {
         Body {
             file,
             path,
             kept: Mutex::new(VecDeque::new()),
             read_upto: AtomicU32::new(0),
+            staged: staged.map(Mutex::new),
         }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`: from the file, or, of a pack
+    /// being written, partly from its staged end.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(staged) = &self.staged {
+            let staged = staged.lock().expect("not poisoned");
+            if offset.saturating_add(buf.len() as u64) > staged.at() {
+                return staged.read_at(&self.file, &self.path, buf, offset);
+            }
+        }
+        self.file.read_exact_at(buf, offset).at(&self.path)
+    }
+
+    /// The staged end of a pack being written.
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged
+            .as_ref()
+            .expect("a pack being written has a staged end")
+            .lock()
+            .expect("not poisoned")
     }
 
     /// The object file at `slot`; `seg` is its segment's table entry.
@@ -159,9 +185,7 @@ impl Body {
     fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<(Vec<u8>, bool)> {
         let Some(seg) = seg else {
             let mut buf = vec![0u8; slot.len as usize];
-            self.file
-                .read_exact_at(&mut buf, slot.offset)
-                .at(&self.path)?;
+            self.read_exact_at(&mut buf, slot.offset)?;
             return Ok((buf, false));
         };
         let (content, received) = self.segment(slot.seg, seg)?;
@@ -180,7 +204,7 @@ impl Body {
             return Ok(hit);
         }
         let mut z = vec![0u8; seg.zlen as usize];
-        self.file.read_exact_at(&mut z, seg.offset).at(&self.path)?;
+        self.read_exact_at(&mut z, seg.offset)?;
         let content = zstd::bulk::decompress(&z, seg.len as usize)
             .map_err(|e| bad(&self.path, format!("segment {n} does not decompress: {e}")))?;
         if content.len() != seg.len as usize {
@@ -387,7 +411,7 @@ impl Pack {
         let dead = read_dead(&dead_path(path))?;
         Ok(Pack {
             path: path.to_path_buf(),
-            body: Arc::new(Body::new(file, path.to_path_buf())),
+            body: Arc::new(Body::new(file, path.to_path_buf(), None)),
             prefixes: Arc::new(prefixes),
             index_offset,
             segments: Arc::new(segments),
@@ -609,20 +633,14 @@ pub fn write_dead(pack: &Path, mut dead: Vec<ObjectId>) -> Result<()> {
 /// A pack being written: objects appended to a temp file, then sealed.
 #[derive(Debug)]
 pub struct PackWriter {
-    /// The temp file (`body.path`), shared with readers of what it holds.
+    /// The temp file (`body.path`), shared with readers of what it holds;
+    /// its end is staged ([`Body::staged`]).
     body: Arc<Body>,
-    offset: u64,
     index: PendingIndex,
     /// Segments stored as they arrived ([`PackWriter::append_segment`]).
     segments: Vec<Segment>,
     flags: u32,
-    /// Bytes before this offset have been handed to the disk
-    /// ([`crate::sys::start_writeback`]).
-    written_back: u64,
 }
-
-/// Bytes a pack being written accumulates before their writeback starts.
-const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// What a pack being written holds, in about 12 bytes an object (a hash
 /// map of whole IDs took ~100 bytes, 26 MB at 263k files): each entry, in
@@ -803,7 +821,7 @@ impl PackWriter {
         }
         let name = tmp.file_name().unwrap_or_default().to_string_lossy();
         let side_path = tmp.with_file_name(name.replacen(".pack.", ".idx.", 1));
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
@@ -812,9 +830,9 @@ impl PackWriter {
         let mut header = [0u8; PACK_HEADER_LEN as usize];
         header[..8].copy_from_slice(PACK_MAGIC);
         header[8..12].copy_from_slice(&PACK_FORMAT_PLAIN.to_le_bytes());
-        let index = file
-            .write_all(&header)
-            .at(&tmp)
+        let mut staged = Staged::new();
+        let index = staged
+            .append(&file, &tmp, &header)
             .and_then(|()| PendingIndex::create(side_path));
         let index = match index {
             Ok(i) => i,
@@ -824,13 +842,24 @@ impl PackWriter {
             }
         };
         Ok(PackWriter {
-            body: Arc::new(Body::new(file, tmp)),
-            offset: PACK_HEADER_LEN,
+            body: Arc::new(Body::new(file, tmp, Some(staged))),
             index,
             segments: Vec::new(),
             flags: 0,
-            written_back: PACK_HEADER_LEN,
         })
+    }
+
+    /// Writes the pack's body with direct I/O, past the page cache, where
+    /// the filesystem allows it: an app server's store, whose objects the
+    /// release already holds as files, so that what it receives is not
+    /// copied into new page-cache pages ([`Staged::bypass_cache`]).
+    pub fn bypass_cache(&mut self) {
+        self.body.staged().bypass_cache(&self.body.path);
+    }
+
+    /// The offset after the last byte appended.
+    fn end(&self) -> u64 {
+        self.body.staged().end()
     }
 
     /// A writer for objects appended in strictly ascending ID order (a
@@ -864,22 +893,27 @@ impl PackWriter {
             return Ok(());
         }
         let len = self.object_len(&id, file.len())?;
-        // A short write (a full disk) leaves the offset where it was; the
+        // A short write (a full disk) leaves the end where it was; the
         // next append overwrites the torn bytes.
-        self.body
-            .file
-            .write_all_at(file, self.offset)
-            .at(&self.body.path)?;
-        self.index.insert(
-            &id,
-            Slot {
-                offset: self.offset,
-                len,
-                seg: 0,
-            },
-        )?;
-        self.advance(u64::from(len));
-        Ok(())
+        let offset = {
+            let mut staged = self.body.staged();
+            let offset = staged.end();
+            staged.append(&self.body.file, &self.body.path, file)?;
+            offset
+        };
+        let slot = Slot {
+            offset,
+            len,
+            seg: 0,
+        };
+        // Not indexed (out of order, or the side file's write failed): not
+        // in the pack either.
+        self.index.insert(&id, slot).or_else(|e| {
+            self.body
+                .staged()
+                .set_end(&self.body.file, &self.body.path, offset)?;
+            Err(e)
+        })
     }
 
     /// Checks an object file's length, and that the pack has room for
@@ -892,20 +926,6 @@ impl PackWriter {
             .ok()
             .filter(|l| u64::from(*l) <= MAX_OBJECT_FILE)
             .ok_or_else(|| bad(&self.body.path, format!("object {id} too large for a pack")))
-    }
-
-    /// Moves the end past `len` bytes just written, starting their
-    /// writeback every [`WRITEBACK_EVERY`].
-    fn advance(&mut self, len: u64) {
-        self.offset += len;
-        if self.offset - self.written_back >= WRITEBACK_EVERY {
-            crate::sys::start_writeback(
-                &self.body.file,
-                self.written_back,
-                self.offset - self.written_back,
-            );
-            self.written_back = self.offset;
-        }
     }
 
     /// Appends a segment as it arrived (its zstd frame; `content` what it
@@ -928,16 +948,17 @@ impl PackWriter {
         };
         let n = u32::try_from(self.segments.len() + 1)
             .map_err(|_| bad(&self.body.path, "more segments than one pack holds"))?;
-        self.body
-            .file
-            .write_all_at(compressed, self.offset)
-            .at(&self.body.path)?;
+        let offset = {
+            let mut staged = self.body.staged();
+            let offset = staged.end();
+            staged.append(&self.body.file, &self.body.path, compressed)?;
+            offset
+        };
         self.segments.push(Segment {
-            offset: self.offset,
+            offset,
             zlen: compressed.len() as u32,
             len,
         });
-        self.advance(compressed.len() as u64);
         self.body.keep(n, content, true);
         Ok(n)
     }
@@ -1014,7 +1035,7 @@ impl PackWriter {
 
     /// Bytes of object files and segments written so far.
     pub fn body_len(&self) -> u64 {
-        self.offset - PACK_HEADER_LEN
+        self.end() - PACK_HEADER_LEN
     }
 
     /// Flags the pack [`FLAG_RAW`] when it is sealed.
@@ -1046,7 +1067,11 @@ impl PackWriter {
     pub fn seal(&mut self) -> Result<()> {
         self.index.fold();
         let tmp = &self.body.path;
-        let index_offset = self.offset;
+        let index_offset = {
+            let mut staged = self.body.staged();
+            staged.flush_all(&self.body.file, tmp)?;
+            staged.end()
+        };
         let mut hasher = blake3::Hasher::new();
         let mut header = [0u8; 8];
         let format = match self.segments.is_empty() {
@@ -1342,6 +1367,64 @@ mod tests {
         let pack = Pack::open(&in_order).unwrap();
         for (id, file) in &objects {
             assert_eq!(pack.read(pack.find(id).unwrap().unwrap()).unwrap(), *file);
+        }
+    }
+
+    #[test]
+    fn an_app_servers_pack_is_written_past_the_page_cache() {
+        // How much of a file is in the page cache, as fincore (util-linux)
+        // tells it.
+        let resident = |p: &Path| -> u64 {
+            let out = std::process::Command::new("fincore")
+                .args(["--bytes", "--noheadings", "--output", "RES"])
+                .arg(p)
+                .output()
+                .unwrap_or_else(|e| panic!("run fincore (apt-get install util-linux): {e}"));
+            assert!(out.status.success(), "fincore {}: {out:?}", p.display());
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("fincore said {text:?}: {e}"))
+        };
+        for role in [Role::Deploy, Role::Host] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open_or_init(dir.path(), role).unwrap();
+            let w = store.writer().unwrap();
+            // 8 MiB of chunks that do not compress.
+            let chunks: Vec<Vec<u8>> = (0..2000u32)
+                .map(|n| {
+                    let mut c = vec![0u8; 4096];
+                    let mut h = blake3::Hasher::new();
+                    h.update(&n.to_le_bytes());
+                    h.finalize_xof().fill(&mut c);
+                    c
+                })
+                .collect();
+            for c in &chunks {
+                w.put(ObjectKind::Chunk, c).unwrap();
+            }
+            drop(w.commit().unwrap());
+            let packs: Vec<PathBuf> = fs::read_dir(store.packs_dir())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+                .collect();
+            assert_eq!(packs.len(), 1, "{packs:?}");
+            let (len, res) = (fs::metadata(&packs[0]).unwrap().len(), resident(&packs[0]));
+            assert!(len > 8_000_000, "{len}");
+            match role {
+                // A deploy host's pack stays cached, to be served.
+                Role::Deploy => assert!(res > len / 2, "{res} of {len} bytes cached"),
+                // An app server's: only what was written last through the
+                // cache (the index, the footer, the first and last block).
+                Role::Host => assert!(res < len / 10, "{res} of {len} bytes cached"),
+            }
+            // Both read back whole, from another process's view.
+            let other = Store::open(dir.path()).unwrap();
+            for c in chunks.iter().step_by(101) {
+                let id = ObjectKind::Chunk.hash(c);
+                assert_eq!(other.read(&id, ObjectKind::Chunk).unwrap(), *c);
+            }
         }
     }
 

@@ -608,7 +608,7 @@ impl Writer<'_> {
                 .store
                 .packs_dir()
                 .join(format!(".pack.{}.tmp", self.session));
-            *guard = Some(PackWriter::create(tmp)?);
+            *guard = Some(self.store.create_pack(tmp, false)?);
         }
         Ok(guard)
     }
