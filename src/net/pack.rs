@@ -250,12 +250,20 @@ pub fn build(
         path: dir.clone(),
         source: e,
     })?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name(from, to), std::process::id()));
+    // Its own temp file, whatever else runs: two writers of one file
+    // would interleave their segments.
+    static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name(from, to),
+        std::process::id(),
+        BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let io = |e: std::io::Error| StoreError::Io {
         path: tmp.clone(),
         source: e,
     };
-    {
+    let written = (|| -> Result<(), StoreError> {
         let f = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = Segments {
             out: std::io::BufWriter::with_capacity(1 << 20, f),
@@ -286,8 +294,12 @@ pub fn build(
         encode_end(&mut w.raw);
         let f = w.finish().map_err(io)?;
         f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &p).map_err(io)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &p).map_err(io)?;
     Ok(p)
 }
 
@@ -502,7 +514,10 @@ fn delta(
 }
 
 /// One build per pack at a time: requests for a pack being built wait for
-/// it instead of building it again.
+/// it instead of building it again. A build holds its pack's lock until it
+/// ends, even when the request that started it is gone (a client that
+/// disconnected, a fetch a rollback cancelled): the next request then
+/// finds the pack built, never a second build beside the first.
 #[derive(Default)]
 pub struct Builds {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -523,13 +538,16 @@ impl Builds {
             .entry(key.clone())
             .or_default()
             .clone();
-        let _held = lock.lock().await;
-        let r = tokio::task::spawn_blocking(move || build(&store, from.as_ref(), &to))
-            .await
-            .map_err(|e| StoreError::Io {
-                path: PathBuf::from(&key),
-                source: std::io::Error::other(e),
-            })?;
+        let held = lock.lock_owned().await;
+        let r = tokio::task::spawn_blocking(move || {
+            let _held = held;
+            build(&store, from.as_ref(), &to)
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            path: PathBuf::from(&key),
+            source: std::io::Error::other(e),
+        })?;
         self.locks.lock().expect("not poisoned").remove(&key);
         r
     }
@@ -765,6 +783,71 @@ mod order_tests {
                 Content::Symlink { .. } => {}
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_whose_request_went_away_is_not_built_again_beside_it() {
+        let dir_ = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir_.path(), Role::Deploy).unwrap();
+        // 24 MiB that does not compress: its build takes a while.
+        let v = {
+            let w = store.writer().unwrap();
+            let files: Vec<(String, Content)> = (0..96u32)
+                .map(|n| {
+                    let mut c = vec![0u8; 256 << 10];
+                    let mut h = blake3::Hasher::new();
+                    h.update(&n.to_le_bytes());
+                    h.finalize_xof().fill(&mut c);
+                    (format!("f{n}.php"), file(&w, &[&c]))
+                })
+                .collect();
+            let v = version(&dir(
+                &w,
+                files.iter().map(|(n, c)| (n.as_str(), c.clone())).collect(),
+            ));
+            drop(w.commit().unwrap());
+            v
+        };
+        let builds = super::Builds::default();
+        // A request that goes away while its pack is being built (a fetch
+        // a rollback cancelled), then another for the same pack at once.
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            builds.build(store.clone(), None, v),
+        )
+        .await;
+        assert!(gone.is_err(), "the build took under 20 ms: make it larger");
+        let path = builds.build(store.clone(), None, v).await.unwrap();
+        // The pack reads back whole: each segment decompresses, and its
+        // frames are the version's objects, then the end.
+        let bytes = std::fs::read(&path).unwrap();
+        let mut segments = super::SegmentReader::default();
+        segments.push(&bytes);
+        let mut frames = crate::net::BatchDecoder::default();
+        let mut n = 0;
+        while let Some(raw) = segments.next_segment().unwrap() {
+            frames.push(&raw);
+            while frames.next_frame().unwrap().is_some() {
+                n += 1;
+            }
+        }
+        assert!(segments.is_empty());
+        frames.finish().unwrap();
+        assert_eq!(n, super::objects(&store, None, &v).unwrap().len());
+        // No temp file left once the first build is done too.
+        let packs = path.parent().unwrap().to_path_buf();
+        let left = || {
+            std::fs::read_dir(&packs)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .count()
+        };
+        let t = std::time::Instant::now();
+        while left() > 0 && t.elapsed().as_secs() < 30 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(left(), 0);
     }
 
     #[test]
