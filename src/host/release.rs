@@ -624,7 +624,12 @@ impl Releases {
                 }),
             None => full(&sync),
         }
-        .and_then(|r| sync.sync(&releases, &self.dir).map(|()| r));
+        .and_then(|r| {
+            let t = std::time::Instant::now();
+            sync.sync(&releases, &self.dir)?;
+            tracing::debug!("slot {} durable in {:?}", slot.name, t.elapsed());
+            Ok(r)
+        });
         let (how, applied) = match result {
             Ok(r) => r,
             // A cancelled slot stays dirty (rewritten next time); stopping
