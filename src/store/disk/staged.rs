@@ -2,7 +2,7 @@
 //! memory and written a block-aligned run at a time.
 //!
 //! Two things come of it. Appends of small objects (a cold build's tens of
-//! thousands) become one `pwrite` a [`CAP`] instead of one each. And a
+//! thousands) become one `pwrite` a [`CAP_CACHED`] instead of one each. And a
 //! writer may bypass the page cache (`O_DIRECT`, [`Staged::bypass_cache`]):
 //! what an app server receives is written once and not read again soon
 //! (the release holds its files), so copying it into new page-cache pages
@@ -30,8 +30,14 @@ use super::{IoContext, Result};
 /// common device's logical block.
 pub const BLOCK: usize = 4096;
 
-/// Bytes staged before a flush (plus a partial block carried over).
+/// Bytes staged before a flush (plus a partial block carried over), when
+/// writing past the cache: a direct write waits for the device, so each
+/// is large.
 pub const CAP: usize = 2 << 20;
+
+/// The same through the cache, where a write returns once copied: small,
+/// so that a deploy host's build holds little more than before.
+pub const CAP_CACHED: usize = 256 << 10;
 
 /// Bytes written through the cache accumulate this much before their
 /// writeback is started ([`crate::sys::start_writeback`]), so that the
@@ -44,10 +50,13 @@ pub struct Staged {
     /// [`BLOCK`] (bytes before it are in the file).
     at: u64,
     /// `buf[start..start + len]` are the staged bytes; `start` makes
-    /// their address a multiple of [`BLOCK`]. Never reallocated.
+    /// their address a multiple of [`BLOCK`]. Never reallocated (but
+    /// replaced by a larger one when the cache is bypassed).
     buf: Vec<u8>,
     start: usize,
     len: usize,
+    /// [`CAP`] or [`CAP_CACHED`].
+    cap: usize,
     /// The file opened again with `O_DIRECT`, when bypassing the cache.
     direct: Option<File>,
     /// Where writeback was last started (cached writes).
@@ -57,13 +66,13 @@ pub struct Staged {
 impl Staged {
     /// An empty end at offset 0 of a new file.
     pub fn new() -> Staged {
-        let buf = vec![0u8; CAP + 2 * BLOCK];
-        let start = buf.as_ptr().align_offset(BLOCK);
+        let (buf, start) = aligned(CAP_CACHED);
         Staged {
             at: 0,
             buf,
             start,
             len: 0,
+            cap: CAP_CACHED,
             direct: None,
             written_back: 0,
         }
@@ -78,7 +87,13 @@ impl Staged {
             .custom_flags(libc::O_DIRECT)
             .open(path)
         {
-            Ok(f) => self.direct = Some(f),
+            Ok(f) => {
+                self.direct = Some(f);
+                let (mut buf, start) = aligned(CAP);
+                buf[start..start + self.len]
+                    .copy_from_slice(&self.buf[self.start..self.start + self.len]);
+                (self.buf, self.start, self.cap) = (buf, start, CAP);
+            }
             Err(e) => no_direct(path, &e),
         }
     }
@@ -106,13 +121,13 @@ impl Staged {
     pub fn append(&mut self, file: &File, path: &Path, mut data: &[u8]) -> Result<()> {
         let end = self.end();
         while !data.is_empty() {
-            if self.len >= CAP
+            if self.len >= self.cap
                 && let Err(e) = self.flush_blocks(file, path)
             {
                 self.set_end(file, path, end)?;
                 return Err(e);
             }
-            let n = (CAP + BLOCK - self.len).min(data.len());
+            let n = (self.cap + BLOCK - self.len).min(data.len());
             let at = self.start + self.len;
             self.buf[at..at + n].copy_from_slice(&data[..n]);
             self.len += n;
@@ -209,6 +224,14 @@ impl Staged {
     }
 }
 
+/// A zeroed buffer with room for `cap` bytes and a partial block after
+/// an offset that is a multiple of [`BLOCK`] in memory, and that offset.
+fn aligned(cap: usize) -> (Vec<u8>, usize) {
+    let buf = vec![0u8; cap + 2 * BLOCK];
+    let start = buf.as_ptr().align_offset(BLOCK);
+    (buf, start)
+}
+
 /// Says once per process that a store's packs are written through the
 /// page cache after all.
 fn no_direct(path: &Path, e: &io::Error) {
@@ -300,7 +323,7 @@ mod tests {
             .open(&p)
             .unwrap();
         let mut s = Staged::new();
-        let first = bytes(0, CAP + 100);
+        let first = bytes(0, s.cap + 100);
         s.append(&f, &p, &first).unwrap();
         // A file open only for reading: every write fails, as on a full
         // disk. An append that needs no flush still stages.
