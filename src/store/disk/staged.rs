@@ -44,7 +44,6 @@ pub const CAP_CACHED: usize = 256 << 10;
 /// final `fsync` finds little left to write.
 const WRITEBACK_EVERY: u64 = 32 << 20;
 
-#[derive(Debug)]
 pub struct Staged {
     /// Offset in the file of the first staged byte: a multiple of
     /// [`BLOCK`] (bytes before it are in the file).
@@ -61,6 +60,18 @@ pub struct Staged {
     direct: Option<File>,
     /// Where writeback was last started (cached writes).
     written_back: u64,
+}
+
+/// Its offsets and mode, not the bytes (up to 2 MiB of them).
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("at", &self.at)
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .field("direct", &self.direct.is_some())
+            .finish()
+    }
 }
 
 impl Staged {
