@@ -792,12 +792,9 @@ mod order_tests {
         // 24 MiB that does not compress: its build takes a while.
         let v = {
             let w = store.writer().unwrap();
-            let files: Vec<(String, Content)> = (0..96u32)
+            let files: Vec<(String, Content)> = (1..=96)
                 .map(|n| {
-                    let mut c = vec![0u8; 256 << 10];
-                    let mut h = blake3::Hasher::new();
-                    h.update(&n.to_le_bytes());
-                    h.finalize_xof().fill(&mut c);
+                    let c = crate::store::chunk::noise(256 << 10, n);
                     (format!("f{n}.php"), file(&w, &[&c]))
                 })
                 .collect();

@@ -56,6 +56,21 @@ pub enum ChunkError<E> {
     Sink(E),
 }
 
+/// `n` bytes of xorshift noise from `seed` (not 0), which no compressor
+/// shrinks: for tests.
+#[cfg(test)]
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,18 +83,6 @@ mod tests {
         })
         .unwrap();
         lens
-    }
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]

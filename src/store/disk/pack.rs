@@ -893,14 +893,7 @@ impl PackWriter {
             return Ok(());
         }
         let len = self.object_len(&id, file.len())?;
-        // A short write (a full disk) leaves the end where it was; the
-        // next append overwrites the torn bytes.
-        let offset = {
-            let mut staged = self.body.staged();
-            let offset = staged.end();
-            staged.append(&self.body.file, &self.body.path, file)?;
-            offset
-        };
+        let offset = self.push(file)?;
         let slot = Slot {
             offset,
             len,
@@ -914,6 +907,16 @@ impl PackWriter {
                 .set_end(&self.body.file, &self.body.path, offset)?;
             Err(e)
         })
+    }
+
+    /// Appends `bytes` to the body; returns where they start. A short
+    /// write (a full disk) leaves the end where it was; the next append
+    /// overwrites the torn bytes.
+    fn push(&mut self, bytes: &[u8]) -> Result<u64> {
+        let mut staged = self.body.staged();
+        let offset = staged.end();
+        staged.append(&self.body.file, &self.body.path, bytes)?;
+        Ok(offset)
     }
 
     /// Checks an object file's length, and that the pack has room for
@@ -948,12 +951,7 @@ impl PackWriter {
         };
         let n = u32::try_from(self.segments.len() + 1)
             .map_err(|_| bad(&self.body.path, "more segments than one pack holds"))?;
-        let offset = {
-            let mut staged = self.body.staged();
-            let offset = staged.end();
-            staged.append(&self.body.file, &self.body.path, compressed)?;
-            offset
-        };
+        let offset = self.push(compressed)?;
         self.segments.push(Segment {
             offset,
             zlen: compressed.len() as u32,
@@ -1391,14 +1389,8 @@ mod tests {
             let store = Store::open_or_init(dir.path(), role).unwrap();
             let w = store.writer().unwrap();
             // 8 MiB of chunks that do not compress.
-            let chunks: Vec<Vec<u8>> = (0..2000u32)
-                .map(|n| {
-                    let mut c = vec![0u8; 4096];
-                    let mut h = blake3::Hasher::new();
-                    h.update(&n.to_le_bytes());
-                    h.finalize_xof().fill(&mut c);
-                    c
-                })
+            let chunks: Vec<Vec<u8>> = (1..=2000)
+                .map(|n| crate::store::chunk::noise(4096, n))
                 .collect();
             for c in &chunks {
                 w.put(ObjectKind::Chunk, c).unwrap();

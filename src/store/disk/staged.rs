@@ -264,6 +264,19 @@ mod tests {
         (from..from + n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
+    /// A new empty file, open to read and write, in a temp directory.
+    fn new_file() -> (tempfile::TempDir, std::path::PathBuf, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        (dir, p, f)
+    }
+
     fn read_all(s: &Staged, f: &File, p: &Path) -> Vec<u8> {
         let mut out = vec![0u8; s.end() as usize];
         s.read_at(f, p, &mut out, 0).unwrap();
@@ -273,14 +286,7 @@ mod tests {
     #[test]
     fn what_is_appended_reads_back_whole_before_and_after_the_flush() {
         for direct in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("f");
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&p)
-                .unwrap();
+            let (_dir, p, f) = new_file();
             let mut s = Staged::new();
             if direct {
                 s.bypass_cache(&p);
@@ -325,14 +331,7 @@ mod tests {
 
     #[test]
     fn a_failed_append_leaves_the_end_where_it_was() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
+        let (_dir, p, f) = new_file();
         let mut s = Staged::new();
         let first = bytes(0, s.cap + 100);
         s.append(&f, &p, &first).unwrap();
@@ -361,14 +360,7 @@ mod tests {
         // flush of the same append fails, and `append` sets the end back
         // before the blocks of it already written: the partial block the
         // end is in is staged again from the file.
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
+        let (_dir, p, f) = new_file();
         let mut s = Staged::new();
         let first = bytes(0, 1000);
         s.append(&f, &p, &first).unwrap();
