@@ -1,6 +1,6 @@
 //! The deploy host's side: turns staging directories into a version.
 //!
-//! Data path: walk each component (walkdir, symlinks never followed) ->
+//! Data path: walk each component (symlinks never followed) ->
 //! reuse chunk lists from the stat cache or read, chunk and store the file
 //! (rayon, in parallel) -> assemble one tree per directory bottom-up -> a
 //! root tree over the components, whose ID is the version ID -> one
@@ -148,7 +148,12 @@ impl Item {
         if self.depth == 0 {
             return component.name.clone();
         }
-        TreeName::new(self.rel[self.name_at as usize..].to_vec()).expect("checked by the walk")
+        TreeName::new(self.file_name().as_bytes().to_vec()).expect("checked by the walk")
+    }
+
+    /// The last element of its path.
+    fn file_name(&self) -> &OsStr {
+        OsStr::from_bytes(&self.rel[self.name_at as usize..])
     }
 }
 
@@ -176,7 +181,7 @@ pub fn build(
     for component in &opts.components {
         let (tree, files, bytes, cache) =
             build_component(&writer, component, b"", generation, meter, &mut totals)?;
-        caches.push(cache);
+        caches.extend(cache);
         components.push(ComponentRecord {
             name: component.name.to_string(),
             tree,
@@ -284,13 +289,12 @@ struct Totals {
 
 /// A component's tree, its files and bytes, and its stat cache (path and
 /// encoded bytes) to save once the build is committed.
-type ComponentResult = (TreeId, u64, u64, (PathBuf, Vec<u8>));
+type ComponentResult = (TreeId, u64, u64, Option<(PathBuf, Vec<u8>)>);
 
 /// Builds a component's tree, or (`sub` not empty) the tree of one of its
 /// directories, `sub` relative to the component root (`scap sync-dir`):
 /// exclude globs and stat-cache keys stay relative to the component root.
-/// The caller saves the returned stat cache only for a whole component (a
-/// directory's would drop every entry outside it).
+/// A stat cache to save comes back only for a whole component.
 fn build_component(
     writer: &Writer<'_>,
     component: &Component,
@@ -322,57 +326,76 @@ fn build_component(
     let store = writer.store();
     let cache_path = cache_path(store, component);
     let walk_start_ns = unix_now_ns();
-    let cache = StatCache::load(&cache_path);
+    // The cache is read (and its checksum checked) while the tree is walked.
+    let (cache, items) = std::thread::scope(|s| {
+        let cache = s.spawn(|| StatCache::load(&cache_path));
+        let phase = Instant::now();
+        let items = walk(component, &top, sub);
+        tracing::debug!(
+            "{}: walked {} entries in {:?}",
+            component.name,
+            items.as_ref().map_or(0, Vec::len),
+            phase.elapsed()
+        );
+        (
+            cache.join().expect("loading a stat cache does not panic"),
+            items,
+        )
+    });
+    let items = items?;
     let trust_presence = cache.generation == generation;
 
     let phase = Instant::now();
-    let items = walk(component, &top, sub)?;
-    tracing::debug!(
-        "{}: walked {} entries in {:?}",
-        component.name,
-        items.len(),
-        phase.elapsed()
-    );
-    let phase = Instant::now();
-    // Files whose stat matches the cache take its chunk lists (moved out,
-    // not copied: at 263k files the copies alone are tens of MB); the
-    // others are read. After a gc, cached chunks are checked for presence.
+    // Files whose stat matches the cache take its chunk lists; the others
+    // are read. After a gc, cached chunks are checked for presence.
     let mut cache = cache;
-    let mut chunks_of: Vec<Option<Cached>> = vec![None; items.len()];
-    let mut unsure: Vec<(usize, Cached)> = Vec::new();
-    let mut to_read: Vec<usize> = Vec::new();
+    let cached_entries = cache.left();
+    let mut chunks_of: Vec<Option<Cached>> = Vec::with_capacity(items.len());
+    let mut unsure: Vec<usize> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let ItemKind::File { stamp, .. } = &item.kind else {
-            continue;
+        let found = match &item.kind {
+            ItemKind::File { stamp, .. } => cache.take(&item.rel, stamp),
+            _ => None,
         };
-        match cache.take(&item.rel, stamp) {
-            Some(c) if trust_presence => chunks_of[i] = Some(c),
-            Some(c) => unsure.push((i, c)),
-            None => to_read.push(i),
+        if found.is_some() && !trust_presence {
+            unsure.push(i);
         }
+        chunks_of.push(found);
     }
     drop(cache);
-    let present: Vec<bool> = unsure
+    let missing: Vec<usize> = unsure
         .par_iter()
-        .map(|(_, c)| c.chunks.iter().all(|ch| store.has(&ch.id.object())))
+        .copied()
+        .filter(|&i| {
+            let c = chunks_of[i].as_ref().expect("unsure entries are cached");
+            !c.chunks.iter().all(|ch| store.has(&ch.id.object()))
+        })
         .collect();
-    for ((i, c), ok) in unsure.into_iter().zip(present) {
-        if ok {
-            chunks_of[i] = Some(c);
-        } else {
-            to_read.push(i);
-        }
+    for i in missing {
+        chunks_of[i] = None;
     }
+    let is_file = |item: &Item| matches!(item.kind, ItemKind::File { .. });
+    let to_read = items
+        .iter()
+        .zip(&chunks_of)
+        .filter(|(item, c)| is_file(item) && c.is_none())
+        .count();
+    tracing::debug!(
+        "{}: {} of {cached_entries} cache entries used, {to_read} files to read",
+        component.name,
+        chunks_of.iter().filter(|c| c.is_some()).count(),
+    );
 
-    meter.start(to_read.len() as u64, "hashing");
+    meter.start(to_read as u64, "hashing");
     let progress = meter;
     let hashed = Mutex::new((0u64, 0u64));
-    let results: Vec<(usize, Cached)> = to_read
+    items
         .par_iter()
-        .map(|&i| {
-            let item = &items[i];
+        .zip(chunks_of.par_iter_mut())
+        .filter(|(item, c)| is_file(item) && c.is_none())
+        .try_for_each(|(item, slot)| {
             let ItemKind::File { stamp, .. } = &item.kind else {
-                unreachable!("only files are in the list")
+                unreachable!("only files are read")
             };
             let path = root.join(OsStr::from_bytes(&item.rel));
             let c = hash_file(writer, &path, *stamp)?;
@@ -381,9 +404,9 @@ fn build_component(
             h.1 += c.stamp.size;
             drop(h);
             progress.inc(1);
-            Ok((i, c))
-        })
-        .collect::<Result<_, BuildError>>()?;
+            *slot = Some(c);
+            Ok::<_, BuildError>(())
+        })?;
     progress.finish();
     tracing::debug!(
         "{}: hashed and stored files in {:?}",
@@ -395,26 +418,30 @@ fn build_component(
     totals.hashed_files += hf;
     totals.hashed_bytes += hb;
 
-    for (i, c) in results {
-        chunks_of[i] = Some(c);
-    }
-
     // Assemble trees bottom-up. The walk is pre-order (a directory before
     // its contents), so a directory is complete when the walk comes back up
-    // to its depth or above.
+    // to its depth or above. The new stat cache is written on the way, in
+    // the same order; a directory's build (`sub`) saves none (it would drop
+    // every entry outside the directory).
+    let mut next_cache = sub
+        .is_empty()
+        .then(|| statcache::Encoder::new(generation, walk_start_ns));
     let mut open: Vec<(usize, TreeName, Vec<Entry>)> = Vec::new();
     let mut root_tree = None;
-    for (i, item) in items.iter().enumerate() {
+    for (item, cached) in items.iter().zip(chunks_of) {
         while open.last().is_some_and(|(depth, ..)| *depth >= item.depth) {
             close_dir(writer, &mut open, &mut root_tree)?;
         }
         let content = match &item.kind {
             ItemKind::File { executable, .. } => {
-                let c = chunks_of[i].as_ref().expect("every file was hashed");
+                let c = cached.expect("every file was hashed");
+                if let Some(enc) = &mut next_cache {
+                    enc.push(&item.rel, &c);
+                }
                 Content::File {
                     executable: *executable,
                     size: c.stamp.size,
-                    chunks: c.chunks.clone(),
+                    chunks: c.chunks,
                 }
             }
             ItemKind::Symlink { target } => Content::Symlink {
@@ -436,14 +463,9 @@ fn build_component(
     }
 
     tracing::debug!("{}: stored trees in {:?}", component.name, phase.elapsed());
-    // Record what we learned; entries of deleted files drop out.
-    let entries = items
-        .iter()
-        .zip(&chunks_of)
-        .filter_map(|(item, c)| c.as_ref().map(|c| (item.rel.as_slice(), c)));
-    let cache_bytes = statcache::encode(generation, walk_start_ns, entries);
     let (tree, files, bytes) = root_tree.expect("the walk yields the component root last");
-    Ok((tree, files, bytes, (cache_path, cache_bytes)))
+    let cache = next_cache.map(|enc| (cache_path, enc.finish()));
+    Ok((tree, files, bytes, cache))
 }
 
 /// Stores the innermost open directory's tree and adds it to its parent
@@ -489,13 +511,16 @@ pub(crate) fn put_tree(writer: &Writer<'_>, tree: &Tree) -> Result<TreeId, Store
     Ok(TreeId::new(put.id))
 }
 
-/// Directory depth above which the walk fans out over rayon; below it,
-/// each subtree is one walkdir walk.
+/// Directory depth down to which the walk fans out over rayon; below it,
+/// each subtree is read by one thread.
 const PARALLEL_DEPTH: usize = 3;
 
 /// Walks one component, symlinks not followed, excluded paths pruned, in
-/// pre-order with siblings sorted by name bytes. The top levels are read
-/// in parallel, each subtree below them by one walkdir walk.
+/// pre-order with siblings sorted by name bytes (the stat cache's order,
+/// [`statcache::walk_cmp`]). The top levels are read in parallel, each
+/// subtree below them by one thread. Every `stat` is relative to its
+/// directory's descriptor (`statx(dirfd, name)`), not a path looked up again
+/// from the root.
 fn walk(component: &Component, top: &Path, sub: &[u8]) -> Result<Vec<Item>, BuildError> {
     let mut items = vec![Item {
         depth: 0,
@@ -516,33 +541,15 @@ fn scan(
     depth: usize,
 ) -> Result<Vec<Item>, BuildError> {
     if depth > PARALLEL_DEPTH {
-        return scan_with_walkdir(component, abs, rel, depth);
+        let mut out = Vec::new();
+        scan_into(component, abs, rel, depth, &mut out)?;
+        return Ok(out);
     }
-    let walk_err = |path: &Path, source: io::Error| walk_error(component, path, source);
-    let mut entries: Vec<fs::DirEntry> = fs::read_dir(abs)
-        .map_err(|e| walk_err(abs, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| walk_err(abs, e))?;
-    entries.sort_by_cached_key(|e| e.file_name());
-    let mut own: Vec<Item> = Vec::with_capacity(entries.len());
-    let mut subdirs: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-    for e in entries {
-        let path = e.path();
-        let child = child_rel(rel, e.file_name().as_bytes());
-        if component.exclude.is_match(OsStr::from_bytes(&child)) {
-            continue;
-        }
-        let ft = e.file_type().map_err(|err| walk_err(&path, err))?;
-        let kind = classify(&path, ft, || e.metadata())?;
-        let is_dir = matches!(kind, ItemKind::Dir);
-        own.push(item(&path, child.clone(), depth, kind)?);
-        if is_dir {
-            subdirs.push((path, child));
-        }
-    }
-    let below: Vec<Vec<Item>> = subdirs
+    let own = read_one(component, abs, rel, depth)?;
+    let below: Vec<Vec<Item>> = own
         .par_iter()
-        .map(|(p, r)| scan(component, p, r, depth + 1))
+        .filter(|it| matches!(it.kind, ItemKind::Dir))
+        .map(|it| scan(component, &abs.join(it.file_name()), &it.rel, depth + 1))
         .collect::<Result<_, _>>()?;
     let mut below = below.into_iter();
     let mut out = Vec::with_capacity(own.len());
@@ -556,47 +563,54 @@ fn scan(
     Ok(out)
 }
 
-fn scan_with_walkdir(
+/// Appends the items below directory `abs` to `out`, in pre-order, on this
+/// thread.
+fn scan_into(
+    component: &Component,
+    abs: &Path,
+    rel: &[u8],
+    depth: usize,
+    out: &mut Vec<Item>,
+) -> Result<(), BuildError> {
+    for it in read_one(component, abs, rel, depth)? {
+        if matches!(it.kind, ItemKind::Dir) {
+            let path = abs.join(it.file_name());
+            let rel = it.rel.clone();
+            out.push(it);
+            scan_into(component, &path, &rel, depth + 1, out)?;
+        } else {
+            out.push(it);
+        }
+    }
+    Ok(())
+}
+
+/// The entries of directory `abs` (component-relative `rel`) as items at
+/// `depth`, sorted by name, excluded ones left out.
+fn read_one(
     component: &Component,
     abs: &Path,
     rel: &[u8],
     depth: usize,
 ) -> Result<Vec<Item>, BuildError> {
-    let rel_of = |p: &Path| {
-        let under = p
-            .strip_prefix(abs)
-            .expect("walkdir yields paths under its root");
-        child_rel(rel, under.as_os_str().as_bytes())
-    };
-    let walker = walkdir::WalkDir::new(abs)
-        .min_depth(1)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| {
-            !component
-                .exclude
-                .is_match(OsStr::from_bytes(&rel_of(e.path())))
-        });
-    let mut items = Vec::new();
-    for entry in walker {
-        let entry = entry.map_err(|e| {
-            let path = e
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| abs.to_path_buf());
-            let io = e
-                .into_io_error()
-                .unwrap_or_else(|| io::Error::other("filesystem loop"));
-            walk_error(component, &path, io)
-        })?;
-        let path = entry.path();
-        let kind = classify(path, entry.file_type(), || {
-            entry.metadata().map_err(io::Error::from)
-        })?;
-        items.push(item(path, rel_of(path), depth + entry.depth() - 1, kind)?);
+    let walk_err = |path: &Path, source: io::Error| walk_error(component, path, source);
+    let mut entries: Vec<fs::DirEntry> = fs::read_dir(abs)
+        .map_err(|e| walk_err(abs, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| walk_err(abs, e))?;
+    entries.sort_by_cached_key(|e| e.file_name());
+    let mut own: Vec<Item> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let child = child_rel(rel, e.file_name().as_bytes());
+        if component.exclude.is_match(OsStr::from_bytes(&child)) {
+            continue;
+        }
+        let path = || e.path();
+        let ft = e.file_type().map_err(|err| walk_err(&path(), err))?;
+        let kind = classify(&path, ft, || e.metadata())?;
+        own.push(item(&path, child, depth, kind)?);
     }
-    Ok(items)
+    Ok(own)
 }
 
 fn child_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
@@ -624,17 +638,22 @@ fn walk_error(component: &Component, path: &Path, source: io::Error) -> BuildErr
     }
 }
 
-fn item(path: &Path, rel: Vec<u8>, depth: usize, kind: ItemKind) -> Result<Item, BuildError> {
+fn item(
+    path: &dyn Fn() -> PathBuf,
+    rel: Vec<u8>,
+    depth: usize,
+    kind: ItemKind,
+) -> Result<Item, BuildError> {
     if depth > MAX_DEPTH {
         return Err(BuildError::BadEntry {
-            path: path.to_path_buf(),
+            path: path(),
             why: format!("nested deeper than {MAX_DEPTH} directories: no host would accept it"),
         });
     }
     let name_at = rel.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1);
     // Checked once here; `Item::name` relies on it.
     TreeName::new(rel[name_at..].to_vec()).map_err(|e| BuildError::BadEntry {
-        path: path.to_path_buf(),
+        path: path(),
         why: e.to_string(),
     })?;
     Ok(Item {
@@ -647,25 +666,25 @@ fn item(path: &Path, rel: Vec<u8>, depth: usize, kind: ItemKind) -> Result<Item,
 
 /// What a directory entry is; fails on what scap does not deploy.
 fn classify(
-    path: &Path,
+    path: &dyn Fn() -> PathBuf,
     ft: fs::FileType,
     meta: impl FnOnce() -> io::Result<fs::Metadata>,
 ) -> Result<ItemKind, BuildError> {
     let walk_err = |source| BuildError::Walk {
         component: String::new(),
-        path: path.to_path_buf(),
+        path: path(),
         source,
     };
     if ft.is_dir() {
         Ok(ItemKind::Dir)
     } else if ft.is_symlink() {
-        let target = fs::read_link(path)
+        let target = fs::read_link(path())
             .map_err(walk_err)?
             .into_os_string()
             .into_vec();
         if target.len() > MAX_TARGET_LEN {
             return Err(BuildError::BadEntry {
-                path: path.to_path_buf(),
+                path: path(),
                 why: "symlink target longer than 4095 bytes".into(),
             });
         }
@@ -674,7 +693,7 @@ fn classify(
         let meta = meta().map_err(|e| {
             if e.kind() == io::ErrorKind::PermissionDenied {
                 BuildError::Unreadable {
-                    path: path.to_path_buf(),
+                    path: path(),
                     source: e,
                 }
             } else {
@@ -695,10 +714,7 @@ fn classify(
         } else {
             "character device"
         };
-        Err(BuildError::Special {
-            path: path.to_path_buf(),
-            kind,
-        })
+        Err(BuildError::Special { path: path(), kind })
     }
 }
 

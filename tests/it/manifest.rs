@@ -199,6 +199,52 @@ fn stat_cache_rehashes_only_what_changed() {
     );
 }
 
+/// The cache is read front to back beside the walk, so its order must be
+/// the walk's for every name: a directory whose name another name extends
+/// (`a/` beside `a-c`, `a.php`, `a0`), bytes below and above `/`, non-ASCII.
+#[test]
+fn stat_cache_is_used_whole_whatever_the_names() {
+    let env = Env::new();
+    let mw = env.path("mw");
+    let names = [
+        "a/b.php",
+        "a/b/c.php",
+        "a-c.php",
+        "a.php",
+        "a0",
+        "a!",
+        "A/z",
+        "foo/x.php",
+        "foo.php",
+        "foo bar/baz",
+        "foo+/q",
+        "\u{e9}t\u{e9}/x",
+        "~tilde",
+        "z",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        write(&mw, n, format!("<?php // {i}\n").as_bytes());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let first = env.build_json(&[("mediawiki", &mw)]);
+    assert_eq!(first["hashed_files"], names.len());
+    let again = env.build_json(&[("mediawiki", &mw)]);
+    assert_eq!(again["hashed_files"], 0, "every entry found in walk order");
+    // New files and a gone one, where a byte order that ranks `/` as itself
+    // would pass over the entries of `a!`, `a-c.php` and `a.php` for good.
+    write(&mw, "a/zz.php", b"<?php // new\n");
+    write(&mw, "foo/y.php", b"<?php // new too\n");
+    fs::remove_file(mw.join("a/b/c.php")).unwrap();
+    let third = env.build_json(&[("mediawiki", &mw)]);
+    assert_eq!(third["hashed_files"], 2, "only the new files are read");
+    write(&mw, "a-c.php", b"<?php // changed\n");
+    let fourth = env.build_json(&[("mediawiki", &mw)]);
+    assert_eq!(
+        fourth["hashed_files"], 3,
+        "the changed file, and the new ones as they were racily clean"
+    );
+}
+
 #[test]
 fn stat_cache_never_claims_objects_gc_removed() {
     let env = Env::new();
