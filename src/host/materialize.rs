@@ -10,8 +10,9 @@
 //!   name (a symlink included) is an error, never a target; a file being
 //!   replaced is unlinked first (the slot is not live, so no reader sees
 //!   the gap); there are no temporary names a tree could collide with;
-//! - modes are set with `fchmod` on the file just created, never by path,
-//!   and never on an existing file (it may be a hardlink shared with the
+//! - modes are set at creation, and with `fchmod` on the file just created
+//!   where the umask took bits away, never by path, and never on an
+//!   existing file (it may be a hardlink shared with the
 //!   live slot: see [`super::share`]);
 //! - removal is `unlinkat` of a name in an opened directory, descending
 //!   only through directories opened with `O_NOFOLLOW`.
@@ -23,7 +24,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufWriter};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -119,8 +120,11 @@ impl Dir {
         )
         .map_err(io_err)
         .at(&path)?;
-        // The umask may have taken bits away.
-        rustix::fs::fchmod(&fd, mode).map_err(io_err).at(&path)?;
+        // The umask may have taken bits away (a syscall, and an inode
+        // change, per file saved where it cannot have).
+        if umask_strips(file_mode(executable)) {
+            rustix::fs::fchmod(&fd, mode).map_err(io_err).at(&path)?;
+        }
         Ok(File::from(fd))
     }
 
@@ -213,6 +217,20 @@ impl AsFd for Dir {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Whether this process's umask takes any of `mode`'s bits away. Read once
+/// from `/proc/self/status` (reading it with `umask(2)` would change it
+/// for a moment under the other threads); unknown counts as yes. The
+/// agent never changes its umask.
+fn umask_strips(mode: u32) -> bool {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let umask = UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    });
+    umask.is_none_or(|u| u & mode != 0)
 }
 
 pub fn file_mode(executable: bool) -> u32 {
@@ -645,13 +663,14 @@ pub(crate) fn write_file(
     };
     let name = name.as_bytes();
     let path = dir.child(name);
-    let f = dir.create_file(name, *executable)?;
-    let mut out = BufWriter::with_capacity(256 * 1024, f);
-    store.write_file_as_arriving(content, &mut out, &path, &|id| match arriving {
+    // Each chunk goes to the file in one write, from where it lies in
+    // memory (no buffer between: chunks are whole small files or tens of
+    // KiB of a large one).
+    let mut f = dir.create_file(name, *executable)?;
+    store.write_file_as_arriving(content, &mut f, &path, &|id| match arriving {
         Some((a, cancel)) => a.chunk(store, id, cancel),
         None => Ok(()),
     })?;
-    let f = out.into_inner().map_err(|e| e.into_error()).at(&path)?;
     let t = rustix::fs::Timespec {
         tv_sec: mtime,
         tv_nsec: 0,

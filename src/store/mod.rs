@@ -115,10 +115,11 @@ impl Store {
         };
         for c in chunks {
             arrived(&c.id.object())?;
-            let data = self.read(&c.id.object(), ObjectKind::Chunk)?;
-            out.write_all(&data).map_err(|source| StoreError::Io {
-                path: out_path.to_path_buf(),
-                source,
+            self.read_with(&c.id.object(), ObjectKind::Chunk, |data| {
+                out.write_all(data).map_err(|source| StoreError::Io {
+                    path: out_path.to_path_buf(),
+                    source,
+                })
             })?;
         }
         Ok(())

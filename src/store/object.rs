@@ -203,6 +203,18 @@ pub fn decode_verified(
     Ok(file)
 }
 
+/// The content of an object file already verified against `id` from these
+/// very bytes, where it lies in them (stored uncompressed); `None` when it
+/// must be decoded ([`decode_verified`]).
+pub fn verified_payload(
+    id: ObjectId,
+    expected: ObjectKind,
+    file: &[u8],
+) -> Result<Option<&[u8]>, ObjectError> {
+    let len = check_header(id, expected, file, MAX_OBJECT_LEN)?;
+    Ok((file[6] == 0 && (file.len() - HEADER_LEN) as u64 == len).then(|| &file[HEADER_LEN..]))
+}
+
 /// The content length an object file's header gives, once the header is
 /// checked: well formed, of kind `expected`, at most `max_len` bytes.
 fn check_header(

@@ -68,6 +68,58 @@ fn hosts_get_the_exact_tree_and_a_state_file() {
     assert!(st.contains(&format!("current:  {v1}")), "{st}");
 }
 
+/// A release's modes are the version's whatever the agent's umask: 0644
+/// and 0755 for files, 0755 for directories (the agent skips its `fchmod`
+/// only where the umask cannot have taken bits away).
+#[test]
+fn modes_are_the_versions_whatever_the_agents_umask() {
+    let mut fleet = Fleet::start(2);
+    let staging = fleet.env.path("staging");
+    versioned_tree(&staging, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    fleet.serve();
+    for (i, umask) in [(0, "077"), (1, "000")] {
+        fleet.hosts[i].proc.kill();
+        let mut wrapper = std::process::Command::new("sh");
+        wrapper.args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\""), SCAP]);
+        let (name, dir) = (fleet.hosts[i].name.clone(), fleet.hosts[i].dir.clone());
+        let cmd = fleet.agent_command(wrapper, &name, &dir, "127.0.0.1:0", &[], &[]);
+        fleet.hosts[i].proc = Proc::start(cmd);
+        let (code, r) = fleet.sync_to(i, &v1);
+        assert_eq!(code, 200, "{r}");
+        let mut seen = 0;
+        let mut stack = vec![fleet.live(i, "mediawiki")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let meta = fs::symlink_metadata(e.path()).unwrap();
+                let mode = meta.permissions().mode() & 0o7777;
+                let rel = e
+                    .path()
+                    .strip_prefix(fleet.live(i, "mediawiki"))
+                    .unwrap()
+                    .to_owned();
+                let want = if meta.is_dir() {
+                    stack.push(e.path());
+                    0o755
+                } else if meta.is_file() {
+                    let staged = fs::metadata(staging.join(&rel)).unwrap();
+                    if staged.permissions().mode() & 0o111 != 0 {
+                        0o755
+                    } else {
+                        0o644
+                    }
+                } else {
+                    continue;
+                };
+                assert_eq!(mode, want, "umask {umask}: {} is {mode:o}", rel.display());
+                seen += 1;
+            }
+        }
+        assert!(seen > 5, "umask {umask}: only {seen} entries checked");
+    }
+}
+
 #[test]
 fn a_backport_fetches_and_writes_only_what_changed() {
     let mut fleet = Fleet::start(1);

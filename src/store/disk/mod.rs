@@ -323,13 +323,13 @@ impl Store {
 
     /// The object file's bytes as stored (and served), unverified.
     pub fn read_raw(&self, id: &ObjectId) -> Result<Option<Vec<u8>>> {
-        Ok(self.read_stored(id)?.map(|(file, _)| file))
+        Ok(self.read_stored(id)?.map(|(file, _)| file.into_vec()))
     }
 
     /// [`Store::read_raw`], and whether the file was verified against `id`
     /// from these very bytes: an object of this session's pack, read from
     /// a segment as its receiver stored it ([`pack::Located::read_verified`]).
-    fn read_stored(&self, id: &ObjectId) -> Result<Option<(Vec<u8>, bool)>> {
+    fn read_stored(&self, id: &ObjectId) -> Result<Option<(pack::FileBytes, bool)>> {
         if let Some(p) = &self.pending {
             // Found under the lock, read outside it (the fetch appends
             // meanwhile; reading may mean decompressing a segment).
@@ -343,12 +343,12 @@ impl Store {
         }
         let path = self.object_path(id);
         match fs::read(&path) {
-            Ok(b) => return Ok(Some((b, false))),
+            Ok(b) => return Ok(Some((pack::FileBytes::Own(b), false))),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e).at(&path),
         }
         match self.packs.find(&self.packs_dir(), id)? {
-            Some((pack, slot)) => pack.read(slot).map(|file| Some((file, false))),
+            Some((pack, slot)) => pack.read_shared(slot).map(|file| Some((file, false))),
             None => Ok(None),
         }
     }
@@ -361,13 +361,39 @@ impl Store {
             .read_stored(id)?
             .ok_or(StoreError::Missing { id: *id, kind })?;
         let decoded = match verified {
-            true => object::decode_verified(*id, kind, raw),
+            true => object::decode_verified(*id, kind, raw.into_vec()),
             false => object::decode(*id, kind, &raw),
         };
         decoded.map_err(|source| StoreError::Object {
             path: self.object_path(id),
             source,
         })
+    }
+
+    /// [`Store::read`], handing the content to `f`: an object this
+    /// session's fetch verified and kept in memory uncompressed (most of a
+    /// fresh host's) is handed as it lies in its segment, not copied.
+    pub fn read_with<T>(
+        &self,
+        id: &ObjectId,
+        kind: ObjectKind,
+        f: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let (raw, verified) = self
+            .read_stored(id)?
+            .ok_or(StoreError::Missing { id: *id, kind })?;
+        let bad = |source| StoreError::Object {
+            path: self.object_path(id),
+            source,
+        };
+        if verified && let Some(content) = object::verified_payload(*id, kind, &raw).map_err(bad)? {
+            return f(content);
+        }
+        let decoded = match verified {
+            true => object::decode_verified(*id, kind, raw.into_vec()),
+            false => object::decode(*id, kind, &raw),
+        };
+        f(&decoded.map_err(bad)?)
     }
 
     pub fn tree(&self, id: &TreeId) -> Result<Tree> {

@@ -182,19 +182,20 @@ impl Body {
     /// The object file at `slot`; `seg` is its segment's table entry.
     /// True with it when it comes from a segment as its receiver stored
     /// it (verified: see [`Kept::received`]).
-    fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<(Vec<u8>, bool)> {
+    fn read(&self, slot: Slot, seg: Option<Segment>) -> Result<(FileBytes, bool)> {
         let Some(seg) = seg else {
             let mut buf = vec![0u8; slot.len as usize];
             self.read_exact_at(&mut buf, slot.offset)?;
-            return Ok((buf, false));
+            return Ok((FileBytes::Own(buf), false));
         };
         let (content, received) = self.segment(slot.seg, seg)?;
         self.read_upto.fetch_max(slot.seg, Ordering::Relaxed);
-        usize::try_from(slot.offset)
+        let range = usize::try_from(slot.offset)
             .ok()
-            .and_then(|o| content.get(o..)?.get(..slot.len as usize))
-            .map(|file| (file.to_vec(), received))
-            .ok_or_else(|| bad(&self.path, format!("an object out of segment {}", slot.seg)))
+            .and_then(|o| Some(o..o.checked_add(slot.len as usize)?))
+            .filter(|r| r.end <= content.len())
+            .ok_or_else(|| bad(&self.path, format!("an object out of segment {}", slot.seg)))?;
+        Ok((FileBytes::InSegment(content, range), received))
     }
 
     /// Segment `n`'s content: kept (and whether as received), or read and
@@ -256,14 +257,44 @@ pub struct Located {
 impl Located {
     /// The object file, as stored.
     pub fn read(&self) -> Result<Vec<u8>> {
-        self.body.read(self.slot, self.seg).map(|(file, _)| file)
+        self.body
+            .read(self.slot, self.seg)
+            .map(|(file, _)| file.into_vec())
     }
 
     /// The object file, and whether it was verified against its ID from
     /// these very bytes: read from a segment its receiver stored, kept in
-    /// memory since (never one read back from the file).
-    pub fn read_verified(&self) -> Result<(Vec<u8>, bool)> {
+    /// memory since (never one read back from the file). An object of a
+    /// segment is not copied out of it.
+    pub fn read_verified(&self) -> Result<(FileBytes, bool)> {
         self.body.read(self.slot, self.seg)
+    }
+}
+
+/// An object file's bytes: its own, or its place in a segment's content
+/// held in memory (shared, not copied).
+pub enum FileBytes {
+    Own(Vec<u8>),
+    InSegment(Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl FileBytes {
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            FileBytes::Own(v) => v,
+            FileBytes::InSegment(content, range) => content[range].to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Own(v) => v,
+            FileBytes::InSegment(content, range) => &content[range.clone()],
+        }
     }
 }
 
@@ -487,6 +518,11 @@ impl Pack {
 
     /// The object file at `slot`, as stored.
     pub fn read(&self, slot: Slot) -> Result<Vec<u8>> {
+        self.read_shared(slot).map(FileBytes::into_vec)
+    }
+
+    /// [`Pack::read`], an object of a segment not copied out of it.
+    pub fn read_shared(&self, slot: Slot) -> Result<FileBytes> {
         self.body
             .read(slot, segment_of(&self.segments, slot, &self.path)?)
             .map(|(file, _)| file)
@@ -1650,6 +1686,7 @@ mod tests {
         let read = |o: &Vec<u8>| {
             let id = ObjectKind::Chunk.hash(o);
             let (file, verified) = w.locate(&id).unwrap().unwrap().read_verified().unwrap();
+            let file = file.into_vec();
             assert_eq!(object::decode(id, ObjectKind::Chunk, &file).unwrap(), *o);
             assert_eq!(
                 object::decode_verified(id, ObjectKind::Chunk, file).unwrap(),
