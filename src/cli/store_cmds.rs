@@ -718,7 +718,8 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
     let also: Vec<VersionId> = fleet.versions.iter().copied().collect();
     let report =
         store_gc::gc(&store, a.keep as usize, &also, a.dry_run).context("gc removed nothing")?;
-    // Delta packs of versions gc removed go too.
+    // Delta packs of versions gc removed go too (and temp files of pack
+    // builds a crash left).
     if !a.dry_run {
         let n = crate::net::pack::retain(&store, &report.kept_versions).with_context(|| {
             format!(
@@ -727,7 +728,7 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
             )
         })?;
         if n > 0 {
-            eprintln!("removed {n} delta pack(s) of removed versions");
+            eprintln!("removed {n} delta pack(s) of removed versions (or left by a crashed build)");
         }
     }
     if a.json {

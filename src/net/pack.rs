@@ -553,7 +553,13 @@ impl Builds {
     }
 }
 
-/// Removes every pack that involves a version not in `keep` (gc).
+/// How long a pack build's temp file may go unwritten before gc takes it
+/// for one a crashed `scap serve` left (a build writes its file
+/// continuously: the largest, 263k files, takes about a minute).
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes every pack that involves a version not in `keep` (gc), and the
+/// temp files of builds that ended without a rename (a crash) an hour ago.
 pub fn retain(store: &Store, keep: &[VersionId]) -> std::io::Result<u64> {
     let dir = store.root().join("packs");
     let keep: HashSet<String> = keep.iter().map(VersionId::to_hex).collect();
@@ -566,6 +572,14 @@ pub fn retain(store: &Store, keep: &[VersionId]) -> std::io::Result<u64> {
     for e in rd {
         let e = e?;
         let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && n.ends_with(".tmp") {
+            let age = e.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age > STALE_TEMP {
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+            continue;
+        }
         let Some(stem) = n.strip_suffix(".pack") else {
             continue;
         };
@@ -845,6 +859,40 @@ mod order_tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert_eq!(left(), 0);
+    }
+
+    #[test]
+    fn gc_keeps_the_packs_of_kept_versions_and_sweeps_a_crashed_builds_temp_file() {
+        let dir_ = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir_.path(), Role::Deploy).unwrap();
+        let w = store.writer().unwrap();
+        let v1 = version(&dir(&w, vec![("a.php", file(&w, &[b"one"]))]));
+        let v2 = version(&dir(&w, vec![("a.php", file(&w, &[b"two"]))]));
+        drop(w.commit().unwrap());
+        let kept = super::build(&store, None, &v2).unwrap();
+        let gone = super::build(&store, Some(&v1), &v2).unwrap();
+        let packs = kept.parent().unwrap().to_path_buf();
+        let old_temp = packs.join(format!(".{}.4242.0.tmp", super::name(None, &v2)));
+        let new_temp = packs.join(format!(".{}.4243.0.tmp", super::name(None, &v2)));
+        for t in [&old_temp, &new_temp] {
+            std::fs::write(t, b"half a pack").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&old_temp)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let removed = super::retain(&store, &[v2]).unwrap();
+        assert_eq!(removed, 2, "the pack from v1 and the old temp file");
+        assert!(kept.exists(), "v2's pack from nothing is kept");
+        assert!(!gone.exists(), "v1 is gone, and so is a delta from it");
+        assert!(!old_temp.exists(), "a build's temp file unwritten for 2 h");
+        assert!(
+            new_temp.exists(),
+            "a build's temp file may still be written"
+        );
     }
 
     #[test]
