@@ -148,22 +148,22 @@ impl StatCache {
                     return None;
                 }
             };
-            match walk_cmp(head.key, rel) {
-                Ordering::Less => {}
-                Ordering::Greater => return None,
-                Ordering::Equal => {
-                    let found = (head.stamp == *stamp).then(|| decode_chunks(head.chunks));
-                    let (stamp, end) = (head.stamp, head.end);
-                    self.at = end;
-                    self.left -= 1;
-                    return match found {
-                        Some(Ok(chunks)) => Some(Cached { stamp, chunks }),
-                        Some(Err(_)) | None => None,
-                    };
-                }
+            let order = walk_cmp(head.key, rel);
+            if order == Ordering::Greater {
+                return None;
             }
+            let found = (order == Ordering::Equal && head.stamp == *stamp)
+                .then(|| decode_chunks(head.chunks).ok())
+                .flatten()
+                .map(|chunks| Cached {
+                    stamp: head.stamp,
+                    chunks,
+                });
             self.at = head.end;
             self.left -= 1;
+            if order == Ordering::Equal {
+                return found;
+            }
         }
         None
     }

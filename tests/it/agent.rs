@@ -79,12 +79,9 @@ fn modes_are_the_versions_whatever_the_agents_umask() {
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
     fleet.serve();
     for (i, umask) in [(0, "077"), (1, "000")] {
-        fleet.hosts[i].proc.kill();
         let mut wrapper = std::process::Command::new("sh");
         wrapper.args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\""), SCAP]);
-        let (name, dir) = (fleet.hosts[i].name.clone(), fleet.hosts[i].dir.clone());
-        let cmd = fleet.agent_command(wrapper, &name, &dir, "127.0.0.1:0", &[], &[]);
-        fleet.hosts[i].proc = Proc::start(cmd);
+        fleet.restart_wrapped(i, wrapper);
         let (code, r) = fleet.sync_to(i, &v1);
         assert_eq!(code, 200, "{r}");
         let mut seen = 0;

@@ -1048,12 +1048,9 @@ fn tens_of_directories_per_descriptor_the_agent_may_hold() {
     }
     let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
     fleet.serve();
-    fleet.hosts[0].proc.kill();
     let mut wrapper = std::process::Command::new("sh");
     wrapper.args(["-c", "ulimit -n 600 && exec \"$0\" \"$@\"", SCAP]);
-    let (name, dir) = (fleet.hosts[0].name.clone(), fleet.hosts[0].dir.clone());
-    let cmd = fleet.agent_command(wrapper, &name, &dir, "127.0.0.1:0", &[], &[]);
-    fleet.hosts[0].proc = Proc::start(cmd);
+    fleet.restart_wrapped(0, wrapper);
     let (code, r) = fleet.sync_to(0, &v1);
     assert_eq!(code, 200, "{r}");
     assert_eq!(snapshot(&fleet.live(0, "mediawiki")), snapshot(&st));

@@ -473,6 +473,15 @@ impl Fleet {
         self.hosts[i].proc = self.agent_proc_env(&name, &dir, "127.0.0.1:0", &extra, env);
     }
 
+    /// Restarts host `i`'s agent run by `wrapper` (a command that execs
+    /// the scap binary with the arguments it is given).
+    pub fn restart_wrapped(&mut self, i: usize, wrapper: Command) {
+        self.hosts[i].proc.kill();
+        let h = &self.hosts[i];
+        let cmd = self.agent_command(wrapper, &h.name, &h.dir, "127.0.0.1:0", &h.extra, &[]);
+        self.hosts[i].proc = Proc::start(cmd);
+    }
+
     /// Restarts host `i`'s agent with `env` added, its log (stderr) going
     /// to file `log`.
     pub fn restart_logged(&mut self, i: usize, env: &[(&str, &str)], log: &Path) {
