@@ -27,8 +27,9 @@
 //!
 //! Packs are built on first request (one build per pack, however many
 //! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
-//! temporary name and renamed. `scap stage` and `scap build-manifest` can
-//! build them ahead.
+//! temporary name and renamed: the first host of each transition waits
+//! for the build (a fresh host's pack takes seconds at 30k files),
+//! every later one reads the file.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

@@ -84,6 +84,24 @@ impl ObjectId {
         &self.0
     }
 
+    /// Its loose object's path under `objects/`, `xx/` and the other 62
+    /// hex digits, NUL-terminated (for a system call, without allocating).
+    pub fn loose_name(&self) -> [u8; ID_LEN * 2 + 2] {
+        let mut out = [0u8; ID_LEN * 2 + 2];
+        let mut at = 0;
+        for (i, b) in self.0.iter().enumerate() {
+            for nibble in [b >> 4, b & 0xf] {
+                out[at] = HEX[usize::from(nibble)];
+                at += 1;
+                if at == 2 && i == 0 {
+                    out[at] = b'/';
+                    at += 1;
+                }
+            }
+        }
+        out
+    }
+
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(ID_LEN * 2);
         for b in self.0 {
@@ -271,6 +289,16 @@ impl From<TreeId> for VersionId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loose_name_is_the_fan_out_path() {
+        for data in [&b""[..], b"a", b"<?php"] {
+            let id = ObjectKind::Chunk.hash(data);
+            let hex = id.to_hex();
+            let want = format!("{}/{}\0", &hex[..2], &hex[2..]);
+            assert_eq!(id.loose_name().as_slice(), want.as_bytes());
+        }
+    }
 
     #[test]
     fn kinds_are_domain_separated() {

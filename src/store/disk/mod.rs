@@ -148,6 +148,8 @@ pub struct Store {
     /// the store only (the one [`Writer::store`] gives), never by other
     /// sessions, which must not reference objects before they are durable.
     pending: Option<Arc<Mutex<Option<PackWriter>>>>,
+    /// A writer session's view: what else it takes as present.
+    known: Option<Arc<session::Known>>,
 }
 
 impl Store {
@@ -188,6 +190,7 @@ impl Store {
             role,
             packs: Arc::default(),
             pending: None,
+            known: None,
         })
     }
 
@@ -224,6 +227,7 @@ impl Store {
             role: Some(role),
             packs: Arc::default(),
             pending: None,
+            known: None,
         };
         s.write_marker(role)?;
         Store::open(root)
@@ -309,7 +313,20 @@ impl Store {
         {
             return true;
         }
-        if fs::symlink_metadata(self.object_path(id)).is_ok() {
+        if let Some(known) = &self.known
+            && let Some(loose) = known.has_loose(self, id)
+        {
+            // A writer session: the packs as loaded when it started.
+            return loose
+                || match self.packs.find_loaded(id) {
+                    Ok(found) => found.is_some(),
+                    Err(e) => {
+                        self.packs.warn_once(&e);
+                        false
+                    }
+                };
+        }
+        if self.has_loose(id) {
             return true;
         }
         match self.packs.find(&self.packs_dir(), id) {
@@ -318,6 +335,20 @@ impl Store {
                 self.packs.warn_once(&e);
                 false
             }
+        }
+    }
+
+    /// Whether `id` is a loose object: its path stat'ed relative to the
+    /// `objects/` directory when that is open.
+    fn has_loose(&self, id: &ObjectId) -> bool {
+        let objects = self.root.join("objects");
+        match self.packs.objects_dir(&objects) {
+            Some(at) => {
+                let name = id.loose_name();
+                let name = std::ffi::CStr::from_bytes_with_nul(&name).expect("one NUL, at the end");
+                rustix::fs::statat(at, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+            }
+            None => fs::symlink_metadata(self.object_path(id)).is_ok(),
         }
     }
 

@@ -1210,6 +1210,11 @@ impl PackWriter {
 #[derive(Debug, Default)]
 pub struct PackSet {
     inner: RwLock<Loaded>,
+    /// The store's `objects/` directory, opened once (`O_PATH`): a lookup
+    /// that misses stats the packs directory and the loose object's path
+    /// relative to it, two components instead of every one from `/` (on
+    /// a fresh host's fetch, each of its ~30k objects misses twice).
+    objects: std::sync::OnceLock<std::os::fd::OwnedFd>,
     /// Whether a lookup's error was logged already (once per process: a
     /// damaged pack would otherwise log on every lookup).
     warned: std::sync::atomic::AtomicBool,
@@ -1225,8 +1230,45 @@ struct Loaded {
 }
 
 impl PackSet {
+    /// The store's `objects/` directory (`O_PATH`), opened on first use;
+    /// `None` if it cannot be (then paths are used whole).
+    pub(crate) fn objects_dir(&self, objects: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if let Some(fd) = self.objects.get() {
+            return Some(fd.as_fd());
+        }
+        let flags =
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        let fd = rustix::fs::open(objects, flags, rustix::fs::Mode::empty()).ok()?;
+        Some(self.objects.get_or_init(|| fd).as_fd())
+    }
+
+    /// The modification time of `dir`, the store's packs directory
+    /// (`objects/pack`), or `None` if there is none yet.
+    fn mtime(&self, dir: &Path) -> Result<Option<SystemTime>> {
+        let at = dir.parent().and_then(|objects| self.objects_dir(objects));
+        let (Some(at), Some(name)) = (at, dir.file_name()) else {
+            return match fs::metadata(dir) {
+                Ok(m) => Ok(m.modified().ok()),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).at(dir),
+            };
+        };
+        match rustix::fs::statat(at, name, rustix::fs::AtFlags::empty()) {
+            Ok(st) => Ok(Some(
+                SystemTime::UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(st.st_mtime).unwrap_or(0),
+                        u32::try_from(st.st_mtime_nsec).unwrap_or(0),
+                    ),
+            )),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(io::Error::from(e)).at(dir),
+        }
+    }
+
     /// Where `id` is, in the packs loaded so far.
-    fn find_loaded(&self, id: &ObjectId) -> Result<Option<(Arc<Pack>, Slot)>> {
+    pub(crate) fn find_loaded(&self, id: &ObjectId) -> Result<Option<(Arc<Pack>, Slot)>> {
         let loaded = self.inner.read().expect("not poisoned");
         for p in loaded.packs.iter().rev() {
             if let Some(slot) = p.find(id)? {
@@ -1257,11 +1299,7 @@ impl PackSet {
     /// loads new packs, drops removed ones, reloads ones whose dead list
     /// changed. Returns whether it scanned.
     pub fn refresh(&self, dir: &Path, force: bool) -> Result<bool> {
-        let mtime = match fs::metadata(dir) {
-            Ok(m) => m.modified().ok(),
-            Err(e) if e.kind() == ErrorKind::NotFound => None,
-            Err(e) => return Err(e).at(dir),
-        };
+        let mtime = self.mtime(dir)?;
         {
             let loaded = self.inner.read().expect("not poisoned");
             if !force && !loaded.racy && loaded.scanned == mtime {
@@ -1758,6 +1796,62 @@ mod tests {
             let slot = pack.find(i).unwrap().expect("packed");
             assert_eq!(pack.read(slot).unwrap(), n.to_le_bytes());
         }
+    }
+
+    #[test]
+    fn a_writer_knows_what_the_store_held_when_it_started_and_writes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let put =
+            |w: &super::super::Writer<'_>, n: u32| w.put(ObjectKind::Chunk, &chunk(n)).unwrap();
+        // Three loose objects, then 300 in a pack.
+        let w = store.writer().unwrap();
+        for n in 0..3 {
+            assert!(put(&w, n).new);
+        }
+        drop(w.commit().unwrap());
+        let w = store.writer().unwrap();
+        for n in 3..303 {
+            assert!(put(&w, n).new);
+        }
+        drop(w.commit().unwrap());
+        assert!(
+            store
+                .object_path(&ObjectKind::Chunk.hash(&chunk(0)))
+                .exists(),
+            "loose"
+        );
+
+        let w = store.writer().unwrap();
+        for n in 0..303 {
+            assert!(!put(&w, n).new, "chunk {n} is in the store already");
+        }
+        assert!(put(&w, 1000).new);
+        assert!(
+            w.store().has(&ObjectKind::Chunk.hash(&chunk(1000))),
+            "its own"
+        );
+        assert!(!put(&w, 1000).new, "its own, once");
+        // Another session commits an object meanwhile: this one may write
+        // it again, and the store holds it either way.
+        let other = store.writer().unwrap();
+        assert!(put(&other, 2000).new);
+        drop(other.commit().unwrap());
+        put(&w, 2000);
+        drop(w.commit().unwrap());
+        let fresh = Store::open(dir.path()).unwrap();
+        for n in (0..303).chain([1000, 2000]) {
+            let id = ObjectKind::Chunk.hash(&chunk(n));
+            assert!(fresh.has(&id), "chunk {n}");
+            assert_eq!(fresh.read(&id, ObjectKind::Chunk).unwrap(), chunk(n));
+            assert!(store.has(&id), "chunk {n}, in the view that wrote them");
+        }
+        // After its commit, a writer's view asks the store again.
+        let w = store.writer().unwrap();
+        let view = w.store().clone();
+        assert!(put(&w, 3000).new);
+        drop(w.commit().unwrap());
+        assert!(view.has(&ObjectKind::Chunk.hash(&chunk(3000))));
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl Store {
         crate::failpoint::hit("writer:started");
         let mut view = self.clone();
         view.pending = Some(Arc::new(Mutex::new(None)));
+        view.known = Some(Arc::new(Known::default()));
         Ok(Writer {
             store: view,
             base: self,
@@ -667,6 +668,11 @@ impl Writer<'_> {
             return Ok(());
         }
         self.finished = true;
+        // Its objects are about to join the store's: from now on its view
+        // asks the store itself.
+        if let Some(k) = &self.store.known {
+            k.ended.store(true, Ordering::Relaxed);
+        }
         let pending = self
             .store
             .pending
@@ -733,6 +739,74 @@ impl Writer<'_> {
         crate::failpoint::hit("writer:synced");
         fs::remove_file(&self.journal_path).at(&self.journal_path)?;
         Ok(())
+    }
+}
+
+/// What a writer session's view of the store ([`Writer::store`]) takes
+/// as present besides its own pack, without asking the filesystem again:
+/// the packs loaded when the session started, and each fan-out
+/// directory's loose objects as first listed. A session asks whether the
+/// store has each object it could write (~30k on a fresh host or a cold
+/// build), mostly to hear no: two `stat`s per question were a quarter of
+/// a fresh host's receiving thread. An object another session commits
+/// meanwhile is not seen, and this session stores it too (an object may
+/// be in the store twice; a read verifies whichever copy it finds); one
+/// seen here cannot go away meanwhile: gc takes the store lock that the
+/// session holds shared.
+pub(crate) struct Known {
+    /// Set when the session commits or ends: its view then asks the store.
+    ended: std::sync::atomic::AtomicBool,
+    /// Per first byte of an ID, the loose objects of that fan-out
+    /// directory, sorted; listed on the first question about one.
+    loose: Box<[std::sync::OnceLock<Box<[ObjectId]>>]>,
+}
+
+impl std::fmt::Debug for Known {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Known")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Known {
+    fn default() -> Known {
+        Known {
+            ended: Default::default(),
+            loose: (0..256).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+}
+
+impl Known {
+    /// Whether `id` is a loose object of `store` as this session knows;
+    /// `None` once the session has ended.
+    pub(crate) fn has_loose(&self, store: &Store, id: &ObjectId) -> Option<bool> {
+        if self.ended.load(Ordering::Relaxed) {
+            return None;
+        }
+        let first = id.as_bytes()[0];
+        let listed = self.loose[usize::from(first)].get_or_init(|| {
+            let dir = store.root().join("objects").join(format!("{first:02x}"));
+            let mut ids: Vec<ObjectId> = match fs::read_dir(&dir) {
+                Ok(rd) => rd
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name();
+                        let rest = name.to_str()?;
+                        let id: ObjectId = format!("{first:02x}{rest}").parse().ok()?;
+                        Some(id)
+                    })
+                    .collect(),
+                // Unreadable: every question about it is a miss, and the
+                // object is written again (the directory's trouble shows
+                // when this session writes or commits).
+                Err(_) => Vec::new(),
+            };
+            ids.sort_unstable();
+            ids.into_boxed_slice()
+        });
+        Some(listed.binary_search(id).is_ok())
     }
 }
 
