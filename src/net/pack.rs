@@ -266,12 +266,7 @@ pub fn build(
     };
     let written = (|| -> Result<(), StoreError> {
         let f = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = Segments {
-            out: std::io::BufWriter::with_capacity(1 << 20, f),
-            raw: Vec::with_capacity(SEGMENT + (64 << 10)),
-            full: Vec::new(),
-        };
-        w.raw.extend_from_slice(BATCH_MAGIC);
+        let mut w = Segments::new(f);
         for (id, base) in &list {
             let file = store
                 .read_raw(id)?
@@ -305,47 +300,72 @@ pub fn build(
 }
 
 /// Writes a pack's segments: frames accumulate in `raw`; each time it
-/// passes [`SEGMENT`] it becomes a segment, and a few whole segments are
-/// compressed at once, in parallel, then written in order.
+/// passes [`SEGMENT`] it becomes a segment, compressed on rayon's pool
+/// while the build reads on, and written in order as each is done (at
+/// most [`IN_FLIGHT`] at once). Compressing a batch at a time instead
+/// left the cores idle while the build read the next one: the first host
+/// of a version waits for the whole build.
 struct Segments {
     out: std::io::BufWriter<std::fs::File>,
     raw: Vec<u8>,
-    full: Vec<Vec<u8>>,
+    in_flight: std::collections::VecDeque<std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>>,
 }
 
+/// Segments being compressed at once, at most (each holds its raw and
+/// compressed bytes: ~1.5 MiB).
+const IN_FLIGHT: usize = 8;
+
 impl Segments {
+    fn new(f: std::fs::File) -> Segments {
+        let mut raw = Vec::with_capacity(SEGMENT + (64 << 10));
+        raw.extend_from_slice(BATCH_MAGIC);
+        Segments {
+            out: std::io::BufWriter::with_capacity(1 << 20, f),
+            raw,
+            in_flight: Default::default(),
+        }
+    }
+
     /// Called after each whole frame.
     fn frame_done(&mut self) -> std::io::Result<()> {
         if self.raw.len() >= SEGMENT {
             let next = Vec::with_capacity(SEGMENT + (64 << 10));
-            self.full.push(std::mem::replace(&mut self.raw, next));
-            if self.full.len() >= 8 {
-                self.flush()?;
-            }
+            let full = std::mem::replace(&mut self.raw, next);
+            self.compress(full)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        use rayon::prelude::*;
-        let compressed: Vec<Vec<u8>> = self
-            .full
-            .par_iter()
-            .map(|raw| zstd::bulk::compress(raw, SEGMENT_LEVEL))
-            .collect::<std::io::Result<_>>()?;
-        for z in compressed {
-            self.out.write_all(&(z.len() as u32).to_le_bytes())?;
-            self.out.write_all(&z)?;
+    fn compress(&mut self, raw: Vec<u8>) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rayon::spawn(move || {
+            let _ = tx.send(zstd::bulk::compress(&raw, SEGMENT_LEVEL));
+        });
+        self.in_flight.push_back(rx);
+        while self.in_flight.len() > IN_FLIGHT {
+            self.write_oldest()?;
         }
-        self.full.clear();
         Ok(())
+    }
+
+    fn write_oldest(&mut self) -> std::io::Result<()> {
+        let Some(rx) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let z = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("a segment's compression panicked"))??;
+        self.out.write_all(&(z.len() as u32).to_le_bytes())?;
+        self.out.write_all(&z)
     }
 
     /// Writes what is left (the last segment holds the end frame).
     fn finish(mut self) -> std::io::Result<std::fs::File> {
         let last = std::mem::take(&mut self.raw);
-        self.full.push(last);
-        self.flush()?;
+        self.compress(last)?;
+        while !self.in_flight.is_empty() {
+            self.write_oldest()?;
+        }
         self.out.into_inner().map_err(|e| e.into_error())
     }
 }
@@ -836,16 +856,41 @@ mod order_tests {
         let mut segments = super::SegmentReader::default();
         segments.push(&bytes);
         let mut frames = crate::net::BatchDecoder::default();
-        let mut n = 0;
+        let mut ids = Vec::new();
         while let Some(raw) = segments.next_segment().unwrap() {
             frames.push(&raw);
-            while frames.next_frame().unwrap().is_some() {
-                n += 1;
+            while let Some(f) = frames.next_frame().unwrap() {
+                ids.push(f.id);
             }
         }
         assert!(segments.is_empty());
         frames.finish().unwrap();
-        assert_eq!(n, super::objects(&store, None, &v).unwrap().len());
+        // In the walk's order, though its segments (24 of them) were
+        // compressed several at once.
+        let want: Vec<ObjectId> = super::objects(&store, None, &v)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, want);
+        // Built again, the same bytes (its ETag is a promise of that).
+        let again = tempfile::tempdir().unwrap();
+        let copy = Store::open_or_init(again.path(), Role::Deploy).unwrap();
+        {
+            let w = copy.writer().unwrap();
+            for id in &want {
+                let kind = match store.tree(&TreeId::new(*id)) {
+                    Ok(_) => ObjectKind::Tree,
+                    Err(_) => ObjectKind::Chunk,
+                };
+                w.put(kind, &store.read(id, kind).unwrap()).unwrap();
+            }
+            drop(w.commit().unwrap());
+        }
+        assert_eq!(
+            std::fs::read(super::build(&copy, None, &v).unwrap()).unwrap(),
+            bytes
+        );
         // No temp file left once the first build is done too.
         let packs = path.parent().unwrap().to_path_buf();
         let left = || {
