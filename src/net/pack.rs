@@ -339,7 +339,11 @@ impl Segments {
     fn compress(&mut self, raw: Vec<u8>) -> std::io::Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rayon::spawn(move || {
-            let _ = tx.send(zstd::bulk::compress(&raw, SEGMENT_LEVEL));
+            // A panic in a spawned job would abort the process (rayon's
+            // default): it becomes this build's error instead.
+            let z = std::panic::catch_unwind(|| zstd::bulk::compress(&raw, SEGMENT_LEVEL))
+                .unwrap_or_else(|_| Err(std::io::Error::other("a segment's compression panicked")));
+            let _ = tx.send(z);
         });
         self.in_flight.push_back(rx);
         while self.in_flight.len() > IN_FLIGHT {
@@ -354,7 +358,7 @@ impl Segments {
         };
         let z = rx
             .recv()
-            .map_err(|_| std::io::Error::other("a segment's compression panicked"))??;
+            .map_err(|_| std::io::Error::other("a segment's compression stopped"))??;
         self.out.write_all(&(z.len() as u32).to_le_bytes())?;
         self.out.write_all(&z)
     }

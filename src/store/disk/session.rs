@@ -751,8 +751,11 @@ impl Writer<'_> {
 /// a fresh host's receiving thread. An object another session commits
 /// meanwhile is not seen, and this session stores it too (an object may
 /// be in the store twice; a read verifies whichever copy it finds); one
-/// seen here cannot go away meanwhile: gc takes the store lock that the
-/// session holds shared.
+/// seen here does not go away meanwhile: gc takes the store lock that the
+/// session holds shared. (Recovery, when another session starts, deletes
+/// only the damaged loose objects of a session that died in a machine
+/// crash: a `stat` per question could miss that deletion too, between
+/// the question and the commit.)
 pub(crate) struct Known {
     /// Set when the session commits or ends: its view then asks the store.
     ended: std::sync::atomic::AtomicBool,
