@@ -313,23 +313,17 @@ impl Store {
         {
             return true;
         }
-        if let Some(known) = &self.known
-            && let Some(loose) = known.has_loose(self, id)
-        {
-            // A writer session: the packs as loaded when it started.
-            return loose
-                || match self.packs.find_loaded(id) {
-                    Ok(found) => found.is_some(),
-                    Err(e) => {
-                        self.packs.warn_once(&e);
-                        false
-                    }
-                };
-        }
-        if self.has_loose(id) {
+        // A writer session's view answers from what it knows (the packs
+        // as loaded when it started); any other asks the filesystem.
+        let known = self.known.as_ref().and_then(|k| k.has_loose(self, id));
+        if known.unwrap_or_else(|| self.has_loose(id)) {
             return true;
         }
-        match self.packs.find(&self.packs_dir(), id) {
+        let found = match known {
+            Some(_) => self.packs.find_loaded(id),
+            None => self.packs.find(&self.packs_dir(), id),
+        };
+        match found {
             Ok(found) => found.is_some(),
             Err(e) => {
                 self.packs.warn_once(&e);
@@ -341,8 +335,7 @@ impl Store {
     /// Whether `id` is a loose object: its path stat'ed relative to the
     /// `objects/` directory when that is open.
     fn has_loose(&self, id: &ObjectId) -> bool {
-        let objects = self.root.join("objects");
-        match self.packs.objects_dir(&objects) {
+        match self.packs.objects_dir(&self.root) {
             Some(at) => {
                 let name = id.loose_name();
                 let name = std::ffi::CStr::from_bytes_with_nul(&name).expect("one NUL, at the end");

@@ -1230,23 +1230,24 @@ struct Loaded {
 }
 
 impl PackSet {
-    /// The store's `objects/` directory (`O_PATH`), opened on first use;
-    /// `None` if it cannot be (then paths are used whole).
-    pub(crate) fn objects_dir(&self, objects: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// The `objects/` directory of the store at `root` (`O_PATH`), opened
+    /// on first use; `None` if it cannot be (then paths are used whole).
+    pub(crate) fn objects_dir(&self, root: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         if let Some(fd) = self.objects.get() {
             return Some(fd.as_fd());
         }
         let flags =
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
-        let fd = rustix::fs::open(objects, flags, rustix::fs::Mode::empty()).ok()?;
+        let fd = rustix::fs::open(root.join("objects"), flags, rustix::fs::Mode::empty()).ok()?;
         Some(self.objects.get_or_init(|| fd).as_fd())
     }
 
     /// The modification time of `dir`, the store's packs directory
     /// (`objects/pack`), or `None` if there is none yet.
     fn mtime(&self, dir: &Path) -> Result<Option<SystemTime>> {
-        let at = dir.parent().and_then(|objects| self.objects_dir(objects));
+        let root = dir.parent().and_then(Path::parent);
+        let at = root.and_then(|root| self.objects_dir(root));
         let (Some(at), Some(name)) = (at, dir.file_name()) else {
             return match fs::metadata(dir) {
                 Ok(m) => Ok(m.modified().ok()),
