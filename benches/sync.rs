@@ -16,7 +16,10 @@
 //! HTTP with its own flags.
 //!
 //! Each row also gives the deploy host's build of that change (the TLS
-//! stack's: wall time and peak RSS), and the disk each host uses after it:
+//! stack's: wall time and peak RSS) and how long after it the server had
+//! built the hosts' pack ahead (the runs start once it has, as a real
+//! deploy's sync comes long after its build), and the disk each host uses
+//! after it:
 //! the agent's whole directory (store, release slots, state) against the
 //! rsync host's tree, each inode counted once (`du`).
 //!
@@ -210,6 +213,28 @@ impl Stack {
         }
         let (run, out) = timed(&mut cmd);
         (run, version_id(&out))
+    }
+
+    /// Waits until this stack's server has built the pack from `from` to
+    /// `to` ahead of any request, as `scap serve` does when a version
+    /// appears in its store (long before a person types the sync, in a
+    /// real deploy): the runs that follow find it built, and no build runs
+    /// beside them. Seconds it waited.
+    fn pack_ahead(&self, from: &str, to: &str) -> f64 {
+        let p = self.store.join(format!(
+            "packs/{from}-{to}.{}.pack",
+            scap::net::pack::PACK_FORMAT
+        ));
+        let started = Instant::now();
+        while !p.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "{}: scap serve built no pack from {from} to {to} ahead in 10 minutes",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed().as_secs_f64()
     }
 
     /// A sync request's body, with the signature as the controller sends it.
@@ -466,6 +491,7 @@ fn main() {
         let mut r = Vec::new();
         let mut per: Vec<Vec<(f64, u64)>> = vec![Vec::new(); stacks.len()];
         let mut builds: Vec<Run> = Vec::new();
+        let mut ahead: Vec<f64> = Vec::new();
         for change in rounds {
             let v = match change {
                 Some((kind, seed)) => {
@@ -475,6 +501,14 @@ fn main() {
                     builds.push(run);
                     for s in &stacks[1..] {
                         assert_eq!(s.build(&staging).1, v, "every stack makes the same version");
+                    }
+                    // The baseline (an older binary) may build no packs
+                    // ahead: its first host waits for the build.
+                    for s in stacks.iter().filter(|s| s.exe == exe) {
+                        let waited = s.pack_ahead(&current, &v);
+                        if s.name == stacks[0].name {
+                            ahead.push(waited);
+                        }
                     }
                     v
                 }
@@ -535,8 +569,14 @@ fn main() {
             ]);
         }
         builds.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+        ahead.sort_by(f64::total_cmp);
         match builds.get(builds.len().saturating_sub(1) / 2) {
-            Some(b) => row.extend([ms(b.secs), format!("{} MB", b.rss_kib / 1024)]),
+            Some(b) => row.extend([
+                // Then the pack the hosts ask for, built ahead by the
+                // server: how long after the build it was there.
+                format!("{} + {} pack", ms(b.secs), ms(ahead[(ahead.len() - 1) / 2])),
+                format!("{} MB", b.rss_kib / 1024),
+            ]),
             None => row.extend(["-".into(), "-".into()]),
         }
         let (agent_disk, rsync_disk) = (du(&agent_dir), du(&rsync_dest[0]));

@@ -88,6 +88,12 @@ pub struct ServeArgs {
     /// Append one line per request here: time, peer, method, path, status, length
     #[arg(long, value_name = "FILE")]
     access_log: Option<PathBuf>,
+    /// When a new version is built, build its delta packs at once from this many
+    /// versions hosts are likely to run (the one it was built on, those hosts last
+    /// moved to), so that the first host of the deploy finds its pack ready; 0: build
+    /// packs only when a host asks
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    packs_ahead: usize,
 }
 
 /// A listener for `transport`: TLS with its certificates, or plain.
@@ -122,9 +128,11 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
                 concurrency: a.concurrency,
                 max_rate: a.max_rate,
                 access_log: a.access_log.clone(),
+                packs_ahead: a.packs_ahead,
             },
         )
         .with_context(|| format!("--access-log {:?}", a.access_log))?;
+        tokio::spawn(server::build_ahead(state.clone()));
         let members = if a.hosts.is_empty() && a.inventory.is_none() {
             Vec::new()
         } else {

@@ -27,9 +27,14 @@
 //!
 //! Packs are built on first request (one build per pack, however many
 //! requests wait for it) into `STORE/packs/<from>-<to>.pack`, written to a
-//! temporary name and renamed: the first host of each transition waits
-//! for the build (a fresh host's pack takes seconds at 30k files),
-//! every later one reads the file.
+//! temporary name and renamed: the first host of a transition nobody
+//! built ahead waits for the build (a fresh host's pack takes seconds at
+//! 30k files), every later one reads the file. `scap serve` builds a new
+//! version's delta packs ahead, as soon as the version is in the store,
+//! from the versions hosts are likely to run ([`Ahead`]), so that the
+//! first host of a deploy usually finds its pack built. A fresh host's
+//! pack (`empty`) is never built ahead: fresh hosts are rare, and the
+//! pack is the size of the version.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -578,6 +583,95 @@ impl Builds {
     }
 }
 
+/// Packs built ahead: the sources a new version's packs are built from
+/// before any host asks (`scap serve` does it in the background, see
+/// `net::server::build_ahead`), so that the first host of a deploy, often
+/// its canary, does not wait for the build. A host asks for the pack from
+/// the version it runs; what the deploy host can know of that without
+/// asking the fleet is which versions hosts last moved to (the `to` of each
+/// pack served, newest first) and the version the new one was built on
+/// (its record's parent). A guess that misses costs one build nobody asks
+/// for, and gc removes it with its versions.
+pub struct Ahead {
+    /// The `to` of the packs served most recently, newest first, at most
+    /// `limit`.
+    recent: Mutex<std::collections::VecDeque<VersionId>>,
+    limit: usize,
+}
+
+impl Ahead {
+    /// At most `limit` sources per new version (0: build nothing ahead),
+    /// remembering the `to` of the packs already in the store, newest file
+    /// first (what hosts last moved to before this process started).
+    pub fn new(store: &Store, limit: usize) -> Ahead {
+        let mut found: Vec<(std::time::SystemTime, VersionId)> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(store.root().join("packs")) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(to) = name.to_str().and_then(destination) else {
+                    continue;
+                };
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    found.push((t, to));
+                }
+            }
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut recent = std::collections::VecDeque::new();
+        for (_, v) in found {
+            if recent.len() == limit {
+                break;
+            }
+            if !recent.contains(&v) {
+                recent.push_back(v);
+            }
+        }
+        Ahead {
+            recent: Mutex::new(recent),
+            limit,
+        }
+    }
+
+    /// How many sources a new version's packs are built from, at most.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A pack to `to` was served: hosts run `to` now.
+    pub fn served(&self, to: VersionId) {
+        if self.limit == 0 {
+            return;
+        }
+        let mut recent = self.recent.lock().expect("not poisoned");
+        recent.retain(|v| *v != to);
+        recent.push_front(to);
+        recent.truncate(self.limit);
+    }
+
+    /// The versions to build `v`'s packs from: its parent, then what hosts
+    /// last moved to; never `v` itself, at most `limit`.
+    pub fn sources(&self, v: &VersionId, parent: Option<VersionId>) -> Vec<VersionId> {
+        let recent = self.recent.lock().expect("not poisoned");
+        let mut out: Vec<VersionId> = Vec::new();
+        for s in parent.into_iter().chain(recent.iter().copied()) {
+            if out.len() == self.limit {
+                break;
+            }
+            if s != *v && !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+/// The `to` of a pack file name of this format (`<from>-<to>.4.pack`).
+fn destination(file_name: &str) -> Option<VersionId> {
+    let stem = file_name.strip_suffix(&format!(".{PACK_FORMAT}.pack"))?;
+    let (_, to) = stem.split_once('-')?;
+    to.parse().ok()
+}
+
 /// How long a pack build's temp file may go unwritten before gc takes it
 /// for one a crashed `scap serve` left (a build writes its file
 /// continuously: the largest, 263k files, takes about a minute).
@@ -909,6 +1003,44 @@ mod order_tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert_eq!(left(), 0);
+    }
+
+    #[test]
+    fn packs_ahead_come_from_the_parent_then_what_hosts_last_moved_to() {
+        let dir_ = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir_.path(), Role::Deploy).unwrap();
+        let w = store.writer().unwrap();
+        let v: Vec<VersionId> = (0..5u8)
+            .map(|i| version(&dir(&w, vec![("a.php", file(&w, &[&[i]]))])))
+            .collect();
+        drop(w.commit().unwrap());
+        // Packs already in the store: what hosts moved to before this
+        // process started, the newest file first (v[2], then v[1]).
+        let older = super::build(&store, Some(&v[0]), &v[1]).unwrap();
+        super::build(&store, None, &v[2]).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&older)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        std::fs::write(older.with_file_name("notes.txt"), b"not a pack").unwrap();
+        let ahead = super::Ahead::new(&store, 2);
+        assert_eq!(ahead.sources(&v[4], None), vec![v[2], v[1]]);
+        // The parent first; never the version itself; at most the limit.
+        assert_eq!(ahead.sources(&v[4], Some(v[3])), vec![v[3], v[2]]);
+        assert_eq!(ahead.sources(&v[2], Some(v[2])), vec![v[1]]);
+        assert_eq!(ahead.sources(&v[4], Some(v[2])), vec![v[2], v[1]]);
+        // A pack served: its `to` goes first, and the oldest falls off.
+        ahead.served(v[3]);
+        assert_eq!(ahead.sources(&v[4], None), vec![v[3], v[2]]);
+        ahead.served(v[2]);
+        assert_eq!(ahead.sources(&v[4], None), vec![v[2], v[3]]);
+        // 0: nothing is built ahead, whatever was served.
+        let none = super::Ahead::new(&store, 0);
+        none.served(v[3]);
+        assert_eq!(none.sources(&v[4], Some(v[3])), Vec::<VersionId>::new());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! takes an already-bound listener and a shutdown future (mini-redis
 //! style), and `router()` can be tested without sockets.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +25,10 @@ use std::io::Write;
 use super::{
     BATCH_MAGIC, FRAME_HEADER, MAX_BATCH_IDS, STREAM_ZSTD_LEVEL, encode_end, encode_frame_header,
 };
+use crate::store::disk::VersionRecord;
 use crate::store::id::{ID_LEN, ObjectId};
 use crate::store::object;
-use crate::store::{Store, VersionId};
+use crate::store::{Store, StoreError, VersionId};
 
 /// Requests handled at once; more wait in the accept queue.
 pub const DEFAULT_CONCURRENCY: usize = 256;
@@ -40,6 +42,9 @@ pub struct ServerStats {
     pub objects_served: AtomicU64,
     pub bytes_served: AtomicU64,
     pub packs_served: AtomicU64,
+    /// Packs built ahead of any request, and the builds ahead that failed.
+    pub packs_built_ahead: AtomicU64,
+    pub packs_ahead_failed: AtomicU64,
 }
 
 pub struct ServerState {
@@ -49,6 +54,8 @@ pub struct ServerState {
     /// `--max-rate`: every response body is paced by it.
     limit: Option<Arc<RateLimit>>,
     builds: super::pack::Builds,
+    /// What new versions' packs are built from, ahead of requests.
+    ahead: super::pack::Ahead,
     /// `--access-log`: one line per request.
     log: Option<std::sync::Mutex<std::fs::File>>,
 }
@@ -60,6 +67,9 @@ pub struct ServeOptions {
     /// Bytes per second for every response body together.
     pub max_rate: Option<u64>,
     pub access_log: Option<std::path::PathBuf>,
+    /// Sources each new version's packs are built from ahead of requests
+    /// ([`build_ahead`]); 0 builds nothing ahead.
+    pub packs_ahead: usize,
 }
 
 /// Who may read the store.
@@ -98,12 +108,14 @@ pub fn router_with(
         )),
         None => None,
     };
+    let ahead = super::pack::Ahead::new(&store, opts.packs_ahead);
     let state = Arc::new(ServerState {
         store,
         stats: ServerStats::default(),
         access,
         limit: opts.max_rate.map(|r| Arc::new(RateLimit::new(r))),
         builds: super::pack::Builds::default(),
+        ahead,
         log,
     });
     let app = Router::new()
@@ -199,7 +211,7 @@ async fn pack(
     }
     let path = match st.builds.build(st.store.clone(), from_v, to_v).await {
         Ok(p) => p,
-        Err(crate::store::StoreError::UnknownVersion(v)) => {
+        Err(StoreError::UnknownVersion(v)) => {
             return error(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -209,6 +221,7 @@ async fn pack(
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    st.ahead.served(to_v);
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
@@ -322,6 +335,101 @@ async fn guard(
         );
     }
     next.run(req).await
+}
+
+/// How often [`build_ahead`] lists `versions/` for new versions.
+const AHEAD_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// New versions whose packs one listing builds ahead, newest first: a store
+/// filled in bulk (a copy, an import) gets packs for its newest only.
+const AHEAD_VERSIONS: usize = 2;
+
+/// Builds new versions' delta packs ahead of requests until the process
+/// ends ([`super::pack::Ahead`]). Every [`AHEAD_POLL`] it lists
+/// `versions/`; for each version recorded since the listing before (none
+/// at the first: what the store held at start is old news), it builds the
+/// packs from [`super::pack::Ahead::sources`], one at a time, through the
+/// per-pack lock requests take (a host that asks meanwhile waits for this
+/// build, never a second one). A build that fails is logged and counted;
+/// the first host that asks for that pack builds it, as without this.
+pub async fn build_ahead(st: Arc<ServerState>) {
+    if st.ahead.limit() == 0 {
+        return;
+    }
+    let mut known: Option<HashSet<VersionId>> = None;
+    let mut tick = tokio::time::interval(AHEAD_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = st.store.clone();
+        let before = known.take();
+        let fresh = match tokio::task::spawn_blocking(move || new_versions(&store, before)).await {
+            Ok(Ok((now, fresh))) => {
+                known = Some(now);
+                fresh
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("cannot list the store's versions to build packs ahead: {e}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for record in fresh {
+            let v = record.version;
+            for from in st.ahead.sources(&v, record.parent) {
+                if super::pack::path(&st.store, Some(&from), &v).exists() {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                match st.builds.build(st.store.clone(), Some(from), v).await {
+                    Ok(_) => {
+                        st.stats.packs_built_ahead.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            "built the pack from {} to {} ahead in {:?}",
+                            from.short(),
+                            v.short(),
+                            started.elapsed()
+                        );
+                    }
+                    // The source left the store (gc) since it was served.
+                    Err(StoreError::UnknownVersion(gone)) => {
+                        tracing::debug!("no pack ahead from {}: {gone} is gone", from.short());
+                    }
+                    Err(e) => {
+                        st.stats.packs_ahead_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "cannot build the pack from {} to {} ahead: {e} (the first host to ask will build it)",
+                            from.short(),
+                            v.short()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The versions recorded now, and the records of those not in `before`
+/// (none when there is no `before`), newest first, at most
+/// [`AHEAD_VERSIONS`].
+fn new_versions(
+    store: &Store,
+    before: Option<HashSet<VersionId>>,
+) -> Result<(HashSet<VersionId>, Vec<VersionRecord>), StoreError> {
+    let now: HashSet<VersionId> = store.recorded()?.into_iter().collect();
+    let Some(before) = before else {
+        return Ok((now, Vec::new()));
+    };
+    let mut fresh = Vec::new();
+    for v in now.difference(&before) {
+        // A record being removed (gc) meanwhile is no new version.
+        if let Ok(Some(r)) = store.record(v) {
+            fresh.push(r);
+        }
+    }
+    fresh.sort_by_key(|r| std::cmp::Reverse((r.time, r.time_nanos)));
+    fresh.truncate(AHEAD_VERSIONS);
+    Ok((now, fresh))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then finishes the

@@ -285,6 +285,18 @@ async fn metrics(State(web): State<Arc<Web>>) -> Response {
         stats.packs_served.load(Ordering::Relaxed),
     );
     m.single(
+        "scap_packs_built_ahead_total",
+        "counter",
+        "Delta packs of new versions built before any host asked for them.",
+        stats.packs_built_ahead.load(Ordering::Relaxed),
+    );
+    m.single(
+        "scap_packs_ahead_failed_total",
+        "counter",
+        "Builds of packs ahead that failed (the first host to ask builds the pack).",
+        stats.packs_ahead_failed.load(Ordering::Relaxed),
+    );
+    m.single(
         "scap_served_bytes_total",
         "counter",
         "Object bytes sent to hosts (after stream compression).",

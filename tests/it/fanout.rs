@@ -202,6 +202,141 @@ fn tree(fleet: &Fleet, tag: &str, files: usize) -> String {
     fleet.env.build(&[("mediawiki", &mw)], &[])
 }
 
+/// The path of the deploy host's pack from `from` to `to`.
+fn pack_file(fleet: &Fleet, from: &str, to: &str) -> PathBuf {
+    fleet.env.store.join(format!("packs/{from}-{to}.4.pack"))
+}
+
+/// Waits up to 30 s for `p` to exist; whether it does.
+fn appears(p: &Path) -> bool {
+    let t = std::time::Instant::now();
+    while !p.exists() {
+        if t.elapsed() > Duration::from_secs(30) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A counter of `scap serve`'s /metrics (on its dashboard port).
+fn serve_metric(fleet: &Fleet, line: &str, name: &str) -> u64 {
+    let dash = line
+        .split("dashboard on ")
+        .nth(1)
+        .and_then(|r| r.split('/').nth(2))
+        .unwrap_or_else(|| panic!("no dashboard address in {line:?}"));
+    let text = fleet
+        .http
+        .get(format!("http://{dash}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A new version's delta packs are built as soon as it is in the deploy
+/// host's store, before any host asks: from the version it was built on,
+/// and from what hosts last moved to. The first host's request finds the
+/// pack built (the access log has no request before it), and it is the
+/// pack a request would have built. `--packs-ahead 0` builds none.
+#[test]
+fn a_new_versions_packs_are_built_before_any_host_asks() {
+    let mut fleet = Fleet::start(2);
+    let v1 = tree(&fleet, "v1", 30);
+    let log = serve_logged(&mut fleet, &[]);
+    let line = fleet.server.as_ref().unwrap().line.clone();
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = fleet.sync_to(1, &v1);
+    assert_eq!(code, 200, "{r}");
+    // Built on v1, which hosts run.
+    let v2 = tree(&fleet, "v2", 31);
+    assert!(
+        appears(&pack_file(&fleet, &v1, &v2)),
+        "no pack from v1 to v2 built ahead: {:?}",
+        fs::read_dir(fleet.env.store.join("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+    assert!(served(&log, &format!("/v1/pack4/{v1}/{v2}")).is_empty());
+    assert_eq!(
+        serve_metric(&fleet, &line, "scap_packs_built_ahead_total"),
+        1
+    );
+    for i in 0..2 {
+        let (code, r) = fleet.sync_to(i, &v2);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["fetched"]["pack"], true, "{r}");
+    }
+    assert_eq!(
+        served(&log, &format!("GET /v1/pack4/{v1}/{v2} 200")).len(),
+        2
+    );
+    assert_eq!(fleet.on(&v2), vec![0, 1]);
+    // A version built on another one than hosts run: packs from both.
+    write(&fleet.env.path("mw"), "index.php", b"<?php // v3\n");
+    let v3 = fleet.env.build(
+        &[("mediawiki", &fleet.env.path("mw"))],
+        &["--parent", &v1, "--message", "v3 on v1"],
+    );
+    assert_ne!(v3, v2);
+    let on_v1 = pack_file(&fleet, &v1, &v3);
+    let on_v2 = pack_file(&fleet, &v2, &v3);
+    assert!(appears(&on_v1) && appears(&on_v2));
+    assert!(
+        !pack_file(&fleet, "empty", &v3).exists(),
+        "no fresh-host pack ahead"
+    );
+    assert_eq!(
+        serve_metric(&fleet, &line, "scap_packs_built_ahead_total"),
+        3
+    );
+    assert_eq!(
+        serve_metric(&fleet, &line, "scap_packs_ahead_failed_total"),
+        0
+    );
+    // What a request builds, byte for byte: remove it, ask, compare.
+    let ahead = fs::read(&on_v2).unwrap();
+    fs::remove_file(&on_v2).unwrap();
+    let asked = fleet
+        .http
+        .get(format!("{}/v1/pack4/{v2}/{v3}", fleet.source()))
+        .send()
+        .unwrap();
+    assert!(asked.status().is_success());
+    let asked = asked.bytes().unwrap();
+    assert!(asked.len() > 100, "{}", asked.len());
+    assert!(
+        asked.as_ref() == ahead.as_slice(),
+        "the pack built ahead differs"
+    );
+
+    // Nothing ahead with --packs-ahead 0, however long one waits.
+    let mut p = fleet.server.take().unwrap();
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    fleet.server = Some(fleet.serve_store(&fleet.env.store.clone(), &["--packs-ahead", "0"]));
+    write(&fleet.env.path("mw"), "index.php", b"<?php // v4\n");
+    let v4 = fleet
+        .env
+        .build(&[("mediawiki", &fleet.env.path("mw"))], &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let built: Vec<_> = fs::read_dir(fleet.env.store.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&v4))
+        .collect();
+    assert!(built.is_empty(), "{built:?}");
+}
+
 #[test]
 fn packs_are_served_once_per_cache_and_a_bad_cache_is_skipped() {
     let mut fleet = Fleet::start(6);

@@ -139,6 +139,19 @@ impl Store {
 
     /// All version records, newest first.
     pub fn records(&self) -> Result<Vec<VersionRecord>> {
+        let mut out = Vec::new();
+        for v in self.recorded()? {
+            if let Some(r) = self.record(&v)? {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| std::cmp::Reverse((r.time, r.time_nanos, r.version)));
+        Ok(out)
+    }
+
+    /// The versions that have a record, in no order, without reading the
+    /// records (one directory listing).
+    pub fn recorded(&self) -> Result<Vec<VersionId>> {
         let dir = self.root().join("versions");
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).at(&dir)? {
@@ -147,14 +160,10 @@ impl Store {
             let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            let Ok(v) = hex.parse::<VersionId>() else {
-                continue;
-            };
-            if let Some(r) = self.record(&v)? {
-                out.push(r);
+            if let Ok(v) = hex.parse::<VersionId>() {
+                out.push(v);
             }
         }
-        out.sort_by_key(|r| std::cmp::Reverse((r.time, r.time_nanos, r.version)));
         Ok(out)
     }
 
