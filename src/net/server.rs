@@ -357,19 +357,28 @@ pub async fn build_ahead(st: Arc<ServerState>) {
         return;
     }
     let mut known: Option<HashSet<VersionId>> = None;
+    // Said once per run of failed listings, not every tick.
+    let mut failing = false;
     let mut tick = tokio::time::interval(AHEAD_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let store = st.store.clone();
-        let before = known.take();
+        // Kept on a failed listing: what appears meanwhile is new next time.
+        let before = known.clone();
         let fresh = match tokio::task::spawn_blocking(move || new_versions(&store, before)).await {
             Ok(Ok((now, fresh))) => {
                 known = Some(now);
+                failing = false;
                 fresh
             }
             Ok(Err(e)) => {
-                tracing::warn!("cannot list the store's versions to build packs ahead: {e}");
+                if !failing {
+                    tracing::warn!(
+                        "cannot list the store's versions to build packs ahead: {e} (hosts' requests build them meanwhile)"
+                    );
+                }
+                failing = true;
                 continue;
             }
             Err(_) => continue,
