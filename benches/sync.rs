@@ -31,7 +31,10 @@
 //! rows report the lower median of each tool's samples.
 //! Bytes on the wire are counted by TCP proxies (HTTP headers, TLS
 //! included), both agent <-> server and controller <-> agent; for rsync
-//! they are rsync's own `--stats` totals.
+//! they are rsync's own `--stats` totals. Each sync is sent, as `scap
+//! sync` sends it, on the connection a poll of the host's state opened
+//! just before (not timed, not counted): no sample pays a TLS handshake
+//! that another does not.
 
 mod common;
 
@@ -265,6 +268,18 @@ impl Stack {
     fn sync(&self, i: usize, v: &str) -> (f64, u64, serde_json::Value) {
         let h = &self.hosts[i];
         let body = self.body(v);
+        // As `scap sync` does: it polls every host's state, then sends the
+        // sync on the connection the poll opened (its client keeps them).
+        // Without this, whether a sample pays a TLS handshake depends on
+        // the row before it: the client drops a connection idle for 90 s,
+        // and only at 263k files do the rsync runs between two of one
+        // host's samples take that long.
+        let polled = self
+            .auth(self.http.get(format!("{}/v1/state", h.front.url)))
+            .send()
+            .unwrap();
+        assert!(polled.status().is_success(), "{}", polled.text().unwrap());
+        polled.bytes().unwrap();
         self.source.take();
         h.front.take();
         let started = Instant::now();
