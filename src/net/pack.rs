@@ -616,20 +616,16 @@ impl Ahead {
                 }
             }
         }
-        found.sort_by_key(|f| std::cmp::Reverse(f.0));
-        let mut recent = std::collections::VecDeque::new();
-        for (_, v) in found {
-            if recent.len() == limit {
-                break;
-            }
-            if !recent.contains(&v) {
-                recent.push_back(v);
-            }
-        }
-        Ahead {
-            recent: Mutex::new(recent),
+        let ahead = Ahead {
+            recent: Mutex::new(std::collections::VecDeque::new()),
             limit,
+        };
+        // As if served in the order the files were written.
+        found.sort_by_key(|f| f.0);
+        for (_, v) in found {
+            ahead.served(v);
         }
+        ahead
     }
 
     /// How many sources a new version's packs are built from, at most.
@@ -1005,6 +1001,17 @@ mod order_tests {
         assert_eq!(left(), 0);
     }
 
+    /// Sets `p`'s mtime `secs` seconds back.
+    fn backdate(p: &std::path::Path, secs: u64) {
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
     #[test]
     fn packs_ahead_come_from_the_parent_then_what_hosts_last_moved_to() {
         let dir_ = tempfile::tempdir().unwrap();
@@ -1018,13 +1025,7 @@ mod order_tests {
         // process started, the newest file first (v[2], then v[1]).
         let older = super::build(&store, Some(&v[0]), &v[1]).unwrap();
         super::build(&store, None, &v[2]).unwrap();
-        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&older)
-            .unwrap()
-            .set_modified(hour_ago)
-            .unwrap();
+        backdate(&older, 3600);
         std::fs::write(older.with_file_name("notes.txt"), b"not a pack").unwrap();
         let ahead = super::Ahead::new(&store, 2);
         assert_eq!(ahead.sources(&v[4], None), vec![v[2], v[1]]);
@@ -1059,13 +1060,7 @@ mod order_tests {
         for t in [&old_temp, &new_temp] {
             std::fs::write(t, b"half a pack").unwrap();
         }
-        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        std::fs::File::options()
-            .write(true)
-            .open(&old_temp)
-            .unwrap()
-            .set_modified(two_hours_ago)
-            .unwrap();
+        backdate(&old_temp, 7200);
         let removed = super::retain(&store, &[v2]).unwrap();
         assert_eq!(removed, 2, "the pack from v1 and the old temp file");
         assert!(kept.exists(), "v2's pack from nothing is kept");

@@ -207,16 +207,9 @@ fn pack_file(fleet: &Fleet, from: &str, to: &str) -> PathBuf {
     fleet.env.store.join(format!("packs/{from}-{to}.4.pack"))
 }
 
-/// Waits up to 30 s for `p` to exist; whether it does.
-fn appears(p: &Path) -> bool {
-    let t = std::time::Instant::now();
-    while !p.exists() {
-        if t.elapsed() > Duration::from_secs(30) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+/// Waits up to 30 s for the pack `p` to be built ahead.
+fn built_ahead(p: &Path) {
+    wait_for(30, &format!("{} built ahead", p.display()), || p.exists());
 }
 
 /// A counter of `scap serve`'s /metrics (on its dashboard port).
@@ -258,14 +251,7 @@ fn a_new_versions_packs_are_built_before_any_host_asks() {
     assert_eq!(code, 200, "{r}");
     // Built on v1, which hosts run.
     let v2 = tree(&fleet, "v2", 31);
-    assert!(
-        appears(&pack_file(&fleet, &v1, &v2)),
-        "no pack from v1 to v2 built ahead: {:?}",
-        fs::read_dir(fleet.env.store.join("packs"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect::<Vec<_>>()
-    );
+    built_ahead(&pack_file(&fleet, &v1, &v2));
     assert!(served(&log, &format!("/v1/pack4/{v1}/{v2}")).is_empty());
     assert_eq!(
         serve_metric(&fleet, &line, "scap_packs_built_ahead_total"),
@@ -290,7 +276,8 @@ fn a_new_versions_packs_are_built_before_any_host_asks() {
     assert_ne!(v3, v2);
     let on_v1 = pack_file(&fleet, &v1, &v3);
     let on_v2 = pack_file(&fleet, &v2, &v3);
-    assert!(appears(&on_v1) && appears(&on_v2));
+    built_ahead(&on_v1);
+    built_ahead(&on_v2);
     assert!(
         !pack_file(&fleet, "empty", &v3).exists(),
         "no fresh-host pack ahead"
