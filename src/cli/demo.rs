@@ -175,7 +175,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<i32> {
     println!(
         "\n== something is wrong after all: back to the previous release (a switch, no fetch)"
     );
-    with(&["rollback", "--version", "1.46.0-wmf.2"])?;
+    with(&["rollback", "--version", "1.46.0-wmf.2", "--yes"])?;
     with(&["status"])?;
     run(&["history", "-n", "6"])?;
     drop(fleet);

@@ -15,11 +15,11 @@ use super::store_cmds::Ctx;
 use super::{exit, print_json};
 use crate::fleet::agents::{Agents, HostResult};
 use crate::fleet::catchup::CatchUp;
+use crate::fleet::deploy::Outcome;
 use crate::fleet::deploy::{GateChoice, Operator, PoolFleet, Rollout};
 use crate::fleet::gates::Gates;
 use crate::fleet::history;
 use crate::fleet::inventory::{Host, Member, fleet};
-use crate::fleet::lineage::Lineage;
 use crate::fleet::lock::{self, LockError};
 use crate::fleet::policy::{Policy, check_rollout, parse_stages, restart_policy};
 use crate::fleet::poll::poll;
@@ -29,6 +29,7 @@ use crate::fleet::record::{RolloutRecord, RolloutState, Settings};
 use crate::fleet::restart::RestartPolicy;
 use crate::fleet::rollback::Rollback;
 use crate::fleet::rollout::{Budget, Goal, Percent, Stage};
+use crate::fleet::trains::Trains;
 use crate::host::proto::{Outcome as HostOutcome, RollbackTarget};
 use crate::manifest::change::{self, ChangeSpec, Kind};
 use crate::store::{Store, VersionId};
@@ -127,6 +128,20 @@ impl FleetArgs {
         self.configured_statics(ctx) || ctx.config.pools.is_some()
     }
 
+    /// A client whose syncs, stages and rollbacks carry deploy orders
+    /// signed by the deploy key (scap.toml's `sign_key`), unless this is a
+    /// dry run. Without a key, requests carry none: agents then refuse a
+    /// version signed before the one they run (a revert) as a replay.
+    pub(super) fn ordering_agents(&self, ctx: &Ctx, dry_run: bool) -> anyhow::Result<Agents> {
+        let agents = self.agents(ctx)?;
+        let Some(path) = ctx.config.sign_key.as_deref().filter(|_| !dry_run) else {
+            return Ok(agents);
+        };
+        let key = crate::store::signature::SigningKey::load(path)?;
+        let orders = crate::fleet::orders::Orders::reserve(key, &fleet_dir(ctx))?;
+        Ok(agents.with_orders(orders))
+    }
+
     pub(super) fn agents(&self, ctx: &Ctx) -> anyhow::Result<Agents> {
         let transport = ctx.transport()?;
         if let Some(w) = transport.warning("scap") {
@@ -146,38 +161,37 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-/// Labels of a version in the local store, for display.
+/// The deploy host's trains (empty without a store: versions are then
+/// shown by their hash).
+fn trains(ctx: &Ctx) -> Trains {
+    Trains::load_or_empty(&ctx.store_path)
+}
+
+/// A version for people: its train and changes, with the hash.
 fn label_of(ctx: &Ctx, v: &VersionId) -> String {
-    crate::fleet::status::label_of(&labels(ctx), v)
+    trains(ctx).name(v).to_string()
 }
 
-/// How versions descend, from the local store's records (empty without one).
-fn lineage(ctx: &Ctx) -> Lineage {
-    Store::open(&ctx.store_path)
-        .and_then(|s| s.records())
-        .map(|r| Lineage::new(&r))
-        .unwrap_or_default()
-}
-
-/// `v` with the changes (sync-file, sync-dir) made to it since, unless
-/// `exact`: deploying or rolling back a train by its label must not drop a
-/// backport or config change made meanwhile.
-fn forward(ctx: &Ctx, v: VersionId, exact: bool) -> VersionId {
-    let l = lineage(ctx);
-    let f = l.forward(&v);
-    if f != v && !exact {
+/// Resolves what a deployer typed: a train's head now, or exactly the
+/// version an ID names. Says so when an ID names a version that is not
+/// its train's head (it is deployed as asked).
+fn resolve_exact(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
+    let v = resolve_version(ctx, name)?;
+    let t = trains(ctx);
+    if t.head(name).is_none()
+        && let Some(train) = t.train_of(&v)
+        && let Some(head) = t.head(&train)
+        && head != v
+    {
         eprintln!(
-            "{} {} has had changes since it was built: using {} ({} with them); pass --exact to use {} as it is",
+            "{} note: {} is not the head of train {train} (its head is {}): deploying {} as asked",
             clock(),
-            label_of(ctx, &v),
-            f.short(),
             v.short(),
+            t.name(&head),
             v.short()
         );
-        f
-    } else {
-        v
     }
+    Ok(v)
 }
 
 /// Sets a flag on Ctrl-C or SIGTERM: the rollout stops starting hosts,
@@ -213,7 +227,8 @@ fn on_interrupt(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
 pub struct SyncArgs {
     #[command(flatten)]
     fleet: FleetArgs,
-    /// Version to deploy: label, ID, or ID prefix
+    /// Version to deploy: a train (label: its head now), or exactly the version a
+    /// full ID or unambiguous ID prefix names
     #[arg(long)]
     version: Option<String>,
     /// Continue the recorded rollout from its last completed step (after Ctrl-C, a
@@ -224,10 +239,6 @@ pub struct SyncArgs {
     /// reimaged) to its target; no new rollout, no gates
     #[arg(long, conflicts_with_all = ["canary", "stages"])]
     catch_up: bool,
-    /// Deploy --version as it is, even if changes (sync-file) were made to it since
-    /// [default: the version with those changes]
-    #[arg(long, requires = "version")]
-    exact: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
 }
@@ -460,7 +471,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
         return catch_up(ctx, &a);
     }
     let name = a.version.as_deref().expect("clap requires one of them");
-    let version = forward(ctx, resolve_version(ctx, name)?, a.exact);
+    let version = resolve_exact(ctx, name)?;
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
@@ -509,10 +520,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
             note: String::new(),
         })
     };
-    let goal = Goal::One {
-        version,
-        descendants: lineage(ctx).descendants(&version),
-    };
+    let goal = Goal::one(version);
     run_rollout(
         ctx,
         Run {
@@ -525,7 +533,6 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
             record,
             first_stage: 0,
             resume: false,
-            extra: None,
         },
     )
 }
@@ -602,10 +609,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         record.stages.len(),
         record.stages[record.completed]
     );
-    let goal = Goal::One {
-        version: record.version,
-        descendants: lineage(ctx).descendants(&record.version),
-    };
+    let goal = Goal::one(record.version);
     let first = record.completed;
     let label = record.label.clone();
     run_rollout(
@@ -620,7 +624,6 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
             record: Some(record),
             first_stage: first,
             resume: true,
-            extra: None,
         },
     )
 }
@@ -635,7 +638,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         );
     }
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
-    let agents = a.fleet.agents(ctx)?;
+    let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run)?;
     let dir = fleet_dir(ctx);
     let desired = crate::fleet::desired::Desired::load(&dir)?;
     let store = Store::open(&ctx.store_path).ok();
@@ -711,12 +714,17 @@ struct Run<'a> {
     first_stage: usize,
     /// `--resume`: the first stage's gates may not have run yet.
     resume: bool,
-    /// Added to the `--json` output (a change's versions).
-    extra: Option<serde_json::Value>,
 }
 
-/// Runs a rollout; the caller holds the deploy lock.
+/// Runs a rollout and prints its outcome; the caller holds the deploy lock.
 fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
+    let r = run.args;
+    let (outcome, op) = rollout(ctx, run)?;
+    print_outcome(r, &outcome, op, None)
+}
+
+/// Runs a rollout; returns how it ended and what each host said.
+fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator)> {
     let Run {
         fleet: fleet_args,
         members,
@@ -727,9 +735,8 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
         record,
         first_stage,
         resume,
-        extra,
     } = run;
-    let agents = fleet_args.agents(ctx)?;
+    let agents = fleet_args.ordering_agents(ctx, r.dry_run)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let store = Store::open(&ctx.store_path).ok();
@@ -765,6 +772,7 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
         caches: ctx.config.caches.clone(),
         stage_ahead: !r.no_stage,
         served: Default::default(),
+        trains: trains(ctx),
     };
     let mut op = CliOperator {
         yes: r.yes,
@@ -775,6 +783,19 @@ fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
     if let Some(l) = op.line.take() {
         l.finish();
     }
+    Ok((outcome, op))
+}
+
+/// Prints a rollout's outcome (the last line says what the fleet now runs
+/// compared with what was asked), announces it, and returns the exit code:
+/// non-zero whenever the hosts asked for did not end on the version asked
+/// for.
+fn print_outcome(
+    r: &RolloutArgs,
+    outcome: &Outcome,
+    op: CliOperator,
+    extra: Option<serde_json::Value>,
+) -> anyhow::Result<i32> {
     if r.json {
         let mut out = serde_json::json!({ "outcome": outcome, "hosts": op.results });
         if let Some(extra) = extra {
@@ -956,49 +977,18 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
         .or(a.message_flag.clone())
         .unwrap_or_else(|| format!("{what} {}/{}", a.component, a.path));
 
-    // The live trains: what hosts run, hold, should run, or are being
-    // rolled out to.
     let agents = a.fleet.agents(ctx)?;
     let rt = runtime()?;
     let readings = rt.block_on(poll(&agents, &members, 64));
     let dir = fleet_dir(ctx);
-    let desired = crate::fleet::desired::Desired::load(&dir)?;
-    let record = RolloutRecord::load(&dir)?;
-    let mut live: std::collections::BTreeSet<VersionId> = desired.versions();
-    for r in &readings {
-        match &r.view {
-            Ok(_) => live.extend(r.held()),
-            Err(e) => eprintln!("{} {e}: its desired state stands for it", clock()),
-        }
+    let (bases, notes) = crate::fleet::change::live_versions(&store, &readings, &dir)?;
+    for n in notes {
+        eprintln!("{} {n}", clock());
     }
-    if let Some(r) = &record {
-        live.insert(r.version);
-        live.extend(r.from.values().copied());
-    }
-    let mut bases = Vec::new();
-    for v in live {
-        if store.has(&v.object()) {
-            bases.push(v);
-        } else {
-            let hosts: Vec<String> = readings
-                .iter()
-                .filter(|r| r.held().contains(&v))
-                .map(|r| r.member.host.to_string())
-                .collect();
-            eprintln!(
-                "{} warning: version {} (held by {}) is not in this store: the change cannot be applied to it",
-                clock(),
-                v.short(),
-                if hosts.is_empty() {
-                    "the desired state".into()
-                } else {
-                    hosts.join(", ")
-                }
-            );
-        }
-    }
+    drop(rt);
     let id = change::new_id(&message, &a.path);
-    let applied = change::apply(
+    let by = crate::sys::user();
+    let prepared = crate::fleet::change::prepare(
         &store,
         &ChangeSpec {
             id: id.clone(),
@@ -1008,81 +998,35 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             kind,
             create: a.create,
             message: message.clone(),
-            author: crate::sys::user(),
+            author: by.clone(),
             signer: signer.as_deref(),
             dry_run: a.rollout.dry_run,
         },
+        &readings,
         &super::bar::Bar::default(),
     )?;
-    let map = change::map(&applied);
-    // Per host group: from, to, the files that change.
-    let mut groups: std::collections::BTreeMap<VersionId, Vec<String>> = Default::default();
-    for r in &readings {
-        if let Some(c) = r.current() {
-            groups.entry(c).or_default().push(r.member.host.to_string());
-        }
-    }
-    let mut shown = Vec::new();
-    for ap in &applied {
-        let hosts = groups.get(&ap.base).cloned().unwrap_or_default();
-        let role = if hosts.is_empty() {
-            "held as previous/stable, or a rollout's target".to_string()
-        } else {
-            format!(
-                "{} host(s): {}",
-                hosts.len(),
-                crate::text::clip(&hosts.join(" "), 200)
-            )
-        };
-        if ap.changed() {
-            eprintln!(
-                "{} {} {} -> {} ({role})",
-                clock(),
-                if a.rollout.dry_run {
-                    "dry run: would build"
-                } else {
-                    "built"
-                },
-                label_of(ctx, &ap.base),
-                ap.version.short()
-            );
-            for f in &ap.files {
-                eprintln!("           {f}");
-            }
-        } else {
-            eprintln!(
-                "{} {} is already the same in staging and in {} ({role})",
-                clock(),
-                a.path,
-                label_of(ctx, &ap.base)
-            );
-        }
-        shown.push(serde_json::json!({
-            "from": ap.base, "to": ap.version, "hosts": hosts, "files": ap.files,
-        }));
-    }
-    if map.is_empty() {
+    print_change(&prepared, a.rollout.dry_run, &a.path);
+    if prepared.map.is_empty() {
         if a.rollout.json {
-            print_json(&serde_json::json!({ "change": id, "versions": shown, "outcome": null }))?;
+            print_json(&serde_json::json!({ "change": prepared, "outcome": null }))?;
         }
         println!(
-            "{} is the same in staging and in every live version: nothing to deploy",
+            "{} is the same in staging and in every live version it applies to: nothing to deploy",
             a.path
         );
         return Ok(exit::OK);
     }
     if !a.rollout.dry_run {
         eprintln!("{} change {id}: {message}", clock());
-        // The train being rolled out continues with the change.
-        if let Some(mut r) = record {
-            r.rewrite(&map);
-            r.save(&dir)?;
-        }
     }
-    drop(rt);
-    let extra = serde_json::json!({ "change": id, "versions": shown });
-    let goal = Goal::Change { id, map };
-    run_rollout(
+    let extra = serde_json::to_value(&prepared)?;
+    let goal = Goal::Change {
+        id,
+        map: prepared.map.clone(),
+        unchanged: prepared.unchanged(),
+    };
+    let stages_to_all = plan.stages.last().is_some_and(|s| s.is_all());
+    let (mut outcome, op) = rollout(
         ctx,
         Run {
             fleet: &a.fleet,
@@ -1094,28 +1038,114 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             record: None,
             first_stage: 0,
             resume: false,
-            extra: Some(extra),
         },
-    )
+    )?;
+    if !a.rollout.dry_run {
+        // The trains' heads move only once the change is on every host
+        // of them, gates passed.
+        let done = outcome.ok && stages_to_all;
+        let moves = crate::fleet::change::settle(&store, &dir, &prepared, done, &by);
+        for m in &moves {
+            eprintln!("{} {m}", clock());
+        }
+        if !done && outcome.ok {
+            outcome
+                .message
+                .push_str("; the trains' heads stay where they were until the change reaches 100% (run the same sync-file again to continue it)");
+        } else if done {
+            let moved: Vec<String> = moves
+                .iter()
+                .filter(|m| m.refused.is_none())
+                .map(|m| format!("{} -> {}", m.train, m.to.short()))
+                .collect();
+            if !moved.is_empty() {
+                outcome
+                    .message
+                    .push_str(&format!("; train head(s) moved: {}", moved.join(", ")));
+            }
+            if moves.iter().any(|m| m.refused.is_some()) {
+                outcome.ok = false;
+                outcome
+                    .message
+                    .push_str("; some train heads could NOT be moved (see above)");
+            }
+        }
+    }
+    print_outcome(&a.rollout, &outcome, op, Some(extra))
+}
+
+/// Says, per live version, what the change makes of it and who moves.
+fn print_change(p: &crate::fleet::change::Prepared, dry_run: bool, path: &str) {
+    for st in &p.steps {
+        let role = if st.hosts.is_empty() {
+            "held as previous/stable, or a rollout's target".to_string()
+        } else {
+            format!(
+                "{} host(s): {}",
+                st.hosts.len(),
+                crate::text::clip(&st.hosts.join(" "), 200)
+            )
+        };
+        if let Some(why) = &st.skipped {
+            eprintln!("{} left alone: {} ({why}; {role})", clock(), st.from_name);
+        } else if st.from != st.to {
+            eprintln!(
+                "{} {} {} -> {}{}{} ({role})",
+                clock(),
+                if dry_run {
+                    "dry run: would build"
+                } else {
+                    "built"
+                },
+                st.from_name,
+                st.to.short(),
+                if st.created {
+                    ", creating the path"
+                } else {
+                    ""
+                },
+                if st.revert {
+                    ", an earlier version's tree (a revert)"
+                } else {
+                    ""
+                },
+            );
+            for f in &st.files {
+                eprintln!("           {f}");
+            }
+        } else {
+            eprintln!(
+                "{} {path} is already the same in staging and in {} ({role})",
+                clock(),
+                st.from_name
+            );
+        }
+    }
 }
 
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
     #[command(flatten)]
     fleet: FleetArgs,
-    /// Where to: each host's previous or stable version, or a version (label, ID, prefix)
+    /// Where to: each host's previous version, its stable version's train (that
+    /// train's head now), or a version (a train: its head; or an ID, exactly)
     #[arg(long, default_value = "previous")]
     to: String,
-    /// Only hosts now on this version [default: every host]
+    /// Only hosts now on this version (a train: its head now; or an ID, exactly) [default: every host]
     #[arg(long)]
     version: Option<String>,
     /// Leave at most this share of traffic on --version (rolls back just enough hosts) [default: 0%]
     #[arg(long, value_name = "P%", requires = "version")]
     canary: Option<String>,
-    /// Take --version as it is, even if changes were made to it since [default: the
-    /// version with those changes, which is what hosts run]
-    #[arg(long, requires = "version")]
-    exact: bool,
+    /// Print which hosts would go back, from and to which version; change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Batch mode: no question before rolling back
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
+    #[arg(long, value_name = "CMD")]
+    announce: Option<String>,
     /// Hosts rolled back at once
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
@@ -1130,17 +1160,22 @@ pub struct RollbackArgs {
 
 pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members(ctx)?;
-    let agents = a.fleet.agents(ctx)?;
+    let agents = a.fleet.ordering_agents(ctx, a.dry_run)?;
     let version = a
         .version
         .as_deref()
-        .map(|v| resolve_version(ctx, v).map(|v| forward(ctx, v, a.exact)))
+        .map(|v| resolve_exact(ctx, v))
         .transpose()?;
     let to = match a.to.as_str() {
         "previous" => RollbackTarget::Previous,
         "stable" => RollbackTarget::Stable,
-        v => RollbackTarget::Version(resolve_version(ctx, v)?),
+        v => RollbackTarget::Version(resolve_exact(ctx, v)?),
     };
+    if !a.yes && !a.dry_run && !std::io::stdin().is_terminal() {
+        bail!(
+            "stdin is not a terminal and a rollback asks before it changes hosts: pass --yes to run it in batch mode (or --dry-run to see what it would do)"
+        );
+    }
     let keep = a
         .canary
         .as_deref()
@@ -1148,7 +1183,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .transpose()
         .map_err(anyhow::Error::msg)?
         .unwrap_or(Percent(0));
-    let _lock = deploy_lock(ctx, false)?;
+    let _lock = deploy_lock(ctx, a.dry_run)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let procedure = Rollback {
@@ -1164,19 +1199,27 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
             a.sources.clone()
         },
         caches: ctx.config.caches.clone(),
-        lineage: lineage(ctx),
+        trains: trains(ctx),
+        store: Store::open_deploy(&ctx.store_path).ok(),
+        dry_run: a.dry_run,
         by: crate::sys::user(),
         command: command_line(),
         fleet_dir: fleet_dir(ctx),
         interrupted: &interrupted,
     };
     let mut op = CliOperator::batch();
+    op.yes = a.yes;
     let outcome = rt.block_on(procedure.run(&mut op));
     if a.json {
-        print_json(&outcome.results)?;
+        print_json(&outcome)?;
     } else {
         report(&outcome.results)?;
         println!("{}", outcome.message);
+    }
+    if let Some(cmd) = &a.announce
+        && !a.dry_run
+    {
+        announce(cmd, &format!("{}: {}", crate::sys::user(), outcome.message));
     }
     Ok(exit::from(outcome.ok))
 }
@@ -1230,13 +1273,6 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// Labels by version, from the local store (empty without one).
-fn labels(ctx: &Ctx) -> Vec<(String, VersionId)> {
-    Store::open(&ctx.store_path)
-        .and_then(|s| s.labels())
-        .unwrap_or_default()
-}
-
 pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members(ctx)?;
     let agents = a.fleet.agents(ctx)?;
@@ -1248,7 +1284,7 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     let rt = runtime()?;
     let readings = rt.block_on(poll(&agents, &members, 64));
     let st =
-        crate::fleet::status::fleet_status(&members, &readings, &labels(ctx), &fleet_dir(ctx), &[]);
+        crate::fleet::status::fleet_status(&members, &readings, &trains(ctx), &fleet_dir(ctx), &[]);
     if a.json {
         print_json(&st)?;
         return Ok(exit::OK);
@@ -1322,7 +1358,12 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
                     .and_then(|s| s.parse::<VersionId>().ok())
                     .map_or_else(|| "-".to_string(), |v| v.short())
             };
-            let (cur, stable) = (short(&h["current"]), short(&h["stable"]));
+            let named = |k: &str| {
+                h[format!("{k}_name")]
+                    .as_str()
+                    .map_or_else(|| short(&h[k]), str::to_string)
+            };
+            let (cur, stable) = (named("current"), named("stable"));
             let since = h["since"].as_u64().map(fmt_utc).unwrap_or_default();
             let mut note = String::new();
             if h["busy"] == true {
@@ -1389,12 +1430,17 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
                 .map_or_else(|| "-".to_string(), |v| v.short())
         };
         for b in &behind {
+            let named = |k: &str| {
+                b[format!("{k}_name")]
+                    .as_str()
+                    .map_or_else(|| short(&b[k]), str::to_string)
+            };
             writeln!(
                 out,
                 "  {:<24} runs {}, target {}",
                 b["host"].as_str().unwrap_or(""),
-                short(&b["current"]),
-                short(&b["target"])
+                named("current"),
+                named("target")
             )?;
         }
     }
@@ -1480,6 +1526,7 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
         print_json(&entries)?;
         return Ok(exit::OK);
     }
+    let trains = trains(ctx);
     let mut out = std::io::stdout().lock();
     for e in &entries {
         writeln!(
@@ -1490,7 +1537,7 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
             e.user,
             if e.ok { "ok  " } else { "FAIL" },
             match (&e.version, &e.change) {
-                (Some(v), _) => v.short(),
+                (Some(v), _) => trains.name(v).to_string(),
                 (None, Some(c)) => c.clone(),
                 (None, None) => "-".into(),
             },
@@ -1505,11 +1552,10 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
 pub struct StageArgs {
     #[command(flatten)]
     fleet: FleetArgs,
-    /// The version to stage: label, ID, or ID prefix (with changes made since, unless --exact)
+    /// The version to stage: a train (its head now), or exactly the version an ID or
+    /// ID prefix names
     #[arg(long)]
     version: String,
-    #[arg(long, requires = "version")]
-    exact: bool,
     /// The deploy host(s) [default: scap.toml's sources]; caches come from scap.toml's [caches]
     #[arg(long = "source", value_name = "URL")]
     sources: Vec<String>,
@@ -1525,7 +1571,7 @@ pub struct StageArgs {
 /// prepares its release, without switching; a rollout of V is then only
 /// switches (and a rollback to what hosts ran, too).
 pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
-    let version = forward(ctx, resolve_version(ctx, &a.version)?, a.exact);
+    let version = resolve_exact(ctx, &a.version)?;
     let members = a.fleet.members(ctx)?;
     let sources = if a.sources.is_empty() {
         ctx.config.sources.clone()
@@ -1537,7 +1583,7 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
             "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
         );
     }
-    let agents = a.fleet.agents(ctx)?;
+    let agents = a.fleet.ordering_agents(ctx, false)?;
     let signature = Store::open(&ctx.store_path)
         .ok()
         .and_then(|s| s.signature(&version).ok().flatten());
@@ -1573,6 +1619,7 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
                 by: crate::sys::user(),
                 fetch_timeout_seconds: None,
                 signature: signature.clone(),
+                order: None,
             };
             let agents = &agents;
             Box::pin(async move { agents.stage(h, &req).await })

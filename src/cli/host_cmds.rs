@@ -494,8 +494,10 @@ pub fn report(results: &[HostResult<Outcome>]) -> anyhow::Result<()> {
             )?,
         }
     }
+    // What each call to a host answered; what the fleet now runs is the
+    // command's outcome, its last line.
     let ok = results.iter().filter(|r| r.ok()).count();
-    writeln!(out, "{ok} of {} hosts ok", results.len())?;
+    writeln!(out, "host calls: {ok} of {} ok", results.len())?;
     Ok(())
 }
 

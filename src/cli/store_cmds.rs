@@ -473,6 +473,9 @@ fn parent_of(path: &str) -> &str {
 
 #[derive(Args, Debug)]
 pub struct LogArgs {
+    /// A train (label): show its history, every move of its head (from, to, what,
+    /// who, when, why) [default: every version record]
+    train: Option<String>,
     /// Show at most this many versions
     #[arg(long, short = 'n')]
     max_count: Option<usize>,
@@ -486,6 +489,9 @@ pub struct LogArgs {
 
 pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
     let store = ctx.open()?;
+    if let Some(train) = &a.train {
+        return train_log(&store, train, &a);
+    }
     let mut records = store.records()?;
     if let Some(c) = &a.change {
         records.retain(|r| r.change.as_deref() == Some(c.as_str()));
@@ -505,6 +511,62 @@ pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
     let mut out = io::stdout().lock();
     for r in &records {
         print_record(&mut out, r, &labels)?;
+    }
+    Ok(exit::OK)
+}
+
+/// `scap log TRAIN`: the moves of a train's head, newest first.
+fn train_log(store: &Store, train: &str, a: &LogArgs) -> anyhow::Result<i32> {
+    if crate::store::disk::check_label(train).is_err() || store.label(train)?.is_none() {
+        let names: Vec<String> = store.labels()?.into_iter().map(|(l, _)| l).collect();
+        return Err(super::NotFound {
+            what: format!(
+                "no train named {train:?}: the trains are {}; `scap log` without a name lists every version",
+                if names.is_empty() {
+                    "(none yet: `build-manifest --label` makes one)".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        }
+        .into());
+    }
+    let trains = crate::fleet::trains::Trains::load(store)?;
+    let mut moves = store.label_log(train)?;
+    moves.reverse();
+    moves.truncate(a.max_count.unwrap_or(usize::MAX));
+    if a.json {
+        // Oldest first, like the file.
+        moves.reverse();
+        let named: Vec<serde_json::Value> = moves
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["to_name"] = trains.name(&m.to).to_string().into();
+                v["from_name"] = m.from.map(|f| trains.name(&f).to_string()).into();
+                v
+            })
+            .collect();
+        print_json(&named)?;
+        return Ok(exit::OK);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "train {train}: head {}",
+        trains.name(&store.label(train)?.expect("checked above"))
+    )?;
+    for m in &moves {
+        writeln!(
+            out,
+            "{} {:<8} {:<10} {} -> {}: {}",
+            fmt_utc(m.time),
+            m.action,
+            m.user,
+            m.from.map_or_else(|| "(new)".to_string(), |f| f.short()),
+            trains.name(&m.to),
+            m.message
+        )?;
     }
     Ok(exit::OK)
 }
@@ -577,7 +639,13 @@ pub fn label(ctx: &Ctx, a: LabelArgs) -> anyhow::Result<i32> {
             a.label
         );
     }
-    store.set_label(&a.label, &v)?;
+    let mv = crate::store::disk::LabelMove::now(
+        &crate::sys::user(),
+        v,
+        "label",
+        &format!("scap label {} {}", a.label, a.version),
+    );
+    store.move_label(&a.label, None, &mv)?;
     println!("{} {}", a.label, v);
     Ok(exit::OK)
 }

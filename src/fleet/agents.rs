@@ -17,10 +17,12 @@ use super::inventory::Host;
 use crate::host::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_RESPONSE_BYTES, Outcome,
     PromoteRequest, PullOutcome, PullRequest, RestartOutcome, RestartRequest, RollbackRequest,
-    StateResponse, SyncRequest,
+    RollbackTarget, StateResponse, SyncRequest,
 };
 use crate::host::state::{HostState, STATE_FORMAT};
 use crate::net::tls::{TlsError, Transport};
+use crate::store::VersionId;
+use crate::store::signature::SignedOrder;
 use crate::text::clip;
 
 /// Seconds to wait for a state reading: short, so that one hung host never
@@ -64,6 +66,12 @@ pub struct Agents {
     transport: Transport,
     /// How long a changing call (a sync) may take.
     op_timeout: Duration,
+    /// Signs a deploy order into every sync, stage and rollback of a
+    /// version (none: requests go without, as from an older scap).
+    orders: Option<std::sync::Arc<super::orders::Orders>>,
+    /// Each agent's own name (its `--host`, from its state), which its
+    /// orders must name.
+    names: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Host, String>>>,
 }
 
 impl Agents {
@@ -78,7 +86,43 @@ impl Agents {
             http,
             transport,
             op_timeout,
+            orders: None,
+            names: Default::default(),
         })
+    }
+
+    /// Every sync, stage and rollback to a version carries a deploy order
+    /// from `orders`.
+    pub fn with_orders(mut self, orders: super::orders::Orders) -> Agents {
+        self.orders = Some(std::sync::Arc::new(orders));
+        self
+    }
+
+    /// An order for `host` to `action` `version`, if this client gives
+    /// orders: the agent's own name is the one it last reported (asked
+    /// now if it has not).
+    async fn order(
+        &self,
+        host: &Host,
+        version: VersionId,
+        action: &str,
+    ) -> Result<Option<SignedOrder>, CallError> {
+        let Some(orders) = &self.orders else {
+            return Ok(None);
+        };
+        let known = self.names.lock().expect("not poisoned").get(host).cloned();
+        let name = match known {
+            Some(n) => n,
+            None => self.state(host).await?.state.host,
+        };
+        orders
+            .sign(&name, version, action)
+            .map(Some)
+            .map_err(|e| CallError::Http {
+                host: host.to_string(),
+                status: 0,
+                message: e.to_string(),
+            })
     }
 
     /// The client (for health probes that use the same transport).
@@ -172,19 +216,33 @@ impl Agents {
                 ),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer {
-            host: host.to_string(),
-            why: clip(&e.to_string(), 200),
-        })
+        let st: StateResponse =
+            serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer {
+                host: host.to_string(),
+                why: clip(&e.to_string(), 200),
+            })?;
+        self.names
+            .lock()
+            .expect("not poisoned")
+            .insert(host.clone(), st.state.host.clone());
+        Ok(st)
     }
 
     pub async fn sync(&self, host: &Host, req: &SyncRequest) -> Result<Outcome, CallError> {
-        self.call(host, "/v1/sync", Some(req), self.op_timeout)
+        let mut req = req.clone();
+        if req.order.is_none() {
+            req.order = self.order(host, req.version, "sync").await?;
+        }
+        self.call(host, "/v1/sync", Some(&req), self.op_timeout)
             .await
     }
 
     pub async fn rollback(&self, host: &Host, req: &RollbackRequest) -> Result<Outcome, CallError> {
-        self.call(host, "/v1/rollback", Some(req), self.op_timeout)
+        let mut req = req.clone();
+        if let (None, RollbackTarget::Version(v)) = (&req.order, req.to) {
+            req.order = self.order(host, v, "rollback").await?;
+        }
+        self.call(host, "/v1/rollback", Some(&req), self.op_timeout)
             .await
     }
 
@@ -195,7 +253,11 @@ impl Agents {
 
     /// `POST /v1/stage`: fetch and prepare `req.version`, no switch.
     pub async fn stage(&self, host: &Host, req: &SyncRequest) -> Result<Outcome, CallError> {
-        self.call(host, "/v1/stage", Some(req), self.op_timeout)
+        let mut req = req.clone();
+        if req.order.is_none() {
+            req.order = self.order(host, req.version, "stage").await?;
+        }
+        self.call(host, "/v1/stage", Some(&req), self.op_timeout)
             .await
     }
 

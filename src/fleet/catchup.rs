@@ -115,6 +115,7 @@ impl CatchUp<'_> {
                     by: self.by.clone(),
                     fetch_timeout_seconds: None,
                     signature: self.signatures.get(target).cloned(),
+                    order: None,
                 };
                 Box::pin(async move { self.agents.sync(h, &req).await })
             } else {
@@ -122,6 +123,7 @@ impl CatchUp<'_> {
                     to: RollbackTarget::Version(*target),
                     by: self.by.clone(),
                     sources,
+                    order: None,
                 };
                 Box::pin(async move { self.agents.rollback(h, &req).await })
             }

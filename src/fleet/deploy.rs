@@ -30,6 +30,7 @@ use super::prom::Measurement;
 use super::record::{RolloutRecord, RolloutState};
 use super::restart::{RestartPolicy, Restarter};
 use super::rollout::{Budget, Goal, Stage, TopUp, share, top_up};
+use super::trains::Trains;
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
 use crate::store::signature::SignedVersion;
@@ -135,6 +136,8 @@ pub struct Rollout<'a> {
     /// Bytes the current step's hosts (and the staging before it) received
     /// from each source.
     pub served: std::sync::Arc<Mutex<BTreeMap<String, u64>>>,
+    /// The deploy host's trains: how versions are named to people.
+    pub trains: Trains,
 }
 
 /// The sources for a host in datacenter `dc`: its own caches, the other
@@ -245,6 +248,60 @@ impl Progress {
 /// Why a stage ended the rollout.
 type Stop = Outcome;
 
+/// What a rollback after a failed gate did.
+#[derive(Default)]
+struct RolledBack {
+    /// Hosts switched back.
+    back: Vec<String>,
+    /// Hosts whose rollback failed: they still run what the rollout gave.
+    failed: Vec<String>,
+    /// Hosts that did not answer: they go back when they return.
+    unanswered: Vec<String>,
+    /// Where the hosts are now (those already there included).
+    went: BTreeMap<VersionId, usize>,
+}
+
+impl RolledBack {
+    /// The outcome, for people: where the hosts are now compared with what
+    /// was asked.
+    fn message(&self, stage: Stage, goal: &Goal, trains: &Trains, label: &str) -> String {
+        let now = self
+            .went
+            .iter()
+            .map(|(v, n)| format!("{n} host(s) back on {}", trains.name(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut msg = format!("health gate failed at {stage}: ");
+        if now.is_empty() {
+            msg.push_str("no host had to go back");
+        } else {
+            msg.push_str(&now);
+        }
+        if !self.failed.is_empty() {
+            msg.push_str(&format!(
+                "; {} host(s) could NOT be rolled back and still run {label}: {}",
+                self.failed.len(),
+                crate::text::clip(&self.failed.join(" "), 200)
+            ));
+        }
+        if !self.unanswered.is_empty() {
+            msg.push_str(&format!(
+                "; {} host(s) do not answer and go back when they return: {}",
+                self.unanswered.len(),
+                crate::text::clip(&self.unanswered.join(" "), 200)
+            ));
+        }
+        match goal {
+            Goal::Change { .. } if self.failed.is_empty() => {
+                msg.push_str("; the change is not applied")
+            }
+            Goal::Change { .. } => msg.push_str("; the change is still on the hosts named"),
+            Goal::One { .. } => {}
+        }
+        msg
+    }
+}
+
 impl Rollout<'_> {
     /// Runs the stages from `first` (0, or where a resumed rollout left).
     pub async fn run(&self, op: &mut dyn Operator, first: usize) -> Outcome {
@@ -344,6 +401,7 @@ impl Rollout<'_> {
             by: self.by.clone(),
             fetch_timeout_seconds: None,
             signature: self.signatures.get(version).cloned(),
+            order: None,
         };
         let (caches, deploy) = (self.caches.clone(), self.sources.clone());
         let served = self.served.clone();
@@ -600,6 +658,7 @@ impl Rollout<'_> {
                 by: self.by.clone(),
                 fetch_timeout_seconds: None,
                 signature: self.signatures.get(&targets[i]).cloned(),
+                order: None,
             };
             Box::pin(async move { self.agents.sync(h, &req).await })
         })
@@ -879,11 +938,9 @@ impl Rollout<'_> {
                     return Err(self.log_step(stage, "failed", o));
                 }
                 GateChoice::Rollback => {
-                    let back = self.roll_back(op, &p.changed).await;
-                    let msg = format!(
-                        "health gate failed at {stage}: rolled back the {} host(s) this rollout changed",
-                        back.len()
-                    );
+                    let rb = self.roll_back(op, &p.changed).await;
+                    let msg = rb.message(stage, &self.goal, &self.trains, &self.label);
+                    let back = rb.back;
                     self.update_record(|r| {
                         r.state = RolloutState::RolledBack;
                         r.note = msg.clone();
@@ -995,7 +1052,7 @@ impl Rollout<'_> {
     /// from: its own train, with any change made since. Hosts that do not
     /// answer are given that as their desired state, and go there when they
     /// come back.
-    async fn roll_back(&self, op: &mut dyn Operator, changed: &[Changed]) -> Vec<String> {
+    async fn roll_back(&self, op: &mut dyn Operator, changed: &[Changed]) -> RolledBack {
         // A resumed rollout is one command: the hosts its earlier runs moved
         // go back too. Otherwise the hosts this command moved (earlier
         // steps passed their gates; `scap rollback --version V` takes them
@@ -1050,20 +1107,40 @@ impl Rollout<'_> {
                 to: RollbackTarget::Version(plan[i].1),
                 by: self.by.clone(),
                 sources: sources_for(&self.caches, &self.sources, dc),
+                order: None,
             };
             Box::pin(async move { self.agents.rollback(h, &req).await })
         })
         .await;
-        let mut back = Vec::new();
+        let mut rb = RolledBack::default();
+        for (host, to) in &targets {
+            let answered = readings.iter().find(|r| r.name() == *host);
+            match answered.map(|r| (&r.view, r.current())) {
+                Some((Ok(_), Some(cur))) if cur == *to => {
+                    *rb.went.entry(*to).or_default() += 1;
+                }
+                Some((Err(_), _)) | None => rb.unanswered.push(host.clone()),
+                _ => {}
+            }
+        }
         for r in &results {
             match &r.result {
                 Ok(o) => {
-                    op.say(&format!("{}: rolled back to {}", r.host, o.version.short()));
-                    back.push(r.host.to_string());
+                    op.say(&format!(
+                        "{}: rolled back to {}",
+                        r.host,
+                        self.trains.name(&o.version)
+                    ));
+                    rb.back.push(r.host.to_string());
+                    *rb.went.entry(o.version).or_default() += 1;
                 }
-                Err(e) => op.say(&format!("ROLLBACK FAILED {e}")),
+                Err(e) => {
+                    op.say(&format!("ROLLBACK FAILED {e}"));
+                    rb.failed.push(r.host.to_string());
+                }
             }
         }
+        let back = &rb.back;
         op.step_done("rollback", back.len(), results.len() - back.len());
         if let Err(e) = desired::update(&self.fleet_dir, |d| {
             for (host, v) in &targets {
@@ -1072,23 +1149,9 @@ impl Rollout<'_> {
         }) {
             tracing::warn!("cannot record the desired state: {e}");
         }
-        // A change that failed its gate is taken out of the train's
-        // rollout too: continuing it must not deploy the change.
-        if let Goal::Change { map, .. } = &self.goal {
-            let inverse: BTreeMap<VersionId, VersionId> =
-                map.iter().map(|(a, b)| (*b, *a)).collect();
-            match RolloutRecord::load(&self.fleet_dir) {
-                Ok(Some(mut r)) => {
-                    r.rewrite(&inverse);
-                    if let Err(e) = r.save(&self.fleet_dir) {
-                        tracing::warn!("cannot save the rollout record: {e}");
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
-        back
+        // (A change's versions never entered the train's rollout record
+        // or its head: both move only once the change has succeeded.)
+        rb
     }
 
     /// Appends one step (a stage, or where the command stopped) to the

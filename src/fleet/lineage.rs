@@ -3,83 +3,39 @@
 //! (sync-file, sync-dir) is the version it was made from, and all the
 //! versions one change made share its ID.
 //!
-//! The fleet uses it to keep changes: a rollback to a host's stable train
-//! goes to that train *with* the changes made since ([`Lineage::forward`]),
-//! and a rollout of a train counts a host on the train plus later changes
-//! as already there ([`Lineage::descendants`]).
+//! `scap diff` uses it to say how two versions descend. It never decides
+//! what a name deploys: a version ID means exactly that version, and a
+//! train's head is a label (`fleet::trains`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::store::VersionId;
 use crate::store::disk::VersionRecord;
 
-/// A version's parent, the change that made it (if one did), and when.
-type Origin = (Option<VersionId>, Option<String>, (u64, u32));
+/// A version's parent, and the change that made it (if one did).
+type Origin = (Option<VersionId>, Option<String>);
 
 #[derive(Clone, Debug, Default)]
 pub struct Lineage {
     parents: BTreeMap<VersionId, Origin>,
-    /// version -> versions a change made from it
-    children: BTreeMap<VersionId, Vec<VersionId>>,
 }
 
 impl Lineage {
     pub fn new(records: &[VersionRecord]) -> Lineage {
         let mut l = Lineage::default();
         for r in records {
-            l.parents.insert(
-                r.version,
-                (r.parent, r.change.clone(), (r.time, r.time_nanos)),
-            );
-            if let (Some(p), Some(_)) = (r.parent, &r.change) {
-                l.children.entry(p).or_default().push(r.version);
-            }
+            l.parents.insert(r.version, (r.parent, r.change.clone()));
         }
         l
     }
 
     /// The change that made `v`, if a change did.
     pub fn change(&self, v: &VersionId) -> Option<&str> {
-        self.parents.get(v).and_then(|(_, c, _)| c.as_deref())
+        self.parents.get(v).and_then(|(_, c)| c.as_deref())
     }
 
     pub fn parent(&self, v: &VersionId) -> Option<VersionId> {
-        self.parents.get(v).and_then(|(p, _, _)| *p)
-    }
-
-    /// Every version made from `v` by one or more changes.
-    pub fn descendants(&self, v: &VersionId) -> BTreeSet<VersionId> {
-        let mut out = BTreeSet::new();
-        let mut todo = vec![*v];
-        while let Some(x) = todo.pop() {
-            for c in self.children.get(&x).into_iter().flatten() {
-                if out.insert(*c) {
-                    todo.push(*c);
-                }
-            }
-        }
-        out.remove(v);
-        out
-    }
-
-    /// `v` with every change made since: follows, from `v`, the newest
-    /// version a change made, until none is left.
-    pub fn forward(&self, v: &VersionId) -> VersionId {
-        let mut at = *v;
-        let mut seen = BTreeSet::new();
-        while seen.insert(at) {
-            let newest = self
-                .children
-                .get(&at)
-                .into_iter()
-                .flatten()
-                .max_by_key(|c| self.parents.get(c).map(|(_, _, t)| *t));
-            match newest {
-                Some(n) => at = *n,
-                None => break,
-            }
-        }
-        at
+        self.parents.get(v).and_then(|(p, _)| *p)
     }
 
     /// How `b` descends from `a`: the changes on the way, oldest first, if
@@ -131,7 +87,7 @@ mod tests {
     }
 
     #[test]
-    fn forward_and_descendants() {
+    fn changes_and_paths() {
         let (t1, t2, t1c, t2c, t1cc) = (v("t1"), v("t2"), v("t1c"), v("t2c"), v("t1cc"));
         let l = Lineage::new(&[
             rec(t1, None, None, 1),
@@ -140,10 +96,6 @@ mod tests {
             rec(t2c, Some(t2), Some("c1"), 3),
             rec(t1cc, Some(t1c), Some("c2"), 4),
         ]);
-        assert_eq!(l.forward(&t1), t1cc, "t1 with both changes");
-        assert_eq!(l.forward(&t2), t2c);
-        assert_eq!(l.descendants(&t1), [t1c, t1cc].into_iter().collect());
-        assert!(!l.descendants(&t1).contains(&t2), "a build is not a change");
         assert_eq!(l.path(&t1, &t1cc), Some(vec![t1, t1c, t1cc]));
         assert_eq!(l.path(&t2, &t1c), None);
         assert_eq!(l.change(&t2c), Some("c1"));

@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod catchup;
+pub mod change;
 pub mod deploy;
 pub mod desired;
 pub mod gates;
@@ -18,6 +19,7 @@ pub mod inventory;
 pub mod keep;
 pub mod lineage;
 pub mod lock;
+pub mod orders;
 pub mod policy;
 pub mod poll;
 pub mod pools;
@@ -28,3 +30,4 @@ pub mod restart;
 pub mod rollback;
 pub mod rollout;
 pub mod status;
+pub mod trains;

@@ -8,13 +8,17 @@
 //! - a host the recorded rollout of that version moved goes back to where
 //!   it came from: its own train, with any change made since (the record
 //!   is rewritten by changes), never to a version without them;
-//! - `--to stable` is the host's stable train with every change made since
-//!   (`Lineage::forward`);
+//! - `--to stable` is the head now of the host's stable version's train
+//!   (the train with the changes that were deployed since; never a version
+//!   whose rollout failed);
 //! - `--to previous` is literally the host's previous version (undoing a
 //!   backport takes the host back to before it).
 //!
 //! A version the host does not hold is fetched from the sources. Every
-//! host rolled back gets that version as its desired state.
+//! host rolled back gets that version as its desired state. A train whose
+//! head every host left for the version the head was at before moves back
+//! there (`trains::heads_after_rollback`). A rollback that matches no host
+//! says so and fails.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -26,10 +30,10 @@ use super::deploy::{Operator, drive};
 use super::desired;
 use super::history::{self, Entry};
 use super::inventory::{Host, Member};
-use super::lineage::Lineage;
 use super::poll::poll;
 use super::record::{RolloutRecord, RolloutState};
 use super::rollout::{Percent, take_back};
+use super::trains::{HeadMove, Trains};
 use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget};
 use crate::store::VersionId;
 
@@ -46,7 +50,12 @@ pub struct Rollback<'a> {
     /// after the caches of `caches`.
     pub sources: Vec<String>,
     pub caches: std::collections::BTreeMap<String, Vec<String>>,
-    pub lineage: Lineage,
+    /// The deploy host's trains (names, heads).
+    pub trains: Trains,
+    /// The deploy host's store, whose train heads a rollback moves back.
+    pub store: Option<crate::store::Store>,
+    /// Show what would be done; change nothing.
+    pub dry_run: bool,
     pub by: String,
     pub command: String,
     pub fleet_dir: std::path::PathBuf,
@@ -58,6 +67,8 @@ pub struct RollbackOutcome {
     pub ok: bool,
     pub results: Vec<HostResult<HostOutcome>>,
     pub failed: Vec<String>,
+    /// Trains whose head moved back.
+    pub heads: Vec<HeadMove>,
     pub message: String,
 }
 
@@ -91,7 +102,7 @@ impl Rollback<'_> {
             let target = match (from_record, self.to) {
                 (Some(v), RollbackTarget::Previous) => Some(v),
                 (_, RollbackTarget::Previous) => view.previous,
-                (_, RollbackTarget::Stable) => view.stable.map(|s| self.lineage.forward(&s)),
+                (_, RollbackTarget::Stable) => view.stable.map(|s| self.trains.head_of_train(&s)),
                 (_, RollbackTarget::Version(v)) => Some(v),
             };
             match target {
@@ -113,6 +124,76 @@ impl Rollback<'_> {
                     });
                 }
             }
+        }
+        let name = |v: &VersionId| self.trains.name(v).to_string();
+        if plan.is_empty() {
+            let message = match self.version {
+                Some(v) => format!(
+                    "no host runs {}{}: nothing rolled back",
+                    name(&v),
+                    if self.keep.0 > 0 {
+                        format!(" beyond {}", self.keep)
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => "no host to roll back (none answered, or none has a version to go back to): nothing rolled back".into(),
+            };
+            // Nothing to take back down to the share is success.
+            let ok =
+                self.keep.0 > 0 && results.is_empty() && readings.iter().any(|r| r.view.is_ok());
+            let failed: Vec<String> = results.iter().map(|r| r.host.to_string()).collect();
+            if !self.dry_run {
+                self.record(&results, &failed, &message);
+            }
+            return RollbackOutcome {
+                ok,
+                results,
+                failed,
+                heads: vec![],
+                message,
+            };
+        }
+        let mut by_target: BTreeMap<VersionId, usize> = BTreeMap::new();
+        for (_, _, v) in &plan {
+            *by_target.entry(*v).or_default() += 1;
+        }
+        let summary = by_target
+            .iter()
+            .map(|(v, n)| format!("{n} to {}", name(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.dry_run {
+            for (h, _, v) in &plan {
+                let cur = readings
+                    .iter()
+                    .find(|r| r.member.host == *h)
+                    .and_then(|r| r.current());
+                op.say(&format!(
+                    "dry run: {h} {} -> {}",
+                    cur.map_or_else(|| "nothing".into(), |c| name(&c)),
+                    name(v)
+                ));
+            }
+            return RollbackOutcome {
+                ok: results.is_empty(),
+                results,
+                failed: vec![],
+                heads: vec![],
+                message: format!("dry run: would roll back {} host(s): {summary}", plan.len()),
+            };
+        }
+        if !op.confirm(&format!(
+            "roll back {} host(s): {summary}: continue [y/N]?",
+            plan.len()
+        )) {
+            return RollbackOutcome {
+                ok: false,
+                results,
+                failed: vec![],
+                heads: vec![],
+                message: "rollback cancelled by the operator: nothing changed".into(),
+            };
         }
         let hosts: Vec<Host> = plan.iter().map(|(h, _, _)| h.clone()).collect();
         op.say(&format!(
@@ -138,6 +219,7 @@ impl Rollback<'_> {
                     to: RollbackTarget::Version(by_host[h]),
                     by: self.by.clone(),
                     sources: super::deploy::sources_for(&self.caches, &self.sources, dc),
+                    order: None,
                 };
                 Box::pin(async move { self.agents.rollback(h, &req).await })
             })
@@ -182,21 +264,76 @@ impl Rollback<'_> {
                 tracing::warn!("cannot save the rollout record: {e}");
             }
         }
-        let message = format!(
-            "rolled back {} host(s) to {}{}",
-            results.len() - failed.len(),
-            self.to,
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!("; {} failed", failed.len())
+        // What hosts run now: where each rolled-back host went, the rest
+        // where they were.
+        let mut moved: Vec<(VersionId, VersionId)> = Vec::new();
+        let mut now: BTreeMap<VersionId, usize> = BTreeMap::new();
+        for r in readings.iter().filter(|r| r.view.is_ok()) {
+            let went = results
+                .iter()
+                .find(|x| x.host == r.member.host)
+                .and_then(|x| x.result.as_ref().ok())
+                .map(|o| o.version);
+            match (r.current(), went) {
+                (Some(from), Some(to)) => {
+                    moved.push((from, to));
+                    *now.entry(to).or_default() += 1;
+                }
+                (None, Some(to)) => *now.entry(to).or_default() += 1,
+                (Some(cur), None) => *now.entry(cur).or_default() += 1,
+                (None, None) => {}
             }
-        );
+        }
+        let still: Vec<VersionId> = now.keys().copied().collect();
+        let heads = match &self.store {
+            Some(store) => super::trains::heads_after_rollback(
+                store,
+                &moved,
+                &still,
+                &self.by,
+                &format!("rollback to {}", self.to),
+            ),
+            None => vec![],
+        };
+        for h in &heads {
+            op.say(&h.to_string());
+        }
+        let back = results.len() - failed.len();
+        let mut message = format!("rolled back {back} of {} host(s)", plan.len());
+        let went: BTreeMap<VersionId, usize> = results
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok().map(|o| o.version))
+            .fold(BTreeMap::new(), |mut m, v| {
+                *m.entry(v).or_default() += 1;
+                m
+            });
+        if !went.is_empty() {
+            message.push_str(": ");
+            message.push_str(
+                &went
+                    .iter()
+                    .map(|(v, n)| format!("{n} now on {}", name(v)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+        if !failed.is_empty() {
+            message.push_str(&format!(
+                "; {} FAILED and still run what they ran: {}",
+                failed.len(),
+                crate::text::clip(&failed.join(" "), 200)
+            ));
+        }
+        if let Some(v) = self.version {
+            let left = now.get(&v).copied().unwrap_or(0);
+            message.push_str(&format!("; {left} host(s) still on {}", name(&v)));
+        }
         self.record(&results, &failed, &message);
         RollbackOutcome {
             ok: failed.is_empty(),
             results,
             failed,
+            heads,
             message,
         }
     }

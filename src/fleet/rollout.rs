@@ -6,7 +6,7 @@
 //! the same hosts (the order is a function of the version and the host
 //! names) and finds nothing left to do.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
@@ -111,34 +111,32 @@ impl<'de> serde::Deserialize<'de> for Stage {
 /// What a rollout brings hosts to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Goal {
-    /// Every host to one version. A host on one of `descendants` (made
-    /// from it by later changes: a backport, a config change) already has
-    /// it, and is never taken back to it.
-    One {
-        version: VersionId,
-        descendants: BTreeSet<VersionId>,
-    },
+    /// Every host to exactly this version: a host counts as on it only if
+    /// it runs this very tree (a version made from it by a later change is
+    /// another version; deploying a train by name deploys its head).
+    One { version: VersionId },
     /// A change applied to every live train: each host on a key version
-    /// goes to its value, so the share of traffic on each train stays.
+    /// goes to its value, so the share of traffic on each train stays. A
+    /// host on one of `unchanged` (a train the change leaves as it is: it
+    /// lacks the path's directory, or has the path as staging has it) has
+    /// all the change brings.
     Change {
         id: String,
         map: BTreeMap<VersionId, VersionId>,
+        unchanged: std::collections::BTreeSet<VersionId>,
     },
 }
 
 impl Goal {
-    /// Every host to `v` (no descendants known).
+    /// Every host to `v`.
     pub fn one(v: VersionId) -> Goal {
-        Goal::One {
-            version: v,
-            descendants: BTreeSet::new(),
-        }
+        Goal::One { version: v }
     }
 
     /// The version a host running `current` should go to, if any.
     pub fn target(&self, current: Option<VersionId>) -> Option<VersionId> {
         match self {
-            Goal::One { version, .. } => (!self.reached(current)).then_some(*version),
+            Goal::One { version } => (!self.reached(current)).then_some(*version),
             Goal::Change { map, .. } => current.and_then(|c| map.get(&c).copied()),
         }
     }
@@ -146,14 +144,10 @@ impl Goal {
     /// Whether a host running `current` has what this goal brings.
     pub fn reached(&self, current: Option<VersionId>) -> bool {
         match (self, current) {
-            (
-                Goal::One {
-                    version,
-                    descendants,
-                },
-                Some(c),
-            ) => c == *version || descendants.contains(&c),
-            (Goal::Change { map, .. }, Some(c)) => map.values().any(|n| *n == c),
+            (Goal::One { version }, Some(c)) => c == *version,
+            (Goal::Change { map, unchanged, .. }, Some(c)) => {
+                unchanged.contains(&c) || map.values().any(|n| *n == c)
+            }
             (_, None) => false,
         }
     }
@@ -595,6 +589,7 @@ mod tests {
         let goal = Goal::Change {
             id: "c1".into(),
             map: [(v, v2), (old, old2)].into_iter().collect(),
+            unchanged: Default::default(),
         };
         let r = readings(&m, &[0, 1, 2, 3, 4], v, old, &[]);
         let t = top_up(&r, &goal, Stage::Share(Percent::ALL));
@@ -603,20 +598,12 @@ mod tests {
             let want = if i < 5 { v2 } else { old2 };
             assert_eq!(goal.target(r[i].current()), Some(want));
         }
-        // Continuing the train (one version) after a change: hosts on the
-        // train with the change have it, and are never taken back.
-        let goal = Goal::One {
-            version: v,
-            descendants: [v2].into_iter().collect(),
-        };
-        let r = readings(&m, &[0, 1, 2, 3, 4], v2, old2, &[]);
-        let t = top_up(&r, &goal, Stage::Share(Percent(5000)));
-        assert!(
-            t.add.is_empty(),
-            "half the traffic has the train (with the change)"
-        );
-        assert_eq!(goal.target(Some(v2)), None);
-        assert_eq!(goal.target(Some(old2)), Some(v));
+        // A version ID is exact: a host on a version made from it by a
+        // later change is not on it.
+        let goal = Goal::one(v);
+        assert!(!goal.reached(Some(v2)));
+        assert_eq!(goal.target(Some(v2)), Some(v));
+        assert_eq!(goal.target(Some(v)), None);
         assert_eq!(Stage::parse("canary"), Ok(Stage::Canary));
         assert_eq!(Stage::parse("10%"), Ok(Stage::Share(Percent(1000))));
         assert_eq!(Stage::Share(Percent(1000)).to_string(), "10%");

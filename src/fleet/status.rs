@@ -9,26 +9,19 @@ use super::inventory::Member;
 use super::lock;
 use super::poll::Reading;
 use super::rollout::share;
+use super::trains::Trains;
 use crate::store::VersionId;
 use crate::time::unix_now;
 
-/// A version's short ID with its labels, for people.
-pub fn label_of(labels: &[(String, VersionId)], v: &VersionId) -> String {
-    let names: Vec<&str> = labels
-        .iter()
-        .filter(|(_, lv)| lv == v)
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if names.is_empty() {
-        v.short()
-    } else {
-        format!("{} ({})", v.short(), names.join(", "))
-    }
+/// A version for people: its train and changes with the hash beside it
+/// (`1.46.0-wmf.6 +2: SWAT: ... (3f9a1c2e4b5d)`).
+pub fn label_of(trains: &Trains, v: &VersionId) -> String {
+    trains.name(v).to_string()
 }
 
 /// The rollout recorded on the deploy host, for people: version, stages,
 /// which are done, the next and when it is due.
-pub fn rollout_json(fleet_dir: &Path, labels: &[(String, VersionId)]) -> serde_json::Value {
+pub fn rollout_json(fleet_dir: &Path, trains: &Trains) -> serde_json::Value {
     let Ok(Some(r)) = super::record::RolloutRecord::load(fleet_dir) else {
         return serde_json::Value::Null;
     };
@@ -36,7 +29,8 @@ pub fn rollout_json(fleet_dir: &Path, labels: &[(String, VersionId)]) -> serde_j
     serde_json::json!({
         "id": r.id,
         "version": r.version,
-        "label": label_of(labels, &r.version),
+        "label": label_of(trains, &r.version),
+        "name": trains.name(&r.version),
         "stages": stages,
         "completed": r.completed,
         "next": r.next_stage().map(|s| s.to_string()),
@@ -56,7 +50,7 @@ pub fn rollout_json(fleet_dir: &Path, labels: &[(String, VersionId)]) -> serde_j
 pub fn fleet_status(
     members: &[Member],
     readings: &[Reading],
-    labels: &[(String, VersionId)],
+    trains: &Trains,
     fleet_dir: &Path,
     ages: &[Option<u64>],
 ) -> serde_json::Value {
@@ -99,7 +93,8 @@ pub fn fleet_status(
         .into_values()
         .map(|(v, w, hosts)| {
             serde_json::json!({
-                "version": v, "label": label_of(labels, &v), "weight": w, "share": share(w, total),
+                "version": v, "label": label_of(trains, &v), "name": trains.name(&v),
+                "weight": w, "share": share(w, total),
                 "hosts": hosts, "stable": stables.contains(&v.to_hex()),
                 "clusters": per_cluster(&v),
             })
@@ -144,6 +139,7 @@ pub fn fleet_status(
             });
             let target = desired.get(&r.name());
             h["target"] = serde_json::to_value(target.map(|t| t.version)).unwrap_or_default();
+            h["target_name"] = target.map(|t| label_of(trains, &t.version)).into();
             h["target_why"] = target.map(|t| t.why.clone()).into();
             match &r.view {
                 Ok(v) => {
@@ -153,13 +149,18 @@ pub fn fleet_status(
                         behind.push(serde_json::json!({
                             "host": r.member.host.to_string(),
                             "current": v.current,
+                            "current_name": v.current.map(|c| label_of(trains, &c)),
                             "target": target.map(|t| t.version),
+                            "target_name": target.map(|t| label_of(trains, &t.version)),
                         }));
                     }
                     h["reachable"] = true.into();
                     h["current"] = serde_json::to_value(v.current).unwrap_or_default();
                     h["previous"] = serde_json::to_value(v.previous).unwrap_or_default();
                     h["stable"] = serde_json::to_value(v.stable).unwrap_or_default();
+                    h["current_name"] = v.current.map(|c| label_of(trains, &c)).into();
+                    h["previous_name"] = v.previous.map(|c| label_of(trains, &c)).into();
+                    h["stable_name"] = v.stable.map(|c| label_of(trains, &c)).into();
                     h["since"] = v.since.into();
                     h["busy"] = v.busy.into();
                     h["last_error"] = v.last_error.clone().into();
@@ -213,7 +214,10 @@ pub fn fleet_status(
         "hosts": hosts,
         "lock": lock::holder(fleet_dir).ok().flatten(),
         "behind": behind,
-        "rollout": rollout_json(fleet_dir, labels),
+        "rollout": rollout_json(fleet_dir, trains),
+        "trains": trains.heads().iter().map(|(t, h)| serde_json::json!({
+            "train": t, "head": h, "name": label_of(trains, h),
+        })).collect::<Vec<_>>(),
         "last_deploy": history::read(fleet_dir).ok().and_then(|h| h.last().cloned()),
     })
 }

@@ -43,7 +43,7 @@ use crate::hooks;
 use crate::net::client::{Client, FetchError};
 use crate::net::tls::Transport;
 use crate::store::disk::{LockMode, Role};
-use crate::store::signature::{SignatureError, SignedVersion, Trust};
+use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust};
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
 use proto::{
@@ -324,7 +324,9 @@ impl Agent {
         {
             return Ok(self.noop(req.version, from, live, started));
         }
-        let result = self.sync_inner(req, rt, started, false, cancel);
+        let result = self
+            .take_order(req.order.as_ref(), &req.version, "sync")
+            .and_then(|ordered| self.sync_inner(req, rt, started, ordered, cancel));
         self.finish(
             Action::Sync,
             Some(req.version),
@@ -359,9 +361,50 @@ impl Agent {
         }
     }
 
+    /// Checks the deploy order a request carries: `Ok(true)` if it is an
+    /// order, signed by a trusted key, for this host to `action` `version`,
+    /// and no older than the newest order this host took (it becomes the
+    /// newest); `Ok(false)` without one (an older controller, or a lab
+    /// host that trusts no key), when the version's own signed time guards
+    /// against a replay instead.
+    fn take_order(
+        &self,
+        order: Option<&SignedOrder>,
+        version: &VersionId,
+        action: &str,
+    ) -> Result<bool, AgentError> {
+        let Some(doc) = order else {
+            return Ok(false);
+        };
+        if self.cfg.trust.is_empty() {
+            return Ok(false);
+        }
+        let o = self
+            .cfg
+            .trust
+            .verify_order(doc, &self.cfg.host, version, action)
+            .map_err(|source| AgentError::Signature {
+                host: self.cfg.host.clone(),
+                source,
+            })?;
+        let mut st = self.state.lock().expect("not poisoned");
+        if o.seq < st.order_seq {
+            return Err(AgentError::Refused(format!(
+                "host {}: the deploy order to {action} {} (#{}) is older than the newest this host took (#{}): a replayed or stale request is refused; the deploy host's newer command stands",
+                self.cfg.host,
+                version.short(),
+                o.seq,
+                st.order_seq
+            )));
+        }
+        st.order_seq = o.seq;
+        Ok(true)
+    }
+
     /// Fetches `req.version` and switches to it. `may_go_back`: a version
-    /// built before the one that runs is allowed (a rollback, or the
-    /// deploy host's desired state after one), not refused as a replay.
+    /// built before the one that runs is allowed (a deploy order newer than
+    /// any this host took, a rollback, or the deploy host's desired state
+    /// after one), not refused as a replay.
     fn sync_inner(
         &self,
         req: &SyncRequest,
@@ -660,6 +703,9 @@ impl Agent {
                 self.cfg.host
             )));
         };
+        if let RollbackTarget::Version(v) = to {
+            self.take_order(req.order.as_ref(), &v, "rollback")?;
+        }
         if from == Some(target) {
             let slot = release::live_slot(&self.cfg.dir).unwrap_or_default();
             return Ok(self.noop(target, from, slot, started));
@@ -684,6 +730,7 @@ impl Agent {
                 by: req.by.clone(),
                 fetch_timeout_seconds: None,
                 signature: None,
+                order: None,
             };
             self.sync_inner(&sync, rt, started, true, cancel)
         };
@@ -713,13 +760,14 @@ impl Agent {
             return Ok(self.noop(req.version, from, slot, started));
         }
         let result: Result<Outcome, AgentError> = (|| {
+            let ordered = self.take_order(req.order.as_ref(), &req.version, "stage")?;
             let client = self.fetch_client(&req.sources);
             let (_, doc) = self.check_signature(
                 &req.version,
                 req.signature.clone(),
                 &client,
                 rt,
-                false,
+                ordered,
                 cancel,
             )?;
             let writer = self.store.writer()?;
@@ -807,6 +855,7 @@ impl Agent {
             by: by.to_string(),
             fetch_timeout_seconds: None,
             signature: None,
+            order: None,
         };
         let result = self.sync_inner(&req, rt, started, true, cancel);
         self.finish(Action::Pull, Some(target), from, by, started, &result);

@@ -15,7 +15,7 @@ use super::drift::Drift;
 use super::release::{How, Slot};
 use super::state::HostState;
 use crate::store::VersionId;
-use crate::store::signature::SignedVersion;
+use crate::store::signature::{SignedOrder, SignedVersion};
 
 /// Largest agent answer the controller reads (a state file with its
 /// 100-event history is about 40 KB).
@@ -44,6 +44,12 @@ pub struct SyncRequest {
     /// checks them against the keys it trusts.
     #[serde(default)]
     pub signature: Option<SignedVersion>,
+    /// The deploy host's signed order for this host and version: with it,
+    /// the agent takes the version if the order is newer than any it took
+    /// (a revert to a version it ran before included); without it, only a
+    /// version signed no earlier than the one it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<SignedOrder>,
 }
 
 /// Seconds a fetch may take when the request does not say.
@@ -110,6 +116,10 @@ pub struct RollbackRequest {
     /// is refused. The version must still carry a trusted signature.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// The deploy host's signed order (action "rollback") for a named
+    /// version: an agent refuses an order older than one it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<SignedOrder>,
 }
 
 /// `GET /v1/desired/<host>` on `scap serve`: what the deploy host last
@@ -303,6 +313,7 @@ mod tests {
                 to: t,
                 by: "me".into(),
                 sources: vec![],
+                order: None,
             })
             .unwrap();
             assert_eq!(serde_json::from_str::<RollbackRequest>(&j).unwrap().to, t);

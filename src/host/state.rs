@@ -128,6 +128,14 @@ pub struct HostState {
     pub stable: Option<Deployed>,
     pub last_error: Option<LastError>,
     pub history: VecDeque<Event>,
+    /// The newest deploy order this host took (its `seq`): an older one is
+    /// refused as a replay (`store::signature::Order`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub order_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +168,7 @@ impl HostState {
             stable: None,
             last_error: None,
             history: VecDeque::new(),
+            order_seq: 0,
         }
     }
 

@@ -9,10 +9,16 @@
 //! recorded with the base as parent and one change ID and message shared by
 //! all of them, so `scap log` and `scap diff` can show how they descend.
 //!
+//! A change reaches only the versions that have the path, or (to create
+//! it, with `create`) the directory it goes in: a file under
+//! `php-1.46.0-wmf.6/` never creates `php-1.46.0-wmf.6/` in another
+//! train. No directory is ever created on the way to the path.
+//!
 //! **Invariant:** no version is recorded until every new tree is durable
 //! (one commit for all of them), and the whole change is refused, with no
 //! record written, if the path is a file in one live version and a
-//! directory in another, or in none of them (unless `create`).
+//! directory in another, or in none of them (unless `create`, and then
+//! some version must have its directory).
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStringExt;
@@ -61,6 +67,14 @@ pub struct Applied {
     pub version: VersionId,
     /// The paths that differ, `git --name-status` style ("M wmf-config/x").
     pub files: Vec<String>,
+    /// Why the change leaves this base alone (it has neither the path
+    /// nor the directory it is in), if it does.
+    pub skipped: Option<String>,
+    /// The path is new in this base (`create`).
+    pub created: bool,
+    /// The new version was recorded before (the change gives an earlier
+    /// tree back: a revert): a new step in the train's history.
+    pub revert: bool,
 }
 
 impl Applied {
@@ -137,13 +151,26 @@ pub fn apply(
     let mut full = vec![spec.component.name.clone()];
     full.extend(parts.iter().cloned());
 
-    // What the path is in each live version.
+    // What the path is in each live version, and whether the directory
+    // it goes in is there. A base with neither is left alone.
     let mut seen: Vec<(VersionId, Option<What>)> = Vec::new();
+    let mut has_dir: Vec<VersionId> = Vec::new();
+    let dir_path = &full[..full.len() - 1];
+    let dir_shown = dir_path
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join("/");
     for base in &spec.bases {
-        seen.push((
-            *base,
-            lookup(store, &base.root(), &full)?.map(|c| What::of(&c)),
-        ));
+        let what = lookup(store, &base.root(), &full)?.map(|c| What::of(&c));
+        let dir = matches!(
+            lookup(store, &base.root(), dir_path)?,
+            Some(Content::Dir { .. })
+        );
+        if dir {
+            has_dir.push(*base);
+        }
+        seen.push((*base, what));
     }
     let mut kinds: Vec<What> = Vec::new();
     for w in seen.iter().filter_map(|(_, w)| *w) {
@@ -192,6 +219,15 @@ pub fn apply(
         Ok(m) if m.is_dir() => Some(What::Dir),
         Ok(_) => Some(What::File),
     };
+    if in_staging.is_some() && in_versions.is_none() && spec.create && has_dir.is_empty() {
+        return Err(bad(
+            &shown,
+            format!(
+                "its directory {dir_shown}/ is in none of the live versions ({}): a change never creates directories on the way; create the directory with sync-dir --create, or build a new version with build-manifest",
+                listed()
+            ),
+        ));
+    }
     match (spec.kind, in_staging, in_versions) {
         (_, None, None) => {
             return Err(bad(
@@ -266,18 +302,31 @@ pub fn apply(
         Some(What::File) => Some(file_content(&writer, &source)?),
     };
 
-    let mut roots: Vec<(VersionId, TreeId)> = Vec::new();
-    for base in &spec.bases {
+    // The bases the change reaches: those with the path, and (to create
+    // it) those with its directory.
+    let mut roots: Vec<(VersionId, TreeId, Option<String>, bool)> = Vec::new();
+    for (base, what) in &seen {
+        let reach = what.is_some() || (new_content.is_some() && has_dir.contains(base));
+        if !reach {
+            let why = if has_dir.contains(base) {
+                format!("{shown} is not in it")
+            } else {
+                format!("it has no {dir_shown}/")
+            };
+            roots.push((*base, base.root(), Some(why), false));
+            continue;
+        }
         let root = set(&writer, &base.root(), &full, new_content.as_ref(), &shown)?;
-        roots.push((*base, root));
+        roots.push((*base, root, None, what.is_none()));
     }
     // Held until the records are durable: gc cannot sweep the new trees.
     let _committed = writer.commit()?;
     crate::failpoint::hit("change:committed");
 
     let mut out = Vec::new();
-    for (base, root) in roots {
+    for (base, root, skipped, created) in roots {
         let version = VersionId::from(root);
+        let revert = version != base && store.record(&version)?.is_some();
         let mut files = Vec::new();
         crate::store::diff::diff(store, &base.root(), &root, &mut |c| {
             files.push(format!(
@@ -289,6 +338,8 @@ pub fn apply(
         })?;
         if version != base && !spec.dry_run {
             record(store, spec, base, version)?;
+            // A revert's tree keeps the signature it has: agents take it
+            // on a deploy order newer than any they took (fleet::orders).
             if let Some(key) = spec.signer {
                 super::sign_version(store, &version, key)?;
             }
@@ -297,6 +348,9 @@ pub fn apply(
             base,
             version,
             files,
+            skipped,
+            created: created && version != base,
+            revert,
         });
     }
     Ok(out)
@@ -453,7 +507,14 @@ fn set(
                 });
             }
             None if content.is_none() => return Ok(*tree),
-            None => put_tree(writer, &Tree::default())?,
+            None => {
+                return Err(BuildError::BadEntry {
+                    path: shown.into(),
+                    why: format!(
+                        "{name}/ is not in the version: a change never creates directories on the way"
+                    ),
+                });
+            }
         };
         let new_sub = set(writer, &sub, &path[1..], content, shown)?;
         if new_sub == sub && at.is_some() {

@@ -252,7 +252,13 @@ pub fn build(
         }
     };
     if let Some(label) = &opts.label {
-        store.set_label(label, &version)?;
+        let mv = crate::store::disk::LabelMove::now(
+            &opts.author,
+            version,
+            "build",
+            opts.message.as_deref().unwrap_or("build-manifest"),
+        );
+        store.move_label(label, None, &mv)?;
     }
     if let Some(key) = &opts.signer {
         sign_version(store, &version, key)?;

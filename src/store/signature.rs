@@ -68,6 +68,8 @@ pub enum SignatureError {
     BadSignature { version: VersionId, key: KeyId },
     #[error("{path}: {why}")]
     Key { path: String, why: String },
+    #[error("deploy order: {0}")]
+    Order(String),
 }
 
 /// A key's short ID: the first 8 bytes of BLAKE3 (derive-key context
@@ -276,6 +278,59 @@ impl SigningKey {
     }
 }
 
+impl SigningKey {
+    /// A deploy order for one host, signed by this key.
+    pub fn sign_order(&self, order: &Order) -> SignedOrder {
+        let bytes = serde_json::to_vec(order).expect("serializes");
+        let mut m = ORDER_CONTEXT.to_vec();
+        m.extend_from_slice(&bytes);
+        let sig = self.pair.sign(&m);
+        SignedOrder {
+            statement: B64.encode(&bytes),
+            signatures: vec![Signature {
+                key: self.public.id,
+                sig: B64.encode(sig.as_ref()),
+            }],
+        }
+    }
+}
+
+/// What a deploy order's statement says: `scap`'s field.
+pub const ORDER_KIND: &str = "deploy-order-v1";
+/// Prefixed to an order's bytes before signing: an order's signature can
+/// never pass as a version's, nor the other way round.
+const ORDER_CONTEXT: &[u8] = b"scap signed deploy order v1\0";
+/// Largest order accepted (one is about 400 bytes).
+pub const MAX_ORDER_BYTES: usize = 4 << 10;
+
+/// A deploy host's order to one host: switch to (or stage, or roll back
+/// to) this version. Its `seq` is strictly increasing across every order
+/// the deploy host gives; an agent takes an order only if it is newer
+/// than the newest it took, so a replayed or stale request can never move
+/// a host, while a revert (a version the host ran before) is just a newer
+/// order. Specified in store-format.md ("Deploy orders").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Always [`ORDER_KIND`].
+    pub scap: String,
+    /// The host it is for (the agent's `--host`).
+    pub host: String,
+    pub version: VersionId,
+    /// "sync", "stage" or "rollback".
+    pub action: String,
+    pub seq: u64,
+    /// Unix seconds when it was given (for people).
+    pub time: u64,
+}
+
+/// An order and its signatures, as sent inside a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedOrder {
+    /// The order's JSON bytes, exactly as signed, base64.
+    pub statement: String,
+    pub signatures: Vec<Signature>,
+}
+
 fn message(statement: &[u8]) -> Vec<u8> {
     let mut m = CONTEXT.to_vec();
     m.extend_from_slice(statement);
@@ -378,6 +433,67 @@ pub struct Verified {
 impl Trust {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Checks that `doc` is an order for `host` to do `action` to
+    /// `version`, signed by a trusted key that is not revoked; returns it.
+    pub fn verify_order(
+        &self,
+        doc: &SignedOrder,
+        host: &str,
+        version: &VersionId,
+        action: &str,
+    ) -> Result<Order, SignatureError> {
+        let bad = |why: String| SignatureError::Order(why);
+        let bytes = B64
+            .decode(&doc.statement)
+            .map_err(|e| bad(format!("not base64: {e}")))?;
+        if bytes.len() > MAX_ORDER_BYTES {
+            return Err(bad(format!("larger than {MAX_ORDER_BYTES} bytes")));
+        }
+        let order: Order =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("malformed: {e}")))?;
+        if order.scap != ORDER_KIND {
+            return Err(bad(format!("not a deploy order ({:?})", order.scap)));
+        }
+        if order.host != host {
+            return Err(bad(format!(
+                "it is for host {:?}, not this host ({host}): refusing it",
+                crate::text::clip(&order.host, 80)
+            )));
+        }
+        if order.version != *version || order.action != action {
+            return Err(bad(format!(
+                "it orders {} {}, not {action} {}: refusing it",
+                crate::text::clip(&order.action, 20),
+                order.version.short(),
+                version.short()
+            )));
+        }
+        let mut m = ORDER_CONTEXT.to_vec();
+        m.extend_from_slice(&bytes);
+        let mut why = "it carries no signature".to_string();
+        for s in &doc.signatures {
+            if self.revoked.contains(&s.key) {
+                why = format!(
+                    "it is signed by key {}, which is revoked on this host",
+                    s.key
+                );
+                continue;
+            }
+            let Some(key) = self.keys.iter().find(|k| k.id == s.key) else {
+                why = format!(
+                    "it is signed by key {}, which this host does not trust",
+                    s.key
+                );
+                continue;
+            };
+            match B64.decode(&s.sig) {
+                Ok(sig) if key.verify(&m, &sig) => return Ok(order),
+                _ => why = format!("its signature by key {} does not verify", s.key),
+            }
+        }
+        Err(bad(format!("{why}: refusing it")))
     }
 
     /// Checks that `doc` vouches for `version` with a valid signature by

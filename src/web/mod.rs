@@ -118,8 +118,8 @@ impl Web {
             .iter()
             .map(|t| t.map(|t| now.saturating_sub(t)))
             .collect();
-        let labels = self.server.store.labels().unwrap_or_default();
-        let mut v = fleet_status(&self.members, &s.readings, &labels, &self.fleet_dir, &ages);
+        let trains = crate::fleet::trains::Trains::load(&self.server.store).unwrap_or_default();
+        let mut v = fleet_status(&self.members, &s.readings, &trains, &self.fleet_dir, &ages);
         v["polled_at"] = s.polled_at.into();
         v["poll_interval_seconds"] = self.poll_interval.as_secs().into();
         v["configured_hosts"] = self.members.len().into();
@@ -168,7 +168,18 @@ async fn history_api(
         Ok(mut h) => {
             h.reverse();
             h.truncate(limit);
-            axum::Json(h).into_response()
+            let trains = crate::fleet::trains::Trains::load(&web.server.store).unwrap_or_default();
+            let named: Vec<serde_json::Value> = h
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    if let Some(ver) = &e.version {
+                        v["name"] = trains.name(ver).to_string().into();
+                    }
+                    v
+                })
+                .collect();
+            axum::Json(named).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -527,7 +527,7 @@ fn sync_reports_a_failing_host_and_fails() {
         stdout.contains(&bad) && stdout.contains("FAIL") && stdout.contains("HTTP 403"),
         "{stdout}"
     );
-    assert!(stdout.contains("1 of 2 hosts ok"), "{stdout}");
+    assert!(stdout.contains("host calls: 1 of 2 ok"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("sync-100%: 100% (ok: 1; fail: 1; left: 0)"),

@@ -325,9 +325,18 @@ fn rollback_is_a_switch_and_promote_needs_everyone() {
     }
     // Roll back half the traffic, with the deploy host's server gone.
     fleet.server.take();
-    let out = fleet.run(&["rollback", "--version", &new, "--canary=50%", "--json"]);
+    let out = fleet.run(&[
+        "rollback",
+        "--version",
+        &new,
+        "--canary=50%",
+        "--json",
+        "--yes",
+    ]);
     ok(&out);
-    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["ok"], true);
+    let results = &outcome["results"];
     assert_eq!(results.as_array().unwrap().len(), 2);
     for r in results.as_array().unwrap() {
         assert_eq!(r["outcome"]["fetched"]["bytes"], 0, "a pure switch");
@@ -335,7 +344,7 @@ fn rollback_is_a_switch_and_promote_needs_everyone() {
     }
     assert_eq!(fleet.on(&new).len(), 2);
     // Everyone back to previous.
-    ok(&fleet.run(&["rollback", "--version", &new]));
+    ok(&fleet.run(&["rollback", "--version", &new, "--yes"]));
     assert_eq!(fleet.on(&old).len(), 4);
     let h: Value = serde_json::from_str(&fleet.env.ok(&["history", "--json"])).unwrap();
     assert_eq!(h[0]["action"], "rollback");

@@ -1024,7 +1024,13 @@ fn a_host_that_switches_after_the_controller_gave_up_is_rolled_back_with_its_ste
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("counted as changed"), "{err}");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("rolled back the 2 host(s)"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "health gate failed at 100%: 2 host(s) back on {}",
+            &v1[..12]
+        )),
+        "{said}"
+    );
     assert_eq!(fleet.on(&v1), vec![0, 1]);
     for i in 0..2 {
         fleet.restart(i);

@@ -6,6 +6,10 @@
 //!   `Fleet::start(n)`: real agents and a real server on 127.0.0.1).
 //! - `agent`: serve + agents: fetch by difference, atomic switch, state
 //!   file, rollback, hooks, drift, faults (corrupt source, kill -9, full disk).
+//! - `names`: what a name deploys: exact version IDs, trains as heads with
+//!   a history, failed changes never deployed by name, reverts by
+//!   sync-file, changes only where their directory is, rollbacks that say
+//!   what the fleet runs.
 //! - `manifest`: build-manifest determinism, symlinks, exec bits, odd names,
 //!   the stat cache, bad input.
 //! - `canary`: `scap sync --canary`, stages, gates, failure budgets, the
@@ -41,6 +45,7 @@ mod fuzz_corpora;
 mod inspect;
 mod integrity;
 mod manifest;
+mod names;
 mod production;
 mod share;
 mod support;

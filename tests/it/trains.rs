@@ -166,9 +166,9 @@ fn a_change_during_a_canary_reaches_both_trains_and_keeps_the_shares() {
     let out = run(change_args(true));
     let log = stderr(&out);
     ok(&out);
-    for v in [&t1, &t2] {
+    for (train, v) in [("1.46.0-wmf.5", &t1), ("1.46.0-wmf.6", &t2)] {
         assert!(
-            log.contains(&format!("dry run: would build {}", &v[..12])),
+            log.contains(&format!("dry run: would build {train} ({})", &v[..12])),
             "{log}"
         );
     }
@@ -188,8 +188,8 @@ fn a_change_during_a_canary_reaches_both_trains_and_keeps_the_shares() {
     let out = run(change_args(false));
     let text = ok_out(&out);
     let j: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let id = j["change"]["change"].as_str().unwrap().to_string();
-    let versions = j["change"]["versions"].as_array().unwrap();
+    let id = j["change"]["id"].as_str().unwrap().to_string();
+    let versions = j["change"]["steps"].as_array().unwrap();
     let new_of = |base: &str| -> String {
         versions
             .iter()
@@ -263,8 +263,19 @@ fn a_change_during_a_canary_reaches_both_trains_and_keeps_the_shares() {
         serde_json::from_str(&fleet.env.ok(&["diff", &t1c, &t2c, "--json"])).unwrap();
     assert!(d["descent"].as_str().unwrap().contains("one change"), "{d}");
 
-    // Continuing the canary by the train's label deploys the train with
-    // the change.
+    // The change succeeded on every host: each train's head moved to its
+    // new version, and the move is in the train's history.
+    assert_eq!(fleet.env.ok(&["resolve", "1.46.0-wmf.6"]).trim(), t2c);
+    assert_eq!(fleet.env.ok(&["resolve", "1.46.0-wmf.5"]).trim(), t1c);
+    let moves: serde_json::Value =
+        serde_json::from_str(&fleet.env.ok(&["log", "1.46.0-wmf.6", "--json"])).unwrap();
+    let last = moves.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["from"], t2.as_str(), "{moves}");
+    assert_eq!(last["to"], t2c.as_str(), "{moves}");
+    assert_eq!(last["action"], "change");
+    assert_eq!(last["message"], message);
+    // Continuing the canary by the train's name deploys its head: the
+    // train with the change.
     let mut a = vec![
         "sync".to_string(),
         "--version".into(),
@@ -272,11 +283,6 @@ fn a_change_during_a_canary_reaches_both_trains_and_keeps_the_shares() {
     ];
     a.extend(with(&["--canary", "100%", "--check-url", gate]));
     let out = run(a);
-    assert!(
-        stderr(&out).contains("has had changes since it was built"),
-        "{}",
-        stderr(&out)
-    );
     ok(&out);
     assert_eq!(fleet.on(&t2c).len(), 20);
     for i in [0, 7, 19] {
@@ -290,7 +296,14 @@ fn a_change_during_a_canary_reaches_both_trains_and_keeps_the_shares() {
     let out = run_inv(
         &fleet,
         &inv,
-        &["rollback", "--version", "1.46.0-wmf.6", "--source", &source],
+        &[
+            "rollback",
+            "--version",
+            "1.46.0-wmf.6",
+            "--source",
+            &source,
+            "--yes",
+        ],
     );
     ok(&out);
     assert_eq!(fleet.on(&t1c).len(), 20, "{}", stderr(&out));

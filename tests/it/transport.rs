@@ -260,7 +260,7 @@ fn every_signature_refusal_names_the_version_and_the_key() {
         "never goes back in time",
     );
     // ...an explicit rollback does.
-    let out = fleet.run(&["rollback", "--to", &v1]);
+    let out = fleet.run(&["rollback", "--to", &v1, "--yes"]);
     ok(&out);
     assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
     // The controller's own sync of an unsigned version fails, naming it.

@@ -23,7 +23,7 @@ mod refs;
 mod session;
 mod staged;
 
-pub use refs::{ComponentRecord, VersionRecord, check_label};
+pub use refs::{ComponentRecord, LabelMove, VersionRecord, check_label};
 pub use session::{Committed, LockMode, Put, StoreLock, Writer};
 
 use std::fs;
@@ -120,6 +120,24 @@ pub enum StoreError {
     NoRecords(PathBuf),
     #[error("cancelled: {0}")]
     Cancelled(String),
+    #[error(
+        "{name:?} is both a label (version {label}) and a prefix of version {id}: give the full version ID, or a longer prefix"
+    )]
+    LabelOrId {
+        name: String,
+        label: String,
+        id: String,
+    },
+    #[error(
+        "train {label} moved meanwhile: expected its head at {expected}, it is at {found}{moved}: look at `scap log {label}` and try again"
+    )]
+    LabelMoved {
+        label: String,
+        expected: String,
+        found: String,
+        /// Who moved it last and why, if its history says.
+        moved: String,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,6 +1,14 @@
 //! Version records and refs: what `build-manifest` knew about each version
-//! (`versions/<id>.json`), labels (`refs/labels/<label>`) and pins
+//! (`versions/<id>.json`), labels (`refs/labels/<label>`) with the history
+//! of their moves (`refs/logs/labels/<label>.jsonl`), pins
 //! (`refs/pins/<id>`), and resolving a name a person typed to a version.
+//!
+//! A label is a train: a movable pointer to the version it deploys (its
+//! head), like a git branch. Every move is a compare-and-swap under
+//! `refs/labels.lock` and is appended to the label's log before the
+//! pointer changes, so the log never misses a move that happened (a crash
+//! between the two leaves a log line whose move did not happen: readers
+//! take the pointer as the truth and the log as its history).
 
 use std::fs;
 use std::io::ErrorKind;
@@ -37,6 +45,40 @@ pub struct VersionRecord {
     pub components: Vec<ComponentRecord>,
     pub files: u64,
     pub bytes: u64,
+}
+
+/// One move of a label (a train's head): a line of
+/// `refs/logs/labels/<label>.jsonl`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LabelMove {
+    /// Seconds since the Unix epoch, UTC.
+    pub time: u64,
+    pub user: String,
+    /// Where it pointed before (none: the label was made).
+    pub from: Option<VersionId>,
+    pub to: VersionId,
+    /// What moved it: "build", "label", "change", "revert", "rollback".
+    pub action: String,
+    /// Why: the change's or build's message, the command.
+    pub message: String,
+    /// The change (sync-file, sync-dir) that made `to`, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
+}
+
+impl LabelMove {
+    /// A move now by `user`.
+    pub fn now(user: &str, to: VersionId, action: &str, message: &str) -> LabelMove {
+        LabelMove {
+            time: crate::time::unix_now(),
+            user: user.to_string(),
+            from: None,
+            to,
+            action: action.to_string(),
+            message: message.to_string(),
+            change: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -167,10 +209,128 @@ impl Store {
         Ok(out)
     }
 
+    /// Points `label` at `v` without recording a move (tests, repairs).
+    /// Deploy-host commands move labels with [`Store::move_label`].
     pub fn set_label(&self, label: &str, v: &VersionId) -> Result<()> {
         check_label(label)?;
         let path = self.root().join("refs/labels").join(label);
         atomic_write(&path, format!("{}\n", v.to_hex()).as_bytes())
+    }
+
+    /// The version `label` points at now, if it exists.
+    pub fn label(&self, label: &str) -> Result<Option<VersionId>> {
+        check_label(label)?;
+        let path = self.root().join("refs/labels").join(label);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                text.trim()
+                    .parse::<VersionId>()
+                    .map(Some)
+                    .map_err(|e| StoreError::BadRecord {
+                        path,
+                        why: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    /// Moves `label` to `mv.to`, recording the move in its history. With
+    /// `expect: Some(head)`, only if the label points at `head` now
+    /// (`Some(None)`: only if it does not exist yet); otherwise the move is
+    /// refused with [`StoreError::LabelMoved`], naming who moved it last and
+    /// why. A move to where the label already points records nothing.
+    pub fn move_label(
+        &self,
+        label: &str,
+        expect: Option<Option<VersionId>>,
+        mv: &LabelMove,
+    ) -> Result<bool> {
+        check_label(label)?;
+        let lock_path = self.root().join("refs/labels.lock");
+        if let Some(dir) = lock_path.parent() {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .at(&lock_path)?;
+        lock.lock().at(&lock_path)?;
+        let head = self.label(label)?;
+        if let Some(expected) = expect
+            && expected != head
+        {
+            let moved = self
+                .label_log(label)?
+                .into_iter()
+                .rev()
+                .find(|m| Some(m.to) == head)
+                .map(|m| {
+                    format!(
+                        " (moved by {} at {}: {} {})",
+                        m.user,
+                        crate::time::fmt_utc(m.time),
+                        m.action,
+                        m.message
+                    )
+                })
+                .unwrap_or_default();
+            let show = |v: Option<VersionId>| v.map_or_else(|| "nothing".into(), |v| v.short());
+            return Err(StoreError::LabelMoved {
+                label: label.to_string(),
+                expected: show(expected),
+                found: show(head),
+                moved,
+            });
+        }
+        if head == Some(mv.to) {
+            return Ok(false);
+        }
+        let mut entry = mv.clone();
+        entry.from = head;
+        let log = self.label_log_path(label);
+        if let Some(dir) = log.parent() {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        let mut line = serde_json::to_vec(&entry).expect("moves serialize");
+        line.push(b'\n');
+        {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .at(&log)?;
+            f.write_all(&line).at(&log)?;
+            f.sync_data().at(&log)?;
+        }
+        self.set_label(label, &mv.to)?;
+        Ok(true)
+    }
+
+    fn label_log_path(&self, label: &str) -> PathBuf {
+        self.root()
+            .join("refs/logs/labels")
+            .join(format!("{label}.jsonl"))
+    }
+
+    /// Every recorded move of `label`, oldest first. A line that does not
+    /// parse (a torn last line after a crash) is skipped.
+    pub fn label_log(&self, label: &str) -> Result<Vec<LabelMove>> {
+        check_label(label)?;
+        let path = self.label_log_path(label);
+        let text = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).at(&path),
+        };
+        Ok(text
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect())
     }
 
     /// Every label with its version, sorted by label.
@@ -231,20 +391,38 @@ impl Store {
         Ok(out)
     }
 
-    /// Resolves a label, a full ID or an unambiguous hex prefix (>= 8
-    /// digits) to a version. Labels win; then version records; then any
-    /// root tree the store holds (an agent's store has no records).
+    /// Resolves a label (a train: the version it points at now), a full
+    /// ID or an unambiguous hex prefix (>= 8 digits) to a version. An ID
+    /// means exactly that version, never another made from it. A name
+    /// that is both a label and a prefix of a version is refused, naming
+    /// both. Then version records; then any root tree the store holds (an
+    /// agent's store has no records).
     pub fn resolve(&self, name: &str) -> Result<VersionId> {
-        if let Some((_, v)) = self.labels()?.into_iter().find(|(l, _)| l == name) {
-            return Ok(v);
-        }
+        let label = self.labels()?.into_iter().find(|(l, _)| l == name);
         let prefix = match IdPrefix::parse(name) {
             Ok(p) => p,
+            Err(_) if label.is_some() => return Ok(label.expect("checked").1),
             Err(IdError::NotHex(_)) => {
                 return Err(StoreError::UnknownVersion(name.to_string()));
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some((_, head)) = label {
+            // A label made before labels that look like IDs were refused.
+            let ids: Vec<VersionId> = self
+                .recorded()?
+                .into_iter()
+                .filter(|v| prefix.matches(&v.object()))
+                .collect();
+            return match ids.first() {
+                Some(id) => Err(StoreError::LabelOrId {
+                    name: name.to_string(),
+                    label: head.short(),
+                    id: id.short(),
+                }),
+                None => Ok(head),
+            };
+        }
         let mut found: Vec<VersionId> = self
             .records()?
             .into_iter()

@@ -1,0 +1,193 @@
+//! A change (`scap sync-file`, `scap sync-dir`) as a deploy: which
+//! versions are live, the new version of each (`manifest::change`), who
+//! goes where, and, once the rollout has succeeded, the trains' heads and
+//! the train rollout in progress moved to the new versions.
+//!
+//! **Invariant:** nothing names a change's new versions as a train's head,
+//! or as the target of the rollout record, before the change has reached
+//! every host it was rolled out to with its gates passed. A change whose
+//! gate fails, that is stopped, or whose controller dies, leaves the heads
+//! where they were: `--version TRAIN` never deploys a change that was not
+//! deployed. A change that gives a train an earlier tree back (a revert)
+//! is a new step in its history like any other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::poll::Reading;
+use super::record::RolloutRecord;
+use super::trains::{self, HeadMove, Trains, VersionName};
+use crate::manifest::change::{self, Applied, ChangeSpec};
+use crate::store::{Store, VersionId};
+
+/// The deploy host's records of the fleet could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetFileError {
+    #[error(transparent)]
+    Desired(#[from] super::desired::DesiredError),
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
+}
+
+/// The live versions a change applies to: what hosts run, hold (previous,
+/// stable, staged), should run (the desired state), and the recorded
+/// rollout's target and origins. Returns them with a note for each one
+/// this store does not have (the change cannot be applied to it).
+pub fn live_versions(
+    store: &Store,
+    readings: &[Reading],
+    fleet_dir: &Path,
+) -> Result<(Vec<VersionId>, Vec<String>), FleetFileError> {
+    let desired = super::desired::Desired::load(fleet_dir)?;
+    let record = RolloutRecord::load(fleet_dir)?;
+    let mut live: BTreeSet<VersionId> = desired.versions();
+    let mut notes = Vec::new();
+    for r in readings {
+        match &r.view {
+            Ok(_) => live.extend(r.held()),
+            Err(e) => notes.push(format!("{e}: its desired state stands for it")),
+        }
+    }
+    if let Some(r) = &record {
+        live.insert(r.version);
+        live.extend(r.from.values().copied());
+    }
+    let mut bases = Vec::new();
+    for v in live {
+        if store.has(&v.object()) {
+            bases.push(v);
+        } else {
+            let hosts: Vec<String> = readings
+                .iter()
+                .filter(|r| r.held().contains(&v))
+                .map(|r| r.member.host.to_string())
+                .collect();
+            notes.push(format!(
+                "warning: version {} (held by {}) is not in this store: the change cannot be applied to it",
+                v.short(),
+                if hosts.is_empty() {
+                    "the desired state".into()
+                } else {
+                    hosts.join(", ")
+                }
+            ));
+        }
+    }
+    Ok((bases, notes))
+}
+
+/// One live version and what the change makes of it, for people and
+/// `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub from: VersionId,
+    pub to: VersionId,
+    pub from_name: VersionName,
+    /// Hosts that run `from` now.
+    pub hosts: Vec<String>,
+    /// `git --name-status` lines.
+    pub files: Vec<String>,
+    /// Why the change leaves this version alone (the path's directory is
+    /// not in it), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// The path is new in this version (`--create`).
+    pub created: bool,
+    /// The new tree is an earlier version's (a revert).
+    pub revert: bool,
+}
+
+/// A change built: its new versions, ready to roll out.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prepared {
+    pub id: String,
+    pub message: String,
+    pub steps: Vec<Step>,
+    /// old -> new, for the versions the change altered.
+    #[serde(skip)]
+    pub map: BTreeMap<VersionId, VersionId>,
+}
+
+impl Prepared {
+    /// The live versions the change leaves as they are: a host on one
+    /// has all it brings.
+    pub fn unchanged(&self) -> BTreeSet<VersionId> {
+        self.steps
+            .iter()
+            .filter(|s| s.from == s.to)
+            .map(|s| s.from)
+            .collect()
+    }
+}
+
+/// Builds the change's new versions (nothing is recorded or signed for a
+/// dry run) and says, per live version, who moves and which files change.
+pub fn prepare(
+    store: &Store,
+    spec: &ChangeSpec<'_>,
+    readings: &[Reading],
+    meter: &dyn crate::progress::Meter,
+) -> Result<Prepared, crate::manifest::BuildError> {
+    let applied = change::apply(store, spec, meter)?;
+    let trains = Trains::load(store)?;
+    let mut groups: BTreeMap<VersionId, Vec<String>> = BTreeMap::new();
+    for r in readings {
+        if let Some(c) = r.current() {
+            groups.entry(c).or_default().push(r.member.host.to_string());
+        }
+    }
+    let steps = applied
+        .iter()
+        .map(|a: &Applied| Step {
+            from: a.base,
+            to: a.version,
+            from_name: trains.name(&a.base),
+            hosts: groups.get(&a.base).cloned().unwrap_or_default(),
+            files: a.files.clone(),
+            skipped: a.skipped.clone(),
+            created: a.created,
+            revert: a.revert,
+        })
+        .collect();
+    Ok(Prepared {
+        id: spec.id.clone(),
+        message: spec.message.clone(),
+        steps,
+        map: change::map(&applied),
+    })
+}
+
+/// After the change's rollout: if it succeeded on every host it was
+/// rolled out to (`done`), each train whose head is a changed version
+/// moves to its new version (a revert is recorded as one), and the train
+/// rollout in progress continues with the change. Otherwise nothing moves.
+pub fn settle(
+    store: &Store,
+    fleet_dir: &Path,
+    prepared: &Prepared,
+    done: bool,
+    by: &str,
+) -> Vec<HeadMove> {
+    if !done || prepared.map.is_empty() {
+        return Vec::new();
+    }
+    match RolloutRecord::load(fleet_dir) {
+        Ok(Some(mut r)) => {
+            r.rewrite(&prepared.map);
+            if let Err(e) = r.save(fleet_dir) {
+                tracing::warn!("cannot save the rollout record: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+    let map: BTreeMap<VersionId, (VersionId, &str)> = prepared
+        .steps
+        .iter()
+        .filter(|s| s.from != s.to)
+        .map(|s| (s.from, (s.to, if s.revert { "revert" } else { "change" })))
+        .collect();
+    trains::move_heads(store, &map, by, &prepared.message, Some(&prepared.id))
+}

@@ -1,0 +1,493 @@
+//! What a name deploys: a version ID is exactly that tree, a train is its
+//! head now, a failed change never becomes the train, reverts by
+//! `sync-file` work, a change reaches only trains that have its directory,
+//! and every command ends with what the fleet now runs. Real agents over
+//! TLS with signed versions; every assertion on the hosts' live trees and
+//! exit codes, not on scap's own report.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::support::*;
+
+const T5: &str = "1.46.0-wmf.5";
+const T6: &str = "1.46.0-wmf.6";
+
+/// A MediaWiki-like staging tree holding the branches `branches`, with the
+/// shared config.
+fn tree(dir: &Path, branches: &[&str], settings: &str) {
+    for b in branches {
+        write(
+            dir,
+            &format!("php-{b}/includes/Setup.php"),
+            format!("<?php // setup of {b}\n").as_bytes(),
+        );
+        write(
+            dir,
+            &format!("php-{b}/includes/X.php"),
+            format!("<?php // X of {b}\n").as_bytes(),
+        );
+    }
+    write(dir, "wmf-config/CS.php", settings.as_bytes());
+    write(dir, "wmf-config/IS.php", b"<?php // IS\n");
+}
+
+fn read(fleet: &Fleet, i: usize, rel: &str) -> Option<String> {
+    fs::read_to_string(fleet.live(i, "mediawiki").join(rel)).ok()
+}
+
+/// Every host's live `rel`.
+fn everywhere(fleet: &Fleet, rel: &str) -> Vec<Option<String>> {
+    (0..fleet.hosts.len())
+        .map(|i| read(fleet, i, rel))
+        .collect()
+}
+
+/// The last line of stdout.
+fn last_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
+}
+
+struct Lab {
+    fleet: Fleet,
+    source: String,
+    staging: PathBuf,
+}
+
+impl Lab {
+    /// `n` agents, and train 1.46.0-wmf.5 built from `staging` (one
+    /// branch) and synced to every host.
+    fn new(n: usize) -> (Lab, String) {
+        let mut fleet = Fleet::start(n);
+        let staging = fleet.env.path("staging");
+        tree(&staging, &[T5], "<?php // CS v1\n");
+        let t1 = fleet
+            .env
+            .build(&[("mediawiki", &staging)], &["--label", T5]);
+        let source = fleet.serve();
+        let lab = Lab {
+            fleet,
+            source,
+            staging,
+        };
+        ok(&lab.sync(T5, &["--canary", "100%", "--force"]));
+        assert_eq!(lab.fleet.on(&t1).len(), n);
+        (lab, t1)
+    }
+
+    fn sync(&self, version: &str, extra: &[&str]) -> Output {
+        let mut a = vec![
+            "sync",
+            "--version",
+            version,
+            "--source",
+            &self.source,
+            "--yes",
+            "--wait",
+            "0",
+        ];
+        a.extend(extra);
+        self.fleet.run(&a)
+    }
+
+    /// `scap sync-file PATH MSG` from the staging tree, to every host at
+    /// once, with `extra` (a gate).
+    fn sync_file(&self, path: &str, message: &str, extra: &[&str]) -> Output {
+        let staging = self.staging.display().to_string();
+        let mut a = vec![
+            "sync-file",
+            path,
+            message,
+            "--staging",
+            &staging,
+            "--source",
+            &self.source,
+            "--yes",
+            "--wait",
+            "0",
+            "--canary",
+            "100%",
+        ];
+        a.extend(extra);
+        self.fleet.run(&a)
+    }
+
+    fn resolve(&self, name: &str) -> String {
+        self.fleet.env.ok(&["resolve", name]).trim().to_string()
+    }
+
+    fn moves(&self, train: &str) -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&self.fleet.env.ok(&["log", train, "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+#[test]
+fn a_version_id_means_that_tree_even_after_a_failed_change() {
+    let (lab, t1) = Lab::new(4);
+    let v1 = Some("<?php // CS v1\n".to_string());
+    // A SWAT whose gate fails: rolled back, and said so on the last line.
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS bad\n");
+    let out = lab.sync_file(
+        "wmf-config/CS.php",
+        "SWAT: bad change",
+        &["--check-cmd", "false"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let last = last_line(&out);
+    assert!(
+        last.starts_with("health gate failed at 100%: 4 host(s) back on 1.46.0-wmf.5 (")
+            && last.ends_with("; the change is not applied"),
+        "{last}"
+    );
+    assert_eq!(
+        everywhere(&lab.fleet, "wmf-config/CS.php"),
+        vec![v1.clone(); 4]
+    );
+    // The train's head never moved: its history has the build only.
+    assert_eq!(lab.resolve(T5), t1);
+    let moves = lab.moves(T5);
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    assert_eq!(moves[0]["action"], "build");
+
+    // The version ID, its prefix and the train's name all deploy T1
+    // itself, never the child with the failed change.
+    for name in [t1.as_str(), &t1[..12], T5] {
+        let out = lab.sync(name, &["--canary", "100%", "--force"]);
+        ok(&out);
+        let text = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+        assert!(!text.contains("has had changes"), "{text}");
+        assert_eq!(lab.fleet.on(&t1).len(), 4, "{name}");
+        assert_eq!(
+            everywhere(&lab.fleet, "wmf-config/CS.php"),
+            vec![v1.clone(); 4]
+        );
+    }
+    // The child exists, and is deployed only when named by its ID.
+    let log: serde_json::Value =
+        serde_json::from_str(&lab.fleet.env.ok(&["log", "--json"])).unwrap();
+    let child = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["parent"] == t1.as_str() && r["message"] == "SWAT: bad change")
+        .expect("the failed change's version is recorded")["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = lab.sync(&child, &["--canary", "25%", "--force"]);
+    let err = stderr(&out);
+    ok(&out);
+    assert!(
+        err.contains(&format!("is not the head of train {T5}")),
+        "{err}"
+    );
+    assert_eq!(lab.fleet.on(&child).len(), 1);
+}
+
+#[test]
+fn a_revert_by_sync_file_is_a_new_step_that_agents_take() {
+    let (lab, t1) = Lab::new(3);
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
+    let out = lab.sync_file("wmf-config/CS.php", "SWAT: v2", &["--force"]);
+    ok(&out);
+    let t1b = lab.resolve(T5);
+    assert_ne!(t1b, t1, "the head moved to the change");
+    assert_eq!(lab.fleet.on(&t1b).len(), 3);
+    assert!(last_line(&out).contains(&format!("train head(s) moved: {T5} -> {}", &t1b[..12])));
+    // The revert: the old file back in staging, synced again.
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v1\n");
+    let out = lab.sync_file("wmf-config/CS.php", "Revert SWAT: v2", &["--force"]);
+    let err = stderr(&out);
+    ok(&out);
+    assert!(!err.contains("409"), "{err}");
+    assert!(err.contains("(a revert)"), "{err}");
+    assert_eq!(lab.fleet.on(&t1).len(), 3, "every host took the revert");
+    assert_eq!(
+        everywhere(&lab.fleet, "wmf-config/CS.php"),
+        vec![Some("<?php // CS v1\n".to_string()); 3]
+    );
+    // A new step in the train's history: build, change, revert.
+    assert_eq!(lab.resolve(T5), t1);
+    let moves = lab.moves(T5);
+    let steps: Vec<(&str, &str)> = moves
+        .iter()
+        .map(|m| (m["action"].as_str().unwrap(), m["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![("build", t1.as_str()), ("change", &t1b), ("revert", &t1)]
+    );
+    assert_eq!(moves[2]["message"], "Revert SWAT: v2");
+    // And the text view names them.
+    let text = lab.fleet.env.ok(&["log", T5]);
+    assert!(text.contains("revert"), "{text}");
+    assert!(text.contains("1.46.0-wmf.5 +1: SWAT: v2"), "{text}");
+}
+
+#[test]
+fn a_change_reaches_only_the_trains_that_have_its_directory() {
+    let (lab, t5) = Lab::new(4);
+    // The new train has both branches; it goes to half the hosts.
+    let new_staging = lab.fleet.env.path("staging-wmf6");
+    tree(&new_staging, &[T5, T6], "<?php // CS v1\n");
+    let t6 = lab
+        .fleet
+        .env
+        .build(&[("mediawiki", &new_staging)], &["--label", T6]);
+    ok(&lab.sync(T6, &["--canary", "50%", "--force"]));
+    let on6 = lab.fleet.on(&t6);
+    let on5 = lab.fleet.on(&t5);
+    assert_eq!(on6.len() + on5.len(), 4);
+    assert!(!on6.is_empty() && !on5.is_empty());
+
+    // A backport to the new branch: the dry run says, per train.
+    write(
+        &new_staging,
+        &format!("php-{T6}/includes/X.php"),
+        b"<?php // X of wmf.6, fixed\n",
+    );
+    let path = format!("php-{T6}/includes/X.php");
+    let staging = new_staging.display().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "sync-file",
+            &path,
+            "Backport: fix X",
+            "--staging",
+            &staging,
+            "--source",
+            &lab.source,
+            "--yes",
+            "--wait",
+            "0",
+            "--canary",
+            "100%",
+            "--force",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        lab.fleet.run(&a)
+    };
+    let out = run(args(&["--dry-run"]));
+    let err = stderr(&out);
+    ok(&out);
+    assert!(
+        err.contains(&format!(
+            "left alone: {T5} ({}) (it has no mediawiki/php-{T6}/",
+            &t5[..12]
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("dry run: would build {T6} ({})", &t6[..12])),
+        "{err}"
+    );
+    let out = run(args(&[]));
+    ok(&out);
+    for &i in &on5 {
+        assert!(
+            !fleet_has(&lab.fleet, i, &format!("php-{T6}")),
+            "host {i} of the old train got php-{T6}/"
+        );
+        assert_eq!(lab.fleet.current(i).as_deref(), Some(t5.as_str()));
+    }
+    for &i in &on6 {
+        assert_eq!(
+            read(&lab.fleet, i, &path).as_deref(),
+            Some("<?php // X of wmf.6, fixed\n")
+        );
+    }
+    // --create adds a file only where its directory is.
+    write(
+        &new_staging,
+        &format!("php-{T6}/includes/New.php"),
+        b"<?php // new\n",
+    );
+    let new_path = format!("php-{T6}/includes/New.php");
+    let mut a = args(&["--create"]);
+    a[1] = new_path.clone();
+    let out = run(a);
+    ok(&out);
+    for &i in &on5 {
+        assert!(!fleet_has(&lab.fleet, i, &format!("php-{T6}")));
+    }
+    for &i in &on6 {
+        assert_eq!(
+            read(&lab.fleet, i, &new_path).as_deref(),
+            Some("<?php // new\n")
+        );
+    }
+    // A path whose directory is in no train: refused, naming it.
+    write(&new_staging, "php-1.47.0-wmf.1/includes/Y.php", b"<?php\n");
+    let mut a = args(&["--create"]);
+    a[1] = "php-1.47.0-wmf.1/includes/Y.php".into();
+    let out = run(a);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "its directory mediawiki/php-1.47.0-wmf.1/includes/ is in none of the live versions"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn fleet_has(fleet: &Fleet, i: usize, rel: &str) -> bool {
+    fleet.live(i, "mediawiki").join(rel).exists()
+}
+
+#[test]
+fn rollbacks_by_train_name_and_what_they_say() {
+    let (lab, t5) = Lab::new(4);
+    let new_staging = lab.fleet.env.path("staging-wmf6");
+    tree(&new_staging, &[T6], "<?php // CS v1\n");
+    let t6 = lab
+        .fleet
+        .env
+        .build(&[("mediawiki", &new_staging)], &["--label", T6]);
+    ok(&lab.sync(T6, &["--canary", "50%", "--force"]));
+    // A SWAT on both trains (the config is shared), then a backport.
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
+    ok(&lab.sync_file("wmf-config/CS.php", "SWAT: v2", &["--force"]));
+    let (t5b, t6b) = (lab.resolve(T5), lab.resolve(T6));
+    assert_ne!(t5b, t5);
+    assert_ne!(t6b, t6);
+    assert_eq!(lab.fleet.on(&t5b).len() + lab.fleet.on(&t6b).len(), 4);
+
+    // A dry run changes nothing.
+    let out = lab.fleet.run(&[
+        "rollback",
+        "--version",
+        T6,
+        "--source",
+        &lab.source,
+        "--dry-run",
+    ]);
+    ok(&out);
+    assert!(last_line(&out).starts_with("dry run: would roll back 2 host(s)"));
+    assert_eq!(lab.fleet.on(&t6b).len(), 2);
+    // Without --yes and without a terminal: refused, nothing changed.
+    let out = lab.fleet.run(&["rollback", "--version", T6]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("pass --yes"), "{}", stderr(&out));
+    assert_eq!(lab.fleet.on(&t6b).len(), 2);
+
+    // Rolling the new train back by name: its hosts go where they came
+    // from, the old train with the SWAT.
+    let out = lab.fleet.run(&[
+        "rollback",
+        "--version",
+        T6,
+        "--source",
+        &lab.source,
+        "--yes",
+    ]);
+    ok(&out);
+    assert_eq!(lab.fleet.on(&t5b).len(), 4, "{}", stderr(&out));
+    assert_eq!(
+        everywhere(&lab.fleet, "wmf-config/CS.php"),
+        vec![Some("<?php // CS v2\n".to_string()); 4]
+    );
+    let last = last_line(&out);
+    assert!(
+        last.starts_with("rolled back 2 of 2 host(s): 2 now on 1.46.0-wmf.5 +1: SWAT: v2 (")
+            && last.ends_with(&format!(
+                "; 0 host(s) still on {T6} +1: SWAT: v2 ({})",
+                &t6b[..12]
+            )),
+        "{last}"
+    );
+    // Again: no host runs it any more. Said, and a failure.
+    let out = lab.fleet.run(&[
+        "rollback",
+        "--version",
+        T6,
+        "--source",
+        &lab.source,
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        last_line(&out).starts_with(&format!("no host runs {T6} +1: SWAT: v2")),
+        "{}",
+        last_line(&out)
+    );
+    assert_eq!(lab.fleet.on(&t5b).len(), 4);
+
+    // Names in the views: status and its JSON.
+    let text = ok_out(&lab.fleet.run(&["status"]));
+    assert!(text.contains("1.46.0-wmf.5 +1: SWAT: v2"), "{text}");
+    let st = lab.fleet.status();
+    let names: Vec<&str> = st["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["current_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("1.46.0-wmf.5 +1: SWAT: v2 ({})", &t5b[..12]); 4]
+    );
+    let trains: Vec<(&str, &str)> = st["trains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["train"].as_str().unwrap(), t["head"].as_str().unwrap()))
+        .collect();
+    assert_eq!(trains, vec![(T5, t5b.as_str()), (T6, t6b.as_str())]);
+}
+
+#[test]
+fn names_that_mean_nothing_or_two_things_are_refused() {
+    let (lab, t1) = Lab::new(1);
+    // A train that does not exist.
+    let (code, err) = lab.fleet.env.fails(&[
+        "sync",
+        "--version",
+        "1.99.0-wmf.1",
+        "--canary",
+        "100%",
+        "--yes",
+    ]);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("no version or label \"1.99.0-wmf.1\""),
+        "{err}"
+    );
+    let (code, err) = lab.fleet.env.fails(&["log", "1.99.0-wmf.1"]);
+    assert_eq!(code, 4);
+    assert!(err.contains(&format!("the trains are {T5}")), "{err}");
+    // A label left from before labels that look like IDs were refused,
+    // which is also a prefix of a version: both named.
+    let hexlabel = &t1[..10];
+    fs::write(
+        lab.fleet.env.store.join("refs/labels").join(hexlabel),
+        format!("{t1}\n"),
+    )
+    .unwrap();
+    let (code, err) = lab.fleet.env.fails(&["resolve", hexlabel]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!(
+            "{hexlabel:?} is both a label (version {}) and a prefix of version {}",
+            &t1[..12],
+            &t1[..12]
+        )),
+        "{err}"
+    );
+}
