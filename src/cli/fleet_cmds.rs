@@ -404,11 +404,10 @@ impl RolloutArgs {
 }
 
 impl Plan {
-    /// The plan a recorded rollout was started with.
-    fn from_record(r: &RolloutRecord) -> anyhow::Result<Plan> {
-        let s = &r.settings;
+    /// The plan a recorded rollout (or change) was started with.
+    fn from_settings(stages: &[Stage], s: &Settings) -> anyhow::Result<Plan> {
         Ok(Plan {
-            stages: r.stages.clone(),
+            stages: stages.to_vec(),
             wait: Duration::from_secs(s.wait_seconds),
             budget: Budget::parse(&s.max_failures).map_err(anyhow::Error::msg)?,
             max_failures: s.max_failures.clone(),
@@ -537,9 +536,109 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     )
 }
 
+/// Takes the deploy lock to continue the work of controller `pid` on
+/// `host`: over a stale lock only if it is that controller's and it is
+/// gone.
+fn take_over_lock(
+    ctx: &Ctx,
+    dry_run: bool,
+    pid: u32,
+    host: &str,
+) -> anyhow::Result<Option<lock::DeployLock>> {
+    if dry_run {
+        return Ok(None);
+    }
+    let dir = fleet_dir(ctx);
+    match lock::acquire(&dir, &command_line()) {
+        Ok(l) => Ok(Some(l)),
+        Err(LockError::Stale { holder, .. }) if holder.pid == pid && holder.host == host => {
+            eprintln!(
+                "{} the controller of this rollout (pid {}) is gone: taking over its lock",
+                clock(),
+                holder.pid
+            );
+            lock::break_lock(&dir)?;
+            Ok(Some(lock::acquire(&dir, &command_line())?))
+        }
+        Err(e) => Err(with_rollout(e, &dir)),
+    }
+}
+
+/// `scap sync --resume` of a change whose controller died or stopped:
+/// every host of its trains to the new versions, then the heads move.
+fn resume_change(
+    ctx: &Ctx,
+    a: &SyncArgs,
+    pending: crate::fleet::change::PendingChange,
+) -> anyhow::Result<i32> {
+    let interactive = std::io::stdin().is_terminal();
+    if !a.rollout.yes && !interactive && !a.rollout.dry_run {
+        bail!("stdin is not a terminal: pass --yes to resume in batch mode");
+    }
+    let _lock = take_over_lock(ctx, a.rollout.dry_run, pending.pid, &pending.host)?;
+    let store = ctx.open_deploy()?;
+    let members = a.fleet.members(ctx)?;
+    let mut plan = Plan::from_settings(&pending.stages, &pending.settings)?;
+    plan.restarts = a.rollout.restarts(ctx)?;
+    let prepared = pending.prepared();
+    eprintln!(
+        "{} resuming change {} ({}), started by {} at {}: {}",
+        clock(),
+        pending.id,
+        pending.message,
+        pending.by,
+        fmt_utc(pending.started),
+        if pending.note.is_empty() {
+            "its controller stopped"
+        } else {
+            &pending.note
+        }
+    );
+    let to_all = plan.stages.last().is_some_and(|s| s.is_all());
+    let goal = Goal::Change {
+        id: prepared.id.clone(),
+        map: prepared.map.clone(),
+        unchanged: prepared.unchanged(),
+    };
+    let (mut outcome, op) = rollout(
+        ctx,
+        Run {
+            fleet: &a.fleet,
+            members,
+            args: &a.rollout,
+            plan,
+            goal,
+            label: format!("change {}", crate::text::clip(&prepared.message, 60)),
+            record: None,
+            first_stage: 0,
+            resume: true,
+        },
+    )?;
+    if !a.rollout.dry_run {
+        let by = crate::sys::user();
+        let dir = fleet_dir(ctx);
+        for m in crate::fleet::change::conclude(&store, &dir, &prepared, to_all, &mut outcome, &by)
+        {
+            eprintln!("{} {m}", clock());
+        }
+    }
+    let extra = serde_json::to_value(&prepared)?;
+    print_outcome(&a.rollout, &outcome, op, Some(extra))
+}
+
 /// `scap sync --resume`.
 fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     let dir = fleet_dir(ctx);
+    if let Some(pending) = crate::fleet::change::PendingChange::load(&dir)? {
+        if a.version.is_some() {
+            bail!(
+                "--resume continues the change {} ({}) first: drop --version",
+                pending.id,
+                pending.message
+            );
+        }
+        return resume_change(ctx, a, pending);
+    }
     let Some(record) = RolloutRecord::load(&dir)? else {
         bail!(
             "no rollout to resume: none is recorded in {}; start one with `scap sync --version V`",
@@ -574,7 +673,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         }
     }
     let members = a.fleet.members(ctx)?;
-    let mut plan = Plan::from_record(&record)?;
+    let mut plan = Plan::from_settings(&record.stages, &record.settings)?;
     plan.restarts = a.rollout.restarts(ctx)?;
     let interactive = std::io::stdin().is_terminal();
     if !a.rollout.yes && !interactive && !a.rollout.dry_run {
@@ -582,25 +681,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     }
     // The controller that ran it may have died holding the lock: take it
     // over only if it is that controller's, on this host, and it is gone.
-    let _lock = if a.rollout.dry_run {
-        None
-    } else {
-        match lock::acquire(&dir, &command_line()) {
-            Ok(l) => Some(l),
-            Err(LockError::Stale { holder, .. })
-                if holder.pid == record.pid && holder.host == crate::sys::hostname() =>
-            {
-                eprintln!(
-                    "{} the controller of this rollout (pid {}) is gone: taking over its lock",
-                    clock(),
-                    holder.pid
-                );
-                lock::break_lock(&dir)?;
-                Some(lock::acquire(&dir, &command_line())?)
-            }
-            Err(e) => return Err(with_rollout(e, &dir)),
-        }
-    };
+    let _lock = take_over_lock(ctx, a.rollout.dry_run, record.pid, &crate::sys::hostname())?;
     eprintln!(
         "{} resuming the rollout of {} at stage {} of {} ({})",
         clock(),
@@ -943,6 +1024,21 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
+    if let Some(p) = crate::fleet::change::PendingChange::load(&fleet_dir(ctx))?
+        && !a.rollout.dry_run
+    {
+        bail!(
+            "change {} ({}) by {} is not finished ({}): `scap sync --resume` finishes it, or `scap rollback` undoes it, before another change",
+            p.id,
+            p.message,
+            p.by,
+            if p.note.is_empty() {
+                "its controller stopped"
+            } else {
+                &p.note
+            }
+        );
+    }
     // Before building: another deploy must not see (or gc) a half-made change.
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
     let signer = if a.rollout.dry_run {
@@ -1018,6 +1114,23 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     }
     if !a.rollout.dry_run {
         eprintln!("{} change {id}: {message}", clock());
+        // Recorded before the first host moves: a controller that dies
+        // from here on leaves it for `scap sync --resume`.
+        crate::fleet::change::PendingChange {
+            format: crate::fleet::change::PENDING_FORMAT,
+            id: id.clone(),
+            message: message.clone(),
+            steps: prepared.steps.clone(),
+            stages: plan.stages.clone(),
+            settings: plan.settings(),
+            by: by.clone(),
+            command: command_line(),
+            pid: std::process::id(),
+            host: crate::sys::hostname(),
+            started: crate::time::unix_now(),
+            note: String::new(),
+        }
+        .save(&dir)?;
     }
     let extra = serde_json::to_value(&prepared)?;
     let goal = Goal::Change {
@@ -1043,32 +1156,16 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     if !a.rollout.dry_run {
         // The trains' heads move only once the change is on every host
         // of them, gates passed.
-        let done = outcome.ok && stages_to_all;
-        let moves = crate::fleet::change::settle(&store, &dir, &prepared, done, &by);
+        let moves = crate::fleet::change::conclude(
+            &store,
+            &dir,
+            &prepared,
+            stages_to_all,
+            &mut outcome,
+            &by,
+        );
         for m in &moves {
             eprintln!("{} {m}", clock());
-        }
-        if !done && outcome.ok {
-            outcome
-                .message
-                .push_str("; the trains' heads stay where they were until the change reaches 100% (run the same sync-file again to continue it)");
-        } else if done {
-            let moved: Vec<String> = moves
-                .iter()
-                .filter(|m| m.refused.is_none())
-                .map(|m| format!("{} -> {}", m.train, m.to.short()))
-                .collect();
-            if !moved.is_empty() {
-                outcome
-                    .message
-                    .push_str(&format!("; train head(s) moved: {}", moved.join(", ")));
-            }
-            if moves.iter().any(|m| m.refused.is_some()) {
-                outcome.ok = false;
-                outcome
-                    .message
-                    .push_str("; some train heads could NOT be moved (see above)");
-            }
         }
     }
     print_outcome(&a.rollout, &outcome, op, Some(extra))

@@ -80,7 +80,7 @@ pub fn live_versions(
 
 /// One live version and what the change makes of it, for people and
 /// `--json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Step {
     pub from: VersionId,
     pub to: VersionId,
@@ -159,6 +159,64 @@ pub fn prepare(
     })
 }
 
+/// After the change's rollout (`to_all`: its last stage was 100%): moves
+/// the trains' heads if it succeeded everywhere, forgets the pending
+/// change if it succeeded or every host it moved went back, and says on
+/// `outcome`'s message what that means for the trains.
+pub fn conclude(
+    store: &Store,
+    fleet_dir: &Path,
+    prepared: &Prepared,
+    to_all: bool,
+    outcome: &mut super::deploy::Outcome,
+    by: &str,
+) -> Vec<HeadMove> {
+    let done = outcome.ok && to_all;
+    let moves = settle(store, fleet_dir, prepared, done, by);
+    let undone = !outcome.ok
+        && !outcome.rolled_back.is_empty()
+        && outcome
+            .changed
+            .iter()
+            .all(|h| outcome.rolled_back.contains(h));
+    if done || undone {
+        PendingChange::remove(fleet_dir);
+    } else if let Ok(Some(mut p)) = PendingChange::load(fleet_dir) {
+        p.note = outcome.message.clone();
+        p.pid = 0;
+        if let Err(e) = p.save(fleet_dir) {
+            tracing::warn!("cannot save the pending change: {e}");
+        }
+    }
+    if done {
+        let moved: Vec<String> = moves
+            .iter()
+            .filter(|m| m.refused.is_none())
+            .map(|m| format!("{} -> {}", m.train, m.to.short()))
+            .collect();
+        if !moved.is_empty() {
+            outcome
+                .message
+                .push_str(&format!("; train head(s) moved: {}", moved.join(", ")));
+        }
+        if moves.iter().any(|m| m.refused.is_some()) {
+            outcome.ok = false;
+            outcome
+                .message
+                .push_str("; some train heads could NOT be moved (see above)");
+        }
+    } else if outcome.ok {
+        outcome.message.push_str(
+            "; the trains' heads stay where they were until the change reaches 100% (`scap sync --resume` continues it)",
+        );
+    } else if !undone {
+        outcome.message.push_str(
+            "; the change is on some hosts, and no train's head moved: `scap sync --resume` finishes it, `scap rollback` undoes it",
+        );
+    }
+    moves
+}
+
 /// After the change's rollout: if it succeeded on every host it was
 /// rolled out to (`done`), each train whose head is a changed version
 /// moves to its new version (a revert is recorded as one), and the train
@@ -190,4 +248,100 @@ pub fn settle(
         .map(|s| (s.from, (s.to, if s.revert { "revert" } else { "change" })))
         .collect();
     trains::move_heads(store, &map, by, &prepared.message, Some(&prepared.id))
+}
+
+/// The format of `STORE/fleet/change.json`.
+pub const PENDING_FORMAT: u32 = 1;
+
+/// A change being rolled out, recorded on the deploy host
+/// (`STORE/fleet/change.json`) from before its first host moves until it
+/// has succeeded (the trains' heads moved) or was rolled back: a
+/// controller that dies or is stopped meanwhile leaves it, and `scap sync
+/// --resume` finishes it. The train rollout in progress (`record`) is left
+/// alone meanwhile.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct PendingChange {
+    pub format: u32,
+    pub id: String,
+    pub message: String,
+    /// Its steps, as `prepare` made them.
+    pub steps: Vec<Step>,
+    pub stages: Vec<super::rollout::Stage>,
+    pub settings: super::record::Settings,
+    pub by: String,
+    pub command: String,
+    /// The controller's process and host while it runs.
+    pub pid: u32,
+    pub host: String,
+    pub started: u64,
+    /// Why it stopped, for people.
+    #[serde(default)]
+    pub note: String,
+}
+
+pub fn pending_path(fleet_dir: &Path) -> std::path::PathBuf {
+    fleet_dir.join("change.json")
+}
+
+impl PendingChange {
+    /// The change, as `prepare` made it.
+    pub fn prepared(&self) -> Prepared {
+        Prepared {
+            id: self.id.clone(),
+            message: self.message.clone(),
+            steps: self.steps.clone(),
+            map: self
+                .steps
+                .iter()
+                .filter(|s| s.from != s.to)
+                .map(|s| (s.from, s.to))
+                .collect(),
+        }
+    }
+
+    /// The change recorded, if one is.
+    pub fn load(fleet_dir: &Path) -> Result<Option<PendingChange>, super::record::RecordError> {
+        let p = pending_path(fleet_dir);
+        let bad = |why: String| super::record::RecordError::Bad {
+            path: p.clone(),
+            why,
+        };
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let c: PendingChange = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if c.format > PENDING_FORMAT {
+            return Err(bad(format!(
+                "format v{}, this scap reads up to v{PENDING_FORMAT}",
+                c.format
+            )));
+        }
+        Ok(Some(c))
+    }
+
+    pub fn save(&mut self, fleet_dir: &Path) -> Result<(), super::record::RecordError> {
+        std::fs::create_dir_all(fleet_dir).map_err(|e| super::record::RecordError::Bad {
+            path: fleet_dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        self.format = PENDING_FORMAT;
+        let mut json = serde_json::to_vec_pretty(self).expect("serializes");
+        json.push(b'\n');
+        Ok(crate::store::fsutil::atomic_write(
+            &pending_path(fleet_dir),
+            &json,
+        )?)
+    }
+
+    /// The change is over (succeeded, or rolled back).
+    pub fn remove(fleet_dir: &Path) {
+        let p = pending_path(fleet_dir);
+        if let Err(e) = std::fs::remove_file(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", p.display());
+        }
+    }
 }

@@ -328,6 +328,22 @@ impl Rollback<'_> {
             let left = now.get(&v).copied().unwrap_or(0);
             message.push_str(&format!("; {left} host(s) still on {}", name(&v)));
         }
+        // A change left unfinished by its controller is undone once no
+        // host runs what it made (every host answered).
+        if let Ok(Some(p)) = super::change::PendingChange::load(&self.fleet_dir)
+            && readings.iter().all(|r| r.view.is_ok())
+            && !p
+                .steps
+                .iter()
+                .any(|s| s.from != s.to && now.contains_key(&s.to))
+        {
+            super::change::PendingChange::remove(&self.fleet_dir);
+            message.push_str(&format!(
+                "; change {} ({}) is undone: no host runs it",
+                p.id,
+                crate::text::clip(&p.message, 60)
+            ));
+        }
         self.record(&results, &failed, &message);
         RollbackOutcome {
             ok: failed.is_empty(),

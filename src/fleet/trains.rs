@@ -29,7 +29,7 @@ use crate::store::{Store, StoreError, VersionId};
 /// How a version is shown to people: its train, the changes made on the
 /// train's build to reach it, and the newest change's message, with the
 /// hash beside it: `1.46.0-wmf.6 +2: SWAT: [[gerrit:12345]] (3f9a1c2e4b5d)`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct VersionName {
     pub version: VersionId,
     /// The train (the label its build was made with, or one that points

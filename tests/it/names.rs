@@ -491,3 +491,144 @@ fn names_that_mean_nothing_or_two_things_are_refused() {
         "{err}"
     );
 }
+
+/// An order made by the test with the lab's deploy key, its sequence
+/// starting just above `from`.
+fn order(lab: &Lab, from: u64, host: &str, version: &str, action: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("orders.seq"), format!("{from}\n")).unwrap();
+    let key = scap::store::signature::SigningKey::load(&lab.fleet.env.pki.deploy_key()).unwrap();
+    let orders = scap::fleet::orders::Orders::reserve(key, dir.path()).unwrap();
+    let o = orders.sign(host, version.parse().unwrap(), action).unwrap();
+    serde_json::to_value(o).unwrap()
+}
+
+#[test]
+fn deploy_orders_take_a_host_back_only_when_newer_than_any_it_took() {
+    let (lab, t1) = Lab::new(1);
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
+    ok(&lab.sync_file("wmf-config/CS.php", "SWAT: v2", &["--force"]));
+    let t1b = lab.resolve(T5);
+    assert_eq!(lab.fleet.current(0).as_deref(), Some(t1b.as_str()));
+    let floor = lab.fleet.get(0, "/v1/state").1["state"]["order_seq"]
+        .as_u64()
+        .expect("the host keeps the newest order it took");
+    assert!(floor > 1 && floor < u64::MAX / 4, "{floor}");
+    let sync = |order: serde_json::Value| {
+        let mut body = lab.fleet.sync_body(&t1, &[&lab.source]);
+        body["order"] = order;
+        lab.fleet.post(0, "/v1/sync", body)
+    };
+    // A replayed (older) order back to T1: refused, the host unmoved.
+    let (code, r) = sync(order(&lab, 1, "mw1001", &t1, "sync"));
+    assert_eq!(code, 409, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("is older than the newest this host took") && e.contains(&t1[..12]),
+        "{e}"
+    );
+    assert_eq!(lab.fleet.current(0).as_deref(), Some(t1b.as_str()));
+    // An order for another host, or to another version, or stage for sync:
+    // refused by name.
+    let (code, r) = sync(order(&lab, u64::MAX / 4, "mw2002", &t1, "sync"));
+    assert_eq!(code, 403, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("for host \"mw2002\", not this host (mw1001)")
+    );
+    let (code, _) = sync(order(&lab, u64::MAX / 4, "mw1001", &t1b, "sync"));
+    assert_eq!(code, 403);
+    let (code, _) = sync(order(&lab, u64::MAX / 4, "mw1001", &t1, "stage"));
+    assert_eq!(code, 403);
+    // (Without an order, a version signed before the one that runs is
+    // refused as before: transport::every_signature_refusal_names_the_version_and_the_key.)
+    // A newer order takes it back: a version it ran before is not refused.
+    let (code, r) = sync(order(&lab, u64::MAX / 4, "mw1001", &t1, "sync"));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(lab.fleet.current(0).as_deref(), Some(t1.as_str()));
+    assert_eq!(
+        read(&lab.fleet, 0, "wmf-config/CS.php").as_deref(),
+        Some("<?php // CS v1\n")
+    );
+    // And from then on, the deploy host's own orders (from the clock) are
+    // older than that one: the host says so, and stays.
+    let out = lab.sync(&t1b, &["--canary", "100%", "--force"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is older than the newest this host took")
+    );
+    assert_eq!(lab.fleet.current(0).as_deref(), Some(t1.as_str()));
+}
+
+#[test]
+fn a_controller_killed_during_a_change_leaves_the_head_and_resume_finishes_it() {
+    let (lab, t1) = Lab::new(3);
+    let flag = lab.fleet.env.path("gate-open");
+    let gate = format!("test -e {} || sleep 60", flag.display());
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
+    let staging = lab.staging.display().to_string();
+    let group = lab.fleet.group("all", &[0, 1, 2]);
+    let mut child = lab
+        .fleet
+        .env
+        .cmd()
+        .args([
+            "sync-file",
+            "wmf-config/CS.php",
+            "SWAT: v2",
+            "--staging",
+            &staging,
+            "--source",
+            &lab.source,
+            "--yes",
+            "--wait",
+            "0",
+            "--canary",
+            "100%",
+            "--check-cmd",
+            &gate,
+            "--hosts",
+        ])
+        .arg(&group)
+        .args(lab.fleet.transport("deployer"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Every host switched; the controller waits in the gate: kill it.
+    wait_for(60, "every host on the change", || {
+        (0..3).all(|i| lab.fleet.current(i).is_some_and(|c| c != t1))
+    });
+    let t1b = lab.fleet.current(0).unwrap();
+    kill_9(&mut child);
+    // The head never points at a version whose rollout did not finish.
+    assert_eq!(lab.resolve(T5), t1);
+    assert_eq!(lab.moves(T5).len(), 1);
+    let pending = lab.fleet.env.store.join("fleet/change.json");
+    assert!(pending.exists());
+    // Another change is refused until this one is finished or undone.
+    write(&lab.staging, "wmf-config/IS.php", b"<?php // IS v2\n");
+    let out = lab.sync_file("wmf-config/IS.php", "SWAT: IS", &["--force"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not finished"), "{}", stderr(&out));
+    // --resume finishes it: the gate passes now, and the head moves.
+    fs::write(&flag, b"").unwrap();
+    let out = lab.fleet.run(&["sync", "--resume", "--yes"]);
+    ok(&out);
+    assert!(stderr(&out).contains("resuming change"), "{}", stderr(&out));
+    assert_eq!(lab.resolve(T5), t1b);
+    assert!(!pending.exists());
+    assert_eq!(lab.fleet.on(&t1b).len(), 3);
+    assert_eq!(
+        everywhere(&lab.fleet, "wmf-config/CS.php"),
+        vec![Some("<?php // CS v2\n".to_string()); 3]
+    );
+}
+
+/// SIGKILL, as a crash would.
+fn kill_9(child: &mut std::process::Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

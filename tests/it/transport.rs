@@ -318,10 +318,18 @@ fn a_key_rotation_two_keys_trusted_then_one_revoked() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("revoked") && said.contains(&lab_id), "{said}");
     assert_eq!(fleet.on(&v2), vec![0, 1]);
-    // Re-signed with the new key, it goes out.
+    // Re-signed with the new key, and the deploy host's `sign_key` moved
+    // to it (the README's rotation: deploy orders are signed with it), it
+    // goes out.
     fleet
         .env
         .ok(&["sign", &v3, "--key", new_key.to_str().unwrap()]);
+    let toml = fleet.env.dir.path().join("scap.toml");
+    let text = fs::read_to_string(&toml).unwrap().replace(
+        &fleet.env.pki.deploy_key().display().to_string(),
+        &new_key.display().to_string(),
+    );
+    fs::write(&toml, text).unwrap();
     ok(&fleet.rollout(&v3, &[]));
     assert_eq!(fleet.on(&v3), vec![0, 1]);
     // A rollback to a version whose only key is revoked since is
