@@ -318,6 +318,65 @@ mod tests {
     }
 
     #[test]
+    fn two_deployers_racing_to_move_a_head_one_wins_the_other_is_told_who() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open_or_init(&dir.path().join("s"), crate::store::disk::Role::Deploy).unwrap();
+        let (h0, a, b) = (v("h0"), v("a"), v("b"));
+        let t = "1.46.0-wmf.6";
+        assert!(
+            store
+                .move_label(
+                    t,
+                    Some(None),
+                    &LabelMove::now("builder", h0, "build", "new train")
+                )
+                .unwrap()
+        );
+        let alice = [(h0, (a, "change"))].into_iter().collect();
+        let bob = [(h0, (b, "change"))].into_iter().collect();
+        let won = move_heads(&store, &alice, "alice", "SWAT: [[gerrit:1]]", Some("c1"));
+        assert_eq!(won.len(), 1);
+        assert!(won[0].refused.is_none());
+        // Bob read the head before Alice moved it.
+        let e = store
+            .move_label(
+                t,
+                Some(Some(h0)),
+                &LabelMove::now("bob", b, "change", "SWAT: 2"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "train {t} moved meanwhile: expected its head at {}, it is at {} (moved by alice at ",
+                h0.short(),
+                a.short()
+            )) && e.contains("change SWAT: [[gerrit:1]]"),
+            "{e}"
+        );
+        // Bob's map no longer matches a head: nothing moves.
+        assert!(move_heads(&store, &bob, "bob", "SWAT: 2", None).is_empty());
+        assert_eq!(store.label(t).unwrap(), Some(a));
+        let log = store.label_log(t).unwrap();
+        let steps: Vec<(Option<VersionId>, VersionId, &str)> = log
+            .iter()
+            .map(|m| (m.from, m.to, m.user.as_str()))
+            .collect();
+        assert_eq!(steps, vec![(None, h0, "builder"), (Some(h0), a, "alice")]);
+        assert_eq!(log[1].change.as_deref(), Some("c1"));
+        // A torn last line (a crash mid-append) is skipped.
+        let path = dir
+            .path()
+            .join("s/refs/logs/labels")
+            .join(format!("{t}.jsonl"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"time\":1,\"us");
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(store.label_log(t).unwrap().len(), 2);
+    }
+
+    #[test]
     fn a_version_is_named_by_its_train_and_changes() {
         let (t1, t1a, t1b, other) = (v("t1"), v("t1a"), v("t1b"), v("x"));
         let mut build = rec(t1, None, None);

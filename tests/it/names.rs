@@ -632,3 +632,240 @@ fn kill_9(child: &mut std::process::Child) {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A small xorshift generator: the property test's sequences are the
+/// same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random sequences of builds, deploys by name and by ID, changes whose
+/// gate passes or fails, reverts (a change back to content seen before)
+/// and rollbacks, on a simulated fleet of six hosts over a real store and
+/// the real train code. After every step: each train resolves to the head
+/// its history says, every ID to exactly itself, each head is a build or
+/// a version a successful step deployed, the history's moves chain, and
+/// no host runs a version no successful step asked for.
+#[test]
+fn the_train_history_holds_under_random_steps() {
+    use scap::fleet::change::{prepare, settle};
+    use scap::fleet::trains::{Trains, heads_after_rollback};
+    use scap::manifest::change::{ChangeSpec, Kind};
+    use scap::store::VersionId;
+    use scap::store::disk::{Role, Store};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let trains = ["1.46.0-wmf.5", "1.46.0-wmf.6"];
+    for seed in 1..=24u64 {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(&dir.path().join("store"), Role::Deploy).unwrap();
+        let staging = |t: &str| dir.path().join(format!("staging-{t}"));
+        let component = |t: &str| {
+            scap::manifest::config::components(
+                &Default::default(),
+                &[format!("mediawiki={}", staging(t).display())],
+                &[],
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let mut hosts: Vec<Option<VersionId>> = vec![None; 6];
+        let mut head: BTreeMap<&str, VersionId> = BTreeMap::new();
+        let mut builds: BTreeSet<VersionId> = BTreeSet::new();
+        let mut asked: BTreeSet<VersionId> = BTreeSet::new();
+        let mut log = Vec::new();
+        for step in 0..30 {
+            let t = trains[rng.below(2) as usize];
+            let what = if head.is_empty() { 0 } else { rng.below(5) };
+            match what {
+                // A build of the train (new code, the shared config as it is).
+                0 => {
+                    tree(
+                        &staging(t),
+                        &[t],
+                        &format!("<?php // CS {}\n", rng.below(3)),
+                    );
+                    write(
+                        &staging(t),
+                        &format!("php-{t}/includes/Setup.php"),
+                        format!("<?php // {t} build {step}\n").as_bytes(),
+                    );
+                    let r = scap::manifest::build(
+                        &store,
+                        &scap::manifest::BuildOptions {
+                            components: vec![component(t)],
+                            label: Some(t.to_string()),
+                            move_label: true,
+                            message: None,
+                            author: "prop".into(),
+                            parent: None,
+                            signer: None,
+                        },
+                        &scap::progress::Silent,
+                    )
+                    .unwrap();
+                    head.insert(t, r.version);
+                    builds.insert(r.version);
+                    log.push(format!("build {t} -> {}", r.version.short()));
+                }
+                // A deploy by the train's name or by an ID, to some hosts.
+                1 if head.contains_key(t) => {
+                    let by_id = rng.below(2) == 0;
+                    let name = if by_id {
+                        let all: Vec<VersionId> = asked.iter().chain(&builds).copied().collect();
+                        all[rng.below(all.len() as u64) as usize].to_hex()[..12].to_string()
+                    } else {
+                        t.to_string()
+                    };
+                    let v = store.resolve(&name).unwrap();
+                    if by_id {
+                        assert!(v.to_hex().starts_with(&name), "an ID is exact");
+                    } else {
+                        assert_eq!(v, head[t], "a train is its head");
+                    }
+                    let n = 1 + rng.below(6) as usize;
+                    for h in hosts.iter_mut().take(n) {
+                        *h = Some(v);
+                    }
+                    asked.insert(v);
+                    log.push(format!("deploy {name} -> {}", v.short()));
+                }
+                // A change to the shared config, its gate passing or not
+                // (content from a small set: reverts happen).
+                2 | 3 => {
+                    let live: Vec<VersionId> = hosts
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let content = format!("<?php // CS {}\n", rng.below(3));
+                    write(&staging(t), "wmf-config/CS.php", content.as_bytes());
+                    let c = component(t);
+                    let prepared = prepare(
+                        &store,
+                        &ChangeSpec {
+                            id: format!("c{step}"),
+                            bases: live,
+                            component: &c,
+                            path: "wmf-config/CS.php",
+                            kind: Kind::File,
+                            create: false,
+                            message: format!("SWAT {step}"),
+                            author: "prop".into(),
+                            signer: None,
+                            dry_run: false,
+                        },
+                        &[],
+                        &scap::progress::Silent,
+                    )
+                    .unwrap();
+                    let gate_ok = what == 2;
+                    if gate_ok {
+                        for h in hosts.iter_mut().flatten() {
+                            if let Some(n) = prepared.map.get(h) {
+                                *h = *n;
+                            }
+                        }
+                        asked.extend(prepared.map.values().copied());
+                        for (_, hv) in head.iter_mut() {
+                            if let Some(n) = prepared.map.get(hv) {
+                                *hv = *n;
+                            }
+                        }
+                    }
+                    let moves = settle(&store, dir.path(), &prepared, gate_ok, "prop");
+                    assert!(gate_ok || moves.is_empty(), "a failed gate moves no head");
+                    assert!(moves.iter().all(|m| m.refused.is_none()));
+                    log.push(format!(
+                        "change {step} gate_ok={gate_ok}: {:?}",
+                        prepared.map
+                    ));
+                }
+                // A rollback of the train's head: its hosts go back to the
+                // version the head was at before.
+                _ => {
+                    let Some(&h) = head.get(t) else { continue };
+                    let before = store.label_log(t).unwrap().last().and_then(|m| m.from);
+                    let Some(before) = before.filter(|b| asked.contains(b)) else {
+                        continue;
+                    };
+                    let mut moved = Vec::new();
+                    for x in hosts.iter_mut() {
+                        if *x == Some(h) {
+                            *x = Some(before);
+                            moved.push((h, before));
+                        }
+                    }
+                    if moved.is_empty() {
+                        continue;
+                    }
+                    let still: Vec<VersionId> = hosts.iter().flatten().copied().collect();
+                    heads_after_rollback(&store, &moved, &still, "prop", "rollback");
+                    // Every host of the head left it: the head moves back,
+                    // unless another train shares that version.
+                    if !still.contains(&h) {
+                        head.insert(t, before);
+                        for (other, hv) in head.iter_mut() {
+                            if *other != t
+                                && *hv == h
+                                && store.label(other).unwrap() == Some(before)
+                            {
+                                *hv = before;
+                            }
+                        }
+                    }
+                    log.push(format!("rollback {t}: {} -> {}", h.short(), before.short()));
+                }
+            }
+            // The properties.
+            let view = Trains::load(&store).unwrap();
+            for (t, h) in &head {
+                assert_eq!(
+                    store.resolve(t).unwrap(),
+                    *h,
+                    "seed {seed} step {step} {t}: {log:#?}"
+                );
+                assert_eq!(view.head(t), Some(*h));
+                assert!(
+                    builds.contains(h) || asked.contains(h),
+                    "seed {seed}: the head of {t} was never built or deployed: {log:#?}"
+                );
+                let moves = store.label_log(t).unwrap();
+                assert_eq!(moves.last().map(|m| m.to), Some(*h));
+                for w in moves.windows(2) {
+                    assert_eq!(
+                        w[1].from,
+                        Some(w[0].to),
+                        "seed {seed}: {t}'s history chains"
+                    );
+                }
+            }
+            for r in store.records().unwrap() {
+                assert_eq!(store.resolve(&r.version.to_hex()).unwrap(), r.version);
+            }
+            for v in hosts.iter().flatten() {
+                assert!(
+                    asked.contains(v),
+                    "seed {seed}: a host runs {v}, which no step asked for"
+                );
+            }
+        }
+    }
+}
