@@ -9,8 +9,14 @@
 //! 2. A reimaged host catching up by itself (agent started on an empty
 //!    directory with `--source`) on the ~30k-file tree, beside rsync of the
 //!    same tree into an empty directory. Order A B B A.
+//! 3. A revert SWAT (the old file put back in staging, `sync-file` again:
+//!    every host goes back to the version it ran before, on a deploy order
+//!    newer than the SWAT's) beside the SWAT it reverts, on SCAP_BENCH_HOSTS
+//!    agents on one version: wall time and bytes served. Order: SWAT,
+//!    revert, three times (A B A B A B), best of each.
 //!
-//! Run: `cargo bench --bench trains`.
+//! Run: `cargo bench --bench trains` (`SCAP_BENCH_ONLY=reverts` for 3
+//! alone).
 
 mod common;
 
@@ -87,6 +93,35 @@ impl Fleet {
         let secs = started.elapsed().as_secs_f64();
         assert!(out.contains("100.0% of production traffic"), "{out}");
         (secs, self.proxy.take())
+    }
+
+    /// A SWAT of `file` (content from `seed`), then its revert (the file as
+    /// it was put back): ((secs, bytes) of the SWAT, of the revert).
+    fn swat_and_revert(&self, file: &str, seed: u64) -> ((f64, u64), (f64, u64)) {
+        let path = self.staging.join(file);
+        let before = std::fs::read(&path).unwrap();
+        let swat = self.backport(file, seed);
+        std::fs::write(&path, &before).unwrap();
+        std::thread::sleep(Duration::from_secs(2)); // agents' background work settles
+        self.proxy.take();
+        let started = Instant::now();
+        let (_, out) = timed(
+            self.scap()
+                .args([
+                    "sync-file",
+                    file,
+                    &format!("Revert backport {seed}"),
+                    "--hosts",
+                ])
+                .arg(&self.group)
+                .args(["--staging"])
+                .arg(&self.staging)
+                .args(["--source", &self.proxy.url])
+                .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        assert!(out.contains("100.0% of production traffic"), "{out}");
+        (swat, (secs, self.proxy.take()))
     }
 
     /// How many versions the agents run now.
@@ -207,6 +242,39 @@ fn backports(n: usize, table: &mut Table) {
         ms(best(&two)),
         mb(bytes(&two)),
         format!("{:.2}x", best(&two) / best(&one)),
+    ]);
+    let dir = f.dir.clone();
+    drop(f);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn reverts(n: usize, table: &mut Table) {
+    let f = start_fleet(n);
+    let file = config_file(&f.staging);
+    let v1 = f.build();
+    f.sync(&v1, "100%");
+    let mut swats = Vec::new();
+    let mut reverts = Vec::new();
+    for seed in 1..=3 {
+        let (s, r) = f.swat_and_revert(&file, 100 + seed);
+        swats.push(s);
+        reverts.push(r);
+        assert_eq!(f.trains(), 1, "every host took the revert");
+    }
+    println!("SWATs: {swats:?}\nreverts: {reverts:?}");
+    let best = |v: &[(f64, u64)]| v.iter().map(|x| x.0).fold(f64::MAX, f64::min);
+    let bytes = |v: &[(f64, u64)]| v.iter().map(|x| x.1).sum::<u64>() / v.len() as u64;
+    table.row(vec![
+        format!("SWAT (sync-file of one config file), {n} hosts"),
+        ms(best(&swats)),
+        mb(bytes(&swats)),
+        String::new(),
+    ]);
+    table.row(vec![
+        format!("its revert (the old file back, sync-file again), {n} hosts"),
+        ms(best(&reverts)),
+        mb(bytes(&reverts)),
+        format!("{:.2}x", best(&reverts) / best(&swats)),
     ]);
     let dir = f.dir.clone();
     drop(f);
@@ -365,8 +433,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     println!("machine: {}", machine());
-    let mut table = Table::new(&["what", "wall time (best of 2)", "bytes served", "ratio"]);
-    backports(n, &mut table);
-    catch_up(&mut table);
+    let mut table = Table::new(&["what", "wall time (best)", "bytes served", "ratio"]);
+    let only = std::env::var("SCAP_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "backports" {
+        backports(n, &mut table);
+    }
+    if only.is_empty() || only == "reverts" {
+        reverts(n, &mut table);
+    }
+    if only.is_empty() || only == "catch-up" {
+        catch_up(&mut table);
+    }
     table.save("trains", &format!("machine: {}\nhosts: {n}", machine()));
 }

@@ -5,8 +5,8 @@
 //! them on every `cargo test`, so CI checks every input a fuzzer found
 //! interesting without a nightly compiler.
 
-use crate::host::proto::{ErrorResponse, Outcome, StateResponse};
 use crate::net::BatchDecoder;
+use crate::proto::{ErrorResponse, Outcome, StateResponse};
 use crate::store::{ObjectId, ObjectKind, Tree, object};
 
 /// Hostile tree bytes: decoding never panics, and whatever decodes

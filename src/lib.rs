@@ -6,6 +6,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod config;
 pub mod failpoint;
 pub mod fleet;
 pub mod fuzz;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod net;
 pub mod pki;
 pub mod progress;
+pub mod proto;
 pub mod store;
 pub mod sys;
 pub mod text;

@@ -137,3 +137,18 @@ pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 /// See the Linux version: elsewhere the later `fsync` does it all.
 #[cfg(not(target_os = "linux"))]
 pub fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
+
+/// A private key file (TLS, the deploy key) must not be readable by group
+/// or others: `Err` says why, and what to run.
+pub fn check_private(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "readable by others (mode {mode:o}): run `chmod 600 {}`",
+            path.display()
+        ));
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::process::Command as Process;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::exit;
+use super::output::exit;
 use scap_workload::{self as workload, Mutation, Spec};
 
 #[derive(Args, Debug)]

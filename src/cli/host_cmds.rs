@@ -1,62 +1,25 @@
 //! Commands that run services or talk to hosts: serve, agent, sync, state.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::store_cmds::Ctx;
-use super::{exit, print_json};
-use crate::fleet::agents::HostResult;
-use crate::host::proto::Outcome;
-use crate::host::state::HostState;
+use super::ctx::{Ctx, DEFAULT_AGENT_DIR};
+use super::output::{exit, print_json, runtime};
 use crate::host::{Agent, AgentConfig};
 use crate::net::server;
 use crate::net::tls::Transport;
-use crate::store::{Store, VersionId};
-use crate::time::fmt_bytes;
-
-/// Default agent directory on a host.
-pub const DEFAULT_AGENT_DIR: &str = "/var/lib/scap";
-
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
-}
+use crate::proto::state::HostState;
+use crate::store::Store;
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr}: is another scap (or anything) using that port?")
     })
-}
-
-/// Reads a bearer token file, refusing one that others can read.
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("token file {}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "token file {} is readable by others (mode {mode:o}): run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    let token =
-        std::fs::read_to_string(path).with_context(|| format!("token file {}", path.display()))?;
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        bail!(
-            "token file {} is empty: put a long random string in it",
-            path.display()
-        );
-    }
-    Ok(token)
 }
 
 #[derive(Args, Debug)]
@@ -139,8 +102,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             crate::fleet::inventory::fleet(&a.hosts, a.inventory.as_deref(), &[])?
         };
         let agents = crate::fleet::agents::Agents::new(transport.clone(), Duration::from_secs(10))?;
+        let counters = state.clone();
         let web = crate::web::Web::new(
-            state,
+            state.store.clone(),
+            std::sync::Arc::new(move |m: &mut crate::metrics::Exposition| counters.stats.expose(m)),
             ctx.store_path.join("fleet"),
             members,
             agents,
@@ -360,7 +325,7 @@ pub fn state(a: StateArgs) -> anyhow::Result<i32> {
         print_json(&st)?;
         return Ok(exit::OK);
     }
-    let show = |d: &Option<crate::host::state::Deployed>| match d {
+    let show = |d: &Option<crate::proto::state::Deployed>| match d {
         Some(d) => format!(
             "{} (since {}, by {})",
             d.version,
@@ -446,131 +411,4 @@ pub fn verify_live(dir: &Path, json: bool) -> anyhow::Result<i32> {
     } else {
         exit::PROBLEMS_FOUND
     })
-}
-
-/// Resolves a version name with the deploy host's store if there is one;
-/// without a store only a full ID will do.
-pub fn resolve_version(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
-    match Store::open(&ctx.store_path) {
-        Ok(store) => Ok(store.resolve(name)?),
-        Err(_) => name.parse::<VersionId>().with_context(|| {
-            format!(
-                "no store at {} to resolve {name:?}: give the full 64-digit version ID or --store",
-                ctx.store_path.display()
-            )
-        }),
-    }
-}
-
-/// One line per host: what it did, or why it failed.
-pub fn report(results: &[HostResult<Outcome>]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    for r in results {
-        match &r.result {
-            Ok(o) => writeln!(
-                out,
-                "{:<24} ok    {:>6.2}s  {}{}  fetched {} in {} objects, wrote {} files{}",
-                r.host.to_string(),
-                r.seconds,
-                o.version.short(),
-                if o.noop { " (already there)" } else { "" },
-                fmt_bytes(o.fetched.bytes),
-                o.fetched.trees + o.fetched.chunks,
-                o.files_written,
-                if o.repaired > 0 {
-                    format!(
-                        ", rewrote {} changed by hand (see verify --live)",
-                        o.repaired
-                    )
-                } else {
-                    String::new()
-                },
-            )?,
-            Err(e) => writeln!(
-                out,
-                "{:<24} FAIL  {:>6.2}s  {e}",
-                r.host.to_string(),
-                r.seconds,
-            )?,
-        }
-    }
-    // What each call to a host answered; what the fleet now runs is the
-    // command's outcome, its last line.
-    let ok = results.iter().filter(|r| r.ok()).count();
-    writeln!(out, "host calls: {ok} of {} ok", results.len())?;
-    Ok(())
-}
-
-pub fn clock() -> String {
-    let now = crate::time::fmt_utc(crate::time::unix_now());
-    now[11..19].to_string()
-}
-
-/// scap's progress line, `sync-x: 40% (ok: 4; fail: 0; left: 6)`: an
-/// indicatif bar on a terminal, else a line at most once a second.
-pub struct ProgressLine {
-    name: String,
-    total: usize,
-    state: Mutex<(usize, usize, Instant)>,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl ProgressLine {
-    pub fn new(name: &str, total: usize) -> ProgressLine {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(total as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix}: [{bar:30}] {pos}/{len} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(name.to_string());
-            b
-        });
-        ProgressLine {
-            name: name.to_string(),
-            total,
-            state: Mutex::new((0, 0, Instant::now() - Duration::from_secs(10))),
-            bar,
-        }
-    }
-
-    fn text(&self, ok: usize, fail: usize) -> String {
-        let done = ok + fail;
-        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
-        format!(
-            "{}: {pct}% (ok: {ok}; fail: {fail}; left: {})",
-            self.name,
-            self.total - done
-        )
-    }
-
-    pub fn done(&self, ok: bool) {
-        let mut s = self.state.lock().expect("not poisoned");
-        if ok {
-            s.0 += 1;
-        } else {
-            s.1 += 1;
-        }
-        match &self.bar {
-            Some(b) => {
-                b.inc(1);
-                b.set_message(format!("(ok: {}; fail: {})", s.0, s.1));
-            }
-            // The last one is printed by `finish`.
-            None if s.2.elapsed() >= Duration::from_secs(1) && s.0 + s.1 < self.total => {
-                s.2 = Instant::now();
-                eprintln!("{} {}", clock(), self.text(s.0, s.1));
-            }
-            None => {}
-        }
-    }
-
-    pub fn finish(&self) {
-        let s = self.state.lock().expect("not poisoned");
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-        eprintln!("{} {}", clock(), self.text(s.0, s.1));
-    }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
-use super::exit;
-use super::store_cmds::Ctx;
+use super::ctx::Ctx;
+use super::output::exit;
 use crate::store::signature::SigningKey;
 
 #[derive(Args, Debug)]

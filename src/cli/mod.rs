@@ -2,38 +2,23 @@
 //! call one library function, print. No deploy logic lives here.
 
 mod bar;
+mod ctx;
 #[cfg(feature = "dev")]
 mod demo;
+mod fleet_args;
 pub(crate) mod fleet_cmds;
 mod host_cmds;
 mod keys;
+mod output;
 mod store_cmds;
 
-use std::io::{self, Write};
+pub use ctx::{DEFAULT_AGENT_DIR, DEFAULT_STORE, TransportArgs};
+pub use output::{NotFound, exit, parse_duration, print_json};
+
+use std::io::{self};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-
-/// Exit codes, documented in README.md.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const FAILURE: i32 = 1;
-    pub const USAGE: i32 = 2;
-    pub const PROBLEMS_FOUND: i32 = 3;
-    pub const NOT_FOUND: i32 = 4;
-
-    /// `OK` on success, else `FAILURE`.
-    pub fn from(ok: bool) -> i32 {
-        if ok { OK } else { FAILURE }
-    }
-}
-
-/// The deploy host's store when neither --store nor SCAP_STORE nor
-/// scap.toml say. Never the agent's (`/var/lib/scap/store`, under the
-/// agent's `--dir`): a deploy-host command run on an app server must not
-/// find the agent's store by default.
-pub const DEFAULT_STORE: &str = "/srv/deployment/scap/store";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -160,7 +145,7 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let ctx = store_cmds::Ctx::new(cli.store, cli.config, cli.transport)?;
+    let ctx = ctx::Ctx::new(cli.store, cli.config, cli.transport)?;
     match cli.command {
         Command::BuildManifest(a) => store_cmds::build_manifest(&ctx, a),
         Command::Diff(a) => store_cmds::diff(&ctx, a),
@@ -171,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Label(a) => store_cmds::label(&ctx, a),
         Command::Pin(a) => store_cmds::pin(&ctx, a, true),
         Command::Unpin(a) => store_cmds::pin(&ctx, a, false),
+        Command::Verify(a) if a.live => host_cmds::verify_live(&a.dir, a.json),
         Command::Verify(a) => store_cmds::verify(&ctx, a),
         Command::Gc(a) => store_cmds::gc(&ctx, a),
         Command::Serve(a) => host_cmds::serve(&ctx, a),
@@ -219,83 +205,4 @@ fn error_code(err: &anyhow::Error) -> i32 {
         }
     }
     exit::FAILURE
-}
-
-/// A path that a version does not have.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}")]
-pub struct NotFound {
-    pub what: String,
-}
-
-/// Parses `20`, `20s`, `2m` or `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::time::parse_duration(s)
-}
-
-/// How a command talks to other scap processes.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct TransportArgs {
-    /// The site CA's certificate (PEM): whom to trust [default: scap.toml [tls] ca]
-    #[arg(long, value_name = "FILE", global = true)]
-    ca: Option<PathBuf>,
-    /// This process's certificate (PEM) [default: scap.toml [tls] cert]
-    #[arg(long, value_name = "FILE", global = true)]
-    cert: Option<PathBuf>,
-    /// Its private key (PEM, mode 600) [default: scap.toml [tls] key]
-    #[arg(long, value_name = "FILE", global = true)]
-    key: Option<PathBuf>,
-    /// Lab only: plain HTTP with a bearer token instead of TLS (says so on every start)
-    #[arg(long, global = true)]
-    insecure_http: bool,
-    /// With --insecure-http: the bearer token file (mode 600) [default: scap.toml token_file]
-    #[arg(long, value_name = "FILE", global = true)]
-    token_file: Option<PathBuf>,
-}
-
-impl TransportArgs {
-    /// The transport flags and scap.toml ask for: TLS with certificates
-    /// unless `--insecure-http`.
-    pub fn transport(
-        &self,
-        config: &crate::manifest::config::ConfigFile,
-    ) -> anyhow::Result<crate::net::tls::Transport> {
-        use crate::net::tls::{TlsFiles, Transport};
-        if self.insecure_http {
-            let file = self
-                .token_file
-                .clone()
-                .or_else(|| config.token_file.clone())
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--insecure-http needs a bearer token: pass --token-file (or set token_file in scap.toml)"
-                    )
-                })?;
-            let token = host_cmds::read_token(&file)?;
-            return Ok(Transport::Insecure {
-                token: std::sync::Arc::new(token),
-            });
-        }
-        let tls = config.tls.as_ref();
-        let pick = |flag: &Option<PathBuf>, from: Option<&PathBuf>, what: &str| {
-            flag.clone().or_else(|| from.cloned()).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no TLS {what}: pass --ca, --cert and --key (or set [tls] in scap.toml; `scap pki init DIR` makes a lab set), or --insecure-http for a lab"
-                )
-            })
-        };
-        Ok(Transport::Tls(std::sync::Arc::new(TlsFiles {
-            ca: pick(&self.ca, tls.map(|t| &t.ca), "CA certificate")?,
-            cert: pick(&self.cert, tls.map(|t| &t.cert), "certificate")?,
-            key: pick(&self.key, tls.map(|t| &t.key), "key")?,
-        })))
-    }
-}
-
-/// Writes a JSON value and a newline to stdout.
-pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
 }

@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::{NotFound, exit, print_json};
-use crate::manifest::config::{ConfigFile, components};
+use super::ctx::{Ctx, DEFAULT_AGENT_DIR};
+use super::fleet_args::{FleetArgs, fleet_dir};
+use super::output::{NotFound, exit, print_json, runtime};
+use crate::config::components;
 use crate::manifest::{BuildOptions, build};
 use crate::store::diff::{Change, DiffStat, fetch_cost};
 use crate::store::disk::VersionRecord;
@@ -17,73 +19,6 @@ use crate::store::{
     Content, Store, VersionId, diff as store_diff, gc as store_gc, verify as store_verify,
 };
 use crate::time::{fmt_bytes, fmt_utc};
-
-/// Where the store is, what scap.toml says, and how to talk to others.
-pub struct Ctx {
-    pub store_path: PathBuf,
-    pub config: ConfigFile,
-    pub transport_args: super::TransportArgs,
-}
-
-impl Ctx {
-    pub fn new(
-        store: Option<PathBuf>,
-        config: Option<PathBuf>,
-        transport_args: super::TransportArgs,
-    ) -> anyhow::Result<Ctx> {
-        let config_path = config.or_else(|| {
-            let local = PathBuf::from("scap.toml");
-            local.exists().then_some(local)
-        });
-        let config = match &config_path {
-            Some(p) => ConfigFile::load(p)?,
-            None => ConfigFile::default(),
-        };
-        let store_path = store
-            .or_else(|| config.store.clone())
-            .unwrap_or_else(|| PathBuf::from(super::DEFAULT_STORE));
-        Ok(Ctx {
-            store_path,
-            config,
-            transport_args,
-        })
-    }
-
-    /// TLS with certificates, or (`--insecure-http`) plain with a token.
-    pub fn transport(&self) -> anyhow::Result<crate::net::tls::Transport> {
-        self.transport_args.transport(&self.config)
-    }
-
-    /// The deploy key to sign with: `--sign-key`, else scap.toml's
-    /// `sign_key`; warns when there is none (agents refuse unsigned
-    /// versions).
-    pub fn signer(
-        &self,
-        flag: Option<&std::path::Path>,
-    ) -> anyhow::Result<Option<std::sync::Arc<crate::store::signature::SigningKey>>> {
-        match flag.or(self.config.sign_key.as_deref()) {
-            Some(path) => Ok(Some(std::sync::Arc::new(
-                crate::store::signature::SigningKey::load(path)?,
-            ))),
-            None => {
-                eprintln!(
-                    "scap: warning: no deploy key (--sign-key or sign_key in scap.toml): the version is not signed, and agents that trust a key will refuse it; `scap sign VERSION` signs it later"
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    pub fn open(&self) -> anyhow::Result<Store> {
-        Ok(Store::open(&self.store_path)?)
-    }
-
-    /// Opens the store for a command that changes it on the deploy host:
-    /// an agent's store is refused by name.
-    pub fn open_deploy(&self) -> anyhow::Result<Store> {
-        Ok(Store::open_deploy(&self.store_path)?)
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -496,7 +431,7 @@ pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
     if let Some(c) = &a.change {
         records.retain(|r| r.change.as_deref() == Some(c.as_str()));
         if records.is_empty() {
-            return Err(super::NotFound {
+            return Err(NotFound {
                 what: format!("no version was made by change {c:?}: `scap history` lists changes"),
             }
             .into());
@@ -519,7 +454,7 @@ pub fn log(ctx: &Ctx, a: LogArgs) -> anyhow::Result<i32> {
 fn train_log(store: &Store, train: &str, a: &LogArgs) -> anyhow::Result<i32> {
     if crate::store::disk::check_label(train).is_err() || store.label(train)?.is_none() {
         let names: Vec<String> = store.labels()?.into_iter().map(|(l, _)| l).collect();
-        return Err(super::NotFound {
+        return Err(NotFound {
             what: format!(
                 "no train named {train:?}: the trains are {}; `scap log` without a name lists every version",
                 if names.is_empty() {
@@ -676,19 +611,16 @@ pub struct VerifyArgs {
     versions: Vec<String>,
     /// On a host: re-hash the live release against its version and list files edited by hand
     #[arg(long, conflicts_with = "versions")]
-    live: bool,
+    pub(super) live: bool,
     /// With --live: the agent's directory
-    #[arg(long, default_value = super::host_cmds::DEFAULT_AGENT_DIR, requires = "live")]
-    dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_AGENT_DIR, requires = "live")]
+    pub(super) dir: PathBuf,
     /// Print JSON
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
-    if a.live {
-        return super::host_cmds::verify_live(&a.dir, a.json);
-    }
     let store = ctx.open()?;
     let mut versions: Vec<VersionId> = a
         .versions
@@ -748,7 +680,7 @@ pub fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<i32> {
 #[derive(Args, Debug)]
 pub struct GcArgs {
     #[command(flatten)]
-    fleet: super::fleet_cmds::FleetArgs,
+    fleet: FleetArgs,
     /// Keep the newest N versions (plus every labelled and pinned one, and every
     /// version the fleet runs, holds or should run)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -774,12 +706,12 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
     } else {
         Some(a.fleet.agents(ctx)?)
     };
-    let rt = super::host_cmds::runtime()?;
+    let rt = runtime()?;
     let fleet = rt
         .block_on(crate::fleet::keep::fleet_roots(
             agents.as_ref(),
             &members,
-            &super::fleet_cmds::fleet_dir(ctx),
+            &fleet_dir(ctx),
         ))
         .map_err(|e| anyhow::anyhow!("gc refused: {e}"))?;
     drop(rt);

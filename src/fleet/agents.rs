@@ -1,5 +1,5 @@
 //! Talking to agents: a typed client for the agent API
-//! ([`crate::host::proto`]) and the one fan-out that every fleet command
+//! ([`crate::proto`]) and the one fan-out that every fleet command
 //! uses to reach many hosts at once.
 //!
 //! Answers are read with a size cap ([`MAX_RESPONSE_BYTES`]) and parsed
@@ -14,13 +14,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::inventory::Host;
-use crate::host::proto::{
+use crate::net::tls::{TlsError, Transport};
+use crate::proto::state::{HostState, STATE_FORMAT};
+use crate::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_RESPONSE_BYTES, Outcome,
     PromoteRequest, PullOutcome, PullRequest, RestartOutcome, RestartRequest, RollbackRequest,
     RollbackTarget, StateResponse, SyncRequest,
 };
-use crate::host::state::{HostState, STATE_FORMAT};
-use crate::net::tls::{TlsError, Transport};
 use crate::store::VersionId;
 use crate::store::signature::SignedOrder;
 use crate::text::clip;

@@ -16,7 +16,7 @@ use super::desired::Desired;
 use super::history::{self, Entry};
 use super::inventory::{Host, Member};
 use super::poll::poll;
-use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
+use crate::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
 use crate::store::signature::SignedVersion;
 

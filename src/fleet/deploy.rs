@@ -23,41 +23,19 @@ use super::agents::{Agents, Call, CallError, HostResult, fan_out};
 use super::desired;
 use super::gates::Gates;
 use super::history::{self, Entry};
-use super::inventory::{Host, Member, fleet_from_pools};
+use super::inventory::{Host, Member};
 use super::poll::{Reading, poll};
-use super::pools::Pools;
+use super::pools::{Pools, fleet_from_pools};
 use super::prom::Measurement;
 use super::record::{RolloutRecord, RolloutState};
 use super::restart::{RestartPolicy, Restarter};
 use super::rollout::{Budget, Goal, Stage, TopUp, share, top_up};
 use super::trains::Trains;
-use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
+use crate::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget, SyncRequest};
 use crate::store::VersionId;
 use crate::store::signature::SignedVersion;
 
-/// What the operator decides when a gate fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateChoice {
-    Retry,
-    Ignore,
-    Rollback,
-    Exit,
-}
-
-/// How fleet procedures talk to their operator.
-pub trait Operator {
-    /// A line of progress (the caller adds the clock).
-    fn say(&mut self, line: &str);
-    /// Continue to the next stage?
-    fn confirm(&mut self, question: &str) -> bool;
-    fn gate_failed(&mut self, failures: &[String]) -> GateChoice;
-    /// A step starts changing `hosts` hosts.
-    fn step_started(&mut self, stage: &str, hosts: usize);
-    /// Called after each host of the step finishes.
-    fn host_done(&mut self, result: &HostResult<HostOutcome>);
-    /// The step's hosts are all done.
-    fn step_done(&mut self, stage: &str, ok: usize, failed: usize);
-}
+pub use super::operator::{GateChoice, Operator};
 
 /// Runs `call` on every host of a step, reporting each to `op` as it
 /// finishes (the operator is not `Sync`: results come back over a channel).
@@ -1183,6 +1161,4 @@ impl Rollout<'_> {
     }
 }
 
-pub fn pct(v: f64) -> String {
-    format!("{v:.1}%")
-}
+pub use super::rollout::pct;

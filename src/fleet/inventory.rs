@@ -64,15 +64,26 @@ pub enum InventoryError {
     },
 }
 
-/// A host name scap accepts: letters, digits, `.`, `-`, `_`, at most 253
-/// bytes (it goes into URLs and file names unescaped).
-pub fn valid_host_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+/// A host's state in the load balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooled {
+    Yes,
+    No,
+    Inactive,
 }
+
+impl std::fmt::Display for Pooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pooled::Yes => "yes",
+            Pooled::No => "no",
+            Pooled::Inactive => "inactive",
+        })
+    }
+}
+
+pub use crate::proto::valid_host_name;
 
 /// Reads a dsh group file.
 pub fn read_group(path: &Path) -> Result<Vec<Host>, InventoryError> {
@@ -201,7 +212,7 @@ pub struct Member {
     pub canary: bool,
     /// Its state in the load balancer's pools (`None`: the fleet does not
     /// come from pools, or the host is in none).
-    pub pooled: Option<super::pools::Pooled>,
+    pub pooled: Option<Pooled>,
 }
 
 /// `inventory.toml`: hosts with weights and labels.
@@ -331,60 +342,4 @@ pub fn fleet(
         return Err(InventoryError::NoHosts);
     }
     Ok(members)
-}
-
-/// The fleet from the load balancer's pools (conftool in etcd), joined by
-/// host name with the static sources, which may give a host's agent
-/// address and mark it canary. Returns the members and what a person should
-/// know: agents in no pool (they take no traffic, and get the version at
-/// 100%).
-pub async fn fleet_from_pools(
-    pools: &super::pools::Pools,
-    statics: &[Member],
-) -> Result<(Vec<Member>, Vec<String>), super::pools::PoolError> {
-    let entries = pools.read().await?;
-    let port = pools.config().agent_port.unwrap_or(DEFAULT_AGENT_PORT);
-    let mut notes = Vec::new();
-    let mut members: Vec<Member> = entries
-        .iter()
-        .map(|e| {
-            let known = statics.iter().find(|m| m.host.name == e.host);
-            Member {
-                host: match known {
-                    Some(m) => m.host.clone(),
-                    None => Host {
-                        name: e.host.clone(),
-                        port,
-                        addr: None,
-                    },
-                },
-                weight: e.traffic(),
-                dc: e.dc.clone(),
-                cluster: e.cluster.clone(),
-                canary: known.is_some_and(|m| m.canary),
-                pooled: Some(e.pooled),
-            }
-        })
-        .collect();
-    for m in statics {
-        if !entries.iter().any(|e| e.host == m.host.name) {
-            notes.push(format!(
-                "{}: its agent is in no pool: it takes no traffic, and gets a version only when a rollout reaches 100%",
-                m.host
-            ));
-            members.push(Member {
-                weight: 0,
-                pooled: None,
-                ..m.clone()
-            });
-        }
-    }
-    if members.is_empty() {
-        return Err(super::pools::PoolError::Bad {
-            url: pools.config().etcd.join(", "),
-            key: pools.config().prefix.clone(),
-            why: "no host in the pools".into(),
-        });
-    }
-    Ok((members, notes))
 }

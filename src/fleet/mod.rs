@@ -19,6 +19,7 @@ pub mod inventory;
 pub mod keep;
 pub mod lineage;
 pub mod lock;
+pub mod operator;
 pub mod orders;
 pub mod policy;
 pub mod poll;

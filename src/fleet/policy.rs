@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::gates::Gates;
 use super::inventory::Member;
 use super::rollout::{Budget, Percent, Stage};
-use crate::manifest::config::ConfigFile;
+use crate::config::ConfigFile;
 
 /// The built-in default stages: the canary hosts, then every host.
 pub const DEFAULT_STAGES: [Stage; 2] = [Stage::Canary, Stage::Share(Percent::ALL)];

@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use super::agents::{Agents, CallError, fan_out};
 use super::inventory::{Host, Member};
-use crate::host::proto::StateResponse;
-use crate::host::state::Action;
+use crate::proto::StateResponse;
+use crate::proto::state::Action;
 use crate::store::VersionId;
 
 /// What one host said when polled.

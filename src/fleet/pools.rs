@@ -25,29 +25,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::inventory::{DEFAULT_AGENT_PORT, Host, Member};
+
 /// How long one etcd request may take.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read from etcd (the pools of a big site are ~100 KB).
 const MAX_ETCD_BYTES: usize = 16 << 20;
 
-/// A host's state in the load balancer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooled {
-    Yes,
-    No,
-    Inactive,
-}
-
-impl std::fmt::Display for Pooled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Pooled::Yes => "yes",
-            Pooled::No => "no",
-            Pooled::Inactive => "inactive",
-        })
-    }
-}
+pub use super::inventory::Pooled;
 
 /// One host's entry in the pools.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -92,27 +77,7 @@ pub enum PoolError {
     Changed { key: String },
 }
 
-/// `[pools]` in scap.toml.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolsConfig {
-    /// etcd's client URL(s), e.g. "https://conf1001.eqiad.wmnet:2379".
-    pub etcd: Vec<String>,
-    /// Where conftool keeps the pools.
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    /// The service whose pool state counts, when a host has several (e.g.
-    /// "apache2"); with one service per host it may be left out.
-    #[serde(default)]
-    pub service: Option<String>,
-    /// The port agents listen on, for hosts the pools name (default 8470).
-    #[serde(default)]
-    pub agent_port: Option<u16>,
-}
-
-fn default_prefix() -> String {
-    "/conftool/v1/pools".into()
-}
+pub use crate::config::PoolsConfig;
 
 /// The etcd v2 node as JSON.
 #[derive(Debug, Deserialize)]
@@ -399,7 +364,7 @@ fn walk(node: &Node, prefix: &str, base: &str, out: &mut Vec<PoolEntry>) -> Resu
             "expected {prefix}/<dc>/<cluster>/<service>/<host>"
         )));
     };
-    if !super::inventory::valid_host_name(host) {
+    if !crate::proto::valid_host_name(host) {
         return Err(bad(format!("{host:?} is not a host name")));
     }
     let raw = node.value.as_deref().unwrap_or("");
@@ -442,6 +407,62 @@ fn walk(node: &Node, prefix: &str, base: &str, out: &mut Vec<PoolEntry>) -> Resu
         index: node.modified_index,
     });
     Ok(())
+}
+
+/// The fleet from the load balancer's pools (conftool in etcd), joined by
+/// host name with the static sources, which may give a host's agent
+/// address and mark it canary. Returns the members and what a person should
+/// know: agents in no pool (they take no traffic, and get the version at
+/// 100%).
+pub async fn fleet_from_pools(
+    pools: &Pools,
+    statics: &[Member],
+) -> Result<(Vec<Member>, Vec<String>), PoolError> {
+    let entries = pools.read().await?;
+    let port = pools.config().agent_port.unwrap_or(DEFAULT_AGENT_PORT);
+    let mut notes = Vec::new();
+    let mut members: Vec<Member> = entries
+        .iter()
+        .map(|e| {
+            let known = statics.iter().find(|m| m.host.name == e.host);
+            Member {
+                host: match known {
+                    Some(m) => m.host.clone(),
+                    None => Host {
+                        name: e.host.clone(),
+                        port,
+                        addr: None,
+                    },
+                },
+                weight: e.traffic(),
+                dc: e.dc.clone(),
+                cluster: e.cluster.clone(),
+                canary: known.is_some_and(|m| m.canary),
+                pooled: Some(e.pooled),
+            }
+        })
+        .collect();
+    for m in statics {
+        if !entries.iter().any(|e| e.host == m.host.name) {
+            notes.push(format!(
+                "{}: its agent is in no pool: it takes no traffic, and gets a version only when a rollout reaches 100%",
+                m.host
+            ));
+            members.push(Member {
+                weight: 0,
+                pooled: None,
+                ..m.clone()
+            });
+        }
+    }
+    if members.is_empty() {
+        return Err(PoolError::Bad {
+            url: pools.config().etcd.join(", "),
+            key: pools.config().prefix.clone(),
+            why: "no host in the pools".into(),
+        });
+    }
+    Ok((members, notes))
 }
 
 #[cfg(test)]

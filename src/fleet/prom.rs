@@ -30,20 +30,7 @@ use crate::store::VersionId;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_ANSWER: usize = 1 << 20;
 
-/// `[[gate]] prometheus = ...` in scap.toml.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct PromGate {
-    /// Prometheus' URL, e.g. "http://prometheus.svc:9090".
-    pub url: String,
-    pub query: String,
-    /// Absolute: fail when the step's value exceeds this.
-    pub max: Option<f64>,
-    /// Comparison: fail when the step's value exceeds `ratio` x the rest's
-    /// (and `floor`).
-    pub ratio: Option<f64>,
-    /// With `ratio`: values at or under this always pass.
-    pub floor: Option<f64>,
-}
+pub use crate::config::PromGate;
 
 /// What a Prometheus gate measured, for history and the dashboard.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

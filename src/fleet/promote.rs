@@ -6,13 +6,14 @@
 use serde::Serialize;
 
 use super::agents::{Agents, HostResult, fan_out};
-use super::deploy::{Operator, pct};
 use super::history::{self, Entry};
 use super::inventory::{Host, Member};
+use super::operator::Operator;
 use super::poll::poll;
+use super::rollout::pct;
 use super::rollout::{Budget, share};
-use crate::host::proto::PromoteRequest;
-use crate::host::state::HostState;
+use crate::proto::PromoteRequest;
+use crate::proto::state::HostState;
 use crate::store::VersionId;
 
 pub struct Promote<'a> {

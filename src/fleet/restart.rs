@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::agents::{Agents, fan_out};
-use super::deploy::Operator;
 use super::inventory::{Host, Member};
+use super::operator::Operator;
 use super::pools::{PoolEntry, Pooled, Pools};
 use super::rollout::{Percent, share};
 use crate::store::VersionId;
@@ -157,7 +157,7 @@ impl Restarter<'_> {
                             report.stopped = Some(format!(
                                 "cluster {cluster}: depooling {} (weight {w}) would leave {} pooled, under the --min-pooled floor of {}; {} host(s) not restarted",
                                 job.member.host,
-                                super::deploy::pct(share(now.saturating_sub(w), base)),
+                                super::rollout::pct(share(now.saturating_sub(w), base)),
                                 self.policy.min_pooled,
                                 queue.len()
                             ));
@@ -252,7 +252,7 @@ impl Restarter<'_> {
                 format!(
                     "{} {}",
                     if c.is_empty() { "(no cluster)" } else { c },
-                    super::deploy::pct(*s)
+                    super::rollout::pct(*s)
                 )
             })
             .collect();

@@ -34,7 +34,7 @@ use super::poll::poll;
 use super::record::{RolloutRecord, RolloutState};
 use super::rollout::{Percent, take_back};
 use super::trains::{HeadMove, Trains};
-use crate::host::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget};
+use crate::proto::{Outcome as HostOutcome, RollbackRequest, RollbackTarget};
 use crate::store::VersionId;
 
 pub struct Rollback<'a> {

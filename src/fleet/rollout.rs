@@ -175,6 +175,11 @@ impl Goal {
     }
 }
 
+/// A share (percent) with one decimal, for people: `12.5%`.
+pub fn pct(v: f64) -> String {
+    format!("{v:.1}%")
+}
+
 /// `weight / total` as a percentage with one decimal, for people.
 pub fn share(weight: u64, total: u64) -> f64 {
     if total == 0 {

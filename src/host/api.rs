@@ -1,4 +1,4 @@
-//! The agent's HTTP API (request and response types in [`super::proto`]).
+//! The agent's HTTP API (request and response types in [`crate::proto`]).
 //!
 //! | method | path          | who (TLS) | what |
 //! |--------|---------------|-----------|------|
@@ -46,15 +46,15 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
-use super::proto::{
-    CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
-    PromoteRequest, PullOutcome, PullRequest, RestartRequest, RollbackRequest, StateResponse,
-    SyncRequest,
-};
 use super::{Agent, AgentError};
 use crate::cancel::Cancel;
 use crate::metrics::Exposition;
 use crate::net::server::Caller;
+use crate::proto::{
+    CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
+    PromoteRequest, PullOutcome, PullRequest, RestartRequest, RollbackRequest, StateResponse,
+    SyncRequest,
+};
 
 /// Who may do what on this agent.
 pub enum Auth {

@@ -18,13 +18,7 @@ use crate::store::chunk::{self, ChunkError};
 use crate::store::tree::{ChunkRef, MAX_DEPTH};
 use crate::store::{ChunkId, Content, ObjectKind, Store, StoreError, TreeId, TreeName, join};
 
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Drift {
-    pub checked_files: u64,
-    /// `(status, path, what)`: M content or mode, A not in the version, D
-    /// missing, T different kind.
-    pub changes: Vec<(char, String, String)>,
-}
+pub use crate::proto::Drift;
 
 struct FileCheck {
     /// Its directory, in the walk's arena.

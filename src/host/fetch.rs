@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::proto::Fetched;
 use crate::cancel::Cancel;
 use crate::net::client::{Client, FetchError, PackItem};
+use crate::proto::Fetched;
 use crate::store::disk::Writer;
 use crate::store::disk::pack::Arriving;
 use crate::store::tree::{MAX_DEPTH, MAX_TREE_LEN, TreeError};

@@ -27,10 +27,8 @@ pub mod api;
 pub mod drift;
 pub mod fetch;
 pub mod materialize;
-pub mod proto;
 pub mod release;
 pub mod share;
-pub mod state;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -42,16 +40,16 @@ use crate::cancel::Cancel;
 use crate::hooks;
 use crate::net::client::{Client, FetchError};
 use crate::net::tls::Transport;
+use crate::proto::state::{Action, Deployed, Event, HostState, StateError};
+use crate::proto::{
+    DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackRequest, RollbackTarget,
+    SyncRequest,
+};
 use crate::store::disk::{LockMode, Role};
 use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust};
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
-use proto::{
-    DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackRequest, RollbackTarget,
-    SyncRequest,
-};
 use release::{How, Releases};
-use state::{Action, Deployed, Event, HostState, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -140,7 +138,7 @@ impl AgentConfig {
                 ),
             );
         }
-        if !crate::fleet::inventory::valid_host_name(&self.host) {
+        if !crate::proto::valid_host_name(&self.host) {
             return bad(
                 "--host",
                 format!(
@@ -867,7 +865,7 @@ impl Agent {
         &self,
         rt: &tokio::runtime::Handle,
         cancel: &Cancel,
-    ) -> Result<proto::DesiredResponse, AgentError> {
+    ) -> Result<crate::proto::DesiredResponse, AgentError> {
         if self.cfg.sources.is_empty() {
             return Err(AgentError::Refused(format!(
                 "host {}: no deploy host to ask: start the agent with --source https://DEPLOY-HOST:8469",
@@ -918,7 +916,11 @@ impl Agent {
     /// Runs the restart command (`POST /v1/restart`): the new code runs
     /// once it succeeds. Its failure is the caller's to report; the host
     /// stays on its version either way.
-    pub fn restart(&self, by: &str, cancel: &Cancel) -> Result<proto::RestartOutcome, AgentError> {
+    pub fn restart(
+        &self,
+        by: &str,
+        cancel: &Cancel,
+    ) -> Result<crate::proto::RestartOutcome, AgentError> {
         let started = Instant::now();
         let Some(cmd) = &self.cfg.restart else {
             return Err(AgentError::Refused(format!(
@@ -940,7 +942,7 @@ impl Agent {
         let mut e = Event::new(Action::Restart, cur, None, by);
         e.seconds = seconds;
         let outcome = match result {
-            Ok(()) => proto::RestartOutcome {
+            Ok(()) => crate::proto::RestartOutcome {
                 host: self.cfg.host.clone(),
                 ok: true,
                 status: "exit status 0".into(),
@@ -953,7 +955,7 @@ impl Agent {
                     &format!("{}: {}", f.status, f.output),
                     500,
                 ));
-                proto::RestartOutcome {
+                crate::proto::RestartOutcome {
                     host: self.cfg.host.clone(),
                     ok: false,
                     status: f.status,

@@ -24,7 +24,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::fetch::Arrivals;
 use super::materialize::{self, Dir};
@@ -40,55 +40,7 @@ pub const MAX_SLOTS: usize = 8;
 /// Fewest: the live one, the previous one, and one to prepare.
 pub const MIN_SLOTS: usize = 3;
 
-/// What a slot holds, in `releases/<slot>.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SlotMeta {
-    pub version: Option<VersionId>,
-    /// False while the slot is being changed: its content is then neither
-    /// `version` nor the target, and it must be rewritten before use.
-    pub clean: bool,
-    /// Unix seconds of the last time it was made or switched to.
-    #[serde(default)]
-    pub used: u64,
-    /// When the operation that last wrote it began ([`share`]'s seal):
-    /// every file in it untouched since has an older mtime. None for a slot
-    /// written before slots shared files: it holds its own copies and is
-    /// never linked from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sealed: Option<i64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Slot {
-    pub name: String,
-    pub meta: SlotMeta,
-}
-
-/// How a slot came to hold the version.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum How {
-    /// The host already ran the version: nothing was done.
-    #[default]
-    AlreadyThere,
-    /// A clean slot already held it.
-    Reused,
-    /// The changes from the version the slot held were applied.
-    Diff,
-    /// Written from nothing.
-    Full,
-}
-
-impl std::fmt::Display for How {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            How::AlreadyThere => "already there",
-            How::Reused => "reused",
-            How::Diff => "diff",
-            How::Full => "full",
-        })
-    }
-}
+pub use crate::proto::{How, Slot, SlotMeta};
 
 /// What preparing a slot cost.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
-use super::config::Component;
 use super::{BuildError, hash_file, put_tree};
+use crate::config::Component;
 use crate::progress::Meter;
 use crate::store::disk::{ComponentRecord, Store, VersionRecord, Writer};
 use crate::store::tree::{Content, Entry, Tree, TreeName};

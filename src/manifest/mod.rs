@@ -9,7 +9,6 @@
 //! store valid (at worst with unreferenced objects that gc removes).
 
 pub mod change;
-pub mod config;
 pub mod statcache;
 
 use std::ffi::OsStr;
@@ -24,13 +23,13 @@ use std::time::{Duration, Instant, SystemTime};
 use rayon::prelude::*;
 use thiserror::Error;
 
+use crate::config::Component;
 use crate::progress::Meter;
 use crate::store::chunk;
 use crate::store::disk::{ComponentRecord, Store, StoreError, VersionRecord, Writer};
 use crate::store::id::{ChunkId, ObjectKind, TreeId, VersionId};
 use crate::store::signature::{SignatureError, SignedVersion, SigningKey, Statement};
 use crate::store::tree::{ChunkRef, Content, Entry, MAX_DEPTH, MAX_TARGET_LEN, Tree, TreeName};
-use config::Component;
 use statcache::{Cached, Stamp, StatCache};
 
 /// How often a file that keeps changing under us is re-read before giving up.

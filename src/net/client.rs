@@ -494,11 +494,8 @@ impl Client {
     /// What the deploy host says `host` should run, from the first source
     /// that answers (a cache in front of it must pass `/v1/desired/`
     /// through: the answer is `Cache-Control: no-store`).
-    pub async fn desired(
-        &self,
-        host: &str,
-    ) -> Result<crate::host::proto::DesiredResponse, FetchError> {
-        use crate::host::proto::{DesiredResponse, MAX_DESIRED_BYTES};
+    pub async fn desired(&self, host: &str) -> Result<crate::proto::DesiredResponse, FetchError> {
+        use crate::proto::{DesiredResponse, MAX_DESIRED_BYTES};
         let mut last_error = String::from("no source configured");
         for source in &self.sources {
             let url = format!("{source}/v1/desired/{host}");

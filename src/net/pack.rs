@@ -103,7 +103,7 @@ pub fn etag(from: Option<&VersionId>, to: &VersionId) -> String {
     )
 }
 
-/// The objects of a pack, in pack order: the order [`crate::host`]'s
+/// The objects of a pack, in pack order: the order the agent's
 /// materializer walks a version in, so that a fresh host writes its
 /// release while the pack arrives. Depth first, each directory's tree
 /// first, then its entries in name order: a file's chunks, a

@@ -47,6 +47,48 @@ pub struct ServerStats {
     pub packs_ahead_failed: AtomicU64,
 }
 
+impl ServerStats {
+    /// The service's counters, in Prometheus' text format.
+    pub fn expose(&self, m: &mut crate::metrics::Exposition) {
+        m.single(
+            "scap_http_requests_total",
+            "counter",
+            "Requests served by scap serve.",
+            self.requests.load(Ordering::Relaxed),
+        );
+        m.single(
+            "scap_objects_served_total",
+            "counter",
+            "Objects sent to hosts one by one or in batches (packs are counted apart).",
+            self.objects_served.load(Ordering::Relaxed),
+        );
+        m.single(
+            "scap_packs_served_total",
+            "counter",
+            "Delta packs (or ranges of them) sent to hosts and caches.",
+            self.packs_served.load(Ordering::Relaxed),
+        );
+        m.single(
+            "scap_packs_built_ahead_total",
+            "counter",
+            "Delta packs of new versions built before any host asked for them.",
+            self.packs_built_ahead.load(Ordering::Relaxed),
+        );
+        m.single(
+            "scap_packs_ahead_failed_total",
+            "counter",
+            "Builds of packs ahead that failed (the first host to ask builds the pack).",
+            self.packs_ahead_failed.load(Ordering::Relaxed),
+        );
+        m.single(
+            "scap_served_bytes_total",
+            "counter",
+            "Object bytes sent to hosts (after stream compression).",
+            self.bytes_served.load(Ordering::Relaxed),
+        );
+    }
+}
+
 pub struct ServerState {
     pub store: Store,
     pub stats: ServerStats,
@@ -604,7 +646,7 @@ async fn record(State(st): State<Arc<ServerState>>, Path(file): Path<String>) ->
 /// state), for the host's agent converging by itself. Never cached.
 async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -> Response {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
-    if !crate::fleet::inventory::valid_host_name(&host) {
+    if !crate::proto::valid_host_name(&host) {
         return error(
             StatusCode::BAD_REQUEST,
             format!(
@@ -622,7 +664,7 @@ async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let t = d.get(&host);
-    let body = crate::host::proto::DesiredResponse {
+    let body = crate::proto::DesiredResponse {
         host: host.clone(),
         version: t.map(|t| t.version),
         since: t.map_or(0, |t| t.since),

@@ -123,19 +123,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// A private key file must not be readable by group or others.
 pub fn check_private(path: &Path) -> Result<(), TlsError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(file_err(
-            path,
-            format!(
-                "readable by others (mode {mode:o}): run `chmod 600 {}`",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
+    crate::sys::check_private(path).map_err(|why| file_err(path, why))
 }
 
 fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {

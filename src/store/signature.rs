@@ -240,7 +240,7 @@ impl SigningKey {
             path: shown.clone(),
             why,
         };
-        crate::net::tls::check_private(path).map_err(|e| err(e.to_string()))?;
+        crate::sys::check_private(path).map_err(err)?;
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let body: String = text
             .lines()

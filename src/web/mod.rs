@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ use crate::fleet::inventory::Member;
 use crate::fleet::poll::{Reading, poll};
 use crate::fleet::status::fleet_status;
 use crate::metrics::Exposition;
-use crate::net::server::ServerState;
+use crate::store::Store;
 use crate::store::diff::{Change, DiffStat, diff};
 use crate::time::unix_now;
 
@@ -42,8 +41,14 @@ const PAGE: &str = include_str!("dashboard.html");
 /// Most changes one diff answer lists (the totals count them all).
 const DIFF_LIST_MAX: usize = 5000;
 
+/// Writes the object service's own counters into the dashboard's
+/// `/metrics` (`scap serve` gives `net::server`'s).
+pub type ServerMetrics = Arc<dyn Fn(&mut Exposition) + Send + Sync>;
+
 pub struct Web {
-    server: Arc<ServerState>,
+    /// The deploy host's store (versions, trains, diffs).
+    store: Store,
+    server_metrics: ServerMetrics,
     fleet_dir: PathBuf,
     members: Vec<Member>,
     /// How the dashboard reads agents (the server's certificate).
@@ -67,7 +72,8 @@ struct Snapshot {
 
 impl Web {
     pub fn new(
-        server: Arc<ServerState>,
+        store: Store,
+        server_metrics: ServerMetrics,
         fleet_dir: PathBuf,
         members: Vec<Member>,
         agents: Agents,
@@ -75,7 +81,8 @@ impl Web {
     ) -> Arc<Web> {
         let n = members.len();
         Arc::new(Web {
-            server,
+            store,
+            server_metrics,
             fleet_dir,
             members,
             agents,
@@ -118,7 +125,7 @@ impl Web {
             .iter()
             .map(|t| t.map(|t| now.saturating_sub(t)))
             .collect();
-        let trains = crate::fleet::trains::Trains::load(&self.server.store).unwrap_or_default();
+        let trains = crate::fleet::trains::Trains::load(&self.store).unwrap_or_default();
         let mut v = fleet_status(&self.members, &s.readings, &trains, &self.fleet_dir, &ages);
         v["polled_at"] = s.polled_at.into();
         v["poll_interval_seconds"] = self.poll_interval.as_secs().into();
@@ -168,7 +175,7 @@ async fn history_api(
         Ok(mut h) => {
             h.reverse();
             h.truncate(limit);
-            let trains = crate::fleet::trains::Trains::load(&web.server.store).unwrap_or_default();
+            let trains = crate::fleet::trains::Trains::load(&web.store).unwrap_or_default();
             let named: Vec<serde_json::Value> = h
                 .iter()
                 .map(|e| {
@@ -186,7 +193,7 @@ async fn history_api(
 }
 
 async fn versions(State(web): State<Arc<Web>>) -> Response {
-    let store = &web.server.store;
+    let store = &web.store;
     let labels = store.labels().unwrap_or_default();
     match store.records() {
         Ok(records) => {
@@ -226,7 +233,7 @@ async fn diff_api(
     let web2 = web.clone();
     let r = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let store = &web2.server.store;
+        let store = &web2.store;
         let a = store.resolve(&from)?;
         let b = store.resolve(&to)?;
         let mut stat = DiffStat::default();
@@ -275,44 +282,8 @@ async fn diff_api(
 
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
     let st = web.fleet_json();
-    let stats = &web.server.stats;
     let mut m = Exposition::new();
-    m.single(
-        "scap_http_requests_total",
-        "counter",
-        "Requests served by scap serve.",
-        stats.requests.load(Ordering::Relaxed),
-    );
-    m.single(
-        "scap_objects_served_total",
-        "counter",
-        "Objects sent to hosts one by one or in batches (packs are counted apart).",
-        stats.objects_served.load(Ordering::Relaxed),
-    );
-    m.single(
-        "scap_packs_served_total",
-        "counter",
-        "Delta packs (or ranges of them) sent to hosts and caches.",
-        stats.packs_served.load(Ordering::Relaxed),
-    );
-    m.single(
-        "scap_packs_built_ahead_total",
-        "counter",
-        "Delta packs of new versions built before any host asked for them.",
-        stats.packs_built_ahead.load(Ordering::Relaxed),
-    );
-    m.single(
-        "scap_packs_ahead_failed_total",
-        "counter",
-        "Builds of packs ahead that failed (the first host to ask builds the pack).",
-        stats.packs_ahead_failed.load(Ordering::Relaxed),
-    );
-    m.single(
-        "scap_served_bytes_total",
-        "counter",
-        "Object bytes sent to hosts (after stream compression).",
-        stats.bytes_served.load(Ordering::Relaxed),
-    );
+    (web.server_metrics)(&mut m);
     let versions: Vec<&serde_json::Value> =
         st["versions"].as_array().into_iter().flatten().collect();
     let labels = |v: &serde_json::Value| {

@@ -673,7 +673,7 @@ fn the_train_history_holds_under_random_steps() {
         let store = Store::open_or_init(&dir.path().join("store"), Role::Deploy).unwrap();
         let staging = |t: &str| dir.path().join(format!("staging-{t}"));
         let component = |t: &str| {
-            scap::manifest::config::components(
+            scap::config::components(
                 &Default::default(),
                 &[format!("mediawiki={}", staging(t).display())],
                 &[],

@@ -59,7 +59,7 @@ pub const FOOTER_LEN: u64 = 48;
 const FOOTER_LEN_SEGMENTS: u64 = 56;
 const SEGMENT_ENTRY_LEN: usize = 16;
 /// Most content one segment may hold (a delta pack's are at most
-/// [`crate::net::pack::MAX_SEGMENT`]).
+/// `net::pack::MAX_SEGMENT`).
 pub const MAX_SEGMENT_CONTENT: u32 = 8 << 20;
 /// Decompressed segments a pack keeps: a reader going through a pack in
 /// its order (gc's rewrite, a release written as the pack arrives, which

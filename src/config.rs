@@ -1,10 +1,16 @@
-//! What to build: named components, each a staging directory, and the
-//! exclude globs. From `--component NAME=PATH` flags and/or `scap.toml`.
+//! `scap.toml`, the whole tool's configuration: what to build (named
+//! components, each a staging directory, and the exclude globs, also from
+//! `--component NAME=PATH` flags), where the store and the fleet are, the
+//! site's policy, its pools (`[pools]`) and gates (`[[gate]]`).
+//!
+//! **Invariant:** it sits below every module that reads it and imports
+//! none of them: the settings a module reads from scap.toml are defined
+//! here, and the module gives them meaning.
 
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::store::tree::TreeName;
@@ -74,7 +80,7 @@ pub struct ConfigFile {
     pub gates: Vec<GateConfig>,
     /// The load balancer's pools in etcd (conftool): the fleet and its
     /// traffic shares.
-    pub pools: Option<crate::fleet::pools::PoolsConfig>,
+    pub pools: Option<PoolsConfig>,
     /// Restarts after a step, with pools: batch, drain, floor.
     pub restarts: Option<RestartsConfig>,
     /// Bearer token file for agents, with `--insecure-http` only.
@@ -126,8 +132,8 @@ pub struct GateConfig {
 
 impl GateConfig {
     /// The Prometheus gate this table describes, if it is one.
-    pub fn prom(&self) -> Option<crate::fleet::prom::PromGate> {
-        Some(crate::fleet::prom::PromGate {
+    pub fn prom(&self) -> Option<PromGate> {
+        Some(PromGate {
             url: self.prometheus.clone()?,
             query: self.query.clone().unwrap_or_default(),
             max: self.max,
@@ -314,6 +320,43 @@ fn glob_set(globs: &[String]) -> Result<GlobSet, ConfigError> {
         glob: globs.join(" "),
         source,
     })
+}
+
+/// `[pools]` in scap.toml.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsConfig {
+    /// etcd's client URL(s), e.g. "https://conf1001.eqiad.wmnet:2379".
+    pub etcd: Vec<String>,
+    /// Where conftool keeps the pools.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// The service whose pool state counts, when a host has several (e.g.
+    /// "apache2"); with one service per host it may be left out.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The port agents listen on, for hosts the pools name (default 8470).
+    #[serde(default)]
+    pub agent_port: Option<u16>,
+}
+
+fn default_prefix() -> String {
+    "/conftool/v1/pools".into()
+}
+
+/// `[[gate]] prometheus = ...` in scap.toml.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct PromGate {
+    /// Prometheus' URL, e.g. "http://prometheus.svc:9090".
+    pub url: String,
+    pub query: String,
+    /// Absolute: fail when the step's value exceeds this.
+    pub max: Option<f64>,
+    /// Comparison: fail when the step's value exceeds `ratio` x the rest's
+    /// (and `floor`).
+    pub ratio: Option<f64>,
+    /// With `ratio`: values at or under this always pass.
+    pub floor: Option<f64>,
 }
 
 #[cfg(test)]

@@ -1,8 +1,13 @@
 //! The agent's HTTP API as types: every request and response body, used by
-//! the agent ([`super::api`]) and by the controller (`fleet::agents`), so
-//! the two cannot disagree about a field, and nothing reads an agent's
-//! answer by indexing into untyped JSON. The table of endpoints is in
-//! store-format.md ("Agent API").
+//! the agent (`host::api`), the controller (`fleet::agents`) and the object
+//! service (`net`: the desired state), so they cannot disagree about a
+//! field, and nothing reads an agent's answer by indexing into untyped
+//! JSON. The table of endpoints is in store-format.md ("Agent API").
+//!
+//! **Invariant:** this module sits below `host`, `net` and `fleet` and
+//! imports none of them: what crosses the wire (the host's state file,
+//! its release slots, a drift report) is defined here, and the agent's
+//! code uses these types.
 //!
 //! Everything the controller parses from an agent goes through these types
 //! (IDs are checked as 64 hex digits, enums are closed) after its size is
@@ -11,11 +16,80 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::drift::Drift;
-use super::release::{How, Slot};
-use super::state::HostState;
+pub mod state;
+
+use self::state::HostState;
 use crate::store::VersionId;
 use crate::store::signature::{SignedOrder, SignedVersion};
+
+/// A host name scap accepts: letters, digits, `.`, `-`, `_`, at most 253
+/// bytes (it goes into URLs and file names unescaped).
+pub fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+}
+
+/// What a slot holds, in `releases/<slot>.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotMeta {
+    pub version: Option<VersionId>,
+    /// False while the slot is being changed: its content is then neither
+    /// `version` nor the target, and it must be rewritten before use.
+    pub clean: bool,
+    /// Unix seconds of the last time it was made or switched to.
+    #[serde(default)]
+    pub used: u64,
+    /// When the operation that last wrote it began ([`share`]'s seal):
+    /// every file in it untouched since has an older mtime. None for a slot
+    /// written before slots shared files: it holds its own copies and is
+    /// never linked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Slot {
+    pub name: String,
+    pub meta: SlotMeta,
+}
+
+/// How a slot came to hold the version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum How {
+    /// The host already ran the version: nothing was done.
+    #[default]
+    AlreadyThere,
+    /// A clean slot already held it.
+    Reused,
+    /// The changes from the version the slot held were applied.
+    Diff,
+    /// Written from nothing.
+    Full,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            How::AlreadyThere => "already there",
+            How::Reused => "reused",
+            How::Diff => "diff",
+            How::Full => "full",
+        })
+    }
+}
+
+/// What a drift check found: a live tree against its version.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Drift {
+    pub checked_files: u64,
+    /// `(status, path, what)`: M content or mode, A not in the version, D
+    /// missing, T different kind.
+    pub changes: Vec<(char, String, String)>,
+}
 
 /// Largest agent answer the controller reads (a state file with its
 /// 100-event history is about 40 KB).
