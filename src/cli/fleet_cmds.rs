@@ -357,44 +357,26 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     let record = if a.rollout.dry_run {
         None
     } else {
-        let old = RolloutRecord::load(&dir)?;
-        let mut from = Default::default();
-        if let Some(old) = &old {
-            if old.version == version && old.state != RolloutState::RolledBack {
-                // The same train again: its hosts still came from where the
-                // record says.
-                from = old.from.clone();
-            } else if old.resumable() {
-                eprintln!(
-                    "{} note: replacing the unfinished rollout of {} (stopped after {} of {} stages: {})",
-                    clock(),
-                    old.label,
-                    old.completed,
-                    old.stages.len(),
-                    old.note
-                );
-            }
-        }
-        let now = crate::time::unix_now();
-        Some(RolloutRecord {
-            format: crate::fleet::record::RECORD_FORMAT,
-            id: format!("{}-{}", crate::time::fmt_compact(now), version.short()),
+        let (record, replaced) = RolloutRecord::start(
+            &dir,
             version,
-            label: label.clone(),
-            stages: plan.stages.clone(),
-            completed: 0,
-            from,
-            settings: plan.settings(),
-            state: RolloutState::Running,
-            by: crate::sys::user(),
-            command: command_line(),
-            pid: std::process::id(),
-            host: crate::sys::hostname(),
-            started: now,
-            updated: now,
-            next_due: None,
-            note: String::new(),
-        })
+            &label,
+            &plan.stages,
+            plan.settings(),
+            &crate::sys::user(),
+            &command_line(),
+        )?;
+        if let Some(old) = replaced {
+            eprintln!(
+                "{} note: replacing the unfinished rollout of {} (stopped after {} of {} stages: {})",
+                clock(),
+                old.label,
+                old.completed,
+                old.stages.len(),
+                old.note
+            );
+        }
+        Some(record)
     };
     let goal = Goal::one(version);
     run_rollout(
@@ -414,8 +396,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
 }
 
 /// Takes the deploy lock to continue the work of controller `pid` on
-/// `host`: over a stale lock only if it is that controller's and it is
-/// gone.
+/// `host` (unless this is a dry run).
 fn take_over_lock(
     ctx: &Ctx,
     dry_run: bool,
@@ -426,16 +407,15 @@ fn take_over_lock(
         return Ok(None);
     }
     let dir = fleet_dir(ctx);
-    match lock::acquire(&dir, &command_line()) {
-        Ok(l) => Ok(Some(l)),
-        Err(LockError::Stale { holder, .. }) if holder.pid == pid && holder.host == host => {
-            eprintln!(
-                "{} the controller of this rollout (pid {}) is gone: taking over its lock",
-                clock(),
-                holder.pid
-            );
-            lock::break_lock(&dir)?;
-            Ok(Some(lock::acquire(&dir, &command_line())?))
+    match lock::take_over(&dir, &command_line(), pid, host) {
+        Ok((l, taken)) => {
+            if taken {
+                eprintln!(
+                    "{} the controller of this rollout (pid {pid}) is gone: took over its lock",
+                    clock()
+                );
+            }
+            Ok(Some(l))
         }
         Err(e) => Err(with_rollout(e, &dir)),
     }
@@ -1496,11 +1476,21 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("reading {}", history::path(&fleet_dir(ctx)).display()))?;
     entries.reverse();
     entries.truncate(a.max_count);
+    let trains = trains(ctx);
     if a.json {
-        print_json(&entries)?;
+        let named: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                if let Some(ver) = &e.version {
+                    v["name"] = trains.name(ver).to_string().into();
+                }
+                v
+            })
+            .collect();
+        print_json(&named)?;
         return Ok(exit::OK);
     }
-    let trains = trains(ctx);
     let mut out = std::io::stdout().lock();
     for e in &entries {
         writeln!(
@@ -1558,65 +1548,49 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
         );
     }
     let agents = a.fleet.ordering_agents(ctx, false)?;
-    let signature = Store::open(&ctx.store_path)
-        .ok()
-        .and_then(|s| s.signature(&version).ok().flatten());
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
-    let readings = rt.block_on(poll(&agents, &members, 64));
-    let todo: Vec<(Host, String)> = readings
-        .iter()
-        .filter(|r| r.view.is_ok() && r.current() != Some(version))
-        .map(|r| (r.member.host.clone(), r.member.dc.clone()))
-        .collect();
-    for r in readings.iter().filter(|r| r.view.is_err()) {
-        if let Err(e) = &r.view {
-            eprintln!("{} {e}", clock());
-        }
-    }
-    let hosts: Vec<Host> = todo.iter().map(|(h, _)| h.clone()).collect();
+    let procedure = crate::fleet::stage::Staging {
+        agents: &agents,
+        members,
+        version,
+        signature: Store::open(&ctx.store_path)
+            .ok()
+            .and_then(|s| s.signature(&version).ok().flatten()),
+        sources,
+        caches: ctx.config.caches.clone(),
+        concurrency: a.concurrency,
+        by: crate::sys::user(),
+        interrupted: &interrupted,
+    };
     let mut op = CliOperator::batch();
-    op.step_started("stage", hosts.len());
-    let results = rt.block_on(crate::fleet::deploy::drive(
-        &mut op,
-        &hosts,
-        a.concurrency.max(1),
-        Some(&interrupted),
-        |h| {
-            let dc = todo
-                .iter()
-                .find(|(x, _)| x == h)
-                .map_or("", |(_, d)| d.as_str());
-            let req = crate::proto::SyncRequest {
-                version,
-                sources: crate::fleet::deploy::sources_for(&ctx.config.caches, &sources, dc),
-                by: crate::sys::user(),
-                fetch_timeout_seconds: None,
-                signature: signature.clone(),
-                order: None,
-            };
-            let agents = &agents;
-            Box::pin(async move { agents.stage(h, &req).await })
-        },
-    ));
-    op.step_done("stage", 0, 0);
-    let failed = results.iter().filter(|r| !r.ok()).count();
+    let outcome = rt.block_on(procedure.run(&mut op));
     if a.json {
-        print_json(&results)?;
+        print_json(&outcome.results)?;
     } else {
-        report(&results)?;
+        report(&outcome.results)?;
+        let failed = outcome.results.iter().filter(|r| !r.ok()).count();
         println!(
-            "{} staged on {} host(s){}",
+            "{} staged on {} host(s){}{}",
             label_of(ctx, &version),
-            results.len() - failed,
+            outcome.results.len() - failed,
             if failed > 0 {
                 format!(", {failed} failed")
             } else {
                 String::new()
+            },
+            if outcome.unreachable.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} did not answer: {}",
+                    outcome.unreachable.len(),
+                    crate::text::clip(&outcome.unreachable.join(" "), 200)
+                )
             }
         );
     }
-    Ok(exit::from(failed == 0))
+    Ok(exit::from(outcome.ok))
 }
 
 #[derive(Args, Debug)]

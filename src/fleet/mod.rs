@@ -30,5 +30,6 @@ pub mod record;
 pub mod restart;
 pub mod rollback;
 pub mod rollout;
+pub mod stage;
 pub mod status;
 pub mod trains;

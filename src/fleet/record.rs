@@ -135,6 +135,56 @@ impl RolloutRecord {
         Ok(atomic_write(&path(fleet_dir), &json)?)
     }
 
+    /// The record of a new rollout of `version` now, by this process.
+    /// Rolling out the version of the recorded rollout again keeps where
+    /// its hosts came from (unless it was rolled back); returns the
+    /// unfinished rollout it replaces, if any, for the operator.
+    pub fn start(
+        fleet_dir: &Path,
+        version: VersionId,
+        label: &str,
+        stages: &[Stage],
+        settings: Settings,
+        by: &str,
+        command: &str,
+    ) -> Result<(RolloutRecord, Option<RolloutRecord>), RecordError> {
+        let old = RolloutRecord::load(fleet_dir)?;
+        let mut from = BTreeMap::new();
+        let mut replaced = None;
+        if let Some(old) = old {
+            if old.version == version && old.state != RolloutState::RolledBack {
+                // The same train again: its hosts still came from where the
+                // record says.
+                from = old.from.clone();
+            } else if old.resumable() {
+                replaced = Some(old);
+            }
+        }
+        let now = crate::time::unix_now();
+        Ok((
+            RolloutRecord {
+                format: RECORD_FORMAT,
+                id: format!("{}-{}", crate::time::fmt_compact(now), version.short()),
+                version,
+                label: label.to_string(),
+                stages: stages.to_vec(),
+                completed: 0,
+                from,
+                settings,
+                state: RolloutState::Running,
+                by: by.to_string(),
+                command: command.to_string(),
+                pid: std::process::id(),
+                host: crate::sys::hostname(),
+                started: now,
+                updated: now,
+                next_due: None,
+                note: String::new(),
+            },
+            replaced,
+        ))
+    }
+
     /// Whether `scap sync --resume` may continue it.
     pub fn resumable(&self) -> bool {
         matches!(self.state, RolloutState::Running | RolloutState::Stopped)

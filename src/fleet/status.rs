@@ -217,6 +217,10 @@ pub fn fleet_status(
         "rollout": rollout_json(fleet_dir, trains),
         "trains": trains.heads().iter().map(|(t, h)| serde_json::json!({
             "train": t, "head": h, "name": label_of(trains, h),
+            "moves": trains.recent_moves(t).iter().map(|m| serde_json::json!({
+                "time": m.time, "user": m.user, "action": m.action, "from": m.from,
+                "to": m.to, "to_name": label_of(trains, &m.to), "message": m.message,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "last_deploy": history::read(fleet_dir).ok().and_then(|h| h.last().cloned()),
     })

@@ -79,7 +79,12 @@ pub struct Trains {
     records: BTreeMap<VersionId, VersionRecord>,
     /// (label, head), sorted by label.
     heads: Vec<(String, VersionId)>,
+    /// Each train's newest moves (at most [`RECENT_MOVES`]), oldest first.
+    recent: BTreeMap<String, Vec<LabelMove>>,
 }
+
+/// Moves of each train a view keeps (`scap log TRAIN` reads them all).
+pub const RECENT_MOVES: usize = 10;
 
 impl Trains {
     /// Reads the store's records and labels.
@@ -89,10 +94,24 @@ impl Trains {
             .into_iter()
             .map(|r| (r.version, r))
             .collect();
+        let heads = store.labels()?;
+        let mut recent = BTreeMap::new();
+        for (t, _) in &heads {
+            let mut moves = store.label_log(t)?;
+            let skip = moves.len().saturating_sub(RECENT_MOVES);
+            moves.drain(..skip);
+            recent.insert(t.clone(), moves);
+        }
         Ok(Trains {
             records,
-            heads: store.labels()?,
+            heads,
+            recent,
         })
+    }
+
+    /// The newest moves of `train`, oldest first.
+    pub fn recent_moves(&self, train: &str) -> &[LabelMove] {
+        self.recent.get(train).map_or(&[], Vec::as_slice)
     }
 
     /// From a store at `path` if there is one (an empty view otherwise:
@@ -391,6 +410,7 @@ mod tests {
             .into_iter()
             .collect(),
             heads: vec![("1.46.0-wmf.5".into(), t1a)],
+            recent: BTreeMap::new(),
         };
         assert_eq!(trains.name(&t1).title(), "1.46.0-wmf.5");
         assert_eq!(trains.name(&t1a).title(), "1.46.0-wmf.5 +1: SWAT: a");

@@ -208,6 +208,22 @@ fn the_dashboard_follows_a_rollout_live() {
         ),
         json!(["50%"])
     );
+    // Each train with its head, named, and its history's last moves.
+    assert_eq!(
+        browser.js(
+            "return [...document.querySelectorAll('#trains .train')].map(t => [t.dataset.train, t.textContent])"
+        ),
+        json!([
+            ["1.46.0-wmf.1", format!("1.46.0-wmf.1 ({})", &old[..12])],
+            ["1.46.0-wmf.2", format!("1.46.0-wmf.2 ({})", &new[..12])]
+        ])
+    );
+    assert_eq!(
+        browser.js(
+            "return [...document.querySelectorAll('#trains .move')].map(m => m.dataset.action)"
+        ),
+        json!(["build", "build"])
+    );
     let on_new = browser.js(&format!(
         "return document.querySelectorAll('tr[data-version=\"{new}\"]').length"
     ));

@@ -227,6 +227,18 @@ fn a_revert_by_sync_file_is_a_new_step_that_agents_take() {
         vec![("build", t1.as_str()), ("change", &t1b), ("revert", &t1)]
     );
     assert_eq!(moves[2]["message"], "Revert SWAT: v2");
+    // The deploy history names each step's version by its train.
+    let h: serde_json::Value =
+        serde_json::from_str(&lab.fleet.env.ok(&["history", "--json", "-n", "1"])).unwrap();
+    assert_eq!(h[0]["action"], "change");
+    let h: serde_json::Value =
+        serde_json::from_str(&lab.fleet.env.ok(&["history", "--json", "-n", "100"])).unwrap();
+    let first_sync = h.as_array().unwrap().last().unwrap();
+    assert_eq!(
+        first_sync["name"],
+        format!("{T5} ({})", &t1[..12]),
+        "{first_sync}"
+    );
     // And the text view names them.
     let text = lab.fleet.env.ok(&["log", T5]);
     assert!(text.contains("revert"), "{text}");
