@@ -1009,7 +1009,13 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             first_stage: 0,
             resume: false,
         },
-    )?;
+    )
+    .inspect_err(|_| {
+        // It never started: no host moved.
+        if !a.rollout.dry_run {
+            crate::fleet::change::PendingChange::remove(&dir);
+        }
+    })?;
     if !a.rollout.dry_run {
         // The trains' heads move only once the change is on every host
         // of them, gates passed.

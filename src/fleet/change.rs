@@ -173,12 +173,34 @@ pub fn conclude(
 ) -> Vec<HeadMove> {
     let done = outcome.ok && to_all;
     let moves = settle(store, fleet_dir, prepared, done, by);
+    // Undone: it failed, and every host it moved went back (or none
+    // moved). Hosts its steps chose but that never got it must not go
+    // there later by themselves: their desired state goes back too.
     let undone = !outcome.ok
-        && !outcome.rolled_back.is_empty()
         && outcome
             .changed
             .iter()
             .all(|h| outcome.rolled_back.contains(h));
+    if undone {
+        let inverse: BTreeMap<VersionId, VersionId> =
+            prepared.map.iter().map(|(a, b)| (*b, *a)).collect();
+        // Only the targets this change's steps set.
+        let ours = format!("change {}", prepared.id);
+        if let Err(e) = super::desired::update(fleet_dir, |d| {
+            for t in d.hosts.values_mut() {
+                if t.why == ours
+                    && let Some(old) = inverse.get(&t.version)
+                {
+                    t.version = *old;
+                    t.since = crate::time::unix_now();
+                    t.by = by.to_string();
+                    t.why = format!("{ours} undone");
+                }
+            }
+        }) {
+            tracing::warn!("cannot record the desired state: {e}");
+        }
+    }
     if done || undone {
         PendingChange::remove(fleet_dir);
     } else if let Ok(Some(mut p)) = PendingChange::load(fleet_dir) {

@@ -152,6 +152,17 @@ fn a_version_id_means_that_tree_even_after_a_failed_change() {
         everywhere(&lab.fleet, "wmf-config/CS.php"),
         vec![v1.clone(); 4]
     );
+    // Undone: nothing pending, every host's target is where it is.
+    assert!(!lab.fleet.env.store.join("fleet/change.json").exists());
+    let st = lab.fleet.status();
+    assert_eq!(st["behind"].as_array().unwrap().len(), 0, "{st}");
+    assert!(
+        st["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["target"] == t1.as_str())
+    );
     // The train's head never moved: its history has the build only.
     assert_eq!(lab.resolve(T5), t1);
     let moves = lab.moves(T5);
