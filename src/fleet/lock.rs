@@ -140,6 +140,28 @@ impl Drop for DeployLock {
     }
 }
 
+/// Takes the lock to continue the work of the controller `pid` on `host`:
+/// over a stale lock only if it is that controller's, on this host, and
+/// its process is gone (a controller that died mid-rollout). Returns the
+/// lock and whether a stale one was taken over.
+pub fn take_over(
+    dir: &Path,
+    command: &str,
+    pid: u32,
+    host: &str,
+) -> Result<(DeployLock, bool), LockError> {
+    match acquire(dir, command) {
+        Ok(l) => Ok((l, false)),
+        Err(LockError::Stale { holder, .. })
+            if holder.pid == pid && holder.host == host && host == crate::sys::hostname() =>
+        {
+            break_lock(dir)?;
+            Ok((acquire(dir, command)?, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,27 +194,5 @@ mod tests {
         assert!(e.to_string().contains("scap lock --break"));
         assert_eq!(break_lock(dir.path()).unwrap(), Some(dead));
         assert!(acquire(dir.path(), "z").is_ok());
-    }
-}
-
-/// Takes the lock to continue the work of the controller `pid` on `host`:
-/// over a stale lock only if it is that controller's, on this host, and
-/// its process is gone (a controller that died mid-rollout). Returns the
-/// lock and whether a stale one was taken over.
-pub fn take_over(
-    dir: &Path,
-    command: &str,
-    pid: u32,
-    host: &str,
-) -> Result<(DeployLock, bool), LockError> {
-    match acquire(dir, command) {
-        Ok(l) => Ok((l, false)),
-        Err(LockError::Stale { holder, .. })
-            if holder.pid == pid && holder.host == host && host == crate::sys::hostname() =>
-        {
-            break_lock(dir)?;
-            Ok((acquire(dir, command)?, true))
-        }
-        Err(e) => Err(e),
     }
 }
