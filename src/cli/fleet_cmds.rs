@@ -411,7 +411,7 @@ fn take_over_lock(
         Ok((l, taken)) => {
             if taken {
                 eprintln!(
-                    "{} the controller of this rollout (pid {pid}) is gone: took over its lock",
+                    "{} the controller of this rollout (pid {pid}) is gone: taking over its lock",
                     clock()
                 );
             }
@@ -931,21 +931,18 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
         .unwrap_or_else(|| format!("{what} {}/{}", a.component, a.path));
 
     let agents = a.fleet.agents(ctx)?;
-    let rt = runtime()?;
-    let readings = rt.block_on(poll(&agents, &members, 64));
     let dir = fleet_dir(ctx);
-    let (bases, notes) = crate::fleet::change::live_versions(&store, &readings, &dir)?;
-    for n in notes {
-        eprintln!("{} {n}", clock());
-    }
-    drop(rt);
     let id = change::new_id(&message, &a.path);
     let by = crate::sys::user();
-    let prepared = crate::fleet::change::prepare(
+    let mut op = CliOperator::batch();
+    let prepared = runtime()?.block_on(crate::fleet::change::build(
         &store,
-        &ChangeSpec {
+        &agents,
+        &members,
+        &dir,
+        ChangeSpec {
             id: id.clone(),
-            bases,
+            bases: Vec::new(),
             component: &component,
             path: &a.path,
             kind,
@@ -955,9 +952,9 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             signer: signer.as_deref(),
             dry_run: a.rollout.dry_run,
         },
-        &readings,
+        &mut op,
         &super::bar::Bar::default(),
-    )?;
+    ))?;
     print_change(&prepared, a.rollout.dry_run, &a.path);
     if prepared.map.is_empty() {
         if a.rollout.json {
@@ -973,21 +970,14 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
         eprintln!("{} change {id}: {message}", clock());
         // Recorded before the first host moves: a controller that dies
         // from here on leaves it for `scap sync --resume`.
-        crate::fleet::change::PendingChange {
-            format: crate::fleet::change::PENDING_FORMAT,
-            id: id.clone(),
-            message: message.clone(),
-            steps: prepared.steps.clone(),
-            stages: plan.stages.clone(),
-            settings: plan.settings(),
-            by: by.clone(),
-            command: command_line(),
-            pid: std::process::id(),
-            host: crate::sys::hostname(),
-            started: crate::time::unix_now(),
-            note: String::new(),
-        }
-        .save(&dir)?;
+        crate::fleet::change::PendingChange::begin(
+            &dir,
+            &prepared,
+            &plan.stages,
+            plan.settings(),
+            &by,
+            &command_line(),
+        )?;
     }
     let extra = serde_json::to_value(&prepared)?;
     let goal = Goal::Change {

@@ -78,6 +78,36 @@ pub fn live_versions(
     Ok((bases, notes))
 }
 
+/// Polls every host, finds the live versions (`live_versions`, each note
+/// said to `op`), and builds the change's new version of each (`spec`'s
+/// `bases` are filled in here).
+pub async fn build(
+    store: &Store,
+    agents: &super::agents::Agents,
+    members: &[super::inventory::Member],
+    fleet_dir: &Path,
+    mut spec: ChangeSpec<'_>,
+    op: &mut dyn super::operator::Operator,
+    meter: &dyn crate::progress::Meter,
+) -> Result<Prepared, ChangeError> {
+    let readings = super::poll::poll(agents, members, 64).await;
+    let (bases, notes) = live_versions(store, &readings, fleet_dir)?;
+    for n in notes {
+        op.say(&n);
+    }
+    spec.bases = bases;
+    Ok(prepare(store, &spec, &readings, meter)?)
+}
+
+/// Why a change could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    FleetFiles(#[from] FleetFileError),
+    #[error(transparent)]
+    Build(#[from] crate::manifest::BuildError),
+}
+
 /// One live version and what the change makes of it, for people and
 /// `--json`.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -306,6 +336,34 @@ pub fn pending_path(fleet_dir: &Path) -> std::path::PathBuf {
 }
 
 impl PendingChange {
+    /// Records `prepared` as the change in flight, by this process, before
+    /// its first host moves: a controller that dies from then on leaves
+    /// it for `scap sync --resume`.
+    pub fn begin(
+        fleet_dir: &Path,
+        prepared: &Prepared,
+        stages: &[super::rollout::Stage],
+        settings: super::record::Settings,
+        by: &str,
+        command: &str,
+    ) -> Result<(), super::record::RecordError> {
+        PendingChange {
+            format: PENDING_FORMAT,
+            id: prepared.id.clone(),
+            message: prepared.message.clone(),
+            steps: prepared.steps.clone(),
+            stages: stages.to_vec(),
+            settings,
+            by: by.to_string(),
+            command: command.to_string(),
+            pid: std::process::id(),
+            host: crate::sys::hostname(),
+            started: crate::time::unix_now(),
+            note: String::new(),
+        }
+        .save(fleet_dir)
+    }
+
     /// The change, as `prepare` made it.
     pub fn prepared(&self) -> Prepared {
         Prepared {
