@@ -78,12 +78,18 @@ impl Fleet {
         let mut body = std::fs::read(&path).unwrap();
         body.extend_from_slice(format!("\n// backport {seed}\n").as_bytes());
         std::fs::write(&path, body).unwrap();
+        self.sync_file(file, &format!("Backport {seed}"))
+    }
+
+    /// `scap sync-file` of `file` as staging has it, to every host at once:
+    /// (wall seconds, bytes served).
+    fn sync_file(&self, file: &str, message: &str) -> (f64, u64) {
         std::thread::sleep(Duration::from_secs(2)); // agents' background work settles
         self.proxy.take();
         let started = Instant::now();
         let (_, out) = timed(
             self.scap()
-                .args(["sync-file", file, &format!("Backport {seed}"), "--hosts"])
+                .args(["sync-file", file, message, "--hosts"])
                 .arg(&self.group)
                 .args(["--staging"])
                 .arg(&self.staging)
@@ -102,26 +108,10 @@ impl Fleet {
         let before = std::fs::read(&path).unwrap();
         let swat = self.backport(file, seed);
         std::fs::write(&path, &before).unwrap();
-        std::thread::sleep(Duration::from_secs(2)); // agents' background work settles
-        self.proxy.take();
-        let started = Instant::now();
-        let (_, out) = timed(
-            self.scap()
-                .args([
-                    "sync-file",
-                    file,
-                    &format!("Revert backport {seed}"),
-                    "--hosts",
-                ])
-                .arg(&self.group)
-                .args(["--staging"])
-                .arg(&self.staging)
-                .args(["--source", &self.proxy.url])
-                .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
-        );
-        let secs = started.elapsed().as_secs_f64();
-        assert!(out.contains("100.0% of production traffic"), "{out}");
-        (swat, (secs, self.proxy.take()))
+        (
+            swat,
+            self.sync_file(file, &format!("Revert backport {seed}")),
+        )
     }
 
     /// How many versions the agents run now.

@@ -451,6 +451,25 @@ fn resume_change(
             &pending.note
         }
     );
+    roll_out_change(
+        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true,
+    )
+}
+
+/// Rolls a built change out (or on, `resume`), then moves the trains'
+/// heads if it succeeded everywhere, and prints the outcome.
+#[allow(clippy::too_many_arguments)]
+fn roll_out_change(
+    ctx: &Ctx,
+    fleet: &FleetArgs,
+    args: &RolloutArgs,
+    store: Store,
+    members: Vec<Member>,
+    plan: Plan,
+    prepared: &crate::fleet::change::Prepared,
+    resume: bool,
+) -> anyhow::Result<i32> {
+    let dir = fleet_dir(ctx);
     let to_all = plan.stages.last().is_some_and(|s| s.is_all());
     let goal = Goal::Change {
         id: prepared.id.clone(),
@@ -460,27 +479,32 @@ fn resume_change(
     let (mut outcome, op) = rollout(
         ctx,
         Run {
-            fleet: &a.fleet,
+            fleet,
             members,
-            args: &a.rollout,
+            args,
             plan,
             goal,
             label: format!("change {}", crate::text::clip(&prepared.message, 60)),
             record: None,
             first_stage: 0,
-            resume: true,
+            resume,
         },
-    )?;
-    if !a.rollout.dry_run {
+    )
+    .inspect_err(|_| {
+        // A new change that never started: no host moved.
+        if !args.dry_run && !resume {
+            crate::fleet::change::PendingChange::remove(&dir);
+        }
+    })?;
+    if !args.dry_run {
+        // The trains' heads move only once the change is on every host
+        // of them, gates passed.
         let by = crate::sys::user();
-        let dir = fleet_dir(ctx);
-        for m in crate::fleet::change::conclude(&store, &dir, &prepared, to_all, &mut outcome, &by)
-        {
+        for m in crate::fleet::change::conclude(&store, &dir, prepared, to_all, &mut outcome, &by) {
             eprintln!("{} {m}", clock());
         }
     }
-    let extra = serde_json::to_value(&prepared)?;
-    print_outcome(&a.rollout, &outcome, op, Some(extra))
+    print_outcome(args, &outcome, op, Some(serde_json::to_value(prepared)?))
 }
 
 /// `scap sync --resume`.
@@ -979,49 +1003,9 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             &command_line(),
         )?;
     }
-    let extra = serde_json::to_value(&prepared)?;
-    let goal = Goal::Change {
-        id,
-        map: prepared.map.clone(),
-        unchanged: prepared.unchanged(),
-    };
-    let stages_to_all = plan.stages.last().is_some_and(|s| s.is_all());
-    let (mut outcome, op) = rollout(
-        ctx,
-        Run {
-            fleet: &a.fleet,
-            members,
-            args: &a.rollout,
-            plan,
-            goal,
-            label: format!("change {}", crate::text::clip(&message, 60)),
-            record: None,
-            first_stage: 0,
-            resume: false,
-        },
+    roll_out_change(
+        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, false,
     )
-    .inspect_err(|_| {
-        // It never started: no host moved.
-        if !a.rollout.dry_run {
-            crate::fleet::change::PendingChange::remove(&dir);
-        }
-    })?;
-    if !a.rollout.dry_run {
-        // The trains' heads move only once the change is on every host
-        // of them, gates passed.
-        let moves = crate::fleet::change::conclude(
-            &store,
-            &dir,
-            &prepared,
-            stages_to_all,
-            &mut outcome,
-            &by,
-        );
-        for m in &moves {
-            eprintln!("{} {m}", clock());
-        }
-    }
-    print_outcome(&a.rollout, &outcome, op, Some(extra))
 }
 
 /// Says, per live version, what the change makes of it and who moves.
@@ -1474,17 +1458,7 @@ pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
     entries.truncate(a.max_count);
     let trains = trains(ctx);
     if a.json {
-        let named: Vec<serde_json::Value> = entries
-            .iter()
-            .map(|e| {
-                let mut v = serde_json::to_value(e).unwrap_or_default();
-                if let Some(ver) = &e.version {
-                    v["name"] = trains.name(ver).to_string().into();
-                }
-                v
-            })
-            .collect();
-        print_json(&named)?;
+        print_json(&history::named(&entries, &trains))?;
         return Ok(exit::OK);
     }
     let mut out = std::io::stdout().lock();

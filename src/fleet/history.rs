@@ -80,6 +80,21 @@ impl Entry {
     }
 }
 
+/// Entries as JSON for people and programs, each version also named by
+/// its train (`"name": "1.46.0-wmf.6 +1: SWAT: ... (3f9a1c2e4b5d)"`).
+pub fn named(entries: &[Entry], trains: &super::trains::Trains) -> Vec<serde_json::Value> {
+    entries
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(ver) = &e.version {
+                v["name"] = trains.name(ver).to_string().into();
+            }
+            v
+        })
+        .collect()
+}
+
 /// Appends `entry` to the history; one that cannot be written is warned
 /// about, never fatal: what it records has happened.
 pub fn record(dir: &Path, entry: &Entry) {

@@ -176,17 +176,7 @@ async fn history_api(
             h.reverse();
             h.truncate(limit);
             let trains = crate::fleet::trains::Trains::load(&web.store).unwrap_or_default();
-            let named: Vec<serde_json::Value> = h
-                .iter()
-                .map(|e| {
-                    let mut v = serde_json::to_value(e).unwrap_or_default();
-                    if let Some(ver) = &e.version {
-                        v["name"] = trains.name(ver).to_string().into();
-                    }
-                    v
-                })
-                .collect();
-            axum::Json(named).into_response()
+            axum::Json(history::named(&h, &trains)).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
