@@ -589,7 +589,7 @@ fn deploy_orders_take_a_host_back_only_when_newer_than_any_it_took() {
 fn a_controller_killed_during_a_change_leaves_the_head_and_resume_finishes_it() {
     let (lab, t1) = Lab::new(3);
     let flag = lab.fleet.env.path("gate-open");
-    let gate = format!("test -e {} || sleep 60", flag.display());
+    let gate = format!("test -e {} || sleep 20", flag.display());
     write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
     let staging = lab.staging.display().to_string();
     let group = lab.fleet.group("all", &[0, 1, 2]);
