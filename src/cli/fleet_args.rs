@@ -107,12 +107,18 @@ impl FleetArgs {
     }
 
     /// A client whose syncs, stages and rollbacks carry deploy orders
-    /// signed by the deploy key (scap.toml's `sign_key`), unless this is a
-    /// dry run. Without a key, requests carry none: agents then refuse a
-    /// version signed before the one they run (a revert) as a replay.
-    pub(super) fn ordering_agents(&self, ctx: &Ctx, dry_run: bool) -> anyhow::Result<Agents> {
+    /// signed by the deploy key (`key`, else scap.toml's `sign_key`),
+    /// unless this is a dry run. Without a key, requests carry none: agents
+    /// then refuse a version signed before the one they run (a revert) as
+    /// a replay.
+    pub(super) fn ordering_agents(
+        &self,
+        ctx: &Ctx,
+        dry_run: bool,
+        key: Option<&std::path::Path>,
+    ) -> anyhow::Result<Agents> {
         let agents = self.agents(ctx)?;
-        let Some(path) = ctx.config.sign_key.as_deref().filter(|_| !dry_run) else {
+        let Some(path) = key.or(ctx.config.sign_key.as_deref()).filter(|_| !dry_run) else {
             return Ok(agents);
         };
         let key = crate::store::signature::SigningKey::load(path)?;

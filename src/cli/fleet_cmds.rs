@@ -391,6 +391,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
             record,
             first_stage: 0,
             resume: false,
+            order_key: None,
         },
     )
 }
@@ -452,7 +453,7 @@ fn resume_change(
         }
     );
     roll_out_change(
-        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true,
+        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true, None,
     )
 }
 
@@ -468,6 +469,7 @@ fn roll_out_change(
     plan: Plan,
     prepared: &crate::fleet::change::Prepared,
     resume: bool,
+    key: Option<&std::path::Path>,
 ) -> anyhow::Result<i32> {
     let dir = fleet_dir(ctx);
     let to_all = plan.stages.last().is_some_and(|s| s.is_all());
@@ -488,6 +490,7 @@ fn roll_out_change(
             record: None,
             first_stage: 0,
             resume,
+            order_key: key,
         },
     )
     .inspect_err(|_| {
@@ -586,6 +589,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
             record: Some(record),
             first_stage: first,
             resume: true,
+            order_key: None,
         },
     )
 }
@@ -600,7 +604,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         );
     }
     let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
-    let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run)?;
+    let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run, None)?;
     let dir = fleet_dir(ctx);
     let desired = crate::fleet::desired::Desired::load(&dir)?;
     let store = Store::open(&ctx.store_path).ok();
@@ -676,6 +680,8 @@ struct Run<'a> {
     first_stage: usize,
     /// `--resume`: the first stage's gates may not have run yet.
     resume: bool,
+    /// The deploy key that signs the orders, if not scap.toml's.
+    order_key: Option<&'a std::path::Path>,
 }
 
 /// Runs a rollout and prints its outcome; the caller holds the deploy lock.
@@ -697,8 +703,9 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator)> {
         record,
         first_stage,
         resume,
+        order_key,
     } = run;
-    let agents = fleet_args.ordering_agents(ctx, r.dry_run)?;
+    let agents = fleet_args.ordering_agents(ctx, r.dry_run, order_key)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let store = Store::open(&ctx.store_path).ok();
@@ -1004,7 +1011,15 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
         )?;
     }
     roll_out_change(
-        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, false,
+        ctx,
+        &a.fleet,
+        &a.rollout,
+        store,
+        members,
+        plan,
+        &prepared,
+        false,
+        a.sign_key.as_deref(),
     )
 }
 
@@ -1094,7 +1109,7 @@ pub struct RollbackArgs {
 
 pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members(ctx)?;
-    let agents = a.fleet.ordering_agents(ctx, a.dry_run)?;
+    let agents = a.fleet.ordering_agents(ctx, a.dry_run, None)?;
     let version = a
         .version
         .as_deref()
@@ -1517,7 +1532,7 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
             "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
         );
     }
-    let agents = a.fleet.ordering_agents(ctx, false)?;
+    let agents = a.fleet.ordering_agents(ctx, false, None)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let procedure = crate::fleet::stage::Staging {

@@ -201,35 +201,14 @@ pub fn conclude(
     outcome: &mut super::deploy::Outcome,
     by: &str,
 ) -> Vec<HeadMove> {
-    let done = outcome.ok && to_all;
+    let done = outcome.ok && outcome.finished && to_all;
     let moves = settle(store, fleet_dir, prepared, done, by);
-    // Undone: it failed, and every host it moved went back (or none
-    // moved). Hosts its steps chose but that never got it must not go
-    // there later by themselves: their desired state goes back too.
-    let undone = !outcome.ok
-        && outcome
-            .changed
-            .iter()
-            .all(|h| outcome.rolled_back.contains(h));
+    // Undone: a failed gate's rollback brought back every host it had
+    // moved. Hosts its steps chose but that never got it must not go there
+    // later by themselves: their desired state goes back too.
+    let undone = !outcome.ok && outcome.all_back;
     if undone {
-        let inverse: BTreeMap<VersionId, VersionId> =
-            prepared.map.iter().map(|(a, b)| (*b, *a)).collect();
-        // Only the targets this change's steps set.
-        let ours = format!("change {}", prepared.id);
-        if let Err(e) = super::desired::update(fleet_dir, |d| {
-            for t in d.hosts.values_mut() {
-                if t.why == ours
-                    && let Some(old) = inverse.get(&t.version)
-                {
-                    t.version = *old;
-                    t.since = crate::time::unix_now();
-                    t.by = by.to_string();
-                    t.why = format!("{ours} undone");
-                }
-            }
-        }) {
-            tracing::warn!("cannot record the desired state: {e}");
-        }
+        undo_desired(fleet_dir, prepared, by);
     }
     if done || undone {
         PendingChange::remove(fleet_dir);
@@ -269,10 +248,34 @@ pub fn conclude(
     moves
 }
 
+/// Takes back the desired targets a change's steps set (to the versions
+/// it was made from): the change is undone.
+pub fn undo_desired(fleet_dir: &Path, prepared: &Prepared, by: &str) {
+    let inverse: BTreeMap<VersionId, VersionId> =
+        prepared.map.iter().map(|(a, b)| (*b, *a)).collect();
+    // Only the targets this change's steps set.
+    let ours = format!("change {}", prepared.id);
+    if let Err(e) = super::desired::update(fleet_dir, |d| {
+        for t in d.hosts.values_mut() {
+            if t.why == ours
+                && let Some(old) = inverse.get(&t.version)
+            {
+                t.version = *old;
+                t.since = crate::time::unix_now();
+                t.by = by.to_string();
+                t.why = format!("{ours} undone");
+            }
+        }
+    }) {
+        tracing::warn!("cannot record the desired state: {e}");
+    }
+}
+
 /// After the change's rollout: if it succeeded on every host it was
-/// rolled out to (`done`), each train whose head is a changed version
-/// moves to its new version (a revert is recorded as one), and the train
-/// rollout in progress continues with the change. Otherwise nothing moves.
+/// rolled out to (`done`), each train whose head is a changed version that
+/// hosts ran moves to its new version (a revert is recorded as one), and
+/// the train rollout in progress continues with the change. Otherwise
+/// nothing moves.
 pub fn settle(
     store: &Store,
     fleet_dir: &Path,
@@ -293,10 +296,13 @@ pub fn settle(
         Ok(None) => {}
         Err(e) => tracing::warn!("{e}"),
     }
+    // Only trains some host ran: a head held only as a previous or stable
+    // version, or a target, was not deployed with the change by this
+    // rollout, and stays.
     let map: BTreeMap<VersionId, (VersionId, &str)> = prepared
         .steps
         .iter()
-        .filter(|s| s.from != s.to)
+        .filter(|s| s.from != s.to && !s.hosts.is_empty())
         .map(|s| (s.from, (s.to, if s.revert { "revert" } else { "change" })))
         .collect();
     trains::move_heads(store, &map, by, &prepared.message, Some(&prepared.id))

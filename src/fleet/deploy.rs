@@ -174,6 +174,13 @@ impl Drop for AbortOnDrop {
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
     pub ok: bool,
+    /// Every stage ran to its end (not stopped, interrupted or rolled
+    /// back): what a change needs before the trains' heads move.
+    pub finished: bool,
+    /// A rollback after a failed gate brought back every host the rollout
+    /// moved (this run's, and for a resumed change every host on it), and
+    /// none is left to come back later.
+    pub all_back: bool,
     pub reached: f64,
     pub changed: Vec<String>,
     pub failed: Vec<String>,
@@ -203,6 +210,8 @@ impl Progress {
     fn outcome(&self, ok: bool, message: String, rolled_back: Vec<String>) -> Outcome {
         Outcome {
             ok,
+            finished: false,
+            all_back: false,
             reached: self.reached,
             changed: self
                 .changed
@@ -324,7 +333,9 @@ impl Rollout<'_> {
         // failure budget) is reported as a failure too: never silently.
         // Every step is in the history already.
         let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
-        p.outcome(p.failed.is_empty() && !p.short, msg, vec![])
+        let mut o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
+        o.finished = true;
+        o
     }
 
     /// Every stage done: hosts that could not be reached are given their
@@ -512,9 +523,20 @@ impl Rollout<'_> {
                     .as_ref()
                     .map(|r| r.from.clone())
                     .unwrap_or_default();
+                // A train's rollout: the hosts its record says it moved. A
+                // change (no record): every host on one of its new versions.
+                let moved_by_change = |c: Option<VersionId>| match &self.goal {
+                    Goal::Change { map, .. } => c.is_some_and(|c| {
+                        map.iter().any(|(old, new)| *new == c && *old != c) && !map.contains_key(&c)
+                    }),
+                    Goal::One { .. } => false,
+                };
                 let step: Vec<Member> = readings
                     .iter()
-                    .filter(|r| from.contains_key(&r.name()) && self.goal.reached(r.current()))
+                    .filter(|r| {
+                        (from.contains_key(&r.name()) && self.goal.reached(r.current()))
+                            || moved_by_change(r.current())
+                    })
                     .map(|r| r.member.clone())
                     .collect();
                 if !step.is_empty() {
@@ -918,12 +940,14 @@ impl Rollout<'_> {
                 GateChoice::Rollback => {
                     let rb = self.roll_back(op, &p.changed).await;
                     let msg = rb.message(stage, &self.goal, &self.trains, &self.label);
+                    let all_back = rb.failed.is_empty() && rb.unanswered.is_empty();
                     let back = rb.back;
                     self.update_record(|r| {
                         r.state = RolloutState::RolledBack;
                         r.note = msg.clone();
                     });
-                    let o = p.outcome(false, msg, back);
+                    let mut o = p.outcome(false, msg, back);
+                    o.all_back = all_back;
                     return Err(self.log_step(stage, "failed", o));
                 }
             }
@@ -1057,6 +1081,24 @@ impl Rollout<'_> {
             }
         }
         let readings = poll(self.agents, &self.members, 64).await;
+        // A resumed change: every host on one of its new versions (an
+        // earlier run moved it) goes back to the version it was made from.
+        if let Goal::Change { map, unchanged, .. } = &self.goal
+            && self.resume
+        {
+            let inverse: BTreeMap<VersionId, VersionId> = map
+                .iter()
+                .filter(|(old, new)| {
+                    !unchanged.contains(new) && !map.contains_key(new) && old != new
+                })
+                .map(|(old, new)| (*new, *old))
+                .collect();
+            for r in &readings {
+                if let Some(old) = r.current().and_then(|c| inverse.get(&c)) {
+                    targets.entry(r.name()).or_insert(*old);
+                }
+            }
+        }
         let mut plan: Vec<(Host, VersionId)> = Vec::new();
         for r in &readings {
             let Some(to) = targets.get(&r.name()) else {

@@ -143,7 +143,12 @@ impl Rollback<'_> {
             let ok =
                 self.keep.0 > 0 && results.is_empty() && readings.iter().any(|r| r.view.is_ok());
             let failed: Vec<String> = results.iter().map(|r| r.host.to_string()).collect();
+            let mut message = message;
             if !self.dry_run {
+                let running: Vec<VersionId> = readings.iter().filter_map(|r| r.current()).collect();
+                if let Some(m) = self.undo_pending(&readings, &running) {
+                    message.push_str(&m);
+                }
                 self.record(&results, &failed, &message);
             }
             return RollbackOutcome {
@@ -328,21 +333,8 @@ impl Rollback<'_> {
             let left = now.get(&v).copied().unwrap_or(0);
             message.push_str(&format!("; {left} host(s) still on {}", name(&v)));
         }
-        // A change left unfinished by its controller is undone once no
-        // host runs what it made (every host answered).
-        if let Ok(Some(p)) = super::change::PendingChange::load(&self.fleet_dir)
-            && readings.iter().all(|r| r.view.is_ok())
-            && !p
-                .steps
-                .iter()
-                .any(|s| s.from != s.to && now.contains_key(&s.to))
-        {
-            super::change::PendingChange::remove(&self.fleet_dir);
-            message.push_str(&format!(
-                "; change {} ({}) is undone: no host runs it",
-                p.id,
-                crate::text::clip(&p.message, 60)
-            ));
+        if let Some(m) = self.undo_pending(&readings, &still) {
+            message.push_str(&m);
         }
         self.record(&results, &failed, &message);
         RollbackOutcome {
@@ -352,6 +344,31 @@ impl Rollback<'_> {
             heads,
             message,
         }
+    }
+
+    /// A change left unfinished by its controller is undone once no host
+    /// runs what it made (every host answered): its record goes, and so do
+    /// the desired targets its steps set. Returns what to tell.
+    fn undo_pending(
+        &self,
+        readings: &[super::poll::Reading],
+        running: &[VersionId],
+    ) -> Option<String> {
+        let p = super::change::PendingChange::load(&self.fleet_dir).ok()??;
+        let on_it = p
+            .steps
+            .iter()
+            .any(|s| s.from != s.to && running.contains(&s.to));
+        if on_it || !readings.iter().all(|r| r.view.is_ok()) {
+            return None;
+        }
+        super::change::undo_desired(&self.fleet_dir, &p.prepared(), &self.by);
+        super::change::PendingChange::remove(&self.fleet_dir);
+        Some(format!(
+            "; change {} ({}) is undone: no host runs it",
+            p.id,
+            crate::text::clip(&p.message, 60)
+        ))
     }
 
     fn record(&self, results: &[HostResult<HostOutcome>], failed: &[String], message: &str) {

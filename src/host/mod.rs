@@ -361,7 +361,7 @@ impl Agent {
 
     /// Checks the deploy order a request carries: `Ok(true)` if it is an
     /// order, signed by a trusted key, for this host to `action` `version`,
-    /// and no older than the newest order this host took (it becomes the
+    /// and newer than the newest order this host took (it becomes the
     /// newest); `Ok(false)` without one (an older controller, or a lab
     /// host that trusts no key), when the version's own signed time guards
     /// against a replay instead.
@@ -386,9 +386,10 @@ impl Agent {
                 source,
             })?;
         let mut st = self.state.lock().expect("not poisoned");
-        if o.seq < st.order_seq {
+        // Every order is used once: the deploy host never sends one twice.
+        if o.seq <= st.order_seq {
             return Err(AgentError::Refused(format!(
-                "host {}: the deploy order to {action} {} (#{}) is older than the newest this host took (#{}): a replayed or stale request is refused; the deploy host's newer command stands",
+                "host {}: the deploy order to {action} {} (#{}) is not newer than the newest this host took (#{}): a replayed or stale request is refused; the deploy host's newer command stands",
                 self.cfg.host,
                 version.short(),
                 o.seq,
@@ -396,6 +397,8 @@ impl Agent {
             )));
         }
         st.order_seq = o.seq;
+        // Durable before the order is acted on: a restart never reopens it.
+        st.save(&self.state_path())?;
         Ok(true)
     }
 

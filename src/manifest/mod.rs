@@ -209,8 +209,14 @@ pub fn build(
     crate::failpoint::hit("build:committed");
 
     let (bytes, files) = root.totals();
+    // Where the label points now: moved only from there (unless
+    // `move_label`), so a build never overwrites a label made meanwhile.
+    let seen = match &opts.label {
+        Some(label) => store.label(label)?,
+        None => None,
+    };
     if let Some(label) = &opts.label
-        && let Some((_, existing)) = store.labels()?.into_iter().find(|(l, _)| l == label)
+        && let Some(existing) = seen
         && existing != version
         && !opts.move_label
     {
@@ -257,7 +263,7 @@ pub fn build(
             "build",
             opts.message.as_deref().unwrap_or("build-manifest"),
         );
-        store.move_label(label, None, &mv)?;
+        store.move_label(label, (!opts.move_label).then_some(seen), &mv)?;
     }
     if let Some(key) = &opts.signer {
         sign_version(store, &version, key)?;

@@ -547,7 +547,7 @@ fn deploy_orders_take_a_host_back_only_when_newer_than_any_it_took() {
     assert_eq!(code, 409, "{r}");
     let e = r["error"].as_str().unwrap();
     assert!(
-        e.contains("is older than the newest this host took") && e.contains(&t1[..12]),
+        e.contains("is not newer than the newest this host took") && e.contains(&t1[..12]),
         "{e}"
     );
     assert_eq!(lab.fleet.current(0).as_deref(), Some(t1b.as_str()));
@@ -580,7 +580,8 @@ fn deploy_orders_take_a_host_back_only_when_newer_than_any_it_took() {
     let out = lab.sync(&t1b, &["--canary", "100%", "--force"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("is older than the newest this host took")
+        String::from_utf8_lossy(&out.stdout)
+            .contains("is not newer than the newest this host took")
     );
     assert_eq!(lab.fleet.current(0).as_deref(), Some(t1.as_str()));
 }
@@ -799,6 +800,18 @@ fn the_train_history_holds_under_random_steps() {
                         &scap::progress::Silent,
                     )
                     .unwrap();
+                    // Who ran each version when the change was built (what
+                    // a poll tells `prepare`).
+                    let mut prepared = prepared;
+                    for st in &mut prepared.steps {
+                        st.hosts = hosts
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, h)| **h == Some(st.from))
+                            .map(|(i, _)| format!("h{i}"))
+                            .collect();
+                    }
+                    let ran: BTreeSet<VersionId> = hosts.iter().flatten().copied().collect();
                     let gate_ok = what == 2;
                     if gate_ok {
                         for h in hosts.iter_mut().flatten() {
@@ -807,8 +820,9 @@ fn the_train_history_holds_under_random_steps() {
                             }
                         }
                         asked.extend(prepared.map.values().copied());
+                        // Only heads some host ran move.
                         for (_, hv) in head.iter_mut() {
-                            if let Some(n) = prepared.map.get(hv) {
+                            if let Some(n) = prepared.map.get(hv).filter(|_| ran.contains(hv)) {
                                 *hv = *n;
                             }
                         }
@@ -891,4 +905,72 @@ fn the_train_history_holds_under_random_steps() {
             }
         }
     }
+}
+
+#[test]
+fn a_resumed_change_whose_gate_fails_takes_back_every_host_on_it() {
+    let (lab, t1) = Lab::new(3);
+    let (hold, open) = (lab.fleet.env.path("hold"), lab.fleet.env.path("open"));
+    fs::write(&hold, b"").unwrap();
+    // The gate waits while `hold` exists (the controller is killed then),
+    // and passes only once `open` exists.
+    let gate = format!(
+        "if test -e {}; then sleep 20; fi; test -e {}",
+        hold.display(),
+        open.display()
+    );
+    write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
+    let staging = lab.staging.display().to_string();
+    let group = lab.fleet.group("all", &[0, 1, 2]);
+    let mut child = lab
+        .fleet
+        .env
+        .cmd()
+        .args([
+            "sync-file",
+            "wmf-config/CS.php",
+            "SWAT: v2",
+            "--staging",
+            &staging,
+            "--source",
+            &lab.source,
+            "--yes",
+            "--wait",
+            "0",
+            "--canary",
+            "100%",
+            "--check-cmd",
+            &gate,
+            "--hosts",
+        ])
+        .arg(&group)
+        .args(lab.fleet.transport("deployer"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(60, "every host on the change", || {
+        (0..3).all(|i| lab.fleet.current(i).is_some_and(|c| c != t1))
+    });
+    kill_9(&mut child);
+    // Resumed, its gate fails: every host the dead controller moved goes
+    // back, though this run moved none; the change is undone.
+    fs::remove_file(&hold).unwrap();
+    let out = lab.fleet.run(&["sync", "--resume", "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let last = last_line(&out);
+    assert!(
+        last.starts_with("health gate failed at 100%: 3 host(s) back on 1.46.0-wmf.5 (")
+            && last.ends_with("; the change is not applied"),
+        "{last}"
+    );
+    assert_eq!(lab.fleet.on(&t1).len(), 3);
+    assert_eq!(
+        everywhere(&lab.fleet, "wmf-config/CS.php"),
+        vec![Some("<?php // CS v1\n".to_string()); 3]
+    );
+    assert_eq!(lab.resolve(T5), t1);
+    assert!(!lab.fleet.env.store.join("fleet/change.json").exists());
+    let st = lab.fleet.status();
+    assert_eq!(st["behind"].as_array().unwrap().len(), 0, "{st}");
 }
