@@ -55,11 +55,7 @@ fn label_of(ctx: &Ctx, v: &VersionId) -> String {
 fn resolve_exact(ctx: &Ctx, name: &str) -> anyhow::Result<VersionId> {
     let v = resolve_version(ctx, name)?;
     let t = trains(ctx);
-    if t.head(name).is_none()
-        && let Some(train) = t.train_of(&v)
-        && let Some(head) = t.head(&train)
-        && head != v
-    {
+    if let Some((train, head)) = t.not_head(name, &v) {
         eprintln!(
             "{} note: {} is not the head of train {train} (its head is {}): deploying {} as asked",
             clock(),

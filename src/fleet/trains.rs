@@ -183,6 +183,18 @@ impl Trains {
         }
     }
 
+    /// When `name` (what a deployer typed) is not a train but names `v`,
+    /// and `v` is not its train's head: the train and its head, for a note
+    /// that `v` is deployed as asked.
+    pub fn not_head(&self, name: &str, v: &VersionId) -> Option<(String, VersionId)> {
+        if self.head(name).is_some() {
+            return None;
+        }
+        let train = self.train_of(v)?;
+        let head = self.head(&train)?;
+        (head != *v).then_some((train, head))
+    }
+
     /// `v`'s train's head now, if that head was made from the same build
     /// by changes (what "that train" means for a rollback to a host's
     /// stable version); else `v` itself.

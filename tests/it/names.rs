@@ -117,6 +117,49 @@ impl Lab {
         self.fleet.run(&a)
     }
 
+    /// Starts `sync-file wmf-config/CS.php 'SWAT: v2'` to every host with
+    /// `gate`, waits until every host left `t1`, and kills the controller
+    /// (-9) while it waits in the gate; returns the version hosts run.
+    fn kill_mid_change(&self, t1: &str, gate: &str) -> String {
+        let staging = self.staging.display().to_string();
+        let group = self
+            .fleet
+            .group("all", &(0..self.fleet.hosts.len()).collect::<Vec<_>>());
+        let mut child = self
+            .fleet
+            .env
+            .cmd()
+            .args([
+                "sync-file",
+                "wmf-config/CS.php",
+                "SWAT: v2",
+                "--staging",
+                &staging,
+                "--source",
+                &self.source,
+                "--yes",
+                "--wait",
+                "0",
+                "--canary",
+                "100%",
+                "--check-cmd",
+                gate,
+                "--hosts",
+            ])
+            .arg(&group)
+            .args(self.fleet.transport("deployer"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(60, "every host on the change", || {
+            (0..self.fleet.hosts.len()).all(|i| self.fleet.current(i).is_some_and(|c| c != t1))
+        });
+        let now = self.fleet.current(0).unwrap();
+        kill_9(&mut child);
+        now
+    }
+
     fn resolve(&self, name: &str) -> String {
         self.fleet.env.ok(&["resolve", name]).trim().to_string()
     }
@@ -592,41 +635,7 @@ fn a_controller_killed_during_a_change_leaves_the_head_and_resume_finishes_it() 
     let flag = lab.fleet.env.path("gate-open");
     let gate = format!("test -e {} || sleep 20", flag.display());
     write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
-    let staging = lab.staging.display().to_string();
-    let group = lab.fleet.group("all", &[0, 1, 2]);
-    let mut child = lab
-        .fleet
-        .env
-        .cmd()
-        .args([
-            "sync-file",
-            "wmf-config/CS.php",
-            "SWAT: v2",
-            "--staging",
-            &staging,
-            "--source",
-            &lab.source,
-            "--yes",
-            "--wait",
-            "0",
-            "--canary",
-            "100%",
-            "--check-cmd",
-            &gate,
-            "--hosts",
-        ])
-        .arg(&group)
-        .args(lab.fleet.transport("deployer"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Every host switched; the controller waits in the gate: kill it.
-    wait_for(60, "every host on the change", || {
-        (0..3).all(|i| lab.fleet.current(i).is_some_and(|c| c != t1))
-    });
-    let t1b = lab.fleet.current(0).unwrap();
-    kill_9(&mut child);
+    let t1b = lab.kill_mid_change(&t1, &gate);
     // The head never points at a version whose rollout did not finish.
     assert_eq!(lab.resolve(T5), t1);
     assert_eq!(lab.moves(T5).len(), 1);
@@ -920,39 +929,7 @@ fn a_resumed_change_whose_gate_fails_takes_back_every_host_on_it() {
         open.display()
     );
     write(&lab.staging, "wmf-config/CS.php", b"<?php // CS v2\n");
-    let staging = lab.staging.display().to_string();
-    let group = lab.fleet.group("all", &[0, 1, 2]);
-    let mut child = lab
-        .fleet
-        .env
-        .cmd()
-        .args([
-            "sync-file",
-            "wmf-config/CS.php",
-            "SWAT: v2",
-            "--staging",
-            &staging,
-            "--source",
-            &lab.source,
-            "--yes",
-            "--wait",
-            "0",
-            "--canary",
-            "100%",
-            "--check-cmd",
-            &gate,
-            "--hosts",
-        ])
-        .arg(&group)
-        .args(lab.fleet.transport("deployer"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(60, "every host on the change", || {
-        (0..3).all(|i| lab.fleet.current(i).is_some_and(|c| c != t1))
-    });
-    kill_9(&mut child);
+    lab.kill_mid_change(&t1, &gate);
     // Resumed, its gate fails: every host the dead controller moved goes
     // back, though this run moved none; the change is undone.
     fs::remove_file(&hold).unwrap();

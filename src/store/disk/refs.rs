@@ -220,20 +220,7 @@ impl Store {
     /// The version `label` points at now, if it exists.
     pub fn label(&self, label: &str) -> Result<Option<VersionId>> {
         check_label(label)?;
-        let path = self.root().join("refs/labels").join(label);
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                text.trim()
-                    .parse::<VersionId>()
-                    .map(Some)
-                    .map_err(|e| StoreError::BadRecord {
-                        path,
-                        why: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).at(&path),
-        }
+        read_ref(&self.root().join("refs/labels").join(label))
     }
 
     /// Moves `label` to `mv.to`, recording the move in its history. With
@@ -376,16 +363,11 @@ impl Store {
             if name.starts_with('.') {
                 continue;
             }
-            let path = entry.path();
-            let text = fs::read_to_string(&path).at(&path)?;
-            let v = text
-                .trim()
-                .parse::<VersionId>()
-                .map_err(|e| StoreError::BadRecord {
-                    path: path.clone(),
-                    why: e.to_string(),
-                })?;
-            out.push((name, v));
+            // (One removed since the listing, by an unpin or a label move's
+            // rename, is not there.)
+            if let Some(v) = read_ref(&entry.path())? {
+                out.push((name, v));
+            }
         }
         out.sort();
         Ok(out)
@@ -481,6 +463,22 @@ impl Store {
             })?;
         }
         Ok(out)
+    }
+}
+
+/// The version a ref file names (`"<64 hex>\n"`), if the file exists.
+fn read_ref(path: &std::path::Path) -> Result<Option<VersionId>> {
+    match fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<VersionId>()
+            .map(Some)
+            .map_err(|e| StoreError::BadRecord {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at(path),
     }
 }
 
