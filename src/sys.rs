@@ -152,3 +152,34 @@ pub fn check_private(path: &std::path::Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Raises the soft limit on open files to the hard one (systemd's default
+/// soft limit is 1024): a server's connection caps are set below it
+/// ([`crate::net::conns::Limits::for_this_process`]), and hooks and HTTP
+/// clients add their own files.
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::debug!("cannot raise the open-files limit: {e}");
+        }
+    }
+}
+
+/// The name of user `uid`, from /etc/passwd (`uid N` when it has none
+/// there).
+pub fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse::<u32>().ok()?;
+            (id == uid).then(|| name.to_string())
+        })
+        .next()
+        .unwrap_or_else(|| format!("uid {uid}"))
+}

@@ -17,6 +17,8 @@ pub const DEFAULT_STORE: &str = "/srv/deployment/scap/store";
 
 /// Default agent directory on a host.
 pub const DEFAULT_AGENT_DIR: &str = "/var/lib/scap";
+/// The agent's local socket, in its directory (`scap agent --socket`).
+pub const AGENT_SOCKET: &str = "agent.sock";
 
 /// Where the store is, what scap.toml says, and how to talk to others.
 pub struct Ctx {
@@ -52,6 +54,28 @@ impl Ctx {
     /// TLS with certificates, or (`--insecure-http`) plain with a token.
     pub fn transport(&self) -> anyhow::Result<crate::net::tls::Transport> {
         self.transport_args.transport(&self.config)
+    }
+
+    /// The sources hosts fetch from: `given` (`--source`), else scap.toml's
+    /// `sources`; each an https URL (http only with `--insecure-http`).
+    pub fn sources(&self, given: &[String]) -> anyhow::Result<Vec<String>> {
+        let sources = if given.is_empty() {
+            self.config.sources.clone()
+        } else {
+            given.to_vec()
+        };
+        crate::host::api::check_sources(&sources, true, self.transport_args.insecure_http)
+            .map_err(anyhow::Error::msg)?;
+        Ok(sources)
+    }
+
+    /// scap.toml's `[caches]`, checked like [`Ctx::sources`].
+    pub fn caches(&self) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+        for (dc, urls) in &self.config.caches {
+            crate::host::api::check_sources(urls, true, self.transport_args.insecure_http)
+                .map_err(|e| anyhow::anyhow!("scap.toml [caches] {dc}: {e}"))?;
+        }
+        Ok(self.config.caches.clone())
     }
 
     /// The deploy key to sign with: `--sign-key`, else scap.toml's

@@ -220,11 +220,7 @@ impl RolloutArgs {
                 .map(|u| (u.clone(), self.check_status)),
         );
         gates.commands.extend(self.check_cmds.iter().cloned());
-        let sources = if self.sources.is_empty() {
-            ctx.config.sources.clone()
-        } else {
-            self.sources.clone()
-        };
+        let sources = ctx.sources(&self.sources)?;
         let concurrency = self.concurrency.unwrap_or(policy.concurrency);
         if concurrency == 0 {
             bail!("--concurrency: give at least 1");
@@ -474,7 +470,7 @@ fn roll_out_change(
         map: prepared.map.clone(),
         unchanged: prepared.unchanged(),
     };
-    let (mut outcome, op) = rollout(
+    let (mut outcome, op, agents) = rollout(
         ctx,
         Run {
             fleet,
@@ -499,7 +495,15 @@ fn roll_out_change(
         // The trains' heads move only once the change is on every host
         // of them, gates passed.
         let by = crate::sys::user();
-        for m in crate::fleet::change::conclude(&store, &dir, prepared, to_all, &mut outcome, &by) {
+        for m in crate::fleet::change::conclude(
+            &store,
+            &dir,
+            prepared,
+            to_all,
+            &mut outcome,
+            &by,
+            agents.orders(),
+        ) {
             eprintln!("{} {m}", clock());
         }
     }
@@ -615,7 +619,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         agents: &agents,
         members,
         sources: plan.sources,
-        caches: ctx.config.caches.clone(),
+        caches: ctx.caches()?,
         signatures,
         concurrency: plan.concurrency,
         dry_run: a.rollout.dry_run,
@@ -683,12 +687,12 @@ struct Run<'a> {
 /// Runs a rollout and prints its outcome; the caller holds the deploy lock.
 fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
     let r = run.args;
-    let (outcome, op) = rollout(ctx, run)?;
+    let (outcome, op, _) = rollout(ctx, run)?;
     print_outcome(r, &outcome, op, None)
 }
 
 /// Runs a rollout; returns how it ended and what each host said.
-fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator)> {
+fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator, Agents)> {
     let Run {
         fleet: fleet_args,
         members,
@@ -734,7 +738,7 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator)> {
         pools: fleet_args.pool_fleet(ctx)?,
         restarts: plan_restarts,
         measured: std::sync::Mutex::new(Vec::new()),
-        caches: ctx.config.caches.clone(),
+        caches: ctx.caches()?,
         stage_ahead: !r.no_stage,
         served: Default::default(),
         trains: trains(ctx),
@@ -748,7 +752,7 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator)> {
     if let Some(l) = op.line.take() {
         l.finish();
     }
-    Ok((outcome, op))
+    Ok((outcome, op, agents))
 }
 
 /// Prints a rollout's outcome (the last line says what the fleet now runs
@@ -1138,12 +1142,8 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         version,
         keep,
         concurrency: a.concurrency,
-        sources: if a.sources.is_empty() {
-            ctx.config.sources.clone()
-        } else {
-            a.sources.clone()
-        },
-        caches: ctx.config.caches.clone(),
+        sources: ctx.sources(&a.sources)?,
+        caches: ctx.caches()?,
         trains: trains(ctx),
         store: Store::open_deploy(&ctx.store_path).ok(),
         dry_run: a.dry_run,
@@ -1518,11 +1518,7 @@ pub struct StageArgs {
 pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
     let version = resolve_exact(ctx, &a.version)?;
     let members = a.fleet.members(ctx)?;
-    let sources = if a.sources.is_empty() {
-        ctx.config.sources.clone()
-    } else {
-        a.sources.clone()
-    };
+    let sources = ctx.sources(&a.sources)?;
     if sources.is_empty() && ctx.config.caches.is_empty() {
         bail!(
             "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
@@ -1539,7 +1535,7 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
             .ok()
             .and_then(|s| s.signature(&version).ok().flatten()),
         sources,
-        caches: ctx.config.caches.clone(),
+        caches: ctx.caches()?,
         concurrency: a.concurrency,
         by: crate::sys::user(),
         interrupted: &interrupted,
@@ -1576,9 +1572,13 @@ pub fn stage(ctx: &Ctx, a: StageArgs) -> anyhow::Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    /// The agent to ask (on this host)
-    #[arg(long, default_value = "localhost:8470", value_name = "HOST:PORT")]
-    agent: String,
+    /// The agent's local socket (root only) [default: /var/lib/scap/agent.sock]
+    #[arg(long, value_name = "PATH", conflicts_with = "agent")]
+    socket: Option<PathBuf>,
+    /// Ask the agent at HOST:PORT over the network instead (needs a deployer's
+    /// certificate, like a sync)
+    #[arg(long, value_name = "HOST:PORT")]
+    agent: Option<String>,
     /// Seconds to wait for the sync
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
@@ -1587,28 +1587,49 @@ pub struct PullArgs {
     json: bool,
 }
 
-/// `scap pull`, run on a host: its agent asks the deploy host what it
-/// should run, and goes there.
+/// `scap pull`, run on a host as root: its agent asks the deploy host what
+/// it should run, and goes there (through the agent's local socket; the
+/// agent records the local user as who asked).
 pub fn pull(ctx: &Ctx, a: PullArgs) -> anyhow::Result<i32> {
-    let (name, port) = match a.agent.rsplit_once(':') {
-        Some((n, p)) => (
-            n.to_string(),
-            p.parse::<u16>()
-                .with_context(|| format!("--agent {:?}: the port is not a number", a.agent))?,
-        ),
-        None => (a.agent.clone(), crate::fleet::inventory::DEFAULT_AGENT_PORT),
-    };
-    let host = Host {
-        name,
-        port,
-        addr: None,
-    };
-    let transport = ctx.transport()?;
-    let agents = Agents::new(transport, Duration::from_secs(a.timeout))?;
+    let timeout = Duration::from_secs(a.timeout);
     let rt = runtime()?;
-    let o = rt
-        .block_on(agents.pull(&host, &crate::sys::user()))
-        .map_err(anyhow::Error::new)?;
+    let o: crate::proto::PullOutcome = match &a.agent {
+        None => {
+            let socket = a.socket.clone().unwrap_or_else(|| {
+                PathBuf::from(super::ctx::DEFAULT_AGENT_DIR).join(super::ctx::AGENT_SOCKET)
+            });
+            let req = serde_json::json!({});
+            let (status, body) = rt
+                .block_on(crate::net::local::post(&socket, "/v1/pull", &req, timeout))
+                .map_err(anyhow::Error::msg)?;
+            if status != 200 {
+                let msg = serde_json::from_slice::<crate::proto::ErrorResponse>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                bail!("{}: HTTP {status}: {msg}", socket.display());
+            }
+            serde_json::from_slice(&body)
+                .with_context(|| format!("{}: not a pull outcome", socket.display()))?
+        }
+        Some(agent) => {
+            let (name, port) = match agent.rsplit_once(':') {
+                Some((n, p)) => (
+                    n.to_string(),
+                    p.parse::<u16>()
+                        .with_context(|| format!("--agent {agent:?}: the port is not a number"))?,
+                ),
+                None => (agent.clone(), crate::fleet::inventory::DEFAULT_AGENT_PORT),
+            };
+            let host = Host {
+                name,
+                port,
+                addr: None,
+            };
+            let agents = Agents::new(ctx.transport()?, timeout)?;
+            rt.block_on(agents.pull(&host, &crate::sys::user()))
+                .map_err(anyhow::Error::new)?
+        }
+    };
     if a.json {
         print_json(&o)?;
     } else {

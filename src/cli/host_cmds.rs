@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::ctx::{Ctx, DEFAULT_AGENT_DIR};
+use super::ctx::{AGENT_SOCKET, Ctx, DEFAULT_AGENT_DIR};
 use super::output::{exit, print_json, runtime};
 use crate::host::{Agent, AgentConfig};
 use crate::net::server;
@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// site's authenticating proxy)
     #[arg(long, default_value = "127.0.0.1:8468")]
     dashboard_listen: SocketAddr,
+    /// A name the dashboard may be reached by besides loopback, its address and this
+    /// host's name (repeatable): the name an authenticating proxy sends as Host
+    #[arg(long = "dashboard-name", value_name = "NAME")]
+    dashboard_names: Vec<String>,
     /// Requests handled at once
     #[arg(long, default_value_t = server::DEFAULT_CONCURRENCY)]
     concurrency: usize,
@@ -57,21 +61,60 @@ pub struct ServeArgs {
     /// packs only when a host asks
     #[arg(long, value_name = "N", default_value_t = 2)]
     packs_ahead: usize,
+    /// Delta packs one client (IP address) may have built on its requests per hour
+    /// (packs already built are free); over it, it gets 429 and fetches objects
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pack_builds_per_client: u32,
+    /// Bytes of delta packs one client may have built per hour: 32G, 500M
+    #[arg(long, value_name = "SIZE", default_value = "32G", value_parser = crate::net::ratelimit::parse_rate)]
+    pack_bytes_per_client: u64,
+    #[command(flatten)]
+    conns: ConnArgs,
+}
+
+/// How a server treats its connections (`scap serve`, `scap agent`).
+#[derive(Args, Debug)]
+pub struct ConnArgs {
+    /// Close a connection with no request in flight after this long (also the time a
+    /// client has to send a request): 60s, 2m
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    idle_timeout: Duration,
+    /// Connections at once, from everyone (lowered to fit the open-files limit); over
+    /// it, a new connection takes the place of the oldest idle one
+    #[arg(long, default_value_t = 8192)]
+    max_connections: usize,
+    /// Connections at once from one IP address
+    #[arg(long, default_value_t = 512)]
+    max_connections_per_peer: usize,
+}
+
+impl ConnArgs {
+    fn limits(&self) -> crate::net::conns::Limits {
+        crate::net::conns::Limits {
+            idle: self.idle_timeout,
+            max_total: self.max_connections.max(1),
+            max_per_peer: self.max_connections_per_peer.max(1),
+            ..Default::default()
+        }
+        .for_this_process()
+    }
 }
 
 /// A listener for `transport`: TLS with its certificates, or plain.
 fn listener(
     tcp: tokio::net::TcpListener,
     transport: &Transport,
+    conns: &ConnArgs,
 ) -> anyhow::Result<crate::net::tls::Listener> {
     let config = match transport {
         Transport::Tls(files) => Some(crate::net::tls::server_config(files)?),
         Transport::Insecure { .. } => None,
     };
-    Ok(crate::net::tls::Listener::new(tcp, config)?)
+    Ok(crate::net::tls::Listener::new(tcp, config, conns.limits())?)
 }
 
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
+    crate::sys::raise_open_files_limit();
     let store = ctx.open()?;
     let transport = ctx.transport()?;
     let rt = runtime()?;
@@ -92,6 +135,11 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
                 max_rate: a.max_rate,
                 access_log: a.access_log.clone(),
                 packs_ahead: a.packs_ahead,
+                pack_budget: crate::net::pack::Budget {
+                    builds: a.pack_builds_per_client,
+                    bytes: a.pack_bytes_per_client,
+                    ..Default::default()
+                },
             },
         )
         .with_context(|| format!("--access-log {:?}", a.access_log))?;
@@ -111,10 +159,13 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             agents,
             Duration::from_secs(a.poll_interval.max(1)),
         );
-        let dashboard = crate::web::routes(web.clone());
+        let dashboard = crate::web::routes(
+            web.clone(),
+            crate::web::HostNames::new(dash_addr, &a.dashboard_names),
+        );
         tokio::spawn(web.poll_forever());
-        let main = listener(tcp, &transport)?;
-        let dash = crate::net::tls::Listener::new(dash_tcp, None)?;
+        let main = listener(tcp, &transport, &a.conns)?;
+        let dash = crate::net::tls::Listener::new(dash_tcp, None, a.conns.limits())?;
         if let Some(w) = transport.warning("scap serve") {
             eprintln!("{w}");
         }
@@ -195,20 +246,16 @@ pub struct AgentArgs {
     /// Fetch objects only, never delta packs
     #[arg(long)]
     no_packs: bool,
-}
-
-/// Raises the soft limit on open files to the hard one (systemd's default
-/// soft limit is 1024): the agent's own budget is a few hundred, but hooks
-/// and HTTP clients add theirs.
-fn raise_open_files_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
-        lim.current = lim.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, lim) {
-            tracing::debug!("cannot raise the open-files limit: {e}");
-        }
-    }
+    /// Skip a source for the rest of a sync when it has delivered no object this host
+    /// lacks for this long (stalled, or streaming the same data forever): 30s, 2m
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    source_stall_timeout: Duration,
+    /// The local socket `scap pull` on this host reaches the agent by (mode 0600:
+    /// root only) [default: DIR/agent.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(flatten)]
+    conns: ConnArgs,
 }
 
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
@@ -216,7 +263,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
     if !crate::sys::tune_malloc() {
         tracing::debug!("malloc is not tuned here (not glibc)");
     }
-    raise_open_files_limit();
+    crate::sys::raise_open_files_limit();
     let transport = ctx.transport()?;
     let host = match a.host {
         Some(h) => h,
@@ -250,13 +297,12 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
             .collect::<anyhow::Result<_>>()?,
     };
     let auth = match &transport {
-        Transport::Tls(_) => crate::host::api::Auth::Certificates {
-            deployers: if a.deployers.is_empty() {
-                vec![crate::pki::DEPLOYER.to_string()]
-            } else {
-                a.deployers.clone()
-            },
-        },
+        Transport::Tls(_) => crate::host::api::Auth::deployers(if a.deployers.is_empty() {
+            vec![crate::pki::DEPLOYER.to_string()]
+        } else {
+            a.deployers.clone()
+        })
+        .map_err(anyhow::Error::msg)?,
         Transport::Insecure { token } => crate::host::api::Auth::Token(token.to_string()),
     };
     let agent = Agent::open(AgentConfig {
@@ -275,6 +321,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         max_fetch_rate: a.max_fetch_rate,
         fetch_parallel: usize::from(a.fetch_parallel),
         packs: !a.no_packs,
+        source_stall: a.source_stall_timeout,
     })
     .with_context(|| format!("starting the agent in {}", a.dir.display()))?;
     if let Some(w) = transport.warning(&format!("scap agent {host}")) {
@@ -289,7 +336,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
     rt.block_on(async {
         let tcp = bind(a.listen).await?;
         let addr = tcp.local_addr()?;
-        let listener = listener(tcp, &transport)?;
+        let listener = listener(tcp, &transport, &a.conns)?;
         let (app, state) = crate::host::api::router(agent, auth);
         println!(
             "scap agent: host {host} listening on {}://{addr}",
@@ -297,7 +344,18 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         );
         std::io::stdout().flush()?;
         tokio::spawn(crate::host::api::at_start(state));
+        let socket = a.socket.clone().unwrap_or_else(|| a.dir.join(AGENT_SOCKET));
+        let local = crate::net::tls::Listener::unix(&socket)
+            .with_context(|| format!("--socket {}: cannot listen there", socket.display()))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let local_task = tokio::spawn(server::serve(local, app.clone(), async move {
+            let mut rx = stop_rx;
+            let _ = rx.changed().await;
+        }));
         server::serve(listener, app, server::shutdown_signal()).await?;
+        let _ = stop_tx.send(true);
+        let _ = local_task.await;
+        let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())
     })?;
     Ok(exit::OK)

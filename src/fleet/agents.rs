@@ -98,6 +98,12 @@ impl Agents {
         self
     }
 
+    /// The orders this client gives (none without a deploy key): the
+    /// desired state's targets are signed from the same block.
+    pub fn orders(&self) -> Option<&super::orders::Orders> {
+        self.orders.as_deref()
+    }
+
     /// An order for `host` to `action` `version`, if this client gives
     /// orders: the agent's own name is the one it last reported (asked
     /// now if it has not).

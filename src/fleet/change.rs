@@ -200,6 +200,7 @@ pub fn conclude(
     to_all: bool,
     outcome: &mut super::deploy::Outcome,
     by: &str,
+    orders: Option<&super::orders::Orders>,
 ) -> Vec<HeadMove> {
     let done = outcome.ok && outcome.finished && to_all;
     let moves = settle(store, fleet_dir, prepared, done, by);
@@ -208,7 +209,7 @@ pub fn conclude(
     // later by themselves: their desired state goes back too.
     let undone = !outcome.ok && outcome.all_back;
     if undone {
-        undo_desired(fleet_dir, prepared, by);
+        undo_desired(fleet_dir, prepared, by, orders);
     }
     if done || undone {
         PendingChange::remove(fleet_dir);
@@ -250,12 +251,17 @@ pub fn conclude(
 
 /// Takes back the desired targets a change's steps set (to the versions
 /// it was made from): the change is undone.
-pub fn undo_desired(fleet_dir: &Path, prepared: &Prepared, by: &str) {
+pub fn undo_desired(
+    fleet_dir: &Path,
+    prepared: &Prepared,
+    by: &str,
+    orders: Option<&super::orders::Orders>,
+) {
     let inverse: BTreeMap<VersionId, VersionId> =
         prepared.map.iter().map(|(a, b)| (*b, *a)).collect();
     // Only the targets this change's steps set.
     let ours = format!("change {}", prepared.id);
-    if let Err(e) = super::desired::update(fleet_dir, |d| {
+    if let Err(e) = super::desired::update(fleet_dir, orders, |d| {
         for t in d.hosts.values_mut() {
             if t.why == ours
                 && let Some(old) = inverse.get(&t.version)

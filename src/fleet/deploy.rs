@@ -346,13 +346,15 @@ impl Rollout<'_> {
         }
         let readings = poll(self.agents, &self.members, 64).await;
         let why = self.why();
-        let result = desired::update(&self.fleet_dir, |d| match &self.goal {
-            Goal::One { version, .. } => {
-                for r in readings.iter().filter(|r| r.view.is_err()) {
-                    d.set(&r.name(), *version, &self.by, &why);
+        let result = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
+            match &self.goal {
+                Goal::One { version, .. } => {
+                    for r in readings.iter().filter(|r| r.view.is_err()) {
+                        d.set(&r.name(), *version, &self.by, &why);
+                    }
                 }
+                Goal::Change { map, .. } => d.rewrite(map, &self.by, &why),
             }
-            Goal::Change { map, .. } => d.rewrite(map, &self.by, &why),
         });
         if let Err(e) = result {
             tracing::warn!("cannot record the desired state: {e}");
@@ -713,7 +715,7 @@ impl Rollout<'_> {
             .zip(&targets)
             .map(|(&i, t)| (readings[i].name(), *t, readings[i].current()))
             .collect();
-        if let Err(e) = desired::update(&self.fleet_dir, |d| {
+        if let Err(e) = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
             for (host, v, _) in &chosen {
                 d.set(host, *v, &self.by, &why);
             }
@@ -1162,7 +1164,7 @@ impl Rollout<'_> {
         }
         let back = &rb.back;
         op.step_done("rollback", back.len(), results.len() - back.len());
-        if let Err(e) = desired::update(&self.fleet_dir, |d| {
+        if let Err(e) = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
             for (host, v) in &targets {
                 d.set(host, *v, &self.by, "rollback (health gate)");
             }

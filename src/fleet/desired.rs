@@ -7,6 +7,13 @@
 //! host, or one that was down during a step, catches up without a new
 //! rollout. `scap status` shows hosts that are behind it.
 //!
+//! Every target carries a deploy order for action `desired`, signed by the
+//! deploy key with a sequence number from the command that set it
+//! ([`super::orders`]): an agent follows a target only if a key it trusts
+//! signed it for this host and it is newer than every order the host took,
+//! so a cache, a standby or a replayed answer that says an older thing is
+//! ignored: a pull can never take a host where a sync could not.
+//!
 //! **Invariant:** the hosts' own state files remain the truth about what
 //! runs; this file is the deploy host's *intent*, and nothing here is ever
 //! counted as a host being on a version.
@@ -16,8 +23,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::orders::{Orders, OrdersError};
+use crate::proto::DESIRED_ACTION;
 use crate::store::VersionId;
 use crate::store::fsutil::atomic_write;
+use crate::store::signature::SignedOrder;
 
 pub const DESIRED_FORMAT: u32 = 1;
 
@@ -29,6 +39,11 @@ pub struct Target {
     pub by: String,
     /// What made it so: "sync", "rollback", "change <id>", ...
     pub why: String,
+    /// The deploy key's order for this host to run `version`, newer than
+    /// any order given before it (none: written without a deploy key; an
+    /// agent that trusts a key ignores the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<SignedOrder>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +60,8 @@ pub enum DesiredError {
     Bad { path: PathBuf, why: String },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("signing the desired state: {0}")]
+    Orders(#[from] OrdersError),
 }
 
 pub fn path(fleet_dir: &Path) -> PathBuf {
@@ -100,6 +117,7 @@ impl Desired {
                 since: crate::time::unix_now(),
                 by: by.to_string(),
                 why: why.to_string(),
+                order: None,
             },
         );
     }
@@ -123,15 +141,38 @@ impl Desired {
                     since: crate::time::unix_now(),
                     by: by.to_string(),
                     why: why.to_string(),
+                    order: None,
                 };
             }
         }
     }
 }
 
-/// Loads, changes and saves the desired state in one go.
-pub fn update(fleet_dir: &Path, f: impl FnOnce(&mut Desired)) -> Result<(), DesiredError> {
+/// Loads, changes and saves the desired state in one go; every target `f`
+/// set or changed gets a new order from `orders` (none without a deploy
+/// key).
+pub fn update(
+    fleet_dir: &Path,
+    orders: Option<&Orders>,
+    f: impl FnOnce(&mut Desired),
+) -> Result<(), DesiredError> {
     let mut d = Desired::load(fleet_dir)?;
+    let before = d.clone();
     f(&mut d);
+    for (host, t) in &mut d.hosts {
+        let same = before.hosts.get(host).is_some_and(|b| {
+            (b.version, b.since, &b.why) == (t.version, t.since, &t.why) && b.order == t.order
+        });
+        // A target left as it was keeps its order, or stays without one:
+        // signing it now would make an old decision newer than the orders
+        // its host took since.
+        if same {
+            continue;
+        }
+        t.order = match orders {
+            Some(o) => Some(o.sign(host, t.version, DESIRED_ACTION)?),
+            None => None,
+        };
+    }
     d.save(fleet_dir)
 }

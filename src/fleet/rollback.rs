@@ -240,7 +240,7 @@ impl Rollback<'_> {
         // rollout that did not answer go there when they come back.
         let ok: Vec<&Host> = results.iter().filter(|r| r.ok()).map(|r| &r.host).collect();
         let why = format!("rollback to {}", self.to);
-        let result = desired::update(&self.fleet_dir, |d| {
+        let result = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
             for (h, name, v) in &plan {
                 if ok.contains(&h) {
                     d.set(name, *v, &self.by, &why);
@@ -362,7 +362,12 @@ impl Rollback<'_> {
         if on_it || !readings.iter().all(|r| r.view.is_ok()) {
             return None;
         }
-        super::change::undo_desired(&self.fleet_dir, &p.prepared(), &self.by);
+        super::change::undo_desired(
+            &self.fleet_dir,
+            &p.prepared(),
+            &self.by,
+            self.agents.orders(),
+        );
         super::change::PendingChange::remove(&self.fleet_dir);
         Some(format!(
             "; change {} ({}) is undone: no host runs it",

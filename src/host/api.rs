@@ -12,12 +12,19 @@
 //! | POST   | /v1/cancel    | a deployer | stop whatever runs; the host stays as it was |
 //! | POST   | /v1/stage     | a deployer | fetch a version and prepare its release, no switch (background: a sync waits for it, a rollback stops it) |
 //! | POST   | /v1/restart   | a deployer | run the restart command (the live code runs) |
-//! | POST   | /v1/pull      | a client certificate from the site CA | converge to the deploy host's desired state now |
+//! | POST   | /v1/pull      | a deployer | converge to the deploy host's desired state now |
 //!
-//! A deployer is a client whose certificate (signed by the site CA) is
-//! valid for one of the names given with `--deployer`. With
-//! `--insecure-http` (a lab), "a client certificate" and "a deployer" both
-//! mean a request with the bearer token, compared in constant time.
+//! A deployer is a client whose certificate (signed by the site CA) has one
+//! of the names given with `--deployer` as a subject alternative DNS name,
+//! exactly (no wildcard). With `--insecure-http` (a lab), "a client
+//! certificate" and "a deployer" both mean a request with the bearer
+//! token, compared in constant time. On the agent's local socket
+//! (`--socket`, mode 0600), root (or the agent's own user) is a deployer:
+//! that is how `scap pull` on the host reaches its agent.
+//!
+//! The `by` a request body carries is ignored: the host's history records
+//! who the caller is (the deployer name its certificate has, the local
+//! user, or the token's holder and address).
 //!
 //! One changing operation at a time: a sync or promote arriving while
 //! another runs gets 409; one arriving during the work after a switch waits
@@ -27,9 +34,10 @@
 //! while it waits get 409.
 //!
 //! A pull asks the deploy host (`--source`) what this host should run and
-//! syncs to it: anyone the site CA certified may ask for one (`scap pull`
-//! on the host uses the host's own certificate), since it can only bring
-//! the host to what the deploy host decided, and only to a signed version.
+//! syncs to it, if that is a target the deploy key signed for this host
+//! and newer than every order it took (see [`Agent::desired`]). It needs a
+//! deployer, like a sync: it takes the operation lock, and a flood of them
+//! from any certificate would make deploys fail with 409.
 //! At start the agent watches its release slots, then pulls once by itself
 //! ([`at_start`]).
 
@@ -58,10 +66,34 @@ use crate::proto::{
 
 /// Who may do what on this agent.
 pub enum Auth {
-    /// TLS: deployers are clients whose certificates name one of these.
+    /// TLS: deployers are clients whose certificates name one of these
+    /// exactly (a DNS name in the certificate's subject alternative names;
+    /// see [`crate::net::tls::cert_has_name`]).
     Certificates { deployers: Vec<String> },
     /// `--insecure-http`: the bearer token.
     Token(String),
+}
+
+impl Auth {
+    /// Deployers named by `names` (`--deployer`): each one host's DNS
+    /// name, never a wildcard, which would make every certificate the CA
+    /// issued under that domain a deployer.
+    pub fn deployers(names: Vec<String>) -> Result<Auth, String> {
+        for n in &names {
+            if n.contains('*') {
+                return Err(format!(
+                    "--deployer {n:?}: a wildcard is never a deployer's name (every host under it would be one): give the deploy host's own DNS name, as its certificate's subject alternative names spell it"
+                ));
+            }
+            if !crate::proto::valid_host_name(n) {
+                return Err(format!(
+                    "--deployer {:?}: not a DNS name: give the deploy host's name, as its certificate's subject alternative names spell it",
+                    crate::text::clip(n, 100)
+                ));
+            }
+        }
+        Ok(Auth::Certificates { deployers: names })
+    }
 }
 
 /// What a request needs.
@@ -143,6 +175,20 @@ impl AgentState {
     /// The message never contains a token.
     fn refuse(&self, caller: &Caller, headers: &HeaderMap, need: Need) -> Option<Response> {
         let host = self.host();
+        if let Some(uid) = caller.local() {
+            // The local socket is mode 0600: only root (or the agent's own
+            // user) can connect; the kernel says who did.
+            let me = rustix::process::geteuid().as_raw();
+            return (uid != 0 && uid != me).then(|| {
+                json_error(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "host {host}: local user {} may not change this host: run scap pull as root",
+                        crate::sys::user_name(uid)
+                    ),
+                )
+            });
+        }
         match &self.auth {
             Auth::Token(token) => {
                 let given = headers
@@ -181,6 +227,26 @@ impl AgentState {
         }
     }
 
+    /// Who the caller is, for the host's history: the local user on the
+    /// local socket, the deployer name its certificate has, or (a lab)
+    /// the bearer token's holder at its address. Never what the request
+    /// body says.
+    fn who(&self, caller: &Caller) -> String {
+        let Some(peer) = &caller.0 else {
+            return "unknown".into();
+        };
+        if let Some(uid) = peer.local_uid {
+            return format!("{} (local)", crate::sys::user_name(uid));
+        }
+        match &self.auth {
+            Auth::Certificates { deployers } => match caller.named(deployers) {
+                Some(name) => name.to_string(),
+                None => format!("a site certificate at {}", peer.addr.ip()),
+            },
+            Auth::Token(_) => format!("the bearer token at {}", peer.addr.ip()),
+        }
+    }
+
     /// A request body as `T`, or a 400 that says what is wrong with it.
     fn body<T: DeserializeOwned>(
         &self,
@@ -201,7 +267,8 @@ impl AgentState {
 
     /// Every operation's prologue: the caller may do it (`need`), the body
     /// parses, and the sources it names (if `sources` says how many may
-    /// be given) are http(s) URLs. The error is the answer to send.
+    /// be given) are https URLs (http in a lab). With the request, who the
+    /// caller is ([`AgentState::who`]). The error is the answer to send.
     fn admit<T: DeserializeOwned>(
         &self,
         caller: &Caller,
@@ -210,7 +277,7 @@ impl AgentState {
         what: &str,
         body: Result<Json<T>, JsonRejection>,
         sources: impl FnOnce(&T) -> Option<(&[String], bool)>,
-    ) -> Result<T, Box<Response>> {
+    ) -> Result<(T, String), Box<Response>> {
         if let Some(r) = self.refuse(caller, headers, need) {
             return Err(Box::new(r));
         }
@@ -218,14 +285,15 @@ impl AgentState {
             .body(what, body)
             .map_err(|e| Box::new(e.into_response()))?;
         if let Some((given, may_be_empty)) = sources(&req)
-            && let Err(why) = check_sources(given, may_be_empty)
+            && let Err(why) =
+                check_sources(given, may_be_empty, matches!(self.auth, Auth::Token(_)))
         {
             return Err(Box::new(json_error(
                 StatusCode::BAD_REQUEST,
                 format!("host {}: {what}: {why}", self.host()),
             )));
         }
-        Ok(req)
+        Ok((req, self.who(caller)))
     }
 
     fn running(&self) -> Option<Running> {
@@ -461,7 +529,10 @@ async fn sync(
     let req = match st.admit(&caller, &headers, Need::Deployer, "sync", body, |r| {
         Some((r.sources.as_slice(), false))
     }) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = match st.enter().await {
@@ -483,9 +554,12 @@ async fn sync(
     .await
 }
 
-/// Sources must be http(s) URLs, 1 (0 if `may_be_empty`) to `MAX_SOURCES`
-/// of them.
-pub fn check_sources(sources: &[String], may_be_empty: bool) -> Result<(), String> {
+/// Sources must be https URLs (http too when `plain` allows it: a lab's
+/// `--insecure-http`), 1 (0 if `may_be_empty`) to `MAX_SOURCES` of them.
+/// A host that talks TLS never fetches over plain HTTP: its signatures
+/// would hold, but what it asks for, and the desired state's freshness,
+/// would be anyone's to read and delay.
+pub fn check_sources(sources: &[String], may_be_empty: bool, plain: bool) -> Result<(), String> {
     if sources.is_empty() && !may_be_empty {
         return Err("no sources given: pass at least one source URL".into());
     }
@@ -493,6 +567,12 @@ pub fn check_sources(sources: &[String], may_be_empty: bool) -> Result<(), Strin
         return Err(format!("{} sources: at most {MAX_SOURCES}", sources.len()));
     }
     for s in sources {
+        if s.starts_with("http://") && !plain {
+            return Err(format!(
+                "source {}: plain http:// with TLS on: use https:// (a lab without TLS runs everything with --insecure-http)",
+                crate::text::clip(s, 100)
+            ));
+        }
         let ok = (s.starts_with("http://") || s.starts_with("https://"))
             && s.len() <= 2048
             && reqwest::Url::parse(s).is_ok();
@@ -515,7 +595,10 @@ async fn rollback(
     let req = match st.admit(&caller, &headers, Need::Deployer, "rollback", body, |r| {
         Some((r.sources.as_slice(), true))
     }) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = st.enter_first(&req.by).await;
@@ -543,7 +626,10 @@ async fn stage(
     let req = match st.admit(&caller, &headers, Need::Deployer, "stage", body, |r| {
         Some((r.sources.as_slice(), false))
     }) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = match st.enter().await {
@@ -569,7 +655,10 @@ async fn restart(
     body: Result<Json<RestartRequest>, JsonRejection>,
 ) -> Response {
     let req = match st.admit(&caller, &headers, Need::Deployer, "restart", body, |_| None) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = match st.enter().await {
@@ -593,8 +682,11 @@ async fn pull(
     headers: HeaderMap,
     body: Result<Json<PullRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Reader, "pull", body, |_| None) {
-        Ok(r) => r,
+    let req = match st.admit(&caller, &headers, Need::Deployer, "pull", body, |_| None) {
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = match st.enter().await {
@@ -612,7 +704,8 @@ async fn pull(
     .await
 }
 
-/// Asks the deploy host what this host should run, and goes there.
+/// Asks the deploy host what this host should run, and goes there if
+/// that is newer than the newest order this host took.
 fn pull_now(
     agent: &Agent,
     by: &str,
@@ -622,25 +715,49 @@ fn pull_now(
     let host = agent.cfg.host.clone();
     let d = agent.desired(rt, cancel)?;
     let current = agent.state().current.map(|c| c.version);
-    let Some(target) = d.version else {
+    let skipped = if d.skipped.is_empty() {
+        String::new()
+    } else {
+        format!(" (ignored: {})", d.skipped.join("; "))
+    };
+    let Some(target) = d.answer.version else {
         return Ok(PullOutcome {
             host,
             target: None,
             outcome: None,
-            message: "the deploy host has no target for this host: it keeps what it runs".into(),
+            message: format!(
+                "the deploy host has no target for this host: it keeps what it runs{skipped}"
+            ),
         });
     };
-    let why = if d.why.is_empty() {
+    let why = if d.answer.why.is_empty() {
         String::new()
     } else {
-        format!(" ({})", crate::text::clip(&d.why, 100))
+        format!(" ({})", crate::text::clip(&d.answer.why, 100))
     };
+    if let Some(seq) = d.seq
+        && !agent.take_desired(seq)?
+        && current != Some(target)
+    {
+        let newest = agent.state().order_seq;
+        return Ok(PullOutcome {
+            host,
+            target: Some(target),
+            outcome: None,
+            message: format!(
+                "keeps what it runs ({}): the desired state from {} ({}, order #{seq}) is older than the newest order this host took (#{newest}){skipped}",
+                current.map_or_else(|| "nothing".into(), |c| c.short()),
+                d.source,
+                target.short()
+            ),
+        });
+    }
     let o = agent.converge(target, &agent.cfg.sources, by, rt, cancel)?;
     let message = if o.noop {
-        format!("already on its target {}{why}", target.short())
+        format!("already on its target {}{why}{skipped}", target.short())
     } else {
         format!(
-            "caught up: {} -> {}{why}",
+            "caught up: {} -> {}{why}{skipped}",
             current.map_or_else(|| "nothing".into(), |c| c.short()),
             target.short()
         )
@@ -731,7 +848,10 @@ async fn promote(
     body: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Response {
     let req = match st.admit(&caller, &headers, Need::Deployer, "promote", body, |_| None) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let guard = match st.enter().await {
@@ -756,7 +876,10 @@ async fn cancel(
     body: Result<Json<CancelRequest>, JsonRejection>,
 ) -> Response {
     let req = match st.admit(&caller, &headers, Need::Deployer, "cancel", body, |_| None) {
-        Ok(r) => r,
+        Ok((mut r, who)) => {
+            r.by = who;
+            r
+        }
         Err(r) => return *r,
     };
     let running = st.running();

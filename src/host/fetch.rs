@@ -71,6 +71,7 @@ pub async fn fetch_pack(
                     a.pace(writer);
                 }
                 got.store(writer, id)?;
+                client.progressed();
                 chunks.fetch_add(1, Ordering::Relaxed);
                 if let Some(a) = arrivals {
                     a.chunk_stored();
@@ -88,7 +89,9 @@ pub async fn fetch_pack(
                 // below a sibling: those siblings are whole now.
                 let n = held.settle(writer, arrivals, false)?;
                 trees.fetch_add(n, Ordering::Relaxed);
-                held.hold(TreeId::new(id), got.into_owned(), tree, arrivals);
+                if held.hold(TreeId::new(id), got.into_owned(), tree, arrivals) {
+                    client.progressed();
+                }
             }
         }
         Ok(())
@@ -124,11 +127,18 @@ struct HeldTree {
 
 impl HeldTrees {
     /// Holds a tree (within [`MAX_HELD_TREE_BYTES`]: past that, it is
-    /// fetched again by the walk that follows the pack).
-    fn hold(&mut self, id: TreeId, got: Arrived<'static>, tree: Tree, arrivals: Option<&Arrivals>) {
+    /// fetched again by the walk that follows the pack). False if it held
+    /// nothing new (the tree is held already: a source sending it again).
+    fn hold(
+        &mut self,
+        id: TreeId,
+        got: Arrived<'static>,
+        tree: Tree,
+        arrivals: Option<&Arrivals>,
+    ) -> bool {
         let len = got.len();
-        if self.bytes + len > MAX_HELD_TREE_BYTES {
-            return;
+        if self.bytes + len > MAX_HELD_TREE_BYTES || self.stack.iter().any(|h| h.id == id) {
+            return false;
         }
         self.bytes += len;
         let tree = Arc::new(tree);
@@ -141,6 +151,7 @@ impl HeldTrees {
             tree,
             present: 0,
         });
+        true
     }
 
     /// Stores the trees on top of the stack that are whole, children

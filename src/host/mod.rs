@@ -42,11 +42,11 @@ use crate::net::client::{Client, FetchError};
 use crate::net::tls::Transport;
 use crate::proto::state::{Action, Deployed, Event, HostState, StateError};
 use crate::proto::{
-    DEFAULT_FETCH_TIMEOUT, DriftSummary, Fetched, Outcome, RollbackRequest, RollbackTarget,
-    SyncRequest,
+    DEFAULT_FETCH_TIMEOUT, DESIRED_ACTION, DriftSummary, Fetched, Outcome, RollbackRequest,
+    RollbackTarget, SyncRequest,
 };
 use crate::store::disk::{LockMode, Role};
-use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust};
+use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust, Verified};
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
 use release::{How, Releases};
@@ -122,6 +122,9 @@ pub struct AgentConfig {
     pub fetch_parallel: usize,
     /// Ask for delta packs first (cacheable); off: objects only.
     pub packs: bool,
+    /// A source that delivers no object this host lacks for this long is
+    /// skipped for the rest of the sync (`--source-stall-timeout`).
+    pub source_stall: Duration,
 }
 
 impl AgentConfig {
@@ -147,7 +150,11 @@ impl AgentConfig {
                 ),
             );
         }
-        if let Err(why) = api::check_sources(&self.sources, true) {
+        if let Err(why) = api::check_sources(
+            &self.sources,
+            true,
+            matches!(self.transport, Transport::Insecure { .. }),
+        ) {
             return bad("--source", why);
         }
         if self.trust.is_empty() && !self.allow_unsigned {
@@ -172,6 +179,24 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// A lab host that trusts no key and runs unsigned versions: no source is
+/// asked for a signature nothing could verify.
+fn allow_unsigned_without_keys(cfg: &AgentConfig) -> bool {
+    cfg.allow_unsigned && cfg.trust.is_empty()
+}
+
+/// The desired state an agent follows ([`Agent::desired`]).
+#[derive(Debug)]
+pub struct DesiredAnswer {
+    pub answer: crate::proto::DesiredResponse,
+    /// The source that gave it.
+    pub source: String,
+    /// Its order's sequence number (none on a lab host that trusts no key).
+    pub seq: Option<u64>,
+    /// Sources whose answer was refused or missing, with why.
+    pub skipped: Vec<String>,
 }
 
 /// Totals since the agent started, for `/metrics`.
@@ -264,7 +289,9 @@ impl Agent {
                     version: v,
                     since: unix_now(),
                     by: "scap agent (repair)".into(),
-                    signed_time: None,
+                    // The replay floor: a sync to a version built before
+                    // this one stays refused after the repair.
+                    signed_time: self.stored_signed_time(&v),
                 });
             } else {
                 st.current = None;
@@ -274,6 +301,22 @@ impl Agent {
         st.host = self.cfg.host.clone();
         st.save(&self.state_path())?;
         Ok(())
+    }
+
+    /// When `v` was built, by the signature kept with it, if a key trusted
+    /// now vouches for it.
+    fn stored_signed_time(&self, v: &VersionId) -> Option<u64> {
+        let doc = self.store.signature(v).ok()??;
+        match self.cfg.trust.verify(v, Some(&doc)) {
+            Ok(verified) => Some(verified.statement.time),
+            Err(e) => {
+                tracing::warn!(
+                    "the live version {} has no signature a trusted key vouches for ({e}): until the next switch, no replay floor",
+                    v.short()
+                );
+                None
+            }
+        }
     }
 
     /// Makes each deploy path a symlink into `DIR/current`, replacing an
@@ -559,6 +602,7 @@ impl Agent {
     fn fetch_client(&self, sources: &[String]) -> Client {
         Client::new(self.fetch_http.clone(), sources)
             .with_limits(self.fetch_limit.clone(), self.cfg.fetch_parallel)
+            .with_stall(self.cfg.source_stall)
     }
 
     /// Brings `v`'s objects into the store: its delta pack from what this
@@ -602,7 +646,9 @@ impl Agent {
     /// Fetches and checks `v`'s signature: `(when it was built, the
     /// signatures)` if a trusted key vouches for it and it is not older
     /// than what runs here (a replay); `(None, _)` for an unsigned version
-    /// on a lab host that allows them.
+    /// on a lab host that allows them. The controller's copy (`given`) is
+    /// taken if it verifies; otherwise the first source whose copy does
+    /// (a source whose copy does not is skipped and named).
     fn check_signature(
         &self,
         v: &VersionId,
@@ -612,34 +658,26 @@ impl Agent {
         may_go_back: bool,
         cancel: &Cancel,
     ) -> Result<(Option<u64>, Option<SignedVersion>), AgentError> {
-        let doc = match given {
-            Some(doc) => Some(doc),
-            None => rt
-                .block_on(async {
-                    tokio::select! {
-                        r = client.signature(v) => r,
-                        () = cancel.cancelled() => Err(FetchError::Store(StoreError::Cancelled(cancel.why()))),
-                    }
-                })
-                .map_err(|source| AgentError::Fetch {
-                    version: *v,
-                    source: Box::new(source),
-                })?,
+        let (verified, doc) = match given.map(|doc| (self.cfg.trust.verify(v, Some(&doc)), doc)) {
+            Some((Ok(verified), doc)) => (Some(verified), Some(doc)),
+            given => {
+                let kept = match &given {
+                    Some((Err(e), _)) => Some(e.to_string()),
+                    _ => None,
+                };
+                match self.signature_from(client, v, rt, cancel, kept)? {
+                    Some((doc, verified)) => (verified, Some(doc)),
+                    None => (None, given.map(|(_, doc)| doc)),
+                }
+            }
         };
-        let verified = match self.cfg.trust.verify(v, doc.as_ref()) {
-            Ok(verified) => verified,
-            Err(e) if self.cfg.allow_unsigned => {
-                tracing::warn!(
-                    "running a version without a trusted signature (--insecure-allow-unsigned): {e}"
-                );
-                return Ok((None, doc));
-            }
-            Err(source) => {
-                return Err(AgentError::Signature {
-                    host: self.cfg.host.clone(),
-                    source,
-                });
-            }
+        let Some(verified) = verified else {
+            // Only on a lab host: `signature_from` refuses otherwise.
+            tracing::warn!(
+                "running version {} without a trusted signature (--insecure-allow-unsigned)",
+                v.short()
+            );
+            return Ok((None, doc));
         };
         let st = self.state();
         if !may_go_back
@@ -660,22 +698,107 @@ impl Agent {
         Ok((Some(verified.statement.time), doc))
     }
 
-    /// Re-checks the signature a version had when it was synced, against
-    /// the keys trusted now (a key revoked since is refused).
-    fn check_local_signature(&self, v: &VersionId) -> Result<Option<u64>, AgentError> {
+    /// `v`'s signature from the first of `client`'s sources whose copy a
+    /// key trusted now vouches for (`kept`: why the one at hand is
+    /// refused, for the error; none: there is none at hand). `Ok(None)`
+    /// only on a lab host that allows unsigned versions and found no
+    /// trusted signature.
+    fn signature_from(
+        &self,
+        client: &Client,
+        v: &VersionId,
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+        kept: Option<String>,
+    ) -> Result<Option<(SignedVersion, Option<Verified>)>, AgentError> {
+        if allow_unsigned_without_keys(&self.cfg) {
+            return Ok(None);
+        }
+        let allow = self.cfg.allow_unsigned;
+        let check = |doc: &SignedVersion| match self.cfg.trust.verify(v, Some(doc)) {
+            Ok(verified) => Ok(Some(verified)),
+            Err(_) if allow => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let refused = |sources: String| AgentError::Signature {
+            host: self.cfg.host.clone(),
+            source: match &kept {
+                None if sources.is_empty() => SignatureError::Unsigned { version: *v },
+                _ => SignatureError::NoneAccepted {
+                    version: *v,
+                    kept: kept
+                        .clone()
+                        .unwrap_or_else(|| "the deploy host sent no signature".into()),
+                    sources,
+                },
+            },
+        };
+        if client.sources().is_empty() {
+            return if allow {
+                Ok(None)
+            } else {
+                Err(refused("no source to ask for another".into()))
+            };
+        }
+        let found = rt.block_on(async {
+            tokio::select! {
+                r = client.signature(v, check) => r,
+                () = cancel.cancelled() => Err(FetchError::Store(StoreError::Cancelled(cancel.why()))),
+            }
+        });
+        match found {
+            Ok(Some(found)) => Ok(Some(found)),
+            Ok(None) if allow => Ok(None),
+            // Nobody has one: unsigned (or only the copy at hand, refused).
+            Ok(None) if kept.is_none() => Err(refused(String::new())),
+            Ok(None) => Err(refused(format!(
+                "no source has another ({})",
+                client.sources().join(", ")
+            ))),
+            Err(FetchError::Store(e)) => Err(e.into()),
+            Err(e) if allow => {
+                tracing::warn!("{e}");
+                Ok(None)
+            }
+            Err(e) => Err(refused(e.to_string())),
+        }
+    }
+
+    /// Re-checks the signature kept with `v` since it was synced, against
+    /// the keys trusted now; when it no longer passes (a key rotated and
+    /// the old one revoked since), asks `sources` for one that does and
+    /// keeps it. When it was built, if signed.
+    fn check_local_signature(
+        &self,
+        v: &VersionId,
+        sources: &[String],
+        rt: &tokio::runtime::Handle,
+        cancel: &Cancel,
+    ) -> Result<Option<u64>, AgentError> {
         let doc = self.store.signature(v)?;
-        match self.cfg.trust.verify(v, doc.as_ref()) {
-            Ok(verified) => Ok(Some(verified.statement.time)),
-            Err(e) if self.cfg.allow_unsigned => {
+        let kept = match self.cfg.trust.verify(v, doc.as_ref()) {
+            Ok(verified) => return Ok(Some(verified.statement.time)),
+            Err(e) => e,
+        };
+        let client = self.fetch_client(sources);
+        let kept = format!("the signature kept on this host: {kept}");
+        match self.signature_from(&client, v, rt, cancel, Some(kept))? {
+            Some((doc, Some(verified))) => {
+                tracing::info!(
+                    "version {}: the signature kept here no longer verifies; took one by key {} from the sources",
+                    v.short(),
+                    verified.key
+                );
+                self.store.write_signature(v, &doc)?;
+                Ok(Some(verified.statement.time))
+            }
+            _ => {
                 tracing::warn!(
-                    "switching to a version without a trusted signature (--insecure-allow-unsigned): {e}"
+                    "switching to version {} without a trusted signature (--insecure-allow-unsigned)",
+                    v.short()
                 );
                 Ok(None)
             }
-            Err(source) => Err(AgentError::Signature {
-                host: self.cfg.host.clone(),
-                source,
-            }),
         }
     }
 
@@ -715,9 +838,15 @@ impl Agent {
         let result = if local {
             // A rollback may go back in time, but only to a version a key
             // trusted now still vouches for.
-            self.check_local_signature(&target).and_then(|signed_time| {
-                self.switch_to(&target, by, started, signed_time, cancel, None)
-            })
+            let sources = if req.sources.is_empty() {
+                &self.cfg.sources
+            } else {
+                &req.sources
+            };
+            self.check_local_signature(&target, sources, rt, cancel)
+                .and_then(|signed_time| {
+                    self.switch_to(&target, by, started, signed_time, cancel, None)
+                })
         } else if req.sources.is_empty() {
             return Err(AgentError::Refused(format!(
                 "host {}: version {} is not on this host (not in a release or the local store): sync to it instead",
@@ -863,32 +992,102 @@ impl Agent {
         result
     }
 
-    /// What the deploy host says this host should run (`--source`).
+    /// What the deploy host says this host should run, asked of every
+    /// `--source` at once: of the answers whose order a trusted key signed
+    /// for this host (any answer, on a lab host that trusts no key), the
+    /// newest. Sources that gave no such answer are named in `skipped`.
     pub fn desired(
         &self,
         rt: &tokio::runtime::Handle,
         cancel: &Cancel,
-    ) -> Result<crate::proto::DesiredResponse, AgentError> {
+    ) -> Result<DesiredAnswer, AgentError> {
+        let host = &self.cfg.host;
         if self.cfg.sources.is_empty() {
             return Err(AgentError::Refused(format!(
-                "host {}: no deploy host to ask: start the agent with --source https://DEPLOY-HOST:8469",
-                self.cfg.host
+                "host {host}: no deploy host to ask: start the agent with --source https://DEPLOY-HOST:8469"
             )));
         }
         let client = Client::new(self.fetch_http.clone(), &self.cfg.sources);
-        rt.block_on(async {
+        let answers = rt.block_on(async {
             tokio::select! {
-                r = tokio::time::timeout(Duration::from_secs(30), client.desired(&self.cfg.host)) => match r {
-                    Ok(r) => r.map_err(|e| AgentError::Refused(format!(
-                        "host {}: cannot ask the deploy host what to run: {e}", self.cfg.host
-                    ))),
-                    Err(_) => Err(AgentError::Refused(format!(
-                        "host {}: the deploy host did not say what to run within 30 s", self.cfg.host
-                    ))),
-                },
-                () = cancel.cancelled() => Err(StoreError::Cancelled(cancel.why()).into()),
+                a = client.desired_all(host) => Ok(a),
+                () = cancel.cancelled() => Err(AgentError::from(StoreError::Cancelled(cancel.why()))),
             }
-        })
+        })?;
+        let mut best: Option<DesiredAnswer> = None;
+        let mut skipped = Vec::new();
+        for (source, answer) in answers {
+            let d = match answer {
+                Ok(d) => d,
+                Err(why) => {
+                    skipped.push(why);
+                    continue;
+                }
+            };
+            let seq = match (&d.version, &d.order) {
+                // "No target": it moves nothing, whoever says it.
+                (None, _) => None,
+                (Some(_), _) if self.cfg.trust.is_empty() => None,
+                (Some(_), None) => {
+                    skipped.push(format!(
+                        "{source}: its desired state for this host is not signed by the deploy key: ignored (re-deploy from a deploy host with sign_key)"
+                    ));
+                    continue;
+                }
+                (Some(v), Some(order)) => {
+                    match self.cfg.trust.verify_order(order, host, v, DESIRED_ACTION) {
+                        Ok(o) => Some(o.seq),
+                        Err(e) => {
+                            skipped.push(format!("{source}: its desired state is refused: {e}"));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let better = match &best {
+                None => true,
+                Some(b) => seq > b.seq || (b.answer.version.is_none() && d.version.is_some()),
+            };
+            if better {
+                best = Some(DesiredAnswer {
+                    answer: d,
+                    source,
+                    seq,
+                    skipped: Vec::new(),
+                });
+            }
+        }
+        for s in &skipped {
+            tracing::warn!("host {host}: asking what to run: {s}");
+        }
+        match best {
+            Some(mut b) => {
+                b.skipped = skipped;
+                Ok(b)
+            }
+            None => Err(AgentError::Refused(format!(
+                "host {host}: no source said what to run in a way this host accepts: {}",
+                skipped.join("; ")
+            ))),
+        }
+    }
+
+    /// Takes the desired state's order number `seq` as the newest this
+    /// host took, if no order it took is newer: `false` (nothing changes)
+    /// when one is (a stale or replayed answer). The same desired order
+    /// may be taken again: it is the same decision, and a pull that failed
+    /// half-way (a source down) must be able to try again.
+    pub fn take_desired(&self, seq: u64) -> Result<bool, AgentError> {
+        let mut st = self.state.lock().expect("not poisoned");
+        if seq < st.order_seq {
+            return Ok(false);
+        }
+        if seq == st.order_seq {
+            return Ok(true);
+        }
+        st.order_seq = seq;
+        st.save(&self.state_path())?;
+        Ok(true)
     }
 
     /// Records `v` as this host's last stable version; it must be live.

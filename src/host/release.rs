@@ -90,8 +90,8 @@ impl Releases {
             .map(|i| char::from(b'a' + i as u8).to_string())
             .collect();
         Ok(Releases {
+            watch: Watch::new(slots.iter().map(|s| dir.join(s)).collect()),
             dir,
-            watch: Watch::new(slots.len()),
             slots,
             lists: Default::default(),
         })
@@ -243,7 +243,10 @@ impl Releases {
         }
         self.watch.start(idx);
         let bad = share::check(&root, &list, seal, cancel)?;
-        self.watch.suspect(idx, bad.iter().map(|i| list.path(*i)));
+        // In every slot: the live slot's files changed in place (an edit
+        // made while the work after a switch ran, say) may be shared with
+        // the previous one a rollback goes to.
+        self.watch.suspect(bad.iter().map(|i| list.path(*i)));
         tracing::debug!(
             "release slot {name} watched in {:?}: {} file(s) changed by hand",
             started.elapsed(),

@@ -10,7 +10,11 @@
 //!
 //! - a write or an attribute change of a file (`IN_MODIFY`, `IN_ATTRIB`) at
 //!   path P of any slot makes P suspect in **every** slot: the inode may be
-//!   shared with them (slots share files at the same path only);
+//!   shared with them (slots share files at the same path only). That
+//!   holds for a muted slot's events too (one the agent is changing, or
+//!   the new live slot while the work after a switch runs): an edit made
+//!   through it reaches every slot that shares the file; only a file with
+//!   one link (the agent's own new files) is left to the muted slot;
 //! - a name created, removed or renamed (`IN_CREATE`, `IN_DELETE`,
 //!   `IN_MOVED_*`) makes P suspect in that slot;
 //! - anything the watches cannot follow path by path (a directory created,
@@ -77,6 +81,9 @@ struct State {
     /// Each watch: its slot and the directory's path in the slot.
     wds: HashMap<i32, (usize, Box<[u8]>)>,
     slots: Vec<Slot>,
+    /// Each slot's directory (to tell whether a file a muted slot reports
+    /// shares its inode).
+    roots: Vec<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -90,6 +97,18 @@ struct Slot {
 }
 
 impl State {
+    /// Whether the file at `path` in slot `slot` may share its inode with
+    /// another slot: more than one link, or no longer there to tell.
+    fn maybe_shared(&self, slot: usize, path: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let Some(root) = self.roots.get(slot) else {
+            return true;
+        };
+        let full = root.join(std::ffi::OsStr::from_bytes(path));
+        std::fs::symlink_metadata(full).map_or(true, |m| m.nlink() > 1)
+    }
+
     fn unwatch(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
         s.watched = false;
@@ -124,8 +143,9 @@ impl State {
             self.unwatch(slot);
             return;
         }
-        if self.slots[slot].muted {
-            // The agent's own writes: the slot is un-watched already.
+        let muted = self.slots[slot].muted;
+        if muted && !what.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB) {
+            // The agent's own changes: the slot is un-watched already.
             return;
         }
         if what.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT) {
@@ -148,6 +168,19 @@ impl State {
             // the check of the files.)
             if what.intersects(names) {
                 self.unwatch(slot);
+            }
+            return;
+        }
+        if muted {
+            // A write through a slot the agent is changing: its own new
+            // files have one link and concern no other slot; a file with
+            // more (or gone already) may be shared, and is suspect in
+            // every slot that is watched.
+            if what.contains(ReadFlags::ISDIR) || !self.maybe_shared(slot, &path) {
+                return;
+            }
+            for s in (0..self.slots.len()).filter(|s| *s != slot) {
+                self.suspect(s, path.clone());
             }
             return;
         }
@@ -193,9 +226,10 @@ impl Inner {
 }
 
 impl Watch {
-    /// Watches for `slots` release slots (by index); inert, with a warning,
-    /// where inotify cannot be had.
-    pub fn new(slots: usize) -> Watch {
+    /// Watches for the release slots in `roots` (by index); inert, with a
+    /// warning, where inotify cannot be had.
+    pub fn new(roots: Vec<std::path::PathBuf>) -> Watch {
+        let slots = roots.len();
         // A test stands in for a host out of inotify instances
         // (`SCAP_FAILPOINT=agent:inotify:errno=24`).
         let fd = match crate::failpoint::errno("agent:inotify").map_or_else(
@@ -215,6 +249,7 @@ impl Watch {
             state: Mutex::new(State {
                 wds: HashMap::new(),
                 slots: (0..slots).map(|_| Slot::default()).collect(),
+                roots,
             }),
         });
         let weak = Arc::downgrade(&inner);
@@ -312,12 +347,16 @@ impl Watch {
         }
     }
 
-    /// Adds paths of slot `slot` found changed by a check to its suspects.
-    pub fn suspect(&self, slot: usize, paths: impl IntoIterator<Item = Vec<u8>>) {
+    /// Adds paths found changed by a full check of a slot to the suspects
+    /// of **every** slot: a file changed in place may share its inode with
+    /// the others (a rollback must not trust their empty lists).
+    pub fn suspect(&self, paths: impl IntoIterator<Item = Vec<u8>>) {
         let Some(inner) = &self.inner else { return };
         let mut st = inner.lock();
         for p in paths {
-            st.suspect(slot, p);
+            for s in 0..st.slots.len() {
+                st.suspect(s, p.clone());
+            }
         }
     }
 
@@ -390,7 +429,7 @@ mod tests {
         }
         let small = tmp.path().join("small");
         std::fs::create_dir_all(&small).unwrap();
-        let watch = Watch::new(2);
+        let watch = Watch::new(vec![tmp.path().join("a"), tmp.path().join("b")]);
         assert!(watch.add(1, Vec::new(), &Dir::open(&small).unwrap()));
         watch.start(1);
         let mut added = 0;
@@ -419,7 +458,7 @@ mod tests {
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();
-        let watch = Watch::new(2);
+        let watch = Watch::new(vec![tmp.path().join("a"), tmp.path().join("b")]);
         for (i, d) in [&a, &b].into_iter().enumerate() {
             assert!(watch.add(i, Vec::new(), &Dir::open(d).unwrap()));
             watch.start(i);
@@ -440,5 +479,51 @@ mod tests {
         std::fs::write(a.join("f"), b"z").unwrap();
         assert_eq!(watch.take(0, &[0, 1]), Some(vec![b"f".to_vec()]));
         assert_eq!(watch.take(1, &[0, 1]), Some(vec![b"f".to_vec()]));
+    }
+
+    /// An edit made through a muted slot to a file it shares with another
+    /// slot (the new live slot while the work after a switch runs) makes
+    /// the file suspect in the other slot; the agent's own new files (one
+    /// link) do not.
+    #[test]
+    fn an_edit_through_a_muted_slot_reaches_the_slots_sharing_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(b.join("shared"), b"v1").unwrap();
+        std::fs::hard_link(b.join("shared"), a.join("shared")).unwrap();
+        let watch = Watch::new(vec![a.clone(), b.clone()]);
+        for (i, d) in [&a, &b].into_iter().enumerate() {
+            assert!(watch.add(i, Vec::new(), &Dir::open(d).unwrap()));
+            watch.start(i);
+        }
+        watch.mute(0);
+        std::fs::write(a.join("new"), b"agent's own").unwrap();
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(a.join("shared"))
+            .unwrap()
+            .write_all(b" edited")
+            .unwrap();
+        assert_eq!(watch.take(1, &[1]), Some(vec![b"shared".to_vec()]));
+    }
+
+    /// What a full check of one slot found changed is suspect in all.
+    #[test]
+    fn a_full_checks_findings_are_suspect_in_every_slot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let watch = Watch::new(vec![a.clone(), b.clone()]);
+        for (i, d) in [&a, &b].into_iter().enumerate() {
+            assert!(watch.add(i, Vec::new(), &Dir::open(d).unwrap()));
+            watch.start(i);
+        }
+        watch.suspect([b"x/y".to_vec()]);
+        assert_eq!(watch.take(0, &[0, 1]), Some(vec![b"x/y".to_vec()]));
+        assert_eq!(watch.take(1, &[0, 1]), Some(vec![b"x/y".to_vec()]));
     }
 }

@@ -28,6 +28,11 @@ use crate::store::{StoreError, VersionId};
 const BATCH_BYTES: u64 = 4 << 20;
 /// Batches in flight at once.
 const PARALLEL_BATCHES: usize = 4;
+/// How long a pack's source may go without delivering a new object.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// How long a source has to send a small answer whole (a signature, a
+/// desired state): one that stalls is passed over for the next.
+pub const SMALL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -74,6 +79,12 @@ pub struct Client {
     limit: Option<std::sync::Arc<super::ratelimit::RateLimit>>,
     /// Requests in flight to the sources at once.
     parallel: usize,
+    /// How long a pack's source may go without delivering an object the
+    /// receiver lacked before it is skipped ([`Client::with_stall`]).
+    stall: Duration,
+    /// When the receiver last got an object it lacked (ms since `born`).
+    progress: AtomicU64,
+    born: std::time::Instant,
 }
 
 /// Called with each object as it arrives: (ID, kind, the most content
@@ -167,7 +178,29 @@ impl Client {
             per_source: sources.iter().map(|_| AtomicU64::new(0)).collect(),
             limit: None,
             parallel: PARALLEL_BATCHES,
+            stall: DEFAULT_STALL,
+            progress: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         }
+    }
+
+    /// Skips a pack's source that has delivered no object the receiver
+    /// lacked for `stall` (one that stopped sending, or that streams the
+    /// same valid segments forever).
+    pub fn with_stall(mut self, stall: Duration) -> Client {
+        self.stall = stall.max(Duration::from_millis(100));
+        self
+    }
+
+    /// The receiver got an object it lacked: the source is making progress.
+    pub fn progressed(&self) {
+        self.progress
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn since_progress(&self) -> Duration {
+        let at = self.progress.load(Ordering::Relaxed);
+        Duration::from_millis((self.born.elapsed().as_millis() as u64).saturating_sub(at))
     }
 
     /// Paces every body received by `limit`, and keeps at most `parallel`
@@ -265,6 +298,10 @@ impl Client {
                     }
                     Err(SourceError::Source(e)) => {
                         self.drop_source(i, &e);
+                        // What it sent is verified and kept, but the next
+                        // source's pack starts from its beginning: the
+                        // bytes counted were this source's.
+                        consumed = 0;
                         break;
                     }
                     Err(SourceError::NoBatch) => break,
@@ -385,7 +422,24 @@ impl Client {
         // nothing else holds them (the store keeps its last few).
         let mut spare: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
         let mut stream = resp.bytes_stream();
-        while let Some(piece) = stream.next().await {
+        // Each request gets a whole window before it must show progress.
+        self.progressed();
+        let stalled = |what: &str| {
+            SourceError::Source(format!(
+                "{url}: {what} for {} s: a stalled or looping source",
+                self.stall.as_secs_f64()
+            ))
+        };
+        loop {
+            let piece = match tokio::time::timeout(self.stall, stream.next()).await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(_) => return Err(stalled("sent nothing")),
+            };
+            // Bytes that never make a whole segment (a trickle).
+            if self.since_progress() > self.stall * 4 {
+                return Err(stalled("delivered no object this host lacked"));
+            }
             let piece = match piece {
                 Ok(p) => p,
                 Err(e) => {
@@ -425,6 +479,11 @@ impl Client {
                 // ends at a frame boundary, so the batch decoder has
                 // nothing pending then.)
                 if let Some((seg, end)) = stored? {
+                    // A whole segment with nothing new, after a whole
+                    // window of them: the same segments again and again.
+                    if self.since_progress() > self.stall {
+                        return Err(stalled("delivered no object this host lacked"));
+                    }
                     *consumed = end;
                     spare.push_back(seg.content);
                     // More than the store keeps: the oldest are free.
@@ -453,85 +512,121 @@ impl Client {
         }
     }
 
-    /// A version's signatures from the first source that has them:
-    /// `None` if every source answers 404, an error if none answered.
-    pub async fn signature(&self, v: &VersionId) -> Result<Option<SignedVersion>, FetchError> {
-        let mut last_error = None;
+    /// A version's signatures from the first source whose copy passes
+    /// `check` (a key trusted now vouches for it), with what `check` made
+    /// of it. A source whose copy does not pass (a cache that kept an old
+    /// signature after a key rotation, or a forged one) is skipped for the
+    /// rest of this client's fetches and named; a source without one (404)
+    /// is passed over. `Ok(None)`: every source answered 404. The error
+    /// names every source and why it gave nothing usable.
+    pub async fn signature<T>(
+        &self,
+        v: &VersionId,
+        check: impl Fn(&SignedVersion) -> Result<T, String>,
+    ) -> Result<Option<(SignedVersion, T)>, FetchError> {
+        let mut failed = Vec::new();
         let mut not_found = 0;
-        for source in &self.sources {
+        for (i, source) in self.sources.iter().enumerate() {
             let url = format!("{source}/versions/{}.sig", v.to_hex());
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match self.http.get(&url).send().await {
+            let resp = match self
+                .http
+                .get(&url)
+                .timeout(SMALL_ANSWER_TIMEOUT)
+                .send()
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
-                    last_error = Some(format!("{url}: {}", why(&e)));
+                    failed.push(format!("{url}: {}", why(&e)));
                     continue;
                 }
             };
             if resp.status() == reqwest::StatusCode::NOT_FOUND {
                 not_found += 1;
+                failed.push(format!("{url}: has no signature (404)"));
                 continue;
             }
             if !resp.status().is_success() {
-                last_error = Some(format!("{url}: HTTP {}", resp.status()));
+                failed.push(format!("{url}: HTTP {}", resp.status()));
                 continue;
             }
-            match read_capped(resp, MAX_SIG_FILE as u64, &url).await {
-                Ok(bytes) => match SignedVersion::parse(&bytes) {
-                    Ok(doc) => return Ok(Some(doc)),
-                    Err(e) => last_error = Some(format!("{url}: {e}")),
-                },
-                Err(SourceError::Source(e)) => last_error = Some(e),
-                Err(_) => {}
+            let doc = match read_capped(resp, MAX_SIG_FILE as u64, &url).await {
+                Ok(bytes) => SignedVersion::parse(&bytes),
+                Err(SourceError::Source(e)) => Err(e),
+                Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
+                Err(_) => Err(format!("{url}: unreadable answer")),
+            };
+            match doc.and_then(|doc| check(&doc).map(|t| (doc, t))) {
+                Ok(found) => return Ok(Some(found)),
+                Err(e) => {
+                    let why = format!("its signature of {} is refused: {e}", v.short());
+                    self.drop_source(i, &why);
+                    failed.push(format!("{url}: {why}"));
+                }
             }
         }
-        match last_error {
-            Some(e) if not_found < self.sources.len() => Err(FetchError::AllFailed(e)),
-            _ => Ok(None),
+        if not_found == self.sources.len() {
+            return Ok(None);
         }
+        Err(FetchError::AllFailed(format!(
+            "no source has a signature of {} this host accepts: {}",
+            v.short(),
+            failed.join("; ")
+        )))
     }
 
-    /// What the deploy host says `host` should run, from the first source
-    /// that answers (a cache in front of it must pass `/v1/desired/`
-    /// through: the answer is `Cache-Control: no-store`).
-    pub async fn desired(&self, host: &str) -> Result<crate::proto::DesiredResponse, FetchError> {
-        use crate::proto::{DesiredResponse, MAX_DESIRED_BYTES};
-        let mut last_error = String::from("no source configured");
-        for source in &self.sources {
+    /// What every source says `host` should run, asked at once, each
+    /// within [`SMALL_ANSWER_TIMEOUT`]: an answer or why there is none, by
+    /// source. The caller decides which answer stands (a signed one, the
+    /// newest): a source can withhold an answer, not substitute one.
+    pub async fn desired_all(
+        &self,
+        host: &str,
+    ) -> Vec<(String, Result<crate::proto::DesiredResponse, String>)> {
+        let asks = self.sources.iter().map(|source| async move {
             let url = format!("{source}/v1/desired/{host}");
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match self.http.get(&url).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    last_error = format!("{url}: {}", why(&e));
-                    continue;
-                }
-            };
-            if !resp.status().is_success() {
-                let status = resp.status();
-                let body = read_capped(resp, 1024, &url).await.unwrap_or_default();
-                last_error = format!(
-                    "{url}: HTTP {status}: {}",
-                    crate::text::clip(String::from_utf8_lossy(&body).trim(), 300)
-                );
-                continue;
-            }
-            match read_capped(resp, MAX_DESIRED_BYTES as u64, &url).await {
-                Ok(bytes) => match serde_json::from_slice::<DesiredResponse>(&bytes) {
-                    Ok(d) if d.host == host => return Ok(d),
-                    Ok(d) => {
-                        last_error = format!(
-                            "{url}: answered for host {:?}, not {host:?}",
-                            crate::text::clip(&d.host, 100)
-                        )
-                    }
-                    Err(e) => last_error = format!("{url}: not a desired-state answer: {e}"),
-                },
-                Err(SourceError::Source(e)) => last_error = e,
-                Err(_) => {}
-            }
+            (source.clone(), self.desired_from(&url, host).await)
+        });
+        futures_util::future::join_all(asks).await
+    }
+
+    async fn desired_from(
+        &self,
+        url: &str,
+        host: &str,
+    ) -> Result<crate::proto::DesiredResponse, String> {
+        use crate::proto::{DesiredResponse, MAX_DESIRED_BYTES};
+        let resp = self
+            .http
+            .get(url)
+            .timeout(SMALL_ANSWER_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {}", why(&e)))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = read_capped(resp, 1024, url).await.unwrap_or_default();
+            return Err(format!(
+                "{url}: HTTP {status}: {}",
+                crate::text::clip(String::from_utf8_lossy(&body).trim(), 300)
+            ));
         }
-        Err(FetchError::AllFailed(last_error))
+        let bytes = match read_capped(resp, MAX_DESIRED_BYTES as u64, url).await {
+            Ok(b) => b,
+            Err(SourceError::Source(e)) => return Err(e),
+            Err(SourceError::Fatal(e)) => return Err(format!("{url}: {e}")),
+            Err(SourceError::NoBatch) => return Err(format!("{url}: unreadable answer")),
+        };
+        match serde_json::from_slice::<DesiredResponse>(&bytes) {
+            Ok(d) if d.host == host => Ok(d),
+            Ok(d) => Err(format!(
+                "{url}: answered for host {:?}, not {host:?}",
+                crate::text::clip(&d.host, 100)
+            )),
+            Err(e) => Err(format!("{url}: not a desired-state answer: {e}")),
+        }
     }
 
     pub fn sources(&self) -> &[String] {

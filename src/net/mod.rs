@@ -9,6 +9,8 @@
 //! against the ID that was asked for before it is stored or used.
 
 pub mod client;
+pub mod conns;
+pub mod local;
 pub mod pack;
 pub mod ratelimit;
 pub mod server;

@@ -592,6 +592,130 @@ impl Builds {
 /// pack served, newest first) and the version the new one was built on
 /// (its record's parent). A guess that misses costs one build nobody asks
 /// for, and gc removes it with its versions.
+/// What one client may have built on its requests, per [`BUDGET_WINDOW`]:
+/// packs already built cost nothing; a build counts once it starts, its
+/// bytes once it is done.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Builds at once.
+    pub concurrent: usize,
+    /// Builds per window.
+    pub builds: u32,
+    /// Bytes of packs built per window.
+    pub bytes: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget {
+            concurrent: 2,
+            builds: 64,
+            bytes: 32 << 30,
+        }
+    }
+}
+
+/// The window a client's [`Budget`] is counted over.
+pub const BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[derive(Default)]
+struct Spent {
+    since: Option<std::time::Instant>,
+    running: usize,
+    builds: u32,
+    bytes: u64,
+}
+
+/// Every client's [`Budget`], by IP address (a cache in front of many
+/// hosts is one client: its requests are mostly for packs already built).
+pub struct Budgets {
+    budget: Budget,
+    spent: Mutex<HashMap<Option<std::net::IpAddr>, Spent>>,
+}
+
+/// A build being paid for; its end (drop) frees its place.
+pub struct Charge<'a> {
+    budgets: &'a Budgets,
+    client: Option<std::net::IpAddr>,
+}
+
+impl Budgets {
+    pub fn new(budget: Budget) -> Budgets {
+        Budgets {
+            budget,
+            spent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts a build for `client`, or says which part of its budget is
+    /// spent.
+    pub fn start(&self, client: Option<std::net::IpAddr>) -> Result<Charge<'_>, String> {
+        let mut all = self.spent.lock().expect("not poisoned");
+        let now = std::time::Instant::now();
+        // Forget clients whose window ended and that build nothing.
+        all.retain(|_, s| s.running > 0 || s.since.is_some_and(|t| now - t < BUDGET_WINDOW));
+        let s = all.entry(client).or_default();
+        if s.since.is_none_or(|t| now - t >= BUDGET_WINDOW) {
+            *s = Spent {
+                since: Some(now),
+                running: s.running,
+                ..Spent::default()
+            };
+        }
+        let b = &self.budget;
+        if s.running >= b.concurrent {
+            return Err(format!("{} pack builds of its own already run", s.running));
+        }
+        if s.builds >= b.builds {
+            return Err(format!(
+                "it had {} packs built this hour, its limit",
+                s.builds
+            ));
+        }
+        if s.bytes >= b.bytes {
+            return Err(format!(
+                "it had {} MB of packs built this hour, its limit",
+                s.bytes >> 20
+            ));
+        }
+        s.running += 1;
+        s.builds += 1;
+        Ok(Charge {
+            budgets: self,
+            client,
+        })
+    }
+}
+
+impl Charge<'_> {
+    /// The build made `bytes` of pack.
+    pub fn charge(self, bytes: u64) {
+        if let Some(s) = self
+            .budgets
+            .spent
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.client)
+        {
+            s.bytes = s.bytes.saturating_add(bytes);
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self
+            .budgets
+            .spent
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.client)
+        {
+            s.running = s.running.saturating_sub(1);
+        }
+    }
+}
+
 pub struct Ahead {
     /// The `to` of the packs served most recently, newest first, at most
     /// `limit`.
@@ -620,7 +744,9 @@ impl Ahead {
             recent: Mutex::new(std::collections::VecDeque::new()),
             limit,
         };
-        // As if served in the order the files were written.
+        // As if served in the order the files were written; only packs to
+        // versions this store recorded.
+        found.retain(|(_, v)| matches!(store.record(v), Ok(Some(_))));
         found.sort_by_key(|f| f.0);
         for (_, v) in found {
             ahead.served(v);
@@ -1020,7 +1146,29 @@ mod order_tests {
         let v: Vec<VersionId> = (0..5u8)
             .map(|i| version(&dir(&w, vec![("a.php", file(&w, &[&[i]]))])))
             .collect();
+        let sub = version(&dir(&w, vec![("b.php", file(&w, &[b"sub"]))]));
         drop(w.commit().unwrap());
+        for (i, version) in v.iter().enumerate() {
+            store
+                .write_record(&crate::store::disk::VersionRecord {
+                    format: 1,
+                    version: *version,
+                    label: None,
+                    message: None,
+                    author: "test".into(),
+                    time: i as u64,
+                    time_nanos: 0,
+                    parent: None,
+                    change: None,
+                    components: Vec::new(),
+                    files: 1,
+                    bytes: 1,
+                })
+                .unwrap();
+        }
+        // A pack to a tree nobody recorded (a subdirectory, asked for by
+        // anyone) never feeds the packs built ahead.
+        super::build(&store, None, &sub).unwrap();
         // Packs already in the store: what hosts moved to before this
         // process started, the newest file first (v[2], then v[1]).
         let older = super::build(&store, Some(&v[0]), &v[1]).unwrap();

@@ -96,6 +96,8 @@ pub struct ServerState {
     /// `--max-rate`: every response body is paced by it.
     limit: Option<Arc<RateLimit>>,
     builds: super::pack::Builds,
+    /// What each client may have built on its requests.
+    budgets: super::pack::Budgets,
     /// What new versions' packs are built from, ahead of requests.
     ahead: super::pack::Ahead,
     /// `--access-log`: one line per request.
@@ -112,6 +114,8 @@ pub struct ServeOptions {
     /// Sources each new version's packs are built from ahead of requests
     /// ([`build_ahead`]); 0 builds nothing ahead.
     pub packs_ahead: usize,
+    /// What one client may have built on its requests.
+    pub pack_budget: super::pack::Budget,
 }
 
 /// Who may read the store.
@@ -157,6 +161,7 @@ pub fn router_with(
         access,
         limit: opts.max_rate.map(|r| Arc::new(RateLimit::new(r))),
         builds: super::pack::Builds::default(),
+        budgets: super::pack::Budgets::new(opts.pack_budget),
         ahead,
         log,
     });
@@ -196,7 +201,7 @@ async fn access_log(
     }
     let peer = Caller::of(req.extensions())
         .0
-        .map_or_else(|| "-".to_string(), |p| p.addr.to_string());
+        .map_or_else(|| "-".to_string(), |p| p.describe());
     let line_head = format!("{} {}", req.method(), req.uri().path());
     let resp = next.run(req).await;
     let len = resp
@@ -222,6 +227,7 @@ async fn access_log(
 async fn pack(
     State(st): State<Arc<ServerState>>,
     Path((from, to)): Path<(String, String)>,
+    caller: Caller,
     headers: HeaderMap,
 ) -> Response {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -251,7 +257,57 @@ async fn pack(
     {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
-    let path = match st.builds.build(st.store.clone(), from_v, to_v).await {
+    // Only between versions this deploy host recorded (and `empty`): a
+    // pack between any two trees (a subdirectory, say) would be work and
+    // disk anyone with a site certificate could ask for.
+    let store = st.store.clone();
+    let recorded = tokio::task::spawn_blocking(move || -> Result<Option<VersionId>, StoreError> {
+        for v in from_v.iter().chain(std::iter::once(&to_v)) {
+            if store.record(v)?.is_none() {
+                return Ok(Some(*v));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    match recorded {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(v))) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no pack from {from} to {to}: {v} is not a version this deploy host recorded (packs are built only between recorded versions; ask for objects instead)"
+                ),
+            );
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let pack_path = super::pack::path(&st.store, from_v.as_ref(), &to_v);
+    let client = caller.0.as_ref().map(|p| p.addr.ip());
+    // A pack not built yet is built on this request, within the client's
+    // budget.
+    let budget = if pack_path.exists() {
+        None
+    } else {
+        match st.budgets.start(client) {
+            Ok(b) => Some(b),
+            Err(why) => {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "no pack from {from} to {to} for {}: {why} (fetch objects instead, or ask again later)",
+                        client.map_or_else(|| "this client".to_string(), |c| c.to_string())
+                    ),
+                );
+            }
+        }
+    };
+    let built = st.builds.build(st.store.clone(), from_v, to_v).await;
+    if let (Some(b), Ok(p)) = (budget, &built) {
+        b.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
+    }
+    let path = match built {
         Ok(p) => p,
         Err(StoreError::UnknownVersion(v)) => {
             return error(
@@ -428,7 +484,10 @@ pub async fn build_ahead(st: Arc<ServerState>) {
         for record in fresh {
             let v = record.version;
             for from in st.ahead.sources(&v, record.parent) {
-                if super::pack::path(&st.store, Some(&from), &v).exists() {
+                // Only from versions this deploy host recorded.
+                if super::pack::path(&st.store, Some(&from), &v).exists()
+                    || !matches!(st.store.record(&from), Ok(Some(_)))
+                {
                     continue;
                 }
                 let started = std::time::Instant::now();
@@ -483,16 +542,100 @@ fn new_versions(
     Ok((now, fresh))
 }
 
+/// How long a server stopping waits for the requests in flight.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `app` on `listener` until `shutdown` completes, then finishes the
-/// requests in flight. Handlers see the peer as [`Caller`].
+/// requests in flight (for at most [`SHUTDOWN_GRACE`]). Handlers see the
+/// peer as [`Caller`]. HTTP/1.1 only (the ALPN the TLS side offers); each
+/// request counts as in flight on its connection's slot until its
+/// response body is done ([`super::conns`]), and a connection the tracker
+/// closes is dropped at once.
 pub async fn serve(
-    listener: Listener,
+    mut listener: Listener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::TokioIo;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (conn, peer) = tokio::select! {
+            c = listener.accept() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let slot = peer.slot.clone();
+        let app = app.clone();
+        let svc = hyper::service::service_fn(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                let in_flight = peer.slot.as_ref().map(|s| s.begin());
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer.clone()));
+                let mut app = app.clone();
+                async move {
+                    let resp = tower::Service::call(&mut app, req.map(Body::new)).await?;
+                    Ok::<_, std::convert::Infallible>(match in_flight {
+                        Some(guard) => resp.map(|b| {
+                            Body::new(Tracked {
+                                inner: b,
+                                _guard: guard,
+                            })
+                        }),
+                        None => resp,
+                    })
+                }
+            },
+        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(conn), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            match slot {
+                Some(slot) => {
+                    tokio::select! {
+                        _ = conn => {}
+                        () = slot.killed() => {}
+                    }
+                }
+                None => {
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    Ok(())
+}
+
+/// A response body that keeps its request in flight until it is done.
+struct Tracked {
+    inner: Body,
+    _guard: super::conns::InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The peer of a request (a router tested without sockets has none).
@@ -508,6 +651,11 @@ impl Caller {
 
     pub fn has_cert(&self) -> bool {
         self.0.as_ref().is_some_and(Peer::has_cert)
+    }
+
+    /// On the local socket: the caller's user ID.
+    pub fn local(&self) -> Option<u32> {
+        self.0.as_ref()?.local_uid
     }
 
     /// The first of `names` the caller's certificate is valid for.
@@ -670,6 +818,7 @@ async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -
         since: t.map_or(0, |t| t.since),
         by: t.map(|t| t.by.clone()).unwrap_or_default(),
         why: t.map(|t| t.why.clone()).unwrap_or_default(),
+        order: t.and_then(|t| t.order.clone()),
     };
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],

@@ -26,9 +26,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::conns::{Limits, Slot, SlotGuard, Tracker};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -205,17 +207,24 @@ pub fn http_client(
     })
 }
 
-/// Whether a verified certificate (the leaf of a chain the CA signed) is
-/// valid for `name` (a DNS name in its subject alternative names, or an IP
-/// address).
+/// Whether a verified certificate (the leaf of a chain the CA signed)
+/// names `name` exactly: one of the DNS names in its subject alternative
+/// names equals it (ASCII case aside). A wildcard name (`*.eqiad.wmnet`)
+/// never matches: a deployer is one host, and a certificate that names a
+/// whole domain names none of its hosts. The subject's common name is not
+/// read.
 pub fn cert_has_name(cert: &CertificateDer<'_>, name: &str) -> bool {
-    let Ok(server_name) = ServerName::try_from(name) else {
+    if name.is_empty() || name.contains('*') {
         return false;
-    };
+    }
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+    ee.valid_dns_names().any(|n| {
+        !n.contains('*')
+            && n.trim_end_matches('.')
+                .eq_ignore_ascii_case(name.trim_end_matches('.'))
+    })
 }
 
 /// What went wrong, for a person, when an error comes from TLS: which
@@ -274,14 +283,21 @@ pub fn explain(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
 pub struct Peer {
+    /// Its address (`0.0.0.0:0` on the local socket).
     pub addr: SocketAddr,
     /// The client's certificate chain, verified against the CA during the
     /// handshake; `None` for no certificate, or a plain-HTTP connection.
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// On the local (Unix) socket: the user ID of the process at the other
+    /// end, from the kernel (`SO_PEERCRED`).
+    pub local_uid: Option<u32>,
+    /// The connection's standing in its server's [`Tracker`].
+    pub slot: Option<Arc<Slot>>,
 }
 
 impl Peer {
-    /// The first of `names` the client's certificate is valid for.
+    /// The first of `names` the client's certificate names exactly (see
+    /// [`cert_has_name`]).
     pub fn named<'a>(&self, names: &'a [String]) -> Option<&'a str> {
         let leaf = self.certs.as_ref()?.first()?;
         names
@@ -293,12 +309,54 @@ impl Peer {
     pub fn has_cert(&self) -> bool {
         self.certs.is_some()
     }
+
+    /// For logs: the address, or the local user.
+    pub fn describe(&self) -> String {
+        match self.local_uid {
+            Some(uid) => format!("local uid {uid}"),
+            None => self.addr.to_string(),
+        }
+    }
 }
 
-/// A connection: TLS or plain.
-pub enum Conn {
+enum Io {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Plain(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// A connection: TLS, plain, or the local socket. Every byte it moves
+/// counts as activity in its slot; dropping it frees the slot.
+pub struct Conn {
+    io: Io,
+    slot: Option<SlotGuard>,
+}
+
+impl Conn {
+    fn touch(&self, moved: bool) {
+        if moved && let Some(g) = &self.slot {
+            g.slot.touch();
+        }
+    }
+}
+
+macro_rules! on_io {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            Io::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for Conn {
@@ -307,10 +365,11 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = on_io!(&mut this.io, s => s.poll_read(cx, buf));
+        this.touch(matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before);
+        r
     }
 }
 
@@ -320,24 +379,18 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        let this = self.get_mut();
+        let r = on_io!(&mut this.io, s => s.poll_write(cx, buf));
+        this.touch(matches!(r, Poll::Ready(Ok(n)) if n > 0));
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-        }
+        on_io!(&mut self.get_mut().io, s => s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        on_io!(&mut self.get_mut().io, s => s.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -345,36 +398,42 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        let this = self.get_mut();
+        let r = on_io!(&mut this.io, s => s.poll_write_vectored(cx, bufs));
+        this.touch(matches!(r, Poll::Ready(Ok(n)) if n > 0));
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Tls(s) => s.is_write_vectored(),
-            Conn::Plain(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Tls(s) => s.is_write_vectored(),
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
         }
     }
 }
 
-/// A listener for `axum::serve`: plain, or TLS with handshakes off the
-/// accept path.
+/// A server's listener: TCP (plain, or TLS with handshakes off the accept
+/// path) under a connection [`Tracker`], or a local Unix socket.
 pub struct Listener {
-    local: SocketAddr,
+    local: String,
     rx: tokio::sync::mpsc::Receiver<(Conn, Peer)>,
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl Listener {
-    /// Serves TLS with `config` (or plain HTTP when `None`) on `tcp`.
+    /// Serves TLS with `config` (or plain HTTP when `None`) on `tcp`,
+    /// within `limits` ([`super::conns`]).
     pub fn new(
         tcp: TcpListener,
         config: Option<Arc<rustls::ServerConfig>>,
+        limits: Limits,
     ) -> io::Result<Listener> {
         let local = tcp.local_addr()?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = config.map(tokio_rustls::TlsAcceptor::from);
+        let tracker = Tracker::new(limits);
+        let t = tracker.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, addr) = match tcp.accept().await {
@@ -386,30 +445,117 @@ impl Listener {
                         continue;
                     }
                 };
+                let Some(guard) = t.admit(Some(addr.ip())) else {
+                    tracing::debug!("{addr}: every connection is busy: closed this one");
+                    continue;
+                };
                 // Responses are written as headers then body pieces: without
                 // TCP_NODELAY, Nagle holds each small piece until the peer's
                 // delayed ACK (40 ms on Linux).
                 let _ = stream.set_nodelay(true);
                 let tx = tx.clone();
+                let peer = Peer {
+                    addr,
+                    certs: None,
+                    local_uid: None,
+                    slot: Some(guard.slot.clone()),
+                };
                 match &acceptor {
                     None => {
-                        let peer = Peer { addr, certs: None };
-                        if tx.send((Conn::Plain(stream), peer)).await.is_err() {
+                        let conn = Conn {
+                            io: Io::Plain(stream),
+                            slot: Some(guard),
+                        };
+                        if tx.send((conn, peer)).await.is_err() {
                             return;
                         }
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
-                            if let Some(c) = handshake(acceptor, stream, addr).await {
-                                let _ = tx.send(c).await;
+                            let slot = guard.slot.clone();
+                            let shaken = tokio::select! {
+                                c = handshake(acceptor, stream, peer) => c,
+                                () = slot.killed() => None,
+                            };
+                            if let Some((io, peer)) = shaken {
+                                let conn = Conn {
+                                    io,
+                                    slot: Some(guard),
+                                };
+                                let _ = tx.send((conn, peer)).await;
                             }
                         });
                     }
                 }
             }
         });
-        Ok(Listener { local, rx })
+        Ok(Listener {
+            local: local.to_string(),
+            rx,
+            tracker: Some(tracker),
+        })
+    }
+
+    /// Serves the local socket `path`, which only this process's user
+    /// (root) may connect to: it is created mode 0600 under a temporary
+    /// name and renamed into place, replacing a socket a previous run left.
+    pub fn unix(path: &Path) -> io::Result<Listener> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let unix = tokio::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let stream = match unix.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("accept on the local socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(cred) = stream.peer_cred() else {
+                    continue;
+                };
+                let peer = Peer {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    certs: None,
+                    local_uid: Some(cred.uid()),
+                    slot: None,
+                };
+                let conn = Conn {
+                    io: Io::Unix(stream),
+                    slot: None,
+                };
+                if tx.send((conn, peer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Listener {
+            local: path.display().to_string(),
+            rx,
+            tracker: None,
+        })
+    }
+
+    /// The next connection, handshake done.
+    pub async fn accept(&mut self) -> Option<(Conn, Peer)> {
+        self.rx.recv().await
+    }
+
+    /// Where it listens.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    /// Its connections' tracker (TCP only).
+    pub fn tracker(&self) -> Option<&Arc<Tracker>> {
+        self.tracker.as_ref()
     }
 }
 
@@ -418,8 +564,9 @@ impl Listener {
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
-    addr: SocketAddr,
-) -> Option<(Conn, Peer)> {
+    mut peer: Peer,
+) -> Option<(Io, Peer)> {
+    let addr = peer.addr;
     let mut first = [0u8; 8];
     let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first))
         .await
@@ -445,12 +592,12 @@ async fn handshake(
     }
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
-            let certs = tls
+            peer.certs = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-            Some((Conn::Tls(Box::new(tls)), Peer { addr, certs }))
+            Some((Io::Tls(Box::new(tls)), peer))
         }
         Ok(Err(e)) => {
             tracing::info!("{addr}: TLS handshake failed: {e}");
@@ -476,30 +623,4 @@ fn looks_like_http(b: &[u8]) -> bool {
     ]
     .iter()
     .any(|m| b.starts_with(m))
-}
-
-impl axum::serve::Listener for Listener {
-    type Io = Conn;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Conn, Peer) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task is gone (the runtime is shutting down).
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Peer> {
-        Ok(Peer {
-            addr: self.local,
-            certs: None,
-        })
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Peer {
-        stream.remote_addr().clone()
-    }
 }

@@ -210,7 +210,15 @@ pub struct DesiredResponse {
     pub by: String,
     #[serde(default)]
     pub why: String,
+    /// The deploy key's order (action `desired`) for this host to run
+    /// `version`: an agent that trusts a key follows only a target whose
+    /// order verifies and is newer than every order it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<SignedOrder>,
 }
+
+/// The action a desired target's order names.
+pub const DESIRED_ACTION: &str = "desired";
 
 /// Longest desired-state answer an agent reads.
 pub const MAX_DESIRED_BYTES: usize = 16 << 10;

@@ -70,6 +70,16 @@ pub enum SignatureError {
     Key { path: String, why: String },
     #[error("deploy order: {0}")]
     Order(String),
+    #[error(
+        "version {version}: {kept}; and {sources}: re-sign it on the deploy host with a key this host trusts (`scap sign`), and make the caches in front of it fetch the new .sig"
+    )]
+    NoneAccepted {
+        version: VersionId,
+        /// Why the signature at hand (kept, or sent) is refused.
+        kept: String,
+        /// What the sources said.
+        sources: String,
+    },
 }
 
 /// A key's short ID: the first 8 bytes of BLAKE3 (derive-key context

@@ -134,7 +134,10 @@ impl Web {
     }
 }
 
-pub fn routes(web: Arc<Web>) -> Router {
+/// The dashboard's routes, answering only requests whose `Host` is one of
+/// `names` ([`HostNames`]).
+pub fn routes(web: Arc<Web>, names: HostNames) -> Router {
+    let names = Arc::new(names);
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/api/v1/fleet", get(fleet))
@@ -142,7 +145,91 @@ pub fn routes(web: Arc<Web>) -> Router {
         .route("/api/v1/versions", get(versions))
         .route("/api/v1/diff", get(diff_api))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            check_host(names.clone(), req, next)
+        }))
         .with_state(web)
+}
+
+/// The names a browser may call the dashboard by (its `Host` header, the
+/// port aside): loopback, the address it listens on, this host's name and
+/// those given with `--dashboard-name` (an authenticating proxy's). Any
+/// other name is a page on another site that had its name resolve to this
+/// address (DNS rebinding through a deployer's tunnel), and is refused.
+#[derive(Clone, Debug)]
+pub struct HostNames(Vec<String>);
+
+impl HostNames {
+    pub fn new(listen: std::net::SocketAddr, extra: &[String]) -> HostNames {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if !listen.ip().is_unspecified() {
+            names.push(listen.ip().to_string());
+        }
+        names.push(crate::sys::hostname());
+        names.extend(extra.iter().cloned());
+        for n in &mut names {
+            n.make_ascii_lowercase();
+        }
+        names.sort();
+        names.dedup();
+        HostNames(names)
+    }
+
+    /// Whether `host` (a `Host` header: a name or address, maybe a port)
+    /// is one of these names.
+    pub fn allows(&self, host: &str) -> bool {
+        let name = if let Some(rest) = host.strip_prefix('[') {
+            // [v6]:port
+            match rest.split_once(']') {
+                Some((v6, "")) => v6,
+                Some((v6, port))
+                    if port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) =>
+                {
+                    v6
+                }
+                _ => "",
+            }
+        } else {
+            host.rsplit_once(':').map_or(host, |(n, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    host
+                }
+            })
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        !name.is_empty() && self.0.contains(&name)
+    }
+}
+
+async fn check_host(
+    names: Arc<HostNames>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !names.allows(host) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "the dashboard answers to {} only, not Host {:?}: reach it by one of those names (an SSH tunnel to localhost), or start scap serve with --dashboard-name NAME for the name your proxy uses\n",
+                names.0.join(", "),
+                crate::text::clip(host, 100)
+            ),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 fn bad_request(msg: impl Into<String>) -> Response {
@@ -325,4 +412,37 @@ async fn metrics(State(web): State<Arc<Web>>) -> Response {
         m.finish(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostNames;
+
+    #[test]
+    fn the_dashboard_answers_to_its_own_names_only() {
+        let names = HostNames::new(
+            "127.0.0.1:8468".parse().unwrap(),
+            &["scap.wikimedia.org".into()],
+        );
+        for ok in [
+            "localhost:8468",
+            "LOCALHOST:9000",
+            "127.0.0.1:8468",
+            "[::1]:8468",
+            "scap.wikimedia.org",
+            "scap.wikimedia.org.:443",
+        ] {
+            assert!(names.allows(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example:8468",
+            "localhost.evil.example:8468",
+            "127.0.0.1.nip.io:8468",
+            "[::1",
+            "scap.wikimedia.org:x",
+        ] {
+            assert!(!names.allows(bad), "{bad}");
+        }
+    }
 }

@@ -387,7 +387,22 @@ fn corrupt_or_dying_sources_are_survived() {
 
 #[test]
 fn a_plain_static_server_is_a_source() {
-    let fleet = Fleet::start(1);
+    // Plain HTTP is a lab's (--insecure-http): a host on TLS refuses an
+    // http:// source, naming it.
+    let tls = Fleet::start(1);
+    let (code, r) = tls.post(
+        0,
+        "/v1/sync",
+        json!({"version": "ab".repeat(32), "sources": ["http://127.0.0.1:9/"]}),
+    );
+    assert_eq!(code, 400, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("http://127.0.0.1:9/") && e.contains("https://"),
+        "{e}"
+    );
+    drop(tls);
+    let fleet = Fleet::start_insecure(1);
     let staging = fleet.env.path("staging");
     versioned_tree(&staging, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);

@@ -622,7 +622,8 @@ fn serve_hostile(mut conn: TcpStream, mode: Hostile) -> std::io::Result<()> {
 
 #[test]
 fn a_hostile_source_cannot_exhaust_or_stall_the_agent() {
-    let mut fleet = Fleet::start(1);
+    // Plain HTTP (a lab): the hostile sources speak it.
+    let mut fleet = Fleet::start_insecure(1);
     let st = fleet.env.path("staging");
     tree_of_files(&st, 200, 5);
     let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
@@ -666,7 +667,8 @@ fn a_hostile_source_cannot_exhaust_or_stall_the_agent() {
 
 #[test]
 fn rollback_pre_empts_a_fetch_and_the_work_after_a_switch() {
-    let mut fleet = Fleet::start(1);
+    // Plain HTTP (a lab): the trickling source speaks it.
+    let mut fleet = Fleet::start_insecure(1);
     let staging = fleet.env.path("staging");
     tree_of_files(&staging, 100, 6);
     let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
@@ -699,7 +701,11 @@ fn rollback_pre_empts_a_fetch_and_the_work_after_a_switch() {
     let (code, r) = sync.join().unwrap();
     assert_eq!(code, 409, "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("rollback by oncall"),
+        // Who rolled back is the caller's credential, not the body's "by".
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("rollback by the bearer token at 127.0.0.1"),
         "{r}"
     );
     let (_, state) = fleet.get(0, "/v1/state");

@@ -34,6 +34,11 @@
 //!   knows the fleet.
 //! - `transport`: TLS and signed versions: every refusal, a key rotation,
 //!   a capture of the wire.
+//! - `trust`: each trust boundary tested as the attack on it: a
+//!   compromised cache (replayed desired states, stale signatures,
+//!   segments forever), a key rotation then a rollback, packs between
+//!   subtrees, idle connections, a wildcard certificate, a pull flood, an
+//!   edit during the post-switch hook, a crash repair, DNS rebinding.
 
 mod agent;
 mod canary;
@@ -51,3 +56,4 @@ mod share;
 mod support;
 mod trains;
 mod transport;
+mod trust;

@@ -235,14 +235,16 @@ fn every_signature_refusal_names_the_version_and_the_key() {
     assert_eq!(c, 403, "{r}");
     let e = r["error"].as_str().unwrap();
     assert!(e.contains("does not trust") && e.contains(&other_id), "{e}");
-    // A signature made for another root.
+    // A signature made for another root (and none at the source: a
+    // source with a good one would be taken instead).
     tree(&st, "v3");
     let v3 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    let mut other_root = fleet.sync_body(&v3, &[&fleet.source()]);
+    other_root["signature"] = fleet.env.signature(&v2);
     let mut body = fleet.sync_body(&v3, &[&fleet.source()]);
-    body["signature"] = fleet.env.signature(&v2);
-    refused(&v3, body, 403, "is about version");
+    fs::remove_file(sig(&v3)).unwrap();
+    refused(&v3, other_root, 403, "is about version");
     // An altered statement (the signature no longer verifies).
-    let mut body = fleet.sync_body(&v3, &[&fleet.source()]);
     let doc: scap::store::signature::SignedVersion =
         serde_json::from_value(body["signature"].clone()).unwrap();
     let mut statement = doc.statement().unwrap();
