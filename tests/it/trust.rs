@@ -608,7 +608,9 @@ fn an_edit_during_the_post_switch_hook_never_reaches_a_rollback() {
     wait_for(60, "the agent idle", || {
         fleet.get(0, "/v1/state").1["busy"] == false
     });
+    // (The first switch's hook left its marker.)
     let marker = fleet.hosts[0].dir.join("hook-started");
+    fs::remove_file(&marker).unwrap();
     let req = fleet
         .request("POST", 0, "/v1/sync")
         .json(&fleet.sync_body(&v2, &[&fleet.source()]));
