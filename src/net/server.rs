@@ -763,7 +763,15 @@ async fn record(State(st): State<Arc<ServerState>>, Path(file): Path<String>) ->
         .and_then(|h| h.parse::<VersionId>().ok())
     {
         return match st.store.signature(&v) {
-            Ok(Some(doc)) => axum::Json(doc).into_response(),
+            // Not immutable: `scap sign` adds a signature (a key rotation).
+            Ok(Some(doc)) => (
+                [(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("max-age=60"),
+                )],
+                axum::Json(doc),
+            )
+                .into_response(),
             Ok(None) => error(
                 StatusCode::NOT_FOUND,
                 format!("version {v}: not signed in this store"),

@@ -191,12 +191,19 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError>
         })
 }
 
-/// An HTTP client for `transport` (connections kept and reused; TLS
-/// sessions resumed).
+/// How long a client keeps an idle connection for reuse: below a scap
+/// server's default `--idle-timeout` (60 s), so that the client, not the
+/// server, closes it, and no request is sent on a connection the server is
+/// closing.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(45);
+
+/// An HTTP client for `transport` (connections kept and reused for
+/// [`CLIENT_IDLE`]; TLS sessions resumed).
 pub fn http_client(
     transport: &Transport,
     builder: reqwest::ClientBuilder,
 ) -> Result<reqwest::Client, TlsError> {
+    let builder = builder.pool_idle_timeout(CLIENT_IDLE);
     let builder = match transport {
         Transport::Tls(files) => builder.use_preconfigured_tls(client_config(files)?),
         Transport::Insecure { .. } => builder,
