@@ -37,7 +37,8 @@ pub struct Limits {
     /// it opened or its last request ended. Also the time a client has to
     /// send a request head.
     pub idle: Duration,
-    /// A busy connection is closed when no byte moved for this long.
+    /// A busy connection is closed when no byte moved for this long (two
+    /// hours: a slow reader is otherwise bounded by the caps).
     pub stall: Duration,
     /// Connections at once, from everyone.
     pub max_total: usize,
@@ -53,7 +54,10 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             idle: Duration::from_secs(60),
-            stall: Duration::from_secs(600),
+            // Longer than any request may legitimately run with no byte
+            // moving: an agent's sync answers only when done, and its
+            // fetch deadline is 30 minutes.
+            stall: Duration::from_secs(2 * 3600),
             max_total: 8192,
             max_per_peer: 512,
         }

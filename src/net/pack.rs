@@ -690,6 +690,10 @@ impl Budgets {
 impl Charge<'_> {
     /// The build made `bytes` of pack.
     pub fn charge(self, bytes: u64) {
+        self.spent(|s| s.bytes = s.bytes.saturating_add(bytes));
+    }
+
+    fn spent(&self, f: impl FnOnce(&mut Spent)) {
         if let Some(s) = self
             .budgets
             .spent
@@ -697,22 +701,14 @@ impl Charge<'_> {
             .expect("not poisoned")
             .get_mut(&self.client)
         {
-            s.bytes = s.bytes.saturating_add(bytes);
+            f(s);
         }
     }
 }
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self
-            .budgets
-            .spent
-            .lock()
-            .expect("not poisoned")
-            .get_mut(&self.client)
-        {
-            s.running = s.running.saturating_sub(1);
-        }
+        self.spent(|s| s.running = s.running.saturating_sub(1));
     }
 }
 

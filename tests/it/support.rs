@@ -509,7 +509,12 @@ impl Fleet {
     /// `scap serve` of `store` with this fleet's transport; `extra` flags
     /// (--hosts, ...). Its dashboard listens on a port of its own.
     pub fn serve_store(&self, store: &Path, extra: &[&str]) -> Proc {
-        let mut cmd = Command::new(SCAP);
+        Proc::start(self.serve_command(Command::new(SCAP), store, extra))
+    }
+
+    /// The `scap serve` command line for `store`, appended to `cmd` (the
+    /// scap binary, or a wrapper that runs it).
+    pub fn serve_command(&self, mut cmd: Command, store: &Path, extra: &[&str]) -> Command {
         cmd.env_remove("SCAP_STORE")
             .env_remove("SCAP_CONFIG")
             .current_dir(self.env.dir.path())
@@ -524,7 +529,7 @@ impl Fleet {
                 "127.0.0.1:0",
             ])
             .args(extra);
-        Proc::start(cmd)
+        cmd
     }
 
     pub fn source(&self) -> String {

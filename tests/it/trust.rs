@@ -132,6 +132,17 @@ fn issue_client(env: &Env, role: &str, name: &str) {
     scap::pki::issue(&dir, &leaf, &ca, &key).unwrap();
 }
 
+/// A compromised cache that answers `path` with `body`, and 404 to the rest.
+fn serving(env: &Env, path: String, body: Vec<u8>) -> EvilCache {
+    EvilCache::start(env, move |p| {
+        if p == path {
+            Answer::Bytes(200, body.clone())
+        } else {
+            Answer::NotFound
+        }
+    })
+}
+
 /// Waits until host 0's agent is done with its pull at start.
 fn idle(fleet: &Fleet) {
     wait_for(60, "the agent's pull at start", || {
@@ -170,14 +181,7 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     );
     ok(&fleet.sync(&[0], &v2));
     // The agent restarts with only the compromised cache as its source.
-    let replay = old.clone();
-    let cache = EvilCache::start(&fleet.env, move |p| {
-        if p.starts_with("/v1/desired/") {
-            Answer::Bytes(200, replay.clone())
-        } else {
-            Answer::NotFound
-        }
-    });
+    let cache = serving(&fleet.env, "/v1/desired/mw1001".into(), old.clone());
     let sock = fleet.hosts[0].dir.join("agent.sock");
     fleet.hosts[0].extra = vec!["--source".into(), cache.url.clone()];
     fleet.restart(0);
@@ -207,14 +211,11 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     // The same answer with its order stripped: ignored, and the cache named.
     let mut unsigned = old_json.clone();
     unsigned.as_object_mut().unwrap().remove("order");
-    let unsigned = serde_json::to_vec(&unsigned).unwrap();
-    let bare = EvilCache::start(&fleet.env, move |p| {
-        if p.starts_with("/v1/desired/") {
-            Answer::Bytes(200, unsigned.clone())
-        } else {
-            Answer::NotFound
-        }
-    });
+    let bare = serving(
+        &fleet.env,
+        "/v1/desired/mw1001".into(),
+        serde_json::to_vec(&unsigned).unwrap(),
+    );
     fleet.hosts[0].extra = vec!["--source".into(), bare.url.clone()];
     fleet.restart(0);
     idle(&fleet);
@@ -296,15 +297,7 @@ fn after_a_key_rotation_a_rollback_works_and_a_stale_signature_is_skipped() {
     .concat();
     fleet.restart(0);
     // A cache that still serves v1's old signature (nginx kept it).
-    let stale = old_sig.clone();
-    let v1_sig_path = format!("/versions/{v1}.sig");
-    let cache = EvilCache::start(&fleet.env, move |p| {
-        if p == v1_sig_path {
-            Answer::Bytes(200, stale.clone())
-        } else {
-            Answer::NotFound
-        }
-    });
+    let cache = serving(&fleet.env, format!("/versions/{v1}.sig"), old_sig);
     // 3. A rollback to the previous version: its signature kept on the
     // host is by the revoked key; the cache's too; the deploy host's
     // verifies.
@@ -322,43 +315,36 @@ fn after_a_key_rotation_a_rollback_works_and_a_stale_signature_is_skipped() {
         .id
         .to_string();
     assert!(kept.contains(&new_id), "{kept}");
-    // With only the stale cache to ask, a rollback to a version whose kept
-    // signature is stale is refused, naming the cache and the key.
+    // With only a stale cache to ask, a rollback to v2 (whose kept
+    // signature is by the revoked key) is refused, naming the cache and
+    // the key; the host stays where it is.
+    let old_v2 = fs::read(dir.join(format!("store/versions/{v2}.sig"))).unwrap();
+    let stale_v2 = serving(&fleet.env, format!("/versions/{v2}.sig"), old_v2.clone());
+    let (code, r) = fleet.post(
+        0,
+        "/v1/rollback",
+        json!({"to": v2, "sources": [stale_v2.url]}),
+    );
+    assert_eq!(code, 403, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains(&stale_v2.url) && e.contains(&lab_id), "{e}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+    // A sync whose signature comes from the sources: a cache that passes
+    // another version's signature off as v3's is skipped and named in the
+    // outcome, the deploy host's copy taken.
     tree(&st, "v3");
     let v3 = fleet.env.build(
         &[("mediawiki", &st)],
         &["--sign-key", new_key.to_str().unwrap()],
     );
-    let (code, r) = fleet.post(0, "/v1/sync", fleet.sync_body(&v3, &[&fleet.source()]));
-    assert_eq!(code, 200, "{r}");
-    let kept_v2 = dir.join(format!("store/versions/{v2}.sig"));
-    let old_v2 = fs::read(fleet.env.store.join(format!("versions/{v2}.sig"))).unwrap();
-    // (the host's copy of v2's signature is the old one, by the lab key)
-    assert!(!fs::read_to_string(&kept_v2).unwrap().contains(&new_id) || !old_v2.is_empty());
-    // A sync whose signature comes from the sources: the stale cache first
-    // is skipped and named in the outcome, the deploy host's copy taken.
-    let v3_stale = fs::read(fleet.env.store.join(format!("versions/{v2}.sig"))).unwrap();
-    let v3_path = format!("/versions/{v3}.sig");
-    let wrong = EvilCache::start(&fleet.env, move |p| {
-        if p == v3_path {
-            // Another version's signature, passed off as v3's.
-            Answer::Bytes(200, v3_stale.clone())
-        } else {
-            Answer::NotFound
-        }
-    });
-    let (code, r) = fleet.post(
-        0,
-        "/v1/rollback",
-        json!({"to": "previous", "sources": [wrong.url.clone(), fleet.source()]}),
-    );
-    assert_eq!(code, 200, "{r}");
+    let wrong = serving(&fleet.env, format!("/versions/{v3}.sig"), old_v2);
     let (code, r) = fleet.post(
         0,
         "/v1/sync",
         json!({"version": v3, "sources": [wrong.url.clone(), fleet.source()]}),
     );
     assert_eq!(code, 200, "{r}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v3.as_str()));
     let skipped = r["fetched"]["skipped"].to_string();
     assert!(skipped.contains(&wrong.url), "the cache is named: {r}");
 }
@@ -455,22 +441,12 @@ fn idle_connections_cannot_keep_a_valid_agent_out() {
     tree(&st, "v1");
     fleet.env.build(&[("mediawiki", &st)], &[]);
     // scap serve at a hard limit of 1024 open files: it cannot raise it.
-    let mut cmd = std::process::Command::new("sh");
-    cmd.arg("-c")
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
         .arg("ulimit -Sn 1024 && ulimit -Hn 1024 && exec \"$@\"")
         .arg("sh")
-        .arg(SCAP)
-        .current_dir(fleet.env.dir.path())
-        .arg("--store")
-        .arg(&fleet.env.store)
-        .args(fleet.transport("server"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--dashboard-listen",
-            "127.0.0.1:0",
-        ]);
+        .arg(SCAP);
+    let cmd = fleet.serve_command(sh, &fleet.env.store, &[]);
     let server = Proc::start(cmd);
     let files = scap::net::tls::TlsFiles {
         ca: fleet.env.pki.ca(),
