@@ -165,7 +165,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         );
         tokio::spawn(web.poll_forever());
         let main = listener(tcp, &transport, &a.conns)?;
-        let dash = crate::net::tls::Listener::new(dash_tcp, None, a.conns.limits())?;
+        let dash = crate::net::tls::Listener::new(dash_tcp, None, a.conns.limits().dashboard())?;
         if let Some(w) = transport.warning("scap serve") {
             eprintln!("{w}");
         }

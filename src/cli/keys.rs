@@ -68,8 +68,12 @@ impl Mode600 for std::fs::OpenOptions {
 #[derive(Args, Debug)]
 pub struct SignArgs {
     /// Versions to sign (labels, IDs, prefixes)
-    #[arg(required = true)]
+    #[arg(required_unless_present = "desired")]
     versions: Vec<String>,
+    /// Also sign every host's desired target anew with this key (after a key
+    /// rotation: agents ignore targets signed by a key they revoked)
+    #[arg(long)]
+    desired: bool,
     /// The deploy key [default: scap.toml's sign_key]
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
@@ -87,6 +91,19 @@ pub fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
         let doc = crate::manifest::sign_version(&store, &v, &key)?;
         let keys: Vec<String> = doc.signatures.iter().map(|s| s.key.to_string()).collect();
         println!("{v} signed by {}", keys.join(", "));
+    }
+    if a.desired {
+        let dir = super::fleet_args::fleet_dir(ctx);
+        let _lock = crate::fleet::lock::acquire(&dir, "scap sign --desired")?;
+        let path = a
+            .key
+            .as_deref()
+            .or(ctx.config.sign_key.as_deref())
+            .expect("a key: checked above");
+        let key = crate::store::signature::SigningKey::load(path)?;
+        let orders = crate::fleet::orders::Orders::reserve(key, &dir)?;
+        let n = crate::fleet::desired::resign(&dir, &orders)?;
+        println!("the desired targets of {n} host(s) signed anew");
     }
     Ok(exit::OK)
 }

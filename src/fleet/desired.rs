@@ -176,3 +176,16 @@ pub fn update(
     }
     d.save(fleet_dir)
 }
+
+/// Signs every target anew with `orders` (after a key rotation: targets
+/// signed by the revoked key would be ignored by every agent). Safe, as
+/// the targets are the deploy host's current intent; the caller holds the
+/// deploy lock, so no rollout changes them meanwhile. How many it signed.
+pub fn resign(fleet_dir: &Path, orders: &Orders) -> Result<usize, DesiredError> {
+    let mut d = Desired::load(fleet_dir)?;
+    for (host, t) in &mut d.hosts {
+        t.order = Some(orders.sign(host, t.version, DESIRED_ACTION)?);
+    }
+    d.save(fleet_dir)?;
+    Ok(d.hosts.len())
+}

@@ -148,9 +148,32 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
         .route("/v1/restart", post(restart))
         .route("/v1/stage", post(stage))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(st.clone(), gate))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(st.clone());
     (app, st)
+}
+
+/// Refuses a caller who may not make a request before its body is read:
+/// a body is read only from a deployer (or, for no route that has one, a
+/// reader), so nobody else can hold a connection busy by sending one
+/// slowly. The handlers check again, for their own answer.
+async fn gate(
+    State(st): State<Arc<AgentState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let need = match (req.method(), req.uri().path()) {
+        (&axum::http::Method::GET, "/v1/health" | "/metrics") => None,
+        (&axum::http::Method::GET, "/v1/state") => Some(Need::Reader),
+        _ => Some(Need::Deployer),
+    };
+    if let Some(need) = need
+        && let Some(r) = st.refuse(&Caller::of(req.extensions()), req.headers(), need)
+    {
+        return r;
+    }
+    next.run(req).await
 }
 
 fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -739,7 +762,7 @@ fn pull_now(
         && !agent.take_desired(seq)?
         && current != Some(target)
     {
-        let newest = agent.state().order_seq;
+        let newest = agent.state().switch_seq;
         return Ok(PullOutcome {
             host,
             target: Some(target),

@@ -440,6 +440,9 @@ impl Agent {
             )));
         }
         st.order_seq = o.seq;
+        if action != "stage" {
+            st.switch_seq = o.seq;
+        }
         // Durable before the order is acted on: a restart never reopens it.
         st.save(&self.state_path())?;
         Ok(true)
@@ -1072,20 +1075,23 @@ impl Agent {
         }
     }
 
-    /// Takes the desired state's order number `seq` as the newest this
-    /// host took, if no order it took is newer: `false` (nothing changes)
+    /// Takes the desired state's order number `seq` as the newest that
+    /// decided what this host runs, if no such order it took is newer
+    /// (a sync, a rollback, a desired target; a stage only prepares, and
+    /// does not hide a target set before it): `false` (nothing changes)
     /// when one is (a stale or replayed answer). The same desired order
     /// may be taken again: it is the same decision, and a pull that failed
     /// half-way (a source down) must be able to try again.
     pub fn take_desired(&self, seq: u64) -> Result<bool, AgentError> {
         let mut st = self.state.lock().expect("not poisoned");
-        if seq < st.order_seq {
+        if seq < st.switch_seq {
             return Ok(false);
         }
-        if seq == st.order_seq {
+        if seq == st.switch_seq {
             return Ok(true);
         }
-        st.order_seq = seq;
+        st.switch_seq = seq;
+        st.order_seq = st.order_seq.max(seq);
         st.save(&self.state_path())?;
         Ok(true)
     }

@@ -283,12 +283,13 @@ impl Client {
     ) -> Result<bool, FetchError> {
         let path = super::pack::url_path(from, to);
         let mut consumed: u64 = 0;
+        let mut resent: u64 = 0;
         for i in self.usable() {
             let source = &self.sources[i];
             let url = format!("{source}{path}");
             // A few tries per source: a dropped connection resumes.
             for _attempt in 0..3 {
-                match self.pack_from(i, &url, &mut consumed, sink).await {
+                match self.pack_from(i, &url, &mut consumed, resent, sink).await {
                     Ok(PackEnd::Done) => return Ok(true),
                     Ok(PackEnd::NotHere) => break,
                     Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
@@ -300,7 +301,10 @@ impl Client {
                         self.drop_source(i, &e);
                         // What it sent is verified and kept, but the next
                         // source's pack starts from its beginning: the
-                        // bytes counted were this source's.
+                        // bytes counted were this source's. Until the next
+                        // one passes them, what it sends is not new to
+                        // this host, and is no sign of a looping source.
+                        resent = resent.max(consumed);
                         consumed = 0;
                         break;
                     }
@@ -316,9 +320,12 @@ impl Client {
         i: usize,
         url: &str,
         consumed: &mut u64,
+        resent: u64,
         sink: &PackSink<'_>,
     ) -> Result<PackEnd, SourceError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // A source that ignores the range sends the whole pack again.
+        let resent = resent.max(*consumed);
         let mut req = self.http.get(url);
         if *consumed > 0 {
             req = req.header("range", format!("bytes={consumed}-"));
@@ -329,6 +336,12 @@ impl Client {
             .map_err(|e| SourceError::Source(format!("{url}: {}", why(&e))))?;
         let status = resp.status().as_u16();
         if status == 404 {
+            return Ok(PackEnd::NotHere);
+        }
+        // The source will not build it now (its budget for this client,
+        // a cache's too): objects instead, from the same sources.
+        if status == 429 || status == 503 {
+            tracing::info!("{url}: HTTP {status}: fetching objects instead");
             return Ok(PackEnd::NotHere);
         }
         // Segments, each a piece of one batch body (net::pack).
@@ -479,6 +492,12 @@ impl Client {
                 // ends at a frame boundary, so the batch decoder has
                 // nothing pending then.)
                 if let Some((seg, end)) = stored? {
+                    // Bytes this host was sent before (by a source
+                    // skipped since, or before a restart from 0): the
+                    // source is catching up, not looping.
+                    if end <= resent {
+                        self.progressed();
+                    }
                     // A whole segment with nothing new, after a whole
                     // window of them: the same segments again and again.
                     if self.since_progress() > self.stall {

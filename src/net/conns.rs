@@ -10,8 +10,12 @@
 //! - An idle connection is closed [`Limits::idle`] after it opened or its
 //!   last request ended, whatever bytes it dribbles meanwhile (a slow
 //!   header, a handshake that never ends: slowloris).
-//! - A busy connection is closed when no byte moved either way for
-//!   [`Limits::stall`] (a client that stopped reading its pack).
+//! - A busy connection whose request waits on its client (the request
+//!   body not coming, or the answer not being read) is closed after
+//!   [`Limits::idle`] of that; one whose request waits on the server (a
+//!   sync at work, a pack being built) only when no byte moved either way
+//!   for [`Limits::stall`]. So a client holds a busy connection only while
+//!   the server works for it.
 //! - At most [`Limits::max_per_peer`] connections per IP address and
 //!   [`Limits::max_total`] in all. A new connection over a cap takes the
 //!   place of the oldest idle one (of that peer, or of anyone): a flood of
@@ -66,18 +70,46 @@ impl Default for Limits {
 
 impl Limits {
     /// These limits with the caps lowered to fit `nofile` open files (the
-    /// soft limit), keeping [`FDS_KEPT`] for the server's own use.
+    /// soft limit): [`FDS_KEPT`] for the server's own files, and of the
+    /// rest a quarter for the connections it makes (the dashboard's polls
+    /// of every agent, a standby's fetches) and its small dashboard
+    /// listener ([`Limits::dashboard`]).
     pub fn within_fd_limit(mut self, nofile: u64) -> Limits {
-        let room = nofile.saturating_sub(FDS_KEPT).max(16) as usize;
+        let room = (nofile.saturating_sub(FDS_KEPT) / 4 * 3).max(16) as usize;
         self.max_total = self.max_total.min(room);
         self.max_per_peer = self.max_per_peer.min(self.max_total);
         self
+    }
+
+    /// The dashboard's listener: a few browsers and a Prometheus.
+    pub fn dashboard(self) -> Limits {
+        Limits {
+            max_total: 64,
+            max_per_peer: 32,
+            ..self
+        }
     }
 
     /// [`Limits::within_fd_limit`] with this process's soft limit.
     pub fn for_this_process(self) -> Limits {
         let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
         self.within_fd_limit(lim.current.unwrap_or(u64::MAX))
+    }
+}
+
+/// What the per-peer caps count by: an IPv4 address, or an IPv6 /64 (a
+/// single host is often given a whole /64, and could otherwise open the
+/// per-peer cap from each of its addresses).
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -92,6 +124,9 @@ pub struct Slot {
     last_request: AtomicU64,
     /// ... when a byte last moved.
     last_io: AtomicU64,
+    /// ... since when the request in flight waits on the client (its body,
+    /// or room to write the answer); 0: it does not.
+    waiting: AtomicU64,
     killed: AtomicBool,
     kill: tokio::sync::Notify,
     /// The tracker's clock.
@@ -106,6 +141,19 @@ impl Slot {
     /// A byte moved.
     pub fn touch(&self) {
         self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The request waits on the client (`true`: its body has not come,
+    /// or the answer cannot be written), or no longer (`false`).
+    pub fn waits_on_client(&self, waits: bool) {
+        if waits {
+            let now = self.now().max(1);
+            let _ = self
+                .waiting
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        } else {
+            self.waiting.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A request began; the returned guard ends it when dropped (with the
@@ -243,6 +291,7 @@ impl Tracker {
             in_flight: AtomicU32::new(0),
             last_request: AtomicU64::new(now),
             last_io: AtomicU64::new(now),
+            waiting: AtomicU64::new(0),
             killed: AtomicBool::new(false),
             kill: tokio::sync::Notify::new(),
             epoch: self.epoch,
@@ -304,10 +353,11 @@ impl Tracker {
             .values()
             .filter(|s| {
                 if s.idle() {
-                    now.saturating_sub(s.last_request.load(Ordering::Relaxed)) > idle
-                } else {
-                    now.saturating_sub(s.last_io.load(Ordering::Relaxed)) > stall
+                    return now.saturating_sub(s.last_request.load(Ordering::Relaxed)) > idle;
                 }
+                let waiting = s.waiting.load(Ordering::Relaxed);
+                (waiting != 0 && now.saturating_sub(waiting) > idle)
+                    || now.saturating_sub(s.last_io.load(Ordering::Relaxed)) > stall
             })
             .cloned()
             .collect();
@@ -372,21 +422,39 @@ mod tests {
         let idle = t.admit(None).unwrap();
         let busy = t.admit(None).unwrap();
         let req = busy.slot.begin();
+        let slow = t.admit(None).unwrap();
+        let slow_req = slow.slot.begin();
         tokio::time::timeout(Duration::from_secs(5), idle.slot.killed())
             .await
             .expect("the idle connection is closed");
         assert!(!busy.slot.killed.load(Ordering::SeqCst));
+        // A request whose body does not come is closed after the idle
+        // bound, not the stall bound.
+        slow.slot.waits_on_client(true);
+        tokio::time::timeout(Duration::from_millis(380), slow.slot.killed())
+            .await
+            .expect("the request waiting on its client is closed");
         tokio::time::timeout(Duration::from_secs(5), busy.slot.killed())
             .await
             .expect("the stalled connection is closed");
-        drop(req);
+        drop((req, slow_req));
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_its_64() {
+        let a: IpAddr = "2620:0:861:1::10".parse().unwrap();
+        let b: IpAddr = "2620:0:861:1:ffff::1".parse().unwrap();
+        assert_eq!(peer_key(a), peer_key(b));
+        assert_ne!(peer_key(a), peer_key("2620:0:861:2::10".parse().unwrap()));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(peer_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]
     fn caps_fit_the_open_files_limit() {
         let l = Limits::default().within_fd_limit(1024);
-        assert_eq!(l.max_total, 768);
-        assert!(l.max_per_peer <= 768);
+        assert_eq!(l.max_total, 576);
+        assert!(l.max_per_peer <= 576);
         assert_eq!(Limits::default().within_fd_limit(1 << 20).max_total, 8192);
     }
 }

@@ -583,15 +583,6 @@ impl Builds {
     }
 }
 
-/// Packs built ahead: the sources a new version's packs are built from
-/// before any host asks (`scap serve` does it in the background, see
-/// `net::server::build_ahead`), so that the first host of a deploy, often
-/// its canary, does not wait for the build. A host asks for the pack from
-/// the version it runs; what the deploy host can know of that without
-/// asking the fleet is which versions hosts last moved to (the `to` of each
-/// pack served, newest first) and the version the new one was built on
-/// (its record's parent). A guess that misses costs one build nobody asks
-/// for, and gc removes it with its versions.
 /// What one client may have built on its requests, per [`BUDGET_WINDOW`]:
 /// packs already built cost nothing; a build counts once it starts, its
 /// bytes once it is done.
@@ -633,9 +624,11 @@ pub struct Budgets {
     spent: Mutex<HashMap<Option<std::net::IpAddr>, Spent>>,
 }
 
-/// A build being paid for; its end (drop) frees its place.
-pub struct Charge<'a> {
-    budgets: &'a Budgets,
+/// A build being paid for; its end (drop) frees its place. It goes with
+/// the build, not the request: a client that hangs up does not get its
+/// place back while the build it started runs on.
+pub struct Charge {
+    budgets: Arc<Budgets>,
     client: Option<std::net::IpAddr>,
 }
 
@@ -649,7 +642,7 @@ impl Budgets {
 
     /// Starts a build for `client`, or says which part of its budget is
     /// spent.
-    pub fn start(&self, client: Option<std::net::IpAddr>) -> Result<Charge<'_>, String> {
+    pub fn start(self: &Arc<Self>, client: Option<std::net::IpAddr>) -> Result<Charge, String> {
         let mut all = self.spent.lock().expect("not poisoned");
         let now = std::time::Instant::now();
         // Forget clients whose window ended and that build nothing.
@@ -681,13 +674,13 @@ impl Budgets {
         s.running += 1;
         s.builds += 1;
         Ok(Charge {
-            budgets: self,
+            budgets: self.clone(),
             client,
         })
     }
 }
 
-impl Charge<'_> {
+impl Charge {
     /// The build made `bytes` of pack.
     pub fn charge(self, bytes: u64) {
         self.spent(|s| s.bytes = s.bytes.saturating_add(bytes));
@@ -706,12 +699,21 @@ impl Charge<'_> {
     }
 }
 
-impl Drop for Charge<'_> {
+impl Drop for Charge {
     fn drop(&mut self) {
         self.spent(|s| s.running = s.running.saturating_sub(1));
     }
 }
 
+/// Packs built ahead: the sources a new version's packs are built from
+/// before any host asks (`scap serve` does it in the background, see
+/// `net::server::build_ahead`), so that the first host of a deploy, often
+/// its canary, does not wait for the build. A host asks for the pack from
+/// the version it runs; what the deploy host can know of that without
+/// asking the fleet is which versions hosts last moved to (the `to` of each
+/// pack served, newest first) and the version the new one was built on
+/// (its record's parent). A guess that misses costs one build nobody asks
+/// for, and gc removes it with its versions.
 pub struct Ahead {
     /// The `to` of the packs served most recently, newest first, at most
     /// `limit`.

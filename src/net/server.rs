@@ -97,7 +97,7 @@ pub struct ServerState {
     limit: Option<Arc<RateLimit>>,
     builds: super::pack::Builds,
     /// What each client may have built on its requests.
-    budgets: super::pack::Budgets,
+    budgets: Arc<super::pack::Budgets>,
     /// What new versions' packs are built from, ahead of requests.
     ahead: super::pack::Ahead,
     /// `--access-log`: one line per request.
@@ -161,7 +161,7 @@ pub fn router_with(
         access,
         limit: opts.max_rate.map(|r| Arc::new(RateLimit::new(r))),
         builds: super::pack::Builds::default(),
-        budgets: super::pack::Budgets::new(opts.pack_budget),
+        budgets: Arc::new(super::pack::Budgets::new(opts.pack_budget)),
         ahead,
         log,
     });
@@ -284,7 +284,10 @@ async fn pack(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
     let pack_path = super::pack::path(&st.store, from_v.as_ref(), &to_v);
-    let client = caller.0.as_ref().map(|p| p.addr.ip());
+    let client = caller
+        .0
+        .as_ref()
+        .map(|p| super::conns::peer_key(p.addr.ip()));
     // A pack not built yet is built on this request, within the client's
     // budget.
     let budget = if pack_path.exists() {
@@ -303,10 +306,23 @@ async fn pack(
             }
         }
     };
-    let built = st.builds.build(st.store.clone(), from_v, to_v).await;
-    if let (Some(b), Ok(p)) = (budget, &built) {
-        b.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
-    }
+    // The build runs to its end even if this client hangs up, and holds
+    // the client's place in its budget until then.
+    let st2 = st.clone();
+    let built = tokio::spawn(async move {
+        let built = st2.builds.build(st2.store.clone(), from_v, to_v).await;
+        if let (Some(b), Ok(p)) = (budget, &built) {
+            b.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
+        }
+        built
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            path: pack_path.clone(),
+            source: std::io::Error::other(e),
+        })
+    });
     let path = match built {
         Ok(p) => p,
         Err(StoreError::UnknownVersion(v)) => {
@@ -575,8 +591,13 @@ pub async fn serve(
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer.clone()));
                 let mut app = app.clone();
+                let slot = peer.slot.clone();
                 async move {
-                    let resp = tower::Service::call(&mut app, req.map(Body::new)).await?;
+                    let req = req.map(|b| match slot {
+                        Some(slot) => Body::new(Incoming { inner: b, slot }),
+                        None => Body::new(b),
+                    });
+                    let resp = tower::Service::call(&mut app, req).await?;
                     Ok::<_, std::convert::Infallible>(match in_flight {
                         Some(guard) => resp.map(|b| {
                             Body::new(Tracked {
@@ -610,6 +631,35 @@ pub async fn serve(
     drop(listener);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
     Ok(())
+}
+
+/// A request body that tells its connection's slot when the request
+/// waits on the client for it ([`super::conns`]).
+struct Incoming {
+    inner: hyper::body::Incoming,
+    slot: Arc<super::conns::Slot>,
+}
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        self.slot.waits_on_client(r.is_pending());
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that keeps its request in flight until it is done.

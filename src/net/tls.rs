@@ -345,6 +345,13 @@ impl Conn {
             g.slot.touch();
         }
     }
+
+    /// A write could not go on (the client is not reading), or went on.
+    fn write_waits(&self, waits: bool) {
+        if let Some(g) = &self.slot {
+            g.slot.waits_on_client(waits);
+        }
+    }
 }
 
 macro_rules! on_io {
@@ -388,6 +395,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = on_io!(&mut this.io, s => s.poll_write(cx, buf));
+        this.write_waits(r.is_pending());
         this.touch(matches!(r, Poll::Ready(Ok(n)) if n > 0));
         r
     }
@@ -407,6 +415,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = on_io!(&mut this.io, s => s.poll_write_vectored(cx, bufs));
+        this.write_waits(r.is_pending());
         this.touch(matches!(r, Poll::Ready(Ok(n)) if n > 0));
         r
     }
@@ -452,7 +461,7 @@ impl Listener {
                         continue;
                     }
                 };
-                let Some(guard) = t.admit(Some(addr.ip())) else {
+                let Some(guard) = t.admit(Some(super::conns::peer_key(addr.ip()))) else {
                     tracing::debug!("{addr}: every connection is busy: closed this one");
                     continue;
                 };

@@ -132,6 +132,12 @@ pub struct HostState {
     /// refused as a replay (`store::signature::Order`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub order_seq: u64,
+    /// The newest order that decided what this host runs (a sync, a
+    /// rollback, a desired target; not a stage, which only prepares): a
+    /// desired target older than it is not followed. Absent in an older
+    /// state file: `order_seq`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub switch_seq: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -169,6 +175,7 @@ impl HostState {
             last_error: None,
             history: VecDeque::new(),
             order_seq: 0,
+            switch_seq: 0,
         }
     }
 
@@ -185,12 +192,15 @@ impl HostState {
             }
         };
         check_format(path, &bytes)?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StateError::Corrupt {
+        let mut st: HostState =
+            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
                 path: path.to_path_buf(),
                 why: e.to_string(),
-            })
+            })?;
+        if st.switch_seq == 0 {
+            st.switch_seq = st.order_seq;
+        }
+        Ok(Some(st))
     }
 
     pub fn save(&self, path: &Path) -> Result<(), StateError> {

@@ -143,6 +143,25 @@ fn serving(env: &Env, path: String, body: Vec<u8>) -> EvilCache {
     })
 }
 
+/// `scap pull` on host 0 through its local socket, again while its agent
+/// is busy with its own pull at start (a retry after a refused answer).
+fn pull(fleet: &Fleet, sock: &std::path::Path) -> std::process::Output {
+    for _ in 0..20 {
+        let out = fleet
+            .env
+            .cmd()
+            .args(["pull", "--socket"])
+            .arg(sock)
+            .output()
+            .unwrap();
+        if !stderr(&out).contains("busy with a pull at start") {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("host 0 stayed busy with its pull at start");
+}
+
 /// Waits until host 0's agent is done with its pull at start.
 fn idle(fleet: &Fleet) {
     wait_for(60, "the agent's pull at start", || {
@@ -187,13 +206,7 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     fleet.restart(0);
     idle(&fleet);
     // At start it pulls by itself; then `scap pull` as root, on the host.
-    let out = fleet
-        .env
-        .cmd()
-        .args(["pull", "--socket"])
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let out = pull(&fleet, &sock);
     let said = ok_out(&out);
     assert!(
         said.contains("older than the newest order this host took"),
@@ -219,13 +232,7 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     fleet.hosts[0].extra = vec!["--source".into(), bare.url.clone()];
     fleet.restart(0);
     idle(&fleet);
-    let out = fleet
-        .env
-        .cmd()
-        .args(["pull", "--socket"])
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let out = pull(&fleet, &sock);
     assert!(!out.status.success());
     let e = stderr(&out);
     assert!(e.contains(&bare.url) && e.contains("not signed"), "{e}");
@@ -244,13 +251,7 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     fleet.hosts[0].extra = vec!["--source".into(), fleet.source()];
     fleet.restart(0);
     idle(&fleet);
-    let out = fleet
-        .env
-        .cmd()
-        .args(["pull", "--socket"])
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let out = pull(&fleet, &sock);
     ok(&out);
     assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
 }
@@ -347,6 +348,32 @@ fn after_a_key_rotation_a_rollback_works_and_a_stale_signature_is_skipped() {
     assert_eq!(fleet.current(0).as_deref(), Some(v3.as_str()));
     let skipped = r["fetched"]["skipped"].to_string();
     assert!(skipped.contains(&wrong.url), "the cache is named: {r}");
+    // 4. The desired targets the old key signed (mw0: v2, from the deploy
+    // before the rotation) are ignored, a pull naming the key, until
+    // `scap sign --desired` signs them anew; then the host follows its
+    // target.
+    fleet.hosts[0].extra = [
+        trust_both.clone(),
+        vec![
+            "--revoked-key".into(),
+            lab_id.clone(),
+            "--source".into(),
+            fleet.source(),
+        ],
+    ]
+    .concat();
+    fleet.restart(0);
+    idle(&fleet);
+    let sock = dir.join("agent.sock");
+    let out = pull(&fleet, &sock);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&lab_id), "{}", stderr(&out));
+    fleet
+        .env
+        .ok(&["sign", "--desired", "--key", new_key.to_str().unwrap()]);
+    let said = ok_out(&pull(&fleet, &sock));
+    assert!(said.contains("caught up"), "{said}");
+    assert_eq!(fleet.current(0).as_deref(), Some(v2.as_str()));
 }
 
 /// Finding 5: an agent certificate asking for packs between trees that
@@ -738,4 +765,86 @@ fn the_dashboard_refuses_other_host_names() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+}
+
+/// A TLS connection to `addr` with `config`, handshake done.
+fn tls_to(
+    addr: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> (std::net::TcpStream, rustls::ClientConnection) {
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tls =
+        rustls::ClientConnection::new(config.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
+    while tls.is_handshaking() {
+        tls.complete_io(&mut tcp).unwrap();
+    }
+    (tcp, tls)
+}
+
+/// Finding 6, the busy side: a request whose body never comes holds no
+/// connection. On an agent, a caller without a certificate is refused
+/// before its body is read; on `scap serve`, a site certificate that
+/// sends a request head and no body is closed after the idle timeout.
+#[test]
+fn a_request_whose_body_never_comes_holds_no_connection() {
+    use std::io::{Read, Write};
+    let mut fleet = Fleet::start(1);
+    let st = fleet.env.path("staging");
+    tree(&st, "v1");
+    fleet.env.build(&[("mediawiki", &st)], &[]);
+    let server = fleet.serve_store(&fleet.env.store.clone(), &["--idle-timeout", "2s"]);
+    fleet.server = Some(server);
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in scap::net::tls::load_certs(&fleet.env.pki.ca()).unwrap() {
+            r.add(c).unwrap();
+        }
+        r
+    };
+    let anonymous = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let head = b"POST /v1/sync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n";
+    let agent_addr = format!("127.0.0.1:{}", fleet.hosts[0].proc.port());
+    let (mut tcp, mut tls) = tls_to(&agent_addr, &anonymous);
+    let t = Instant::now();
+    {
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        stream.write_all(head).unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 401", "refused before its body");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // scap serve: an agent's certificate, a batch head, no body.
+    let files = scap::net::tls::TlsFiles {
+        ca: fleet.env.pki.ca(),
+        cert: fleet.env.pki.cert("agent"),
+        key: fleet.env.pki.key("agent"),
+    };
+    let config = Arc::new(scap::net::tls::client_config(&files).unwrap());
+    let serve_addr = format!("127.0.0.1:{}", fleet.server.as_ref().unwrap().port());
+    let (mut tcp, mut tls) = tls_to(&serve_addr, &config);
+    let t = Instant::now();
+    let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+    stream
+        .write_all(b"POST /batch HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    // Closed (EOF, or a reset) within the idle timeout and the reaper's
+    // tick, not held for the stall bound.
+    let r = stream.read(&mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
 }
