@@ -6,8 +6,9 @@
 //!
 //! - The real `scap serve` (release build) with TLS and the lab PKI
 //!   (`scap pki init`), on a store with one small version and a
-//!   `fleet/desired.json` naming every polling host (so each answer carries
-//!   a version, as production's would; no signed orders).
+//!   `fleet/desired.json` naming every polling host, each target signed as
+//!   `scap sync` signs it (so each answer carries a version and its deploy
+//!   order, as production's would).
 //! - `--idle-timeout 10m` (longer than the run: no idle connection is
 //!   reaped, none needs re-opening) and `--max-connections-per-peer 4096`
 //!   (every client is 127.0.0.1: the default 512 would make the idle
@@ -402,25 +403,18 @@ fn main() {
         "mediawiki",
         &tree.join("mediawiki-staging"),
     );
-    // Every poller's host has a target, as after a deploy (format:
-    // store-format.md, `desired.json`; no signed orders).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let targets: serde_json::Map<String, serde_json::Value> = (0..hosts)
-        .map(|i| {
-            (
-                format!("host-{i}"),
-                serde_json::json!({"version": version, "since": now, "by": "bench", "why": "sync"}),
-            )
-        })
-        .collect();
-    std::fs::create_dir_all(store.join("fleet")).unwrap();
-    std::fs::write(
-        store.join("fleet/desired.json"),
-        serde_json::to_vec(&serde_json::json!({"format": 1, "hosts": targets})).unwrap(),
-    )
+    // Every poller's host has a target, as after a deploy: signed by the
+    // lab's deploy key, one deploy order per host, as `scap sync` writes
+    // it.
+    let fleet_dir = store.join("fleet");
+    let key = scap::store::signature::SigningKey::load(&pki.join("deploy.key")).unwrap();
+    let orders = scap::fleet::orders::Orders::reserve(key, &fleet_dir).unwrap();
+    let v: scap::store::VersionId = version.parse().unwrap();
+    scap::fleet::desired::update(&fleet_dir, Some(&orders), |d| {
+        for i in 0..hosts {
+            d.set(&format!("host-{i}"), v, "bench", "sync");
+        }
+    })
     .unwrap();
 
     let (child, url) = start_listening(

@@ -102,6 +102,41 @@ pub struct ServerState {
     ahead: super::pack::Ahead,
     /// `--access-log`: one line per request.
     log: Option<std::sync::Mutex<std::fs::File>>,
+    /// The desired state as last read, for every agent's poll.
+    desired: DesiredCache,
+}
+
+/// `STORE/fleet/desired.json` parsed once per version of the file (it is
+/// replaced whole by a rename: a new inode, size or time is a new file),
+/// not once per request: with a signed order per host, it is hundreds of
+/// kilobytes at the fleet's size, and every agent polls it.
+#[derive(Default)]
+struct DesiredCache {
+    last: std::sync::Mutex<Option<(FileStamp, Arc<crate::fleet::desired::Desired>)>>,
+}
+
+type FileStamp = (u64, u64, Option<std::time::SystemTime>);
+
+impl DesiredCache {
+    fn get(
+        &self,
+        store: &Store,
+    ) -> Result<Arc<crate::fleet::desired::Desired>, crate::fleet::desired::DesiredError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = store.root().join("fleet");
+        let stamp = std::fs::metadata(crate::fleet::desired::path(&dir))
+            .ok()
+            .map(|m| (m.ino(), m.len(), m.modified().ok()));
+        let mut last = self.last.lock().expect("not poisoned");
+        if let (Some(stamp), Some((was, d))) = (stamp, last.as_ref())
+            && stamp == *was
+        {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(crate::fleet::desired::Desired::load(&dir)?);
+        *last = stamp.map(|s| (s, d.clone()));
+        Ok(d)
+    }
 }
 
 /// How `scap serve` runs, beside its store.
@@ -164,6 +199,7 @@ pub fn router_with(
         budgets: Arc::new(super::pack::Budgets::new(opts.pack_budget)),
         ahead,
         log,
+        desired: DesiredCache::default(),
     });
     let app = Router::new()
         .route("/objects/{fan}/{rest}", get(object))
@@ -861,9 +897,8 @@ async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -
             ),
         );
     }
-    let dir = st.store.root().join("fleet");
-    let loaded =
-        tokio::task::spawn_blocking(move || crate::fleet::desired::Desired::load(&dir)).await;
+    let st2 = st.clone();
+    let loaded = tokio::task::spawn_blocking(move || st2.desired.get(&st2.store)).await;
     let d = match loaded {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
