@@ -910,3 +910,31 @@ pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A second deploy key for a rotation: its key and public files, the lab
+/// key's ID (the one to revoke), and the agent flags that trust both.
+pub struct NewKey {
+    pub key: PathBuf,
+    pub public: PathBuf,
+    pub lab_id: String,
+    pub trust_both: Vec<String>,
+}
+
+impl NewKey {
+    pub fn make(env: &Env) -> NewKey {
+        let key = env.path("new.key");
+        env.ok(&["keygen", "--out", key.to_str().unwrap()]);
+        let public = env.path("new.key.pub");
+        let lab_id = scap::store::signature::PublicKey::load(&env.pki.deploy_pub())
+            .unwrap()
+            .id
+            .to_string();
+        let trust_both = vec!["--trusted-key".to_string(), public.display().to_string()];
+        NewKey {
+            key,
+            public,
+            lab_id,
+            trust_both,
+        }
+    }
+}

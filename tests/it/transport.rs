@@ -278,16 +278,12 @@ fn every_signature_refusal_names_the_version_and_the_key() {
 #[test]
 fn a_key_rotation_two_keys_trusted_then_one_revoked() {
     let mut fleet = Fleet::start(0);
-    let new_key = fleet.env.path("new.key");
-    fleet
-        .env
-        .ok(&["keygen", "--out", new_key.to_str().unwrap()]);
-    let new_pub = fleet.env.path("new.key.pub");
-    let lab_id = scap::store::signature::PublicKey::load(&fleet.env.pki.deploy_pub())
-        .unwrap()
-        .id
-        .to_string();
-    let trust_both = vec!["--trusted-key".to_string(), new_pub.display().to_string()];
+    let NewKey {
+        key: new_key,
+        public: new_pub,
+        lab_id,
+        trust_both,
+    } = NewKey::make(&fleet.env);
     for i in 0..2 {
         let d = fleet.env.path(&format!("hosts/mw{i}"));
         fleet.add_host_with(&format!("mw{i}"), &d, &trust_both);

@@ -132,6 +132,18 @@ fn issue_client(env: &Env, role: &str, name: &str) {
     scap::pki::issue(&dir, &leaf, &ca, &key).unwrap();
 }
 
+/// Two versions of a small tree in the fleet's store (`tree`'s "v1" and
+/// "v2"), and the fleet's `scap serve`: the staging dir and their IDs.
+fn two_versions(fleet: &mut Fleet) -> (std::path::PathBuf, String, String) {
+    let st = fleet.env.path("staging");
+    tree(&st, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    tree(&st, "v2");
+    let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    fleet.serve();
+    (st, v1, v2)
+}
+
 /// A compromised cache that answers `path` with `body`, and 404 to the rest.
 fn serving(env: &Env, path: String, body: Vec<u8>) -> EvilCache {
     EvilCache::start(env, move |p| {
@@ -180,12 +192,7 @@ fn get_bytes(client: &reqwest::blocking::Client, url: &str) -> (u16, Vec<u8>) {
 #[test]
 fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
     let mut fleet = Fleet::start(1);
-    let st = fleet.env.path("staging");
-    tree(&st, "v1");
-    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    tree(&st, "v2");
-    let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    fleet.serve();
+    let (_, v1, v2) = two_versions(&mut fleet);
     ok(&fleet.sync(&[0], &v1));
     // What the deploy host said then (mw1001 runs v1): signed, as a cache
     // keeps it.
@@ -263,24 +270,15 @@ fn a_cache_replaying_an_old_desired_state_never_moves_a_host_back() {
 #[test]
 fn after_a_key_rotation_a_rollback_works_and_a_stale_signature_is_skipped() {
     let mut fleet = Fleet::start(0);
-    let new_key = fleet.env.path("new.key");
-    fleet
-        .env
-        .ok(&["keygen", "--out", new_key.to_str().unwrap()]);
-    let new_pub = fleet.env.path("new.key.pub");
-    let lab_id = scap::store::signature::PublicKey::load(&fleet.env.pki.deploy_pub())
-        .unwrap()
-        .id
-        .to_string();
+    let NewKey {
+        key: new_key,
+        public: new_pub,
+        lab_id,
+        trust_both,
+    } = NewKey::make(&fleet.env);
     let dir = fleet.env.path("hosts/mw0");
-    let trust_both = vec!["--trusted-key".to_string(), new_pub.display().to_string()];
     fleet.add_host_with("mw0", &dir, &trust_both);
-    let st = fleet.env.path("staging");
-    tree(&st, "v1");
-    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    tree(&st, "v2");
-    let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    fleet.serve();
+    let (st, v1, v2) = two_versions(&mut fleet);
     ok(&fleet.sync(&[0], &v1));
     ok(&fleet.sync(&[0], &v2));
     let old_sig = fs::read(fleet.env.store.join(format!("versions/{v1}.sig"))).unwrap();
@@ -646,12 +644,7 @@ fn an_edit_during_the_post_switch_hook_never_reaches_a_rollback() {
 #[test]
 fn a_source_streaming_segments_forever_is_skipped() {
     let mut fleet = Fleet::start_with(1, &["--source-stall-timeout", "2s"]);
-    let st = fleet.env.path("staging");
-    tree(&st, "v1");
-    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    tree(&st, "v2");
-    let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
-    fleet.serve();
+    let (_, v1, v2) = two_versions(&mut fleet);
     assert_eq!(fleet.sync_to(0, &v1).0, 200);
     // A real object of v2, framed as a pack's batch body would carry it.
     let agent = fleet.env.client("agent");
