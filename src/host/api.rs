@@ -28,7 +28,8 @@
 //!
 //! One changing operation at a time: a sync or promote arriving while
 //! another runs gets 409; one arriving during the work after a switch waits
-//! for it. A rollback never waits behind other work: it cancels what runs
+//! for it, and so does a pull arriving during the agent's own pull at
+//! start. A rollback never waits behind other work: it cancels what runs
 //! (a fetch, writing a slot, a hook, the work after a switch; each stops at
 //! its next check, well under a second), then runs, and requests arriving
 //! while it waits get 409.
@@ -381,6 +382,18 @@ impl AgentState {
         }
     }
 
+    /// [`AgentState::enter`] for a pull: one arriving while the agent's
+    /// own pull at start runs (the same question, asked a moment earlier)
+    /// waits for it, then asks again, rather than 409.
+    async fn enter_pull(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        if self.rollbacks_waiting.load(Ordering::SeqCst) == 0
+            && self.running().is_some_and(|r| r.what == PULL_AT_START)
+        {
+            return Ok(self.op.clone().lock_owned().await);
+        }
+        self.enter().await
+    }
+
     /// Takes the operation lock for a rollback: cancels whatever holds it
     /// and waits the moment it takes to stop.
     async fn enter_first(&self, by: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -396,6 +409,9 @@ impl AgentState {
         g
     }
 }
+
+/// What `/v1/state` says runs while the agent's own pull at start does.
+const PULL_AT_START: &str = "a pull at start";
 
 /// What `/v1/state` says runs while the work after a switch does.
 const AFTER_SWITCH: &str = "the work after a switch";
@@ -712,7 +728,7 @@ async fn pull(
         }
         Err(r) => return *r,
     };
-    let guard = match st.enter().await {
+    let guard = match st.enter_pull().await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -825,7 +841,7 @@ pub async fn pull_at_start(st: Arc<AgentState>) {
         };
         let cancel = Cancel::new();
         st.set_running(Some(Running {
-            what: "a pull at start".into(),
+            what: PULL_AT_START.into(),
             background: false,
             cancel: cancel.clone(),
         }));
