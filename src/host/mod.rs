@@ -1033,7 +1033,7 @@ impl Agent {
                 (Some(_), _) if self.cfg.trust.is_empty() => None,
                 (Some(_), None) => {
                     skipped.push(format!(
-                        "{source}: its desired state for this host is not signed by the deploy key: ignored (re-deploy from a deploy host with sign_key)"
+                        "{source}: its desired state for this host is not signed by the deploy key: ignored (on the deploy host, `scap sign --desired` signs the targets)"
                     ));
                     continue;
                 }
