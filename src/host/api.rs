@@ -155,10 +155,10 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
     (app, st)
 }
 
-/// Refuses a caller who may not make a request before its body is read:
-/// a body is read only from a deployer (or, for no route that has one, a
-/// reader), so nobody else can hold a connection busy by sending one
-/// slowly. The handlers check again, for their own answer.
+/// Who may make each request, checked in this one place, before anything
+/// else and before a body is read: a body is read only from a deployer,
+/// so nobody else can hold a connection busy by sending one slowly. A
+/// route not listed here needs a deployer.
 async fn gate(
     State(st): State<Arc<AgentState>>,
     req: axum::extract::Request,
@@ -289,22 +289,17 @@ impl AgentState {
         })
     }
 
-    /// Every operation's prologue: the caller may do it (`need`), the body
+    /// Every operation's prologue (the caller passed [`gate`]): the body
     /// parses, and the sources it names (if `sources` says how many may
     /// be given) are https URLs (http in a lab). With the request, who the
     /// caller is ([`AgentState::who`]). The error is the answer to send.
     fn admit<T: DeserializeOwned>(
         &self,
         caller: &Caller,
-        headers: &HeaderMap,
-        need: Need,
         what: &str,
         body: Result<Json<T>, JsonRejection>,
         sources: impl FnOnce(&T) -> Option<(&[String], bool)>,
     ) -> Result<(T, String), Box<Response>> {
-        if let Some(r) = self.refuse(caller, headers, need) {
-            return Err(Box::new(r));
-        }
         let req = self
             .body(what, body)
             .map_err(|e| Box::new(e.into_response()))?;
@@ -497,14 +492,7 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
     }
 }
 
-async fn get_state(
-    State(st): State<Arc<AgentState>>,
-    caller: Caller,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Reader) {
-        return r;
-    }
+async fn get_state(State(st): State<Arc<AgentState>>) -> Response {
     let running = st.running();
     Json(StateResponse {
         state: st.agent.state(),
@@ -533,10 +521,7 @@ async fn health(State(st): State<Arc<AgentState>>) -> Response {
     }
 }
 
-async fn verify(State(st): State<Arc<AgentState>>, caller: Caller, headers: HeaderMap) -> Response {
-    if let Some(r) = st.refuse(&caller, &headers, Need::Deployer) {
-        return r;
-    }
+async fn verify(State(st): State<Arc<AgentState>>) -> Response {
     let Ok(permit) = st.verify_gate.clone().try_acquire_owned() else {
         return json_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -562,10 +547,9 @@ async fn verify(State(st): State<Arc<AgentState>>, caller: Caller, headers: Head
 async fn sync(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "sync", body, |r| {
+    let req = match st.admit(&caller, "sync", body, |r| {
         Some((r.sources.as_slice(), false))
     }) {
         Ok((mut r, who)) => {
@@ -628,10 +612,9 @@ pub fn check_sources(sources: &[String], may_be_empty: bool, plain: bool) -> Res
 async fn rollback(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "rollback", body, |r| {
+    let req = match st.admit(&caller, "rollback", body, |r| {
         Some((r.sources.as_slice(), true))
     }) {
         Ok((mut r, who)) => {
@@ -659,10 +642,9 @@ async fn rollback(
 async fn stage(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "stage", body, |r| {
+    let req = match st.admit(&caller, "stage", body, |r| {
         Some((r.sources.as_slice(), false))
     }) {
         Ok((mut r, who)) => {
@@ -690,10 +672,9 @@ async fn stage(
 async fn restart(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<RestartRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "restart", body, |_| None) {
+    let req = match st.admit(&caller, "restart", body, |_| None) {
         Ok((mut r, who)) => {
             r.by = who;
             r
@@ -718,10 +699,9 @@ async fn restart(
 async fn pull(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<PullRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "pull", body, |_| None) {
+    let req = match st.admit(&caller, "pull", body, |_| None) {
         Ok((mut r, who)) => {
             r.by = who;
             r
@@ -883,10 +863,9 @@ pub async fn pull_at_start(st: Arc<AgentState>) {
 async fn promote(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<PromoteRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "promote", body, |_| None) {
+    let req = match st.admit(&caller, "promote", body, |_| None) {
         Ok((mut r, who)) => {
             r.by = who;
             r
@@ -911,10 +890,9 @@ async fn promote(
 async fn cancel(
     State(st): State<Arc<AgentState>>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Json<CancelRequest>, JsonRejection>,
 ) -> Response {
-    let req = match st.admit(&caller, &headers, Need::Deployer, "cancel", body, |_| None) {
+    let req = match st.admit(&caller, "cancel", body, |_| None) {
         Ok((mut r, who)) => {
             r.by = who;
             r
