@@ -1577,8 +1577,8 @@ pub struct PullArgs {
     socket: Option<PathBuf>,
     /// Ask the agent at HOST:PORT over the network instead (needs a deployer's
     /// certificate, like a sync)
-    #[arg(long, value_name = "HOST:PORT")]
-    agent: Option<String>,
+    #[arg(long, value_name = "HOST:PORT", value_parser = crate::fleet::inventory::parse_host)]
+    agent: Option<Host>,
     /// Seconds to wait for the sync
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
@@ -1593,40 +1593,17 @@ pub struct PullArgs {
 pub fn pull(ctx: &Ctx, a: PullArgs) -> anyhow::Result<i32> {
     let timeout = Duration::from_secs(a.timeout);
     let rt = runtime()?;
-    let o: crate::proto::PullOutcome = match &a.agent {
+    let o = match &a.agent {
         None => {
             let socket = a.socket.clone().unwrap_or_else(|| {
                 PathBuf::from(super::ctx::DEFAULT_AGENT_DIR).join(super::ctx::AGENT_SOCKET)
             });
-            let req = serde_json::json!({});
-            let (status, body) = rt
-                .block_on(crate::net::local::post(&socket, "/v1/pull", &req, timeout))
-                .map_err(anyhow::Error::msg)?;
-            if status != 200 {
-                let msg = serde_json::from_slice::<crate::proto::ErrorResponse>(&body)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-                bail!("{}: HTTP {status}: {msg}", socket.display());
-            }
-            serde_json::from_slice(&body)
-                .with_context(|| format!("{}: not a pull outcome", socket.display()))?
+            rt.block_on(crate::net::local::pull(&socket, timeout))
+                .map_err(anyhow::Error::msg)?
         }
-        Some(agent) => {
-            let (name, port) = match agent.rsplit_once(':') {
-                Some((n, p)) => (
-                    n.to_string(),
-                    p.parse::<u16>()
-                        .with_context(|| format!("--agent {agent:?}: the port is not a number"))?,
-                ),
-                None => (agent.clone(), crate::fleet::inventory::DEFAULT_AGENT_PORT),
-            };
-            let host = Host {
-                name,
-                port,
-                addr: None,
-            };
+        Some(host) => {
             let agents = Agents::new(ctx.transport()?, timeout)?;
-            rt.block_on(agents.pull(&host, &crate::sys::user()))
+            rt.block_on(agents.pull(host, &crate::sys::user()))
                 .map_err(anyhow::Error::new)?
         }
     };

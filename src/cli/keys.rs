@@ -93,16 +93,7 @@ pub fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
         println!("{v} signed by {}", keys.join(", "));
     }
     if a.desired {
-        let dir = super::fleet_args::fleet_dir(ctx);
-        let _lock = crate::fleet::lock::acquire(&dir, "scap sign --desired")?;
-        let path = a
-            .key
-            .as_deref()
-            .or(ctx.config.sign_key.as_deref())
-            .expect("a key: checked above");
-        let key = crate::store::signature::SigningKey::load(path)?;
-        let orders = crate::fleet::orders::Orders::reserve(key, &dir)?;
-        let n = crate::fleet::desired::resign(&dir, &orders)?;
+        let n = crate::fleet::desired::resign(&super::fleet_args::fleet_dir(ctx), key)?;
         println!("the desired targets of {n} host(s) signed anew");
     }
     Ok(exit::OK)

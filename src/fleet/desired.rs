@@ -62,6 +62,8 @@ pub enum DesiredError {
     Store(#[from] crate::store::StoreError),
     #[error("signing the desired state: {0}")]
     Orders(#[from] OrdersError),
+    #[error(transparent)]
+    Lock(#[from] super::lock::LockError),
 }
 
 pub fn path(fleet_dir: &Path) -> PathBuf {
@@ -177,11 +179,16 @@ pub fn update(
     d.save(fleet_dir)
 }
 
-/// Signs every target anew with `orders` (after a key rotation: targets
-/// signed by the revoked key would be ignored by every agent). Safe, as
-/// the targets are the deploy host's current intent; the caller holds the
-/// deploy lock, so no rollout changes them meanwhile. How many it signed.
-pub fn resign(fleet_dir: &Path, orders: &Orders) -> Result<usize, DesiredError> {
+/// Signs every target anew with `key` (after a key rotation: targets
+/// signed by the revoked key would be ignored by every agent), under the
+/// deploy lock, so that no rollout changes them meanwhile. Safe, as the
+/// targets are the deploy host's current intent. How many it signed.
+pub fn resign(
+    fleet_dir: &Path,
+    key: std::sync::Arc<crate::store::signature::SigningKey>,
+) -> Result<usize, DesiredError> {
+    let _lock = super::lock::acquire(fleet_dir, "scap sign --desired")?;
+    let orders = Orders::reserve(key, fleet_dir)?;
     let mut d = Desired::load(fleet_dir)?;
     for (host, t) in &mut d.hosts {
         t.order = Some(orders.sign(host, t.version, DESIRED_ACTION)?);

@@ -94,6 +94,27 @@ pub fn read_group(path: &Path) -> Result<Vec<Host>, InventoryError> {
     parse_group(path, &text)
 }
 
+/// A host as a group file line or `--agent` names it: `host[:port]` (the
+/// agent's default port without one).
+pub fn parse_host(s: &str) -> Result<Host, String> {
+    let (name, port) = match s.rsplit_once(':') {
+        Some((n, p)) => (
+            n,
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: port {p:?} is not a number from 1 to 65535"))?,
+        ),
+        None => (s, DEFAULT_AGENT_PORT),
+    };
+    if !valid_host_name(name) || port == 0 {
+        return Err(format!("{s:?} is not a host name"));
+    }
+    Ok(Host {
+        name: name.to_string(),
+        port,
+        addr: None,
+    })
+}
+
 pub fn parse_group(path: &Path, text: &str) -> Result<Vec<Host>, InventoryError> {
     let mut hosts: Vec<(Host, usize)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -109,25 +130,7 @@ pub fn parse_group(path: &Path, text: &str) -> Result<Vec<Host>, InventoryError>
         if line.split_whitespace().count() > 1 {
             return Err(bad(format!("{line:?}: one host per line")));
         }
-        let (name, port) = match line.rsplit_once(':') {
-            Some((n, p)) => (
-                n,
-                p.parse::<u16>().map_err(|_| {
-                    bad(format!(
-                        "{line:?}: port {p:?} is not a number from 1 to 65535"
-                    ))
-                })?,
-            ),
-            None => (line, DEFAULT_AGENT_PORT),
-        };
-        if !valid_host_name(name) || port == 0 {
-            return Err(bad(format!("{line:?} is not a host name")));
-        }
-        let host = Host {
-            name: name.to_string(),
-            port,
-            addr: None,
-        };
+        let host = parse_host(line).map_err(bad)?;
         if let Some((_, first)) = hosts.iter().find(|(h, _)| *h == host) {
             return Err(InventoryError::Duplicate {
                 path: path.to_path_buf(),

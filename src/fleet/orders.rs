@@ -43,7 +43,7 @@ pub enum OrdersError {
 
 /// The orders of one command: a block of sequence numbers and the key.
 pub struct Orders {
-    key: SigningKey,
+    key: std::sync::Arc<SigningKey>,
     next: AtomicU64,
     end: u64,
 }
@@ -67,7 +67,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OrdersError + '_ {
 
 impl Orders {
     /// Reserves a block of sequence numbers in `fleet_dir`.
-    pub fn reserve(key: SigningKey, fleet_dir: &Path) -> Result<Orders, OrdersError> {
+    pub fn reserve(
+        key: impl Into<std::sync::Arc<SigningKey>>,
+        fleet_dir: &Path,
+    ) -> Result<Orders, OrdersError> {
         std::fs::create_dir_all(fleet_dir).map_err(io(fleet_dir))?;
         let lock_path = fleet_dir.join("orders.lock");
         let lock = std::fs::OpenOptions::new()
@@ -94,7 +97,7 @@ impl Orders {
         let end = start.saturating_add(BLOCK);
         crate::store::fsutil::atomic_write(&path, format!("{end}\n").as_bytes())?;
         Ok(Orders {
-            key,
+            key: key.into(),
             next: AtomicU64::new(start),
             end,
         })

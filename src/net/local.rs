@@ -7,6 +7,20 @@ use std::time::Duration;
 use axum::body::Body;
 use http_body::Body as _;
 
+/// Asks the agent behind `socket` to pull now (`POST /v1/pull`): its
+/// outcome, or an error naming the socket and the agent's own words.
+pub async fn pull(socket: &Path, timeout: Duration) -> Result<crate::proto::PullOutcome, String> {
+    let (status, body) = post(socket, "/v1/pull", &serde_json::json!({}), timeout).await?;
+    if status != 200 {
+        let msg = serde_json::from_slice::<crate::proto::ErrorResponse>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(format!("{}: HTTP {status}: {msg}", socket.display()));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("{}: not a pull outcome: {e}", socket.display()))
+}
+
 /// Longest answer read from the local socket.
 const MAX_ANSWER: usize = 1 << 20;
 
