@@ -37,11 +37,7 @@ impl EvilCache {
             .enable_all()
             .build()
             .unwrap();
-        let files = scap::net::tls::TlsFiles {
-            ca: env.pki.ca(),
-            cert: env.pki.cert("server"),
-            key: env.pki.key("server"),
-        };
+        let files = tls_files(env, "server");
         let answer = Arc::new(answer);
         let url = rt.block_on(async move {
             let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -467,30 +463,14 @@ fn idle_connections_cannot_keep_a_valid_agent_out() {
         .arg(SCAP);
     let cmd = fleet.serve_command(sh, &fleet.env.store, &[]);
     let server = Proc::start(cmd);
-    let files = scap::net::tls::TlsFiles {
-        ca: fleet.env.pki.ca(),
-        cert: fleet.env.pki.cert("agent"),
-        key: fleet.env.pki.key("agent"),
-    };
-    let config = Arc::new(scap::net::tls::client_config(&files).unwrap());
+    let config = Arc::new(scap::net::tls::client_config(&tls_files(&fleet.env, "agent")).unwrap());
     let addr = format!("127.0.0.1:{}", server.port());
     let mut held = Vec::new();
+    // Every one connects and finishes its handshake (the server takes a
+    // new connection in place of the oldest idle one), then sends nothing.
     for _ in 0..1100 {
-        let Ok(mut tcp) = std::net::TcpStream::connect(&addr) else {
-            continue;
-        };
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut tls =
-            rustls::ClientConnection::new(config.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
-        // The handshake, then nothing.
-        while tls.is_handshaking() {
-            if tls.complete_io(&mut tcp).is_err() {
-                break;
-            }
-        }
-        held.push((tcp, tls));
+        held.push(tls_to(&addr, &config));
     }
-    assert!(held.len() > 1000, "{} connections held", held.len());
     let agent = fleet.env.client("agent");
     let t = Instant::now();
     let r = agent
@@ -754,6 +734,15 @@ fn the_dashboard_refuses_other_host_names() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
+/// The lab PKI's files for a process of `role`.
+fn tls_files(env: &Env, role: &str) -> scap::net::tls::TlsFiles {
+    scap::net::tls::TlsFiles {
+        ca: env.pki.ca(),
+        cert: env.pki.cert(role),
+        key: env.pki.key(role),
+    }
+}
+
 /// A TLS connection to `addr` with `config`, handshake done.
 fn tls_to(
     addr: &str,
@@ -811,12 +800,7 @@ fn a_request_whose_body_never_comes_holds_no_connection() {
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // scap serve: an agent's certificate, a batch head, no body.
-    let files = scap::net::tls::TlsFiles {
-        ca: fleet.env.pki.ca(),
-        cert: fleet.env.pki.cert("agent"),
-        key: fleet.env.pki.key("agent"),
-    };
-    let config = Arc::new(scap::net::tls::client_config(&files).unwrap());
+    let config = Arc::new(scap::net::tls::client_config(&tls_files(&fleet.env, "agent")).unwrap());
     let serve_addr = format!("127.0.0.1:{}", fleet.server.as_ref().unwrap().port());
     let (mut tcp, mut tls) = tls_to(&serve_addr, &config);
     let t = Instant::now();
