@@ -35,14 +35,11 @@ fn main() {
     };
     let build = || build_version(&mut scap(&store), "mediawiki", &staging).1;
     let v1 = build();
-    let (mut server, server_url) =
-        start_listening(scap(&store).args(tls_flags(&pki, "server")).args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--dashboard-listen",
-            "127.0.0.1:0",
-        ]));
+    let (mut server, server_url) = start_listening(
+        scap(&store)
+            .args(tls_flags(&pki, "server"))
+            .args(SERVE_ON_LOOPBACK),
+    );
     let proxy = CountingProxy::start(&server_url);
     println!("starting {n} agents ...");
     let mut agents: Vec<Child> = Vec::new();

@@ -422,12 +422,8 @@ fn main() {
             .arg("--config")
             .arg(&config)
             .args(tls_flags(&pki, "server"))
+            .args(SERVE_ON_LOOPBACK)
             .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--dashboard-listen",
-                "127.0.0.1:0",
                 "--idle-timeout",
                 "10m",
                 "--max-connections-per-peer",

@@ -152,14 +152,8 @@ fn site(dir: &Path, n: usize, files: usize, caches: bool) -> Site {
     let (server, url) = start_listening(
         s.scap()
             .args(tls_flags(&pki, "server"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--dashboard-listen",
-                "127.0.0.1:0",
-                "--access-log",
-            ])
+            .args(SERVE_ON_LOOPBACK)
+            .arg("--access-log")
             .arg(dir.join("access.log")),
     );
     procs.push(server);

@@ -116,13 +116,7 @@ fn main() {
     let (mut server, url) = start_listening(
         scap_cfg(&base_config)
             .args(tls_flags(&pki, "server"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--dashboard-listen",
-                "127.0.0.1:0",
-            ]),
+            .args(SERVE_ON_LOOPBACK),
     );
     println!("starting {n} agents ...");
     let mut agents: Vec<Child> = Vec::new();

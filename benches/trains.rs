@@ -144,13 +144,11 @@ fn start_fleet(n: usize) -> Fleet {
             .args(["build-manifest", "--component"])
             .arg(format!("mediawiki={}", staging.display())),
     );
-    let (server, url) = start_listening(scap_cfg().args(tls_flags(&pki, "server")).args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--dashboard-listen",
-        "127.0.0.1:0",
-    ]));
+    let (server, url) = start_listening(
+        scap_cfg()
+            .args(tls_flags(&pki, "server"))
+            .args(SERVE_ON_LOOPBACK),
+    );
     println!("starting {n} agents ...");
     let mut group = String::new();
     let mut agents = Vec::new();
@@ -332,13 +330,11 @@ fn catch_up(table: &mut Table) {
         c
     };
     let (_, v) = build_version(&mut scap_cfg(), "mediawiki", &staging);
-    let (mut server, url) = start_listening(scap_cfg().args(tls_flags(&pki, "server")).args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--dashboard-listen",
-        "127.0.0.1:0",
-    ]));
+    let (mut server, url) = start_listening(
+        scap_cfg()
+            .args(tls_flags(&pki, "server"))
+            .args(SERVE_ON_LOOPBACK),
+    );
     let proxy = CountingProxy::start(&url);
     // The host's target: one deploy to it, as a rollout leaves it.
     let host = dir.join("host");

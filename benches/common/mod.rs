@@ -414,6 +414,16 @@ impl CountingProxy {
     }
 }
 
+/// `scap serve` on loopback ports of the system's choosing (its first line
+/// says where: [`start_listening`]).
+pub const SERVE_ON_LOOPBACK: [&str; 5] = [
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--dashboard-listen",
+    "127.0.0.1:0",
+];
+
 /// Starts a process that prints its `http://` or `https://` address first;
 /// returns it with the address.
 pub fn start_listening(cmd: &mut Command) -> (std::process::Child, String) {
