@@ -71,18 +71,9 @@ mod tests {
         t: u64,
     ) -> VersionRecord {
         VersionRecord {
-            format: 1,
-            version: ver,
-            label: None,
-            message: None,
-            author: "t".into(),
-            time: t,
-            time_nanos: 0,
             parent,
             change: change.map(str::to_string),
-            components: vec![],
-            files: 0,
-            bytes: 0,
+            ..VersionRecord::bare(ver, t)
         }
     }
 

@@ -333,18 +333,10 @@ mod tests {
 
     fn rec(ver: VersionId, parent: Option<VersionId>, change: Option<&str>) -> VersionRecord {
         VersionRecord {
-            format: 1,
-            version: ver,
-            label: None,
             message: change.map(|c| format!("SWAT: {c}")),
-            author: "t".into(),
-            time: 0,
-            time_nanos: 0,
             parent,
             change: change.map(str::to_string),
-            components: vec![],
-            files: 0,
-            bytes: 0,
+            ..VersionRecord::bare(ver, 0)
         }
     }
 

@@ -1148,20 +1148,7 @@ mod order_tests {
         drop(w.commit().unwrap());
         for (i, version) in v.iter().enumerate() {
             store
-                .write_record(&crate::store::disk::VersionRecord {
-                    format: 1,
-                    version: *version,
-                    label: None,
-                    message: None,
-                    author: "test".into(),
-                    time: i as u64,
-                    time_nanos: 0,
-                    parent: None,
-                    change: None,
-                    components: Vec::new(),
-                    files: 1,
-                    bytes: 1,
-                })
+                .write_record(&crate::store::disk::VersionRecord::bare(*version, i as u64))
                 .unwrap();
         }
         // A pack to a tree nobody recorded (a subdirectory, asked for by

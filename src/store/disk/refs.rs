@@ -47,6 +47,28 @@ pub struct VersionRecord {
     pub bytes: u64,
 }
 
+#[cfg(test)]
+impl VersionRecord {
+    /// A record of `version` made at `time` that says nothing else, for
+    /// unit tests to fill in what they need.
+    pub fn bare(version: VersionId, time: u64) -> VersionRecord {
+        VersionRecord {
+            format: 1,
+            version,
+            label: None,
+            message: None,
+            author: "t".into(),
+            time,
+            time_nanos: 0,
+            parent: None,
+            change: None,
+            components: vec![],
+            files: 0,
+            bytes: 0,
+        }
+    }
+}
+
 /// One move of a label (a train's head): a line of
 /// `refs/logs/labels/<label>.jsonl`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
