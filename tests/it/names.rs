@@ -98,13 +98,21 @@ impl Lab {
     /// `scap sync-file PATH MSG` from the staging tree, to every host at
     /// once, with `extra` (a gate).
     fn sync_file(&self, path: &str, message: &str, extra: &[&str]) -> Output {
-        let staging = self.staging.display().to_string();
-        let mut a = vec![
+        let mut a = self.sync_file_args(path, message);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        self.fleet
+            .run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `sync-file PATH MESSAGE` from this lab's staging and source, to
+    /// every host at once, without asking or waiting.
+    fn sync_file_args(&self, path: &str, message: &str) -> Vec<String> {
+        [
             "sync-file",
             path,
             message,
             "--staging",
-            &staging,
+            &self.staging.display().to_string(),
             "--source",
             &self.source,
             "--yes",
@@ -112,16 +120,15 @@ impl Lab {
             "0",
             "--canary",
             "100%",
-        ];
-        a.extend(extra);
-        self.fleet.run(&a)
+        ]
+        .map(str::to_string)
+        .to_vec()
     }
 
     /// Starts `sync-file wmf-config/CS.php 'SWAT: v2'` to every host with
     /// `gate`, waits until every host left `t1`, and kills the controller
     /// (-9) while it waits in the gate; returns the version hosts run.
     fn kill_mid_change(&self, t1: &str, gate: &str) -> String {
-        let staging = self.staging.display().to_string();
         let group = self
             .fleet
             .group("all", &(0..self.fleet.hosts.len()).collect::<Vec<_>>());
@@ -129,23 +136,8 @@ impl Lab {
             .fleet
             .env
             .cmd()
-            .args([
-                "sync-file",
-                "wmf-config/CS.php",
-                "SWAT: v2",
-                "--staging",
-                &staging,
-                "--source",
-                &self.source,
-                "--yes",
-                "--wait",
-                "0",
-                "--canary",
-                "100%",
-                "--check-cmd",
-                gate,
-                "--hosts",
-            ])
+            .args(self.sync_file_args("wmf-config/CS.php", "SWAT: v2"))
+            .args(["--check-cmd", gate, "--hosts"])
             .arg(&group)
             .args(self.fleet.transport("deployer"))
             .stdout(std::process::Stdio::null())
