@@ -81,8 +81,20 @@ pub struct ConfigFile {
     /// The load balancer's pools in etcd (conftool): the fleet and its
     /// traffic shares.
     pub pools: Option<PoolsConfig>,
-    /// Restarts after a step, with pools: batch, drain, floor.
+    /// Restarts after a step: batch and, with pools, drain and floor.
     pub restarts: Option<RestartsConfig>,
+    /// The IRC/SAL relay every fleet-changing command and lock tells.
+    pub announce: Option<AnnounceConfig>,
+    /// What is checked before anything is built or sent (php -l, JSON,
+    /// wikiversions).
+    pub checks: Option<ChecksConfig>,
+    /// Build steps run on the deploy host before hashing, cached by the
+    /// content of their inputs.
+    #[serde(default, rename = "build")]
+    pub builds: Vec<BuildStepConfig>,
+    /// The global lock: a file that stops every deploy on this deploy
+    /// host, whatever store it uses (`scap lock --all`).
+    pub global_lock: Option<PathBuf>,
     /// Bearer token file for agents, with `--insecure-http` only.
     pub token_file: Option<PathBuf>,
     /// Certificates for TLS (the default transport).
@@ -155,6 +167,58 @@ pub struct RestartsConfig {
     pub min_pooled: Option<String>,
 }
 
+/// `[announce]` in scap.toml: the command that relays a line to IRC and
+/// the Server Admin Log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    /// Run with `sh -c`; gets the line as `$SCAP_ANNOUNCE`.
+    pub command: String,
+    /// How long it may run before it is killed ("10s").
+    pub timeout: Option<String>,
+}
+
+/// `[checks]` in scap.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// The component the checks read (default "mediawiki").
+    pub component: Option<String>,
+    /// The PHP binary for `php -l` (default "php").
+    pub php: Option<String>,
+    /// Directories of the component whose PHP files `scap sync-world`
+    /// lints (default: wmf-config, multiversion).
+    pub lint: Option<Vec<String>>,
+    /// wikiversions.json, relative to the component (default
+    /// "wikiversions.json"; "" turns the check off).
+    pub wikiversions: Option<String>,
+}
+
+/// `[[build]]` in scap.toml: one build step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildStepConfig {
+    pub name: String,
+    /// Run with `sh -c` in `dir`; gets SCAP_BRANCH (per branch) and
+    /// SCAP_COMPONENT_DIR.
+    pub command: String,
+    /// The component it works in (default: the first one).
+    pub component: Option<String>,
+    /// Once per top-level directory of the component matching this glob
+    /// (e.g. "php-*"); `{branch}` in dir, inputs and outputs is its name.
+    pub per_branch: Option<String>,
+    /// Working directory, relative to the component (default: its root).
+    pub dir: Option<String>,
+    /// Globs of the files whose content decides whether it runs again.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Paths it writes (files or directories); nothing else may change.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// How long it may run before it is killed ("30m").
+    pub timeout: Option<String>,
+}
+
 /// `[tls]` in scap.toml: this process's certificate and the CA it trusts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +263,7 @@ impl ConfigFile {
             fix(&mut t.key);
         }
         for p in [
+            &mut cfg.global_lock,
             &mut cfg.sign_key,
             &mut cfg.token_file,
             &mut cfg.store,

@@ -23,3 +23,4 @@ pub mod sys;
 pub mod text;
 pub mod time;
 pub mod web;
+pub mod world;

@@ -10,11 +10,23 @@ pub fn hostname() -> String {
 }
 
 /// The person running scap: `$SUDO_USER` (the human behind `sudo`), else
-/// `$USER`, else "unknown".
+/// the name the password database gives this process's real user (never
+/// `$USER`, which a cron job or a unit may leave unset or anyone may set:
+/// `uid N` when the database has no name for it).
 pub fn user() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
+    match std::env::var("SUDO_USER") {
+        Ok(u) if valid_user_name(&u) => u,
+        _ => user_name(rustix::process::getuid().as_raw()),
+    }
+}
+
+/// A user name as `useradd` makes them: letters, digits, `.`, `_`, `-`,
+/// at most 64 bytes (what goes into history lines and announcements).
+fn valid_user_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Heap arenas a long-running scap process lets glibc's malloc keep: one
@@ -168,18 +180,49 @@ pub fn raise_open_files_limit() {
     }
 }
 
-/// The name of user `uid`, from /etc/passwd (`uid N` when it has none
-/// there).
+/// The name of user `uid`, from the password database (`getent passwd`,
+/// so that LDAP and sssd users have their names too), else /etc/passwd;
+/// `uid N` when neither has one.
 pub fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            let id = f.nth(1)?.parse::<u32>().ok()?;
-            (id == uid).then(|| name.to_string())
-        })
-        .next()
-        .unwrap_or_else(|| format!("uid {uid}"))
+    let from_getent = std::process::Command::new("getent")
+        .args(["passwd", &uid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let passwd = from_getent
+        .or_else(|| std::fs::read_to_string("/etc/passwd").ok())
+        .unwrap_or_default();
+    passwd_name(&passwd, uid).unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// The name of `uid` in passwd(5) lines.
+fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id = f.nth(1)?.parse::<u32>().ok()?;
+        (id == uid && valid_user_name(name)).then(|| name.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_never_comes_from_user_and_is_never_unknown() {
+        let lines = "root:x:0:0:root:/root:/bin/bash\njdoe:x:1000:1000::/home/jdoe:/bin/sh\n";
+        assert_eq!(passwd_name(lines, 1000).as_deref(), Some("jdoe"));
+        assert_eq!(passwd_name(lines, 7), None);
+        assert!(!valid_user_name("a b"));
+        assert!(!valid_user_name(""));
+        // This process's user has a name in the database (root here, or
+        // the developer's), whatever $USER says.
+        let me = user_name(rustix::process::getuid().as_raw());
+        assert!(!me.starts_with("uid "), "{me}");
+        assert_ne!(user(), "unknown");
+    }
 }

@@ -14,13 +14,14 @@ use super::ctx::Ctx;
 use super::fleet_args::{FleetArgs, fleet_dir};
 use super::output::{ProgressLine, clock, exit, print_json, report, resolve_version, runtime};
 use crate::fleet::agents::{Agents, HostResult};
+use crate::fleet::announce::{Announcer, Sent};
 use crate::fleet::catchup::CatchUp;
 use crate::fleet::deploy::Outcome;
 use crate::fleet::deploy::{GateChoice, Operator, Rollout};
 use crate::fleet::gates::Gates;
 use crate::fleet::history;
 use crate::fleet::inventory::{Host, Member};
-use crate::fleet::lock::{self, LockError};
+use crate::fleet::lock::{self, LockError, Locks};
 use crate::fleet::policy::{Policy, check_rollout, parse_stages, restart_policy};
 use crate::fleet::poll::poll;
 use crate::fleet::promote::Promote;
@@ -100,6 +101,8 @@ fn on_interrupt(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
 pub struct SyncArgs {
     #[command(flatten)]
     fleet: FleetArgs,
+    /// Why (the SAL message), e.g. 'group1 to 1.46.0-wmf.7'
+    message: Option<String>,
     /// Version to deploy: a train (label: its head now), or exactly the version a
     /// full ID or unambiguous ID prefix names
     #[arg(long)]
@@ -157,8 +160,9 @@ pub struct RolloutArgs {
     /// Hosts synced at once [default: [policy] concurrency, else 20]
     #[arg(long)]
     concurrency: Option<usize>,
-    /// With pools: restart a step's hosts in batches of this share of each cluster's
-    /// pooled weight [default: [restarts] batch, else 10%]
+    /// Restart a step's hosts in batches of this share of each cluster's pooled
+    /// weight (without pools: of its hosts, rounded down, at least one) [default:
+    /// [restarts] batch, else 10%]
     #[arg(long, value_name = "P%")]
     restart_batch: Option<String>,
     /// With pools: wait this long after a depool for connections to drain [default:
@@ -169,18 +173,51 @@ pub struct RolloutArgs {
     /// pooled [default: [restarts] min_pooled, else 75%]
     #[arg(long, value_name = "P%")]
     min_pooled: Option<String>,
-    /// With pools: no restarts (the agents' post-switch hooks do it, or nothing)
+    /// No restarts (the agents' post-switch hooks do it, or nothing)
     #[arg(long)]
     no_restart: bool,
     /// Do not stage the version on every host when a rollout of several stages starts
     #[arg(long)]
     no_stage: bool,
-    /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
+    /// The IRC/SAL relay, run with the start and end lines as $SCAP_ANNOUNCE
+    /// [default: scap.toml's [announce] command]
     #[arg(long, value_name = "CMD")]
     announce: Option<String>,
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
+}
+
+/// The announcer of fleet command `what` with the deployer's `message`
+/// (none for a dry run, which changes nothing).
+fn announcer(
+    ctx: &Ctx,
+    flag: Option<&str>,
+    what: &str,
+    message: &str,
+    dry_run: bool,
+) -> anyhow::Result<Announcer> {
+    let flag = if dry_run { Some("") } else { flag };
+    let cfg = if dry_run {
+        None
+    } else {
+        ctx.config.announce.as_ref()
+    };
+    Announcer::new(cfg, flag, what, message).map_err(anyhow::Error::msg)
+}
+
+/// Prints the warning of an announcement that was not sent.
+fn said(sent: Sent) {
+    if let Some(w) = sent.warning() {
+        eprintln!("{} {w}", clock());
+    }
+}
+
+/// The end of a command that failed before it deployed anything: said,
+/// then the error returned.
+fn failed_before(a: &Announcer, e: anyhow::Error) -> anyhow::Error {
+    said(a.finish(false, &format!("{e:#}")));
+    e
 }
 
 /// A rollout's settings: the flags over scap.toml's policy over the
@@ -239,20 +276,24 @@ impl RolloutArgs {
         })
     }
 
-    /// The restart policy: flags over scap.toml over the defaults; none
-    /// without pools or with --no-restart.
+    /// The restart policy: flags over scap.toml over the defaults. With
+    /// pools, restarts run unless --no-restart; without, when scap.toml
+    /// has `[restarts]` or --restart-batch is given (batches by host
+    /// count: --drain and --min-pooled need pools).
     fn restarts(&self, ctx: &Ctx) -> anyhow::Result<Option<RestartPolicy>> {
-        if ctx.config.pools.is_none() || self.no_restart {
+        let pools = ctx.config.pools.is_some();
+        if self.no_restart {
             if self.restart_batch.is_some() || self.min_pooled.is_some() || self.drain.is_some() {
-                if self.no_restart {
-                    bail!(
-                        "--no-restart: --restart-batch, --drain and --min-pooled go with restarts"
-                    );
-                }
-                bail!(
-                    "--restart-batch, --drain and --min-pooled need the pools: add [pools] to scap.toml"
-                );
+                bail!("--no-restart: --restart-batch, --drain and --min-pooled go with restarts");
             }
+            return Ok(None);
+        }
+        if !pools && (self.min_pooled.is_some() || self.drain.is_some()) {
+            bail!(
+                "--drain and --min-pooled need the pools: add [pools] to scap.toml (without pools, --restart-batch sets how many hosts restart at once)"
+            );
+        }
+        if !pools && ctx.config.restarts.is_none() && self.restart_batch.is_none() {
             return Ok(None);
         }
         let mut p = restart_policy(&ctx.config).map_err(anyhow::Error::msg)?;
@@ -343,10 +384,57 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
-    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
-    let dir = fleet_dir(ctx);
     let label = label_of(ctx, &version);
-    let record = if a.rollout.dry_run {
+    let message = a.message.clone().unwrap_or_else(|| format!("sync {label}"));
+    let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        "sync",
+        &message,
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
+    sync_version(
+        ctx,
+        &a.fleet,
+        &a.rollout,
+        SyncVersion {
+            version,
+            label,
+            members,
+            plan,
+            announcer: &ann,
+        },
+    )
+}
+
+/// What [`sync_version`] deploys.
+struct SyncVersion<'a> {
+    version: VersionId,
+    label: String,
+    members: Vec<Member>,
+    plan: Plan,
+    announcer: &'a Announcer,
+}
+
+/// Records a new rollout of a version and runs it (the caller holds the
+/// deploy lock and has announced the start).
+fn sync_version(
+    ctx: &Ctx,
+    fleet: &FleetArgs,
+    args: &RolloutArgs,
+    s: SyncVersion<'_>,
+) -> anyhow::Result<i32> {
+    let SyncVersion {
+        version,
+        label,
+        members,
+        plan,
+        announcer,
+    } = s;
+    let dir = fleet_dir(ctx);
+    let record = if args.dry_run {
         None
     } else {
         let (record, replaced) = RolloutRecord::start(
@@ -357,7 +445,8 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
             plan.settings(),
             &crate::sys::user(),
             &command_line(),
-        )?;
+        )
+        .map_err(|e| failed_before(announcer, e.into()))?;
         if let Some(old) = replaced {
             eprintln!(
                 "{} note: replacing the unfinished rollout of {} (stopped after {} of {} stages: {})",
@@ -374,9 +463,9 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     run_rollout(
         ctx,
         Run {
-            fleet: &a.fleet,
+            fleet,
             members,
-            args: &a.rollout,
+            args,
             plan,
             goal,
             label,
@@ -384,6 +473,111 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
             first_stage: 0,
             resume: false,
             order_key: None,
+            announcer,
+        },
+    )
+}
+
+#[derive(Args, Debug)]
+pub struct SyncWorldArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Why (the SAL message), e.g. 'group0 to 1.46.0-wmf.7'
+    message: Option<String>,
+    /// A component to build, NAME=PATH (repeatable) [default: scap.toml's [[component]]s]
+    #[arg(long = "component", value_name = "NAME=PATH")]
+    components: Vec<String>,
+    /// Exclude glob, added to scap.toml's (repeatable)
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// The train the version is labelled with [default: the newest branch
+    /// wikiversions.json sends a wiki to]
+    #[arg(long)]
+    label: Option<String>,
+    /// The deploy key that signs the version [default: scap.toml's sign_key]
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+}
+
+/// `scap sync-world MESSAGE`: the train's one command. Announce; check
+/// (php -l, JSON, wikiversions); run the build steps (cached by content);
+/// build the version (signed, labelled with its train); deploy it by the
+/// site's policy, restarts included; announce the end.
+pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
+    let components = crate::config::components(&ctx.config, &a.components, &a.exclude)?;
+    let steps = crate::world::steps::from_config(&ctx.config, &components)?;
+    let checks = crate::world::Checks::from_config(&ctx.config);
+    let store = Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?;
+    store.check_deploy()?;
+    let members = a.fleet.members(ctx)?;
+    let plan = a.rollout.plan(ctx)?;
+    plan.check(&members, &a.rollout)?;
+    let message = a.message.clone().unwrap_or_else(|| "sync-world".into());
+    let signer = if a.rollout.dry_run {
+        None
+    } else {
+        ctx.signer(a.sign_key.as_deref())?
+    };
+    let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        "sync-world",
+        &message,
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
+    if a.rollout.dry_run {
+        let component = components
+            .iter()
+            .find(|c| c.name.to_string() == checks.component)
+            .ok_or_else(|| crate::world::WorldError::NoComponent(checks.component.clone()))?;
+        let cache = crate::world::checks::LintCache::open(Some(&store.cache_dir()), &checks.php);
+        let n = checks.world(&component.path, &cache)?;
+        println!(
+            "dry run: checks passed (php -l of {n} changed PHP file(s), JSON, wikiversions); the build steps, the build and the deploy were not run"
+        );
+        return Ok(exit::OK);
+    }
+    let world = crate::world::World {
+        store: &store,
+        components,
+        checks,
+        steps,
+        label: a.label.clone(),
+        message: message.clone(),
+        author: crate::sys::user(),
+        signer,
+    };
+    let prepared = crate::world::prepare(&world, &mut |line| eprintln!("{} {line}", clock()))
+        .map_err(|e| failed_before(&ann, e.into()))?;
+    eprintln!(
+        "{} built {}{}: {} files, {} read, {} new objects",
+        clock(),
+        prepared.version.short(),
+        prepared
+            .label
+            .as_deref()
+            .map(|l| format!(" (train {l})"))
+            .unwrap_or_default(),
+        prepared.build.files,
+        prepared.build.hashed_files,
+        prepared.build.new_objects
+    );
+    let version = prepared.version;
+    let label = label_of(ctx, &version);
+    sync_version(
+        ctx,
+        &a.fleet,
+        &a.rollout,
+        SyncVersion {
+            version,
+            label,
+            members,
+            plan,
+            announcer: &ann,
         },
     )
 }
@@ -400,7 +594,7 @@ fn take_over_lock(
         return Ok(None);
     }
     let dir = fleet_dir(ctx);
-    match lock::take_over(&dir, &command_line(), pid, host) {
+    match locks(ctx).take_over(&command_line(), pid, host) {
         Ok((l, taken)) => {
             if taken {
                 eprintln!(
@@ -444,8 +638,16 @@ fn resume_change(
             &pending.note
         }
     );
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        "sync --resume",
+        &pending.message,
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
     roll_out_change(
-        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true, None,
+        ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true, None, &ann,
     )
 }
 
@@ -462,6 +664,7 @@ fn roll_out_change(
     prepared: &crate::fleet::change::Prepared,
     resume: bool,
     key: Option<&std::path::Path>,
+    announcer: &Announcer,
 ) -> anyhow::Result<i32> {
     let dir = fleet_dir(ctx);
     let to_all = plan.stages.last().is_some_and(|s| s.is_all());
@@ -483,8 +686,10 @@ fn roll_out_change(
             first_stage: 0,
             resume,
             order_key: key,
+            announcer,
         },
     )
+    .map_err(|e| failed_before(announcer, e))
     .inspect_err(|_| {
         // A new change that never started: no host moved.
         if !args.dry_run && !resume {
@@ -507,7 +712,13 @@ fn roll_out_change(
             eprintln!("{} {m}", clock());
         }
     }
-    print_outcome(args, &outcome, op, Some(serde_json::to_value(prepared)?))
+    print_outcome(
+        args,
+        &outcome,
+        op,
+        Some(serde_json::to_value(prepared)?),
+        announcer,
+    )
 }
 
 /// `scap sync --resume`.
@@ -577,6 +788,14 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     let goal = Goal::one(record.version);
     let first = record.completed;
     let label = record.label.clone();
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        "sync --resume",
+        a.message.as_deref().unwrap_or(&format!("sync {label}")),
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
     run_rollout(
         ctx,
         Run {
@@ -590,6 +809,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
             first_stage: first,
             resume: true,
             order_key: None,
+            announcer: &ann,
         },
     )
 }
@@ -603,7 +823,19 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
             "no source to fetch from: pass --source https://DEPLOY-HOST:8469 (or set sources in scap.toml)"
         );
     }
-    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
+    let message = a
+        .message
+        .clone()
+        .unwrap_or_else(|| "catch-up: hosts behind their target".into());
+    let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        "sync --catch-up",
+        &message,
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
     let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run, None)?;
     let dir = fleet_dir(ctx);
     let desired = crate::fleet::desired::Desired::load(&dir)?;
@@ -631,25 +863,44 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     let mut op = CliOperator::batch();
     let outcome = rt
         .block_on(procedure.run(&mut op))
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| failed_before(&ann, anyhow::Error::msg(e)))?;
     if a.rollout.json {
         print_json(&outcome)?;
     } else {
         report(&outcome.results)?;
         println!("{}", outcome.message);
     }
+    said(ann.finish(outcome.ok, &outcome.message));
     Ok(exit::from(outcome.ok))
 }
 
-/// Takes the deploy lock (unless this is a dry run, which changes nothing).
-fn deploy_lock(ctx: &Ctx, dry_run: bool) -> anyhow::Result<Option<lock::DeployLock>> {
+/// This fleet's locks: its deploy lock and held lock, and the global one.
+fn locks(ctx: &Ctx) -> Locks {
+    Locks::new(&fleet_dir(ctx), ctx.config.global_lock.as_deref())
+}
+
+/// Takes the deploy lock (unless this is a dry run, which changes
+/// nothing), refused while someone else holds a lock (`scap lock`).
+fn deploy_lock(
+    ctx: &Ctx,
+    dry_run: bool,
+    message: Option<&str>,
+) -> anyhow::Result<Option<lock::DeployLock>> {
     if dry_run {
         return Ok(None);
     }
     let dir = fleet_dir(ctx);
-    lock::acquire(&dir, &command_line())
-        .map(Some)
-        .map_err(|e| with_rollout(e, &dir))
+    let (l, own) = locks(ctx)
+        .acquire(&command_line(), message)
+        .map_err(|e| with_rollout(e, &dir))?;
+    if let Some(h) = own {
+        eprintln!(
+            "{} note: going ahead through your own lock ({h}); `scap lock --release{}` when done",
+            clock(),
+            if h.global { " --all" } else { "" }
+        );
+    }
+    Ok(Some(l))
 }
 
 /// A lock error, with the rollout the holder runs (if one is recorded).
@@ -682,13 +933,16 @@ struct Run<'a> {
     resume: bool,
     /// The deploy key that signs the orders, if not scap.toml's.
     order_key: Option<&'a std::path::Path>,
+    /// Says the end on IRC.
+    announcer: &'a Announcer,
 }
 
 /// Runs a rollout and prints its outcome; the caller holds the deploy lock.
 fn run_rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<i32> {
     let r = run.args;
-    let (outcome, op, _) = rollout(ctx, run)?;
-    print_outcome(r, &outcome, op, None)
+    let announcer = run.announcer;
+    let (outcome, op, _) = rollout(ctx, run).map_err(|e| failed_before(announcer, e))?;
+    print_outcome(r, &outcome, op, None, announcer)
 }
 
 /// Runs a rollout; returns how it ended and what each host said.
@@ -704,6 +958,7 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator, Age
         first_stage,
         resume,
         order_key,
+        announcer: _,
     } = run;
     let agents = fleet_args.ordering_agents(ctx, r.dry_run, order_key)?;
     let rt = runtime()?;
@@ -764,6 +1019,7 @@ fn print_outcome(
     outcome: &Outcome,
     op: CliOperator,
     extra: Option<serde_json::Value>,
+    announcer: &Announcer,
 ) -> anyhow::Result<i32> {
     if r.json {
         let mut out = serde_json::json!({ "outcome": outcome, "hosts": op.results });
@@ -775,21 +1031,8 @@ fn print_outcome(
         report(&op.results)?;
         println!("{}", outcome.message);
     }
-    if let Some(cmd) = &r.announce {
-        announce(cmd, &format!("{}: {}", crate::sys::user(), outcome.message));
-    }
+    said(announcer.finish(outcome.ok, &outcome.message));
     Ok(exit::from(outcome.ok))
-}
-
-fn announce(cmd: &str, line: &str) {
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("SCAP_ANNOUNCE", line)
-        .status();
-    if !matches!(status, Ok(s) if s.success()) {
-        eprintln!("scap: warning: announce command {cmd:?} failed");
-    }
 }
 
 struct CliOperator {
@@ -927,8 +1170,17 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             }
         );
     }
+    let what = match kind {
+        Kind::File => "sync-file",
+        Kind::Dir => "sync-dir",
+    };
+    let message = a
+        .message
+        .clone()
+        .or(a.message_flag.clone())
+        .unwrap_or_else(|| format!("{what} {}/{}", a.component, a.path));
     // Before building: another deploy must not see (or gc) a half-made change.
-    let _lock = deploy_lock(ctx, a.rollout.dry_run)?;
+    let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
     let signer = if a.rollout.dry_run {
         None
     } else {
@@ -951,41 +1203,58 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     .into_iter()
     .find(|c| c.name.to_string() == a.component)
     .expect("the flag names it");
-    let what = match kind {
-        Kind::File => "sync-file",
-        Kind::Dir => "sync-dir",
+    // Checked before anything is built: php -l, JSON, wikiversions.
+    let checks = crate::world::Checks::from_config(&ctx.config);
+    let lint_cache = crate::world::checks::LintCache::open(Some(&store.cache_dir()), &checks.php);
+    checks.change(&component.path, &a.path, &lint_cache)?;
+    let trains_now = trains(ctx);
+    let in_trains = |store: &Store, v: &VersionId| -> Vec<String> {
+        checks
+            .wikiversions_in(&component.path, store, v, &trains_now.name(v).to_string())
+            .iter()
+            .map(|f| f.to_string())
+            .collect()
     };
-    let message = a
-        .message
-        .clone()
-        .or(a.message_flag.clone())
-        .unwrap_or_else(|| format!("{what} {}/{}", a.component, a.path));
+    let check_trains = (a.component == checks.component
+        && checks.touches_wikiversions(&a.path).is_some())
+    .then_some(&in_trains as &crate::manifest::change::BaseCheck<'_>);
+    let mut ann = announcer(
+        ctx,
+        a.rollout.announce.as_deref(),
+        what,
+        &message,
+        a.rollout.dry_run,
+    )?;
+    said(ann.start());
 
     let agents = a.fleet.agents(ctx)?;
     let dir = fleet_dir(ctx);
     let id = change::new_id(&message, &a.path);
     let by = crate::sys::user();
     let mut op = CliOperator::batch();
-    let prepared = runtime()?.block_on(crate::fleet::change::build(
-        &store,
-        &agents,
-        &members,
-        &dir,
-        ChangeSpec {
-            id: id.clone(),
-            bases: Vec::new(),
-            component: &component,
-            path: &a.path,
-            kind,
-            create: a.create,
-            message: message.clone(),
-            author: by.clone(),
-            signer: signer.as_deref(),
-            dry_run: a.rollout.dry_run,
-        },
-        &mut op,
-        &super::bar::Bar::default(),
-    ))?;
+    let prepared = runtime()?
+        .block_on(crate::fleet::change::build(
+            &store,
+            &agents,
+            &members,
+            &dir,
+            ChangeSpec {
+                id: id.clone(),
+                bases: Vec::new(),
+                component: &component,
+                path: &a.path,
+                kind,
+                create: a.create,
+                message: message.clone(),
+                author: by.clone(),
+                signer: signer.as_deref(),
+                dry_run: a.rollout.dry_run,
+                check: check_trains,
+            },
+            &mut op,
+            &super::bar::Bar::default(),
+        ))
+        .map_err(|e| failed_before(&ann, e.into()))?;
     print_change(&prepared, a.rollout.dry_run, &a.path);
     if prepared.map.is_empty() {
         if a.rollout.json {
@@ -995,6 +1264,10 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             "{} is the same in staging and in every live version it applies to: nothing to deploy",
             a.path
         );
+        said(ann.finish(
+            true,
+            "nothing to deploy: staging matches every live version",
+        ));
         return Ok(exit::OK);
     }
     if !a.rollout.dry_run {
@@ -1008,7 +1281,8 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
             plan.settings(),
             &by,
             &command_line(),
-        )?;
+        )
+        .map_err(|e| failed_before(&ann, e.into()))?;
     }
     roll_out_change(
         ctx,
@@ -1020,6 +1294,7 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
         &prepared,
         false,
         a.sign_key.as_deref(),
+        &ann,
     )
 }
 
@@ -1076,6 +1351,8 @@ fn print_change(p: &crate::fleet::change::Prepared, dry_run: bool, path: &str) {
 pub struct RollbackArgs {
     #[command(flatten)]
     fleet: FleetArgs,
+    /// Why (the SAL message), e.g. 'T12345: errors on group1'
+    message: Option<String>,
     /// Where to: each host's previous version, its stable version's train (that
     /// train's head now), or a version (a train: its head; or an ID, exactly)
     #[arg(long, default_value = "previous")]
@@ -1092,7 +1369,8 @@ pub struct RollbackArgs {
     /// Batch mode: no question before rolling back
     #[arg(long, short = 'y')]
     yes: bool,
-    /// Command run with a one-line summary when done (the IRC/SAL hook); gets it as $SCAP_ANNOUNCE
+    /// The IRC/SAL relay, run with the start and end lines as $SCAP_ANNOUNCE
+    /// [default: scap.toml's [announce] command]
     #[arg(long, value_name = "CMD")]
     announce: Option<String>,
     /// Hosts rolled back at once
@@ -1132,7 +1410,13 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .transpose()
         .map_err(anyhow::Error::msg)?
         .unwrap_or(Percent(0));
-    let _lock = deploy_lock(ctx, a.dry_run)?;
+    let message = a
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("rollback to {}", a.to));
+    let _lock = deploy_lock(ctx, a.dry_run, Some(&message))?;
+    let mut ann = announcer(ctx, a.announce.as_deref(), "rollback", &message, a.dry_run)?;
+    said(ann.start());
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let procedure = Rollback {
@@ -1161,11 +1445,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         report(&outcome.results)?;
         println!("{}", outcome.message);
     }
-    if let Some(cmd) = &a.announce
-        && !a.dry_run
-    {
-        announce(cmd, &format!("{}: {}", crate::sys::user(), outcome.message));
-    }
+    said(ann.finish(outcome.ok, &outcome.message));
     Ok(exit::from(outcome.ok))
 }
 
@@ -1175,6 +1455,11 @@ pub struct PromoteArgs {
     fleet: FleetArgs,
     /// The version that is on every host and becomes their stable version
     version: String,
+    /// Why (the SAL message)
+    message: Option<String>,
+    /// The IRC/SAL relay [default: scap.toml's [announce] command]
+    #[arg(long, value_name = "CMD")]
+    announce: Option<String>,
     /// Hosts that may be down (they keep their old stable version): N or P%
     #[arg(long, default_value = "0")]
     max_failures: String,
@@ -1185,7 +1470,13 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
     let agents = a.fleet.agents(ctx)?;
     let version = resolve_version(ctx, &a.version)?;
     let budget = Budget::parse(&a.max_failures).map_err(anyhow::Error::msg)?;
-    let _lock = deploy_lock(ctx, false)?;
+    let message = a
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("promote {}", label_of(ctx, &version)));
+    let _lock = deploy_lock(ctx, false, Some(&message))?;
+    let mut ann = announcer(ctx, a.announce.as_deref(), "promote", &message, false)?;
+    said(ann.start());
     let store = Store::open_deploy(&ctx.store_path).ok();
     let rt = runtime()?;
     let procedure = Promote {
@@ -1201,8 +1492,9 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
     };
     let outcome = rt
         .block_on(procedure.run(&mut CliOperator::batch()))
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| failed_before(&ann, anyhow::Error::msg(e)))?;
     println!("{}", outcome.message);
+    said(ann.finish(outcome.ok, &outcome.message));
     Ok(exit::from(outcome.ok))
 }
 
@@ -1617,19 +1909,95 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> anyhow::Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct LockArgs {
-    /// Remove the lock, whoever holds it (after making sure that deploy is over)
-    #[arg(long = "break")]
+    /// Why: hold a lock that refuses everyone else's deploys (naming you and
+    /// this) until `scap lock --release`
+    message: Option<String>,
+    /// Every deploy on this deploy host, whatever its store (the global lock)
+    #[arg(long)]
+    all: bool,
+    /// Release your held lock (with --all: the global one)
+    #[arg(long, conflicts_with_all = ["message", "break_it"])]
+    release: bool,
+    /// With --release: release someone else's lock
+    #[arg(long, requires = "release")]
+    force: bool,
+    /// Remove the deploy lock of a running command, whoever holds it (after making
+    /// sure that deploy is over)
+    #[arg(long = "break", conflicts_with = "message")]
     break_it: bool,
+    /// The IRC/SAL relay [default: scap.toml's [announce] command]
+    #[arg(long, value_name = "CMD")]
+    announce: Option<String>,
 }
 
 pub fn lock_cmd(ctx: &Ctx, a: LockArgs) -> anyhow::Result<i32> {
     let dir = fleet_dir(ctx);
+    let locks = locks(ctx);
     if a.break_it {
         match lock::break_lock(&dir)? {
             Some(h) => println!("broke the lock of {h}"),
             None => println!("no deploy lock"),
         }
         return Ok(exit::OK);
+    }
+    let scope = if a.all {
+        "every deploy on this host"
+    } else {
+        "this fleet's deploys"
+    };
+    if a.release {
+        return match locks.release(a.all, a.force)? {
+            Some(h) => {
+                let held = crate::fleet::announce::duration(Duration::from_secs(
+                    crate::time::unix_now().saturating_sub(h.time),
+                ));
+                let ann = announcer(ctx, a.announce.as_deref(), "lock", &h.message, false)?;
+                said(ann.say(&format!(
+                    "Released the scap lock on {scope}: {} (held {held} by {})",
+                    h.message, h.user
+                )));
+                println!("released: {h} (held {held})");
+                Ok(exit::OK)
+            }
+            None => {
+                println!(
+                    "no held lock on {scope}{}",
+                    if a.all {
+                        ""
+                    } else {
+                        " (--all for the global one)"
+                    }
+                );
+                Ok(exit::OK)
+            }
+        };
+    }
+    if let Some(message) = &a.message {
+        if message.trim().is_empty() {
+            bail!(
+                "give the lock a message: why others must not deploy, e.g. 'investigating T12345'"
+            );
+        }
+        let h = locks.hold(message, a.all)?;
+        let ann = announcer(ctx, a.announce.as_deref(), "lock", message, false)?;
+        said(ann.say(&format!("Locked scap ({scope}): {message}")));
+        println!(
+            "locked {scope}: {h}; `scap lock --release{}` ends it",
+            if a.all { " --all" } else { "" }
+        );
+        return Ok(exit::OK);
+    }
+    let mut any = false;
+    for h in locks.held()? {
+        any = true;
+        println!(
+            "held lock ({}): {h}",
+            if h.global {
+                "every deploy on this host, scap lock --all"
+            } else {
+                "scap lock"
+            }
+        );
     }
     match lock::holder(&dir)? {
         Some(h) => {
@@ -1638,9 +2006,16 @@ pub fn lock_cmd(ctx: &Ctx, a: LockArgs) -> anyhow::Result<i32> {
                 Some(false) => "STALE: that process is gone; `scap lock --break` removes it",
                 None => "on another host",
             };
-            println!("{h} [{alive}]");
+            println!(
+                "deploy lock: {h}{} [{alive}]",
+                h.message
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            );
         }
-        None => println!("no deploy lock"),
+        None if !any => println!("no deploy lock"),
+        None => {}
     }
     Ok(exit::OK)
 }

@@ -70,6 +70,8 @@ pub enum Command {
     Agent(host_cmds::AgentArgs),
     /// Deploy a version to hosts: all, or --canary=P% of traffic, or --stages
     Sync(fleet_cmds::SyncArgs),
+    /// The train's one command: announce, check (php -l, JSON, wikiversions), run the build steps, build, deploy by the site's policy, restart, announce the end
+    SyncWorld(fleet_cmds::SyncWorldArgs),
     /// Take a file from staging into every live train (new versions), and deploy them
     SyncFile(fleet_cmds::SyncFileArgs),
     /// Take a directory from staging into every live train (new versions), and deploy them
@@ -82,7 +84,7 @@ pub enum Command {
     Status(fleet_cmds::StatusArgs),
     /// The deploy host's audit log of syncs, rollbacks and promotes
     History(fleet_cmds::HistoryArgs),
-    /// Show (or --break) the deploy lock
+    /// Hold a lock with a message (`--all`: every deploy on this host) until --release; or show the locks
     Lock(fleet_cmds::LockArgs),
     /// On a host: ask the deploy host what this host should run, and go there
     Pull(fleet_cmds::PullArgs),
@@ -162,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => host_cmds::serve(&ctx, a),
         Command::Agent(a) => host_cmds::agent(&ctx, a),
         Command::Sync(a) => fleet_cmds::sync(&ctx, a),
+        Command::SyncWorld(a) => fleet_cmds::sync_world(&ctx, a),
         Command::SyncFile(a) => {
             fleet_cmds::sync_change(&ctx, a, crate::manifest::change::Kind::File)
         }

@@ -37,7 +37,7 @@ pub struct BuildArgs {
     /// Why this version exists (e.g. the SAL message)
     #[arg(long, short = 'm')]
     message: Option<String>,
-    /// Who built it [default: $SUDO_USER, else $USER]
+    /// Who built it [default: $SUDO_USER, else this process's user from the password database]
     #[arg(long)]
     author: Option<String>,
     /// The version this one derives from [default: the newest recorded version]

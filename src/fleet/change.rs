@@ -95,6 +95,12 @@ pub async fn build(
     for n in notes {
         op.say(&n);
     }
+    if let Some(check) = spec.check {
+        let failures: Vec<String> = bases.iter().flat_map(|b| check(store, b)).collect();
+        if !failures.is_empty() {
+            return Err(ChangeError::Check(failures));
+        }
+    }
     spec.bases = bases;
     Ok(prepare(store, &spec, &readings, meter)?)
 }
@@ -106,6 +112,8 @@ pub enum ChangeError {
     FleetFiles(#[from] FleetFileError),
     #[error(transparent)]
     Build(#[from] crate::manifest::BuildError),
+    #[error("{} check(s) failed, nothing was built or deployed:\n  {}", .0.len(), .0.join("\n  "))]
+    Check(Vec<String>),
 }
 
 /// One live version and what the change makes of it, for people and

@@ -204,6 +204,8 @@ struct Progress {
     reached: f64,
     /// Whether the last step fell short of its share.
     short: bool,
+    /// Hosts restarted after their switch, over every step.
+    restarted: usize,
 }
 
 impl Progress {
@@ -332,10 +334,19 @@ impl Rollout<'_> {
         // Not reaching the last stage's share (a host down within the
         // failure budget) is reported as a failure too: never silently.
         // Every step is in the history already.
-        let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
+        let msg = self.reached(&p);
         let mut o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
         o.finished = true;
         o
+    }
+
+    /// "V on 50% of production traffic", with the restarts when there are.
+    fn reached(&self, p: &Progress) -> String {
+        let mut msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
+        if self.restarts.is_some() && !self.dry_run {
+            msg.push_str(&format!("; {} host(s) restarted", p.restarted));
+        }
+        msg
     }
 
     /// Every stage done: hosts that could not be reached are given their
@@ -549,7 +560,7 @@ impl Rollout<'_> {
                     gates = self.gate(op, stage, &step, &readings, p).await?;
                 }
             }
-            let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
+            let msg = self.reached(p);
             let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
             self.log_step(stage, gates, o);
             return Ok(());
@@ -585,7 +596,7 @@ impl Rollout<'_> {
         let step = self.restart(op, stage, step, &plan, &readings, p).await?;
         let gates = self.gate(op, stage, &step, &readings, p).await?;
         op.say(&format!("{} of production traffic synced", pct(p.reached)));
-        let msg = format!("{} on {} of production traffic", self.label, pct(p.reached));
+        let msg = self.reached(p);
         let o = p.outcome(p.failed.is_empty() && !p.short, msg, vec![]);
         self.log_step(stage, gates, o);
         Ok(())
@@ -790,7 +801,7 @@ impl Rollout<'_> {
         readings: &[Reading],
         p: &mut Progress,
     ) -> Result<Vec<Member>, Stop> {
-        let (Some(pf), Some(policy)) = (&self.pools, &self.restarts) else {
+        let Some(policy) = &self.restarts else {
             return Ok(step);
         };
         let jobs: Vec<(Member, VersionId)> = step
@@ -804,20 +815,20 @@ impl Rollout<'_> {
                 Some((m.clone(), self.goal.target(readings[i].current())?))
             })
             .collect();
-        op.step_started(&format!("restart-{stage}"), jobs.len());
+        let mut cluster_hosts = std::collections::BTreeMap::new();
+        for r in readings {
+            *cluster_hosts.entry(r.member.cluster.clone()).or_default() += 1;
+        }
         let restarter = Restarter {
             agents: self.agents,
-            pools: &pf.pools,
+            pools: self.pools.as_ref().map(|pf| &pf.pools),
+            cluster_hosts,
             policy: policy.clone(),
             by: self.by.clone(),
             interrupted: self.interrupted,
         };
         let report = restarter.run(op, &jobs).await;
-        op.step_done(
-            &format!("restart-{stage}"),
-            report.restarted.len(),
-            report.failed.len(),
-        );
+        p.restarted += report.restarted.len();
         for (host, why) in &report.failed {
             op.say(&format!("FAIL {host}: {why}"));
             p.fail(host.clone());

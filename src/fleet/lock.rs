@@ -1,11 +1,24 @@
-//! One deploy at a time per fleet: a lock file on the deploy host that
-//! names its holder.
+//! One deploy at a time per fleet, and locks a person holds.
 //!
-//! `STORE/fleet/deploy.lock` is created with `O_EXCL` and holds JSON: user,
-//! host, pid, time, command. A second deploy fails at once with that
-//! information. A lock whose process is gone (same host, no such pid) is
-//! reported as stale, and only `scap lock --break` removes it: scap never
-//! takes over another deploy's lock on its own.
+//! - **The deploy lock**, `STORE/fleet/deploy.lock`, is held by a running
+//!   command: created with `O_EXCL`, it holds JSON (user, host, pid, time,
+//!   command, message) and goes when the command ends. A second deploy
+//!   fails at once with that information. A lock whose process is gone
+//!   (same host, no such pid) is reported as stale, and only `scap lock
+//!   --break` removes it: scap never takes over another deploy's lock on
+//!   its own.
+//! - **A held lock**, `scap lock MESSAGE`: `STORE/fleet/held.lock`, kept
+//!   until `scap lock --release`, stops this fleet's deploys; with `--all`,
+//!   the global lock file (scap.toml's `global_lock`, default
+//!   [`DEFAULT_GLOBAL_LOCK`]) stops every deploy on this deploy host,
+//!   whatever its store. Whoever is refused is told who holds it, since
+//!   when and why. The holder's own deploys go on (with a note): the lock
+//!   keeps others out while they work.
+//!
+//! **Invariant:** a deploy and a held lock never both go ahead: each side
+//! creates its file first (`O_EXCL`) and then looks for the other's, and
+//! removes its own if it finds one, so of two that race at least one sees
+//! the other.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -20,6 +33,195 @@ pub struct Holder {
     pub pid: u32,
     pub time: u64,
     pub command: String,
+    /// The deployer's message (the SAL line), if the command took one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a held lock of all deploys is, unless scap.toml says
+/// `global_lock` (scap's own place for it).
+pub const DEFAULT_GLOBAL_LOCK: &str = "/var/lock/scap-global-lock";
+
+/// A lock a person holds (`scap lock MESSAGE`) until they release it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Held {
+    pub user: String,
+    pub host: String,
+    pub time: u64,
+    pub message: String,
+    /// `--all`: every deploy on this deploy host.
+    #[serde(default)]
+    pub global: bool,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {} since {}: {}",
+            self.user,
+            self.host,
+            crate::time::fmt_utc(self.time),
+            self.message
+        )
+    }
+}
+
+/// The locks of one fleet: its directory, and the global lock file.
+#[derive(Clone, Debug)]
+pub struct Locks {
+    pub dir: PathBuf,
+    pub global: PathBuf,
+}
+
+impl Locks {
+    pub fn new(dir: &Path, global: Option<&Path>) -> Locks {
+        Locks {
+            dir: dir.to_path_buf(),
+            global: global.map_or_else(|| PathBuf::from(DEFAULT_GLOBAL_LOCK), Path::to_path_buf),
+        }
+    }
+
+    /// Where `scap lock` (with `global`: `--all`) keeps its lock.
+    pub fn held_path(&self, global: bool) -> PathBuf {
+        if global {
+            self.global.clone()
+        } else {
+            self.dir.join("held.lock")
+        }
+    }
+
+    /// The held locks now (global first).
+    pub fn held(&self) -> Result<Vec<Held>, LockError> {
+        let mut out = Vec::new();
+        for global in [true, false] {
+            let path = self.held_path(global);
+            match fs::read(&path) {
+                Ok(b) => out.push(serde_json::from_slice(&b).unwrap_or_else(|e| Held {
+                    user: "?".into(),
+                    host: "?".into(),
+                    time: 0,
+                    message: format!("(unreadable lock file {}: {e})", path.display()),
+                    global,
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(LockError::Io { path, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A held lock of someone else's that stops a deploy, if any.
+    fn blocking(&self) -> Result<Option<(Box<Held>, PathBuf)>, LockError> {
+        let me = user();
+        Ok(self.held()?.into_iter().find(|h| h.user != me).map(|h| {
+            let path = self.held_path(h.global);
+            (Box::new(h), path)
+        }))
+    }
+
+    /// `scap lock MESSAGE` (`--all`: `global`): holds a lock until
+    /// [`Locks::release`]. Refused while someone holds one already, or a
+    /// deploy runs.
+    pub fn hold(&self, message: &str, global: bool) -> Result<Held, LockError> {
+        let path = self.held_path(global);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io)?;
+        }
+        let me = Held {
+            user: user(),
+            host: hostname(),
+            time: crate::time::unix_now(),
+            message: message.to_string(),
+            global,
+        };
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                f.write_all(&serde_json::to_vec(&me).expect("serializes"))
+                    .and_then(|()| f.sync_all())
+                    .map_err(io)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let held = self
+                    .held()?
+                    .into_iter()
+                    .find(|h| h.global == global)
+                    .expect("the file exists");
+                return Err(LockError::Locked {
+                    held: Box::new(held),
+                    path,
+                });
+            }
+            Err(e) => return Err(io(e)),
+        }
+        // A deploy that started before the file was there goes on: refuse.
+        if let Some(h) = holder(&self.dir)? {
+            let _ = fs::remove_file(&path);
+            return Err(LockError::Held(Box::new(h)));
+        }
+        Ok(me)
+    }
+
+    /// `scap lock --release` (`--all`: `global`): removes the held lock,
+    /// only the caller's own unless `force`. Returns what it removed.
+    pub fn release(&self, global: bool, force: bool) -> Result<Option<Held>, LockError> {
+        let path = self.held_path(global);
+        let Some(h) = self.held()?.into_iter().find(|h| h.global == global) else {
+            return Ok(None);
+        };
+        if h.user != user() && !force {
+            return Err(LockError::NotYours {
+                held: Box::new(h),
+                path,
+            });
+        }
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(LockError::Io { path, source: e })
+            }
+            _ => Ok(Some(h)),
+        }
+    }
+
+    /// Takes the deploy lock for `command`, unless someone else holds a
+    /// lock (this fleet's, or the global one) or another deploy runs.
+    /// Returns the lock, and the caller's own held lock it goes through,
+    /// if any.
+    pub fn acquire(
+        &self,
+        command: &str,
+        message: Option<&str>,
+    ) -> Result<(DeployLock, Option<Held>), LockError> {
+        if let Some((held, path)) = self.blocking()? {
+            return Err(LockError::Locked { held, path });
+        }
+        let lock = acquire_with(&self.dir, command, message)?;
+        // A lock taken while this one was being created.
+        if let Some((held, path)) = self.blocking()? {
+            drop(lock);
+            return Err(LockError::Locked { held, path });
+        }
+        let own = self.held()?.into_iter().next();
+        Ok((lock, own))
+    }
+
+    /// [`take_over`], with the held locks respected as [`Locks::acquire`]
+    /// does.
+    pub fn take_over(
+        &self,
+        command: &str,
+        pid: u32,
+        host: &str,
+    ) -> Result<(DeployLock, bool), LockError> {
+        if let Some((held, path)) = self.blocking()? {
+            return Err(LockError::Locked { held, path });
+        }
+        take_over(&self.dir, command, pid, host)
+    }
 }
 
 impl Holder {
@@ -46,11 +248,23 @@ impl std::fmt::Display for Holder {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("another deploy is running: {0}; wait for it, or ask them")]
-    Held(Holder),
+    Held(Box<Holder>),
     #[error(
         "a deploy lock is left from a process that is gone: {holder}; if that deploy is really over, run `scap lock --break` (lock file {path})"
     )]
-    Stale { holder: Holder, path: PathBuf },
+    Stale { holder: Box<Holder>, path: PathBuf },
+    #[error(
+        "deploys are locked by {held} ({which}); wait for `scap lock --release{all}` by {user}, or ask them (lock file {path})",
+        which = if held.global { "every deploy on this host: scap lock --all" } else { "scap lock" },
+        all = if held.global { " --all" } else { "" },
+        user = held.user
+    )]
+    Locked { held: Box<Held>, path: PathBuf },
+    #[error(
+        "the lock is {held}, not yours: ask {user} to release it, or pass --force once you are sure (lock file {path})",
+        user = held.user
+    )]
+    NotYours { held: Box<Held>, path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -82,6 +296,7 @@ pub fn holder(dir: &Path) -> Result<Option<Holder>, LockError> {
                 pid: 0,
                 time: 0,
                 command: "(unreadable lock file)".into(),
+                message: None,
             })
         })),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -90,6 +305,10 @@ pub fn holder(dir: &Path) -> Result<Option<Holder>, LockError> {
 }
 
 pub fn acquire(dir: &Path, command: &str) -> Result<DeployLock, LockError> {
+    acquire_with(dir, command, None)
+}
+
+fn acquire_with(dir: &Path, command: &str, message: Option<&str>) -> Result<DeployLock, LockError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LockError::Io { path, source }
@@ -102,6 +321,7 @@ pub fn acquire(dir: &Path, command: &str) -> Result<DeployLock, LockError> {
         pid: std::process::id(),
         time: crate::time::unix_now(),
         command: command.to_string(),
+        message: message.map(str::to_string),
     };
     match OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(mut f) => {
@@ -113,9 +333,12 @@ pub fn acquire(dir: &Path, command: &str) -> Result<DeployLock, LockError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let h = holder(dir)?.expect("the lock file exists");
             if h.alive() == Some(false) {
-                Err(LockError::Stale { holder: h, path })
+                Err(LockError::Stale {
+                    holder: Box::new(h),
+                    path,
+                })
             } else {
-                Err(LockError::Held(h))
+                Err(LockError::Held(Box::new(h)))
             }
         }
         Err(e) => Err(io(&path)(e)),
@@ -187,6 +410,7 @@ mod tests {
             pid: u32::MAX - 1,
             time: 0,
             command: "scap sync".into(),
+            message: None,
         };
         fs::write(lock_path(dir.path()), serde_json::to_vec(&dead).unwrap()).unwrap();
         let e = acquire(dir.path(), "y").unwrap_err();
@@ -194,5 +418,48 @@ mod tests {
         assert!(e.to_string().contains("scap lock --break"));
         assert_eq!(break_lock(dir.path()).unwrap(), Some(dead));
         assert!(acquire(dir.path(), "z").is_ok());
+    }
+
+    #[test]
+    fn a_held_lock_stops_others_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = Locks::new(&dir.path().join("fleet"), Some(&dir.path().join("global")));
+        // Someone else's lock, as its file says.
+        let theirs = Held {
+            user: "someone-else".into(),
+            host: "deploy1002".into(),
+            time: 0,
+            message: "investigating 500s on group1".into(),
+            global: true,
+        };
+        fs::write(&locks.global, serde_json::to_vec(&theirs).unwrap()).unwrap();
+        let e = locks.acquire("scap sync", None).unwrap_err().to_string();
+        assert!(
+            e.contains("someone-else") && e.contains("investigating 500s") && e.contains("--all"),
+            "{e}"
+        );
+        assert!(matches!(
+            locks.release(true, false),
+            Err(LockError::NotYours { .. })
+        ));
+        assert_eq!(locks.release(true, true).unwrap(), Some(theirs));
+        // My own lock: my deploys go through it, with the lock named.
+        let mine = locks.hold("train blocker", false).unwrap();
+        let (lock, own) = locks.acquire("scap sync", Some("msg")).unwrap();
+        assert_eq!(own, Some(mine));
+        assert_eq!(
+            holder(&locks.dir).unwrap().unwrap().message.as_deref(),
+            Some("msg")
+        );
+        // No lock while a deploy runs.
+        assert!(matches!(locks.hold("x", true), Err(LockError::Held(_))));
+        assert!(!locks.global.exists());
+        drop(lock);
+        assert!(matches!(
+            locks.hold("again", false),
+            Err(LockError::Locked { .. })
+        ));
+        assert!(locks.release(false, false).unwrap().is_some());
+        assert!(locks.held().unwrap().is_empty());
     }
 }

@@ -9,6 +9,7 @@
 //! is never counted as a host being on a version.
 
 pub mod agents;
+pub mod announce;
 pub mod catchup;
 pub mod change;
 pub mod deploy;

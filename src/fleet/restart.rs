@@ -1,10 +1,15 @@
 //! Restarts that never drop capacity: after a step's hosts switch, their
-//! new code runs only once php-fpm restarts. The controller restarts them
-//! in batches per cluster: depool (in etcd, compare-and-swap), wait for
-//! connections to drain, run the host's restart command through its agent
-//! (`POST /v1/restart`), check the host serves the version, pool it again.
+//! new code runs only once php-fpm restarts (or their opcache is reset:
+//! the host's restart command is the site's choice). The controller
+//! restarts them in batches per cluster. With pools: depool (in etcd,
+//! compare-and-swap), wait for connections to drain, run the host's
+//! restart command through its agent (`POST /v1/restart`), check the host
+//! serves the version, pool it again. Without pools: the same batches by
+//! host count, with no depool.
 //!
-//! **Invariants:** at most a batch (a share of each cluster's pooled
+//! **Invariants:** without pools, at most `batch` of a cluster's hosts
+//! (rounded down, at least one) restart at once, and a batch starts only
+//! when the one before has finished and been checked. With pools: at most a batch (a share of each cluster's pooled
 //! weight, at least one host) is depooled by scap at once; a cluster's
 //! pooled weight never goes under `--min-pooled` of what was pooled when
 //! the restarts began (a batch shrinks, and the restarts stop, naming the
@@ -53,6 +58,8 @@ pub struct RestartReport {
     /// Hosts not restarted because the floor or an error stopped the
     /// restarts (their new code does not run yet).
     pub not_restarted: Vec<String>,
+    /// Without pools: the most hosts of each cluster restarting at once.
+    pub most_at_once: BTreeMap<String, usize>,
     /// The lowest share of each cluster's starting pooled weight that was
     /// pooled at any moment.
     pub lowest_pooled: BTreeMap<String, f64>,
@@ -62,7 +69,11 @@ pub struct RestartReport {
 
 pub struct Restarter<'a> {
     pub agents: &'a Agents,
-    pub pools: &'a Pools,
+    /// The load balancer's pools (none: batches by host count, no depool).
+    pub pools: Option<&'a Pools>,
+    /// Hosts of each cluster in the whole fleet (what a batch is a share
+    /// of, without pools).
+    pub cluster_hosts: BTreeMap<String, usize>,
     pub policy: RestartPolicy,
     pub by: String,
     pub interrupted: &'a AtomicBool,
@@ -78,11 +89,110 @@ struct Job {
 impl Restarter<'_> {
     /// Restarts `hosts` (each now on the version given), batch by batch.
     pub async fn run(&self, op: &mut dyn Operator, hosts: &[(Member, VersionId)]) -> RestartReport {
-        let mut report = RestartReport::default();
         if hosts.is_empty() {
-            return report;
+            return RestartReport::default();
         }
-        let entries = match self.pools.read().await {
+        match self.pools {
+            Some(pools) => self.run_pooled(op, hosts, pools).await,
+            None => self.run_batched(op, hosts).await,
+        }
+    }
+
+    /// Without pools: batches of at most `batch` of each cluster's hosts
+    /// (at least one), one batch after the other.
+    async fn run_batched(
+        &self,
+        op: &mut dyn Operator,
+        hosts: &[(Member, VersionId)],
+    ) -> RestartReport {
+        let mut report = RestartReport::default();
+        let mut queues: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        for (m, v) in hosts {
+            queues.entry(m.cluster.clone()).or_default().push(Job {
+                member: m.clone(),
+                version: *v,
+                entry: None,
+            });
+        }
+        let limit = |cluster: &str| {
+            let n = self.cluster_hosts.get(cluster).copied().unwrap_or(0) as u64;
+            ((u64::from(self.policy.batch.0) * n / 10_000) as usize).max(1)
+        };
+        loop {
+            if self.interrupted.load(Ordering::SeqCst) {
+                report.stopped = Some("interrupted (Ctrl-C) between restart batches".into());
+                break;
+            }
+            let mut batch: Vec<Job> = Vec::new();
+            for (cluster, queue) in queues.iter_mut() {
+                let n = limit(cluster).min(queue.len());
+                if n > 0 {
+                    let most = report.most_at_once.entry(cluster.clone()).or_default();
+                    *most = (*most).max(n);
+                }
+                batch.extend(queue.drain(..n));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            op.say(&format!(
+                "restarting {} host(s): {}",
+                batch.len(),
+                crate::text::clip(
+                    &batch
+                        .iter()
+                        .map(|j| j.member.host.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    200
+                )
+            ));
+            let results = self.restart_all(&batch).await;
+            for (job, r) in batch.iter().zip(results) {
+                let name = job.member.host.to_string();
+                match r {
+                    Ok(()) => report.restarted.push(name),
+                    Err(why) => {
+                        op.say(&format!("RESTART FAILED {name}: {why}"));
+                        report.failed.push((name, why));
+                    }
+                }
+            }
+        }
+        for queue in queues.values() {
+            report
+                .not_restarted
+                .extend(queue.iter().map(|j| j.member.host.to_string()));
+        }
+        let most: Vec<String> = report
+            .most_at_once
+            .iter()
+            .map(|(c, n)| {
+                format!(
+                    "{} {n} of {}",
+                    if c.is_empty() { "(no cluster)" } else { c },
+                    self.cluster_hosts.get(c).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        op.say(&format!(
+            "restarted {} host(s), {} failed; most at once: {}",
+            report.restarted.len(),
+            report.failed.len(),
+            most.join(", ")
+        ));
+        report
+    }
+
+    /// With pools: depool, drain, restart, check, repool, batch by batch.
+    async fn run_pooled(
+        &self,
+        op: &mut dyn Operator,
+        hosts: &[(Member, VersionId)],
+        pools: &Pools,
+    ) -> RestartReport {
+        let mut report = RestartReport::default();
+        let entries = match pools.read().await {
             Ok(e) => e,
             Err(e) => {
                 report.stopped = Some(format!("cannot read the pools before restarting: {e}"));
@@ -175,7 +285,7 @@ impl Restarter<'_> {
             let mut depooled: Vec<(Job, PoolEntry)> = Vec::new();
             for job in batch {
                 let entry = job.entry.clone().expect("pooled jobs have an entry");
-                match self.pools.set_pooled(&entry, Pooled::No).await {
+                match pools.set_pooled(&entry, Pooled::No).await {
                     Ok(e) => {
                         *pooled.get_mut(&e.cluster).expect("known cluster") -= e.weight;
                         depooled.push((job, e));
@@ -221,7 +331,7 @@ impl Restarter<'_> {
             for ((job, entry), r) in depooled.into_iter().zip(results) {
                 let name = job.member.host.to_string();
                 match r {
-                    Ok(()) => match self.pools.set_pooled(&entry, Pooled::Yes).await {
+                    Ok(()) => match pools.set_pooled(&entry, Pooled::Yes).await {
                         Ok(e) => {
                             *pooled.get_mut(&e.cluster).expect("known cluster") += e.weight;
                             report.restarted.push(name);

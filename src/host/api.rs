@@ -775,8 +775,22 @@ fn pull_now(
     let message = if o.noop {
         format!("already on its target {}{why}{skipped}", target.short())
     } else {
+        // No controller restarts a host that catches up by itself: it
+        // restarts itself (recorded in its history like any restart).
+        let restarted = match &agent.cfg.restart {
+            None => String::new(),
+            Some(_) => match agent.restart(&format!("{by} (after catching up)"), cancel) {
+                Ok(r) if r.ok => format!("; restarted in {:.1}s", r.seconds),
+                Ok(r) => format!(
+                    "; RESTART FAILED ({}): {}",
+                    r.status,
+                    crate::text::clip(&r.output, 200)
+                ),
+                Err(e) => format!("; RESTART FAILED: {e}"),
+            },
+        };
         format!(
-            "caught up: {} -> {}{why}{skipped}",
+            "caught up: {} -> {}{why}{skipped}{restarted}",
             current.map_or_else(|| "nothing".into(), |c| c.short()),
             target.short()
         )

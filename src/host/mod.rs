@@ -31,6 +31,7 @@ pub mod release;
 pub mod share;
 pub mod watch;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,9 @@ use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust,
 use crate::store::{Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
 use release::{How, Releases};
+
+/// Changed paths past which a restart gets no list (it restarts all).
+const MAX_CHANGED_LISTED: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -1141,10 +1145,16 @@ impl Agent {
         let dir = release::live_slot(&self.cfg.dir)
             .map(|s| self.releases.path(&s))
             .unwrap_or_default();
-        let env = match &cur {
+        let mut env = match &cur {
             Some(v) => self.hook_env(v, st.previous.as_ref().map(|d| &d.version), &dir),
             None => vec![("SCAP_HOST", self.cfg.host.clone())],
         };
+        if let Some(v) = &cur
+            && let Some((path, n)) = self.changed_since_restart(&st, v)
+        {
+            env.push(("SCAP_CHANGED_FILES", path.display().to_string()));
+            env.push(("SCAP_CHANGED_COUNT", n.to_string()));
+        }
         let result = hooks::run(cmd, &env, self.cfg.hook_timeout, cancel);
         let seconds = started.elapsed().as_secs_f64();
         let mut e = Event::new(Action::Restart, cur, None, by);
@@ -1178,6 +1188,67 @@ impl Agent {
             tracing::warn!("cannot record the restart in the state file: {e}");
         }
         Ok(outcome)
+    }
+
+    /// The files that changed since the code last ran (the version of the
+    /// last successful restart) up to `v`, as paths through the deploy
+    /// links (`/srv/mediawiki/wmf-config/x.php`), one a line, in
+    /// `DIR/restart-changed.txt` (`DIR/current/COMPONENT/...` for a
+    /// component with no link): what a restart command that only resets
+    /// opcache for those files reads. None (the command must restart
+    /// everything) when no restart is on record, the store lacks that
+    /// version, or the list would be longer than [`MAX_CHANGED_LISTED`].
+    fn changed_since_restart(&self, st: &HostState, v: &VersionId) -> Option<(PathBuf, usize)> {
+        let since = st
+            .history
+            .iter()
+            .rev()
+            .find(|e| e.action == Action::Restart && e.ok)
+            .and_then(|e| e.version)?;
+        let mut lines = String::new();
+        let mut n = 0usize;
+        let r = crate::store::diff::diff(&self.store, &since.root(), &v.root(), &mut |c| {
+            n += 1;
+            if n > MAX_CHANGED_LISTED {
+                // Stops the walk: the list would be too long to be of use.
+                return Err(StoreError::UnknownVersion(v.to_hex()));
+            }
+            let (component, rest) = match c.path.iter().position(|&b| b == b'/') {
+                Some(i) => (&c.path[..i], &c.path[i + 1..]),
+                None => (&c.path[..], &b""[..]),
+            };
+            // Through its deploy link, else through DIR/current.
+            let mut p = match self
+                .cfg
+                .links
+                .iter()
+                .find(|(name, _)| name.as_bytes() == component)
+            {
+                Some((_, link)) => link.as_os_str().as_bytes().to_vec(),
+                None => {
+                    let mut p = self.cfg.dir.join("current").as_os_str().as_bytes().to_vec();
+                    p.push(b'/');
+                    p.extend_from_slice(component);
+                    p
+                }
+            };
+            if !rest.is_empty() {
+                p.push(b'/');
+                p.extend_from_slice(rest);
+            }
+            // A name with a newline cannot be one line of the list.
+            if !p.contains(&b'\n') {
+                lines.push_str(&String::from_utf8_lossy(&p));
+                lines.push('\n');
+            }
+            Ok(())
+        });
+        if r.is_err() {
+            return None;
+        }
+        let path = self.cfg.dir.join("restart-changed.txt");
+        std::fs::write(&path, lines).ok()?;
+        Some((path, n))
     }
 
     /// Records that an operation was cancelled, and by whom.

@@ -40,6 +40,9 @@ pub enum Kind {
     Dir,
 }
 
+/// A check of a base before a change is built: what is wrong, for people.
+pub type BaseCheck<'a> = dyn Fn(&Store, &VersionId) -> Vec<String> + Sync + 'a;
+
 pub struct ChangeSpec<'a> {
     /// Shared by every version this change makes.
     pub id: String,
@@ -58,6 +61,9 @@ pub struct ChangeSpec<'a> {
     pub signer: Option<&'a super::SigningKey>,
     /// Build the trees but record and sign nothing (`--dry-run`).
     pub dry_run: bool,
+    /// Checked against each base before anything is built (wikiversions.json's
+    /// branches in each train): what is wrong, for people.
+    pub check: Option<&'a BaseCheck<'a>>,
 }
 
 /// One base and what the change made of it.

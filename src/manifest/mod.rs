@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -296,6 +296,119 @@ pub fn build(
 struct Totals {
     hashed_files: u64,
     hashed_bytes: u64,
+}
+
+/// Stores what each of `rels` (paths relative to `component`'s root: a
+/// file, a symlink or a directory) holds now, each as a tree of one entry
+/// named as the path's last element: what a build step produced, kept so
+/// that it can be put back without running the step ([`extract`]).
+/// Returns the trees, in the order of `rels`, and the store lock to hold
+/// until they are referenced.
+pub fn store_paths(
+    store: &Store,
+    component: &Component,
+    rels: &[String],
+) -> Result<(Vec<TreeId>, crate::store::disk::Committed), BuildError> {
+    let writer = store.writer()?;
+    let generation = store.gc_generation()?;
+    let mut out = Vec::new();
+    for rel in rels {
+        let path = component.path.join(rel);
+        let name = path
+            .file_name()
+            .and_then(|n| TreeName::new(n.as_bytes().to_vec()).ok())
+            .ok_or_else(|| BuildError::BadEntry {
+                path: path.clone(),
+                why: "not a path to a file or directory".into(),
+            })?;
+        let meta = fs::symlink_metadata(&path).map_err(|source| BuildError::Walk {
+            component: component.name.to_string(),
+            path: path.clone(),
+            source,
+        })?;
+        let content = if meta.is_dir() {
+            let mut totals = Totals::default();
+            let (tree, files, size, _) = build_component(
+                &writer,
+                component,
+                rel.as_bytes(),
+                generation,
+                &crate::progress::Silent,
+                &mut totals,
+            )?;
+            Content::Dir { tree, size, files }
+        } else if meta.file_type().is_symlink() {
+            let target = fs::read_link(&path).map_err(|source| BuildError::Unreadable {
+                path: path.clone(),
+                source,
+            })?;
+            Content::Symlink {
+                target: target.into_os_string().into_vec(),
+            }
+        } else if meta.is_file() {
+            let c = hash_file(&writer, &path, Stamp::of(&meta))?;
+            Content::File {
+                executable: meta.permissions().mode() & 0o111 != 0,
+                size: c.stamp.size,
+                chunks: c.chunks,
+            }
+        } else {
+            return Err(BuildError::Special {
+                path,
+                kind: "special file",
+            });
+        };
+        let tree = Tree::new(vec![Entry { name, content }]).expect("one entry");
+        out.push(put_tree(&writer, &tree)?);
+    }
+    let committed = writer.commit()?;
+    Ok((out, committed))
+}
+
+/// Whether every object `content` reaches is in `store`.
+pub fn complete(store: &Store, content: &Content) -> bool {
+    match content {
+        Content::File { chunks, .. } => chunks.iter().all(|c| store.has(&c.id.object())),
+        Content::Symlink { .. } => true,
+        Content::Dir { tree, .. } => store
+            .tree(tree)
+            .is_ok_and(|t| t.entries().iter().all(|e| complete(store, &e.content))),
+    }
+}
+
+/// Writes `content` at `dest` (which must not exist), from `store`: a
+/// directory with everything in it, a file (with its executable bit), or
+/// a symlink. Symlinks are written as links, never followed.
+pub fn extract(store: &Store, content: &Content, dest: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: dest.to_path_buf(),
+        source,
+    };
+    match content {
+        Content::Dir { tree, .. } => {
+            fs::create_dir(dest).map_err(io)?;
+            for e in store.tree(tree)?.entries() {
+                extract(
+                    store,
+                    &e.content,
+                    &dest.join(OsStr::from_bytes(e.name.as_bytes())),
+                )?;
+            }
+        }
+        Content::Symlink { target } => {
+            std::os::unix::fs::symlink(OsStr::from_bytes(target), dest).map_err(io)?;
+        }
+        Content::File { executable, .. } => {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(if *executable { 0o755 } else { 0o644 })
+                .open(dest)
+                .map_err(io)?;
+            store.write_file(content, &mut f, dest)?;
+        }
+    }
+    Ok(())
 }
 
 /// A component's tree, its files and bytes, and its stat cache (path and

@@ -34,6 +34,9 @@
 //!   knows the fleet.
 //! - `transport`: TLS and signed versions: every refusal, a key rotation,
 //!   a capture of the wire.
+//! - `world`: the MediaWiki work around a deploy with the real php:
+//!   sync-world's checks and build steps cached by content, sync-file's
+//!   checks, announcements, restarts without pools, locks, real authors.
 //! - `trust`: each trust boundary tested as the attack on it: a
 //!   compromised cache (replayed desired states, stale signatures,
 //!   segments forever), a key rotation then a rollback, packs between
@@ -57,3 +60,4 @@ mod support;
 mod trains;
 mod transport;
 mod trust;
+mod world;

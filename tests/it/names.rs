@@ -796,6 +796,7 @@ fn the_train_history_holds_under_random_steps() {
                             author: "prop".into(),
                             signer: None,
                             dry_run: false,
+                            check: None,
                         },
                         &[],
                         &scap::progress::Silent,
