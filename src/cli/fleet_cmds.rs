@@ -554,7 +554,7 @@ pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
     let prepared = crate::world::prepare(&world, &mut |line| eprintln!("{} {line}", clock()))
         .map_err(|e| failed_before(&ann, e.into()))?;
     eprintln!(
-        "{} built {}{}: {} files, {} read, {} new objects",
+        "{} built {}{}: {} files, {} read, {} new objects; prepared in {:.2}s (checks {:.2}s, {} build step(s) run in {:.2}s, build {:.2}s)",
         clock(),
         prepared.version.short(),
         prepared
@@ -564,7 +564,16 @@ pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
             .unwrap_or_default(),
         prepared.build.files,
         prepared.build.hashed_files,
-        prepared.build.new_objects
+        prepared.build.new_objects,
+        prepared.seconds,
+        prepared.check_seconds,
+        prepared
+            .steps
+            .iter()
+            .filter(|r| r.how == crate::world::steps::How::Ran)
+            .count(),
+        prepared.step_seconds,
+        prepared.build.seconds
     );
     let version = prepared.version;
     let label = label_of(ctx, &version);
@@ -1520,8 +1529,10 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         .transpose()?;
     let rt = runtime()?;
     let readings = rt.block_on(poll(&agents, &members, 64));
-    let st =
+    let mut st =
         crate::fleet::status::fleet_status(&members, &readings, &trains(ctx), &fleet_dir(ctx), &[]);
+    // The global lock where scap.toml says it is.
+    st["held"] = serde_json::to_value(locks(ctx).held().unwrap_or_default())?;
     if a.json {
         print_json(&st)?;
         return Ok(exit::OK);
@@ -1722,6 +1733,20 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         if let Some(n) = r["note"].as_str().filter(|n| !n.is_empty()) {
             writeln!(out, "  {n}")?;
         }
+    }
+    for h in st["held"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "\nLOCKED by {} since {}: {}{}",
+            h["user"].as_str().unwrap_or(""),
+            fmt_utc(h["time"].as_u64().unwrap_or(0)),
+            h["message"].as_str().unwrap_or(""),
+            if h["global"] == true {
+                " (every deploy on this host: scap lock --all)"
+            } else {
+                " (scap lock)"
+            }
+        )?;
     }
     if let Some(l) = st["lock"].as_object() {
         writeln!(

@@ -206,11 +206,14 @@ pub struct AgentArgs {
     /// Command run before the switch, with SCAP_VERSION etc. set; failure aborts the switch
     #[arg(long, value_name = "CMD")]
     pre_switch: Option<String>,
-    /// Command run after the switch; failure is logged (with pools, prefer --restart-command)
+    /// Command run after the switch; failure is logged (to restart php-fpm, prefer --restart-command)
     #[arg(long, value_name = "CMD")]
     post_switch: Option<String>,
     /// What makes the new code run (php-fpm reload, opcache reset): run when the
-    /// controller asks (`POST /v1/restart`), between a depool and a repool
+    /// controller asks after a step (in batches; between a depool and a repool
+    /// with pools), and by the agent after it catches up by itself; gets
+    /// SCAP_CHANGED_FILES (a file listing the paths changed since the last
+    /// restart) when known
     #[arg(long, value_name = "CMD")]
     restart_command: Option<String>,
     /// Release directories kept (3 to 8: live, previous, one to prepare, more for faster rollbacks)

@@ -213,6 +213,7 @@ pub fn fleet_status(
         "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
         "hosts": hosts,
         "lock": lock::holder(fleet_dir).ok().flatten(),
+        "held": lock::Locks::new(fleet_dir, None).held().unwrap_or_default(),
         "behind": behind,
         "rollout": rollout_json(fleet_dir, trains),
         "trains": trains.heads().iter().map(|(t, h)| serde_json::json!({

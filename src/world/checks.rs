@@ -129,29 +129,32 @@ impl LintCache {
     }
 }
 
-/// What `php -l` found wrong with `rel` (relative to `root`), if anything.
-fn lint_one(php: &str, root: &Path, rel: &str, cache: &LintCache) -> Option<Failure> {
+/// What `php -l` found wrong with `rel` (relative to `root`), if
+/// anything, and whether it ran (a file that passed before as it is is not
+/// linted again).
+fn lint_one(php: &str, root: &Path, rel: &str, cache: &LintCache) -> (Option<Failure>, bool) {
     let path = root.join(rel);
     let bytes = match read_bounded(&path) {
         Ok(b) => b,
         Err(what) => {
-            return Some(Failure {
+            let f = Failure {
                 path: rel.to_string(),
                 line: None,
                 what,
-            });
+            };
+            return (Some(f), false);
         }
     };
     let hash = *blake3::hash(&bytes).as_bytes();
     if cache.knows(&hash) {
-        return None;
+        return (None, false);
     }
     let cmd = format!(
         "exec {} -d display_errors=stderr -d error_reporting=-1 -l \"$SCAP_LINT_FILE\"",
         shell_word(php)
     );
     let env = [("SCAP_LINT_FILE", path.display().to_string())];
-    match crate::hooks::run(&cmd, &env, LINT_TIMEOUT, &Cancel::new()) {
+    let failure = match crate::hooks::run(&cmd, &env, LINT_TIMEOUT, &Cancel::new()) {
         Ok(()) => {
             cache.add(hash);
             None
@@ -176,7 +179,8 @@ fn lint_one(php: &str, root: &Path, rel: &str, cache: &LintCache) -> Option<Fail
                 },
             })
         }
-    }
+    };
+    (failure, true)
 }
 
 /// The line and message of `php -l`'s complaint: "PHP Parse error:
@@ -219,16 +223,18 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| e.to_string())
 }
 
-/// `php -l` of every file of `files` (relative to `root`), `jobs` at
-/// once. The failures, in the order of `files`.
+/// `php -l` of every file of `files` (relative to `root`) that did not
+/// pass before as it is, `jobs` at once. The failures, in the order of
+/// `files`, and how many files were linted.
 pub fn lint_php(
     php: &str,
     root: &Path,
     files: &[String],
     cache: &LintCache,
     jobs: usize,
-) -> Vec<Failure> {
+) -> (Vec<Failure>, usize) {
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let linted = std::sync::atomic::AtomicUsize::new(0);
     let found: Mutex<Vec<(usize, Failure)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs.clamp(1, 64).min(files.len().max(1)) {
@@ -236,7 +242,11 @@ pub fn lint_php(
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(rel) = files.get(i) else { break };
-                    if let Some(f) = lint_one(php, root, rel, cache) {
+                    let (failure, ran) = lint_one(php, root, rel, cache);
+                    if ran {
+                        linted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    if let Some(f) = failure {
                         found.lock().expect("not poisoned").push((i, f));
                     }
                 }
@@ -245,7 +255,8 @@ pub fn lint_php(
     });
     let mut found = found.into_inner().expect("not poisoned");
     found.sort_by_key(|(i, _)| *i);
-    found.into_iter().map(|(_, f)| f).collect()
+    let linted = linted.into_inner();
+    (found.into_iter().map(|(_, f)| f).collect(), linted)
 }
 
 /// Whether each of `files` (relative to `root`) is valid JSON.

@@ -56,7 +56,7 @@ impl Checks {
     /// sync-world's checks on `root` (the component's staging directory):
     /// `php -l` of the lint directories' PHP files, their JSON files and
     /// wikiversions.json parsed, and every branch wikiversions.json names
-    /// present in staging. Returns how many PHP files were linted (the
+    /// present in staging. Returns how many PHP files `php -l` read (the
     /// rest passed before, as they are).
     pub fn world(&self, root: &Path, cache: &LintCache) -> Result<usize, CheckError> {
         let bad = |what: String| CheckError {
@@ -68,7 +68,7 @@ impl Checks {
         };
         let php = checks::files_under(root, &self.lint, "php").map_err(bad)?;
         let mut json = checks::files_under(root, &self.lint, "json").map_err(bad)?;
-        let mut failures = checks::lint_php(&self.php, root, &php, cache, self.jobs);
+        let (mut failures, linted) = checks::lint_php(&self.php, root, &php, cache, self.jobs);
         if let Some(w) = &self.wikiversions
             && root.join(w).exists()
         {
@@ -84,7 +84,7 @@ impl Checks {
         }
         cache.save();
         if failures.is_empty() {
-            Ok(php.len())
+            Ok(linted)
         } else {
             Err(CheckError { failures })
         }
@@ -123,7 +123,7 @@ impl Checks {
         } else {
             (vec![], vec![])
         };
-        let mut failures = checks::lint_php(&self.php, root, &php, cache, self.jobs);
+        let (mut failures, _) = checks::lint_php(&self.php, root, &php, cache, self.jobs);
         failures.extend(checks::check_json(root, &json));
         if failures.is_empty()
             && let Some(w) = self.touches_wikiversions(path)
@@ -239,6 +239,11 @@ pub struct Prepared {
     pub linted: usize,
     pub steps: Vec<steps::StepRun>,
     pub build: BuildReport,
+    /// Seconds spent on the checks, the build steps, and all of it
+    /// (build included).
+    pub check_seconds: f64,
+    pub step_seconds: f64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,13 +269,17 @@ pub fn prepare(w: &World<'_>, say: &mut dyn FnMut(String)) -> Result<Prepared, W
         .iter()
         .find(|c| c.name.to_string() == w.checks.component)
         .ok_or_else(|| WorldError::NoComponent(w.checks.component.clone()))?;
+    let started = std::time::Instant::now();
     let cache = LintCache::open(Some(&w.store.cache_dir()), &w.checks.php);
     let linted = w.checks.world(&component.path, &cache)?;
+    let check_seconds = started.elapsed().as_secs_f64();
     say(format!(
         "checks passed: php -l of {linted} changed PHP file(s) in {}, JSON and wikiversions",
         w.checks.lint.join(", ")
     ));
+    let steps_started = std::time::Instant::now();
     let runs = steps::run(w.store, &w.steps, &mut |r| say(r.to_string()))?;
+    let step_seconds = steps_started.elapsed().as_secs_f64();
     let label = w.label.clone().or_else(|| {
         let file = w.checks.wikiversions.as_ref()?;
         train_of(&std::fs::read(component.path.join(file)).ok()?)
@@ -294,6 +303,9 @@ pub fn prepare(w: &World<'_>, say: &mut dyn FnMut(String)) -> Result<Prepared, W
         linted,
         steps: runs,
         build: report,
+        check_seconds,
+        step_seconds,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 

@@ -14,8 +14,8 @@
 //!   longer has them all (gc), the step runs.
 //!
 //! A step that runs must finish within its timeout, exit 0, write every
-//! output it declares, and change nothing else in its component (compared
-//! by stat before and after): otherwise the deploy stops there, with the
+//! output it declares, and change nothing else its component deploys
+//! (compared by stat before and after; excluded paths may change): otherwise the deploy stops there, with the
 //! step's output, before anything is built. Files matched by `inputs` are
 //! hashed again only when their stat changed since the last key.
 //!
@@ -122,6 +122,14 @@ pub enum StepError {
         "build step {name} did not write its output {path}: fix the step or its outputs in scap.toml"
     )]
     NoOutput { name: String, path: String },
+    #[error(
+        "build step {name}: {path} is a symlink, on the way to its output {output}: scap writes and reads a step's outputs only through real directories; make it a directory"
+    )]
+    Symlink {
+        name: String,
+        path: PathBuf,
+        output: String,
+    },
     #[error("build step {name}: {path}: {source}")]
     Io {
         name: String,
@@ -596,6 +604,31 @@ fn outputs_in_place(inst: &Instance<'_>, e: &Entry) -> Result<bool, StepError> {
     Ok(output_stamps(inst)? == e.stamps)
 }
 
+/// Refuses an output below a symlink (a directory of the component
+/// replaced by a link, say to /etc): its outputs are read and written only
+/// through real directories of the component.
+fn check_parents(inst: &Instance<'_>) -> Result<(), StepError> {
+    let root = &inst.step.component.path;
+    for o in &inst.outputs {
+        let mut at = root.clone();
+        let parts: Vec<&str> = o.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(StepError::Symlink {
+                        name: inst.shown(),
+                        path: at,
+                        output: o.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes a run's outputs back from the store; false (nothing touched)
 /// if the store no longer has all of them.
 fn restore(
@@ -617,6 +650,7 @@ fn restore(
         }
         contents.push((rel.clone(), entry.content.clone()));
     }
+    check_parents(inst)?;
     let root = &inst.step.component.path;
     for (rel, content) in &contents {
         put_back(store, inst, &root.join(rel), content)?;
@@ -676,8 +710,11 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
 fn run_one(store: &Store, inst: &Instance<'_>, entry_path: &Path) -> Result<(), StepError> {
     let root = &inst.step.component.path;
     let started = Instant::now();
+    // Its outputs, and what the component excludes (never deployed), may
+    // change; nothing else.
     let outputs = inst.outputs.clone();
-    let skip = move |rel: &str| in_outputs(&outputs, rel);
+    let exclude = inst.step.component.exclude.clone();
+    let skip = move |rel: &str| in_outputs(&outputs, rel) || exclude.is_match(rel);
     let mut before = BTreeMap::new();
     stamps_under(root, "", &skip, &mut before).map_err(inst.io(root))?;
     let workdir = match &inst.dir {
@@ -730,6 +767,7 @@ fn run_one(store: &Store, inst: &Instance<'_>, entry_path: &Path) -> Result<(), 
             paths,
         });
     }
+    check_parents(inst)?;
     for o in &inst.outputs {
         if std::fs::symlink_metadata(root.join(o)).is_err() {
             return Err(StepError::NoOutput {
@@ -761,6 +799,17 @@ fn run_one(store: &Store, inst: &Instance<'_>, entry_path: &Path) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_mediawiki_steps_are_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mediawiki/scap.toml");
+        let cfg = ConfigFile::load(&path).unwrap();
+        let components = crate::config::components(&cfg, &[], &[]).unwrap();
+        let steps = from_config(&cfg, &components).unwrap();
+        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["wikiversions", "l10n", "gitinfo"]);
+        assert!(cfg.announce.is_some() && cfg.checks.is_some() && cfg.restarts.is_some());
+    }
 
     #[test]
     fn glob_bases_and_outputs() {

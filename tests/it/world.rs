@@ -507,7 +507,16 @@ fn a_build_step_that_fails_hangs_or_writes_elsewhere_stops_the_deploy() {
             "build step lazy did not write its output never",
             "",
         ),
+        (
+            "[[build]]\nname = \"linked\"\ncommand = \"mkdir -p linkdir/out && echo y > linkdir/out/y\"\noutputs = [\"linkdir/out\"]\n",
+            "linkdir is a symlink, on the way to its output linkdir/out",
+            "only through real directories",
+        ),
     ];
+    // A directory of staging replaced by a link to somewhere else.
+    let elsewhere = fleet.env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, staging(&fleet).join("linkdir")).unwrap();
     for (step, says, also) in cases {
         config(&fleet, "", step);
         let out = sync_world(&fleet, "steps", &[]);
@@ -520,6 +529,7 @@ fn a_build_step_that_fails_hangs_or_writes_elsewhere_stops_the_deploy() {
         let _ = fs::remove_file(staging(&fleet).join("wmf-config/stray.php"));
         let _ = fs::remove_dir_all(staging(&fleet).join("out"));
     }
+    fs::remove_file(staging(&fleet).join("linkdir")).unwrap();
     // The announce relay failing or hanging never stops a deploy.
     for relay in ["exit 7", "sleep 60"] {
         config(&fleet, "", "");
@@ -758,6 +768,9 @@ fn locks_name_their_holder_and_authors_are_real_users() {
     ok(&sync("bob"));
     // The global lock stops deploys of any store on this host.
     ok(&lock("carol", &["--all", "datacenter switchover"]));
+    let held = fleet.status()["held"].clone();
+    assert_eq!(held[0]["user"], "carol", "{held}");
+    assert_eq!(held[0]["global"], true, "{held}");
     let shown = ok_out(&lock("bob", &[]));
     assert!(
         shown.contains("carol") && shown.contains("datacenter switchover"),
