@@ -208,6 +208,34 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
     })
 }
 
+/// Tells the service manager `state` (`"READY=1"`, `"STOPPING=1"`, with
+/// `STATUS=...` lines) when it asked to be told (`Type=notify` units set
+/// `$NOTIFY_SOCKET`: a socket path, or `@name` in the abstract namespace);
+/// nothing otherwise. A failure to tell is only logged: systemd then
+/// times the start out, which is its own report.
+pub fn notify(state: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)
+        }
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot tell the service manager {state:?} at $NOTIFY_SOCKET: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,12 +175,21 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             transport.scheme()
         );
         std::io::stdout().flush()?;
+        crate::sys::notify(&format!(
+            "READY=1\nSTATUS=serving {} on {}://{addr}",
+            ctx.store_path.display(),
+            transport.scheme()
+        ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let dash_task = tokio::spawn(server::serve(dash, dashboard, async move {
             let mut rx = stop_rx;
             let _ = rx.changed().await;
         }));
-        server::serve(main, app, server::shutdown_signal()).await?;
+        server::serve(main, app, async {
+            server::shutdown_signal().await;
+            crate::sys::notify("STOPPING=1");
+        })
+        .await?;
         let _ = stop_tx.send(true);
         let _ = dash_task.await;
         eprintln!("scap serve: stopped");
@@ -355,7 +364,16 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
             let mut rx = stop_rx;
             let _ = rx.changed().await;
         }));
-        server::serve(listener, app, server::shutdown_signal()).await?;
+        // Both listeners take connections from here on.
+        crate::sys::notify(&format!(
+            "READY=1\nSTATUS=host {host} listening on {}://{addr}",
+            transport.scheme()
+        ));
+        server::serve(listener, app, async {
+            server::shutdown_signal().await;
+            crate::sys::notify("STOPPING=1");
+        })
+        .await?;
         let _ = stop_tx.send(true);
         let _ = local_task.await;
         let _ = std::fs::remove_file(&socket);

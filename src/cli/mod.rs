@@ -7,6 +7,7 @@ mod ctx;
 mod demo;
 mod fleet_args;
 pub(crate) mod fleet_cmds;
+mod generate;
 mod host_cmds;
 mod keys;
 mod output;
@@ -98,6 +99,9 @@ pub enum Command {
     Pki(keys::PkiArgs),
     /// Show this host's state file
     State(host_cmds::StateArgs),
+    /// Man pages and shell completions, for packaging
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
     /// Run the built-in sample: build versions of a generated tree, diff them, roll one out to a local fleet
     #[cfg(feature = "dev")]
     Demo(demo::DemoArgs),
@@ -180,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sign(a) => keys::sign(&ctx, a),
         Command::Pki(a) => keys::pki(a),
         Command::State(a) => host_cmds::state(a),
+        Command::Generate(a) => generate::generate(a),
         #[cfg(feature = "dev")]
         Command::Demo(a) => demo::demo(a),
     }

@@ -26,6 +26,9 @@
 //! - `fuzz_corpora`: the fuzz targets' corpora, replayed.
 //! - `inspect`: ls, cat, log, resolve, labels.
 //! - `integrity`: verify, gc, crashes, a full disk.
+//! - `package`: the Debian package built, installed with dpkg, its units
+//!   verified by systemd-analyze, its man pages and completions loaded,
+//!   purged without touching a store.
 //! - `production`: the load balancer's pools in a real etcd (per-cluster
 //!   shares, depooled hosts), batched restarts watched on etcd, gates that
 //!   read a real Prometheus.
@@ -54,6 +57,7 @@ mod inspect;
 mod integrity;
 mod manifest;
 mod names;
+mod package;
 mod production;
 mod share;
 mod support;

@@ -1,0 +1,190 @@
+//! The Debian package (`scripts/deb`): built from the tested binary,
+//! installed with dpkg on this machine, its units verified by systemd, its
+//! man pages rendered, its completions loaded, then purged, leaving
+//! nothing behind and never touching a store.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::*;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn the_package_installs_verifies_and_purges_cleanly() {
+    require_root("dpkg -i installs into /usr/bin and /lib/systemd");
+    for (p, pkg) in [
+        ("/usr/bin/dpkg-deb", "dpkg"),
+        ("/usr/bin/systemd-analyze", "systemd"),
+        ("/usr/bin/man", "man-db"),
+        ("/usr/bin/groff", "groff-base"),
+    ] {
+        require_program(p, pkg);
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deb = run(Command::new(root.join("scripts/deb"))
+        .env("SCAP_BIN", SCAP)
+        .env("SCAP_DEB_OUT", out_dir.path()));
+    let deb = out_dir.path().join(
+        Path::new(deb.lines().last().unwrap().trim())
+            .file_name()
+            .unwrap(),
+    );
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    for f in [
+        "./usr/bin/scap",
+        "./lib/systemd/system/scap-agent.service",
+        "./lib/systemd/system/scap-serve.service",
+        "./etc/scap/scap.toml",
+        "./etc/default/scap-agent",
+        "./usr/share/man/man1/scap.1.gz",
+        "./usr/share/man/man1/scap-sync-world.1.gz",
+        "./usr/share/man/man1/scap-agent.1.gz",
+        "./usr/share/bash-completion/completions/scap",
+        "./usr/share/zsh/vendor-completions/_scap",
+    ] {
+        assert!(contents.contains(f), "{f} in:\n{contents}");
+    }
+    // A store that exists before the package must come out untouched.
+    let store = Path::new("/srv/deployment/scap/store");
+    let had_store = store.exists();
+    let _ = Command::new("dpkg").args(["--purge", "scap"]).output();
+    run(Command::new("dpkg").arg("-i").arg(&deb));
+    let cleanup = Purge;
+    assert!(run(Command::new("getent").args(["passwd", "scap"])).starts_with("scap:"));
+    assert!(Path::new("/var/lib/scap").is_dir());
+    assert!(store.is_dir());
+    // The units as systemd reads them.
+    run(Command::new("systemd-analyze").args([
+        "verify",
+        "/lib/systemd/system/scap-agent.service",
+        "/lib/systemd/system/scap-serve.service",
+    ]));
+    // The installed binary, its pages and its completions.
+    assert!(run(Command::new("/usr/bin/scap").arg("--version")).starts_with("scap "));
+    let page = run(Command::new("man")
+        .args(["-l", "/usr/share/man/man1/scap-sync-world.1.gz"])
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100"));
+    assert!(
+        page.contains("sync-world") && page.contains("--label"),
+        "{page}"
+    );
+    let loaded = run(Command::new("bash").args([
+        "-c",
+        "source /usr/share/bash-completion/completions/scap && complete -p scap",
+    ]));
+    assert!(loaded.contains("scap"), "{loaded}");
+    // Something the store holds must survive the purge.
+    fs::write(store.join("keep-me"), "a store's content").unwrap();
+    drop(cleanup);
+    assert!(!Path::new("/usr/bin/scap").exists());
+    assert!(!Path::new("/lib/systemd/system/scap-agent.service").exists());
+    assert!(!Path::new("/etc/scap").exists());
+    assert!(
+        Command::new("getent")
+            .args(["passwd", "scap"])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty()
+    );
+    assert_eq!(
+        fs::read_to_string(store.join("keep-me")).unwrap(),
+        "a store's content"
+    );
+    fs::remove_file(store.join("keep-me")).unwrap();
+    if !had_store {
+        let _ = fs::remove_dir(store);
+        let _ = fs::remove_dir("/srv/deployment/scap");
+        let _ = fs::remove_dir("/srv/deployment");
+    }
+}
+
+/// Purges the package when dropped, even if the test fails.
+struct Purge;
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "scap"]).output();
+    }
+}
+
+#[test]
+fn scap_serve_and_the_agent_tell_systemd_they_are_ready_once_listening() {
+    use std::os::unix::net::UnixDatagram;
+    let mut fleet = Fleet::start(0);
+    let mw = fleet.env.path("mw");
+    write(&mw, "index.php", b"<?php\n");
+    fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let sock_path = fleet.env.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // scap serve: READY once it listens, STOPPING on SIGTERM.
+    let mut cmd = fleet.serve_command(Command::new(SCAP), &fleet.env.store.clone(), &[]);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    let mut serve = Proc::start(cmd);
+    let ready = recv();
+    assert!(ready.starts_with("READY=1\nSTATUS=serving "), "{ready}");
+    let url = serve.url.clone();
+    let code = fleet
+        .http
+        .get(format!("{url}/v1/versions"))
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_ne!(code, 0, "listening when it said it was ready");
+    let pid = serve.child.id() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert_eq!(recv(), "STOPPING=1");
+    serve.kill();
+    // The agent: READY with its host name once both listeners take
+    // connections (an abstract socket name, as systemd may give).
+    let abstract_name = format!("scap-test-notify-{}", std::process::id());
+    let abs = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        UnixDatagram::bind_addr(&addr).unwrap()
+    };
+    abs.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let dir = fleet.env.path("hosts/mw1001");
+    let mut cmd = fleet.agent_command(Command::new(SCAP), "mw1001", &dir, "127.0.0.1:0", &[], &[]);
+    cmd.env("NOTIFY_SOCKET", format!("@{abstract_name}"));
+    let _agent = Proc::start(cmd);
+    let mut buf = [0u8; 4096];
+    let n = abs.recv(&mut buf).expect("the agent's READY within 30 s");
+    let ready = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=host mw1001 listening on https://127.0.0.1:"),
+        "{ready}"
+    );
+    assert!(
+        dir.join("agent.sock").exists(),
+        "the local socket is there once ready"
+    );
+    let _ = &mut fleet;
+}
