@@ -149,26 +149,8 @@ fn start_fleet(n: usize) -> Fleet {
             .args(tls_flags(&pki, "server"))
             .args(SERVE_ON_LOOPBACK),
     );
-    println!("starting {n} agents ...");
-    let mut group = String::new();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let (child, url) = start_listening(
-            Command::new(SCAP)
-                .args(["agent", "--listen", "127.0.0.1:0", "--host"])
-                .arg(format!("mw{}", 1000 + i))
-                .arg("--trusted-key")
-                .arg(pki.join("deploy.pub"))
-                .args(tls_flags(&pki, "agent"))
-                .arg("--dir")
-                .arg(dir.join(format!("hosts/mw{}", 1000 + i))),
-        );
-        group.push_str(url.split("://").nth(1).unwrap());
-        group.push('\n');
-        agents.push(child);
-    }
     let group_file = dir.join("mediawiki-installation");
-    std::fs::write(&group_file, group).unwrap();
+    let agents = start_agents(n, &pki, &dir, &group_file);
     Fleet {
         dir,
         store,

@@ -27,13 +27,7 @@ use std::time::Instant;
 
 use common::*;
 
-const COMPILE: &str = r#"<?php
-$root = dirname(__DIR__);
-$map = json_decode(file_get_contents("$root/wikiversions.json"), true);
-if (!is_array($map)) { fwrite(STDERR, "wikiversions.json: not an object\n"); exit(1); }
-file_put_contents("$root/wikiversions.php.tmp", '<?php return ' . var_export($map, true) . ";\n");
-rename("$root/wikiversions.php.tmp", "$root/wikiversions.php");
-"#;
+const COMPILE: &str = include_str!("../tests/fixtures/compile-wikiversions.php");
 
 const L10N: &str = r#"<?php
 $branch = getcwd();
@@ -176,26 +170,8 @@ timeout = "30m"
             .args(tls_flags(&pki, "server"))
             .args(SERVE_ON_LOOPBACK),
     );
-    println!("starting {n} agents ...");
-    let mut group = String::new();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let (child, url) = start_listening(
-            Command::new(SCAP)
-                .args(["agent", "--listen", "127.0.0.1:0", "--host"])
-                .arg(format!("mw{}", 1000 + i))
-                .arg("--trusted-key")
-                .arg(pki.join("deploy.pub"))
-                .args(tls_flags(&pki, "agent"))
-                .arg("--dir")
-                .arg(dir.join(format!("hosts/mw{}", 1000 + i))),
-        );
-        group.push_str(url.split("://").nth(1).unwrap());
-        group.push('\n');
-        agents.push(child);
-    }
     let group_file = dir.join("group");
-    std::fs::write(&group_file, group).unwrap();
+    let agents = start_agents(n, &pki, &dir, &group_file);
     let fleet = Fleet {
         dir,
         store,

@@ -440,6 +440,32 @@ pub fn start_listening(cmd: &mut Command) -> (std::process::Child, String) {
     (child, url)
 }
 
+/// Starts `n` agents (`mw1000`, `mw1001`, ...) on 127.0.0.1 with the lab
+/// PKI in `pki`, each in `dir/hosts/NAME`, and writes a dsh group file of
+/// their addresses to `group`: the agents, in order.
+pub fn start_agents(n: usize, pki: &Path, dir: &Path, group: &Path) -> Vec<std::process::Child> {
+    println!("starting {n} agents ...");
+    let mut lines = String::new();
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let (child, url) = start_listening(
+            Command::new(SCAP)
+                .args(["agent", "--listen", "127.0.0.1:0", "--host"])
+                .arg(format!("mw{}", 1000 + i))
+                .arg("--trusted-key")
+                .arg(pki.join("deploy.pub"))
+                .args(tls_flags(pki, "agent"))
+                .arg("--dir")
+                .arg(dir.join(format!("hosts/mw{}", 1000 + i))),
+        );
+        lines.push_str(url.split("://").nth(1).unwrap());
+        lines.push('\n');
+        agents.push(child);
+    }
+    std::fs::write(group, lines).unwrap();
+    agents
+}
+
 /// Peak resident set of a running process, in KiB.
 pub fn vm_hwm(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

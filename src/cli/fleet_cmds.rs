@@ -206,6 +206,19 @@ fn announcer(
     Announcer::new(cfg, flag, what, message).map_err(anyhow::Error::msg)
 }
 
+/// [`announcer`], having said the start.
+fn announce_start(
+    ctx: &Ctx,
+    flag: Option<&str>,
+    what: &str,
+    message: &str,
+    dry_run: bool,
+) -> anyhow::Result<Announcer> {
+    let mut a = announcer(ctx, flag, what, message, dry_run)?;
+    said(a.start());
+    Ok(a)
+}
+
 /// Prints the warning of an announcement that was not sent.
 fn said(sent: Sent) {
     if let Some(w) = sent.warning() {
@@ -387,14 +400,13 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> anyhow::Result<i32> {
     let label = label_of(ctx, &version);
     let message = a.message.clone().unwrap_or_else(|| format!("sync {label}"));
     let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         "sync",
         &message,
         a.rollout.dry_run,
     )?;
-    said(ann.start());
     sync_version(
         ctx,
         &a.fleet,
@@ -521,14 +533,13 @@ pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
         ctx.signer(a.sign_key.as_deref())?
     };
     let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         "sync-world",
         &message,
         a.rollout.dry_run,
     )?;
-    said(ann.start());
     if a.rollout.dry_run {
         let component = components
             .iter()
@@ -647,14 +658,13 @@ fn resume_change(
             &pending.note
         }
     );
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         "sync --resume",
         &pending.message,
         a.rollout.dry_run,
     )?;
-    said(ann.start());
     roll_out_change(
         ctx, &a.fleet, &a.rollout, store, members, plan, &prepared, true, None, &ann,
     )
@@ -797,14 +807,13 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     let goal = Goal::one(record.version);
     let first = record.completed;
     let label = record.label.clone();
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         "sync --resume",
         a.message.as_deref().unwrap_or(&format!("sync {label}")),
         a.rollout.dry_run,
     )?;
-    said(ann.start());
     run_rollout(
         ctx,
         Run {
@@ -837,14 +846,13 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| "catch-up: hosts behind their target".into());
     let _lock = deploy_lock(ctx, a.rollout.dry_run, Some(&message))?;
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         "sync --catch-up",
         &message,
         a.rollout.dry_run,
     )?;
-    said(ann.start());
     let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run, None)?;
     let dir = fleet_dir(ctx);
     let desired = crate::fleet::desired::Desired::load(&dir)?;
@@ -1227,14 +1235,13 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     let check_trains = (a.component == checks.component
         && checks.touches_wikiversions(&a.path).is_some())
     .then_some(&in_trains as &crate::manifest::change::BaseCheck<'_>);
-    let mut ann = announcer(
+    let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
         what,
         &message,
         a.rollout.dry_run,
     )?;
-    said(ann.start());
 
     let agents = a.fleet.agents(ctx)?;
     let dir = fleet_dir(ctx);
@@ -1424,8 +1431,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| format!("rollback to {}", a.to));
     let _lock = deploy_lock(ctx, a.dry_run, Some(&message))?;
-    let mut ann = announcer(ctx, a.announce.as_deref(), "rollback", &message, a.dry_run)?;
-    said(ann.start());
+    let ann = announce_start(ctx, a.announce.as_deref(), "rollback", &message, a.dry_run)?;
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let procedure = Rollback {
@@ -1484,8 +1490,7 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| format!("promote {}", label_of(ctx, &version)));
     let _lock = deploy_lock(ctx, false, Some(&message))?;
-    let mut ann = announcer(ctx, a.announce.as_deref(), "promote", &message, false)?;
-    said(ann.start());
+    let ann = announce_start(ctx, a.announce.as_deref(), "promote", &message, false)?;
     let store = Store::open_deploy(&ctx.store_path).ok();
     let rt = runtime()?;
     let procedure = Promote {

@@ -159,29 +159,15 @@ impl Restarter<'_> {
                 }
             }
         }
-        for queue in queues.values() {
-            report
-                .not_restarted
-                .extend(queue.iter().map(|j| j.member.host.to_string()));
-        }
-        let most: Vec<String> = report
+        let most = report
             .most_at_once
             .iter()
             .map(|(c, n)| {
-                format!(
-                    "{} {n} of {}",
-                    if c.is_empty() { "(no cluster)" } else { c },
-                    self.cluster_hosts.get(c).copied().unwrap_or(0)
-                )
+                let all = self.cluster_hosts.get(c).copied().unwrap_or(0);
+                (c.clone(), format!("{n} of {all}"))
             })
-            .collect();
-        op.say(&format!(
-            "restarted {} host(s), {} failed; most at once: {}",
-            report.restarted.len(),
-            report.failed.len(),
-            most.join(", ")
-        ));
-        report
+            .collect::<Vec<_>>();
+        finish(op, report, &queues, "most at once", most)
     }
 
     /// With pools: depool, drain, restart, check, repool, batch by batch.
@@ -350,29 +336,12 @@ impl Restarter<'_> {
                 }
             }
         }
-        for queue in queues.values() {
-            report
-                .not_restarted
-                .extend(queue.iter().map(|j| j.member.host.to_string()));
-        }
-        let lows: Vec<String> = report
+        let lows = report
             .lowest_pooled
             .iter()
-            .map(|(c, s)| {
-                format!(
-                    "{} {}",
-                    if c.is_empty() { "(no cluster)" } else { c },
-                    super::rollout::pct(*s)
-                )
-            })
-            .collect();
-        op.say(&format!(
-            "restarted {} host(s), {} failed; lowest pooled share: {}",
-            report.restarted.len(),
-            report.failed.len(),
-            lows.join(", ")
-        ));
-        report
+            .map(|(c, s)| (c.clone(), super::rollout::pct(*s)))
+            .collect::<Vec<_>>();
+        finish(op, report, &queues, "lowest pooled share", lows)
     }
 
     /// Restarts each host and checks it serves its version.
@@ -416,4 +385,31 @@ impl Restarter<'_> {
             })
             .collect()
     }
+}
+
+/// The end of a run of restarts: the hosts left in `queues` are not
+/// restarted; says the totals and, per cluster, `what` (`per_cluster`).
+fn finish(
+    op: &mut dyn Operator,
+    mut report: RestartReport,
+    queues: &BTreeMap<String, Vec<Job>>,
+    what: &str,
+    per_cluster: Vec<(String, String)>,
+) -> RestartReport {
+    for queue in queues.values() {
+        report
+            .not_restarted
+            .extend(queue.iter().map(|j| j.member.host.to_string()));
+    }
+    let per_cluster: Vec<String> = per_cluster
+        .into_iter()
+        .map(|(c, v)| format!("{} {v}", if c.is_empty() { "(no cluster)" } else { &c }))
+        .collect();
+    op.say(&format!(
+        "restarted {} host(s), {} failed; {what}: {}",
+        report.restarted.len(),
+        report.failed.len(),
+        per_cluster.join(", ")
+    ));
+    report
 }

@@ -13,13 +13,7 @@ const PHP: &str = "/usr/bin/php";
 
 /// Compiles wikiversions.json into wikiversions.php (as multiversion's
 /// updateWikiversions does).
-const COMPILE: &str = r#"<?php
-$root = dirname(__DIR__);
-$map = json_decode(file_get_contents("$root/wikiversions.json"), true);
-if (!is_array($map)) { fwrite(STDERR, "wikiversions.json: not an object\n"); exit(1); }
-file_put_contents("$root/wikiversions.php.tmp", '<?php return ' . var_export($map, true) . ";\n");
-rename("$root/wikiversions.php.tmp", "$root/wikiversions.php");
-"#;
+const COMPILE: &str = include_str!("../fixtures/compile-wikiversions.php");
 
 /// A localisation cache rebuild: every language's messages as PHP.
 const L10N: &str = r#"<?php
@@ -156,20 +150,17 @@ fn announced(fleet: &Fleet) -> Vec<String> {
 
 /// `scap sync-world MESSAGE` to every host, batch mode, no gates.
 fn sync_world(fleet: &Fleet, message: &str, extra: &[&str]) -> Output {
+    batch(fleet, &[&["sync-world", message], extra].concat())
+}
+
+/// A fleet command over every host, batch mode, no gates: `args`, then
+/// the source, no wait, `--yes`.
+fn batch(fleet: &Fleet, args: &[&str]) -> Output {
     let source = fleet.source();
-    let mut args = vec![
-        "sync-world",
-        message,
-        "--source",
-        &source,
-        "--wait",
-        "0",
-        "--yes",
-    ];
-    args.extend(extra);
-    let args = ungated(&args);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    fleet.run(&args)
+    let mut all = args.to_vec();
+    all.extend(["--source", &source, "--wait", "0", "--yes"]);
+    let all = ungated(&all);
+    fleet.run(&all.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// An inventory naming every host as its agent calls itself (mw1001,
@@ -421,20 +412,9 @@ fn sync_world_checks_runs_build_steps_once_per_content_and_announces() {
     );
 
     // sync-file checks the same way, against staging and every train.
-    let out = fleet.run(
-        &ungated(&[
-            "sync-file",
-            "wikiversions.json",
-            "group0 to wmf.7",
-            "--source",
-            &fleet.source(),
-            "--yes",
-            "--wait",
-            "0",
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
+    let out = batch(
+        &fleet,
+        &["sync-file", "wikiversions.json", "group0 to wmf.7"],
     );
     assert!(!out.status.success());
     assert!(
@@ -452,20 +432,13 @@ fn sync_world_checks_runs_build_steps_once_per_content_and_announces() {
         "wmf-config/InitialiseSettings.php",
         b"<?php\n$wgConf = [\n",
     );
-    let out = fleet.run(
-        &ungated(&[
+    let out = batch(
+        &fleet,
+        &[
             "sync-file",
             "wmf-config/InitialiseSettings.php",
             "SWAT: broken",
-            "--source",
-            &fleet.source(),
-            "--yes",
-            "--wait",
-            "0",
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
+        ],
     );
     assert!(!out.status.success());
     let err = stderr(&out);
