@@ -37,6 +37,9 @@
 //!   knows the fleet.
 //! - `transport`: TLS and signed versions: every refusal, a key rotation,
 //!   a capture of the wire.
+//! - `upgrade`: the previous release's scap beside this one: mixed
+//!   agents under either controller, its store opened by this one, a
+//!   future store refused.
 //! - `world`: the MediaWiki work around a deploy with the real php:
 //!   sync-world's checks and build steps cached by content, sync-file's
 //!   checks, announcements, restarts without pools, locks, real authors.
@@ -64,4 +67,5 @@ mod support;
 mod trains;
 mod transport;
 mod trust;
+mod upgrade;
 mod world;

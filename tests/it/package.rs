@@ -188,3 +188,107 @@ fn scap_serve_and_the_agent_tell_systemd_they_are_ready_once_listening() {
     );
     let _ = &mut fleet;
 }
+
+/// What systemd waits, after SIGTERM, before it kills the agent: the
+/// shipped unit's `TimeoutStopSec`.
+fn unit_stop_timeout() -> std::time::Duration {
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd/scap-agent.service"),
+    )
+    .unwrap();
+    let secs: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("the unit sets TimeoutStopSec")
+        .trim()
+        .parse()
+        .expect("seconds");
+    std::time::Duration::from_secs(secs)
+}
+
+#[test]
+fn an_agent_stopped_mid_sync_leaves_its_host_on_one_version_within_the_unit_timeout() {
+    use std::time::{Duration, Instant};
+    let limit = unit_stop_timeout();
+    let mut fleet = Fleet::start(1);
+    let st = fleet.env.path("staging");
+    for (v, seed) in [("v1", 1u64), ("v2", 2)] {
+        for i in 0..150 {
+            write(
+                &st,
+                &format!("d{}/f{i}.php", i % 10),
+                &noise(2000, seed * 1000 + i),
+            );
+        }
+        write(&st, "VERSION", v.as_bytes());
+        fleet.env.build(&[("mediawiki", &st)], &[]);
+    }
+    let versions: Vec<String> = {
+        let log = fleet.env.ok(&["log", "--json"]);
+        let l: serde_json::Value = serde_json::from_str(&log).unwrap();
+        l.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["version"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (v2, v1) = (versions[0].clone(), versions[1].clone());
+    fleet.serve();
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    let mut x = 0x5eed_u64;
+    for round in 0..20 {
+        let target = if fleet.current(0).as_deref() == Some(v1.as_str()) {
+            v2.clone()
+        } else {
+            v1.clone()
+        };
+        let req = fleet
+            .request("POST", 0, "/v1/sync")
+            .json(&fleet.sync_body(&target, &[&fleet.source()]));
+        let t = std::thread::spawn(move || {
+            let _ = req.send();
+        });
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(x % 150));
+        // What systemctl stop does: SIGTERM to the agent, then wait.
+        let pid = fleet.hosts[0].proc.child.id() as i32;
+        let stopped = Instant::now();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let status = loop {
+            if let Some(s) = fleet.hosts[0].proc.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                stopped.elapsed() < limit,
+                "round {round}: the agent did not stop within the unit's {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.success(),
+            "round {round}: a stop is a clean exit: {status}"
+        );
+        t.join().unwrap();
+        fleet.restart(0);
+        let cur = fleet.current(0).expect("a version is live");
+        assert!(cur == v1 || cur == v2, "round {round}");
+        let want = if cur == v1 { "v1" } else { "v2" };
+        assert_eq!(
+            fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
+            want,
+            "round {round}"
+        );
+        let (_, d) = fleet.get(0, "/v1/verify");
+        assert_eq!(
+            d["changes"],
+            serde_json::json!([]),
+            "round {round}: the live tree is exactly {want}"
+        );
+    }
+}

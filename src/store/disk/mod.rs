@@ -77,7 +77,10 @@ pub enum StoreError {
         "{0}: not a scap store (no {MARKER} file): create one with `scap build-manifest`, or pass --store"
     )]
     NotAStore(PathBuf),
-    #[error("{path}: store format v{found}, this scap reads up to v{STORE_FORMAT}: upgrade scap")]
+    #[error(
+        "{path}: store format v{found}, this scap ({}) reads up to v{STORE_FORMAT}: upgrade scap on this host (deploy hosts first, then agents)",
+        env!("CARGO_PKG_VERSION")
+    )]
     NewerFormat { path: PathBuf, found: u32 },
     #[error(
         "{0}: this is an app server agent's store (role host), not a deploy host's: pass --store with the deploy host's store (or set SCAP_STORE)"
