@@ -171,9 +171,21 @@ impl Agents {
         if let Transport::Insecure { token } = &self.transport {
             req = req.bearer_auth(token.as_str());
         }
+        req = req.header(crate::proto::RELEASE_HEADER, crate::proto::RELEASE);
         let send = async {
             let resp = req.send().await.map_err(|e| describe(&name, &e, timeout))?;
             let status = resp.status();
+            let theirs = resp
+                .headers()
+                .get(crate::proto::RELEASE_HEADER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            if let Some(why) = crate::proto::release_mismatch(theirs.as_deref(), "controller") {
+                return Err(CallError::Http {
+                    host: name.clone(),
+                    status: 426,
+                    message: why.replace("this app server", &format!("host {name}")),
+                });
+            }
             let bytes = read_capped(resp, &name, timeout).await?;
             if status.is_success() {
                 Ok(bytes)

@@ -174,7 +174,22 @@ async fn gate(
     {
         return r;
     }
-    next.run(req).await
+    let theirs = req
+        .headers()
+        .get(crate::proto::RELEASE_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mut resp = match crate::proto::release_mismatch(theirs.as_deref(), "agent") {
+        Some(why) if need.is_some() => json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("host {}: {why}", st.agent.cfg.host),
+        ),
+        _ => next.run(req).await,
+    };
+    resp.headers_mut().insert(
+        crate::proto::RELEASE_HEADER,
+        axum::http::HeaderValue::from(crate::proto::RELEASE),
+    );
+    resp
 }
 
 fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {

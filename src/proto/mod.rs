@@ -91,6 +91,56 @@ pub struct Drift {
     pub changes: Vec<(char, String, String)>,
 }
 
+/// This release of scap, as a controller and an agent tell each other in
+/// the [`RELEASE_HEADER`] of every request and answer. One release apart
+/// work together (the newer side speaks the older protocol: every field a
+/// release adds is optional); further apart, the newer side refuses,
+/// saying which host to upgrade. A peer that sends no header is release 1,
+/// the last before the header.
+pub const RELEASE: u32 = 2;
+
+/// The HTTP header that carries [`RELEASE`].
+pub const RELEASE_HEADER: &str = "scap-release";
+
+/// Why a peer of release `theirs` (none: it sent no header) and this one
+/// cannot work together, from this side's view (`we_are`: "agent" or
+/// "controller"); `None` when they can. Says what to upgrade, in the
+/// upgrade order: deploy hosts (controllers) first, then agents.
+pub fn release_mismatch(theirs: Option<&str>, we_are: &str) -> Option<String> {
+    let theirs: u32 = match theirs {
+        None => 1,
+        Some(t) => match t.trim().parse() {
+            Ok(n) => n,
+            Err(_) => {
+                return Some(format!(
+                    "a {RELEASE_HEADER} header of {:?} is not a release number",
+                    crate::text::clip(t, 40)
+                ));
+            }
+        },
+    };
+    let upgrade_controller = (we_are == "agent" && theirs + 1 < RELEASE)
+        || (we_are == "controller" && theirs > RELEASE + 1);
+    let upgrade_agent = (we_are == "agent" && theirs > RELEASE + 1)
+        || (we_are == "controller" && theirs + 1 < RELEASE);
+    let (agent, controller) = if we_are == "agent" {
+        (RELEASE, theirs)
+    } else {
+        (theirs, RELEASE)
+    };
+    if upgrade_controller {
+        Some(format!(
+            "the agent runs scap release {agent} and the controller release {controller}, two or more apart: upgrade scap on the deploy host first (deploy hosts, then agents)"
+        ))
+    } else if upgrade_agent {
+        Some(format!(
+            "the agent runs scap release {agent} and the controller release {controller}, two or more apart: upgrade scap on this app server (agents may be one release behind the deploy host, no more)"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Largest agent answer the controller reads (a state file with its
 /// 100-event history is about 40 KB).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
@@ -382,6 +432,39 @@ pub struct ErrorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_release_apart_works_two_apart_names_what_to_upgrade() {
+        assert_eq!(
+            release_mismatch(None, "agent"),
+            None,
+            "release 1, the one before"
+        );
+        assert_eq!(release_mismatch(Some("2"), "controller"), None);
+        assert_eq!(release_mismatch(Some("3"), "agent"), None);
+        let old_controller = release_mismatch(Some("0"), "agent").unwrap();
+        assert!(
+            old_controller.contains("upgrade scap on the deploy host first"),
+            "{old_controller}"
+        );
+        let new_controller = release_mismatch(Some("4"), "agent").unwrap();
+        assert!(
+            new_controller.contains("upgrade scap on this app server"),
+            "{new_controller}"
+        );
+        let old_agent = release_mismatch(Some("0"), "controller").unwrap();
+        assert!(
+            old_agent.contains("upgrade scap on this app server"),
+            "{old_agent}"
+        );
+        let new_agent = release_mismatch(Some("9"), "controller").unwrap();
+        assert!(new_agent.contains("deploy host first"), "{new_agent}");
+        assert!(
+            release_mismatch(Some("x"), "agent")
+                .unwrap()
+                .contains("not a release number")
+        );
+    }
 
     #[test]
     fn rollback_targets_round_trip() {

@@ -152,6 +152,37 @@ fn old_and_new_agents_and_controllers_work_together() {
 }
 
 #[test]
+fn an_agent_two_releases_from_its_controller_refuses_naming_what_to_upgrade() {
+    let fleet = Fleet::start(1);
+    for (release, says) in [
+        ("0", "upgrade scap on the deploy host first"),
+        ("4", "upgrade scap on this app server"),
+    ] {
+        let resp = fleet
+            .request("POST", 0, "/v1/cancel")
+            .header("scap-release", release)
+            .json(&serde_json::json!({"by": "x"}))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 426, "release {release}");
+        assert_eq!(resp.headers()["scap-release"], "2");
+        let body = resp.text().unwrap();
+        assert!(
+            body.contains("host mw1001") && body.contains(says),
+            "{body}"
+        );
+    }
+    // One apart, or no header (the release before it existed): served.
+    for release in [Some("1"), Some("3"), None] {
+        let mut req = fleet.request("GET", 0, "/v1/state");
+        if let Some(r) = release {
+            req = req.header("scap-release", r);
+        }
+        assert_eq!(req.send().unwrap().status().as_u16(), 200, "{release:?}");
+    }
+}
+
+#[test]
 fn a_store_from_a_future_release_is_refused_naming_both_formats() {
     let env = Env::new();
     let mw = env.path("mw");
