@@ -121,14 +121,20 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SCAP_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .init();
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
+    // Under systemd, stderr goes to the journal (`$JOURNAL_STREAM`), which
+    // stamps each line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        subscriber.without_time().init();
+    } else {
+        subscriber.init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -467,6 +467,11 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
     switched: fn(&T) -> bool,
 ) -> Response {
     let cancel = Cancel::new();
+    // Every log line of the operation names the host and what it does
+    // (`op{host=mw1001 what="a sync of 3f9a1c2e4b5d by deploy1002"}`): one
+    // line per event, fields a journal can filter on.
+    let span = tracing::info_span!("op", host = %st.agent.cfg.host, what = %what);
+    let started = std::time::Instant::now();
     st.set_running(Some(Running {
         what,
         background,
@@ -479,7 +484,17 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
     let task = tokio::spawn(async move {
         let handle = tokio::runtime::Handle::current();
         let st3 = st2.clone();
-        let result = tokio::task::spawn_blocking(move || op(&st3.agent, &handle, &cancel)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
+            let r = op(&st3.agent, &handle, &cancel);
+            match &r {
+                Ok(_) => tracing::info!(seconds = started.elapsed().as_secs_f64(), "done"),
+                Err(e) if e.is_cancelled() => tracing::warn!("cancelled: {e}"),
+                Err(e) => tracing::warn!("failed: {e}"),
+            }
+            r
+        })
+        .await;
         // A rollback waiting gets the lock at once: the work after this
         // switch would only be cancelled by it.
         if let Ok(Ok(v)) = &result

@@ -292,3 +292,39 @@ fn an_agent_stopped_mid_sync_leaves_its_host_on_one_version_within_the_unit_time
         );
     }
 }
+
+#[test]
+fn under_the_journal_each_operation_logs_one_line_with_its_host_and_no_timestamp() {
+    let mut fleet = Fleet::start(1);
+    let mw = fleet.env.path("mw");
+    write(&mw, "index.php", b"<?php // v1\n");
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    // What the unit gives it: the journal on stderr, SCAP_LOG=info.
+    fleet.restart_logged(
+        0,
+        &[("JOURNAL_STREAM", "8:12345"), ("SCAP_LOG", "info")],
+        &log,
+    );
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    wait_for(10, "the agent's log line for the sync", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("done")
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("op{host=mw1001") && l.contains("done"))
+        .unwrap_or_else(|| panic!("no line for the sync in:\n{text}"));
+    assert!(
+        line.contains(&v1[..12]) || line.contains("a sync"),
+        "{line}"
+    );
+    assert!(
+        line.trim_start().starts_with("INFO"),
+        "no timestamp, the level first: {line}"
+    );
+    assert!(!line.contains('\u{1b}'), "no colour: {line}");
+}
