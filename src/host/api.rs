@@ -468,7 +468,7 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
 ) -> Response {
     let cancel = Cancel::new();
     // Every log line of the operation names the host and what it does
-    // (`op{host=mw1001 what="a sync of 3f9a1c2e4b5d by deploy1002"}`): one
+    // (`op{host=mw1001 what=a sync to 3f9a1c2e4b5d by deploy1002}`): one
     // line per event, fields a journal can filter on.
     let span = tracing::info_span!("op", host = %st.agent.cfg.host, what = %what);
     let started = std::time::Instant::now();

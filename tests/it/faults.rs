@@ -24,13 +24,6 @@ fn rounds() -> u64 {
         .unwrap_or(50)
 }
 
-fn rng(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
 /// Files outside every release that a tree tries to reach.
 fn outside(env: &Env) -> PathBuf {
     let o = env.path("outside");
@@ -156,11 +149,11 @@ fn hostile_trees_never_write_outside_the_release() {
             rm(n);
             let p = st.join(n);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
-            match rng(&mut x) % 5 {
+            match xorshift(&mut x) % 5 {
                 0 => {}
                 1 => write(&st, n, format!("round {round} {k}\n").as_bytes()),
                 2 => write_exec(&st, n, format!("#!/bin/sh\n# {round}\n").as_bytes()),
-                3 => symlink(&st, n, &targets[(rng(&mut x) % 4) as usize]),
+                3 => symlink(&st, n, &targets[(xorshift(&mut x) % 4) as usize]),
                 _ => write(&st, &format!("{n}/inner"), b"inside\n"),
             }
         }
@@ -951,34 +944,11 @@ fn agent_and_builder_killed_at_random_moments_repeatedly() {
     tree_of_files(&mw, 100, 15);
     for round in 0..rounds() {
         // The agent, killed somewhere in a sync.
-        let target = if fleet.current(0).as_deref() == Some(v1.as_str()) {
-            v2.clone()
-        } else {
-            v1.clone()
-        };
-        let req = fleet
-            .request("POST", 0, "/v1/sync")
-            .json(&fleet.sync_body(&target, &[&fleet.source()]));
-        let t = std::thread::spawn(move || {
-            let _ = req.send();
-        });
-        std::thread::sleep(Duration::from_millis(rng(&mut x) % 120));
+        let t = fleet.sync_in_flight(0, &v1, &v2);
+        std::thread::sleep(Duration::from_millis(xorshift(&mut x) % 120));
         fleet.restart(0);
         t.join().unwrap();
-        let cur = fleet.current(0).expect("a version is live");
-        let want = if cur == v1 { "v1" } else { "v2" };
-        assert!(cur == v1 || cur == v2, "round {round}");
-        assert_eq!(
-            fs::read_to_string(fleet.live(0, "mediawiki").join("VERSION")).unwrap(),
-            want,
-            "round {round}"
-        );
-        let (_, d) = fleet.get(0, "/v1/verify");
-        assert_eq!(
-            d["changes"],
-            json!([]),
-            "round {round}: live tree is exactly {want}"
-        );
+        fleet.assert_on_one_of(0, &[(&v1, "v1"), (&v2, "v2")], round);
         // The builder, killed somewhere in a build.
         write(
             &mw,
@@ -994,7 +964,7 @@ fn agent_and_builder_killed_at_random_moments_repeatedly() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng(&mut x) % 60));
+        std::thread::sleep(Duration::from_millis(xorshift(&mut x) % 60));
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -717,6 +717,57 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Starts a sync of host `i` to whichever of `a` and `b` it does not
+    /// run, in the background: the request in flight, for a test that
+    /// stops the agent somewhere in it.
+    pub fn sync_in_flight(&self, i: usize, a: &str, b: &str) -> std::thread::JoinHandle<()> {
+        let target = if self.current(i).as_deref() == Some(a) {
+            b
+        } else {
+            a
+        };
+        let req = self
+            .request("POST", i, "/v1/sync")
+            .json(&self.sync_body(target, &[&self.source()]));
+        std::thread::spawn(move || {
+            let _ = req.send();
+        })
+    }
+
+    /// Host `i` runs exactly one of `versions` (each with the content of
+    /// its tree's `VERSION` file): its state says so, its live tree's
+    /// `VERSION` agrees, and its live tree is that version's, file for
+    /// file (`/v1/verify`).
+    pub fn assert_on_one_of(&self, i: usize, versions: &[(&str, &str)], round: u64) {
+        let cur = self.current(i).expect("a version is live");
+        let (_, want) = versions
+            .iter()
+            .find(|(v, _)| *v == cur)
+            .unwrap_or_else(|| panic!("round {round}: host {i} runs {cur}, none of {versions:?}"));
+        assert_eq!(
+            fs::read_to_string(self.live(i, "mediawiki").join("VERSION")).unwrap(),
+            *want,
+            "round {round}"
+        );
+        let (_, d) = self.get(i, "/v1/verify");
+        assert_eq!(
+            d["changes"],
+            serde_json::json!([]),
+            "round {round}: the live tree is exactly {want}"
+        );
+    }
+}
+
+/// The next number of a xorshift sequence seeded by `*x`: the random
+/// moments of the fault tests, the same in every run.
+pub fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 /// `args` for a rollout that tests something other than the policy: with
 /// no share given, every host at once (`--canary 100%`), and with no gate
 /// given, `--force` (the default policy wants canary hosts, and gates
