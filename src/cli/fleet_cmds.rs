@@ -564,28 +564,7 @@ pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
     };
     let prepared = crate::world::prepare(&world, &mut |line| eprintln!("{} {line}", clock()))
         .map_err(|e| failed_before(&ann, e.into()))?;
-    eprintln!(
-        "{} built {}{}: {} files, {} read, {} new objects; prepared in {:.2}s (checks {:.2}s, {} build step(s) run in {:.2}s, build {:.2}s)",
-        clock(),
-        prepared.version.short(),
-        prepared
-            .label
-            .as_deref()
-            .map(|l| format!(" (train {l})"))
-            .unwrap_or_default(),
-        prepared.build.files,
-        prepared.build.hashed_files,
-        prepared.build.new_objects,
-        prepared.seconds,
-        prepared.check_seconds,
-        prepared
-            .steps
-            .iter()
-            .filter(|r| r.how == crate::world::steps::How::Ran)
-            .count(),
-        prepared.step_seconds,
-        prepared.build.seconds
-    );
+    eprintln!("{} {prepared}", clock());
     let version = prepared.version;
     let label = label_of(ctx, &version);
     sync_version(
@@ -1222,19 +1201,8 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     .expect("the flag names it");
     // Checked before anything is built: php -l, JSON, wikiversions.
     let checks = crate::world::Checks::from_config(&ctx.config);
-    let lint_cache = crate::world::checks::LintCache::open(Some(&store.cache_dir()), &checks.php);
-    checks.change(&component.path, &a.path, &lint_cache)?;
     let trains_now = trains(ctx);
-    let in_trains = |store: &Store, v: &VersionId| -> Vec<String> {
-        checks
-            .wikiversions_in(&component.path, store, v, &trains_now.name(v).to_string())
-            .iter()
-            .map(|f| f.to_string())
-            .collect()
-    };
-    let check_trains = (a.component == checks.component
-        && checks.touches_wikiversions(&a.path).is_some())
-    .then_some(&in_trains as &crate::manifest::change::BaseCheck<'_>);
+    let check_trains = checks.for_change(&store, &component, &a.path, &trains_now)?;
     let ann = announce_start(
         ctx,
         a.rollout.announce.as_deref(),
@@ -1265,7 +1233,7 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
                 author: by.clone(),
                 signer: signer.as_deref(),
                 dry_run: a.rollout.dry_run,
-                check: check_trains,
+                check: check_trains.as_deref(),
             },
             &mut op,
             &super::bar::Bar::default(),

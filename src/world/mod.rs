@@ -141,6 +141,33 @@ impl Checks {
         }
     }
 
+    /// sync-file's and sync-dir's checks of `path` of `component`, before
+    /// anything is built: [`Checks::change`] on staging now (lint results
+    /// remembered in `store`), and, when the change takes wikiversions.json
+    /// of the checked component, the check of each train it applies to
+    /// (named by `trains`), for `fleet::change::build` to run once it knows
+    /// the trains.
+    pub fn for_change<'a>(
+        &'a self,
+        store: &Store,
+        component: &'a Component,
+        path: &str,
+        trains: &'a crate::fleet::trains::Trains,
+    ) -> Result<Option<Box<crate::manifest::change::BaseCheck<'a>>>, CheckError> {
+        let cache = LintCache::open(Some(&store.cache_dir()), &self.php);
+        self.change(&component.path, path, &cache)?;
+        if component.name.to_string() != self.component || self.touches_wikiversions(path).is_none()
+        {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(move |store: &Store, v: &VersionId| {
+            self.wikiversions_in(&component.path, store, v, &trains.name(v).to_string())
+                .iter()
+                .map(|f| f.to_string())
+                .collect()
+        })))
+    }
+
     /// wikiversions.json, if a change of `path` takes it.
     pub fn touches_wikiversions(&self, path: &str) -> Option<&str> {
         let w = self.wikiversions.as_deref()?;
@@ -228,6 +255,33 @@ pub struct World<'a> {
     pub message: String,
     pub author: String,
     pub signer: Option<Arc<SigningKey>>,
+}
+
+impl std::fmt::Display for Prepared {
+    /// "built V (train T): N files, ...; prepared in X s (checks, steps,
+    /// build)": where a sync-world's time before the deploy went.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "built {}{}: {} files, {} read, {} new objects; prepared in {:.2}s (checks {:.2}s, {} build step(s) run in {:.2}s, build {:.2}s)",
+            self.version.short(),
+            self.label
+                .as_deref()
+                .map(|l| format!(" (train {l})"))
+                .unwrap_or_default(),
+            self.build.files,
+            self.build.hashed_files,
+            self.build.new_objects,
+            self.seconds,
+            self.check_seconds,
+            self.steps
+                .iter()
+                .filter(|r| r.how == steps::How::Ran)
+                .count(),
+            self.step_seconds,
+            self.build.seconds
+        )
+    }
 }
 
 /// What [`prepare`] did.
