@@ -41,12 +41,25 @@ pub enum ConfigError {
     },
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", unknown_key_hint(source))]
     Parse {
         path: PathBuf,
         #[source]
         source: Box<toml::de::Error>,
     },
+}
+
+/// What to do about a key this release does not know: after an upgrade it
+/// is most often one the other release had (or a typo).
+fn unknown_key_hint(e: &toml::de::Error) -> String {
+    if e.message().starts_with("unknown field") {
+        format!(
+            "scap {} has no such key: correct its spelling, or remove it if it belongs to another scap release (every key this release knows is in /usr/share/doc/scap/examples/scap.toml and the README)",
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// `scap.toml`, as written by users. Unknown keys are refused (toml names
@@ -465,5 +478,54 @@ mod tests {
             components(&cfg, &["a=/x".into()], &["a[".into()]),
             Err(ConfigError::BadGlob { .. })
         ));
+    }
+
+    #[test]
+    fn the_packaged_config_parses_with_its_examples_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/debian/scap.toml");
+        let as_shipped = ConfigFile::load(&path).unwrap();
+        assert!(as_shipped.store.is_none() && as_shipped.components.is_empty());
+        // Every commented setting (`#key = ...`, `#[table]`) must be valid
+        // when a user uncomments it.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let edited = dir.path().join("scap.toml");
+        std::fs::write(&edited, uncommented).unwrap();
+        let cfg = ConfigFile::load(&edited).unwrap();
+        assert_eq!(cfg.components.len(), 1);
+        assert!(cfg.tls.is_some() && cfg.sign_key.is_some());
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scap.toml");
+        std::fs::write(&path, "store = \"/srv/s\"\nretired_key = 1\n").unwrap();
+        let e = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:", path.display())), "{e}");
+        assert!(e.contains("line 2") && e.contains("retired_key"), "{e}");
+        assert!(
+            e.contains("has no such key") && e.contains("another scap release"),
+            "{e}"
+        );
+        // A key in a table too.
+        std::fs::write(&path, "[restarts]\nbatch = \"10%\"\nbatchsize = 3\n").unwrap();
+        let e = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("batchsize") && e.contains("has no such key"),
+            "{e}"
+        );
+        // Other errors get no such hint.
+        std::fs::write(&path, "store = [\n").unwrap();
+        let e = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(!e.contains("has no such key"), "{e}");
     }
 }

@@ -17,6 +17,10 @@ pub const DEFAULT_STORE: &str = "/srv/deployment/scap/store";
 
 /// Default agent directory on a host.
 pub const DEFAULT_AGENT_DIR: &str = "/var/lib/scap";
+/// The deploy host's configuration, read when neither `--config`
+/// (`$SCAP_CONFIG`) nor `./scap.toml` names one; the package installs it.
+pub const SYSTEM_CONFIG: &str = "/etc/scap/scap.toml";
+
 /// The agent's local socket, in its directory (`scap agent --socket`).
 pub const AGENT_SOCKET: &str = "agent.sock";
 
@@ -34,8 +38,9 @@ impl Ctx {
         transport_args: TransportArgs,
     ) -> anyhow::Result<Ctx> {
         let config_path = config.or_else(|| {
-            let local = PathBuf::from("scap.toml");
-            local.exists().then_some(local)
+            [PathBuf::from("scap.toml"), PathBuf::from(SYSTEM_CONFIG)]
+                .into_iter()
+                .find(|p| p.exists())
         });
         let config = match &config_path {
             Some(p) => ConfigFile::load(p)?,

@@ -1,4 +1,5 @@
-//! `scap demo` (the README's first command; built with `--features dev`).
+//! `scap demo` (the README's first command, and the installed package's
+//! smoke test: it needs nothing but the binary and 127.0.0.1).
 
 use std::path::PathBuf;
 use std::process::Command as Process;

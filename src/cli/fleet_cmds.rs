@@ -956,7 +956,9 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator, Age
         order_key,
         announcer: _,
     } = run;
-    let agents = fleet_args.ordering_agents(ctx, r.dry_run, order_key)?;
+    let agents = fleet_args
+        .ordering_agents(ctx, r.dry_run, order_key)?
+        .with_rollout(goal.rollout_id().or(record.as_ref().map(|r| r.id.as_str())));
     let rt = runtime()?;
     let interrupted = on_interrupt(&rt);
     let store = Store::open(&ctx.store_path).ok();

@@ -3,7 +3,6 @@
 
 mod bar;
 mod ctx;
-#[cfg(feature = "dev")]
 mod demo;
 mod fleet_args;
 pub(crate) mod fleet_cmds;
@@ -32,7 +31,7 @@ pub struct Cli {
     /// Store directory [default: scap.toml's `store`, else /srv/deployment/scap/store]
     #[arg(long, global = true, env = "SCAP_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Config file [default: ./scap.toml if present]
+    /// Config file [default: ./scap.toml if present, else /etc/scap/scap.toml if present]
     #[arg(long, global = true, env = "SCAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -103,7 +102,6 @@ pub enum Command {
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
     /// Run the built-in sample: build versions of a generated tree, diff them, roll one out to a local fleet
-    #[cfg(feature = "dev")]
     Demo(demo::DemoArgs),
 }
 
@@ -191,7 +189,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Pki(a) => keys::pki(a),
         Command::State(a) => host_cmds::state(a),
         Command::Generate(a) => generate::generate(a),
-        #[cfg(feature = "dev")]
         Command::Demo(a) => demo::demo(a),
     }
 }

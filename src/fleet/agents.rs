@@ -72,6 +72,9 @@ pub struct Agents {
     /// Each agent's own name (its `--host`, from its state), which its
     /// orders must name.
     names: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Host, String>>>,
+    /// The rollout or change these calls belong to, sent as
+    /// [`crate::proto::ROLLOUT_HEADER`] for the agents' logs.
+    rollout: Option<String>,
 }
 
 impl Agents {
@@ -88,7 +91,17 @@ impl Agents {
             op_timeout,
             orders: None,
             names: Default::default(),
+            rollout: None,
         })
+    }
+
+    /// Every call names rollout `id` (one that is not a valid ID, which
+    /// no record makes, is not sent).
+    pub fn with_rollout(mut self, id: Option<&str>) -> Agents {
+        self.rollout = id
+            .filter(|id| crate::proto::rollout_id_ok(id))
+            .map(str::to_string);
+        self
     }
 
     /// Every sync, stage and rollback to a version carries a deploy order
@@ -172,6 +185,9 @@ impl Agents {
             req = req.bearer_auth(token.as_str());
         }
         req = req.header(crate::proto::RELEASE_HEADER, crate::proto::RELEASE);
+        if let Some(id) = &self.rollout {
+            req = req.header(crate::proto::ROLLOUT_HEADER, id.as_str());
+        }
         let send = async {
             let resp = req.send().await.map_err(|e| describe(&name, &e, timeout))?;
             let status = resp.status();

@@ -133,6 +133,14 @@ impl Goal {
         Goal::One { version: v }
     }
 
+    /// A change's ID (a train's rollout is named by its record instead).
+    pub fn rollout_id(&self) -> Option<&str> {
+        match self {
+            Goal::One { .. } => None,
+            Goal::Change { id, .. } => Some(id),
+        }
+    }
+
     /// The version a host running `current` should go to, if any.
     pub fn target(&self, current: Option<VersionId>) -> Option<VersionId> {
         match self {

@@ -61,9 +61,10 @@ use crate::metrics::Exposition;
 use crate::net::server::Caller;
 use crate::proto::{
     CancelOutcome, CancelRequest, ErrorResponse, HealthResponse, MAX_REQUEST_BYTES, MAX_SOURCES,
-    PromoteRequest, PullOutcome, PullRequest, RestartRequest, RollbackRequest, StateResponse,
-    SyncRequest,
+    PromoteRequest, PullOutcome, PullRequest, RestartRequest, RollbackRequest, RollbackTarget,
+    StateResponse, SyncRequest,
 };
+use crate::store::VersionId;
 
 /// Who may do what on this agent.
 pub enum Auth {
@@ -155,6 +156,13 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
     (app, st)
 }
 
+tokio::task_local! {
+    /// The rollout the request being answered belongs to (the
+    /// controller's [`crate::proto::ROLLOUT_HEADER`]), for the operation's
+    /// log lines.
+    static ROLLOUT: Option<String>;
+}
+
 /// Who may make each request, checked in this one place, before anything
 /// else and before a body is read: a body is read only from a deployer,
 /// so nobody else can hold a connection busy by sending one slowly. A
@@ -178,12 +186,29 @@ async fn gate(
         .headers()
         .get(crate::proto::RELEASE_HEADER)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let rollout = match req.headers().get(crate::proto::ROLLOUT_HEADER) {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(id) if crate::proto::rollout_id_ok(id) => Some(id.to_string()),
+            _ => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "host {}: a {} header of {:?} is not a rollout ID (1 to 64 of A-Z a-z 0-9 . _ : -)",
+                        st.agent.cfg.host,
+                        crate::proto::ROLLOUT_HEADER,
+                        crate::text::clip(&String::from_utf8_lossy(v.as_bytes()), 80)
+                    ),
+                );
+            }
+        },
+    };
     let mut resp = match crate::proto::release_mismatch(theirs.as_deref(), "agent") {
         Some(why) if need.is_some() => json_error(
             StatusCode::UPGRADE_REQUIRED,
             format!("host {}: {why}", st.agent.cfg.host),
         ),
-        _ => next.run(req).await,
+        _ => ROLLOUT.scope(rollout, next.run(req)).await,
     };
     resp.headers_mut().insert(
         crate::proto::RELEASE_HEADER,
@@ -450,10 +475,11 @@ async fn run_op<T: serde::Serialize + Send + 'static>(
     st: Arc<AgentState>,
     guard: tokio::sync::OwnedMutexGuard<()>,
     what: String,
+    version: Option<VersionId>,
     op: impl FnOnce(&Agent, &tokio::runtime::Handle, &Cancel) -> Result<T, AgentError> + Send + 'static,
     switched: fn(&T) -> bool,
 ) -> Response {
-    run_op_as(st, guard, what, false, op, switched).await
+    run_op_as(st, guard, what, version, false, op, switched).await
 }
 
 /// [`run_op`], saying whether the operation is background work (staging):
@@ -462,6 +488,7 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
     st: Arc<AgentState>,
     guard: tokio::sync::OwnedMutexGuard<()>,
     what: String,
+    version: Option<VersionId>,
     background: bool,
     op: impl FnOnce(&Agent, &tokio::runtime::Handle, &Cancel) -> Result<T, AgentError> + Send + 'static,
     switched: fn(&T) -> bool,
@@ -470,7 +497,19 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
     // Every log line of the operation names the host and what it does
     // (`op{host=mw1001 what=a sync to 3f9a1c2e4b5d by deploy1002}`): one
     // line per event, fields a journal can filter on.
-    let span = tracing::info_span!("op", host = %st.agent.cfg.host, what = %what);
+    let span = tracing::info_span!(
+        "op",
+        host = %st.agent.cfg.host,
+        rollout = tracing::field::Empty,
+        version = tracing::field::Empty,
+        what = %what
+    );
+    if let Ok(Some(id)) = ROLLOUT.try_with(|r| r.clone()) {
+        span.record("rollout", tracing::field::display(&id));
+    }
+    if let Some(v) = version {
+        span.record("version", tracing::field::display(v));
+    }
     let started = std::time::Instant::now();
     st.set_running(Some(Running {
         what,
@@ -601,6 +640,7 @@ async fn sync(
         st,
         guard,
         what,
+        Some(req.version),
         move |agent, rt, cancel| agent.sync(&req, rt, cancel),
         |o| !o.noop,
     )
@@ -663,6 +703,10 @@ async fn rollback(
         st,
         guard,
         what,
+        match req.to {
+            RollbackTarget::Version(v) => Some(v),
+            _ => None,
+        },
         move |agent, rt, cancel| agent.rollback(&req, rt, cancel),
         |o| !o.noop,
     )
@@ -692,6 +736,7 @@ async fn stage(
         st,
         guard,
         what,
+        Some(req.version),
         true,
         move |agent, rt, cancel| agent.stage(&req, rt, cancel),
         |_| false,
@@ -720,6 +765,7 @@ async fn restart(
         st,
         guard,
         format!("a restart by {by}"),
+        None,
         move |agent, _, cancel| agent.restart(&by, cancel),
         |_| false,
     )
@@ -747,6 +793,7 @@ async fn pull(
         st,
         guard,
         format!("a pull by {by}"),
+        None,
         move |agent, rt, cancel| pull_now(agent, &by, rt, cancel),
         |o| o.outcome.as_ref().is_some_and(|o| !o.noop),
     )
@@ -925,6 +972,7 @@ async fn promote(
         st,
         guard,
         what,
+        Some(req.version),
         move |agent, _, _| agent.promote(&req.version, &req.by),
         |_| false,
     )

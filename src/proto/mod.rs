@@ -102,6 +102,23 @@ pub const RELEASE: u32 = 2;
 /// The HTTP header that carries [`RELEASE`].
 pub const RELEASE_HEADER: &str = "scap-release";
 
+/// The HTTP header a controller sends with every request of a rollout or
+/// change: its ID (`20261207T101500Z-3f9a1c2e4b5d`), which the agent puts
+/// on each log line of the operation, so a journal search for one ID
+/// finds what every host did for it. Optional: an older controller sends
+/// none.
+pub const ROLLOUT_HEADER: &str = "scap-rollout";
+
+/// Whether `id` may be a [`ROLLOUT_HEADER`]: 1 to 64 of `[A-Za-z0-9._:-]`,
+/// so that it is one token in a log line.
+pub fn rollout_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Why a peer of release `theirs` (none: it sent no header) and this one
 /// cannot work together, from this side's view (`we_are`: "agent" or
 /// "controller"); `None` when they can. Says what to upgrade, in the

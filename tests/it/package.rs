@@ -82,6 +82,34 @@ fn the_package_installs_verifies_and_purges_cleanly() {
         page.contains("sync-world") && page.contains("--label"),
         "{page}"
     );
+    // The installed binary runs the README's demo: a PKI, signed versions,
+    // a local fleet over TLS, a rollout and a rollback.
+    let work = tempfile::tempdir().unwrap();
+    let demo = run(Command::new("/usr/bin/scap")
+        .args(["demo", "--hosts", "4", "--files", "300"])
+        .current_dir(work.path()));
+    assert!(demo.contains("Done. Versions are Merkle roots"), "{demo}");
+    // The installed scap.toml with a key this release does not know (one
+    // from another release, a typo) is refused by name, with the file and
+    // what to do. It is copied to the working directory, which is read
+    // before /etc/scap (tests running beside this one read /etc/scap).
+    let cfg = fs::read_to_string("/etc/scap/scap.toml").unwrap();
+    fs::write(
+        work.path().join("scap.toml"),
+        cfg + "\nretired_key = true\n",
+    )
+    .unwrap();
+    let out = Command::new("/usr/bin/scap")
+        .args(["log"])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("scap.toml") && err.contains("retired_key") && err.contains("has no such key"),
+        "{err}"
+    );
     let loaded = run(Command::new("bash").args([
         "-c",
         "source /usr/share/bash-completion/completions/scap && complete -p scap",
@@ -293,4 +321,41 @@ fn under_the_journal_each_operation_logs_one_line_with_its_host_and_no_timestamp
         "no timestamp, the level first: {line}"
     );
     assert!(!line.contains('\u{1b}'), "no colour: {line}");
+    assert!(line.contains(&format!("version={v1}")), "{line}");
+    // A rollout's calls carry its ID: one journal search finds what every
+    // host did for it.
+    write(&mw, "index.php", b"<?php // v2\n");
+    let v2 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    ok(&fleet.rollout(&v2, &[]));
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(fleet.env.store.join("fleet/rollout.json")).unwrap())
+            .unwrap();
+    let id = record["id"].as_str().unwrap().to_string();
+    assert!(id.ends_with(&v2[..12]), "{id}");
+    wait_for(10, "the agent's log line for the rollout", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!("rollout={id}"))
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("rollout={id}")) && l.contains("done"))
+        .unwrap_or_else(|| panic!("no line for rollout {id} in:\n{text}"));
+    assert!(
+        line.contains(&format!("version={v2}")) && line.contains("op{host=mw1001"),
+        "{line}"
+    );
+    // A header that is not an ID is refused, naming it.
+    let (status, body) = {
+        let r = fleet
+            .request("POST", 0, "/v1/sync")
+            .header("scap-rollout", "x y")
+            .json(&fleet.sync_body(&v1, &[]))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("scap-rollout"), "{body}");
 }
