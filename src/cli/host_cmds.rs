@@ -262,6 +262,11 @@ pub struct AgentArgs {
     /// lacks for this long (stalled, or streaming the same data forever): 30s, 2m
     #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
     source_stall_timeout: Duration,
+    /// On SIGTERM, how long the operation in flight may take to finish (so that a
+    /// restart or an upgrade falls between two syncs) before it is cancelled at its
+    /// next safe point: keep it under the unit's TimeoutStopSec (90s)
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    stop_grace: Duration,
     /// The local socket `scap pull` on this host reaches the agent by (mode 0600:
     /// root only) [default: DIR/agent.sock]
     #[arg(long, value_name = "PATH")]
@@ -355,7 +360,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
             transport.scheme()
         );
         std::io::stdout().flush()?;
-        tokio::spawn(crate::host::api::at_start(state));
+        tokio::spawn(crate::host::api::at_start(state.clone()));
         let socket = a.socket.clone().unwrap_or_else(|| a.dir.join(AGENT_SOCKET));
         let local = crate::net::tls::Listener::unix(&socket)
             .with_context(|| format!("--socket {}: cannot listen there", socket.display()))?;
@@ -369,11 +374,27 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
             "READY=1\nSTATUS=host {host} listening on {}://{addr}",
             transport.scheme()
         ));
-        server::serve(listener, app, async {
-            server::shutdown_signal().await;
-            crate::sys::notify("STOPPING=1");
-        })
+        // SIGTERM: no new connection, no new operation; the one in flight
+        // finishes within --stop-grace (or is cancelled), and its answer
+        // still reaches the controller.
+        let grace = a.stop_grace;
+        let (stop_task_tx, stop_task) = tokio::sync::oneshot::channel();
+        server::serve_with_grace(
+            listener,
+            app,
+            async move {
+                server::shutdown_signal().await;
+                crate::sys::notify("STOPPING=1");
+                tracing::info!("stopping (SIGTERM)");
+                let _ = stop_task_tx.send(tokio::spawn(async move { state.stop(grace).await }));
+            },
+            grace + Duration::from_secs(5),
+        )
         .await?;
+        // Also what runs with no client waiting (a pull at start).
+        if let Ok(stop) = stop_task.await {
+            let _ = stop.await;
+        }
         let _ = stop_tx.send(true);
         let _ = local_task.await;
         let _ = std::fs::remove_file(&socket);

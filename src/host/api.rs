@@ -119,6 +119,8 @@ pub struct AgentState {
     rollbacks_waiting: AtomicUsize,
     /// Drift checks re-hash the whole live tree: one at a time.
     verify_gate: Arc<tokio::sync::Semaphore>,
+    /// Set on SIGTERM ([`AgentState::stop`]): changing requests get 503.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -137,6 +139,7 @@ pub fn router(agent: Agent, auth: Auth) -> (Router, Arc<AgentState>) {
         running: std::sync::Mutex::new(None),
         rollbacks_waiting: AtomicUsize::new(0),
         verify_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+        stopping: Default::default(),
     });
     let app = Router::new()
         .route("/v1/state", get(get_state))
@@ -180,6 +183,22 @@ async fn gate(
     if let Some(need) = need
         && let Some(r) = st.refuse(&Caller::of(req.extensions()), req.headers(), need)
     {
+        return r;
+    }
+    // A cancel still goes through: it only shortens the stop.
+    if need == Some(Need::Deployer)
+        && req.uri().path() != "/v1/cancel"
+        && st.stopping.load(Ordering::SeqCst)
+    {
+        let mut r = json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "host {}: the agent is stopping (a restart, or an upgrade of scap); nothing was done: try again in a few seconds",
+                st.agent.cfg.host
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(5));
         return r;
     }
     let theirs = req
@@ -398,6 +417,50 @@ impl AgentState {
                 self.host()
             ),
         )
+    }
+
+    /// SIGTERM (`systemctl stop`, or the restart a package upgrade does):
+    /// changing requests get 503 from now on; work in the background
+    /// stops at once (the next start checks again what it would have);
+    /// the operation in flight finishes, so a restart falls between two
+    /// syncs, never inside one, unless it outlasts `grace`: then it is
+    /// cancelled at its next safe point and the host stays on the version
+    /// it ran. Returns once nothing runs.
+    pub async fn stop(&self, grace: std::time::Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut said = false;
+        loop {
+            match self.running() {
+                Some(r) if r.background => r.cancel.cancel("the agent is stopping"),
+                Some(r) if tokio::time::Instant::now() >= deadline => {
+                    if !said {
+                        tracing::warn!(
+                            "stopping: {} still runs after {}s (--stop-grace): cancelling it; the host stays on the version it ran",
+                            r.what,
+                            grace.as_secs()
+                        );
+                    }
+                    said = true;
+                    r.cancel
+                        .cancel("the agent is stopping (--stop-grace passed)");
+                }
+                Some(r) if !said => {
+                    tracing::info!("stopping: letting {} finish first", r.what);
+                    said = true;
+                }
+                _ => {}
+            }
+            // Free once nothing runs and nothing holds the lock (an
+            // operation's last step is to release it).
+            if self.running().is_none()
+                && let Ok(g) = self.op.clone().try_lock_owned()
+            {
+                drop(g);
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Takes the operation lock for an ordinary request: waits for the

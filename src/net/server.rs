@@ -604,9 +604,19 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// response body is done ([`super::conns`]), and a connection the tracker
 /// closes is dropped at once.
 pub async fn serve(
+    listener: Listener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_grace(listener, app, shutdown, SHUTDOWN_GRACE).await
+}
+
+/// [`serve`], waiting up to `grace` for the requests in flight.
+pub async fn serve_with_grace(
     mut listener: Listener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
 ) -> std::io::Result<()> {
     use hyper_util::rt::TokioIo;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -665,7 +675,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
     Ok(())
 }
 

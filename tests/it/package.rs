@@ -359,3 +359,121 @@ fn under_the_journal_each_operation_logs_one_line_with_its_host_and_no_timestamp
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("scap-rollout"), "{body}");
 }
+
+/// Host 0 of a fleet whose agents fetch at 1 MB/s, on a one-file v1, with
+/// a 3 MB v2 built (about three seconds to fetch): `(fleet, v1, v2)`.
+fn a_slow_sync(agent_args: &[&str]) -> (Fleet, String, String) {
+    let mut args = vec!["--max-fetch-rate", "1M", "--no-packs"];
+    args.extend(agent_args);
+    let mut fleet = Fleet::start_with(1, &args);
+    let st = fleet.env.path("staging");
+    write(&st, "VERSION", b"v1");
+    let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    for i in 0..300 {
+        write(&st, &format!("d/f{i}.php"), &noise(10_000, 7_000 + i));
+    }
+    write(&st, "VERSION", b"v2");
+    let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    fleet.serve();
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    (fleet, v1, v2)
+}
+
+/// Sends SIGTERM to host 0's agent once its sync is under way; returns
+/// the sync's answer and how long the agent took to exit after it, with
+/// its exit status.
+fn sigterm_mid_sync(
+    fleet: &mut Fleet,
+    target: &str,
+) -> (
+    (u16, serde_json::Value),
+    std::time::Duration,
+    std::process::ExitStatus,
+) {
+    use std::time::{Duration, Instant};
+    let req = fleet
+        .request("POST", 0, "/v1/sync")
+        .json(&fleet.sync_body(target, &[&fleet.source()]));
+    let sync = std::thread::spawn(move || {
+        let r = req.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap())
+    });
+    wait_for(10, "the sync under way", || {
+        fleet.get(0, "/v1/state").1["busy"] == true
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = fleet.hosts[0].proc.child.id() as i32;
+    let stopped = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    // While it stops, a new operation is refused with why (here `scap
+    // pull` on the host, through the local socket, still open).
+    let pull = fleet
+        .env
+        .cmd()
+        .args(["pull", "--socket"])
+        .arg(fleet.hosts[0].dir.join("agent.sock"))
+        .output()
+        .unwrap();
+    let said = stderr(&pull);
+    assert!(
+        !pull.status.success() && said.contains("the agent is stopping"),
+        "{said}"
+    );
+    let status = loop {
+        if let Some(s) = fleet.hosts[0].proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped.elapsed() < unit_stop_timeout(),
+            "the agent did not stop within the unit's stop timeout"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (sync.join().unwrap(), stopped.elapsed(), status)
+}
+
+#[test]
+fn a_restart_for_an_upgrade_falls_between_two_syncs_never_inside_one() {
+    // What a package upgrade's `systemctl try-restart` does to an agent in
+    // the middle of a sync: SIGTERM. The sync finishes, its answer reaches
+    // the controller, and only then does the agent exit.
+    let (mut fleet, _v1, v2) = a_slow_sync(&[]);
+    let ((status, body), took, exit) = sigterm_mid_sync(&mut fleet, &v2);
+    assert_eq!(status, 200, "the sync in flight finishes: {body}");
+    assert_eq!(body["version"].as_str(), Some(v2.as_str()), "{body}");
+    assert!(exit.success(), "a clean exit: {exit}");
+    assert!(took.as_millis() > 500, "it waited for the sync ({took:?})");
+    fleet.restart(0);
+    fleet.assert_on_one_of(0, &[(&v2, "v2")], 0);
+    let state = fleet.get(0, "/v1/state").1;
+    let history = state["state"]["history"].to_string();
+    assert!(
+        !history.contains("cancel"),
+        "nothing was cancelled: {history}"
+    );
+}
+
+#[test]
+fn a_sync_that_outlasts_the_stop_grace_is_cancelled_and_the_host_stays_put() {
+    let (mut fleet, v1, v2) = a_slow_sync(&["--stop-grace", "1s"]);
+    let ((status, body), took, exit) = sigterm_mid_sync(&mut fleet, &v2);
+    assert_eq!(status, 409, "cancelled: {body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("stopping"),
+        "says why: {body}"
+    );
+    assert!(exit.success(), "a clean exit: {exit}");
+    assert!(took.as_secs() < 10, "the grace bounds the stop ({took:?})");
+    fleet.restart(0);
+    fleet.assert_on_one_of(0, &[(&v1, "v1")], 0);
+    let history = fleet.get(0, "/v1/state").1["state"]["history"].to_string();
+    assert!(
+        history.contains("cancelled: the agent is stopping (--stop-grace passed)"),
+        "the host's history says why: {history}"
+    );
+}
