@@ -281,7 +281,7 @@ pub fn undo_desired(
             }
         }
     }) {
-        tracing::warn!("cannot record the desired state: {e}");
+        tracing::error!("cannot record the desired state: {e}");
     }
 }
 
@@ -304,7 +304,7 @@ pub fn settle(
         Ok(Some(mut r)) => {
             r.rewrite(&prepared.map);
             if let Err(e) = r.save(fleet_dir) {
-                tracing::warn!("cannot save the rollout record: {e}");
+                tracing::error!("cannot save the rollout record: {e}");
             }
         }
         Ok(None) => {}

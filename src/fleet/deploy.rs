@@ -368,7 +368,7 @@ impl Rollout<'_> {
             }
         });
         if let Err(e) = result {
-            tracing::warn!("cannot record the desired state: {e}");
+            tracing::error!("cannot record the desired state: {e}");
         }
     }
 
@@ -446,7 +446,7 @@ impl Rollout<'_> {
         if let Some(r) = guard.as_mut() {
             f(r);
             if let Err(e) = r.save(&self.fleet_dir) {
-                tracing::warn!("cannot save the rollout record: {e}");
+                tracing::error!("cannot save the rollout record: {e}");
             }
         }
     }
@@ -731,7 +731,7 @@ impl Rollout<'_> {
                 d.set(host, *v, &self.by, &why);
             }
         }) {
-            tracing::warn!("cannot record the desired state: {e}");
+            tracing::error!("cannot record the desired state: {e}");
         }
         self.update_record(|r| {
             for (host, _, from) in &chosen {
@@ -1180,7 +1180,7 @@ impl Rollout<'_> {
                 d.set(host, *v, &self.by, "rollback (health gate)");
             }
         }) {
-            tracing::warn!("cannot record the desired state: {e}");
+            tracing::error!("cannot record the desired state: {e}");
         }
         // (A change's versions never entered the train's rollout record
         // or its head: both move only once the change has succeeded.)

@@ -257,7 +257,7 @@ impl Rollback<'_> {
             }
         });
         if let Err(e) = result {
-            tracing::warn!("cannot record the desired state: {e}");
+            tracing::error!("cannot record the desired state: {e}");
         }
         if let Some(mut rec) = record
             && self.keep == Percent(0)
@@ -266,7 +266,7 @@ impl Rollback<'_> {
             rec.state = RolloutState::RolledBack;
             rec.note = format!("rolled back by {}", self.by);
             if let Err(e) = rec.save(&self.fleet_dir) {
-                tracing::warn!("cannot save the rollout record: {e}");
+                tracing::error!("cannot save the rollout record: {e}");
             }
         }
         // What hosts run now: where each rolled-back host went, the rest

@@ -429,25 +429,25 @@ impl AgentState {
     pub async fn stop(&self, grace: std::time::Duration) {
         self.stopping.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
-        let mut said = false;
+        let (mut waiting, mut cut) = (false, false);
         loop {
             match self.running() {
                 Some(r) if r.background => r.cancel.cancel("the agent is stopping"),
                 Some(r) if tokio::time::Instant::now() >= deadline => {
-                    if !said {
+                    if !cut {
                         tracing::warn!(
                             "stopping: {} still runs after {}s (--stop-grace): cancelling it; the host stays on the version it ran",
                             r.what,
                             grace.as_secs()
                         );
+                        cut = true;
                     }
-                    said = true;
                     r.cancel
                         .cancel("the agent is stopping (--stop-grace passed)");
                 }
-                Some(r) if !said => {
+                Some(r) if !waiting => {
                     tracing::info!("stopping: letting {} finish first", r.what);
-                    said = true;
+                    waiting = true;
                 }
                 _ => {}
             }
@@ -591,7 +591,8 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
             let r = op(&st3.agent, &handle, &cancel);
             match &r {
                 Ok(_) => tracing::info!(seconds = started.elapsed().as_secs_f64(), "done"),
-                Err(e) if e.is_cancelled() => tracing::warn!("cancelled: {e}"),
+                // Someone asked for it (a rollback, a cancel, a stop).
+                Err(e) if e.is_cancelled() => tracing::info!("{e}"),
                 Err(e) => tracing::warn!("failed: {e}"),
             }
             r

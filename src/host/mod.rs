@@ -962,7 +962,7 @@ impl Agent {
         let mut st = self.state.lock().expect("not poisoned");
         st.record(e);
         if let Err(e) = st.save(&self.state_path()) {
-            tracing::warn!("cannot record the stage in the state file: {e}");
+            tracing::error!("cannot record the stage in the state file: {e}");
         }
         result
     }
@@ -1185,7 +1185,7 @@ impl Agent {
         let mut st = self.state.lock().expect("not poisoned");
         st.record(e);
         if let Err(e) = st.save(&self.state_path()) {
-            tracing::warn!("cannot record the restart in the state file: {e}");
+            tracing::error!("cannot record the restart in the state file: {e}");
         }
         Ok(outcome)
     }
@@ -1259,7 +1259,7 @@ impl Agent {
         e.error = Some(crate::text::clip(what, 200));
         st.record(e);
         if let Err(e) = st.save(&self.state_path()) {
-            tracing::warn!("cannot record the cancel in the state file: {e}");
+            tracing::error!("cannot record the cancel in the state file: {e}");
         }
     }
 
@@ -1336,7 +1336,7 @@ impl Agent {
                 signed_time,
             });
             if let Err(e) = st.save(&self.state_path()) {
-                tracing::warn!(
+                tracing::error!(
                     "switched to {}, but cannot save the state file: {e}",
                     v.short()
                 );
@@ -1407,7 +1407,7 @@ impl Agent {
         let mut st = self.state.lock().expect("not poisoned");
         st.record(e);
         if let Err(e) = st.save(&self.state_path()) {
-            tracing::warn!("cannot record the {action} in the state file: {e}");
+            tracing::error!("cannot record the {action} in the state file: {e}");
         }
     }
 

@@ -461,6 +461,12 @@ fn a_restart_for_an_upgrade_falls_between_two_syncs_never_inside_one() {
 #[test]
 fn a_sync_that_outlasts_the_stop_grace_is_cancelled_and_the_host_stays_put() {
     let (mut fleet, v1, v2) = a_slow_sync(&["--stop-grace", "1s"]);
+    let log = fleet.env.path("agent.log");
+    fleet.restart_logged(
+        0,
+        &[("JOURNAL_STREAM", "8:12345"), ("SCAP_LOG", "info")],
+        &log,
+    );
     let ((status, body), took, exit) = sigterm_mid_sync(&mut fleet, &v2);
     assert_eq!(status, 409, "cancelled: {body}");
     assert!(
@@ -475,5 +481,32 @@ fn a_sync_that_outlasts_the_stop_grace_is_cancelled_and_the_host_stays_put() {
     assert!(
         history.contains("cancelled: the agent is stopping (--stop-grace passed)"),
         "the host's history says why: {history}"
+    );
+    // Levels that mean something: the cut is a WARN (a sync did not
+    // happen), the cancel it causes an INFO, and nothing here is an ERROR
+    // (nobody must act: the host is on one version, and says which).
+    let text = fs::read_to_string(&log).unwrap();
+    let level = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{text}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        level("still runs after 1s (--stop-grace)"),
+        "WARN",
+        "{text}"
+    );
+    assert_eq!(
+        level("}: scap::host::api: cancelled: the agent is stopping"),
+        "INFO",
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.trim_start().starts_with("ERROR")),
+        "{text}"
     );
 }
