@@ -115,6 +115,20 @@ fn the_package_installs_verifies_and_purges_cleanly() {
         "source /usr/share/bash-completion/completions/scap && complete -p scap",
     ]));
     assert!(loaded.contains("scap"), "{loaded}");
+    // An upgrade (the package installed over itself: postinst configure
+    // with the old version) keeps an edited conffile and the store's
+    // content. (A comment only: tests beside this one read /etc/scap.)
+    fs::write(store.join("keep-me"), "a store's content").unwrap();
+    let edited = fs::read_to_string("/etc/scap/scap.toml").unwrap() + "# edited by the site\n";
+    fs::write("/etc/scap/scap.toml", &edited).unwrap();
+    run(Command::new("dpkg")
+        .args(["-i", "--force-confold"])
+        .arg(&deb));
+    assert_eq!(fs::read_to_string("/etc/scap/scap.toml").unwrap(), edited);
+    assert_eq!(
+        fs::read_to_string(store.join("keep-me")).unwrap(),
+        "a store's content"
+    );
     // Something the store holds must survive the purge.
     fs::write(store.join("keep-me"), "a store's content").unwrap();
     drop(cleanup);
