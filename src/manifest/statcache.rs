@@ -5,9 +5,17 @@
 //! An entry is trusted only if size, mtime, ctime, inode and device all
 //! match, the store's gc generation is the one the cache was written under
 //! (otherwise each chunk's presence is re-checked), and the file was last
-//! changed at least a second before the walk that recorded it began (a file
-//! changed in the same second could change again without its mtime moving,
-//! so it is not cached; git calls this "racily clean").
+//! changed long enough before the walk that recorded it began that a later
+//! change must move its timestamps (a file changed just before could change
+//! again within the same timestamp tick, so it is not cached; git calls
+//! this "racily clean"). How long is the filesystem's timestamp tick: one
+//! whose ctimes have nanoseconds (ext4, xfs, btrfs: the kernel's coarse
+//! clock, a jiffy of at most 10 ms) is trusted after [`FINE_WINDOW_NS`];
+//! one whose ctimes are whole seconds (ext3's small inodes, some network
+//! filesystems) after [`COARSE_WINDOW_NS`]. A ctime, unlike an mtime, is
+//! set only by the kernel, so whole seconds there mean the filesystem's.
+//! A build right after a `git pull` then re-reads only what the pull
+//! touched in its last 100 ms, not everything of its last second.
 //!
 //! Layout (all integers little-endian or LEB128 varints, see store-format.md):
 //! `"scapstat"`, u32 version, u64 gc generation, u64 entry count, entries,
@@ -30,6 +38,12 @@ use crate::store::tree::ChunkRef;
 
 const MAGIC: &[u8; 8] = b"scapstat";
 const VERSION: u32 = 1;
+/// How long before a walk a file with sub-second timestamps must have last
+/// changed to be cached: ten jiffies at HZ=100, the coarsest kernel tick.
+pub const FINE_WINDOW_NS: i64 = 100_000_000;
+/// The same for a filesystem whose timestamps are whole seconds.
+pub const COARSE_WINDOW_NS: i64 = 1_000_000_000;
+
 /// Magic, version, generation and count.
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
 
@@ -216,12 +230,12 @@ fn decode_chunks(bytes: &[u8]) -> Result<Vec<ChunkRef>, ReadError> {
 }
 
 /// Writes a cache's entries as a build visits its files (in walk order),
-/// leaving out those changed at or after `walk_start_ns - 1s` (see the
-/// module docs).
+/// leaving out those changed too close to the walk's start to be trusted
+/// (see the module docs).
 pub struct Encoder {
     out: Vec<u8>,
     count: u64,
-    cutoff: i64,
+    walk_start_ns: i64,
 }
 
 impl Encoder {
@@ -234,13 +248,26 @@ impl Encoder {
         Encoder {
             out,
             count: 0,
-            cutoff: walk_start_ns - 1_000_000_000,
+            walk_start_ns,
         }
+    }
+
+    /// Whether a file last changed at `stamp` is "racily clean": it could
+    /// change again without its timestamps moving.
+    fn racy(&self, stamp: &Stamp) -> bool {
+        let fine = stamp.ctime_ns.rem_euclid(1_000_000_000) != 0;
+        let cutoff = self.walk_start_ns
+            - if fine {
+                FINE_WINDOW_NS
+            } else {
+                COARSE_WINDOW_NS
+            };
+        stamp.mtime_ns >= cutoff || stamp.ctime_ns >= cutoff
     }
 
     /// Adds a file's entry; `key` must come after the last one in walk order.
     pub fn push(&mut self, key: &[u8], c: &Cached) {
-        if c.stamp.mtime_ns >= self.cutoff || c.stamp.ctime_ns >= self.cutoff {
+        if self.racy(&c.stamp) {
             return;
         }
         self.count += 1;
@@ -324,6 +351,36 @@ mod tests {
             );
         }
         assert_eq!(walk_cmp(b"a/b", b"a/b"), Ordering::Equal);
+    }
+
+    #[test]
+    fn the_racy_window_is_the_filesystem_timestamp_tick() {
+        let start = 2_000_300_000_000;
+        let enc = Encoder::new(1, start);
+        let at = |ns: i64| Stamp {
+            mtime_ns: ns,
+            ctime_ns: ns,
+            ..OLD
+        };
+        // Nanosecond timestamps: trusted 100 ms before the walk.
+        assert!(!enc.racy(&at(start - 150_000_123)));
+        assert!(enc.racy(&at(start - 50_000_123)));
+        assert!(enc.racy(&at(start + 7)));
+        // Whole-second ctimes (a coarse filesystem): a second, as git.
+        assert!(enc.racy(&at(2_000_000_000_000)));
+        assert!(enc.racy(&Stamp {
+            mtime_ns: start - 200_000_000,
+            ctime_ns: 1_999_000_000_000,
+            ..OLD
+        }));
+        assert!(!enc.racy(&at(1_998_000_000_000)));
+        // An mtime set to whole seconds (tar, rsync -t) with the kernel's
+        // fine ctime is a fine filesystem.
+        assert!(!enc.racy(&Stamp {
+            mtime_ns: 1_995_000_000_000,
+            ctime_ns: start - 150_000_001,
+            ..OLD
+        }));
     }
 
     #[test]
