@@ -3,7 +3,9 @@
 //! `scap sync --stages` command, then a rollback of everyone. Wall time and
 //! bytes served; gate waits are zero (they are policy, not cost).
 //!
-//! Run: `cargo bench --bench canary` (SCAP_BENCH_HOSTS, default 100).
+//! Run: `cargo bench --bench canary` (SCAP_BENCH_HOSTS, default 100;
+//! SCAP_BENCH_VERBOSE=1 prints the rollout's output; SCAP_BENCH_HOLD=FILE
+//! keeps the fleet up for profiling until FILE is removed).
 
 mod common;
 
@@ -41,6 +43,20 @@ fn main() {
             .args(SERVE_ON_LOOPBACK),
     );
     let proxy = CountingProxy::start(&server_url);
+    // Every agent holds an inotify instance (production runs one agent a
+    // machine; this bench runs them all on one): raise the per-user limit
+    // (default 128) if it is lower than the fleet, as root can.
+    let limit = "/proc/sys/fs/inotify/max_user_instances";
+    let have: usize = std::fs::read_to_string(limit)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let want = 2 * n + 128;
+    if have < want && std::fs::write(limit, format!("{want}")).is_err() {
+        println!(
+            "note: {limit} is {have}, below {n} agents: some run without inotify (as root this bench raises it)"
+        );
+    }
     println!("starting {n} agents ...");
     let mut agents: Vec<Child> = Vec::new();
     let mut group = String::new();
@@ -101,13 +117,25 @@ fn main() {
     let (rollout, out) = sync(&v2, &["--stages", "10,50,100"]);
     let bytes = proxy.take();
     assert!(out.contains("100.0% of production traffic synced"), "{out}");
+    if std::env::var_os("SCAP_BENCH_VERBOSE").is_some() {
+        println!("{out}");
+    }
     std::thread::sleep(std::time::Duration::from_secs(2));
+    // `scap status` over every host: one poll each (median of 5).
+    let mut status: Vec<f64> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            timed(scap(&store).args(["status", "--hosts"]).arg(&group_file));
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    status.sort_by(f64::total_cmp);
     let started = Instant::now();
     timed(
         scap(&store)
             .args(["rollback", "--hosts"])
             .arg(&group_file)
-            .args(["--version", &v2]),
+            .args(["--version", &v2, "--yes"]),
     );
     let rollback = started.elapsed().as_secs_f64();
     let rb_bytes = proxy.take();
@@ -124,11 +152,32 @@ fn main() {
         mb(bytes),
     ]);
     table.row(vec![
+        format!("scap status of {n} hosts (median of 5)"),
+        ms(status[2]),
+        "".into(),
+    ]);
+    table.row(vec![
         format!("rollback of all {n} hosts (a switch each)"),
         ms(rollback),
         mb(rb_bytes),
     ]);
     table.save("canary", &format!("machine: {}\nhosts: {n}", machine()));
+    // For profiling by hand: the fleet stays up until the file named by
+    // SCAP_BENCH_HOLD is removed (the store, group file and config are
+    // printed).
+    if let Some(hold) = std::env::var_os("SCAP_BENCH_HOLD") {
+        std::fs::write(&hold, "remove me to stop the fleet\n").unwrap();
+        println!(
+            "holding the fleet: store {}, --hosts {}, --config {}; rm {} to stop",
+            store.display(),
+            group_file.display(),
+            config.display(),
+            std::path::Path::new(&hold).display()
+        );
+        while std::path::Path::new(&hold).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();

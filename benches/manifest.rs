@@ -5,6 +5,7 @@
 //! SCAP_BENCH_FILES (default 30000), SCAP_BENCH_LARGE_FILES (263000; 0
 //! skips the peak-RSS run at that scale), SCAP_BENCH_DIR (/tmp/scap-bench).
 //! The page cache is warm for every tool (each reads the tree once first).
+//! Every build signs its version with a deploy key, as on a deploy host.
 
 mod common;
 
@@ -13,8 +14,15 @@ use std::process::Command;
 
 use common::*;
 
+/// The deploy key every build signs with, as on a deploy host.
+static SIGN_KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn build(store: &Path, tree: &Path) -> (Run, String) {
-    build_version(&mut scap(store), "tree", tree)
+    let mut cmd = scap(store);
+    if let Some(key) = SIGN_KEY.get() {
+        cmd.arg("--sign-key").arg(key);
+    }
+    build_version(&mut cmd, "tree", tree)
 }
 
 fn casync_make(store: &Path, index: &Path, tree: &Path) -> Run {
@@ -43,6 +51,14 @@ fn main() {
         .unwrap_or(263_000);
     let casync = have("casync");
     let dir = fresh("manifest");
+    let key = dir.join("deploy.key");
+    let made = Command::new(SCAP)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "scap keygen");
+    SIGN_KEY.set(key).unwrap();
     let tree = dir.join("tree");
     println!("machine: {}", machine());
     println!("generating {files} files ...");
@@ -126,6 +142,11 @@ fn main() {
         incs.push(r.secs);
         v_back = v;
     }
+    // The first of them comes right after the cold builds of a tree that
+    // was just written: what a build after a `git pull` of many files
+    // pays for the files the pull touched last (racily clean in the
+    // cold build's stat cache, so read again).
+    let first_inc = incs[0];
     incs.sort_by(|a, b| a.total_cmp(b));
     let inc = incs[2];
     let ca_inc = if casync {
@@ -141,6 +162,18 @@ fn main() {
             .unwrap_or_default(),
         ca_inc
             .map(|r| format!("{:.0}x", r.secs / inc))
+            .unwrap_or_default(),
+    ]);
+
+    table.row(vec![
+        "  the first of them (right after the cold builds of a just-written tree; target under 0.15 s)"
+            .into(),
+        ms(first_inc),
+        ca_inc
+            .map(|r| format!("casync make: {}", ms(r.secs)))
+            .unwrap_or_default(),
+        ca_inc
+            .map(|r| format!("{:.0}x", r.secs / first_inc))
             .unwrap_or_default(),
     ]);
 

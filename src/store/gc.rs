@@ -170,6 +170,13 @@ pub fn mark_and_sweep(
     if dry_run {
         return Ok(report);
     }
+    if dead_trees.is_empty() && dead_chunks.is_empty() && plans.is_empty() {
+        // Nothing to delete or repack (an agent switching between versions
+        // it holds): no sweep, no new gc generation, nothing made durable.
+        // A repack a crash left behind still goes.
+        remove_stale_repacks(store)?;
+        return Ok(report);
+    }
     store.bump_gc_generation()?;
     store.begin_sweep()?;
     remove_stale_repacks(store)?;

@@ -290,6 +290,26 @@ fn rollback_is_a_switch_and_promote_sets_stable() {
     assert_eq!(r["version"], v2.as_str());
     let (_, r) = fleet.post(0, "/v1/rollback", json!({"to": "stable"}));
     assert_eq!(r["version"], v1.as_str());
+    // A switch between versions the host holds leaves its store's gc
+    // nothing to do, and it writes nothing: the gc generation stays (no
+    // fsync, no syncfs in the background after a canary step).
+    let settled = || {
+        wait_for(20, "the work after the switch", || {
+            fleet.get(0, "/v1/state").1["busy"] == false
+        })
+    };
+    let generation =
+        || fs::read_to_string(fleet.hosts[0].dir.join("store/gc-generation")).unwrap_or_default();
+    settled();
+    let before = generation();
+    let (_, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous"}));
+    assert_eq!(r["version"], v2.as_str());
+    settled();
+    assert_eq!(
+        generation(),
+        before,
+        "a gc with nothing to collect wrote nothing"
+    );
     let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "0".repeat(64)}));
     assert_eq!(code, 409);
     assert!(

@@ -218,7 +218,12 @@ impl Store {
     pub fn recorded(&self) -> Result<Vec<VersionId>> {
         let dir = self.root().join("versions");
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).at(&dir)? {
+        // A store nothing was built in yet has no versions directory.
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            r => r.at(&dir)?,
+        };
+        for entry in entries {
             let entry = entry.at(&dir)?;
             let name = entry.file_name();
             let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
