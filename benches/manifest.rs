@@ -14,13 +14,14 @@ use std::process::Command;
 
 use common::*;
 
-/// The deploy key every build signs with, as on a deploy host.
-static SIGN_KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// A scap.toml naming the deploy key every build signs with, as on a
+/// deploy host.
+static CONFIG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 fn build(store: &Path, tree: &Path) -> (Run, String) {
     let mut cmd = scap(store);
-    if let Some(key) = SIGN_KEY.get() {
-        cmd.arg("--sign-key").arg(key);
+    if let Some(config) = CONFIG.get() {
+        cmd.arg("--config").arg(config);
     }
     build_version(&mut cmd, "tree", tree)
 }
@@ -58,7 +59,9 @@ fn main() {
         .output()
         .unwrap();
     assert!(made.status.success(), "scap keygen");
-    SIGN_KEY.set(key).unwrap();
+    let config = dir.join("scap.toml");
+    std::fs::write(&config, format!("sign_key = \"{}\"\n", key.display())).unwrap();
+    CONFIG.set(config).unwrap();
     let tree = dir.join("tree");
     println!("machine: {}", machine());
     println!("generating {files} files ...");

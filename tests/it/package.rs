@@ -231,6 +231,38 @@ fn scap_serve_and_the_agent_tell_systemd_they_are_ready_once_listening() {
     let _ = &mut fleet;
 }
 
+/// Sends SIGTERM to host 0's agent, as `systemctl stop` does; returns when.
+fn sigterm(fleet: &Fleet) -> std::time::Instant {
+    let pid = fleet.hosts[0].proc.child.id() as i32;
+    let sent = std::time::Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    sent
+}
+
+/// Waits for host 0's agent to exit, failing `what` if that takes `limit`
+/// from `stopped`.
+fn exit_within(
+    fleet: &mut Fleet,
+    stopped: std::time::Instant,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(s) = fleet.hosts[0].proc.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            stopped.elapsed() < limit,
+            "{what}: the agent did not stop within the unit's {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// What systemd waits, after SIGTERM, before it kills the agent: the
 /// shipped unit's `TimeoutStopSec`.
 fn unit_stop_timeout() -> std::time::Duration {
@@ -250,7 +282,7 @@ fn unit_stop_timeout() -> std::time::Duration {
 
 #[test]
 fn an_agent_stopped_mid_sync_leaves_its_host_on_one_version_within_the_unit_timeout() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let limit = unit_stop_timeout();
     let mut fleet = Fleet::start(1);
     let st = fleet.env.path("staging");
@@ -274,23 +306,8 @@ fn an_agent_stopped_mid_sync_leaves_its_host_on_one_version_within_the_unit_time
         let t = fleet.sync_in_flight(0, &v1, &v2);
         std::thread::sleep(Duration::from_millis(xorshift(&mut x) % 150));
         // What systemctl stop does: SIGTERM to the agent, then wait.
-        let pid = fleet.hosts[0].proc.child.id() as i32;
-        let stopped = Instant::now();
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid).unwrap(),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-        let status = loop {
-            if let Some(s) = fleet.hosts[0].proc.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                stopped.elapsed() < limit,
-                "round {round}: the agent did not stop within the unit's {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let stopped = sigterm(&fleet);
+        let status = exit_within(&mut fleet, stopped, limit, &format!("round {round}"));
         assert!(
             status.success(),
             "round {round}: a stop is a clean exit: {status}"
@@ -404,7 +421,7 @@ fn sigterm_mid_sync(
     std::time::Duration,
     std::process::ExitStatus,
 ) {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let req = fleet
         .request("POST", 0, "/v1/sync")
         .json(&fleet.sync_body(target, &[&fleet.source()]));
@@ -417,13 +434,7 @@ fn sigterm_mid_sync(
         fleet.get(0, "/v1/state").1["busy"] == true
     });
     std::thread::sleep(Duration::from_millis(300));
-    let pid = fleet.hosts[0].proc.child.id() as i32;
-    let stopped = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    let stopped = sigterm(fleet);
     // While it stops, a new operation is refused with why (here `scap
     // pull` on the host, through the local socket, still open).
     let pull = fleet
@@ -438,16 +449,7 @@ fn sigterm_mid_sync(
         !pull.status.success() && said.contains("the agent is stopping"),
         "{said}"
     );
-    let status = loop {
-        if let Some(s) = fleet.hosts[0].proc.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped.elapsed() < unit_stop_timeout(),
-            "the agent did not stop within the unit's stop timeout"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = exit_within(fleet, stopped, unit_stop_timeout(), "the stop");
     (sync.join().unwrap(), stopped.elapsed(), status)
 }
 

@@ -145,11 +145,18 @@ impl Store {
             .join(format!("{}.sig", v.to_hex()))
     }
 
-    /// Writes (replaces) a version's signatures, `versions/<id>.sig`.
+    /// Writes (replaces) a version's signatures, `versions/<id>.sig`. The
+    /// same bytes already there are left as they are (a host switching to
+    /// a version it staged is given its signature again: no write, no
+    /// fsync).
     pub fn write_signature(&self, v: &VersionId, doc: &SignedVersion) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(doc).expect("signatures serialize");
         json.push(b'\n');
-        atomic_write(&self.signature_path(v), &json)
+        let path = self.signature_path(v);
+        if fs::read(&path).is_ok_and(|have| have == json) {
+            return Ok(());
+        }
+        atomic_write(&path, &json)
     }
 
     /// A version's signatures, if it has any.
