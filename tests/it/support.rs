@@ -78,7 +78,12 @@ impl Env {
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(SCAP);
+        self.cmd_of(Path::new(SCAP))
+    }
+
+    /// [`Env::cmd`] with another scap binary (the previous release's).
+    pub fn cmd_of(&self, scap: &Path) -> Command {
+        let mut c = Command::new(scap);
         c.arg("--store").arg(&self.store);
         c.env_remove("SCAP_STORE")
             .env_remove("SCAP_CONFIG")

@@ -50,12 +50,9 @@ fn old_and_new_agents_and_controllers_work_together() {
     write(&mw, "wmf-config/a.php", b"<?php // a1\n");
     // The store is written by the previous release's build-manifest.
     let built = ok_out(
-        &Command::new(&old)
-            .current_dir(fleet.env.dir.path())
-            .env_remove("SCAP_STORE")
-            .env_remove("SCAP_CONFIG")
-            .arg("--store")
-            .arg(&fleet.env.store)
+        &fleet
+            .env
+            .cmd_of(&old)
             .args(["build-manifest", "--label", "1.46.0-wmf.1", "--component"])
             .arg(format!("mediawiki={}", mw.display()))
             .output()
@@ -104,12 +101,9 @@ fn old_and_new_agents_and_controllers_work_together() {
     // The previous release's controller: a rollback of every host, old
     // agents and new.
     let group = fleet.group("all-hosts", &[0, 1, 2, 3]);
-    let out = Command::new(&old)
-        .current_dir(fleet.env.dir.path())
-        .env_remove("SCAP_STORE")
-        .env_remove("SCAP_CONFIG")
-        .arg("--store")
-        .arg(&fleet.env.store)
+    let out = fleet
+        .env
+        .cmd_of(&old)
         .args(["rollback", "--yes", "--hosts"])
         .arg(&group)
         .args(fleet.transport("deployer"))
@@ -119,12 +113,9 @@ fn old_and_new_agents_and_controllers_work_together() {
     assert_eq!(fleet.on(&v1), vec![0, 1, 2, 3], "{}", stderr(&out));
 
     // And its rollout, which the new agents follow too.
-    let out = Command::new(&old)
-        .current_dir(fleet.env.dir.path())
-        .env_remove("SCAP_STORE")
-        .env_remove("SCAP_CONFIG")
-        .arg("--store")
-        .arg(&fleet.env.store)
+    let out = fleet
+        .env
+        .cmd_of(&old)
         .args(["sync", "--version", &v2, "--source", &source])
         .args([
             "--wait", "0", "--yes", "--canary", "100%", "--force", "--hosts",
