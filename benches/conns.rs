@@ -406,7 +406,7 @@ fn main() {
     // Every poller's host has a target, as after a deploy: signed by the
     // lab's deploy key, one deploy order per host, as `scap sync` writes
     // it.
-    let fleet_dir = store.join("fleet");
+    let fleet_dir = scap::fleet::state::DeployState::files(&store.join("fleet"));
     let key = scap::store::signature::SigningKey::load(&pki.join("deploy.key")).unwrap();
     let orders = scap::fleet::orders::Orders::reserve(key, &fleet_dir).unwrap();
     let v: scap::store::VersionId = version.parse().unwrap();

@@ -94,6 +94,10 @@ pub struct ConfigFile {
     /// The load balancer's pools in etcd (conftool): the fleet and its
     /// traffic shares.
     pub pools: Option<PoolsConfig>,
+    /// Where the deploy state lives (the lock, the rollout record, the
+    /// desired state, the history): etcd, shared by the deploy hosts;
+    /// without it, files beside the store.
+    pub state: Option<StateConfig>,
     /// Restarts after a step: batch and, with pools, drain and floor.
     pub restarts: Option<RestartsConfig>,
     /// The IRC/SAL relay every fleet-changing command and lock tells.
@@ -398,6 +402,36 @@ fn glob_set(globs: &[String]) -> Result<GlobSet, ConfigError> {
         glob: globs.join(" "),
         source,
     })
+}
+
+/// `[state]` in scap.toml: the deploy state in etcd (v3 API).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// etcd's client URLs, every member (e.g. "https://conf1001.eqiad.wmnet:2379").
+    pub etcd: Vec<String>,
+    /// The key prefix of this fleet's deploy state.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+    /// The deploy lock's lease ("15s"): how long after its holder dies
+    /// another deploy host may take it.
+    #[serde(default)]
+    pub lease: Option<String>,
+    /// One request's deadline ("3s").
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// CA for https endpoints; cert and key when etcd asks for a client
+    /// certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+fn default_state_prefix() -> String {
+    "/scap/deploy".into()
 }
 
 /// `[pools]` in scap.toml.

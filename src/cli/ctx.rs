@@ -29,6 +29,9 @@ pub struct Ctx {
     pub store_path: PathBuf,
     pub config: ConfigFile,
     pub transport_args: TransportArgs,
+    /// The deploy state, made once: the deploy lock a command takes fences
+    /// its writes through this one value.
+    state: std::sync::OnceLock<crate::fleet::state::DeployState>,
 }
 
 impl Ctx {
@@ -53,7 +56,23 @@ impl Ctx {
             store_path,
             config,
             transport_args,
+            state: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where the deploy lock, history, desired state and rollout record
+    /// live: scap.toml's `[state]` etcd, else files in `STORE/fleet`.
+    pub fn state(&self) -> anyhow::Result<crate::fleet::state::DeployState> {
+        if let Some(s) = self.state.get() {
+            return Ok(s.clone());
+        }
+        let dir = self.store_path.join("fleet");
+        let s = match &self.config.state {
+            Some(cfg) => crate::fleet::state::DeployState::from_config(&dir, cfg)
+                .map_err(anyhow::Error::msg)?,
+            None => crate::fleet::state::DeployState::files(&dir),
+        };
+        Ok(self.state.get_or_init(|| s).clone())
     }
 
     /// TLS with certificates, or (`--insecure-http`) plain with a token.

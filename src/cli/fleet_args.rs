@@ -122,7 +122,7 @@ impl FleetArgs {
             return Ok(agents);
         };
         let key = crate::store::signature::SigningKey::load(path)?;
-        let orders = crate::fleet::orders::Orders::reserve(key, &fleet_dir(ctx))?;
+        let orders = crate::fleet::orders::Orders::reserve(key, &fleet_state(ctx)?)?;
         Ok(agents.with_orders(orders))
     }
 
@@ -135,8 +135,8 @@ impl FleetArgs {
     }
 }
 
-/// Where the deploy lock, history, desired state and rollout record live:
-/// beside the store.
-pub(super) fn fleet_dir(ctx: &Ctx) -> PathBuf {
-    ctx.store_path.join("fleet")
+/// Where the deploy lock, history, desired state and rollout record live
+/// ([`Ctx::state`]).
+pub(super) fn fleet_state(ctx: &Ctx) -> anyhow::Result<crate::fleet::state::DeployState> {
+    ctx.state()
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use super::ctx::Ctx;
-use super::fleet_args::{FleetArgs, fleet_dir};
+use super::fleet_args::{FleetArgs, fleet_state};
 use super::output::{ProgressLine, clock, exit, print_json, report, resolve_version, runtime};
 use crate::fleet::agents::{Agents, HostResult};
 use crate::fleet::announce::{Announcer, Sent};
@@ -445,7 +445,7 @@ fn sync_version(
         plan,
         announcer,
     } = s;
-    let dir = fleet_dir(ctx);
+    let dir = fleet_state(ctx)?;
     let record = if args.dry_run {
         None
     } else {
@@ -592,8 +592,8 @@ fn take_over_lock(
     if dry_run {
         return Ok(None);
     }
-    let dir = fleet_dir(ctx);
-    match locks(ctx).take_over(&command_line(), pid, host) {
+    let dir = fleet_state(ctx)?;
+    match locks(ctx)?.take_over(&command_line(), pid, host) {
         Ok((l, taken)) => {
             if taken {
                 eprintln!(
@@ -664,7 +664,7 @@ fn roll_out_change(
     key: Option<&std::path::Path>,
     announcer: &Announcer,
 ) -> anyhow::Result<i32> {
-    let dir = fleet_dir(ctx);
+    let dir = fleet_state(ctx)?;
     let to_all = plan.stages.last().is_some_and(|s| s.is_all());
     let goal = Goal::Change {
         id: prepared.id.clone(),
@@ -721,7 +721,7 @@ fn roll_out_change(
 
 /// `scap sync --resume`.
 fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
-    let dir = fleet_dir(ctx);
+    let dir = fleet_state(ctx)?;
     if let Some(pending) = crate::fleet::change::PendingChange::load(&dir)? {
         if a.version.is_some() {
             bail!(
@@ -735,7 +735,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     let Some(record) = RolloutRecord::load(&dir)? else {
         bail!(
             "no rollout to resume: none is recorded in {}; start one with `scap sync --version V`",
-            crate::fleet::record::path(&dir).display()
+            dir.location(crate::fleet::state::Doc::Rollout)
         );
     };
     match record.state {
@@ -773,8 +773,22 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         bail!("stdin is not a terminal: pass --yes to resume in batch mode");
     }
     // The controller that ran it may have died holding the lock: take it
-    // over only if it is that controller's, on this host, and it is gone.
-    let _lock = take_over_lock(ctx, a.rollout.dry_run, record.pid, &crate::sys::hostname())?;
+    // over only if it is that controller's and it is gone (files: on this
+    // host, its process gone; etcd: its lease expired, on any host).
+    let _lock = take_over_lock(ctx, a.rollout.dry_run, record.pid, &record.host)?;
+    // Read again under the lock: the controller may have written a step
+    // after the first read and before it died.
+    let record = match RolloutRecord::load(&dir)? {
+        Some(r) if r.id == record.id && r.resumable() => r,
+        Some(r) if r.id == record.id => bail!(
+            "the rollout of {} ended while this command waited for its lock ({}): nothing to resume",
+            r.label,
+            r.note
+        ),
+        _ => bail!(
+            "the recorded rollout changed while this command waited for its lock: run `scap status`, then --resume again"
+        ),
+    };
     eprintln!(
         "{} resuming the rollout of {} at stage {} of {} ({})",
         clock(),
@@ -833,7 +847,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         a.rollout.dry_run,
     )?;
     let agents = a.fleet.ordering_agents(ctx, a.rollout.dry_run, None)?;
-    let dir = fleet_dir(ctx);
+    let dir = fleet_state(ctx)?;
     let desired = crate::fleet::desired::Desired::load(&dir)?;
     let store = Store::open(&ctx.store_path).ok();
     let signatures = desired
@@ -853,7 +867,7 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
         dry_run: a.rollout.dry_run,
         by: crate::sys::user(),
         command: command_line(),
-        fleet_dir: dir,
+        state: dir,
         interrupted: &interrupted,
     };
     let mut op = CliOperator::batch();
@@ -871,8 +885,11 @@ fn catch_up(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
 }
 
 /// This fleet's locks: its deploy lock and held lock, and the global one.
-fn locks(ctx: &Ctx) -> Locks {
-    Locks::new(&fleet_dir(ctx), ctx.config.global_lock.as_deref())
+fn locks(ctx: &Ctx) -> anyhow::Result<Locks> {
+    Ok(Locks::new(
+        &fleet_state(ctx)?,
+        ctx.config.global_lock.as_deref(),
+    ))
 }
 
 /// Takes the deploy lock (unless this is a dry run, which changes
@@ -885,8 +902,8 @@ fn deploy_lock(
     if dry_run {
         return Ok(None);
     }
-    let dir = fleet_dir(ctx);
-    let (l, own) = locks(ctx)
+    let dir = fleet_state(ctx)?;
+    let (l, own) = locks(ctx)?
         .acquire(&command_line(), message)
         .map_err(|e| with_rollout(e, &dir))?;
     if let Some(h) = own {
@@ -900,7 +917,7 @@ fn deploy_lock(
 }
 
 /// A lock error, with the rollout the holder runs (if one is recorded).
-fn with_rollout(e: LockError, dir: &std::path::Path) -> anyhow::Error {
+fn with_rollout(e: LockError, dir: &crate::fleet::state::DeployState) -> anyhow::Error {
     match RolloutRecord::load(dir) {
         Ok(Some(r)) if r.state == RolloutState::Running => anyhow::anyhow!(
             "{e}\n  rollout in progress: {} (stage {} of {}: {}), started by {} at {}",
@@ -984,7 +1001,7 @@ fn rollout(ctx: &Ctx, run: Run<'_>) -> anyhow::Result<(Outcome, CliOperator, Age
         concurrency: plan.concurrency,
         by: crate::sys::user(),
         command: command_line(),
-        fleet_dir: fleet_dir(ctx),
+        state: fleet_state(ctx)?,
         interrupted: &interrupted,
         record: std::sync::Mutex::new(record),
         resume,
@@ -1153,7 +1170,7 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
-    if let Some(p) = crate::fleet::change::PendingChange::load(&fleet_dir(ctx))?
+    if let Some(p) = crate::fleet::change::PendingChange::load(&fleet_state(ctx)?)?
         && !a.rollout.dry_run
     {
         bail!(
@@ -1214,7 +1231,7 @@ pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32
     )?;
 
     let agents = a.fleet.agents(ctx)?;
-    let dir = fleet_dir(ctx);
+    let dir = fleet_state(ctx)?;
     let id = change::new_id(&message, &a.path);
     let by = crate::sys::user();
     let mut op = CliOperator::batch();
@@ -1418,7 +1435,7 @@ pub fn rollback(ctx: &Ctx, a: RollbackArgs) -> anyhow::Result<i32> {
         dry_run: a.dry_run,
         by: crate::sys::user(),
         command: command_line(),
-        fleet_dir: fleet_dir(ctx),
+        state: fleet_state(ctx)?,
         interrupted: &interrupted,
     };
     let mut op = CliOperator::batch();
@@ -1472,7 +1489,7 @@ pub fn promote(ctx: &Ctx, a: PromoteArgs) -> anyhow::Result<i32> {
         budget,
         by: crate::sys::user(),
         command: command_line(),
-        fleet_dir: fleet_dir(ctx),
+        state: fleet_state(ctx)?,
     };
     let outcome = rt
         .block_on(procedure.run(&mut CliOperator::batch()))
@@ -1504,10 +1521,15 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         .transpose()?;
     let rt = runtime()?;
     let readings = rt.block_on(poll(&agents, &members, 64));
-    let mut st =
-        crate::fleet::status::fleet_status(&members, &readings, &trains(ctx), &fleet_dir(ctx), &[]);
+    let mut st = crate::fleet::status::fleet_status(
+        &members,
+        &readings,
+        &trains(ctx),
+        &fleet_state(ctx)?,
+        &[],
+    );
     // The global lock where scap.toml says it is.
-    st["held"] = serde_json::to_value(locks(ctx).held().unwrap_or_default())?;
+    st["held"] = serde_json::to_value(locks(ctx)?.held().unwrap_or_default())?;
     if a.json {
         print_json(&st)?;
         return Ok(exit::OK);
@@ -1755,8 +1777,9 @@ pub struct HistoryArgs {
 }
 
 pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
-    let mut entries = history::read(&fleet_dir(ctx))
-        .with_context(|| format!("reading {}", history::path(&fleet_dir(ctx)).display()))?;
+    let state = fleet_state(ctx)?;
+    let mut entries = history::read(&state)
+        .with_context(|| format!("reading the deploy history ({})", state.describe()))?;
     entries.reverse();
     entries.truncate(a.max_count);
     let trains = trains(ctx);
@@ -1931,8 +1954,8 @@ pub struct LockArgs {
 }
 
 pub fn lock_cmd(ctx: &Ctx, a: LockArgs) -> anyhow::Result<i32> {
-    let dir = fleet_dir(ctx);
-    let locks = locks(ctx);
+    let dir = fleet_state(ctx)?;
+    let locks = locks(ctx)?;
     if a.break_it {
         match lock::break_lock(&dir)? {
             Some(h) => println!("broke the lock of {h}"),
@@ -1999,12 +2022,18 @@ pub fn lock_cmd(ctx: &Ctx, a: LockArgs) -> anyhow::Result<i32> {
             }
         );
     }
-    match lock::holder(&dir)? {
-        Some(h) => {
-            let alive = match h.alive() {
-                Some(true) => "running",
-                Some(false) => "STALE: that process is gone; `scap lock --break` removes it",
-                None => "on another host",
+    match lock::holder_and_lease(&dir)? {
+        Some((h, lease)) => {
+            let alive = match (lease, h.alive()) {
+                (Some(ttl), Some(false)) => format!(
+                    "that process is gone: its lease in etcd expires within {ttl} s, then the lock is free"
+                ),
+                (Some(ttl), _) => format!("lease renewed, {ttl} s left"),
+                (None, Some(true)) => "running".into(),
+                (None, Some(false)) => {
+                    "STALE: that process is gone; `scap lock --break` removes it".into()
+                }
+                (None, None) => "on another host".into(),
             };
             println!(
                 "deploy lock: {h}{} [{alive}]",

@@ -140,6 +140,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
                     bytes: a.pack_bytes_per_client,
                     ..Default::default()
                 },
+                state: Some(ctx.state()?),
             },
         )
         .with_context(|| format!("--access-log {:?}", a.access_log))?;
@@ -154,7 +155,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         let web = crate::web::Web::new(
             state.store.clone(),
             std::sync::Arc::new(move |m: &mut crate::metrics::Exposition| counters.stats.expose(m)),
-            ctx.store_path.join("fleet"),
+            ctx.state()?,
             members,
             agents,
             Duration::from_secs(a.poll_interval.max(1)),

@@ -93,7 +93,7 @@ pub fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
         println!("{v} signed by {}", keys.join(", "));
     }
     if a.desired {
-        let n = crate::fleet::desired::resign(&super::fleet_args::fleet_dir(ctx), key)?;
+        let n = crate::fleet::desired::resign(&super::fleet_args::fleet_state(ctx)?, key)?;
         println!("the desired targets of {n} host(s) signed anew");
     }
     Ok(exit::OK)

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use super::ctx::{Ctx, DEFAULT_AGENT_DIR};
-use super::fleet_args::{FleetArgs, fleet_dir};
+use super::fleet_args::{FleetArgs, fleet_state};
 use super::output::{NotFound, exit, print_json, runtime};
 use crate::config::components;
 use crate::manifest::{BuildOptions, build};
@@ -711,7 +711,7 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> anyhow::Result<i32> {
         .block_on(crate::fleet::keep::fleet_roots(
             agents.as_ref(),
             &members,
-            &fleet_dir(ctx),
+            &fleet_state(ctx)?,
         ))
         .map_err(|e| anyhow::anyhow!("gc refused: {e}"))?;
     drop(rt);

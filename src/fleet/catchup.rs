@@ -31,7 +31,7 @@ pub struct CatchUp<'a> {
     pub dry_run: bool,
     pub by: String,
     pub command: String,
-    pub fleet_dir: std::path::PathBuf,
+    pub state: crate::fleet::state::DeployState,
     pub interrupted: &'a AtomicBool,
 }
 
@@ -52,7 +52,7 @@ impl CatchUp<'_> {
     }
 
     pub async fn run(&self, op: &mut dyn Operator) -> Result<CatchUpOutcome, String> {
-        let desired = Desired::load(&self.fleet_dir).map_err(|e| e.to_string())?;
+        let desired = Desired::load(&self.state).map_err(|e| e.to_string())?;
         let readings = poll(self.agents, &self.members, 64).await;
         let mut plan: Vec<(Host, Option<VersionId>, VersionId)> = Vec::new();
         for r in &readings {
@@ -152,7 +152,7 @@ impl CatchUp<'_> {
             &failed,
             &message,
         );
-        history::record(&self.fleet_dir, &entry);
+        history::record(&self.state, &entry);
         Ok(CatchUpOutcome {
             ok: failed.is_empty(),
             behind,

@@ -12,12 +12,12 @@
 //! is a new step in its history like any other.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use serde::Serialize;
 
 use super::poll::Reading;
-use super::record::RolloutRecord;
+use super::record::{RecordError, RolloutRecord};
+use super::state::{DeployState, Doc};
 use super::trains::{self, HeadMove, Trains, VersionName};
 use crate::manifest::change::{self, Applied, ChangeSpec};
 use crate::store::{Store, VersionId};
@@ -38,10 +38,10 @@ pub enum FleetFileError {
 pub fn live_versions(
     store: &Store,
     readings: &[Reading],
-    fleet_dir: &Path,
+    state: &DeployState,
 ) -> Result<(Vec<VersionId>, Vec<String>), FleetFileError> {
-    let desired = super::desired::Desired::load(fleet_dir)?;
-    let record = RolloutRecord::load(fleet_dir)?;
+    let desired = super::desired::Desired::load(state)?;
+    let record = RolloutRecord::load(state)?;
     let mut live: BTreeSet<VersionId> = desired.versions();
     let mut notes = Vec::new();
     for r in readings {
@@ -85,13 +85,13 @@ pub async fn build(
     store: &Store,
     agents: &super::agents::Agents,
     members: &[super::inventory::Member],
-    fleet_dir: &Path,
+    state: &DeployState,
     mut spec: ChangeSpec<'_>,
     op: &mut dyn super::operator::Operator,
     meter: &dyn crate::progress::Meter,
 ) -> Result<Prepared, ChangeError> {
     let readings = super::poll::poll(agents, members, 64).await;
-    let (bases, notes) = live_versions(store, &readings, fleet_dir)?;
+    let (bases, notes) = live_versions(store, &readings, state)?;
     for n in notes {
         op.say(&n);
     }
@@ -203,7 +203,7 @@ pub fn prepare(
 /// `outcome`'s message what that means for the trains.
 pub fn conclude(
     store: &Store,
-    fleet_dir: &Path,
+    state: &DeployState,
     prepared: &Prepared,
     to_all: bool,
     outcome: &mut super::deploy::Outcome,
@@ -211,20 +211,20 @@ pub fn conclude(
     orders: Option<&super::orders::Orders>,
 ) -> Vec<HeadMove> {
     let done = outcome.ok && outcome.finished && to_all;
-    let moves = settle(store, fleet_dir, prepared, done, by);
+    let moves = settle(store, state, prepared, done, by);
     // Undone: a failed gate's rollback brought back every host it had
     // moved. Hosts its steps chose but that never got it must not go there
     // later by themselves: their desired state goes back too.
     let undone = !outcome.ok && outcome.all_back;
     if undone {
-        undo_desired(fleet_dir, prepared, by, orders);
+        undo_desired(state, prepared, by, orders);
     }
     if done || undone {
-        PendingChange::remove(fleet_dir);
-    } else if let Ok(Some(mut p)) = PendingChange::load(fleet_dir) {
+        PendingChange::remove(state);
+    } else if let Ok(Some(mut p)) = PendingChange::load(state) {
         p.note = outcome.message.clone();
         p.pid = 0;
-        if let Err(e) = p.save(fleet_dir) {
+        if let Err(e) = p.save(state) {
             tracing::warn!("cannot save the pending change: {e}");
         }
     }
@@ -260,7 +260,7 @@ pub fn conclude(
 /// Takes back the desired targets a change's steps set (to the versions
 /// it was made from): the change is undone.
 pub fn undo_desired(
-    fleet_dir: &Path,
+    state: &DeployState,
     prepared: &Prepared,
     by: &str,
     orders: Option<&super::orders::Orders>,
@@ -269,7 +269,7 @@ pub fn undo_desired(
         prepared.map.iter().map(|(a, b)| (*b, *a)).collect();
     // Only the targets this change's steps set.
     let ours = format!("change {}", prepared.id);
-    if let Err(e) = super::desired::update(fleet_dir, orders, |d| {
+    if let Err(e) = super::desired::update(state, orders, |d| {
         for t in d.hosts.values_mut() {
             if t.why == ours
                 && let Some(old) = inverse.get(&t.version)
@@ -292,7 +292,7 @@ pub fn undo_desired(
 /// nothing moves.
 pub fn settle(
     store: &Store,
-    fleet_dir: &Path,
+    state: &DeployState,
     prepared: &Prepared,
     done: bool,
     by: &str,
@@ -300,10 +300,10 @@ pub fn settle(
     if !done || prepared.map.is_empty() {
         return Vec::new();
     }
-    match RolloutRecord::load(fleet_dir) {
+    match RolloutRecord::load(state) {
         Ok(Some(mut r)) => {
             r.rewrite(&prepared.map);
-            if let Err(e) = r.save(fleet_dir) {
+            if let Err(e) = r.save(state) {
                 tracing::error!("cannot save the rollout record: {e}");
             }
         }
@@ -351,16 +351,12 @@ pub struct PendingChange {
     pub note: String,
 }
 
-pub fn pending_path(fleet_dir: &Path) -> std::path::PathBuf {
-    fleet_dir.join("change.json")
-}
-
 impl PendingChange {
     /// Records `prepared` as the change in flight, by this process, before
     /// its first host moves: a controller that dies from then on leaves
     /// it for `scap sync --resume`.
     pub fn begin(
-        fleet_dir: &Path,
+        state: &DeployState,
         prepared: &Prepared,
         stages: &[super::rollout::Stage],
         settings: super::record::Settings,
@@ -381,7 +377,7 @@ impl PendingChange {
             started: crate::time::unix_now(),
             note: String::new(),
         }
-        .save(fleet_dir)
+        .save(state)
     }
 
     /// The change, as `prepare` made it.
@@ -400,16 +396,13 @@ impl PendingChange {
     }
 
     /// The change recorded, if one is.
-    pub fn load(fleet_dir: &Path) -> Result<Option<PendingChange>, super::record::RecordError> {
-        let p = pending_path(fleet_dir);
-        let bad = |why: String| super::record::RecordError::Bad {
-            path: p.clone(),
-            why,
+    pub fn load(state: &DeployState) -> Result<Option<PendingChange>, RecordError> {
+        let Some(bytes) = state.read(Doc::Change)? else {
+            return Ok(None);
         };
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(bad(e.to_string())),
+        let bad = |why: String| RecordError::Bad {
+            place: state.location(Doc::Change),
+            why,
         };
         let c: PendingChange = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         if c.format > PENDING_FORMAT {
@@ -421,27 +414,17 @@ impl PendingChange {
         Ok(Some(c))
     }
 
-    pub fn save(&mut self, fleet_dir: &Path) -> Result<(), super::record::RecordError> {
-        std::fs::create_dir_all(fleet_dir).map_err(|e| super::record::RecordError::Bad {
-            path: fleet_dir.to_path_buf(),
-            why: e.to_string(),
-        })?;
+    pub fn save(&mut self, state: &DeployState) -> Result<(), RecordError> {
         self.format = PENDING_FORMAT;
         let mut json = serde_json::to_vec_pretty(self).expect("serializes");
         json.push(b'\n');
-        Ok(crate::store::fsutil::atomic_write(
-            &pending_path(fleet_dir),
-            &json,
-        )?)
+        Ok(state.write(Doc::Change, &json)?)
     }
 
     /// The change is over (succeeded, or rolled back).
-    pub fn remove(fleet_dir: &Path) {
-        let p = pending_path(fleet_dir);
-        if let Err(e) = std::fs::remove_file(&p)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!("cannot remove {}: {e}", p.display());
+    pub fn remove(state: &DeployState) {
+        if let Err(e) = state.remove(Doc::Change) {
+            tracing::warn!("cannot remove {}: {e}", state.location(Doc::Change));
         }
     }
 }

@@ -86,7 +86,7 @@ pub struct Rollout<'a> {
     pub by: String,
     pub command: String,
     /// `STORE/fleet`: history, desired state and the rollout record live here.
-    pub fleet_dir: std::path::PathBuf,
+    pub state: crate::fleet::state::DeployState,
     /// Set by Ctrl-C: finish the hosts in flight, start no more.
     pub interrupted: &'a AtomicBool,
     /// The record of this rollout (one version, not a dry run): kept up to
@@ -357,15 +357,13 @@ impl Rollout<'_> {
         }
         let readings = poll(self.agents, &self.members, 64).await;
         let why = self.why();
-        let result = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
-            match &self.goal {
-                Goal::One { version, .. } => {
-                    for r in readings.iter().filter(|r| r.view.is_err()) {
-                        d.set(&r.name(), *version, &self.by, &why);
-                    }
+        let result = desired::update(&self.state, self.agents.orders(), |d| match &self.goal {
+            Goal::One { version, .. } => {
+                for r in readings.iter().filter(|r| r.view.is_err()) {
+                    d.set(&r.name(), *version, &self.by, &why);
                 }
-                Goal::Change { map, .. } => d.rewrite(map, &self.by, &why),
             }
+            Goal::Change { map, .. } => d.rewrite(map, &self.by, &why),
         });
         if let Err(e) = result {
             tracing::error!("cannot record the desired state: {e}");
@@ -445,7 +443,7 @@ impl Rollout<'_> {
         let mut guard = self.record.lock().expect("not poisoned");
         if let Some(r) = guard.as_mut() {
             f(r);
-            if let Err(e) = r.save(&self.fleet_dir) {
+            if let Err(e) = r.save(&self.state) {
                 tracing::error!("cannot save the rollout record: {e}");
             }
         }
@@ -473,6 +471,18 @@ impl Rollout<'_> {
             let msg = "interrupted (Ctrl-C): no further hosts were started";
             self.stopped(msg);
             let o = p.outcome(false, msg.into(), vec![]);
+            return Err(self.log_step(stage, self.no_gates(), o));
+        }
+        // The deploy state in etcd: this controller must still hold the
+        // lock (a lease that expired while it hung means another deploy
+        // host may be running this rollout now), and etcd must answer, or
+        // nothing this step does could be recorded.
+        if !self.dry_run
+            && let Err(e) = self.state.check_lock()
+        {
+            let msg = format!("{e}; stopping before {stage}, no host was started");
+            op.say(&msg);
+            let o = p.outcome(false, msg, vec![]);
             return Err(self.log_step(stage, self.no_gates(), o));
         }
         let members = match &self.pools {
@@ -726,7 +736,7 @@ impl Rollout<'_> {
             .zip(&targets)
             .map(|(&i, t)| (readings[i].name(), *t, readings[i].current()))
             .collect();
-        if let Err(e) = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
+        if let Err(e) = desired::update(&self.state, self.agents.orders(), |d| {
             for (host, v, _) in &chosen {
                 d.set(host, *v, &self.by, &why);
             }
@@ -1175,7 +1185,7 @@ impl Rollout<'_> {
         }
         let back = &rb.back;
         op.step_done("rollback", back.len(), results.len() - back.len());
-        if let Err(e) = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
+        if let Err(e) = desired::update(&self.state, self.agents.orders(), |d| {
             for (host, v) in &targets {
                 d.set(host, *v, &self.by, "rollback (health gate)");
             }
@@ -1211,7 +1221,7 @@ impl Rollout<'_> {
             measurements: std::mem::take(&mut *self.measured.lock().expect("not poisoned")),
             sources: std::mem::take(&mut *self.served.lock().expect("not poisoned")),
         };
-        history::record(&self.fleet_dir, &entry);
+        history::record(&self.state, &entry);
         o
     }
 }

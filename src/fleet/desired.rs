@@ -1,6 +1,7 @@
 //! What each host should run, as the deploy host last decided it: after a
 //! rollout step, a rollback, a change (sync-file) or a catch-up.
-//! `STORE/fleet/desired.json`, written atomically.
+//! In the deploy state (`super::state`: `STORE/fleet/desired.json`, or
+//! etcd), replaced whole.
 //!
 //! Hosts read it through `scap serve` (`GET /v1/desired/<host>`) when their
 //! agent starts and on `scap pull`, and converge by themselves: a reimaged
@@ -19,14 +20,13 @@
 //! counted as a host being on a version.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::orders::{Orders, OrdersError};
+use super::state::{DeployState, Doc, StateError};
 use crate::proto::DESIRED_ACTION;
 use crate::store::VersionId;
-use crate::store::fsutil::atomic_write;
 use crate::store::signature::SignedOrder;
 
 pub const DESIRED_FORMAT: u32 = 1;
@@ -56,40 +56,34 @@ pub struct Desired {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
-    #[error("{path}: {why}: move it aside (the next deploy writes it anew) or upgrade scap")]
-    Bad { path: PathBuf, why: String },
+    #[error("{place}: {why}: move it aside (the next deploy writes it anew) or upgrade scap")]
+    Bad { place: String, why: String },
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    State(#[from] StateError),
     #[error("signing the desired state: {0}")]
     Orders(#[from] OrdersError),
     #[error(transparent)]
     Lock(#[from] super::lock::LockError),
 }
 
-pub fn path(fleet_dir: &Path) -> PathBuf {
-    fleet_dir.join("desired.json")
-}
-
 impl Desired {
-    pub fn load(fleet_dir: &Path) -> Result<Desired, DesiredError> {
-        let p = path(fleet_dir);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Desired::default()),
-            Err(e) => {
-                return Err(DesiredError::Bad {
-                    path: p,
-                    why: e.to_string(),
-                });
-            }
+    pub fn load(state: &DeployState) -> Result<Desired, DesiredError> {
+        let Some(bytes) = state.read(Doc::Desired)? else {
+            return Ok(Desired::default());
         };
-        let d: Desired = serde_json::from_slice(&bytes).map_err(|e| DesiredError::Bad {
-            path: p.clone(),
+        Desired::parse(&bytes, || state.location(Doc::Desired))
+    }
+
+    /// The desired state from its bytes; `place` names where they came
+    /// from in an error.
+    pub fn parse(bytes: &[u8], place: impl Fn() -> String) -> Result<Desired, DesiredError> {
+        let d: Desired = serde_json::from_slice(bytes).map_err(|e| DesiredError::Bad {
+            place: place(),
             why: e.to_string(),
         })?;
         if d.format > DESIRED_FORMAT {
             return Err(DesiredError::Bad {
-                path: p,
+                place: place(),
                 why: format!(
                     "format v{}, this scap reads up to v{DESIRED_FORMAT}",
                     d.format
@@ -99,16 +93,12 @@ impl Desired {
         Ok(d)
     }
 
-    pub fn save(&self, fleet_dir: &Path) -> Result<(), DesiredError> {
-        std::fs::create_dir_all(fleet_dir).map_err(|e| DesiredError::Bad {
-            path: fleet_dir.to_path_buf(),
-            why: e.to_string(),
-        })?;
+    pub fn save(&self, state: &DeployState) -> Result<(), DesiredError> {
         let mut d = self.clone();
         d.format = DESIRED_FORMAT;
         let mut json = serde_json::to_vec_pretty(&d).expect("serializes");
         json.push(b'\n');
-        Ok(atomic_write(&path(fleet_dir), &json)?)
+        Ok(state.write(Doc::Desired, &json)?)
     }
 
     pub fn set(&mut self, host: &str, version: VersionId, by: &str, why: &str) {
@@ -154,11 +144,11 @@ impl Desired {
 /// set or changed gets a new order from `orders` (none without a deploy
 /// key).
 pub fn update(
-    fleet_dir: &Path,
+    state: &DeployState,
     orders: Option<&Orders>,
     f: impl FnOnce(&mut Desired),
 ) -> Result<(), DesiredError> {
-    let mut d = Desired::load(fleet_dir)?;
+    let mut d = Desired::load(state)?;
     let before = d.clone();
     f(&mut d);
     for (host, t) in &mut d.hosts {
@@ -176,7 +166,7 @@ pub fn update(
             None => None,
         };
     }
-    d.save(fleet_dir)
+    d.save(state)
 }
 
 /// Signs every target anew with `key` (after a key rotation: targets
@@ -184,15 +174,15 @@ pub fn update(
 /// deploy lock, so that no rollout changes them meanwhile. Safe, as the
 /// targets are the deploy host's current intent. How many it signed.
 pub fn resign(
-    fleet_dir: &Path,
+    state: &DeployState,
     key: std::sync::Arc<crate::store::signature::SigningKey>,
 ) -> Result<usize, DesiredError> {
-    let _lock = super::lock::acquire(fleet_dir, "scap sign --desired")?;
-    let orders = Orders::reserve(key, fleet_dir)?;
-    let mut d = Desired::load(fleet_dir)?;
+    let _lock = super::lock::acquire(state, "scap sign --desired")?;
+    let orders = Orders::reserve(key, state)?;
+    let mut d = Desired::load(state)?;
     for (host, t) in &mut d.hosts {
         t.order = Some(orders.sign(host, t.version, DESIRED_ACTION)?);
     }
-    d.save(fleet_dir)?;
+    d.save(state)?;
     Ok(d.hosts.len())
 }

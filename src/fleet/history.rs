@@ -1,12 +1,10 @@
-//! The audit log of the deploy host: one JSON line per sync, rollback or
-//! promote (`STORE/fleet/history.jsonl`), appended and fsynced.
-
-use std::fs::OpenOptions;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+//! The audit log of the deploy hosts: one JSON entry per sync, rollback or
+//! promote, in the deploy state (`super::state`: `STORE/fleet/history.jsonl`,
+//! appended and fsynced, or a key each in etcd).
 
 use serde::{Deserialize, Serialize};
 
+use super::state::{DeployState, StateError};
 use crate::store::VersionId;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -97,44 +95,25 @@ pub fn named(entries: &[Entry], trains: &super::trains::Trains) -> Vec<serde_jso
 
 /// Appends `entry` to the history; one that cannot be written is warned
 /// about, never fatal: what it records has happened.
-pub fn record(dir: &Path, entry: &Entry) {
-    if let Err(e) = append(dir, entry) {
+pub fn record(state: &DeployState, entry: &Entry) {
+    if let Err(e) = append(state, entry) {
         tracing::warn!(
-            "cannot append to the deploy history {}: {e}",
-            path(dir).display()
+            "cannot append to the deploy history ({}): {e}",
+            state.describe()
         );
     }
 }
 
-pub fn path(dir: &Path) -> PathBuf {
-    dir.join("history.jsonl")
+pub fn append(state: &DeployState, entry: &Entry) -> Result<(), StateError> {
+    state.append_history(&serde_json::to_vec(entry).expect("serializes"))
 }
 
-pub fn append(dir: &Path, entry: &Entry) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut line = serde_json::to_vec(entry).expect("serializes");
-    line.push(b'\n');
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path(dir))?;
-    f.write_all(&line)?;
-    f.sync_data()
-}
-
-/// All entries, oldest first; a torn last line (a crash mid-append) is
-/// skipped.
-pub fn read(dir: &Path) -> std::io::Result<Vec<Entry>> {
-    let f = match std::fs::File::open(path(dir)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for line in std::io::BufReader::new(f).lines() {
-        if let Ok(e) = serde_json::from_str(&line?) {
-            out.push(e);
-        }
-    }
-    Ok(out)
+/// All entries, oldest first; a line that does not parse (a torn last
+/// line after a crash mid-append) is skipped.
+pub fn read(state: &DeployState) -> Result<Vec<Entry>, StateError> {
+    Ok(state
+        .history()?
+        .iter()
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect())
 }

@@ -6,7 +6,6 @@
 //! to.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use super::agents::Agents;
 use super::desired::Desired;
@@ -29,13 +28,13 @@ pub struct FleetRoots {
 pub async fn fleet_roots(
     agents: Option<&Agents>,
     members: &[Member],
-    fleet_dir: &Path,
+    state: &super::state::DeployState,
 ) -> Result<FleetRoots, String> {
-    let desired = Desired::load(fleet_dir).map_err(|e| e.to_string())?;
+    let desired = Desired::load(state).map_err(|e| e.to_string())?;
     let mut out = FleetRoots::default();
     out.versions.extend(desired.versions());
     out.desired = desired.hosts.len();
-    if let Some(r) = RolloutRecord::load(fleet_dir).map_err(|e| e.to_string())? {
+    if let Some(r) = RolloutRecord::load(state).map_err(|e| e.to_string())? {
         out.versions.insert(r.version);
         out.versions.extend(r.from.values().copied());
     }

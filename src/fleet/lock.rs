@@ -15,14 +15,24 @@
 //!   when and why. The holder's own deploys go on (with a note): the lock
 //!   keeps others out while they work.
 //!
+//! With the deploy state in etcd (`super::state`), the deploy lock is a
+//! key bound to a lease its holder renews: it goes when the holder exits,
+//! or within the lease (`[state] lease`, 15 s) of its death, never before;
+//! there is no stale lock to break by hand, and `--resume` on another
+//! deploy host waits out a dead controller's lease. The held lock is a key
+//! too; the global lock stays a file of this deploy host.
+//!
 //! **Invariant:** a deploy and a held lock never both go ahead: each side
-//! creates its file first (`O_EXCL`) and then looks for the other's, and
-//! removes its own if it finds one, so of two that race at least one sees
-//! the other.
+//! creates its lock first (`O_EXCL`, or an etcd transaction that creates
+//! the key only if absent) and then looks for the other's, and removes its
+//! own if it finds one, so of two that race at least one sees the other.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::state::{DeployState, LeaseLock, StateError};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,27 +77,40 @@ impl std::fmt::Display for Held {
     }
 }
 
-/// The locks of one fleet: its directory, and the global lock file.
+/// The locks of one fleet: its deploy state, and the global lock file.
 #[derive(Clone, Debug)]
 pub struct Locks {
-    pub dir: PathBuf,
+    pub state: DeployState,
     pub global: PathBuf,
 }
 
 impl Locks {
-    pub fn new(dir: &Path, global: Option<&Path>) -> Locks {
+    pub fn new(state: &DeployState, global: Option<&Path>) -> Locks {
         Locks {
-            dir: dir.to_path_buf(),
+            state: state.clone(),
             global: global.map_or_else(|| PathBuf::from(DEFAULT_GLOBAL_LOCK), Path::to_path_buf),
         }
     }
 
-    /// Where `scap lock` (with `global`: `--all`) keeps its lock.
-    pub fn held_path(&self, global: bool) -> PathBuf {
+    /// Where `scap lock` (with `global`: `--all`) keeps its lock, for
+    /// people.
+    pub fn held_place(&self, global: bool) -> String {
         if global {
-            self.global.clone()
+            format!("lock file {}", self.global.display())
+        } else if self.state.is_etcd() {
+            format!("{}: lock/held", self.state.describe())
         } else {
-            self.dir.join("held.lock")
+            format!("lock file {}", self.state.dir().join("held.lock").display())
+        }
+    }
+
+    fn held_file(&self, global: bool) -> Option<PathBuf> {
+        if global {
+            Some(self.global.clone())
+        } else if self.state.is_etcd() {
+            None
+        } else {
+            Some(self.state.dir().join("held.lock"))
         }
     }
 
@@ -95,7 +118,10 @@ impl Locks {
     pub fn held(&self) -> Result<Vec<Held>, LockError> {
         let mut out = Vec::new();
         for global in [true, false] {
-            let path = self.held_path(global);
+            let Some(path) = self.held_file(global) else {
+                out.extend(self.state.etcd_held()?);
+                continue;
+            };
             match fs::read(&path) {
                 Ok(b) => out.push(serde_json::from_slice(&b).unwrap_or_else(|e| Held {
                     user: "?".into(),
@@ -112,11 +138,11 @@ impl Locks {
     }
 
     /// A held lock of someone else's that stops a deploy, if any.
-    fn blocking(&self) -> Result<Option<(Box<Held>, PathBuf)>, LockError> {
+    fn blocking(&self) -> Result<Option<(Box<Held>, String)>, LockError> {
         let me = user();
         Ok(self.held()?.into_iter().find(|h| h.user != me).map(|h| {
-            let path = self.held_path(h.global);
-            (Box::new(h), path)
+            let place = self.held_place(h.global);
+            (Box::new(h), place)
         }))
     }
 
@@ -124,14 +150,6 @@ impl Locks {
     /// [`Locks::release`]. Refused while someone holds one already, or a
     /// deploy runs.
     pub fn hold(&self, message: &str, global: bool) -> Result<Held, LockError> {
-        let path = self.held_path(global);
-        let io = |source| LockError::Io {
-            path: path.clone(),
-            source,
-        };
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io)?;
-        }
         let me = Held {
             user: user(),
             host: hostname(),
@@ -139,52 +157,78 @@ impl Locks {
             message: message.to_string(),
             global,
         };
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(mut f) => {
-                f.write_all(&serde_json::to_vec(&me).expect("serializes"))
-                    .and_then(|()| f.sync_all())
-                    .map_err(io)?;
+        match self.held_file(global) {
+            None => {
+                if let Err(theirs) = self.state.etcd_hold(&me)? {
+                    return Err(LockError::Locked {
+                        held: Box::new(theirs),
+                        place: self.held_place(global),
+                    });
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let held = self
-                    .held()?
-                    .into_iter()
-                    .find(|h| h.global == global)
-                    .expect("the file exists");
-                return Err(LockError::Locked {
-                    held: Box::new(held),
-                    path,
-                });
+            Some(path) => {
+                let io = |source| LockError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(io)?;
+                }
+                match OpenOptions::new().write(true).create_new(true).open(&path) {
+                    Ok(mut f) => {
+                        f.write_all(&serde_json::to_vec(&me).expect("serializes"))
+                            .and_then(|()| f.sync_all())
+                            .map_err(io)?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let held = self
+                            .held()?
+                            .into_iter()
+                            .find(|h| h.global == global)
+                            .expect("the file exists");
+                        return Err(LockError::Locked {
+                            held: Box::new(held),
+                            place: self.held_place(global),
+                        });
+                    }
+                    Err(e) => return Err(io(e)),
+                }
             }
-            Err(e) => return Err(io(e)),
         }
-        // A deploy that started before the file was there goes on: refuse.
-        if let Some(h) = holder(&self.dir)? {
-            let _ = fs::remove_file(&path);
+        // A deploy that started before the lock was there goes on: refuse.
+        if let Some(h) = holder(&self.state)? {
+            self.remove_held(global)?;
             return Err(LockError::Held(Box::new(h)));
         }
         Ok(me)
     }
 
+    fn remove_held(&self, global: bool) -> Result<(), LockError> {
+        match self.held_file(global) {
+            None => Ok(self.state.etcd_unhold()?),
+            Some(path) => match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(LockError::Io { path, source: e })
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// `scap lock --release` (`--all`: `global`): removes the held lock,
     /// only the caller's own unless `force`. Returns what it removed.
     pub fn release(&self, global: bool, force: bool) -> Result<Option<Held>, LockError> {
-        let path = self.held_path(global);
         let Some(h) = self.held()?.into_iter().find(|h| h.global == global) else {
             return Ok(None);
         };
         if h.user != user() && !force {
             return Err(LockError::NotYours {
                 held: Box::new(h),
-                path,
+                place: self.held_place(global),
             });
         }
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(LockError::Io { path, source: e })
-            }
-            _ => Ok(Some(h)),
-        }
+        self.remove_held(global)?;
+        Ok(Some(h))
     }
 
     /// Takes the deploy lock for `command`, unless someone else holds a
@@ -196,14 +240,14 @@ impl Locks {
         command: &str,
         message: Option<&str>,
     ) -> Result<(DeployLock, Option<Held>), LockError> {
-        if let Some((held, path)) = self.blocking()? {
-            return Err(LockError::Locked { held, path });
+        if let Some((held, place)) = self.blocking()? {
+            return Err(LockError::Locked { held, place });
         }
-        let lock = acquire_with(&self.dir, command, message)?;
+        let lock = acquire_with(&self.state, command, message)?;
         // A lock taken while this one was being created.
-        if let Some((held, path)) = self.blocking()? {
+        if let Some((held, place)) = self.blocking()? {
             drop(lock);
-            return Err(LockError::Locked { held, path });
+            return Err(LockError::Locked { held, place });
         }
         let own = self.held()?.into_iter().next();
         Ok((lock, own))
@@ -217,10 +261,10 @@ impl Locks {
         pid: u32,
         host: &str,
     ) -> Result<(DeployLock, bool), LockError> {
-        if let Some((held, path)) = self.blocking()? {
-            return Err(LockError::Locked { held, path });
+        if let Some((held, place)) = self.blocking()? {
+            return Err(LockError::Locked { held, place });
         }
-        take_over(&self.dir, command, pid, host)
+        take_over(&self.state, command, pid, host)
     }
 }
 
@@ -254,29 +298,51 @@ pub enum LockError {
     )]
     Stale { holder: Box<Holder>, path: PathBuf },
     #[error(
-        "deploys are locked by {held} ({which}); wait for `scap lock --release{all}` by {user}, or ask them (lock file {path})",
+        "the deploy lock is held by {holder}, whose rollout this is; its lease in etcd did not expire within {waited} s, so that controller still runs: stop it, or wait for it"
+    )]
+    StillRenewed { holder: Box<Holder>, waited: u64 },
+    #[error(
+        "deploys are locked by {held} ({which}); wait for `scap lock --release{all}` by {user}, or ask them ({place})",
         which = if held.global { "every deploy on this host: scap lock --all" } else { "scap lock" },
         all = if held.global { " --all" } else { "" },
         user = held.user
     )]
-    Locked { held: Box<Held>, path: PathBuf },
+    Locked { held: Box<Held>, place: String },
     #[error(
-        "the lock is {held}, not yours: ask {user} to release it, or pass --force once you are sure (lock file {path})",
+        "the lock is {held}, not yours: ask {user} to release it, or pass --force once you are sure ({place})",
         user = held.user
     )]
-    NotYours { held: Box<Held>, path: PathBuf },
+    NotYours { held: Box<Held>, place: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// Holds the fleet lock until dropped.
 #[derive(Debug)]
 pub struct DeployLock {
-    path: PathBuf,
+    kind: LockKind,
+}
+
+#[derive(Debug)]
+enum LockKind {
+    File(PathBuf),
+    Lease(LeaseLock),
+}
+
+impl DeployLock {
+    /// Why the lock is known lost (etcd: its lease expired), if it is.
+    pub fn lost(&self) -> Option<String> {
+        match &self.kind {
+            LockKind::File(_) => None,
+            LockKind::Lease(l) => l.lost(),
+        }
+    }
 }
 
 pub fn lock_path(dir: &Path) -> PathBuf {
@@ -286,8 +352,11 @@ pub fn lock_path(dir: &Path) -> PathBuf {
 use crate::sys::{hostname, user};
 
 /// Reads the current holder, if any.
-pub fn holder(dir: &Path) -> Result<Option<Holder>, LockError> {
-    let path = lock_path(dir);
+pub fn holder(state: &DeployState) -> Result<Option<Holder>, LockError> {
+    if state.is_etcd() {
+        return Ok(state.etcd_holder()?.map(|(h, _)| h));
+    }
+    let path = lock_path(state.dir());
     match fs::read(&path) {
         Ok(b) => Ok(serde_json::from_slice(&b).ok().or_else(|| {
             Some(Holder {
@@ -304,17 +373,24 @@ pub fn holder(dir: &Path) -> Result<Option<Holder>, LockError> {
     }
 }
 
-pub fn acquire(dir: &Path, command: &str) -> Result<DeployLock, LockError> {
-    acquire_with(dir, command, None)
+/// The holder, and (etcd) the seconds its lease has left if it stops
+/// renewing it.
+pub fn holder_and_lease(state: &DeployState) -> Result<Option<(Holder, Option<i64>)>, LockError> {
+    if state.is_etcd() {
+        return Ok(state.etcd_holder()?.map(|(h, t)| (h, Some(t))));
+    }
+    Ok(holder(state)?.map(|h| (h, None)))
 }
 
-fn acquire_with(dir: &Path, command: &str, message: Option<&str>) -> Result<DeployLock, LockError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| LockError::Io { path, source }
-    };
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let path = lock_path(dir);
+pub fn acquire(state: &DeployState, command: &str) -> Result<DeployLock, LockError> {
+    acquire_with(state, command, None)
+}
+
+fn acquire_with(
+    state: &DeployState,
+    command: &str,
+    message: Option<&str>,
+) -> Result<DeployLock, LockError> {
     let me = Holder {
         user: user(),
         host: hostname(),
@@ -323,15 +399,32 @@ fn acquire_with(dir: &Path, command: &str, message: Option<&str>) -> Result<Depl
         command: command.to_string(),
         message: message.map(str::to_string),
     };
+    if state.is_etcd() {
+        return match state.etcd_acquire(&me)? {
+            Ok(l) => Ok(DeployLock {
+                kind: LockKind::Lease(l),
+            }),
+            Err(h) => Err(LockError::Held(h)),
+        };
+    }
+    let dir = state.dir();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LockError::Io { path, source }
+    };
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = lock_path(dir);
     match OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(mut f) => {
             f.write_all(&serde_json::to_vec(&me).expect("serializes"))
                 .and_then(|()| f.sync_all())
                 .map_err(io(&path))?;
-            Ok(DeployLock { path })
+            Ok(DeployLock {
+                kind: LockKind::File(path),
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let h = holder(dir)?.expect("the lock file exists");
+            let h = holder(state)?.expect("the lock file exists");
             if h.alive() == Some(false) {
                 Err(LockError::Stale {
                     holder: Box::new(h),
@@ -346,9 +439,12 @@ fn acquire_with(dir: &Path, command: &str, message: Option<&str>) -> Result<Depl
 }
 
 /// Removes a lock, whoever holds it. Returns the holder it removed.
-pub fn break_lock(dir: &Path) -> Result<Option<Holder>, LockError> {
-    let h = holder(dir)?;
-    let path = lock_path(dir);
+pub fn break_lock(state: &DeployState) -> Result<Option<Holder>, LockError> {
+    if state.is_etcd() {
+        return Ok(state.etcd_break()?);
+    }
+    let h = holder(state)?;
+    let path = lock_path(state.dir());
     match fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(LockError::Io { path, source: e })
@@ -359,27 +455,59 @@ pub fn break_lock(dir: &Path) -> Result<Option<Holder>, LockError> {
 
 impl Drop for DeployLock {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if let LockKind::File(path) = &self.kind {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
-/// Takes the lock to continue the work of the controller `pid` on `host`:
-/// over a stale lock only if it is that controller's, on this host, and
-/// its process is gone (a controller that died mid-rollout). Returns the
-/// lock and whether a stale one was taken over.
+/// Takes the lock to continue the work of the controller `pid` on `host`.
+///
+/// In files: over a stale lock only if it is that controller's, on this
+/// host, and its process is gone (a controller that died mid-rollout).
+/// In etcd: a dead controller's lock goes when its lease expires, so while
+/// that controller holds it this waits (up to twice the lease) for it to
+/// expire; a lease still renewed at the end means the controller runs.
+/// Returns the lock and whether a dead controller's was taken over.
 pub fn take_over(
-    dir: &Path,
+    state: &DeployState,
     command: &str,
     pid: u32,
     host: &str,
 ) -> Result<(DeployLock, bool), LockError> {
-    match acquire(dir, command) {
+    if state.is_etcd() {
+        let mut waited_for = None;
+        let start = Instant::now();
+        loop {
+            match acquire(state, command) {
+                Ok(l) => return Ok((l, waited_for.is_some())),
+                Err(LockError::Held(h)) if h.pid == pid && h.host == host => {
+                    let left = state.etcd_holder()?.map_or(0, |(_, t)| t.max(0) as u64);
+                    let limit = waited_for.get_or_insert(left * 2 + 5);
+                    if start.elapsed().as_secs() > *limit {
+                        return Err(LockError::StillRenewed {
+                            holder: h,
+                            waited: start.elapsed().as_secs(),
+                        });
+                    }
+                    if start.elapsed() < Duration::from_millis(100) {
+                        eprintln!(
+                            "waiting for the deploy lock of the controller that ran this rollout ({h}): its lease expires within {left} s if it is gone"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    match acquire(state, command) {
         Ok(l) => Ok((l, false)),
         Err(LockError::Stale { holder, .. })
             if holder.pid == pid && holder.host == host && host == crate::sys::hostname() =>
         {
-            break_lock(dir)?;
-            Ok((acquire(dir, command)?, true))
+            break_lock(state)?;
+            Ok((acquire(state, command)?, true))
         }
         Err(e) => Err(e),
     }
@@ -392,8 +520,9 @@ mod tests {
     #[test]
     fn one_holder_then_stale_then_broken() {
         let dir = tempfile::tempdir().unwrap();
-        let lock = acquire(dir.path(), "scap sync --canary=10%").unwrap();
-        match acquire(dir.path(), "scap sync --canary=20%") {
+        let st = DeployState::files(dir.path());
+        let lock = acquire(&st, "scap sync --canary=10%").unwrap();
+        match acquire(&st, "scap sync --canary=20%") {
             Err(LockError::Held(h)) => {
                 assert_eq!(h.command, "scap sync --canary=10%");
                 assert_eq!(h.pid, std::process::id());
@@ -401,7 +530,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         drop(lock);
-        let _again = acquire(dir.path(), "x").unwrap();
+        let _again = acquire(&st, "x").unwrap();
         drop(_again);
         // A lock from a dead process.
         let dead = Holder {
@@ -413,17 +542,20 @@ mod tests {
             message: None,
         };
         fs::write(lock_path(dir.path()), serde_json::to_vec(&dead).unwrap()).unwrap();
-        let e = acquire(dir.path(), "y").unwrap_err();
+        let e = acquire(&st, "y").unwrap_err();
         assert!(matches!(e, LockError::Stale { .. }), "{e}");
         assert!(e.to_string().contains("scap lock --break"));
-        assert_eq!(break_lock(dir.path()).unwrap(), Some(dead));
-        assert!(acquire(dir.path(), "z").is_ok());
+        assert_eq!(break_lock(&st).unwrap(), Some(dead));
+        assert!(acquire(&st, "z").is_ok());
     }
 
     #[test]
     fn a_held_lock_stops_others_and_names_its_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let locks = Locks::new(&dir.path().join("fleet"), Some(&dir.path().join("global")));
+        let locks = Locks::new(
+            &DeployState::files(&dir.path().join("fleet")),
+            Some(&dir.path().join("global")),
+        );
         // Someone else's lock, as its file says.
         let theirs = Held {
             user: "someone-else".into(),
@@ -448,7 +580,7 @@ mod tests {
         let (lock, own) = locks.acquire("scap sync", Some("msg")).unwrap();
         assert_eq!(own, Some(mine));
         assert_eq!(
-            holder(&locks.dir).unwrap().unwrap().message.as_deref(),
+            holder(&locks.state).unwrap().unwrap().message.as_deref(),
             Some("msg")
         );
         // No lock while a deploy runs.

@@ -32,5 +32,6 @@ pub mod restart;
 pub mod rollback;
 pub mod rollout;
 pub mod stage;
+pub mod state;
 pub mod status;
 pub mod trains;

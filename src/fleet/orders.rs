@@ -10,13 +10,15 @@
 //!
 //! Sequence numbers are handed out in blocks: each command reserves one
 //! block of [`BLOCK`] numbers, starting above both the last block reserved
-//! (`STORE/fleet/orders.seq`, written under `orders.lock`) and the clock in
+//! (`STORE/fleet/orders.seq`, written under `orders.lock`; with the deploy
+//! state in etcd, `orders/seq` there, by compare-and-swap) and the clock in
 //! microseconds, so they grow across commands, controller restarts and a
-//! clock that goes back, and (while clocks agree) across deploy hosts.
+//! clock that goes back, and (while clocks agree) across deploy hosts (and, with etcd, whatever their clocks).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::state::DeployState;
 use crate::store::VersionId;
 use crate::store::signature::{ORDER_KIND, Order, SignedOrder, SigningKey};
 
@@ -39,6 +41,8 @@ pub enum OrdersError {
     Exhausted,
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    State(#[from] super::state::StateError),
 }
 
 /// The orders of one command: a block of sequence numbers and the key.
@@ -69,8 +73,20 @@ impl Orders {
     /// Reserves a block of sequence numbers in `fleet_dir`.
     pub fn reserve(
         key: impl Into<std::sync::Arc<SigningKey>>,
-        fleet_dir: &Path,
+        state: &DeployState,
     ) -> Result<Orders, OrdersError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        if let Some(start) = state.reserve_orders(now, BLOCK)? {
+            return Ok(Orders {
+                key: key.into(),
+                next: AtomicU64::new(start),
+                end: start.saturating_add(BLOCK),
+            });
+        }
+        let fleet_dir = state.dir();
         std::fs::create_dir_all(fleet_dir).map_err(io(fleet_dir))?;
         let lock_path = fleet_dir.join("orders.lock");
         let lock = std::fs::OpenOptions::new()
@@ -89,10 +105,6 @@ impl Orders {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io(&path)(e)),
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64;
         let start = last.max(now).saturating_add(1);
         let end = start.saturating_add(BLOCK);
         crate::store::fsutil::atomic_write(&path, format!("{end}\n").as_bytes())?;
@@ -144,11 +156,11 @@ mod tests {
         let load = || SigningKey::load(&key_path).unwrap();
         let v = VersionId::new(ObjectKind::Tree.hash(b"v"));
         let w = VersionId::new(ObjectKind::Tree.hash(b"w"));
-        let a = Orders::reserve(load(), dir.path()).unwrap();
+        let a = Orders::reserve(load(), &DeployState::files(dir.path())).unwrap();
         // A clock far in the future for the first block, then the file
         // alone must keep the next one above it.
         std::fs::write(dir.path().join("orders.seq"), format!("{}\n", u64::MAX / 2)).unwrap();
-        let b = Orders::reserve(load(), dir.path()).unwrap();
+        let b = Orders::reserve(load(), &DeployState::files(dir.path())).unwrap();
         let trust = Trust {
             keys: vec![public.clone()],
             revoked: vec![],
@@ -186,7 +198,7 @@ mod tests {
         assert!(e.to_string().contains("revoked"), "{e}");
         // A corrupt sequence file is named.
         std::fs::write(dir.path().join("orders.seq"), "nope").unwrap();
-        let e = Orders::reserve(load(), dir.path()).unwrap_err();
+        let e = Orders::reserve(load(), &DeployState::files(dir.path())).unwrap_err();
         assert!(e.to_string().contains("orders.seq"), "{e}");
     }
 }

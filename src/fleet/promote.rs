@@ -25,7 +25,7 @@ pub struct Promote<'a> {
     pub budget: Budget,
     pub by: String,
     pub command: String,
-    pub fleet_dir: std::path::PathBuf,
+    pub state: crate::fleet::state::DeployState,
     /// The deploy host's store, where the stable version is pinned.
     pub store: Option<&'a crate::store::Store>,
 }
@@ -137,7 +137,7 @@ impl Promote<'_> {
                 &message,
             )
         };
-        history::record(&self.fleet_dir, &entry);
+        history::record(&self.state, &entry);
         Ok(PromoteOutcome {
             ok: failed.is_empty(),
             results,
@@ -148,12 +148,12 @@ impl Promote<'_> {
 
     /// Pins the new stable version; unpins the one the last promote pinned.
     fn pin(&self, store: &crate::store::Store) -> Result<Option<VersionId>, String> {
-        let path = self.fleet_dir.join("promoted");
+        let path = self.state.dir().join("promoted");
         let old: Option<VersionId> = std::fs::read_to_string(&path)
             .ok()
             .and_then(|s| s.trim().parse().ok());
         store.pin(&self.version).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&self.fleet_dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(self.state.dir()).map_err(|e| e.to_string())?;
         crate::store::fsutil::atomic_write(
             &path,
             format!("{}\n", self.version.to_hex()).as_bytes(),

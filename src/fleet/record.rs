@@ -1,5 +1,6 @@
-//! The rollout in progress, recorded on the deploy host so that it
-//! outlives the terminal that started it: `STORE/fleet/rollout.json`.
+//! The rollout in progress, recorded in the deploy state (`super::state`:
+//! `STORE/fleet/rollout.json`, or etcd) so that it outlives the terminal,
+//! and the deploy host, that started it.
 //!
 //! It holds what `scap sync --resume` needs to continue from the last
 //! completed step with the same settings (the goal, the stages, the gates,
@@ -11,13 +12,12 @@
 //! back returns to the old train with the change.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::rollout::Stage;
+use super::state::{DeployState, Doc, StateError};
 use crate::store::VersionId;
-use crate::store::fsutil::atomic_write;
 
 pub const RECORD_FORMAT: u32 = 1;
 
@@ -83,37 +83,26 @@ pub struct RolloutRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("{path}: {why}: move it aside, or upgrade scap")]
-    Bad { path: PathBuf, why: String },
+    #[error("{place}: {why}: move it aside, or upgrade scap")]
+    Bad { place: String, why: String },
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-}
-
-pub fn path(fleet_dir: &Path) -> PathBuf {
-    fleet_dir.join("rollout.json")
+    State(#[from] StateError),
 }
 
 impl RolloutRecord {
     /// The rollout recorded, if any.
-    pub fn load(fleet_dir: &Path) -> Result<Option<RolloutRecord>, RecordError> {
-        let p = path(fleet_dir);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(RecordError::Bad {
-                    path: p,
-                    why: e.to_string(),
-                });
-            }
+    pub fn load(state: &DeployState) -> Result<Option<RolloutRecord>, RecordError> {
+        let Some(bytes) = state.read(Doc::Rollout)? else {
+            return Ok(None);
         };
+        let place = || state.location(Doc::Rollout);
         let r: RolloutRecord = serde_json::from_slice(&bytes).map_err(|e| RecordError::Bad {
-            path: p.clone(),
+            place: place(),
             why: e.to_string(),
         })?;
         if r.format > RECORD_FORMAT {
             return Err(RecordError::Bad {
-                path: p,
+                place: place(),
                 why: format!(
                     "format v{}, this scap reads up to v{RECORD_FORMAT}",
                     r.format
@@ -123,16 +112,12 @@ impl RolloutRecord {
         Ok(Some(r))
     }
 
-    pub fn save(&mut self, fleet_dir: &Path) -> Result<(), RecordError> {
-        std::fs::create_dir_all(fleet_dir).map_err(|e| RecordError::Bad {
-            path: fleet_dir.to_path_buf(),
-            why: e.to_string(),
-        })?;
+    pub fn save(&mut self, state: &DeployState) -> Result<(), RecordError> {
         self.format = RECORD_FORMAT;
         self.updated = crate::time::unix_now();
         let mut json = serde_json::to_vec_pretty(self).expect("serializes");
         json.push(b'\n');
-        Ok(atomic_write(&path(fleet_dir), &json)?)
+        Ok(state.write(Doc::Rollout, &json)?)
     }
 
     /// The record of a new rollout of `version` now, by this process.
@@ -140,7 +125,7 @@ impl RolloutRecord {
     /// its hosts came from (unless it was rolled back); returns the
     /// unfinished rollout it replaces, if any, for the operator.
     pub fn start(
-        fleet_dir: &Path,
+        state: &super::state::DeployState,
         version: VersionId,
         label: &str,
         stages: &[Stage],
@@ -148,7 +133,7 @@ impl RolloutRecord {
         by: &str,
         command: &str,
     ) -> Result<(RolloutRecord, Option<RolloutRecord>), RecordError> {
-        let old = RolloutRecord::load(fleet_dir)?;
+        let old = RolloutRecord::load(state)?;
         let mut from = BTreeMap::new();
         let mut replaced = None;
         if let Some(old) = old {

@@ -58,7 +58,7 @@ pub struct Rollback<'a> {
     pub dry_run: bool,
     pub by: String,
     pub command: String,
-    pub fleet_dir: std::path::PathBuf,
+    pub state: crate::fleet::state::DeployState,
     pub interrupted: &'a AtomicBool,
 }
 
@@ -88,7 +88,7 @@ impl Rollback<'_> {
         };
         // The rollout of this version, if one is recorded: its hosts go
         // back to where they came from.
-        let record = RolloutRecord::load(&self.fleet_dir)
+        let record = RolloutRecord::load(&self.state)
             .ok()
             .flatten()
             .filter(|r| Some(r.version) == self.version);
@@ -240,7 +240,7 @@ impl Rollback<'_> {
         // rollout that did not answer go there when they come back.
         let ok: Vec<&Host> = results.iter().filter(|r| r.ok()).map(|r| &r.host).collect();
         let why = format!("rollback to {}", self.to);
-        let result = desired::update(&self.fleet_dir, self.agents.orders(), |d| {
+        let result = desired::update(&self.state, self.agents.orders(), |d| {
             for (h, name, v) in &plan {
                 if ok.contains(&h) {
                     d.set(name, *v, &self.by, &why);
@@ -265,7 +265,7 @@ impl Rollback<'_> {
         {
             rec.state = RolloutState::RolledBack;
             rec.note = format!("rolled back by {}", self.by);
-            if let Err(e) = rec.save(&self.fleet_dir) {
+            if let Err(e) = rec.save(&self.state) {
                 tracing::error!("cannot save the rollout record: {e}");
             }
         }
@@ -354,7 +354,7 @@ impl Rollback<'_> {
         readings: &[super::poll::Reading],
         running: &[VersionId],
     ) -> Option<String> {
-        let p = super::change::PendingChange::load(&self.fleet_dir).ok()??;
+        let p = super::change::PendingChange::load(&self.state).ok()??;
         let on_it = p
             .steps
             .iter()
@@ -362,13 +362,8 @@ impl Rollback<'_> {
         if on_it || !readings.iter().all(|r| r.view.is_ok()) {
             return None;
         }
-        super::change::undo_desired(
-            &self.fleet_dir,
-            &p.prepared(),
-            &self.by,
-            self.agents.orders(),
-        );
-        super::change::PendingChange::remove(&self.fleet_dir);
+        super::change::undo_desired(&self.state, &p.prepared(), &self.by, self.agents.orders());
+        super::change::PendingChange::remove(&self.state);
         Some(format!(
             "; change {} ({}) is undone: no host runs it",
             p.id,
@@ -389,6 +384,6 @@ impl Rollback<'_> {
                 message,
             )
         };
-        history::record(&self.fleet_dir, &entry);
+        history::record(&self.state, &entry);
     }
 }

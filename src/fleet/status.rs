@@ -2,8 +2,6 @@
 //! traffic. One JSON shape, shared by `scap status --json`, the dashboard
 //! and its API.
 
-use std::path::Path;
-
 use super::history;
 use super::inventory::Member;
 use super::lock;
@@ -21,8 +19,8 @@ pub fn label_of(trains: &Trains, v: &VersionId) -> String {
 
 /// The rollout recorded on the deploy host, for people: version, stages,
 /// which are done, the next and when it is due.
-pub fn rollout_json(fleet_dir: &Path, trains: &Trains) -> serde_json::Value {
-    let Ok(Some(r)) = super::record::RolloutRecord::load(fleet_dir) else {
+pub fn rollout_json(state: &super::state::DeployState, trains: &Trains) -> serde_json::Value {
+    let Ok(Some(r)) = super::record::RolloutRecord::load(state) else {
         return serde_json::Value::Null;
     };
     let stages: Vec<String> = r.stages.iter().map(|s| s.to_string()).collect();
@@ -51,11 +49,11 @@ pub fn fleet_status(
     members: &[Member],
     readings: &[Reading],
     trains: &Trains,
-    fleet_dir: &Path,
+    state: &super::state::DeployState,
     ages: &[Option<u64>],
 ) -> serde_json::Value {
     let total: u64 = members.iter().map(|m| m.weight).sum();
-    let desired = super::desired::Desired::load(fleet_dir).unwrap_or_default();
+    let desired = super::desired::Desired::load(state).unwrap_or_default();
     let mut behind: Vec<serde_json::Value> = Vec::new();
     let mut versions: std::collections::BTreeMap<String, (VersionId, u64, Vec<String>)> =
         Default::default();
@@ -186,7 +184,7 @@ pub fn fleet_status(
         }
     }
     // Bytes each source served in the last rollout (its steps in history).
-    let history = history::read(fleet_dir).unwrap_or_default();
+    let history = history::read(state).unwrap_or_default();
     let mut sources: std::collections::BTreeMap<String, u64> = Default::default();
     if let Some(last) = history
         .iter()
@@ -212,10 +210,11 @@ pub fn fleet_status(
         "clusters": clusters,
         "unreachable": { "hosts": down, "weight": down_weight, "share": share(down_weight, total) },
         "hosts": hosts,
-        "lock": lock::holder(fleet_dir).ok().flatten(),
-        "held": lock::Locks::new(fleet_dir, None).held().unwrap_or_default(),
+        "lock": lock::holder(state).ok().flatten(),
+        "state": state.describe(),
+        "held": lock::Locks::new(state, None).held().unwrap_or_default(),
         "behind": behind,
-        "rollout": rollout_json(fleet_dir, trains),
+        "rollout": rollout_json(state, trains),
         "trains": trains.heads().iter().map(|(t, h)| serde_json::json!({
             "train": t, "head": h, "name": label_of(trains, h),
             "moves": trains.recent_moves(t).iter().map(|m| serde_json::json!({
@@ -223,6 +222,6 @@ pub fn fleet_status(
                 "to": m.to, "to_name": label_of(trains, &m.to), "message": m.message,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "last_deploy": history::read(fleet_dir).ok().and_then(|h| h.last().cloned()),
+        "last_deploy": history::read(state).ok().and_then(|h| h.last().cloned()),
     })
 }

@@ -106,34 +106,28 @@ pub struct ServerState {
     desired: DesiredCache,
 }
 
-/// `STORE/fleet/desired.json` parsed once per version of the file (it is
-/// replaced whole by a rename: a new inode, size or time is a new file),
-/// not once per request: with a signed order per host, it is hundreds of
+/// The desired state parsed once per version of it (a file replaced whole
+/// by a rename: a new inode, size or time; an etcd key's revision), not
+/// once per request: with a signed order per host, it is hundreds of
 /// kilobytes at the fleet's size, and every agent polls it.
-#[derive(Default)]
 struct DesiredCache {
-    last: std::sync::Mutex<Option<(FileStamp, Arc<crate::fleet::desired::Desired>)>>,
+    state: crate::fleet::state::DeployState,
+    last: std::sync::Mutex<Option<(String, Arc<crate::fleet::desired::Desired>)>>,
 }
-
-type FileStamp = (u64, u64, Option<std::time::SystemTime>);
 
 impl DesiredCache {
     fn get(
         &self,
-        store: &Store,
     ) -> Result<Arc<crate::fleet::desired::Desired>, crate::fleet::desired::DesiredError> {
-        use std::os::unix::fs::MetadataExt;
-        let dir = store.root().join("fleet");
-        let stamp = std::fs::metadata(crate::fleet::desired::path(&dir))
-            .ok()
-            .map(|m| (m.ino(), m.len(), m.modified().ok()));
+        use crate::fleet::state::Doc;
+        let stamp = self.state.stamp(Doc::Desired)?;
         let mut last = self.last.lock().expect("not poisoned");
-        if let (Some(stamp), Some((was, d))) = (stamp, last.as_ref())
-            && stamp == *was
+        if let (Some(stamp), Some((was, d))) = (&stamp, last.as_ref())
+            && stamp == was
         {
             return Ok(d.clone());
         }
-        let d = Arc::new(crate::fleet::desired::Desired::load(&dir)?);
+        let d = Arc::new(crate::fleet::desired::Desired::load(&self.state)?);
         *last = stamp.map(|s| (s, d.clone()));
         Ok(d)
     }
@@ -151,6 +145,9 @@ pub struct ServeOptions {
     pub packs_ahead: usize,
     /// What one client may have built on its requests.
     pub pack_budget: super::pack::Budget,
+    /// Where the desired state is read from for `/v1/desired/HOST`
+    /// (default: the files beside the store).
+    pub state: Option<crate::fleet::state::DeployState>,
 }
 
 /// Who may read the store.
@@ -190,6 +187,10 @@ pub fn router_with(
         None => None,
     };
     let ahead = super::pack::Ahead::new(&store, opts.packs_ahead);
+    let desired_state = opts
+        .state
+        .clone()
+        .unwrap_or_else(|| crate::fleet::state::DeployState::files(&store.root().join("fleet")));
     let state = Arc::new(ServerState {
         store,
         stats: ServerStats::default(),
@@ -199,7 +200,10 @@ pub fn router_with(
         budgets: Arc::new(super::pack::Budgets::new(opts.pack_budget)),
         ahead,
         log,
-        desired: DesiredCache::default(),
+        desired: DesiredCache {
+            state: desired_state,
+            last: Default::default(),
+        },
     });
     let app = Router::new()
         .route("/objects/{fan}/{rest}", get(object))
@@ -908,7 +912,7 @@ async fn desired(State(st): State<Arc<ServerState>>, Path(host): Path<String>) -
         );
     }
     let st2 = st.clone();
-    let loaded = tokio::task::spawn_blocking(move || st2.desired.get(&st2.store)).await;
+    let loaded = tokio::task::spawn_blocking(move || st2.desired.get()).await;
     let d = match loaded {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

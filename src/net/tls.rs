@@ -191,6 +191,19 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError>
         })
 }
 
+/// A client that trusts the CA and presents no certificate (etcd with
+/// TLS and no client authentication).
+pub fn ca_client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config {
+            what: "TLS".into(),
+            why: e.to_string(),
+        })?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth())
+}
+
 /// How long a client keeps an idle connection for reuse: below a scap
 /// server's default `--idle-timeout` (60 s), so that the client, not the
 /// server, closes it, and no request is sent on a connection the server is

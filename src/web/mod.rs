@@ -17,7 +17,7 @@
 //! | `/metrics` | Prometheus text format |
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -49,7 +49,7 @@ pub struct Web {
     /// The deploy host's store (versions, trains, diffs).
     store: Store,
     server_metrics: ServerMetrics,
-    fleet_dir: PathBuf,
+    state: crate::fleet::state::DeployState,
     members: Vec<Member>,
     /// How the dashboard reads agents (the server's certificate).
     agents: Agents,
@@ -74,7 +74,7 @@ impl Web {
     pub fn new(
         store: Store,
         server_metrics: ServerMetrics,
-        fleet_dir: PathBuf,
+        state: crate::fleet::state::DeployState,
         members: Vec<Member>,
         agents: Agents,
         poll_interval: Duration,
@@ -83,7 +83,7 @@ impl Web {
         Arc::new(Web {
             store,
             server_metrics,
-            fleet_dir,
+            state,
             members,
             agents,
             poll_interval,
@@ -126,7 +126,7 @@ impl Web {
             .map(|t| t.map(|t| now.saturating_sub(t)))
             .collect();
         let trains = crate::fleet::trains::Trains::load(&self.store).unwrap_or_default();
-        let mut v = fleet_status(&self.members, &s.readings, &trains, &self.fleet_dir, &ages);
+        let mut v = fleet_status(&self.members, &s.readings, &trains, &self.state, &ages);
         v["polled_at"] = s.polled_at.into();
         v["poll_interval_seconds"] = self.poll_interval.as_secs().into();
         v["configured_hosts"] = self.members.len().into();
@@ -258,7 +258,7 @@ async fn history_api(
             "unknown parameter {k:?}: this endpoint takes limit"
         ));
     }
-    match history::read(&web.fleet_dir) {
+    match history::read(&web.state) {
         Ok(mut h) => {
             h.reverse();
             h.truncate(limit);

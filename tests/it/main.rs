@@ -32,6 +32,10 @@
 //! - `production`: the load balancer's pools in a real etcd (per-cluster
 //!   shares, depooled hosts), batched restarts watched on etcd, gates that
 //!   read a real Prometheus.
+//! - `state`: the deploy state in a real three-member etcd cluster: the
+//!   deploy lock as a lease under kill -9 and SIGSTOP, a rollout resumed
+//!   from its record in etcd, a member or every member stopped mid-rollout,
+//!   two deploy hosts on one state.
 //! - `trains`: two trains at once: changes on every live train, the fleet
 //!   policy, desired state and hosts that converge, `--resume`, gc that
 //!   knows the fleet.
@@ -63,6 +67,7 @@ mod names;
 mod package;
 mod production;
 mod share;
+mod state;
 mod support;
 mod trains;
 mod transport;

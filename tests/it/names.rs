@@ -556,7 +556,11 @@ fn order(lab: &Lab, from: u64, host: &str, version: &str, action: &str) -> serde
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("orders.seq"), format!("{from}\n")).unwrap();
     let key = scap::store::signature::SigningKey::load(&lab.fleet.env.pki.deploy_key()).unwrap();
-    let orders = scap::fleet::orders::Orders::reserve(key, dir.path()).unwrap();
+    let orders = scap::fleet::orders::Orders::reserve(
+        key,
+        &scap::fleet::state::DeployState::files(dir.path()),
+    )
+    .unwrap();
     let o = orders.sign(host, version.parse().unwrap(), action).unwrap();
     serde_json::to_value(o).unwrap()
 }
@@ -829,7 +833,13 @@ fn the_train_history_holds_under_random_steps() {
                             }
                         }
                     }
-                    let moves = settle(&store, dir.path(), &prepared, gate_ok, "prop");
+                    let moves = settle(
+                        &store,
+                        &scap::fleet::state::DeployState::files(dir.path()),
+                        &prepared,
+                        gate_ok,
+                        "prop",
+                    );
                     assert!(gate_ok || moves.is_empty(), "a failed gate moves no head");
                     assert!(moves.iter().all(|m| m.refused.is_none()));
                     log.push(format!(

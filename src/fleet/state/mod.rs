@@ -1,0 +1,755 @@
+//! Where the deploy state lives: the deploy lock, a held lock, the
+//! rollout record, the desired state, a pending change, the audit history
+//! and the deploy orders' sequence.
+//!
+//! Two places, one interface ([`DeployState`]):
+//!
+//! - **Files** in `STORE/fleet/` (the default, when scap.toml names no
+//!   etcd): one deploy host, a lab, the demo. The deploy lock is a file
+//!   created with `O_EXCL`, and it is what serializes writers.
+//! - **etcd** (`[state] etcd = [...]`, the v3 API): the site's replicated
+//!   store, so that a second deploy host sees the same lock, rollout and
+//!   intent, and can finish a rollout when the first is lost. Keys under
+//!   one prefix (store-format.md, "Deploy state in etcd"):
+//!   `lock/deploy` (held with a lease), `lock/held`, `rollout`, `desired`,
+//!   `change`, `history/<time>-<host>-<pid>`, `orders/seq`.
+//!
+//! **Invariant (etcd): a command writes only while it holds the deploy
+//! lock it took.** The lock is a key bound to a lease the holder renews
+//! ([`LeaseLock`]); every write of the record, the desired state or a
+//! pending change is a transaction that compares the lock key's create
+//! revision with the one the holder made. A holder whose lease expired
+//! (it hung, or lost etcd for longer than the lease) finds the compare
+//! false at its next write, writes nothing, and stops naming whoever
+//! holds the lock now: two deploy hosts can never both act on a rollout.
+
+pub mod etcd;
+mod http;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd::{Compare, Etcd, EtcdError, Op};
+
+use super::lock::{Held, Holder};
+use crate::config::StateConfig;
+
+/// The deploy state's documents, each one JSON value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Doc {
+    /// The rollout in progress (`super::record`).
+    Rollout,
+    /// What each host should run (`super::desired`).
+    Desired,
+    /// A change (sync-file) not yet settled (`super::change`).
+    Change,
+}
+
+impl Doc {
+    fn file(self) -> &'static str {
+        match self {
+            Doc::Rollout => "rollout.json",
+            Doc::Desired => "desired.json",
+            Doc::Change => "change.json",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Doc::Rollout => "rollout",
+            Doc::Desired => "desired",
+            Doc::Change => "change",
+        }
+    }
+}
+
+/// The deploy lock's lease, unless `[state] lease` says.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// One etcd request's deadline, unless `[state] timeout` says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// History entries read from etcd at most (the newest).
+pub const HISTORY_READ: i64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this command lost the deploy lock ({why}){now}: it stops here and writes nothing more; see `scap status`, and continue with `scap sync --resume` once the lock is free",
+        now = match holder { Some(h) => format!("; it is now held by {h}"), None => String::new() }
+    )]
+    LockLost {
+        why: String,
+        holder: Option<Box<Holder>>,
+    },
+    #[error(
+        "{what} changed in etcd ({endpoints}) while this command was changing it, {tries} times: another deploy host is writing it; run again"
+    )]
+    Contended {
+        what: String,
+        endpoints: String,
+        tries: u32,
+    },
+}
+
+/// The deploy state of one fleet. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DeployState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// `STORE/fleet`: the files, or (with etcd) what stays local (the
+    /// orders' file lock, gc's pins).
+    dir: PathBuf,
+    etcd: Option<EtcdState>,
+}
+
+#[derive(Debug)]
+struct EtcdState {
+    client: Etcd,
+    /// Without its trailing slash.
+    prefix: String,
+    lease: Duration,
+    /// The deploy lock this process holds, that its writes are fenced by.
+    fence: Mutex<Option<Arc<Fence>>>,
+}
+
+/// The deploy lock as held: its key's create revision and its lease.
+#[derive(Debug)]
+struct Fence {
+    create_revision: i64,
+    lease: i64,
+    /// Set by the keepalive thread once the lease is known gone, or not
+    /// renewed for its whole TTL.
+    lost: Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+impl DeployState {
+    /// The deploy state in files under `dir` (`STORE/fleet`).
+    pub fn files(dir: &Path) -> DeployState {
+        DeployState {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                etcd: None,
+            }),
+        }
+    }
+
+    /// The deploy state in etcd, as `[state]` says; `dir` for what stays
+    /// local.
+    pub fn from_config(dir: &Path, cfg: &StateConfig) -> Result<DeployState, String> {
+        let tls = match (&cfg.ca, &cfg.cert, &cfg.key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(Arc::new(
+                crate::net::tls::client_config(&crate::net::tls::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .map_err(|e| format!("[state]: {e}"))?,
+            )),
+            (Some(ca), None, None) => Some(Arc::new(
+                crate::net::tls::ca_client_config(ca).map_err(|e| format!("[state]: {e}"))?,
+            )),
+            _ => {
+                return Err("[state]: give cert and key together, with ca (or ca alone)".into());
+            }
+        };
+        let timeout = match &cfg.timeout {
+            Some(t) => {
+                crate::time::parse_duration(t).map_err(|e| format!("[state] timeout: {e}"))?
+            }
+            None => DEFAULT_TIMEOUT,
+        };
+        let lease = match &cfg.lease {
+            Some(t) => crate::time::parse_duration(t).map_err(|e| format!("[state] lease: {e}"))?,
+            None => DEFAULT_LEASE,
+        };
+        if lease < Duration::from_secs(2) || lease < timeout * 2 {
+            return Err(format!(
+                "[state] lease = {:?} is too short: it must be at least 2 s and twice the timeout ({} s), or the lock is lost between two renewals",
+                cfg.lease.as_deref().unwrap_or_default(),
+                timeout.as_secs()
+            ));
+        }
+        let prefix = cfg.prefix.trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') || prefix.len() < 2 {
+            return Err(format!(
+                "[state] prefix = {:?}: give an absolute key prefix, e.g. \"/scap/mediawiki\"",
+                cfg.prefix
+            ));
+        }
+        let client =
+            Etcd::new(&cfg.etcd, tls, timeout).map_err(|e| format!("[state] etcd: {e}"))?;
+        Ok(DeployState {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                etcd: Some(EtcdState {
+                    client,
+                    prefix,
+                    lease,
+                    fence: Mutex::new(None),
+                }),
+            }),
+        })
+    }
+
+    /// `STORE/fleet`.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn is_etcd(&self) -> bool {
+        self.inner.etcd.is_some()
+    }
+
+    /// Where `doc` is, for people: a path, or a key and the endpoints.
+    pub fn location(&self, doc: Doc) -> String {
+        match &self.inner.etcd {
+            None => self.inner.dir.join(doc.file()).display().to_string(),
+            Some(e) => format!(
+                "etcd key {}/{} (at {})",
+                e.prefix,
+                doc.key(),
+                e.client.endpoints_text()
+            ),
+        }
+    }
+
+    /// What the state is kept in, for `scap status`.
+    pub fn describe(&self) -> String {
+        match &self.inner.etcd {
+            None => format!("files in {}", self.inner.dir.display()),
+            Some(e) => format!("etcd {} under {}", e.client.endpoints_text(), e.prefix),
+        }
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+        move |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// `doc`'s bytes, if it exists.
+    pub fn read(&self, doc: Doc) -> Result<Option<Vec<u8>>, StateError> {
+        match &self.inner.etcd {
+            None => {
+                let p = self.inner.dir.join(doc.file());
+                match std::fs::read(&p) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Self::io(&p)(e)),
+                }
+            }
+            Some(e) => Ok(e
+                .client
+                .get(e.key(doc.key()).as_bytes())?
+                .map(|kv| kv.value)),
+        }
+    }
+
+    /// A stamp that changes whenever `doc` does (`None`: it does not
+    /// exist), cheaper than reading it.
+    pub fn stamp(&self, doc: Doc) -> Result<Option<String>, StateError> {
+        use std::os::unix::fs::MetadataExt;
+        match &self.inner.etcd {
+            None => Ok(std::fs::metadata(self.inner.dir.join(doc.file()))
+                .ok()
+                .map(|m| format!("{}:{}:{:?}", m.ino(), m.len(), m.modified().ok()))),
+            Some(e) => {
+                let r = e.client.mod_revision(e.key(doc.key()).as_bytes())?;
+                Ok((r != 0).then(|| r.to_string()))
+            }
+        }
+    }
+
+    /// Replaces `doc` whole (atomically). With etcd, only while this
+    /// process still holds the deploy lock it took, if it took one.
+    pub fn write(&self, doc: Doc, bytes: &[u8]) -> Result<(), StateError> {
+        match &self.inner.etcd {
+            None => {
+                let dir = &self.inner.dir;
+                std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+                let p = dir.join(doc.file());
+                crate::store::fsutil::atomic_write(&p, bytes).map_err(|e| StateError::Io {
+                    path: p,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+            Some(e) => e.fenced(
+                Op::Put {
+                    key: e.key(doc.key()).into_bytes(),
+                    value: bytes.to_vec(),
+                    lease: 0,
+                },
+                Some(bytes),
+            ),
+        }
+    }
+
+    /// Removes `doc` (fenced as [`DeployState::write`] is).
+    pub fn remove(&self, doc: Doc) -> Result<(), StateError> {
+        match &self.inner.etcd {
+            None => {
+                let p = self.inner.dir.join(doc.file());
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Self::io(&p)(e)),
+                    _ => Ok(()),
+                }
+            }
+            Some(e) => e.fenced(Op::Delete(e.key(doc.key()).into_bytes()), None),
+        }
+    }
+
+    /// Appends one line (JSON, no newline) to the audit history.
+    pub fn append_history(&self, line: &[u8]) -> Result<(), StateError> {
+        match &self.inner.etcd {
+            None => {
+                use std::io::Write;
+                let dir = &self.inner.dir;
+                std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+                let p = dir.join("history.jsonl");
+                let mut l = line.to_vec();
+                l.push(b'\n');
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(Self::io(&p))?;
+                f.write_all(&l)
+                    .and_then(|()| f.sync_data())
+                    .map_err(Self::io(&p))
+            }
+            Some(e) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos();
+                let key = format!(
+                    "{}/history/{now:020}-{}-{}",
+                    e.prefix,
+                    crate::sys::hostname(),
+                    std::process::id()
+                );
+                e.client.txn(
+                    &[],
+                    &[Op::Put {
+                        key: key.into_bytes(),
+                        value: line.to_vec(),
+                        lease: 0,
+                    }],
+                    &[],
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The audit history's lines, oldest first (with etcd, the newest
+    /// [`HISTORY_READ`]).
+    pub fn history(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        match &self.inner.etcd {
+            None => {
+                let p = self.inner.dir.join("history.jsonl");
+                match std::fs::read(&p) {
+                    Ok(b) => Ok(b
+                        .split(|&c| c == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .map(<[u8]>::to_vec)
+                        .collect()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                    Err(e) => Err(Self::io(&p)(e)),
+                }
+            }
+            Some(e) => Ok(e
+                .client
+                .list(format!("{}/history/", e.prefix).as_bytes(), HISTORY_READ)?
+                .into_iter()
+                .map(|kv| kv.value)
+                .collect()),
+        }
+    }
+
+    /// Reserves `block` deploy-order sequence numbers above both `floor`
+    /// (the clock) and every block reserved before, by any deploy host
+    /// sharing this state; the first. `None`: the files hold the sequence
+    /// (`super::orders` keeps it there).
+    pub fn reserve_orders(&self, floor: u64, block: u64) -> Result<Option<u64>, StateError> {
+        let Some(e) = &self.inner.etcd else {
+            return Ok(None);
+        };
+        let key = e.key("orders/seq").into_bytes();
+        for _ in 0..20 {
+            let (last, rev) = match e.client.get(&key)? {
+                Some(kv) => (
+                    std::str::from_utf8(&kv.value)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .unwrap_or(0),
+                    kv.mod_revision,
+                ),
+                None => (0, 0),
+            };
+            let start = last.max(floor).saturating_add(1);
+            let end = start.saturating_add(block);
+            let t = e.client.txn(
+                &[Compare::Modified(key.clone(), rev)],
+                &[Op::Put {
+                    key: key.clone(),
+                    value: end.to_string().into_bytes(),
+                    lease: 0,
+                }],
+                &[],
+            )?;
+            if t.succeeded {
+                return Ok(Some(start));
+            }
+        }
+        Err(StateError::Contended {
+            what: e.key("orders/seq"),
+            endpoints: e.client.endpoints_text(),
+            tries: 20,
+        })
+    }
+
+    /// Whether this process still holds the deploy lock it took: a
+    /// linearizable read of the lock in etcd (nothing to check in files,
+    /// or when no lock was taken). A rollout asks before each step, so a
+    /// holder whose lease expired stops before it moves another host.
+    pub fn check_lock(&self) -> Result<(), StateError> {
+        let Some(e) = &self.inner.etcd else {
+            return Ok(());
+        };
+        let Some(fence) = e.fence.lock().expect("not poisoned").clone() else {
+            return Ok(());
+        };
+        let lock_key = e.key("lock/deploy").into_bytes();
+        let known = fence.lost.lock().expect("not poisoned").clone();
+        let now = e.client.get(&lock_key)?;
+        let why = match (&known, &now) {
+            (Some(why), _) => why.clone(),
+            (None, Some(kv)) if kv.create_revision == fence.create_revision => return Ok(()),
+            (None, Some(_)) => "its lease expired, and another command took the lock".into(),
+            (None, None) => "its lease expired (or `scap lock --break` removed it)".into(),
+        };
+        *fence.lost.lock().expect("not poisoned") = Some(why.clone());
+        Err(StateError::LockLost {
+            why,
+            holder: now
+                .filter(|kv| kv.create_revision != fence.create_revision)
+                .map(|kv| Box::new(holder_of(&kv.value))),
+        })
+    }
+
+    // The locks, with etcd (`super::lock` keeps the files').
+
+    /// The deploy lock's holder, and for how many more seconds its lease
+    /// runs if it stops renewing.
+    pub(super) fn etcd_holder(&self) -> Result<Option<(Holder, i64)>, StateError> {
+        let Some(e) = &self.inner.etcd else {
+            return Ok(None);
+        };
+        let Some(kv) = e.client.get(e.key("lock/deploy").as_bytes())? else {
+            return Ok(None);
+        };
+        let ttl = if kv.lease != 0 {
+            e.client.time_to_live(kv.lease)?
+        } else {
+            0
+        };
+        Ok(Some((holder_of(&kv.value), ttl)))
+    }
+
+    /// Takes the deploy lock for `me`: a key under a new lease, renewed
+    /// by a thread until the lock is dropped. `Err(Some(holder))`: held.
+    pub(super) fn etcd_acquire(
+        &self,
+        me: &Holder,
+    ) -> Result<Result<LeaseLock, Box<Holder>>, StateError> {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        let ttl = e.lease.as_secs().max(2) as i64;
+        let lease = e.client.grant(ttl)?;
+        let key = e.key("lock/deploy").into_bytes();
+        let value = serde_json::to_vec(me).expect("serializes");
+        let t = e.client.txn(
+            &[Compare::Created(key.clone(), 0)],
+            &[
+                Op::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                    lease,
+                },
+                Op::Get(key.clone()),
+            ],
+            &[Op::Get(key.clone())],
+        );
+        let t = match t {
+            Ok(t) => t,
+            Err(err) => {
+                let _ = e.client.revoke(lease);
+                return Err(err.into());
+            }
+        };
+        let kv = t.reads.into_iter().flatten().last();
+        match kv {
+            Some(kv) if kv.lease == lease => {
+                let fence = Arc::new(Fence {
+                    create_revision: kv.create_revision,
+                    lease,
+                    lost: Mutex::new(None),
+                    stop: AtomicBool::new(false),
+                });
+                *e.fence.lock().expect("not poisoned") = Some(fence.clone());
+                let thread = {
+                    let state = self.clone();
+                    let fence = fence.clone();
+                    std::thread::Builder::new()
+                        .name("scap-lease".into())
+                        .spawn(move || state.keep_alive(&fence, Duration::from_secs(ttl as u64)))
+                        .ok()
+                };
+                Ok(Ok(LeaseLock {
+                    state: self.clone(),
+                    fence,
+                    thread,
+                }))
+            }
+            Some(kv) => {
+                let _ = e.client.revoke(lease);
+                Ok(Err(Box::new(holder_of(&kv.value))))
+            }
+            None => {
+                // Taken and expired between the compare and the read.
+                let _ = e.client.revoke(lease);
+                Ok(Err(Box::new(holder_of(b""))))
+            }
+        }
+    }
+
+    /// Renews the lease a third of its TTL apart; marks the fence lost once
+    /// etcd says it is gone, or once a whole TTL went by unrenewed.
+    fn keep_alive(&self, fence: &Fence, ttl: Duration) {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        let mut renewed = Instant::now();
+        let step = ttl / 3;
+        loop {
+            let until = Instant::now() + step;
+            while Instant::now() < until {
+                if fence.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            match e.client.keep_alive(fence.lease) {
+                Ok(0) => {
+                    *fence.lost.lock().expect("not poisoned") =
+                        Some("etcd says its lease has expired".into());
+                    return;
+                }
+                Ok(_) => renewed = Instant::now(),
+                Err(err) => {
+                    tracing::warn!("cannot renew the deploy lock's lease: {err}");
+                    if renewed.elapsed() >= ttl {
+                        *fence.lost.lock().expect("not poisoned") = Some(format!(
+                            "its lease was not renewed for {} s: {err}",
+                            ttl.as_secs()
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes the deploy lock, whoever holds it (its lease is revoked:
+    /// the holder's next write fails).
+    pub(super) fn etcd_break(&self) -> Result<Option<Holder>, StateError> {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        let Some(kv) = e.client.get(e.key("lock/deploy").as_bytes())? else {
+            return Ok(None);
+        };
+        if kv.lease != 0 {
+            e.client.revoke(kv.lease)?;
+        }
+        e.client.txn(
+            &[Compare::Modified(kv.key.clone(), kv.mod_revision)],
+            &[Op::Delete(kv.key.clone())],
+            &[],
+        )?;
+        Ok(Some(holder_of(&kv.value)))
+    }
+
+    /// The held lock (`scap lock`), if any.
+    pub(super) fn etcd_held(&self) -> Result<Option<Held>, StateError> {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        Ok(e.client.get(e.key("lock/held").as_bytes())?.map(|kv| {
+            serde_json::from_slice(&kv.value).unwrap_or_else(|err| Held {
+                user: "?".into(),
+                host: "?".into(),
+                time: 0,
+                message: format!("(unreadable lock in etcd: {err})"),
+                global: false,
+            })
+        }))
+    }
+
+    /// Creates the held lock unless one exists; `Err(theirs)` if so.
+    pub(super) fn etcd_hold(&self, me: &Held) -> Result<Result<(), Held>, StateError> {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        let key = e.key("lock/held").into_bytes();
+        let value = serde_json::to_vec(me).expect("serializes");
+        let t = e.client.txn(
+            &[Compare::Created(key.clone(), 0)],
+            &[Op::Put {
+                key: key.clone(),
+                value: value.clone(),
+                lease: 0,
+            }],
+            &[Op::Get(key)],
+        )?;
+        if t.succeeded {
+            return Ok(Ok(()));
+        }
+        match t.reads.into_iter().flatten().next() {
+            // Ours already: a retry after a write that did land.
+            Some(kv) if kv.value == value => Ok(Ok(())),
+            Some(kv) => Ok(Err(
+                serde_json::from_slice(&kv.value).unwrap_or_else(|_| me.clone())
+            )),
+            None => Ok(Err(me.clone())),
+        }
+    }
+
+    pub(super) fn etcd_unhold(&self) -> Result<(), StateError> {
+        let e = self.inner.etcd.as_ref().expect("etcd state");
+        e.client
+            .txn(&[], &[Op::Delete(e.key("lock/held").into_bytes())], &[])?;
+        Ok(())
+    }
+}
+
+fn holder_of(value: &[u8]) -> Holder {
+    serde_json::from_slice(value).unwrap_or_else(|_| Holder {
+        user: "?".into(),
+        host: "?".into(),
+        pid: 0,
+        time: 0,
+        command: "(unreadable lock in etcd)".into(),
+        message: None,
+    })
+}
+
+impl EtcdState {
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// `op` on a document, if this process still holds the deploy lock it
+    /// took (or holds none). `wrote`: the value a put writes, so that a
+    /// retry after a write that landed but whose answer was lost is seen as
+    /// done.
+    fn fenced(&self, op: Op, wrote: Option<&[u8]>) -> Result<(), StateError> {
+        let fence = self.fence.lock().expect("not poisoned").clone();
+        let Some(fence) = fence else {
+            self.client.txn(&[], &[op], &[])?;
+            return Ok(());
+        };
+        let lock_key = self.key("lock/deploy").into_bytes();
+        if let Some(why) = fence.lost.lock().expect("not poisoned").clone() {
+            let holder = self
+                .client
+                .get(&lock_key)
+                .ok()
+                .flatten()
+                .map(|kv| Box::new(holder_of(&kv.value)));
+            return Err(StateError::LockLost { why, holder });
+        }
+        let target = match &op {
+            Op::Put { key, .. } | Op::Delete(key) | Op::Get(key) => key.clone(),
+        };
+        let t = self.client.txn(
+            &[Compare::Created(lock_key.clone(), fence.create_revision)],
+            &[op],
+            &[Op::Get(lock_key), Op::Get(target)],
+        )?;
+        if t.succeeded {
+            return Ok(());
+        }
+        let mut reads = t.reads.into_iter();
+        let holder = reads.next().flatten();
+        let now = reads.next().flatten();
+        // Our lock is still there: the compare failed for no reason we
+        // know of (cannot happen); otherwise the write landed before, if
+        // the value there is ours and the lock still ours.
+        if let (Some(w), Some(now)) = (wrote, &now)
+            && now.value == w
+            && holder
+                .as_ref()
+                .is_some_and(|h| h.create_revision == fence.create_revision)
+        {
+            return Ok(());
+        }
+        let why = match &holder {
+            Some(h) if h.create_revision == fence.create_revision => {
+                "the lock changed under it".to_string()
+            }
+            Some(_) => "its lease expired, and another command took the lock".to_string(),
+            None => "its lease expired (or `scap lock --break` removed it)".to_string(),
+        };
+        *fence.lost.lock().expect("not poisoned") = Some(why.clone());
+        Err(StateError::LockLost {
+            why,
+            holder: holder.map(|kv| Box::new(holder_of(&kv.value))),
+        })
+    }
+}
+
+/// The deploy lock held in etcd: renewed until dropped, then revoked
+/// (which deletes the key at once, rather than after the lease).
+#[derive(Debug)]
+pub struct LeaseLock {
+    state: DeployState,
+    fence: Arc<Fence>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseLock {
+    /// Why the lock is known lost, if it is.
+    pub fn lost(&self) -> Option<String> {
+        self.fence.lost.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for LeaseLock {
+    fn drop(&mut self) {
+        self.fence.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(e) = &self.state.inner.etcd {
+            let mut f = e.fence.lock().expect("not poisoned");
+            if f.as_ref().is_some_and(|f| Arc::ptr_eq(f, &self.fence)) {
+                *f = None;
+            }
+            drop(f);
+            if let Err(err) = e.client.revoke(self.fence.lease) {
+                tracing::warn!(
+                    "cannot release the deploy lock in etcd ({err}): it goes when its lease expires, within {} s",
+                    e.lease.as_secs()
+                );
+            }
+        }
+    }
+}

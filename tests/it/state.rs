@@ -1,0 +1,580 @@
+//! The deploy state in a real etcd cluster of three members (Debian's
+//! etcd-server, v3 API) on loopback: the deploy lock as a lease under
+//! kill -9 and SIGSTOP of its holder, a rollout resumed from the record
+//! in etcd by another deploy host's command, one member stopped during a
+//! step, every member stopped (a clear stop, no half record), and two
+//! deploy hosts that see the same fleet.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// One etcd member: its process (while running), ports and data.
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+/// A three-member etcd cluster on loopback, in a temp dir; every member is
+/// killed when it is dropped.
+pub struct Cluster {
+    members: Vec<Member>,
+    cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        require_program("/usr/bin/etcd", "etcd-server");
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..3)
+            .map(|i| Member {
+                name: format!("etcd{i}"),
+                client: free_port(),
+                peer: free_port(),
+                data: dir.path().join(format!("etcd{i}")),
+                child: None,
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            members,
+            cluster,
+            _dir: dir,
+        };
+        for i in 0..3 {
+            c.start_member(i);
+        }
+        c.wait_healthy();
+        c
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let child = Command::new("/usr/bin/etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &self.cluster,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--initial-cluster-token",
+                "scap-test",
+                "--log-level",
+                "error",
+            ])
+            // Elections in a second, not the default's seconds.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.members[i].child = Some(child);
+    }
+
+    /// Waits until a write goes through (a leader, a quorum).
+    fn wait_healthy(&self) {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        wait_for(30, "the etcd cluster to elect a leader", || {
+            self.members.iter().filter(|m| m.child.is_some()).any(|m| {
+                http.post(format!("http://127.0.0.1:{}/v3/kv/put", m.client))
+                    .body(r#"{"key":"aGVhbHRo","value":"b2s="}"#)
+                    .send()
+                    .is_ok_and(|r| r.status().is_success())
+            })
+        });
+    }
+
+    /// Every member's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// Stops member `i` (kill -9: a lost machine).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again, on its data.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none());
+        self.start_member(i);
+    }
+
+    pub fn restart_all(&mut self) {
+        for i in 0..3 {
+            if self.members[i].child.is_none() {
+                self.start_member(i);
+            }
+        }
+        self.wait_healthy();
+    }
+
+    /// The value at `key` (read from any member that answers).
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        for url in self.urls() {
+            let Ok(r) = http
+                .post(format!("{url}/v3/kv/range"))
+                .json(&serde_json::json!({ "key": b64.encode(key) }))
+                .send()
+            else {
+                continue;
+            };
+            let v: serde_json::Value = r.json().unwrap();
+            return v["kvs"][0]["value"]
+                .as_str()
+                .map(|s| b64.decode(s).unwrap());
+        }
+        panic!("no etcd member answered");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.stop(i);
+        }
+    }
+}
+
+/// Adds `[state]` (this cluster, `prefix`, a lease of `lease`) to the
+/// scap.toml of `env`.
+fn use_etcd(env: &Env, cluster: &Cluster, prefix: &str, lease: &str) {
+    let p = env.path("scap.toml");
+    let mut text = fs::read_to_string(&p).unwrap();
+    text.push_str(&format!(
+        "\n[state]\netcd = [{}]\nprefix = \"{prefix}\"\nlease = \"{lease}\"\ntimeout = \"1s\"\n",
+        cluster
+            .urls()
+            .iter()
+            .map(|u| format!("{u:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    fs::write(p, text).unwrap();
+}
+
+fn inventory(fleet: &Fleet) -> PathBuf {
+    let mut text = String::new();
+    for h in &fleet.hosts {
+        text.push_str(&format!(
+            "[[host]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n\n",
+            h.name,
+            h.proc.port()
+        ));
+    }
+    let p = fleet.env.path("inventory.toml");
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// scap `args` over the fleet, as the deployer, from `env`'s directory
+/// (its store and scap.toml: one deploy host).
+fn run_on(env: &Env, fleet: &Fleet, inv: &Path, args: &[&str]) -> Output {
+    env.cmd()
+        .args(args)
+        .arg("--inventory")
+        .arg(inv)
+        .args(fleet.transport("deployer"))
+        .output()
+        .unwrap()
+}
+
+/// A staged rollout of `v` (20%, 50%, 100%; `wait` before each step's
+/// gates), in the background.
+fn staged(fleet: &Fleet, inv: &Path, v: &str, source: &str, wait: &str) -> Child {
+    fleet
+        .env
+        .cmd()
+        .args(["sync", "--version", v, "--source", source, "--yes"])
+        .args([
+            "--stages",
+            "20%,50%,100%",
+            "--wait",
+            wait,
+            "--check-cmd",
+            "true",
+        ])
+        .arg("--inventory")
+        .arg(inv)
+        .args(fleet.transport("deployer"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The rollout record in etcd under `prefix`.
+fn record(cluster: &Cluster, prefix: &str) -> Option<serde_json::Value> {
+    cluster
+        .get(&format!("{prefix}/rollout"))
+        .map(|b| serde_json::from_slice(&b).unwrap())
+}
+
+fn tree(dir: &Path, n: &str) {
+    write(dir, "php/version.php", format!("<?php // {n}\n").as_bytes());
+    write(dir, "index.php", b"<?php require 'php/version.php';\n");
+    write(dir, "wmf-config/CommonSettings.php", b"<?php // common\n");
+}
+
+/// How many times each host was synced to `v`, from its own history.
+fn syncs_to(fleet: &Fleet, v: &str) -> Vec<usize> {
+    (0..fleet.hosts.len())
+        .map(|i| {
+            let (_, s) = fleet.get(i, "/v1/state");
+            s["state"]["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["action"] == "sync" && e["version"] == v)
+                .count()
+        })
+        .collect()
+}
+
+/// Five agents, versions v1 (everywhere) and v2, the state in `cluster`.
+fn fleet_on_v1(
+    cluster: &Cluster,
+    prefix: &str,
+    lease: &str,
+) -> (Fleet, PathBuf, String, String, String) {
+    let mut fleet = Fleet::start(5);
+    use_etcd(&fleet.env, cluster, prefix, lease);
+    let mw = fleet.env.path("mw");
+    tree(&mw, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    tree(&mw, "v2");
+    let v2 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let source = fleet.serve();
+    let inv = inventory(&fleet);
+    ok(&run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &[
+            "sync",
+            "--version",
+            &v1,
+            "--source",
+            &source,
+            "--yes",
+            "--wait",
+            "0",
+        ]
+        .into_iter()
+        .chain(["--canary", "100%", "--force"])
+        .collect::<Vec<_>>(),
+    ));
+    (fleet, inv, v1, v2, source)
+}
+
+#[test]
+fn the_deploy_lock_is_a_lease_a_killed_holder_keeps_until_it_expires_never_less() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-lock";
+    let (fleet, inv, _v1, v2, source) = fleet_on_v1(&cluster, prefix, "4s");
+    // Nothing stays in the files: the state is in etcd.
+    assert!(!fleet.env.store.join("fleet/rollout.json").exists());
+    assert!(record(&cluster, prefix).is_some());
+    let mut child = staged(&fleet, &inv, &v2, &source, "30s");
+    wait_for(60, "the first stage to complete", || {
+        record(&cluster, prefix).is_some_and(|r| r["version"] == v2.as_str() && r["completed"] == 1)
+    });
+    let pid = child.id();
+    // `scap lock` names the holder: user, host, pid, command, lease.
+    let shown = fleet.env.ok(&["lock"]);
+    assert!(
+        shown.contains(&format!("pid {pid}"))
+            && shown.contains(" sync --version")
+            && shown.contains("lease renewed"),
+        "{shown}"
+    );
+    child.kill().unwrap();
+    let killed = Instant::now();
+    child.wait().unwrap();
+    // Held until the lease expires (4 s), never before.
+    let out = run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &[
+            "sync",
+            "--version",
+            &v2,
+            "--source",
+            &source,
+            "--yes",
+            "--canary",
+            "50%",
+        ],
+    );
+    let e = stderr(&out);
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "the check came too late to mean anything"
+    );
+    assert!(
+        !out.status.success()
+            && e.contains("another deploy is running")
+            && e.contains(&format!("pid {pid}")),
+        "{e}"
+    );
+    let shown = fleet.env.ok(&["lock"]);
+    assert!(
+        shown.contains("expires within") || shown.contains("lease renewed"),
+        "{shown}"
+    );
+    // --resume waits out the dead holder's lease, then finishes the
+    // rollout from the record in etcd: each host synced to v2 once.
+    let out = run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &["sync", "--resume", "--yes", "--wait", "0"],
+    );
+    let log = ok(&out);
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "took the lock {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        log.contains("waiting for the deploy lock") && log.contains("resuming the rollout"),
+        "{log}"
+    );
+    assert_eq!(fleet.on(&v2).len(), 5);
+    assert_eq!(syncs_to(&fleet, &v2), vec![1; 5]);
+    assert_eq!(record(&cluster, prefix).unwrap()["state"], "done");
+    // The lock went with its command: the next deploy goes at once.
+    assert!(cluster.get(&format!("{prefix}/lock/deploy")).is_none());
+    let shown = fleet.env.ok(&["lock"]);
+    assert!(shown.contains("no deploy lock"), "{shown}");
+    // The history is in etcd, and `scap history` reads it.
+    let h = fleet.env.ok(&["history", "--json"]);
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    assert!(h.as_array().unwrap().len() >= 4, "{h}");
+}
+
+#[test]
+fn a_holder_whose_lease_expired_stops_before_its_next_step_naming_the_new_holder() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-fence";
+    let (fleet, inv, _v1, v2, source) = fleet_on_v1(&cluster, prefix, "2s");
+    let child = staged(&fleet, &inv, &v2, &source, "3s");
+    wait_for(60, "the first stage to complete", || {
+        record(&cluster, prefix).is_some_and(|r| r["version"] == v2.as_str() && r["completed"] == 1)
+    });
+    // The controller hangs (SIGSTOP) longer than its lease...
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // ...and another command resumes and finishes the rollout.
+    let out = run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &["sync", "--resume", "--yes", "--wait", "0"],
+    );
+    ok(&out);
+    assert_eq!(fleet.on(&v2).len(), 5);
+    // A third command holds the lock now (a held `scap sync` would do; a
+    // `scap lock` does not take the deploy lock): the resumed one is
+    // over, so the stopped one must find its lease gone.
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("lost the deploy lock") && e.contains("writes nothing more"),
+        "{e}"
+    );
+    // No host was synced twice: the woken controller started none.
+    assert_eq!(syncs_to(&fleet, &v2), vec![1; 5]);
+    assert_eq!(record(&cluster, prefix).unwrap()["state"], "done");
+}
+
+#[test]
+fn one_member_stopped_during_a_step_the_rollout_goes_on() {
+    let mut cluster = Cluster::start();
+    let prefix = "/scap/test-member";
+    let (fleet, inv, _v1, v2, source) = fleet_on_v1(&cluster, prefix, "5s");
+    let child = staged(&fleet, &inv, &v2, &source, "2s");
+    wait_for(60, "the first stage to complete", || {
+        record(&cluster, prefix).is_some_and(|r| r["version"] == v2.as_str() && r["completed"] == 1)
+    });
+    // The first member the controller talks to dies.
+    cluster.stop(0);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fleet.on(&v2).len(), 5);
+    assert_eq!(syncs_to(&fleet, &v2), vec![1; 5]);
+    assert_eq!(record(&cluster, prefix).unwrap()["state"], "done");
+    cluster.restart(0);
+}
+
+#[test]
+fn every_member_stopped_the_rollout_stops_cleanly_naming_the_endpoints_and_resumes() {
+    let mut cluster = Cluster::start();
+    let prefix = "/scap/test-quorum";
+    let (fleet, inv, _v1, v2, source) = fleet_on_v1(&cluster, prefix, "5s");
+    let child = staged(&fleet, &inv, &v2, &source, "3s");
+    wait_for(60, "the first stage to complete", || {
+        record(&cluster, prefix).is_some_and(|r| r["version"] == v2.as_str() && r["completed"] == 1)
+    });
+    for i in 0..3 {
+        cluster.stop(i);
+    }
+    let out = child.wait_with_output().unwrap();
+    let moved = fleet.on(&v2).len();
+    assert!(moved < 5, "the last stage ran without etcd");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    for url in cluster.urls() {
+        assert!(e.contains(&url), "the error names {url}: {e}");
+    }
+    assert!(e.contains("etcd did not answer"), "{e}");
+    // Back: the record is whole (a stage done, as it was last written),
+    // and --resume finishes it.
+    cluster.restart_all();
+    let r = record(&cluster, prefix).unwrap();
+    assert!(r["completed"] == 1 || r["completed"] == 2, "{r}");
+    // The dead command's lease expires with the cluster's time.
+    let out = run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &["sync", "--resume", "--yes", "--wait", "0"],
+    );
+    ok(&out);
+    assert_eq!(fleet.on(&v2).len(), 5);
+    assert_eq!(syncs_to(&fleet, &v2), vec![1; 5]);
+}
+
+#[test]
+fn two_deploy_hosts_see_one_lock_one_rollout_and_one_fleet() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-two";
+    let (fleet, inv, v1, v2, source) = fleet_on_v1(&cluster, prefix, "5s");
+    // A second deploy host: its own store and scap.toml, the same etcd.
+    let other = Env::new();
+    fs::write(
+        other.path("scap.toml"),
+        fs::read_to_string(fleet.env.path("scap.toml")).unwrap(),
+    )
+    .unwrap();
+    let mut child = staged(&fleet, &inv, &v2, &source, "30s");
+    wait_for(60, "the first stage to complete", || {
+        record(&cluster, prefix).is_some_and(|r| r["version"] == v2.as_str() && r["completed"] == 1)
+    });
+    // The other deploy host cannot start a deploy, and says whose runs.
+    let out = run_on(
+        &other,
+        &fleet,
+        &inv,
+        &[
+            "sync",
+            "--version",
+            &v1,
+            "--source",
+            &source,
+            "--yes",
+            "--canary",
+            "50%",
+        ],
+    );
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("another deploy is running"),
+        "{e}"
+    );
+    assert!(e.contains("rollout in progress"), "{e}");
+    // Both show the same fleet, rollout and lock.
+    let a: serde_json::Value = serde_json::from_str(&ok_out(&run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &["status", "--json"],
+    )))
+    .unwrap();
+    let b: serde_json::Value = serde_json::from_str(&ok_out(&run_on(
+        &other,
+        &fleet,
+        &inv,
+        &["status", "--json"],
+    )))
+    .unwrap();
+    for k in ["rollout", "lock", "versions", "behind", "state"] {
+        assert_eq!(a[k], b[k], "{k}: {a} / {b}");
+    }
+    assert!(a["state"].as_str().unwrap().contains(prefix), "{a}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A `scap lock` from the other deploy host: refused while the killed
+    // controller's lease runs, then it stops this one's deploys.
+    let (_, e) = other.fails(&["lock", "investigating T1"]);
+    assert!(e.contains("another deploy is running"), "{e}");
+    wait_for(15, "the killed controller's lease to expire", || {
+        other.raw(&["lock", "investigating T1"]).status.success()
+    });
+    assert!(cluster.get(&format!("{prefix}/lock/held")).is_some());
+    assert!(fleet.env.ok(&["lock"]).contains("investigating T1"));
+    fleet.env.ok(&["lock", "--release", "--force"]);
+    assert!(cluster.get(&format!("{prefix}/lock/held")).is_none());
+}
