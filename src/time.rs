@@ -21,16 +21,29 @@ pub fn fmt_utc(secs: u64) -> String {
     )
 }
 
-/// "20s", "20", "2m", "1h" (or "30m" under `nohup`) as a duration.
+/// "20s", "20", "2m", "1h" (or "30m" under `nohup`), "200ms" as a
+/// duration.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad =
-        || format!("{s:?} is not a duration: use seconds (20 or 20s), minutes (2m) or hours (1h)");
+    let bad = || {
+        format!(
+            "{s:?} is not a duration: use seconds (20 or 20s), minutes (2m), hours (1h) or milliseconds (200ms)"
+        )
+    };
     let t = s.trim();
     let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => (&t[..i], &t[i..]),
         None => (t, "s"),
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
+    if unit == "ms" {
+        return Ok(std::time::Duration::from_millis(n)).and_then(|d| {
+            if d.as_secs() <= 30 * 86_400 {
+                Ok(d)
+            } else {
+                Err(bad())
+            }
+        });
+    }
     let secs = match unit {
         "s" => Some(n),
         "m" => n.checked_mul(60),

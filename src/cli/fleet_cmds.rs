@@ -1662,6 +1662,11 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
             .collect();
         writeln!(out, "  served in the last rollout: {}", parts.join(", "))?;
     }
+    for line in st["standbys"].as_array().into_iter().flatten() {
+        if let Some(text) = line["summary"].as_str() {
+            writeln!(out, "{text}")?;
+        }
+    }
     let behind = st["behind"].as_array().cloned().unwrap_or_default();
     if !behind.is_empty() {
         writeln!(

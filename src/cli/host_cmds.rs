@@ -68,8 +68,60 @@ pub struct ServeArgs {
     /// Bytes of delta packs one client may have built per hour: 32G, 500M
     #[arg(long, value_name = "SIZE", default_value = "32G", value_parser = crate::net::ratelimit::parse_rate)]
     pack_bytes_per_client: u64,
+    /// Run as a standby deploy host: keep this store a copy of the primary's, whose
+    /// object service is at URL (repeatable: tried in order), copying each new version
+    /// (signature checked, objects verified) and the trains' heads
+    #[arg(long = "follow", value_name = "URL")]
+    follow: Vec<String>,
+    /// With --follow: time between two looks at the primary
+    #[arg(long, default_value = "1s", value_parser = super::parse_duration, requires = "follow")]
+    follow_interval: Duration,
+    /// With --follow: a deploy key's public half whose signature a copied version must
+    /// carry (repeatable) [default: the public half of scap.toml's sign_key]
+    #[arg(long = "trusted-key", value_name = "FILE", requires = "follow")]
+    trusted_keys: Vec<PathBuf>,
     #[command(flatten)]
     conns: ConnArgs,
+}
+
+/// `--follow`'s settings, checked: the primary's URLs and whose
+/// signatures a copied version must carry.
+fn follow_config(
+    ctx: &Ctx,
+    a: &ServeArgs,
+) -> anyhow::Result<Option<crate::fleet::standby::FollowConfig>> {
+    if a.follow.is_empty() {
+        return Ok(None);
+    }
+    let primaries = ctx
+        .sources(&a.follow)
+        .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
+    let keys = if a.trusted_keys.is_empty() {
+        let Some(key) = &ctx.config.sign_key else {
+            bail!(
+                "--follow: give --trusted-key FILE (the deploy key's public half), or sign_key in scap.toml: a standby copies only signed versions"
+            );
+        };
+        vec![
+            crate::store::signature::SigningKey::load(key)?
+                .public
+                .clone(),
+        ]
+    } else {
+        a.trusted_keys
+            .iter()
+            .map(|p| crate::store::signature::PublicKey::load(p))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(Some(crate::fleet::standby::FollowConfig {
+        primaries,
+        interval: a.follow_interval.max(Duration::from_millis(100)),
+        trust: crate::store::signature::Trust {
+            keys,
+            revoked: Vec::new(),
+        },
+        host: crate::sys::hostname(),
+    }))
 }
 
 /// How a server treats its connections (`scap serve`, `scap agent`).
@@ -115,7 +167,13 @@ fn listener(
 
 pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
     crate::sys::raise_open_files_limit();
-    let store = ctx.open()?;
+    let follow = follow_config(ctx, &a)?;
+    // A standby starts from an empty store of its own.
+    let store = if follow.is_some() {
+        crate::store::Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?
+    } else {
+        ctx.open()?
+    };
     let transport = ctx.transport()?;
     let rt = runtime()?;
     rt.block_on(async {
@@ -165,6 +223,19 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             crate::web::HostNames::new(dash_addr, &a.dashboard_names),
         );
         tokio::spawn(web.poll_forever());
+        if let Some(cfg) = follow {
+            let client = crate::net::client::Client::new(
+                crate::net::client::http_client(&transport)?,
+                &cfg.primaries,
+            );
+            tokio::spawn(crate::fleet::standby::follow(
+                state.store.clone(),
+                client,
+                cfg,
+                ctx.state()?,
+                Default::default(),
+            ));
+        }
         let main = listener(tcp, &transport, &a.conns)?;
         let dash = crate::net::tls::Listener::new(dash_tcp, None, a.conns.limits().dashboard())?;
         if let Some(w) = transport.warning("scap serve") {

@@ -32,6 +32,7 @@ pub mod restart;
 pub mod rollback;
 pub mod rollout;
 pub mod stage;
+pub mod standby;
 pub mod state;
 pub mod status;
 pub mod trains;

@@ -19,6 +19,22 @@ pub fn label_of(trains: &Trains, v: &VersionId) -> String {
 
 /// The rollout recorded on the deploy host, for people: version, stages,
 /// which are done, the next and when it is due.
+/// Every standby deploy host's last report, with a line for people.
+fn standbys(state: &super::state::DeployState) -> Vec<serde_json::Value> {
+    let now = unix_now();
+    state
+        .standby_reports()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| serde_json::from_slice::<super::standby::StandbyReport>(b).ok())
+        .map(|r| {
+            let mut v = serde_json::to_value(&r).unwrap_or_default();
+            v["summary"] = r.summary(now).into();
+            v
+        })
+        .collect()
+}
+
 pub fn rollout_json(state: &super::state::DeployState, trains: &Trains) -> serde_json::Value {
     let Ok(Some(r)) = super::record::RolloutRecord::load(state) else {
         return serde_json::Value::Null;
@@ -212,6 +228,7 @@ pub fn fleet_status(
         "hosts": hosts,
         "lock": lock::holder(state).ok().flatten(),
         "state": state.describe(),
+        "standbys": standbys(state),
         "held": lock::Locks::new(state, None).held().unwrap_or_default(),
         "behind": behind,
         "rollout": rollout_json(state, trains),

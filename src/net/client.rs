@@ -652,6 +652,47 @@ impl Client {
         &self.sources
     }
 
+    /// `path` (JSON, at most `max` bytes) from the first source that
+    /// answers it; the error names every source and why.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        max: u64,
+    ) -> Result<T, FetchError> {
+        let mut failed = Vec::new();
+        for source in &self.sources {
+            let url = format!("{source}{path}");
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = match self
+                .http
+                .get(&url)
+                .timeout(SMALL_ANSWER_TIMEOUT)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    failed.push(format!("{url}: HTTP {}", r.status()));
+                    continue;
+                }
+                Err(e) => {
+                    failed.push(format!("{url}: {}", why(&e)));
+                    continue;
+                }
+            };
+            match read_capped(resp, max, &url).await {
+                Ok(b) => match serde_json::from_slice(&b) {
+                    Ok(t) => return Ok(t),
+                    Err(e) => failed.push(format!("{url}: not the answer expected: {e}")),
+                },
+                Err(SourceError::Fatal(e)) => return Err(FetchError::Store(e)),
+                Err(SourceError::Source(e)) => failed.push(e),
+                Err(SourceError::NoBatch) => failed.push(format!("{url}: unreadable answer")),
+            }
+        }
+        Err(FetchError::AllFailed(failed.join("; ")))
+    }
+
     /// Fetches every object in `wanted` into `sink`.
     pub async fn fetch(&self, wanted: &[Wanted], sink: &Sink<'_>) -> Result<(), FetchError> {
         let mut batches: Vec<Vec<Wanted>> = Vec::new();

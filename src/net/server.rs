@@ -209,6 +209,8 @@ pub fn router_with(
         .route("/objects/{fan}/{rest}", get(object))
         .route("/versions/{file}", get(record))
         .route("/refs/labels/{label}", get(label))
+        .route("/refs/logs/labels/{label}", get(label_log))
+        .route("/v1/catalogue", get(catalogue))
         .route("/batch", post(batch))
         .route(
             &format!("/v1/pack{}/{{from}}/{{to}}", super::pack::PACK_FORMAT),
@@ -944,6 +946,54 @@ async fn label(State(st): State<Arc<ServerState>>, Path(label): Path<String>) ->
                 format!("label {label:?}: not in this store"),
             ),
         },
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /v1/catalogue`: what a standby deploy host copies (the versions
+/// recorded here, each label's head and how many moves its history
+/// holds), one listing of the versions directory and of the labels.
+async fn catalogue(State(st): State<Arc<ServerState>>) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let store = st.store.clone();
+    let listed = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let versions = store.recorded()?;
+        let mut labels = Vec::new();
+        for (name, v) in store.labels()? {
+            let moves = store.label_log(&name)?.len();
+            labels.push(crate::proto::CatalogueLabel {
+                name,
+                version: v,
+                moves,
+            });
+        }
+        Ok(crate::proto::Catalogue {
+            format: crate::proto::CATALOGUE_FORMAT,
+            versions,
+            labels,
+        })
+    })
+    .await;
+    match listed {
+        Ok(Ok(c)) => axum::Json(c).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /refs/logs/labels/LABEL`: every move of a label, oldest first.
+async fn label_log(State(st): State<Arc<ServerState>>, Path(label): Path<String>) -> Response {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if crate::store::disk::check_label(&label).is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{:?}: not a label name", crate::text::clip(&label, 80)),
+        );
+    }
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.label_log(&label)).await {
+        Ok(Ok(log)) => axum::Json(log).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -290,6 +290,30 @@ pub const DESIRED_ACTION: &str = "desired";
 /// Longest desired-state answer an agent reads.
 pub const MAX_DESIRED_BYTES: usize = 16 << 10;
 
+/// `GET /v1/catalogue` (the object service): what a standby deploy host
+/// copies from its primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalogue {
+    pub format: u32,
+    /// Every version recorded in the store, in no order.
+    pub versions: Vec<crate::store::VersionId>,
+    pub labels: Vec<CatalogueLabel>,
+}
+
+pub const CATALOGUE_FORMAT: u32 = 1;
+/// Largest catalogue a standby reads (100k versions and labels fit).
+pub const MAX_CATALOGUE_BYTES: u64 = 16 << 20;
+/// Largest label history a standby reads.
+pub const MAX_LABEL_LOG_BYTES: u64 = 16 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogueLabel {
+    pub name: String,
+    pub version: crate::store::VersionId,
+    /// How many moves its history holds.
+    pub moves: usize,
+}
+
 /// `POST /v1/restart`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RestartRequest {

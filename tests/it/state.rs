@@ -578,3 +578,141 @@ fn two_deploy_hosts_see_one_lock_one_rollout_and_one_fleet() {
     fleet.env.ok(&["lock", "--release", "--force"]);
     assert!(cluster.get(&format!("{prefix}/lock/held")).is_none());
 }
+
+/// Whether the object service at `url` serves version `v` (its record).
+fn serves(fleet: &Fleet, url: &str, v: &str) -> bool {
+    fleet
+        .http
+        .get(format!("{url}/versions/{v}.json"))
+        .send()
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[test]
+fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-standby";
+    let mut fleet = Fleet::start(3);
+    use_etcd(&fleet.env, &cluster, prefix, "5s");
+    let mw = fleet.env.path("mw");
+    tree(&mw, "v1");
+    let v1 = fleet
+        .env
+        .build(&[("mediawiki", &mw)], &["--label", "1.46.0-wmf.1"]);
+    let primary = fleet.serve();
+    // The standby: its own store, following the primary, trusting the
+    // deploy key of scap.toml's sign_key.
+    let standby_store = fleet.env.path("standby-store");
+    let follow = ["--follow", primary.as_str(), "--follow-interval", "200ms"];
+    let mut standby = fleet.serve_store(&standby_store, &follow);
+    let standby_url = standby.url.clone();
+    wait_for(30, "the standby to copy v1", || {
+        serves(&fleet, &standby_url, &v1)
+    });
+    verify_store(&standby_store, &v1);
+    // A new version on the primary reaches the standby in seconds, with
+    // its train's head.
+    tree(&mw, "v2");
+    let v2 = fleet.env.build(
+        &[("mediawiki", &mw)],
+        &["--label", "1.46.0-wmf.1", "--move-label"],
+    );
+    let built = Instant::now();
+    wait_for(30, "the standby to copy v2", || {
+        serves(&fleet, &standby_url, &v2)
+    });
+    let took = built.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "v2 reached the standby after {took:?}"
+    );
+    let resolve = |store: &Path, name: &str| {
+        let mut c = Command::new(SCAP);
+        c.arg("--store").arg(store).args(["resolve", name]);
+        ok_out(&c.output().unwrap()).trim().to_string()
+    };
+    wait_for(10, "the standby's train head to move", || {
+        resolve(&standby_store, "1.46.0-wmf.1") == v2
+    });
+    // A standby that was down during a build catches up when it comes
+    // back, and says so in `scap status` on either deploy host.
+    standby.kill();
+    tree(&mw, "v3");
+    let v3 = fleet
+        .env
+        .build(&[("mediawiki", &mw)], &["--label", "1.46.0-wmf.2"]);
+    let standby = fleet.serve_store(&standby_store, &follow);
+    let standby_url = standby.url.clone();
+    wait_for(30, "the standby to catch up with v3", || {
+        serves(&fleet, &standby_url, &v3)
+    });
+    verify_store(&standby_store, &v3);
+    wait_for(10, "the new train on the standby", || {
+        resolve(&standby_store, "1.46.0-wmf.2") == v3
+    });
+    let inv = inventory(&fleet);
+    wait_for(10, "the standby to report itself in step", || {
+        let st = ok_out(&run_on(&fleet.env, &fleet, &inv, &["status"]));
+        st.contains("is in step with")
+    });
+    // The primary is lost: the standby serves the hosts, and a rollout
+    // from its store (the same deploy state) deploys v3.
+    fleet.server.as_mut().unwrap().kill();
+    let mut c = Command::new(SCAP);
+    c.current_dir(fleet.env.dir.path())
+        .env_remove("SCAP_STORE")
+        .env_remove("SCAP_CONFIG")
+        .arg("--store")
+        .arg(&standby_store);
+    let out = c
+        .args([
+            "sync",
+            "--version",
+            &v3,
+            "--source",
+            &standby_url,
+            "--yes",
+            "--wait",
+            "0",
+        ])
+        .args(["--canary", "100%", "--force", "--inventory"])
+        .arg(&inv)
+        .args(fleet.transport("deployer"))
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(fleet.on(&v3).len(), 3);
+    drop(standby);
+}
+
+#[test]
+fn a_standby_refuses_a_version_no_trusted_key_signed_and_status_says_it_is_behind() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-standby-trust";
+    let mut fleet = Fleet::start(1);
+    use_etcd(&fleet.env, &cluster, prefix, "5s");
+    let mw = fleet.env.path("mw");
+    tree(&mw, "v1");
+    let v1 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let primary = fleet.serve();
+    let standby_store = fleet.env.path("standby-store");
+    let follow = ["--follow", primary.as_str(), "--follow-interval", "200ms"];
+    let standby = fleet.serve_store(&standby_store, &follow);
+    wait_for(30, "the standby to copy v1", || {
+        serves(&fleet, &standby.url, &v1)
+    });
+    // A version signed by a key the standby does not trust (a compromised
+    // build, or a primary that is not ours).
+    let rogue = NewKey::make(&fleet.env);
+    tree(&mw, "rogue");
+    let bad = fleet.env.build(
+        &[("mediawiki", &mw)],
+        &["--sign-key", rogue.key.to_str().unwrap()],
+    );
+    let inv = inventory(&fleet);
+    wait_for(15, "status to name the standby behind", || {
+        let st = ok_out(&run_on(&fleet.env, &fleet, &inv, &["status"]));
+        st.contains("is BEHIND") && st.contains("1 version(s)") && st.contains("refused")
+    });
+    assert!(!serves(&fleet, &standby.url, &bad));
+}

@@ -382,6 +382,61 @@ impl DeployState {
         }
     }
 
+    /// Writes a standby deploy host's report (`super::standby`): in etcd
+    /// for every deploy host to see, or in this host's files.
+    pub fn report_standby(&self, host: &str, report: &[u8]) -> Result<(), StateError> {
+        match &self.inner.etcd {
+            None => {
+                let dir = &self.inner.dir;
+                std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+                let p = dir.join(format!("standby-{host}.json"));
+                crate::store::fsutil::atomic_write(&p, report).map_err(|e| StateError::Io {
+                    path: p,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+            Some(e) => {
+                e.client.txn(
+                    &[],
+                    &[Op::Put {
+                        key: e.key(&format!("standby/{host}")).into_bytes(),
+                        value: report.to_vec(),
+                        lease: 0,
+                    }],
+                    &[],
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Every standby's last report.
+    pub fn standby_reports(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        match &self.inner.etcd {
+            None => {
+                let dir = &self.inner.dir;
+                let mut out = Vec::new();
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    return Ok(out);
+                };
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with("standby-") && name.ends_with(".json") {
+                        out.push(std::fs::read(entry.path()).map_err(Self::io(&entry.path()))?);
+                    }
+                }
+                Ok(out)
+            }
+            Some(e) => Ok(e
+                .client
+                .list(format!("{}/standby/", e.prefix).as_bytes(), 1000)?
+                .into_iter()
+                .map(|kv| kv.value)
+                .collect()),
+        }
+    }
+
     /// Reserves `block` deploy-order sequence numbers above both `floor`
     /// (the clock) and every block reserved before, by any deploy host
     /// sharing this state; the first. `None`: the files hold the sequence

@@ -332,6 +332,38 @@ impl Store {
         Ok(true)
     }
 
+    /// Makes `label` what another store says it is: its head `head` and
+    /// its whole history `log` (a standby deploy host copying its
+    /// primary's trains), under the labels' lock. The log is written
+    /// before the head, so a crash between them leaves a log that says
+    /// more than the head (the next copy mends it), never a head with no
+    /// history.
+    pub fn copy_label(&self, label: &str, head: &VersionId, log: &[LabelMove]) -> Result<()> {
+        check_label(label)?;
+        let lock_path = self.root().join("refs/labels.lock");
+        if let Some(dir) = lock_path.parent() {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .at(&lock_path)?;
+        lock.lock().at(&lock_path)?;
+        let path = self.label_log_path(label);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        let mut text = Vec::new();
+        for m in log {
+            text.extend(serde_json::to_vec(m).expect("moves serialize"));
+            text.push(b'\n');
+        }
+        atomic_write(&path, &text)?;
+        self.set_label(label, head)
+    }
+
     fn label_log_path(&self, label: &str) -> PathBuf {
         self.root()
             .join("refs/logs/labels")

@@ -1,0 +1,323 @@
+//! A standby deploy host: `scap serve --follow URL` keeps its store a copy
+//! of the primary's, so that it serves hosts and caches like the primary
+//! and can finish a rollout when the primary is lost.
+//!
+//! Every [`FollowConfig::interval`] the standby reads the primary's
+//! catalogue (`GET /v1/catalogue`: the versions recorded there, each
+//! label's head and the length of its history), and for each version it
+//! lacks, oldest first:
+//!
+//! 1. its signature, which a key this standby trusts must vouch for (a
+//!    primary, or whatever answers in its name, cannot make the standby
+//!    serve a version the deploy key did not sign);
+//! 2. its record (which must name that version);
+//! 3. its objects, as an agent fetches them: the delta pack from its
+//!    parent when the standby holds the parent, then by difference, every
+//!    object hashed against the ID asked for before it is stored;
+//! 4. then the signature and the record are written, the record last: a
+//!    version is in a store once its record is, so a standby killed
+//!    mid-copy has objects and no version, and copies it again.
+//!
+//! Labels (the trains' heads and histories) are copied once the version a
+//! head names is here. What the standby holds and lacks is written to the
+//! deploy state (`standby/<host>` in etcd) after every round, and `scap
+//! status` on either deploy host names a standby that is behind, by how
+//! many versions and since when.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::DeployState;
+use crate::net::client::{Client, FetchError};
+use crate::proto::{Catalogue, MAX_CATALOGUE_BYTES, MAX_LABEL_LOG_BYTES};
+use crate::store::disk::{LabelMove, VersionRecord};
+use crate::store::signature::Trust;
+use crate::store::{Store, VersionId};
+
+/// Largest version record read from the primary.
+const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+/// How a standby follows its primary.
+#[derive(Clone, Debug)]
+pub struct FollowConfig {
+    /// The primary's object service (one URL, or several in order).
+    pub primaries: Vec<String>,
+    pub interval: Duration,
+    /// Whose signatures a copied version must carry.
+    pub trust: Trust,
+    /// This standby's name in reports.
+    pub host: String,
+}
+
+/// Where the standby stands: `GET /v1/standby` on it, and its report in the
+/// deploy state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StandbyReport {
+    pub host: String,
+    pub primary: String,
+    /// When this report was made (unix seconds).
+    pub time: u64,
+    /// When a round last completed with everything copied.
+    #[serde(default)]
+    pub in_step_since: Option<u64>,
+    /// Versions the primary has and this standby does not (yet).
+    pub missing: Vec<VersionId>,
+    /// Labels whose head differs from the primary's.
+    #[serde(default)]
+    pub labels_behind: Vec<String>,
+    /// Versions copied since this standby started.
+    pub copied: u64,
+    /// Why the last round did not complete, if it did not.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl StandbyReport {
+    /// "in step", or how far behind, for people.
+    pub fn summary(&self, now: u64) -> String {
+        let age = now.saturating_sub(self.time);
+        let mut s =
+            if self.missing.is_empty() && self.labels_behind.is_empty() && self.error.is_none() {
+                format!("standby {} is in step with {}", self.host, self.primary)
+            } else {
+                format!(
+                    "standby {} is BEHIND {}: {} version(s) and {} label(s) not copied{}",
+                    self.host,
+                    self.primary,
+                    self.missing.len(),
+                    self.labels_behind.len(),
+                    self.in_step_since
+                        .map(|t| format!(", last in step {} s ago", now.saturating_sub(t)))
+                        .unwrap_or_else(|| ", never in step since it started".into())
+                )
+            };
+        if let Some(e) = &self.error {
+            s.push_str(&format!(" ({})", crate::text::clip(e, 300)));
+        }
+        if age > 30 {
+            s.push_str(&format!(
+                "; its last report is {age} s old: is its scap serve running?"
+            ));
+        }
+        s
+    }
+}
+
+/// Runs rounds until the process ends; `report` is kept current.
+pub async fn follow(
+    store: Store,
+    client: Client,
+    cfg: FollowConfig,
+    state: DeployState,
+    report: Arc<Mutex<StandbyReport>>,
+) {
+    {
+        let mut r = report.lock().expect("not poisoned");
+        r.host = cfg.host.clone();
+        r.primary = cfg.primaries.join(", ");
+    }
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let result = round(&store, &client, &cfg, &report).await;
+        let now = crate::time::unix_now();
+        let snapshot = {
+            let mut r = report.lock().expect("not poisoned");
+            r.time = now;
+            match result {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("standby: copying from {} again", r.primary);
+                    }
+                    failing = false;
+                    r.error = None;
+                    if r.missing.is_empty() && r.labels_behind.is_empty() {
+                        r.in_step_since = Some(now);
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("standby: cannot copy from {}: {e}", r.primary);
+                    }
+                    failing = true;
+                    r.error = Some(e);
+                }
+            }
+            r.clone()
+        };
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = state.report_standby(
+                &snapshot.host,
+                &serde_json::to_vec(&snapshot).expect("serializes"),
+            ) {
+                tracing::debug!("standby: cannot write its report: {e}");
+            }
+        })
+        .await;
+    }
+}
+
+fn fetch_err(e: FetchError) -> String {
+    e.to_string()
+}
+
+/// One round: copy every version and label the primary has and this
+/// standby lacks.
+async fn round(
+    store: &Store,
+    client: &Client,
+    cfg: &FollowConfig,
+    report: &Mutex<StandbyReport>,
+) -> Result<(), String> {
+    let cat: Catalogue = client
+        .get_json("/v1/catalogue", MAX_CATALOGUE_BYTES)
+        .await
+        .map_err(|e| format!("the primary's catalogue: {}", fetch_err(e)))?;
+    if cat.format > crate::proto::CATALOGUE_FORMAT {
+        return Err(format!(
+            "the primary's catalogue is format v{}, this scap reads up to v{}: upgrade this standby",
+            cat.format,
+            crate::proto::CATALOGUE_FORMAT
+        ));
+    }
+    let here: std::collections::HashSet<VersionId> = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.recorded())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect()
+    };
+    let missing: Vec<VersionId> = cat
+        .versions
+        .iter()
+        .filter(|v| !here.contains(v))
+        .copied()
+        .collect();
+    report.lock().expect("not poisoned").missing = missing.clone();
+    // Their records first, to copy oldest first (a parent before its
+    // children: each child then comes as a delta pack from it).
+    let mut records = Vec::new();
+    for v in &missing {
+        let r: VersionRecord = client
+            .get_json(&format!("/versions/{}.json", v.to_hex()), MAX_RECORD_BYTES)
+            .await
+            .map_err(|e| format!("the record of {}: {}", v.short(), fetch_err(e)))?;
+        if r.version != *v {
+            return Err(format!(
+                "the primary answered the record of {} for {}: refused",
+                r.version.short(),
+                v.short()
+            ));
+        }
+        records.push(r);
+    }
+    records.sort_by_key(|r| (r.time, r.time_nanos, r.version));
+    for r in records {
+        let v = r.version;
+        copy_version(store, client, cfg, r).await?;
+        let mut rep = report.lock().expect("not poisoned");
+        rep.copied += 1;
+        rep.missing.retain(|m| *m != v);
+    }
+    report.lock().expect("not poisoned").missing.clear();
+    // Labels whose head is here.
+    let mut behind = Vec::new();
+    let ours: BTreeMap<String, VersionId> = store
+        .labels()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    for l in &cat.labels {
+        let same_head = ours.get(&l.name) == Some(&l.version);
+        let same_log =
+            same_head && store.label_log(&l.name).map_err(|e| e.to_string())?.len() == l.moves;
+        if same_log {
+            continue;
+        }
+        if !store.has(&l.version.object()) {
+            behind.push(l.name.clone());
+            continue;
+        }
+        if crate::store::disk::check_label(&l.name).is_err() {
+            return Err(format!(
+                "the primary's catalogue names label {:?}: refused",
+                crate::text::clip(&l.name, 80)
+            ));
+        }
+        let log: Vec<LabelMove> = client
+            .get_json(
+                &format!("/refs/logs/labels/{}", l.name),
+                MAX_LABEL_LOG_BYTES,
+            )
+            .await
+            .map_err(|e| format!("the history of label {}: {}", l.name, fetch_err(e)))?;
+        if log.last().is_some_and(|m| m.to != l.version) {
+            // Moved between the two reads: next round.
+            behind.push(l.name.clone());
+            continue;
+        }
+        let s = store.clone();
+        let (name, head) = (l.name.clone(), l.version);
+        tokio::task::spawn_blocking(move || s.copy_label(&name, &head, &log))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    report.lock().expect("not poisoned").labels_behind = behind;
+    Ok(())
+}
+
+/// Copies one version: signature checked, objects fetched and verified,
+/// then the signature and the record written.
+async fn copy_version(
+    store: &Store,
+    client: &Client,
+    cfg: &FollowConfig,
+    record: VersionRecord,
+) -> Result<(), String> {
+    let v = record.version;
+    let trust = cfg.trust.clone();
+    let signed = client
+        .signature(&v, |doc| {
+            trust.verify(&v, Some(doc)).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("{}: {}", v.short(), fetch_err(e)))?;
+    let Some((doc, _verified)) = signed else {
+        return Err(format!(
+            "version {} is not signed on the primary: a standby copies only versions a trusted deploy key signed",
+            v.short()
+        ));
+    };
+    let started = std::time::Instant::now();
+    let writer = store.writer().map_err(|e| e.to_string())?;
+    let from = record.parent.filter(|p| store.has(&p.object()));
+    match crate::host::fetch::fetch_pack(client, &writer, from.as_ref(), &v, None).await {
+        Ok(_) => {}
+        Err(FetchError::Store(e)) => return Err(format!("{}: {e}", v.short())),
+        Err(e) => tracing::debug!(
+            "standby: no delta pack for {} ({e}): fetching objects",
+            v.short()
+        ),
+    }
+    crate::host::fetch::fetch_version(client, &writer, &v)
+        .await
+        .map_err(|e| format!("{}: {}", v.short(), fetch_err(e)))?;
+    // The record last: the version exists here once it is written.
+    (|| -> Result<(), crate::store::StoreError> {
+        let _committed = writer.commit()?;
+        store.write_signature(&v, &doc)?;
+        store.write_record(&record)
+    })()
+    .map_err(|e| format!("{}: {e}", v.short()))?;
+    tracing::info!("standby: copied {} in {:?}", v.short(), started.elapsed());
+    Ok(())
+}
