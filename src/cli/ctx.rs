@@ -126,6 +126,17 @@ impl Ctx {
         Ok(Store::open(&self.store_path)?)
     }
 
+    /// Opens (or creates) the deploy host's store for a command that builds
+    /// versions: refused on a standby while another deploy host is the
+    /// primary.
+    pub fn open_for_build(&self) -> anyhow::Result<Store> {
+        let store = Store::open_or_init(&self.store_path, crate::store::disk::Role::Deploy)?;
+        store.check_deploy()?;
+        crate::fleet::standby::may_build(&self.state()?, &self.store_path)
+            .map_err(anyhow::Error::msg)?;
+        Ok(store)
+    }
+
     /// Opens the store for a command that changes it on the deploy host:
     /// an agent's store is refused by name.
     pub fn open_deploy(&self) -> anyhow::Result<Store> {

@@ -346,6 +346,26 @@ impl Plan {
         })
     }
 
+    /// `--source` given to `--resume`: the hosts fetch from these instead
+    /// of the recorded sources (the deploy host that started the rollout
+    /// is lost, and a standby finishes it).
+    fn resume_sources(&mut self, ctx: &Ctx, given: &[String]) -> anyhow::Result<()> {
+        if given.is_empty() {
+            return Ok(());
+        }
+        let sources = ctx.sources(given)?;
+        if sources != self.sources {
+            eprintln!(
+                "{} hosts fetch from {} (--source), not the recorded {}",
+                clock(),
+                sources.join(", "),
+                self.sources.join(", ")
+            );
+        }
+        self.sources = sources;
+        Ok(())
+    }
+
     fn settings(&self) -> Settings {
         Settings {
             sources: self.sources.clone(),
@@ -521,8 +541,7 @@ pub fn sync_world(ctx: &Ctx, a: SyncWorldArgs) -> anyhow::Result<i32> {
     let components = crate::config::components(&ctx.config, &a.components, &a.exclude)?;
     let steps = crate::world::steps::from_config(&ctx.config, &components)?;
     let checks = crate::world::Checks::from_config(&ctx.config);
-    let store = Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?;
-    store.check_deploy()?;
+    let store = ctx.open_for_build()?;
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
@@ -622,6 +641,7 @@ fn resume_change(
     let store = ctx.open_deploy()?;
     let members = a.fleet.members(ctx)?;
     let mut plan = Plan::from_settings(&pending.stages, &pending.settings)?;
+    plan.resume_sources(ctx, &a.rollout.sources)?;
     plan.restarts = a.rollout.restarts(ctx)?;
     let prepared = pending.prepared();
     eprintln!(
@@ -767,6 +787,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     }
     let members = a.fleet.members(ctx)?;
     let mut plan = Plan::from_settings(&record.stages, &record.settings)?;
+    plan.resume_sources(ctx, &a.rollout.sources)?;
     plan.restarts = a.rollout.restarts(ctx)?;
     let interactive = std::io::stdin().is_terminal();
     if !a.rollout.yes && !interactive && !a.rollout.dry_run {
@@ -1166,7 +1187,7 @@ pub struct SyncFileArgs {
 /// staging applied to every live train, then rolled out so that each host
 /// moves to the new version of the train it runs.
 pub fn sync_change(ctx: &Ctx, a: SyncFileArgs, kind: Kind) -> anyhow::Result<i32> {
-    let store = ctx.open_deploy()?;
+    let store = ctx.open_for_build()?;
     let members = a.fleet.members(ctx)?;
     let plan = a.rollout.plan(ctx)?;
     plan.check(&members, &a.rollout)?;
@@ -1783,10 +1804,9 @@ pub struct HistoryArgs {
 
 pub fn history_cmd(ctx: &Ctx, a: HistoryArgs) -> anyhow::Result<i32> {
     let state = fleet_state(ctx)?;
-    let mut entries = history::read(&state)
+    let mut entries = history::recent(&state, a.max_count)
         .with_context(|| format!("reading the deploy history ({})", state.describe()))?;
     entries.reverse();
-    entries.truncate(a.max_count);
     let trains = trains(ctx);
     if a.json {
         print_json(&history::named(&entries, &trains))?;

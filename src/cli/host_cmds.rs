@@ -175,6 +175,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         ctx.open()?
     };
     let transport = ctx.transport()?;
+    let store_path = ctx.store_path.clone();
     let rt = runtime()?;
     rt.block_on(async {
         let tcp = bind(a.listen).await?;
@@ -223,6 +224,19 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             crate::web::HostNames::new(dash_addr, &a.dashboard_names),
         );
         tokio::spawn(web.poll_forever());
+        // One primary at a time (with the deploy state in etcd): a
+        // standby follows it instead.
+        let _primary = if follow.is_none() {
+            let url = format!("{}://{addr}", transport.scheme());
+            let state = ctx.state()?;
+            tokio::task::spawn_blocking(move || {
+                crate::fleet::standby::claim_primary(&state, &store_path, &url)
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?
+        } else {
+            None
+        };
         if let Some(cfg) = follow {
             let client = crate::net::client::Client::new(
                 crate::net::client::http_client(&transport)?,

@@ -53,8 +53,7 @@ pub struct BuildArgs {
 
 pub fn build_manifest(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<i32> {
     let comps = components(&ctx.config, &a.components, &a.exclude)?;
-    let store = Store::open_or_init(&ctx.store_path, crate::store::disk::Role::Deploy)?;
-    store.check_deploy()?;
+    let store = ctx.open_for_build()?;
     let parent = a.parent.as_deref().map(|p| store.resolve(p)).transpose()?;
     let author = a.author.unwrap_or_else(crate::sys::user);
     let opts = BuildOptions {

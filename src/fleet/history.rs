@@ -108,11 +108,11 @@ pub fn append(state: &DeployState, entry: &Entry) -> Result<(), StateError> {
     state.append_history(&serde_json::to_vec(entry).expect("serializes"))
 }
 
-/// All entries, oldest first; a line that does not parse (a torn last
-/// line after a crash mid-append) is skipped.
-pub fn read(state: &DeployState) -> Result<Vec<Entry>, StateError> {
+/// The newest `n` entries, oldest first (a line that does not parse is
+/// skipped).
+pub fn recent(state: &DeployState, n: usize) -> Result<Vec<Entry>, StateError> {
     Ok(state
-        .history()?
+        .history_last(n)?
         .iter()
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())

@@ -321,3 +321,84 @@ async fn copy_version(
     tracing::info!("standby: copied {} in {:?}", v.short(), started.elapsed());
     Ok(())
 }
+
+/// The deploy host whose `scap serve` is the primary: `serve/primary` in
+/// the deploy state (etcd), held under a lease while that process runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Primary {
+    pub host: String,
+    /// Its object service, for a standby's `--follow`.
+    pub url: String,
+    /// Its store.
+    pub store: String,
+    pub pid: u32,
+    pub since: u64,
+}
+
+impl std::fmt::Display for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, store {}, pid {}) since {}",
+            self.host,
+            self.url,
+            self.store,
+            self.pid,
+            crate::time::fmt_utc(self.since)
+        )
+    }
+}
+
+const PRIMARY_KEY: &str = "serve/primary";
+
+/// Claims the primary's place for this `scap serve` (with the deploy state
+/// in etcd; without it there is one deploy host, and nothing to claim):
+/// refused while another deploy host holds it, so that two deploy hosts
+/// are never both started as primary. Held until the returned claim is
+/// dropped, or within the lease of this process's death.
+pub fn claim_primary(
+    state: &DeployState,
+    store: &std::path::Path,
+    url: &str,
+) -> Result<Option<super::state::LeaseLock>, String> {
+    let me = Primary {
+        host: crate::sys::hostname(),
+        url: url.to_string(),
+        store: store.display().to_string(),
+        pid: std::process::id(),
+        since: crate::time::unix_now(),
+    };
+    match state
+        .claim_lease(PRIMARY_KEY, &serde_json::to_vec(&me).expect("serializes"))
+        .map_err(|e| e.to_string())?
+    {
+        Ok(claim) => Ok(claim),
+        Err(theirs) => {
+            let theirs = serde_json::from_slice::<Primary>(&theirs)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| "another scap serve".into());
+            Err(format!(
+                "another deploy host is the primary: {theirs}; start this one as its standby (`scap serve --follow URL`), or stop that one first (its claim goes with it, or within the lease after it died)"
+            ))
+        }
+    }
+}
+
+/// Whether this store may build versions: not while another deploy host
+/// (or another store) is the primary, since a standby's store is a copy
+/// of the primary's, and what it built would be overwritten.
+pub fn may_build(state: &DeployState, store: &std::path::Path) -> Result<(), String> {
+    let Some(v) = state.get_key(PRIMARY_KEY).map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let Ok(p) = serde_json::from_slice::<Primary>(&v) else {
+        return Ok(());
+    };
+    let mine = p.host == crate::sys::hostname() && std::path::Path::new(&p.store) == store;
+    if mine {
+        return Ok(());
+    }
+    Err(format!(
+        "this deploy host is not the primary: {p} is; build there (this store is its standby's copy), or make this one the primary (stop that scap serve, then run this one's without --follow)"
+    ))
+}

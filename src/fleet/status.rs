@@ -200,7 +200,8 @@ pub fn fleet_status(
         }
     }
     // Bytes each source served in the last rollout (its steps in history).
-    let history = history::read(state).unwrap_or_default();
+    // The newest entries: a rollout's steps are a few of them.
+    let history = history::recent(state, 200).unwrap_or_default();
     let mut sources: std::collections::BTreeMap<String, u64> = Default::default();
     if let Some(last) = history
         .iter()
@@ -239,6 +240,6 @@ pub fn fleet_status(
                 "to": m.to, "to_name": label_of(trains, &m.to), "message": m.message,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "last_deploy": history::read(state).ok().and_then(|h| h.last().cloned()),
+        "last_deploy": history.last().cloned(),
     })
 }

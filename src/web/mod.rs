@@ -258,7 +258,7 @@ async fn history_api(
             "unknown parameter {k:?}: this endpoint takes limit"
         ));
     }
-    match history::read(&web.state) {
+    match history::recent(&web.state, limit) {
         Ok(mut h) => {
             h.reverse();
             h.truncate(limit);

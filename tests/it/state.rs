@@ -716,3 +716,165 @@ fn a_standby_refuses_a_version_no_trusted_key_signed_and_status_says_it_is_behin
     });
     assert!(!serves(&fleet, &standby.url, &bad));
 }
+
+/// `scap serve` of `store` on `port` (fixed, so that a standby following
+/// it finds it again after a restart), with `extra`.
+fn serve_on(fleet: &Fleet, store: &Path, port: u16, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(SCAP);
+    cmd.current_dir(fleet.env.dir.path())
+        .env_remove("SCAP_STORE")
+        .env_remove("SCAP_CONFIG")
+        .arg("--store")
+        .arg(store)
+        .args(fleet.transport("server"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--dashboard-listen", "127.0.0.1:0"])
+        .args(extra);
+    Proc::start(cmd)
+}
+
+/// Rounds of the failover test: 4 in CI; `SCAP_FAULT_ROUNDS` for more.
+fn failover_rounds() -> u64 {
+    std::env::var("SCAP_FAULT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(4, |n: u64| n.clamp(1, 200))
+}
+
+#[test]
+fn a_rollout_whose_deploy_host_dies_at_any_moment_is_finished_from_the_standby_once_per_host() {
+    let cluster = Cluster::start();
+    let prefix = "/scap/test-failover";
+    let fleet = Fleet::start(4);
+    use_etcd(&fleet.env, &cluster, prefix, "2s");
+    let mw = fleet.env.path("mw");
+    tree(&mw, "v0");
+    let v0 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let primary_port = free_port();
+    let primary_url = format!("https://127.0.0.1:{primary_port}");
+    let mut primary = Some(serve_on(&fleet, &fleet.env.store, primary_port, &[]));
+    let standby_store = fleet.env.path("standby-store");
+    let standby = serve_on(
+        &fleet,
+        &standby_store,
+        free_port(),
+        &["--follow", &primary_url, "--follow-interval", "200ms"],
+    );
+    let inv = inventory(&fleet);
+    ok(&run_on(
+        &fleet.env,
+        &fleet,
+        &inv,
+        &[
+            "sync",
+            "--version",
+            &v0,
+            "--source",
+            &primary_url,
+            "--yes",
+            "--wait",
+            "0",
+        ]
+        .into_iter()
+        .chain(["--canary", "100%", "--force"])
+        .collect::<Vec<_>>(),
+    ));
+    let on_standby = |args: &[&str]| {
+        let mut c = Command::new(SCAP);
+        c.current_dir(fleet.env.dir.path())
+            .env_remove("SCAP_STORE")
+            .env_remove("SCAP_CONFIG")
+            .arg("--store")
+            .arg(&standby_store)
+            .args(args)
+            .arg("--inventory")
+            .arg(&inv)
+            .args(fleet.transport("deployer"));
+        c.output().unwrap()
+    };
+    let mut seed = 0x5eed_u64 ^ std::process::id() as u64;
+    for round in 0..failover_rounds() {
+        if primary.is_none() {
+            // The dead primary's claim goes with its lease (2 s).
+            std::thread::sleep(Duration::from_secs(3));
+            primary = Some(serve_on(&fleet, &fleet.env.store, primary_port, &[]));
+        }
+        tree(&mw, &format!("round {round}"));
+        let v = fleet.env.build(&[("mediawiki", &mw)], &[]);
+        wait_for(30, "the standby to copy the round's version", || {
+            serves(&fleet, &standby.url, &v)
+        });
+        let mut child = staged(&fleet, &inv, &v, &primary_url, "1s");
+        // The deploy host dies: its controller and its scap serve, at a
+        // random moment of the staged rollout.
+        let after = Duration::from_millis(300 + xorshift(&mut seed) % 3500);
+        std::thread::sleep(after);
+        let _ = child.kill();
+        let _ = child.wait();
+        primary.take().unwrap().kill();
+        // Finished from the standby: resumed from the record in etcd if
+        // the rollout had begun, started anew if not.
+        let rec = record(&cluster, prefix).unwrap();
+        let out = if rec["version"] == v.as_str() {
+            on_standby(&[
+                "sync",
+                "--resume",
+                "--yes",
+                "--wait",
+                "0",
+                "--source",
+                &standby.url,
+            ])
+        } else {
+            on_standby(
+                &[
+                    "sync",
+                    "--version",
+                    &v,
+                    "--source",
+                    &standby.url,
+                    "--yes",
+                    "--wait",
+                    "0",
+                ]
+                .into_iter()
+                .chain(["--canary", "100%", "--force"])
+                .collect::<Vec<_>>(),
+            )
+        };
+        let log = stderr(&out);
+        assert!(
+            out.status.success() || log.contains("is finished"),
+            "round {round} (killed after {after:?}): {log}"
+        );
+        assert_eq!(fleet.on(&v).len(), 4, "round {round}: {log}");
+        // Every host moved to the round's version exactly once.
+        let once: Vec<usize> = (0..fleet.hosts.len())
+            .map(|i| {
+                let (_, s) = fleet.get(i, "/v1/state");
+                s["state"]["history"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| {
+                        e["action"] == "sync" && e["version"] == v.as_str() && e["ok"] == true
+                    })
+                    .count()
+            })
+            .collect();
+        assert_eq!(
+            once,
+            vec![1; 4],
+            "round {round} (killed after {after:?}): {log}"
+        );
+        // Both deploy hosts show the same fleet.
+        let a = ok_out(&run_on(&fleet.env, &fleet, &inv, &["status", "--json"]));
+        let b = ok_out(&on_standby(&["status", "--json"]));
+        let (a, b): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(&a).unwrap(),
+            serde_json::from_str(&b).unwrap(),
+        );
+        assert_eq!(a["versions"], b["versions"], "round {round}");
+        assert_eq!(a["rollout"], b["rollout"], "round {round}");
+    }
+}

@@ -357,25 +357,29 @@ impl DeployState {
         }
     }
 
-    /// The audit history's lines, oldest first (with etcd, the newest
-    /// [`HISTORY_READ`]).
-    pub fn history(&self) -> Result<Vec<Vec<u8>>, StateError> {
+    /// The newest `n` lines of the audit history, oldest first (with
+    /// etcd, at most [`HISTORY_READ`]).
+    pub fn history_last(&self, n: usize) -> Result<Vec<Vec<u8>>, StateError> {
         match &self.inner.etcd {
             None => {
                 let p = self.inner.dir.join("history.jsonl");
                 match std::fs::read(&p) {
-                    Ok(b) => Ok(b
-                        .split(|&c| c == b'\n')
-                        .filter(|l| !l.is_empty())
-                        .map(<[u8]>::to_vec)
-                        .collect()),
+                    Ok(b) => {
+                        let lines: Vec<&[u8]> =
+                            b.split(|&c| c == b'\n').filter(|l| !l.is_empty()).collect();
+                        let skip = lines.len().saturating_sub(n);
+                        Ok(lines[skip..].iter().map(|l| l.to_vec()).collect())
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
                     Err(e) => Err(Self::io(&p)(e)),
                 }
             }
             Some(e) => Ok(e
                 .client
-                .list(format!("{}/history/", e.prefix).as_bytes(), HISTORY_READ)?
+                .list(
+                    format!("{}/history/", e.prefix).as_bytes(),
+                    n.clamp(1, HISTORY_READ as usize) as i64,
+                )?
                 .into_iter()
                 .map(|kv| kv.value)
                 .collect()),
@@ -528,22 +532,58 @@ impl DeployState {
     }
 
     /// Takes the deploy lock for `me`: a key under a new lease, renewed
-    /// by a thread until the lock is dropped. `Err(Some(holder))`: held.
+    /// by a thread until the lock is dropped; every fenced write of this
+    /// process compares it. `Err(holder)`: held.
     pub(super) fn etcd_acquire(
         &self,
         me: &Holder,
     ) -> Result<Result<LeaseLock, Box<Holder>>, StateError> {
+        let value = serde_json::to_vec(me).expect("serializes");
+        Ok(self
+            .claim("lock/deploy", &value, true)?
+            .map_err(|v| Box::new(holder_of(&v))))
+    }
+
+    /// Claims the key `name` (under the prefix) with `value` under a new
+    /// lease, renewed by a thread until the claim is dropped, if no one
+    /// holds it; `fence`: this process's fenced writes compare it (the
+    /// deploy lock). `Err(value)`: held, with its holder's value. Without
+    /// etcd there is nothing to claim: `Ok(None)`.
+    pub fn claim_lease(
+        &self,
+        name: &str,
+        value: &[u8],
+    ) -> Result<Result<Option<LeaseLock>, Vec<u8>>, StateError> {
+        if self.inner.etcd.is_none() {
+            return Ok(Ok(None));
+        }
+        Ok(self.claim(name, value, false)?.map(Some))
+    }
+
+    /// The value of the key `name` (under the prefix), with etcd.
+    pub fn get_key(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        match &self.inner.etcd {
+            None => Ok(None),
+            Some(e) => Ok(e.client.get(e.key(name).as_bytes())?.map(|kv| kv.value)),
+        }
+    }
+
+    fn claim(
+        &self,
+        name: &str,
+        value: &[u8],
+        fence: bool,
+    ) -> Result<Result<LeaseLock, Vec<u8>>, StateError> {
         let e = self.inner.etcd.as_ref().expect("etcd state");
         let ttl = e.lease.as_secs().max(2) as i64;
         let lease = e.client.grant(ttl)?;
-        let key = e.key("lock/deploy").into_bytes();
-        let value = serde_json::to_vec(me).expect("serializes");
+        let key = e.key(name).into_bytes();
         let t = e.client.txn(
             &[Compare::Created(key.clone(), 0)],
             &[
                 Op::Put {
                     key: key.clone(),
-                    value: value.clone(),
+                    value: value.to_vec(),
                     lease,
                 },
                 Op::Get(key.clone()),
@@ -560,35 +600,37 @@ impl DeployState {
         let kv = t.reads.into_iter().flatten().last();
         match kv {
             Some(kv) if kv.lease == lease => {
-                let fence = Arc::new(Fence {
+                let held = Arc::new(Fence {
                     create_revision: kv.create_revision,
                     lease,
                     lost: Mutex::new(None),
                     stop: AtomicBool::new(false),
                 });
-                *e.fence.lock().expect("not poisoned") = Some(fence.clone());
+                if fence {
+                    *e.fence.lock().expect("not poisoned") = Some(held.clone());
+                }
                 let thread = {
                     let state = self.clone();
-                    let fence = fence.clone();
+                    let held = held.clone();
                     std::thread::Builder::new()
                         .name("scap-lease".into())
-                        .spawn(move || state.keep_alive(&fence, Duration::from_secs(ttl as u64)))
+                        .spawn(move || state.keep_alive(&held, Duration::from_secs(ttl as u64)))
                         .ok()
                 };
                 Ok(Ok(LeaseLock {
                     state: self.clone(),
-                    fence,
+                    fence: held,
                     thread,
                 }))
             }
             Some(kv) => {
                 let _ = e.client.revoke(lease);
-                Ok(Err(Box::new(holder_of(&kv.value))))
+                Ok(Err(kv.value))
             }
             None => {
                 // Taken and expired between the compare and the read.
                 let _ = e.client.revoke(lease);
-                Ok(Err(Box::new(holder_of(b""))))
+                Ok(Err(Vec::new()))
             }
         }
     }
