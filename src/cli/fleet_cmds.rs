@@ -1774,10 +1774,15 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     if let Some(l) = st["lock"].as_object() {
         writeln!(
             out,
-            "\ndeploy in progress: {} ({})",
+            "\ndeploy in progress: {} ({} on {}, pid {})",
             l.get("command").and_then(|c| c.as_str()).unwrap_or(""),
-            l.get("user").and_then(|c| c.as_str()).unwrap_or("")
+            l.get("user").and_then(|c| c.as_str()).unwrap_or(""),
+            l.get("host").and_then(|c| c.as_str()).unwrap_or(""),
+            l.get("pid").and_then(|c| c.as_u64()).unwrap_or(0)
         )?;
+    }
+    if let Some(where_) = st["state"].as_str().filter(|s| s.starts_with("etcd")) {
+        writeln!(out, "\ndeploy state: {where_}")?;
     }
     if let Some(d) = st["last_deploy"].as_object() {
         writeln!(

@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,9 @@ use crate::proto::{Catalogue, MAX_CATALOGUE_BYTES, MAX_LABEL_LOG_BYTES};
 use crate::store::disk::{LabelMove, VersionRecord};
 use crate::store::signature::Trust;
 use crate::store::{Store, VersionId};
+
+/// How often a standby that has nothing new to say writes its report.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Largest version record read from the primary.
 const MAX_RECORD_BYTES: u64 = 4 << 20;
@@ -122,6 +125,7 @@ pub async fn follow(
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut last_written: Option<(StandbyReport, Instant)> = None;
     loop {
         tick.tick().await;
         let result = round(&store, &client, &cfg, &report).await;
@@ -150,16 +154,35 @@ pub async fn follow(
             }
             r.clone()
         };
-        let state = state.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = state.report_standby(
-                &snapshot.host,
-                &serde_json::to_vec(&snapshot).expect("serializes"),
-            ) {
-                tracing::debug!("standby: cannot write its report: {e}");
-            }
+        // Written when it says something new, and every 10 s (a report
+        // older than 30 s tells status the standby is gone).
+        let quiet = |r: &StandbyReport| StandbyReport {
+            time: 0,
+            in_step_since: None,
+            ..r.clone()
+        };
+        let news = last_written
+            .as_ref()
+            .is_none_or(|(was, at): &(StandbyReport, Instant)| {
+                at.elapsed() >= REPORT_EVERY || quiet(was) != quiet(&snapshot)
+            });
+        if !news {
+            continue;
+        }
+        let st = state.clone();
+        let written = snapshot.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            st.report_standby(
+                &written.host,
+                &serde_json::to_vec(&written).expect("serializes"),
+            )
         })
         .await;
+        match done {
+            Ok(Ok(())) => last_written = Some((snapshot, Instant::now())),
+            Ok(Err(e)) => tracing::debug!("standby: cannot write its report: {e}"),
+            Err(_) => {}
+        }
     }
 }
 
@@ -351,6 +374,17 @@ impl std::fmt::Display for Primary {
 
 const PRIMARY_KEY: &str = "serve/primary";
 
+/// Why this `scap serve` is not (yet) the primary.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(
+        "another deploy host is the primary: {0}; start this one as its standby (`scap serve --follow URL`), or stop that one first (its claim goes with it, or within the lease after it died)"
+    )]
+    Taken(String),
+    #[error("cannot claim the primary's place in the deploy state: {0}")]
+    State(#[from] super::state::StateError),
+}
+
 /// Claims the primary's place for this `scap serve` (with the deploy state
 /// in etcd; without it there is one deploy host, and nothing to claim):
 /// refused while another deploy host holds it, so that two deploy hosts
@@ -360,7 +394,7 @@ pub fn claim_primary(
     state: &DeployState,
     store: &std::path::Path,
     url: &str,
-) -> Result<Option<super::state::LeaseLock>, String> {
+) -> Result<Option<super::state::LeaseLock>, ClaimError> {
     let me = Primary {
         host: crate::sys::hostname(),
         url: url.to_string(),
@@ -368,20 +402,44 @@ pub fn claim_primary(
         pid: std::process::id(),
         since: crate::time::unix_now(),
     };
-    match state
-        .claim_lease(PRIMARY_KEY, &serde_json::to_vec(&me).expect("serializes"))
-        .map_err(|e| e.to_string())?
-    {
+    match state.claim_lease(PRIMARY_KEY, &serde_json::to_vec(&me).expect("serializes"))? {
         Ok(claim) => Ok(claim),
-        Err(theirs) => {
-            let theirs = serde_json::from_slice::<Primary>(&theirs)
+        Err(theirs) => Err(ClaimError::Taken(
+            serde_json::from_slice::<Primary>(&theirs)
                 .map(|p| p.to_string())
-                .unwrap_or_else(|_| "another scap serve".into());
-            Err(format!(
-                "another deploy host is the primary: {theirs}; start this one as its standby (`scap serve --follow URL`), or stop that one first (its claim goes with it, or within the lease after it died)"
-            ))
-        }
+                .unwrap_or_else(|_| "another scap serve".into()),
+        )),
     }
+}
+
+/// [`claim_primary`] until it succeeds, for a primary that started while
+/// etcd did not answer: it serves meanwhile (hosts must not depend on
+/// etcd to fetch), and claims its place once etcd answers. Another
+/// primary found then is an error for a person, said every minute.
+pub fn claim_primary_later(
+    state: DeployState,
+    store: std::path::PathBuf,
+    url: String,
+) -> std::thread::JoinHandle<Option<super::state::LeaseLock>> {
+    std::thread::spawn(move || {
+        let mut said = None::<Instant>;
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            match claim_primary(&state, &store, &url) {
+                Ok(claim) => {
+                    tracing::info!("claimed the primary's place in the deploy state");
+                    return claim;
+                }
+                Err(e @ ClaimError::Taken(_)) => {
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::error!("{e}");
+                        said = Some(Instant::now());
+                    }
+                }
+                Err(e) => tracing::debug!("{e}"),
+            }
+        }
+    })
 }
 
 /// Whether this store may build versions: not while another deploy host

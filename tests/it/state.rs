@@ -878,3 +878,71 @@ fn a_rollout_whose_deploy_host_dies_at_any_moment_is_finished_from_the_standby_o
         assert_eq!(a["rollout"], b["rollout"], "round {round}");
     }
 }
+
+#[test]
+fn the_deploy_state_reaches_etcd_over_tls_with_a_client_certificate() {
+    require_program("/usr/bin/etcd", "etcd-server");
+    let env = Env::new();
+    let data = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("https://127.0.0.1:{client}");
+    let pki = |f: &str| env.path(&format!("pki/{f}")).display().to_string();
+    let mut etcd = Command::new("/usr/bin/etcd")
+        .args(["--name", "tls", "--data-dir"])
+        .arg(data.path())
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args(["--initial-cluster", &format!("tls=http://127.0.0.1:{peer}")])
+        .args([
+            "--cert-file",
+            &pki("server.pem"),
+            "--key-file",
+            &pki("server.key"),
+        ])
+        .args(["--trusted-ca-file", &pki("ca.pem"), "--client-cert-auth"])
+        .args(["--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = env.path("scap.toml");
+    let base = fs::read_to_string(&config).unwrap();
+    let with = |extra: &str| {
+        fs::write(
+            &config,
+            format!("{base}\n[state]\netcd = [\"{url}\"]\nprefix = \"/scap/tls\"\ntimeout = \"2s\"\nlease = \"5s\"\n{extra}"),
+        )
+        .unwrap();
+    };
+    with(&format!(
+        "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki("ca.pem"),
+        pki("deployer.pem"),
+        pki("deployer.key")
+    ));
+    wait_for(30, "etcd over TLS", || env.raw(&["lock"]).status.success());
+    env.ok(&["lock", "investigating over TLS"]);
+    assert!(env.ok(&["lock"]).contains("investigating over TLS"));
+    env.ok(&["lock", "--release"]);
+    assert!(!env.ok(&["lock"]).contains("investigating"));
+    // Without a client certificate etcd refuses: the error names it.
+    with(&format!("ca = \"{}\"\n", pki("ca.pem")));
+    let (_, e) = env.fails(&["lock", "x"]);
+    assert!(e.contains(&url) && e.contains("etcd did not answer"), "{e}");
+    // An https endpoint and no CA: refused before any request, saying what
+    // to give.
+    with("");
+    let (_, e) = env.fails(&["lock", "x"]);
+    assert!(e.contains("[state] ca"), "{e}");
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+}

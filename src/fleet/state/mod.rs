@@ -850,3 +850,73 @@ impl Drop for LeaseLock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_hold_documents_history_and_reports_and_need_no_lock_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = DeployState::files(&dir.path().join("fleet"));
+        assert!(!st.is_etcd());
+        assert_eq!(st.read(Doc::Rollout).unwrap(), None);
+        assert_eq!(st.stamp(Doc::Desired).unwrap(), None);
+        st.write(Doc::Rollout, b"{\"a\":1}").unwrap();
+        assert_eq!(st.read(Doc::Rollout).unwrap().unwrap(), b"{\"a\":1}");
+        assert!(st.stamp(Doc::Rollout).unwrap().is_some());
+        assert!(st.location(Doc::Rollout).ends_with("fleet/rollout.json"));
+        st.remove(Doc::Rollout).unwrap();
+        st.remove(Doc::Rollout).unwrap();
+        assert_eq!(st.read(Doc::Rollout).unwrap(), None);
+        for i in 0..5 {
+            st.append_history(format!("{{\"n\":{i}}}").as_bytes())
+                .unwrap();
+        }
+        let last = st.history_last(2).unwrap();
+        assert_eq!(last, vec![b"{\"n\":3}".to_vec(), b"{\"n\":4}".to_vec()]);
+        assert_eq!(st.history_last(100).unwrap().len(), 5);
+        assert_eq!(st.reserve_orders(1, 10).unwrap(), None);
+        st.check_lock().unwrap();
+        st.report_standby("deploy2002", b"{}").unwrap();
+        assert_eq!(st.standby_reports().unwrap(), vec![b"{}".to_vec()]);
+        assert!(matches!(
+            st.claim_lease("serve/primary", b"x").unwrap(),
+            Ok(None)
+        ));
+        assert_eq!(st.get_key("serve/primary").unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_state_config_is_refused_naming_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |etcd: &[&str], prefix: &str, lease: Option<&str>| StateConfig {
+            etcd: etcd.iter().map(|s| s.to_string()).collect(),
+            prefix: prefix.into(),
+            lease: lease.map(str::to_string),
+            timeout: None,
+            ca: None,
+            cert: None,
+            key: None,
+        };
+        let e = DeployState::from_config(dir.path(), &cfg(&[], "/scap", None)).unwrap_err();
+        assert!(e.contains("[state] etcd"), "{e}");
+        let e =
+            DeployState::from_config(dir.path(), &cfg(&["http://h:1"], "scap", None)).unwrap_err();
+        assert!(e.contains("[state] prefix"), "{e}");
+        let e = DeployState::from_config(dir.path(), &cfg(&["http://h:1"], "/scap", Some("1s")))
+            .unwrap_err();
+        assert!(e.contains("[state] lease"), "{e}");
+        let mut c = cfg(&["https://h:1"], "/scap", None);
+        c.cert = Some("/x.pem".into());
+        let e = DeployState::from_config(dir.path(), &c).unwrap_err();
+        assert!(e.contains("cert and key together"), "{e}");
+        let st =
+            DeployState::from_config(dir.path(), &cfg(&["http://h:1"], "/scap/x/", None)).unwrap();
+        assert!(st.is_etcd());
+        assert_eq!(
+            st.describe(),
+            "etcd http://h:2379 under /scap/x".replace("2379", "1")
+        );
+    }
+}
