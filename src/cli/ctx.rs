@@ -123,7 +123,16 @@ impl Ctx {
     }
 
     pub fn open(&self) -> anyhow::Result<Store> {
-        Ok(Store::open(&self.store_path)?)
+        self.shared(Store::open(&self.store_path)?)
+    }
+
+    /// `store` with the trains' heads shared through the deploy state,
+    /// when it is in etcd (taken from there first).
+    fn shared(&self, store: Store) -> anyhow::Result<Store> {
+        match crate::fleet::state::EtcdLabels::of(&self.state()?) {
+            Some(l) => Ok(store.with_shared_labels(std::sync::Arc::new(l))?),
+            None => Ok(store),
+        }
     }
 
     /// Opens (or creates) the deploy host's store for a command that builds
@@ -134,13 +143,13 @@ impl Ctx {
         store.check_deploy()?;
         crate::fleet::standby::may_build(&self.state()?, &self.store_path)
             .map_err(anyhow::Error::msg)?;
-        Ok(store)
+        self.shared(store)
     }
 
     /// Opens the store for a command that changes it on the deploy host:
     /// an agent's store is refused by name.
     pub fn open_deploy(&self) -> anyhow::Result<Store> {
-        Ok(Store::open_deploy(&self.store_path)?)
+        self.shared(Store::open_deploy(&self.store_path)?)
     }
 }
 

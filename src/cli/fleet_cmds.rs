@@ -638,6 +638,22 @@ fn resume_change(
         bail!("stdin is not a terminal: pass --yes to resume in batch mode");
     }
     let _lock = take_over_lock(ctx, a.rollout.dry_run, pending.pid, &pending.host)?;
+    // Read again under the lock (another --resume may have finished it
+    // while this one waited), and record this controller as its own, so
+    // that a --resume after this one dies waits out this one's lease.
+    let state = fleet_state(ctx)?;
+    let mut pending = match crate::fleet::change::PendingChange::load(&state)? {
+        Some(p) if p.id == pending.id => p,
+        _ => bail!(
+            "change {} was finished or undone while this command waited for its lock: nothing to resume (`scap status`)",
+            pending.id
+        ),
+    };
+    if !a.rollout.dry_run {
+        pending.pid = std::process::id();
+        pending.host = crate::sys::hostname();
+        pending.save(&state)?;
+    }
     let store = ctx.open_deploy()?;
     let members = a.fleet.members(ctx)?;
     let mut plan = Plan::from_settings(&pending.stages, &pending.settings)?;

@@ -225,14 +225,12 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         );
         tokio::spawn(web.poll_forever());
         // One primary at a time (with the deploy state in etcd): a
-        // standby follows it instead.
-        // Kept until the server stops: a claim made late lives in it.
-        let mut _claim_later = None;
-        let _primary = if follow.is_none() {
+        // standby follows it instead. Kept until the server stops.
+        let _primary = if follow.is_none() && ctx.state()?.is_etcd() {
             let url = format!("{}://{addr}", transport.scheme());
             let state = ctx.state()?;
             let (s, p, u) = (state.clone(), store_path.clone(), url.clone());
-            match tokio::task::spawn_blocking(move || {
+            let first = match tokio::task::spawn_blocking(move || {
                 crate::fleet::standby::claim_primary(&s, &p, &u)
             })
             .await?
@@ -241,12 +239,12 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
                 Err(e @ crate::fleet::standby::ClaimError::Taken(_)) => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!("{e}: serving anyway, and claiming it once etcd answers");
-                    _claim_later = Some(crate::fleet::standby::claim_primary_later(
-                        state, store_path, url,
-                    ));
                     None
                 }
-            }
+            };
+            Some(crate::fleet::standby::PrimaryKeeper::start(
+                state, store_path, url, first,
+            ))
         } else {
             None
         };

@@ -210,6 +210,13 @@ pub fn conclude(
     by: &str,
     orders: Option<&super::orders::Orders>,
 ) -> Vec<HeadMove> {
+    // A controller that lost the deploy lock (etcd) moves no head and
+    // forgets nothing: the command that holds it now decides.
+    if let Err(e) = state.check_lock() {
+        outcome.ok = false;
+        outcome.message = format!("{}; {e}", outcome.message);
+        return Vec::new();
+    }
     let done = outcome.ok && outcome.finished && to_all;
     let moves = settle(store, state, prepared, done, by);
     // Undone: a failed gate's rollback brought back every host it had

@@ -330,6 +330,11 @@ impl Rollout<'_> {
         if self.dry_run {
             return p.outcome(true, "dry run: nothing changed".into(), vec![]);
         }
+        if let Err(e) = self.state.check_lock() {
+            let msg = format!("{e}; the unreachable hosts' targets were not set");
+            op.say(&msg);
+            return p.outcome(false, msg, vec![]);
+        }
         self.finished().await;
         // Not reaching the last stage's share (a host down within the
         // failure budget) is reported as a failure too: never silently.
@@ -477,14 +482,7 @@ impl Rollout<'_> {
         // lock (a lease that expired while it hung means another deploy
         // host may be running this rollout now), and etcd must answer, or
         // nothing this step does could be recorded.
-        if !self.dry_run
-            && let Err(e) = self.state.check_lock()
-        {
-            let msg = format!("{e}; stopping before {stage}, no host was started");
-            op.say(&msg);
-            let o = p.outcome(false, msg, vec![]);
-            return Err(self.log_step(stage, self.no_gates(), o));
-        }
+        self.holds_lock(op, stage, p, &format!("{stage}, no host was started"))?;
         let members = match &self.pools {
             Some(pf) => match pf.members().await {
                 Ok((m, notes)) => {
@@ -961,6 +959,9 @@ impl Rollout<'_> {
                     return Err(self.log_step(stage, "failed", o));
                 }
                 GateChoice::Rollback => {
+                    // Not if another command holds the lock now: its
+                    // hosts are its own.
+                    self.holds_lock(op, stage, p, "the rollback of the failed step")?;
                     let rb = self.roll_back(op, &p.changed).await;
                     let msg = rb.message(stage, &self.goal, &self.trains, &self.label);
                     let all_back = rb.failed.is_empty() && rb.unanswered.is_empty();
@@ -973,6 +974,29 @@ impl Rollout<'_> {
                     o.all_back = all_back;
                     return Err(self.log_step(stage, "failed", o));
                 }
+            }
+        }
+    }
+
+    /// `Err` (the rollout stops, nothing more sent or written) once this
+    /// controller no longer holds the deploy lock, or etcd cannot say.
+    fn holds_lock(
+        &self,
+        op: &mut dyn Operator,
+        stage: Stage,
+        p: &Progress,
+        before: &str,
+    ) -> Result<(), Stop> {
+        if self.dry_run {
+            return Ok(());
+        }
+        match self.state.check_lock() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let msg = format!("{e}; stopping before {before}");
+                op.say(&msg);
+                let o = p.outcome(false, msg, vec![]);
+                Err(self.log_step(stage, self.no_gates(), o))
             }
         }
     }

@@ -243,14 +243,21 @@ async fn round(
         records.push(r);
     }
     records.sort_by_key(|r| (r.time, r.time_nanos, r.version));
+    // A version refused (no trusted signature) stays missing and named;
+    // the others, and the labels, are copied all the same.
+    let mut refused = Vec::new();
     for r in records {
         let v = r.version;
-        copy_version(store, client, cfg, r).await?;
-        let mut rep = report.lock().expect("not poisoned");
-        rep.copied += 1;
-        rep.missing.retain(|m| *m != v);
+        match copy_version(store, client, cfg, r).await {
+            Ok(()) => {
+                let mut rep = report.lock().expect("not poisoned");
+                rep.copied += 1;
+                rep.missing.retain(|m| *m != v);
+            }
+            Err(Copy::Refused(why)) => refused.push(why),
+            Err(Copy::Failed(why)) => return Err(why),
+        }
     }
-    report.lock().expect("not poisoned").missing.clear();
     // Labels whose head is here.
     let mut behind = Vec::new();
     let ours: BTreeMap<String, VersionId> = store
@@ -295,7 +302,19 @@ async fn round(
             .map_err(|e| e.to_string())?;
     }
     report.lock().expect("not poisoned").labels_behind = behind;
-    Ok(())
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("; "))
+    }
+}
+
+/// Why a version was not copied.
+enum Copy {
+    /// Its signature: it will not be copied until that changes.
+    Refused(String),
+    /// The primary, the network or this store: the round stops.
+    Failed(String),
 }
 
 /// Copies one version: signature checked, objects fetched and verified,
@@ -305,7 +324,7 @@ async fn copy_version(
     client: &Client,
     cfg: &FollowConfig,
     record: VersionRecord,
-) -> Result<(), String> {
+) -> Result<(), Copy> {
     let v = record.version;
     let trust = cfg.trust.clone();
     let signed = client
@@ -313,19 +332,25 @@ async fn copy_version(
             trust.verify(&v, Some(doc)).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| format!("{}: {}", v.short(), fetch_err(e)))?;
+        .map_err(|e| match e {
+            FetchError::AllFailed(why) if why.contains("refused") => {
+                Copy::Refused(format!("{}: {why}", v.short()))
+            }
+            e => Copy::Failed(format!("{}: {}", v.short(), fetch_err(e))),
+        })?;
     let Some((doc, _verified)) = signed else {
-        return Err(format!(
+        return Err(Copy::Refused(format!(
             "version {} is not signed on the primary: a standby copies only versions a trusted deploy key signed",
             v.short()
-        ));
+        )));
     };
     let started = std::time::Instant::now();
-    let writer = store.writer().map_err(|e| e.to_string())?;
+    let failed = |e: String| Copy::Failed(format!("{}: {e}", v.short()));
+    let writer = store.writer().map_err(|e| failed(e.to_string()))?;
     let from = record.parent.filter(|p| store.has(&p.object()));
     match crate::host::fetch::fetch_pack(client, &writer, from.as_ref(), &v, None).await {
         Ok(_) => {}
-        Err(FetchError::Store(e)) => return Err(format!("{}: {e}", v.short())),
+        Err(FetchError::Store(e)) => return Err(failed(e.to_string())),
         Err(e) => tracing::debug!(
             "standby: no delta pack for {} ({e}): fetching objects",
             v.short()
@@ -333,14 +358,14 @@ async fn copy_version(
     }
     crate::host::fetch::fetch_version(client, &writer, &v)
         .await
-        .map_err(|e| format!("{}: {}", v.short(), fetch_err(e)))?;
+        .map_err(|e| failed(fetch_err(e)))?;
     // The record last: the version exists here once it is written.
     (|| -> Result<(), crate::store::StoreError> {
         let _committed = writer.commit()?;
         store.write_signature(&v, &doc)?;
         store.write_record(&record)
     })()
-    .map_err(|e| format!("{}: {e}", v.short()))?;
+    .map_err(|e| failed(e.to_string()))?;
     tracing::info!("standby: copied {} in {:?}", v.short(), started.elapsed());
     Ok(())
 }
@@ -412,34 +437,76 @@ pub fn claim_primary(
     }
 }
 
-/// [`claim_primary`] until it succeeds, for a primary that started while
-/// etcd did not answer: it serves meanwhile (hosts must not depend on
-/// etcd to fetch), and claims its place once etcd answers. Another
-/// primary found then is an error for a person, said every minute.
-pub fn claim_primary_later(
-    state: DeployState,
-    store: std::path::PathBuf,
-    url: String,
-) -> std::thread::JoinHandle<Option<super::state::LeaseLock>> {
-    std::thread::spawn(move || {
-        let mut said = None::<Instant>;
-        loop {
-            std::thread::sleep(Duration::from_secs(5));
-            match claim_primary(&state, &store, &url) {
-                Ok(claim) => {
-                    tracing::info!("claimed the primary's place in the deploy state");
-                    return claim;
-                }
-                Err(e @ ClaimError::Taken(_)) => {
-                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                        tracing::error!("{e}");
-                        said = Some(Instant::now());
+/// Keeps this `scap serve`'s claim to be the primary for as long as it
+/// runs: the claim it made at start (`first`), and, when there is none (it
+/// started while etcd did not answer) or it is lost (etcd out for longer
+/// than the lease), a new one once etcd answers. It serves meanwhile:
+/// hosts must never need etcd to fetch. Another primary found then is an
+/// error for a person, said every minute. Dropped: the claim is given up.
+pub struct PrimaryKeeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PrimaryKeeper {
+    pub fn start(
+        state: DeployState,
+        store: std::path::PathBuf,
+        url: String,
+        first: Option<super::state::LeaseLock>,
+    ) -> PrimaryKeeper {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("scap-primary".into())
+            .spawn(move || {
+                let mut claim = first;
+                let mut said = None::<Instant>;
+                let mut next = Instant::now();
+                while !stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if Instant::now() < next {
+                        continue;
+                    }
+                    next = Instant::now() + Duration::from_secs(2);
+                    if let Some(why) = claim.as_ref().and_then(|c| c.lost()) {
+                        tracing::warn!("lost the primary's claim in the deploy state ({why}): claiming it again");
+                        claim = None;
+                    }
+                    if claim.is_some() {
+                        continue;
+                    }
+                    match claim_primary(&state, &store, &url) {
+                        Ok(c) => {
+                            tracing::info!("claimed the primary's place in the deploy state");
+                            claim = c;
+                            if claim.is_none() {
+                                return;
+                            }
+                        }
+                        Err(e @ ClaimError::Taken(_)) => {
+                            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                                tracing::error!("{e}");
+                                said = Some(Instant::now());
+                            }
+                        }
+                        Err(e) => tracing::debug!("{e}"),
                     }
                 }
-                Err(e) => tracing::debug!("{e}"),
-            }
+            })
+            .ok();
+        PrimaryKeeper { stop, thread }
+    }
+}
+
+impl Drop for PrimaryKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
-    })
+    }
 }
 
 /// Whether this store may build versions: not while another deploy host

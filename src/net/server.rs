@@ -120,7 +120,19 @@ impl DesiredCache {
         &self,
     ) -> Result<Arc<crate::fleet::desired::Desired>, crate::fleet::desired::DesiredError> {
         use crate::fleet::state::Doc;
-        let stamp = self.state.stamp(Doc::Desired)?;
+        let stamp = match self.state.stamp(Doc::Desired) {
+            Ok(s) => s,
+            // etcd not answering: the copy last read, if any (a target
+            // is a signed order: an old copy can only be older, and an
+            // agent ignores it if it took a newer order).
+            Err(e) => {
+                if let Some((_, d)) = self.last.lock().expect("not poisoned").as_ref() {
+                    tracing::debug!("serving the desired state last read: {e}");
+                    return Ok(d.clone());
+                }
+                return Err(e.into());
+            }
+        };
         let mut last = self.last.lock().expect("not poisoned");
         if let (Some(stamp), Some((was, d))) = (&stamp, last.as_ref())
             && stamp == was

@@ -117,20 +117,33 @@ impl Web {
         }
     }
 
+    /// The fleet's status as JSON. It reads the deploy state (etcd, with
+    /// deadlines): call it off the runtime ([`Web::fleet_json_blocking`]).
     fn fleet_json(&self) -> serde_json::Value {
-        let s = self.snapshot.read().expect("not poisoned");
+        // A copy of the readings: the poller is not held up meanwhile.
+        let (readings, last_good, polled_at) = {
+            let s = self.snapshot.read().expect("not poisoned");
+            (s.readings.clone(), s.last_good.clone(), s.polled_at)
+        };
         let now = unix_now();
-        let ages: Vec<Option<u64>> = s
-            .last_good
+        let ages: Vec<Option<u64>> = last_good
             .iter()
             .map(|t| t.map(|t| now.saturating_sub(t)))
             .collect();
         let trains = crate::fleet::trains::Trains::load(&self.store).unwrap_or_default();
-        let mut v = fleet_status(&self.members, &s.readings, &trains, &self.state, &ages);
-        v["polled_at"] = s.polled_at.into();
+        let mut v = fleet_status(&self.members, &readings, &trains, &self.state, &ages);
+        v["polled_at"] = polled_at.into();
         v["poll_interval_seconds"] = self.poll_interval.as_secs().into();
         v["configured_hosts"] = self.members.len().into();
         v
+    }
+
+    /// [`Web::fleet_json`] on a blocking thread.
+    async fn fleet_json_blocking(self: &Arc<Self>) -> serde_json::Value {
+        let web = self.clone();
+        tokio::task::spawn_blocking(move || web.fleet_json())
+            .await
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
 }
 
@@ -241,7 +254,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 }
 
 async fn fleet(State(web): State<Arc<Web>>) -> Response {
-    axum::Json(web.fleet_json()).into_response()
+    axum::Json(web.fleet_json_blocking().await).into_response()
 }
 
 async fn history_api(
@@ -258,7 +271,16 @@ async fn history_api(
             "unknown parameter {k:?}: this endpoint takes limit"
         ));
     }
-    match history::recent(&web.state, limit) {
+    let state = web.state.clone();
+    let read = tokio::task::spawn_blocking(move || history::recent(&state, limit))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::fleet::state::StateError::Io {
+                path: "(the history)".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    match read {
         Ok(mut h) => {
             h.reverse();
             h.truncate(limit);
@@ -358,7 +380,7 @@ async fn diff_api(
 }
 
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
-    let st = web.fleet_json();
+    let st = web.fleet_json_blocking().await;
     let mut m = Exposition::new();
     (web.server_metrics)(&mut m);
     let versions: Vec<&serde_json::Value> =

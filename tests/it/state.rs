@@ -626,9 +626,15 @@ fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts()
         took < Duration::from_secs(10),
         "v2 reached the standby after {took:?}"
     );
+    // With the env's scap.toml (the deploy state in etcd).
     let resolve = |store: &Path, name: &str| {
         let mut c = Command::new(SCAP);
-        c.arg("--store").arg(store).args(["resolve", name]);
+        c.current_dir(fleet.env.dir.path())
+            .env_remove("SCAP_STORE")
+            .env_remove("SCAP_CONFIG")
+            .arg("--store")
+            .arg(store)
+            .args(["resolve", name]);
         ok_out(&c.output().unwrap()).trim().to_string()
     };
     wait_for(10, "the standby's train head to move", || {
@@ -641,6 +647,33 @@ fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts()
     let v3 = fleet
         .env
         .build(&[("mediawiki", &mw)], &["--label", "1.46.0-wmf.2"]);
+    // The trains' heads are shared through etcd: a head moved on the
+    // primary is the head on the standby at once, for a version it holds;
+    // one whose version it does not hold yet is not resolved at all.
+    fleet.env.ok(&["label", "1.46.0-wmf.1", &v1, "--force"]);
+    assert_eq!(resolve(&standby_store, "1.46.0-wmf.1"), v1);
+    let on_standby = |args: &[&str]| {
+        let mut c = Command::new(SCAP);
+        c.current_dir(fleet.env.dir.path())
+            .env_remove("SCAP_STORE")
+            .env_remove("SCAP_CONFIG")
+            .arg("--store")
+            .arg(&standby_store)
+            .args(args);
+        c.output().unwrap()
+    };
+    let out = on_standby(&["resolve", "1.46.0-wmf.2"]);
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("does not hold yet"),
+        "{e}"
+    );
+    // And the other way: a head moved on the standby (a rollback there
+    // after a failover) is the primary's head too, with its history.
+    ok(&on_standby(&["label", "1.46.0-wmf.1", &v2, "--force"]));
+    assert_eq!(resolve(&fleet.env.store, "1.46.0-wmf.1"), v2);
+    let log = fleet.env.ok(&["log", "1.46.0-wmf.1"]);
+    assert!(log.contains("scap label 1.46.0-wmf.1"), "{log}");
     let standby = fleet.serve_store(&standby_store, &follow);
     let standby_url = standby.url.clone();
     wait_for(30, "the standby to catch up with v3", || {

@@ -3,7 +3,7 @@
 //! and leases), on any member of a cluster.
 //!
 //! The gateway speaks JSON over HTTP/1.1 on the client port of every etcd
-//! from 3.3 on (Debian's etcd-server is 3.4), so scap needs neither gRPC
+//! from 3.4 on (3.3 served it under `/v3beta`; Debian's etcd-server is 3.4), so scap needs neither gRPC
 //! nor protobuf code. Keys and values are base64 in it, 64-bit numbers are
 //! strings, and fields left at their default are left out (hence every
 //! `#[serde(default)]`).
@@ -263,10 +263,20 @@ impl Etcd {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T, EtcdError> {
+        self.call_within(path, body, self.timeout * 3)
+    }
+
+    /// [`Etcd::call`], all of it within `total`.
+    fn call_within<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        total: Duration,
+    ) -> Result<T, EtcdError> {
         let body = serde_json::to_vec(body).expect("serializes");
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
-        let deadline = Instant::now() + self.timeout * 3;
+        let deadline = Instant::now() + total.min(self.timeout * 3);
         let mut why = Vec::new();
         for attempt in 0..2 * n {
             let i = (start + attempt) % n;
@@ -287,7 +297,7 @@ impl Etcd {
                     return serde_json::from_slice(&answer).map_err(|e| EtcdError::Refused {
                         endpoint: ep.url.clone(),
                         why: format!(
-                            "not an etcd v3 answer to {path} ({e}): is this etcd 3.3 or later?"
+                            "not an etcd v3 answer to {path} ({e}): is this etcd 3.4 or later?"
                         ),
                     });
                 }
@@ -441,10 +451,14 @@ impl Etcd {
         Ok(a.id)
     }
 
-    /// Renews a lease; its TTL now (0: it has expired or was revoked).
-    pub fn keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
-        let a: KeepAliveAnswer =
-            self.call("/v3/lease/keepalive", &serde_json::json!({ "ID": num(id) }))?;
+    /// Renews a lease, within `total`; its TTL now (0: it has expired or
+    /// was revoked).
+    pub fn keep_alive(&self, id: i64, total: Duration) -> Result<i64, EtcdError> {
+        let a: KeepAliveAnswer = self.call_within(
+            "/v3/lease/keepalive",
+            &serde_json::json!({ "ID": num(id) }),
+            total,
+        )?;
         Ok(a.result.map_or(0, |r| r.ttl.max(0)))
     }
 

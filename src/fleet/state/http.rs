@@ -110,6 +110,16 @@ pub fn post(
     }
     let tcp = tcp.ok_or(last)?;
     let _ = tcp.set_nodelay(true);
+    // Before any I/O: a TLS handshake reads and writes inside the first
+    // write, and a peer that accepts and never answers must not hang it.
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err("timed out".into());
+    }
+    tcp.set_read_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         ep.host,

@@ -18,10 +18,11 @@
 //! lock it took.** The lock is a key bound to a lease the holder renews
 //! ([`LeaseLock`]); every write of the record, the desired state or a
 //! pending change is a transaction that compares the lock key's create
-//! revision with the one the holder made. A holder whose lease expired
-//! (it hung, or lost etcd for longer than the lease) finds the compare
-//! false at its next write, writes nothing, and stops naming whoever
-//! holds the lock now: two deploy hosts can never both act on a rollout.
+//! revision with the one the holder made, and a rollout reads the lock
+//! before each step, each rollback of a failed step and its last writes. A
+//! holder whose lease expired (it hung, or lost etcd for longer than the
+//! lease) finds it gone at the first of these, writes and sends nothing
+//! more, and stops naming whoever holds the lock now.
 
 pub mod etcd;
 mod http;
@@ -35,6 +36,8 @@ use etcd::{Compare, Etcd, EtcdError, Op};
 
 use super::lock::{Held, Holder};
 use crate::config::StateConfig;
+use crate::store::VersionId;
+use crate::store::disk::{LabelMove, SharedLabel, SharedLabels};
 
 /// The deploy state's documents, each one JSON value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -612,10 +615,26 @@ impl DeployState {
                 let thread = {
                     let state = self.clone();
                     let held = held.clone();
+                    let key = name.to_string();
                     std::thread::Builder::new()
                         .name("scap-lease".into())
-                        .spawn(move || state.keep_alive(&held, Duration::from_secs(ttl as u64)))
-                        .ok()
+                        .spawn(move || {
+                            state.keep_alive(&held, &key, Duration::from_secs(ttl as u64))
+                        })
+                };
+                let thread = match thread {
+                    Ok(t) => Some(t),
+                    Err(err) => {
+                        // Nothing would renew it: give it back now.
+                        if fence {
+                            *e.fence.lock().expect("not poisoned") = None;
+                        }
+                        let _ = e.client.revoke(lease);
+                        return Err(StateError::Io {
+                            path: PathBuf::from("(a thread to renew the lease)"),
+                            source: err,
+                        });
+                    }
                 };
                 Ok(Ok(LeaseLock {
                     state: self.clone(),
@@ -635,9 +654,10 @@ impl DeployState {
         }
     }
 
-    /// Renews the lease a third of its TTL apart; marks the fence lost once
-    /// etcd says it is gone, or once a whole TTL went by unrenewed.
-    fn keep_alive(&self, fence: &Fence, ttl: Duration) {
+    /// Renews the lease a third of its TTL apart, each try within what is
+    /// left of the TTL; marks the fence lost once etcd says it is gone, or
+    /// once a whole TTL went by unrenewed.
+    fn keep_alive(&self, fence: &Fence, key: &str, ttl: Duration) {
         let e = self.inner.etcd.as_ref().expect("etcd state");
         let mut renewed = Instant::now();
         let step = ttl / 3;
@@ -649,7 +669,10 @@ impl DeployState {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            match e.client.keep_alive(fence.lease) {
+            let left = ttl
+                .saturating_sub(renewed.elapsed())
+                .max(Duration::from_millis(100));
+            match e.client.keep_alive(fence.lease, left) {
                 Ok(0) => {
                     *fence.lost.lock().expect("not poisoned") =
                         Some("etcd says its lease has expired".into());
@@ -657,7 +680,7 @@ impl DeployState {
                 }
                 Ok(_) => renewed = Instant::now(),
                 Err(err) => {
-                    tracing::warn!("cannot renew the deploy lock's lease: {err}");
+                    tracing::warn!("cannot renew the lease of {key} in etcd: {err}");
                     if renewed.elapsed() >= ttl {
                         *fence.lost.lock().expect("not poisoned") = Some(format!(
                             "its lease was not renewed for {} s: {err}",
@@ -848,6 +871,111 @@ impl Drop for LeaseLock {
                 );
             }
         }
+    }
+}
+
+/// The trains' heads and histories in etcd (`labels/<name>`: a
+/// [`SharedLabel`]), shared by the deploy hosts' stores: a label moves
+/// there first, by compare-and-swap against the head the store saw, then
+/// in the store (`Store::with_shared_labels`).
+#[derive(Debug)]
+pub struct EtcdLabels(DeployState);
+
+impl EtcdLabels {
+    /// The shared labels of `state`, if it is in etcd.
+    pub fn of(state: &DeployState) -> Option<EtcdLabels> {
+        state.is_etcd().then(|| EtcdLabels(state.clone()))
+    }
+}
+
+impl SharedLabels for EtcdLabels {
+    fn move_label(
+        &self,
+        label: &str,
+        head: Option<VersionId>,
+        log: &[LabelMove],
+        mv: &LabelMove,
+    ) -> Result<(), String> {
+        let e = self.0.inner.etcd.as_ref().expect("etcd state");
+        let key = e.key(&format!("labels/{label}")).into_bytes();
+        for _ in 0..20 {
+            let kv = e.client.get(&key).map_err(|e| e.to_string())?;
+            let (mut shared, rev) = match &kv {
+                Some(kv) => (
+                    serde_json::from_slice::<SharedLabel>(&kv.value).map_err(|err| {
+                        format!(
+                            "its record in etcd ({}) does not parse: {err}",
+                            e.key(&format!("labels/{label}"))
+                        )
+                    })?,
+                    kv.mod_revision,
+                ),
+                // Shared for the first time: with the store's history.
+                None => (
+                    SharedLabel {
+                        name: label.to_string(),
+                        head: mv.to,
+                        log: log.to_vec(),
+                    },
+                    0,
+                ),
+            };
+            if kv.is_some() {
+                if shared.head == mv.to {
+                    return Ok(());
+                }
+                if Some(shared.head) != head {
+                    let by = shared
+                        .log
+                        .last()
+                        .map(|m| {
+                            format!(
+                                " by {} at {}: {} {}",
+                                m.user,
+                                crate::time::fmt_utc(m.time),
+                                m.action,
+                                m.message
+                            )
+                        })
+                        .unwrap_or_default();
+                    return Err(format!(
+                        "moved on another deploy host to {}{by}, while this store had it at {}: run the command again (it starts from the shared head), or copy that version here first",
+                        shared.head.short(),
+                        head.map_or_else(|| "nothing".into(), |h| h.short())
+                    ));
+                }
+            }
+            shared.head = mv.to;
+            shared.log.push(mv.clone());
+            let t = e
+                .client
+                .txn(
+                    &[Compare::Modified(key.clone(), rev)],
+                    &[Op::Put {
+                        key: key.clone(),
+                        value: serde_json::to_vec(&shared).expect("serializes"),
+                        lease: 0,
+                    }],
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            if t.succeeded {
+                return Ok(());
+            }
+        }
+        Err("its record in etcd changed 20 times while this command moved it: run it again".into())
+    }
+
+    fn labels(&self) -> Result<Vec<SharedLabel>, String> {
+        let e = self.0.inner.etcd.as_ref().expect("etcd state");
+        let kvs = e
+            .client
+            .list(format!("{}/labels/", e.prefix).as_bytes(), 0)
+            .map_err(|e| e.to_string())?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<SharedLabel>(&kv.value).ok())
+            .collect())
     }
 }
 

@@ -23,7 +23,7 @@ mod refs;
 mod session;
 mod staged;
 
-pub use refs::{ComponentRecord, LabelMove, VersionRecord, check_label};
+pub use refs::{ComponentRecord, LabelMove, SharedLabel, SharedLabels, VersionRecord, check_label};
 pub use session::{Committed, LockMode, Put, StoreLock, Writer};
 
 use std::fs;
@@ -131,6 +131,8 @@ pub enum StoreError {
         label: String,
         id: String,
     },
+    #[error("train {label}: {why}")]
+    Shared { label: String, why: String },
     #[error(
         "train {label} moved meanwhile: expected its head at {expected}, it is at {found}{moved}: look at `scap log {label}` and try again"
     )]
@@ -171,6 +173,12 @@ pub struct Store {
     pending: Option<Arc<Mutex<Option<PackWriter>>>>,
     /// A writer session's view: what else it takes as present.
     known: Option<Arc<session::Known>>,
+    /// Where label moves are also recorded, shared with other deploy
+    /// hosts' stores (`refs::SharedLabels`); none: this store's files are
+    /// the only record.
+    shared: Option<Arc<dyn refs::SharedLabels>>,
+    /// Shared labels whose head this store does not hold: not resolved.
+    shared_behind: Arc<std::collections::BTreeMap<String, crate::store::VersionId>>,
 }
 
 impl Store {
@@ -212,6 +220,8 @@ impl Store {
             packs: Arc::default(),
             pending: None,
             known: None,
+            shared: None,
+            shared_behind: Arc::default(),
         })
     }
 
@@ -249,6 +259,8 @@ impl Store {
             packs: Arc::default(),
             pending: None,
             known: None,
+            shared: None,
+            shared_behind: Arc::default(),
         };
         s.write_marker(role)?;
         Store::open(root)

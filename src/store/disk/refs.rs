@@ -111,7 +111,78 @@ pub struct ComponentRecord {
     pub bytes: u64,
 }
 
+/// A label as a shared record holds it: its head and its whole history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedLabel {
+    pub name: String,
+    pub head: VersionId,
+    pub log: Vec<LabelMove>,
+}
+
+/// A record of labels shared by several stores (the deploy hosts' deploy
+/// state): every move is made there first, atomically against the head
+/// this store saw, then here, so that two stores never move one label
+/// from the same head to two places. The store knows nothing more of it.
+pub trait SharedLabels: Send + Sync + std::fmt::Debug {
+    /// Moves `label` to `mv.to` if the shared head is `head` (`None`: the
+    /// label does not exist there, or exists at `mv.to` already). `Err`
+    /// says why not, for a person.
+    /// `log` is the store's history of the label before this move, the
+    /// shared record's start when it has none yet.
+    fn move_label(
+        &self,
+        label: &str,
+        head: Option<VersionId>,
+        log: &[LabelMove],
+        mv: &LabelMove,
+    ) -> std::result::Result<(), String>;
+    /// Every shared label.
+    fn labels(&self) -> std::result::Result<Vec<SharedLabel>, String>;
+}
+
 impl Store {
+    /// This store with `shared` as the shared record of its labels; the
+    /// labels there whose head this store holds are copied here first.
+    pub fn with_shared_labels(mut self, shared: std::sync::Arc<dyn SharedLabels>) -> Result<Store> {
+        let all = shared.labels().map_err(|why| StoreError::Shared {
+            label: "(all)".into(),
+            why,
+        })?;
+        let mut behind = std::collections::BTreeMap::new();
+        for l in all {
+            if check_label(&l.name).is_err() {
+                continue;
+            }
+            if !self.has(&l.head.object()) {
+                behind.insert(l.name.clone(), l.head);
+                continue;
+            }
+            let same = self.label(&l.name)? == Some(l.head)
+                && self.label_log(&l.name)?.len() == l.log.len();
+            if !same {
+                self.copy_label(&l.name, &l.head, &l.log)?;
+            }
+        }
+        self.shared = Some(shared);
+        self.shared_behind = std::sync::Arc::new(behind);
+        Ok(self)
+    }
+
+    /// A label whose shared head this store does not hold (yet): naming
+    /// it would deploy an older head.
+    fn check_not_behind(&self, label: &str) -> Result<()> {
+        match self.shared_behind.get(label) {
+            Some(head) => Err(StoreError::Shared {
+                label: label.to_string(),
+                why: format!(
+                    "its head is {} on another deploy host, a version this store does not hold yet: wait for this standby to copy it (`scap status` says how far behind it is), or name a version by its ID",
+                    head.short()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn record_path(&self, v: &VersionId) -> PathBuf {
         self.root
             .join("versions")
@@ -254,6 +325,7 @@ impl Store {
     /// The version `label` points at now, if it exists.
     pub fn label(&self, label: &str) -> Result<Option<VersionId>> {
         check_label(label)?;
+        self.check_not_behind(label)?;
         read_ref(&self.root().join("refs/labels").join(label))
     }
 
@@ -312,6 +384,15 @@ impl Store {
         }
         let mut entry = mv.clone();
         entry.from = head;
+        if let Some(shared) = &self.shared {
+            let log = self.label_log(label)?;
+            shared
+                .move_label(label, head, &log, &entry)
+                .map_err(|why| StoreError::Shared {
+                    label: label.to_string(),
+                    why,
+                })?;
+        }
         let log = self.label_log_path(label);
         if let Some(dir) = log.parent() {
             fs::create_dir_all(dir).at(dir)?;
@@ -447,6 +528,9 @@ impl Store {
     /// agent's store has no records).
     pub fn resolve(&self, name: &str) -> Result<VersionId> {
         let label = self.labels()?.into_iter().find(|(l, _)| l == name);
+        if label.is_some() || self.shared_behind.contains_key(name) {
+            self.check_not_behind(name)?;
+        }
         let prefix = match IdPrefix::parse(name) {
             Ok(p) => p,
             Err(_) if label.is_some() => return Ok(label.expect("checked").1),
