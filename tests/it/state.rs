@@ -424,9 +424,20 @@ fn a_holder_whose_lease_expired_stops_before_its_next_step_naming_the_new_holder
     );
     ok(&out);
     assert_eq!(fleet.on(&v2).len(), 5);
-    // A third command holds the lock now (a held `scap sync` would do; a
-    // `scap lock` does not take the deploy lock): the resumed one is
-    // over, so the stopped one must find its lease gone.
+    // A third command holds the lock now: the next rollout, waiting
+    // before its gates.
+    let mw = fleet.env.path("mw");
+    tree(&mw, "v3");
+    let v3 = fleet.env.build(&[("mediawiki", &mw)], &[]);
+    let mut third = staged(&fleet, &inv, &v3, &source, "20s");
+    let third_pid = format!("\"pid\":{}", third.id());
+    wait_for(30, "the third command to take the lock", || {
+        cluster
+            .get(&format!("{prefix}/lock/deploy"))
+            .is_some_and(|v| String::from_utf8_lossy(&v).contains(&third_pid))
+    });
+    // The hung controller wakes: it stops, naming the new holder, and
+    // moves nothing.
     assert!(
         Command::new("kill")
             .args(["-CONT", &pid])
@@ -438,12 +449,21 @@ fn a_holder_whose_lease_expired_stops_before_its_next_step_naming_the_new_holder
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{e}");
     assert!(
-        e.contains("lost the deploy lock") && e.contains("writes nothing more"),
+        e.contains("lost the deploy lock")
+            && e.contains("writes nothing more")
+            && e.contains(&format!("now held by root (pid {}", third.id())),
         "{e}"
     );
-    // No host was synced twice: the woken controller started none.
+    // No host was synced twice: the woken controller started nothing,
+    // and the third command's record is untouched.
     assert_eq!(syncs_to(&fleet, &v2), vec![1; 5]);
-    assert_eq!(record(&cluster, prefix).unwrap()["state"], "done");
+    let r = record(&cluster, prefix).unwrap();
+    assert_eq!(
+        (r["version"].as_str(), r["state"].as_str()),
+        (Some(v3.as_str()), Some("running"))
+    );
+    let _ = third.kill();
+    let _ = third.wait();
 }
 
 #[test]
