@@ -210,6 +210,35 @@ fn inventory(fleet: &Fleet) -> PathBuf {
     p
 }
 
+/// scap on `store` with `fleet`'s scap.toml (the deploy state in etcd):
+/// the primary's store, or another deploy host's.
+fn scap_at(fleet: &Fleet, store: &Path) -> Command {
+    let mut c = Command::new(SCAP);
+    c.current_dir(fleet.env.dir.path())
+        .env_remove("SCAP_STORE")
+        .env_remove("SCAP_CONFIG")
+        .arg("--store")
+        .arg(store);
+    c
+}
+
+/// `scap sync` of `v` from `source` to every host in one step, no gate.
+fn sync_all<'a>(v: &'a str, source: &'a str) -> [&'a str; 11] {
+    [
+        "sync",
+        "--version",
+        v,
+        "--source",
+        source,
+        "--yes",
+        "--wait",
+        "0",
+        "--canary",
+        "100%",
+        "--force",
+    ]
+}
+
 /// scap `args` over the fleet, as the deployer, from `env`'s directory
 /// (its store and scap.toml: one deploy host).
 fn run_on(env: &Env, fleet: &Fleet, inv: &Path, args: &[&str]) -> Output {
@@ -289,24 +318,7 @@ fn fleet_on_v1(
     let v2 = fleet.env.build(&[("mediawiki", &mw)], &[]);
     let source = fleet.serve();
     let inv = inventory(&fleet);
-    ok(&run_on(
-        &fleet.env,
-        &fleet,
-        &inv,
-        &[
-            "sync",
-            "--version",
-            &v1,
-            "--source",
-            &source,
-            "--yes",
-            "--wait",
-            "0",
-        ]
-        .into_iter()
-        .chain(["--canary", "100%", "--force"])
-        .collect::<Vec<_>>(),
-    ));
+    ok(&run_on(&fleet.env, &fleet, &inv, &sync_all(&v1, &source)));
     (fleet, inv, v1, v2, source)
 }
 
@@ -648,14 +660,8 @@ fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts()
     );
     // With the env's scap.toml (the deploy state in etcd).
     let resolve = |store: &Path, name: &str| {
-        let mut c = Command::new(SCAP);
-        c.current_dir(fleet.env.dir.path())
-            .env_remove("SCAP_STORE")
-            .env_remove("SCAP_CONFIG")
-            .arg("--store")
-            .arg(store)
-            .args(["resolve", name]);
-        ok_out(&c.output().unwrap()).trim().to_string()
+        let out = scap_at(&fleet, store).args(["resolve", name]).output();
+        ok_out(&out.unwrap()).trim().to_string()
     };
     wait_for(10, "the standby's train head to move", || {
         resolve(&standby_store, "1.46.0-wmf.1") == v2
@@ -672,16 +678,7 @@ fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts()
     // one whose version it does not hold yet is not resolved at all.
     fleet.env.ok(&["label", "1.46.0-wmf.1", &v1, "--force"]);
     assert_eq!(resolve(&standby_store, "1.46.0-wmf.1"), v1);
-    let on_standby = |args: &[&str]| {
-        let mut c = Command::new(SCAP);
-        c.current_dir(fleet.env.dir.path())
-            .env_remove("SCAP_STORE")
-            .env_remove("SCAP_CONFIG")
-            .arg("--store")
-            .arg(&standby_store)
-            .args(args);
-        c.output().unwrap()
-    };
+    let on_standby = |args: &[&str]| scap_at(&fleet, &standby_store).args(args).output().unwrap();
     let out = on_standby(&["resolve", "1.46.0-wmf.2"]);
     let e = stderr(&out);
     assert!(
@@ -711,24 +708,9 @@ fn a_standby_copies_every_signed_version_and_train_catches_up_and_serves_hosts()
     // The primary is lost: the standby serves the hosts, and a rollout
     // from its store (the same deploy state) deploys v3.
     fleet.server.as_mut().unwrap().kill();
-    let mut c = Command::new(SCAP);
-    c.current_dir(fleet.env.dir.path())
-        .env_remove("SCAP_STORE")
-        .env_remove("SCAP_CONFIG")
-        .arg("--store")
-        .arg(&standby_store);
-    let out = c
-        .args([
-            "sync",
-            "--version",
-            &v3,
-            "--source",
-            &standby_url,
-            "--yes",
-            "--wait",
-            "0",
-        ])
-        .args(["--canary", "100%", "--force", "--inventory"])
+    let out = scap_at(&fleet, &standby_store)
+        .args(sync_all(&v3, &standby_url))
+        .arg("--inventory")
         .arg(&inv)
         .args(fleet.transport("deployer"))
         .output()
@@ -754,6 +736,31 @@ fn a_standby_refuses_a_version_no_trusted_key_signed_and_status_says_it_is_behin
     wait_for(30, "the standby to copy v1", || {
         serves(&fleet, &standby.url, &v1)
     });
+    // Two deploy hosts started as primary: the second is refused, naming
+    // the first and what to do.
+    let out = fleet
+        .serve_command(Command::new(SCAP), &standby_store, &[])
+        .output()
+        .unwrap();
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("another deploy host is the primary")
+            && e.contains(&primary)
+            && e.contains("--follow"),
+        "{e}"
+    );
+    // A standby's store builds nothing while another host is the primary.
+    let out = scap_at(&fleet, &standby_store)
+        .args(["build-manifest", "--component"])
+        .arg(format!("mediawiki={}", mw.display()))
+        .output()
+        .unwrap();
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("is not the primary"),
+        "{e}"
+    );
     // A version signed by a key the standby does not trust (a compromised
     // build, or a primary that is not ours).
     let rogue = NewKey::make(&fleet.env);
@@ -773,13 +780,8 @@ fn a_standby_refuses_a_version_no_trusted_key_signed_and_status_says_it_is_behin
 /// `scap serve` of `store` on `port` (fixed, so that a standby following
 /// it finds it again after a restart), with `extra`.
 fn serve_on(fleet: &Fleet, store: &Path, port: u16, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(SCAP);
-    cmd.current_dir(fleet.env.dir.path())
-        .env_remove("SCAP_STORE")
-        .env_remove("SCAP_CONFIG")
-        .arg("--store")
-        .arg(store)
-        .args(fleet.transport("server"))
+    let mut cmd = scap_at(fleet, store);
+    cmd.args(fleet.transport("server"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--dashboard-listen", "127.0.0.1:0"])
         .args(extra);
@@ -818,28 +820,11 @@ fn a_rollout_whose_deploy_host_dies_at_any_moment_is_finished_from_the_standby_o
         &fleet.env,
         &fleet,
         &inv,
-        &[
-            "sync",
-            "--version",
-            &v0,
-            "--source",
-            &primary_url,
-            "--yes",
-            "--wait",
-            "0",
-        ]
-        .into_iter()
-        .chain(["--canary", "100%", "--force"])
-        .collect::<Vec<_>>(),
+        &sync_all(&v0, &primary_url),
     ));
     let on_standby = |args: &[&str]| {
-        let mut c = Command::new(SCAP);
-        c.current_dir(fleet.env.dir.path())
-            .env_remove("SCAP_STORE")
-            .env_remove("SCAP_CONFIG")
-            .arg("--store")
-            .arg(&standby_store)
-            .args(args)
+        let mut c = scap_at(&fleet, &standby_store);
+        c.args(args)
             .arg("--inventory")
             .arg(&inv)
             .args(fleet.transport("deployer"));
@@ -879,21 +864,7 @@ fn a_rollout_whose_deploy_host_dies_at_any_moment_is_finished_from_the_standby_o
                 &standby.url,
             ])
         } else {
-            on_standby(
-                &[
-                    "sync",
-                    "--version",
-                    &v,
-                    "--source",
-                    &standby.url,
-                    "--yes",
-                    "--wait",
-                    "0",
-                ]
-                .into_iter()
-                .chain(["--canary", "100%", "--force"])
-                .collect::<Vec<_>>(),
-            )
+            on_standby(&sync_all(&v, &standby.url))
         };
         let log = stderr(&out);
         assert!(

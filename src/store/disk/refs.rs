@@ -341,17 +341,7 @@ impl Store {
         mv: &LabelMove,
     ) -> Result<bool> {
         check_label(label)?;
-        let lock_path = self.root().join("refs/labels.lock");
-        if let Some(dir) = lock_path.parent() {
-            fs::create_dir_all(dir).at(dir)?;
-        }
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .at(&lock_path)?;
-        lock.lock().at(&lock_path)?;
+        let _lock = self.lock_labels()?;
         let head = self.label(label)?;
         if let Some(expected) = expect
             && expected != head
@@ -421,17 +411,7 @@ impl Store {
     /// history.
     pub fn copy_label(&self, label: &str, head: &VersionId, log: &[LabelMove]) -> Result<()> {
         check_label(label)?;
-        let lock_path = self.root().join("refs/labels.lock");
-        if let Some(dir) = lock_path.parent() {
-            fs::create_dir_all(dir).at(dir)?;
-        }
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .at(&lock_path)?;
-        lock.lock().at(&lock_path)?;
+        let _lock = self.lock_labels()?;
         let path = self.label_log_path(label);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).at(dir)?;
@@ -443,6 +423,23 @@ impl Store {
         }
         atomic_write(&path, &text)?;
         self.set_label(label, head)
+    }
+
+    /// The labels' lock (an flock of `refs/labels.lock`): every move and
+    /// copy of a label holds it, until the file returned is dropped.
+    fn lock_labels(&self) -> Result<fs::File> {
+        let lock_path = self.root().join("refs/labels.lock");
+        if let Some(dir) = lock_path.parent() {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .at(&lock_path)?;
+        lock.lock().at(&lock_path)?;
+        Ok(lock)
     }
 
     fn label_log_path(&self, label: &str) -> PathBuf {
