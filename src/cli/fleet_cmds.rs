@@ -638,22 +638,11 @@ fn resume_change(
         bail!("stdin is not a terminal: pass --yes to resume in batch mode");
     }
     let _lock = take_over_lock(ctx, a.rollout.dry_run, pending.pid, &pending.host)?;
-    // Read again under the lock (another --resume may have finished it
-    // while this one waited), and record this controller as its own, so
-    // that a --resume after this one dies waits out this one's lease.
-    let state = fleet_state(ctx)?;
-    let mut pending = match crate::fleet::change::PendingChange::load(&state)? {
-        Some(p) if p.id == pending.id => p,
-        _ => bail!(
-            "change {} was finished or undone while this command waited for its lock: nothing to resume (`scap status`)",
-            pending.id
-        ),
-    };
-    if !a.rollout.dry_run {
-        pending.pid = std::process::id();
-        pending.host = crate::sys::hostname();
-        pending.save(&state)?;
-    }
+    let pending = crate::fleet::change::PendingChange::take_for_resume(
+        &fleet_state(ctx)?,
+        &pending.id,
+        a.rollout.dry_run,
+    )?;
     let store = ctx.open_deploy()?;
     let members = a.fleet.members(ctx)?;
     let mut plan = Plan::from_settings(&pending.stages, &pending.settings)?;
@@ -813,19 +802,7 @@ fn resume(ctx: &Ctx, a: &SyncArgs) -> anyhow::Result<i32> {
     // over only if it is that controller's and it is gone (files: on this
     // host, its process gone; etcd: its lease expired, on any host).
     let _lock = take_over_lock(ctx, a.rollout.dry_run, record.pid, &record.host)?;
-    // Read again under the lock: the controller may have written a step
-    // after the first read and before it died.
-    let record = match RolloutRecord::load(&dir)? {
-        Some(r) if r.id == record.id && r.resumable() => r,
-        Some(r) if r.id == record.id => bail!(
-            "the rollout of {} ended while this command waited for its lock ({}): nothing to resume",
-            r.label,
-            r.note
-        ),
-        _ => bail!(
-            "the recorded rollout changed while this command waited for its lock: run `scap status`, then --resume again"
-        ),
-    };
+    let record = RolloutRecord::reload_for_resume(&dir, &record.id)?;
     eprintln!(
         "{} resuming the rollout of {} at stage {} of {} ({})",
         clock(),

@@ -227,24 +227,17 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         // One primary at a time (with the deploy state in etcd): a
         // standby follows it instead. Kept until the server stops.
         let _primary = if follow.is_none() && ctx.state()?.is_etcd() {
-            let url = format!("{}://{addr}", transport.scheme());
-            let state = ctx.state()?;
-            let (s, p, u) = (state.clone(), store_path.clone(), url.clone());
-            let first = match tokio::task::spawn_blocking(move || {
-                crate::fleet::standby::claim_primary(&s, &p, &u)
-            })
-            .await?
-            {
-                Ok(claim) => claim,
-                Err(e @ crate::fleet::standby::ClaimError::Taken(_)) => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!("{e}: serving anyway, and claiming it once etcd answers");
-                    None
-                }
-            };
-            Some(crate::fleet::standby::PrimaryKeeper::start(
-                state, store_path, url, first,
-            ))
+            let (state, store, url) = (
+                ctx.state()?,
+                store_path.clone(),
+                format!("{}://{addr}", transport.scheme()),
+            );
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    crate::fleet::standby::PrimaryKeeper::claim(state, store, url)
+                })
+                .await??,
+            )
         } else {
             None
         };

@@ -402,6 +402,31 @@ impl PendingChange {
         }
     }
 
+    /// The change `id` read again once `--resume` holds the lock (another
+    /// `--resume` may have finished it meanwhile), recorded as this
+    /// process's (unless `dry_run`), so that a `--resume` after this one
+    /// dies waits out this one's lease.
+    pub fn take_for_resume(
+        state: &DeployState,
+        id: &str,
+        dry_run: bool,
+    ) -> Result<PendingChange, RecordError> {
+        let mut p = match PendingChange::load(state)? {
+            Some(p) if p.id == id => p,
+            _ => {
+                return Err(RecordError::Changed(format!(
+                    "change {id} was finished or undone while this command waited for its lock: nothing to resume (`scap status`)"
+                )));
+            }
+        };
+        if !dry_run {
+            p.pid = std::process::id();
+            p.host = crate::sys::hostname();
+            p.save(state)?;
+        }
+        Ok(p)
+    }
+
     /// The change recorded, if one is.
     pub fn load(state: &DeployState) -> Result<Option<PendingChange>, RecordError> {
         let Some(bytes) = state.read(Doc::Change)? else {

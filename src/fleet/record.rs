@@ -87,9 +87,28 @@ pub enum RecordError {
     Bad { place: String, why: String },
     #[error(transparent)]
     State(#[from] StateError),
+    /// What `--resume` read changed while it waited for the lock.
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl RolloutRecord {
+    /// The rollout `id` read again once `--resume` holds the lock (its
+    /// controller may have written a step after the first read, before it
+    /// died): still that rollout, and still resumable.
+    pub fn reload_for_resume(state: &DeployState, id: &str) -> Result<RolloutRecord, RecordError> {
+        match RolloutRecord::load(state)? {
+            Some(r) if r.id == id && r.resumable() => Ok(r),
+            Some(r) if r.id == id => Err(RecordError::Changed(format!(
+                "the rollout of {} ended while this command waited for its lock ({}): nothing to resume",
+                r.label, r.note
+            ))),
+            _ => Err(RecordError::Changed(
+                "the recorded rollout changed while this command waited for its lock: run `scap status`, then --resume again".into(),
+            )),
+        }
+    }
+
     /// The rollout recorded, if any.
     pub fn load(state: &DeployState) -> Result<Option<RolloutRecord>, RecordError> {
         let Some(bytes) = state.read(Doc::Rollout)? else {

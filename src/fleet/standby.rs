@@ -415,7 +415,7 @@ pub enum ClaimError {
 /// refused while another deploy host holds it, so that two deploy hosts
 /// are never both started as primary. Held until the returned claim is
 /// dropped, or within the lease of this process's death.
-pub fn claim_primary(
+fn claim_primary(
     state: &DeployState,
     store: &std::path::Path,
     url: &str,
@@ -449,7 +449,26 @@ pub struct PrimaryKeeper {
 }
 
 impl PrimaryKeeper {
-    pub fn start(
+    /// Claims the primary's place for this `scap serve` and keeps it.
+    /// `Err` only if another deploy host holds it; if etcd does not
+    /// answer, this serves anyway and claims the place once it does.
+    pub fn claim(
+        state: DeployState,
+        store: std::path::PathBuf,
+        url: String,
+    ) -> Result<PrimaryKeeper, ClaimError> {
+        let first = match claim_primary(&state, &store, &url) {
+            Ok(claim) => claim,
+            Err(e @ ClaimError::Taken(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!("{e}: serving anyway, and claiming it once etcd answers");
+                None
+            }
+        };
+        Ok(PrimaryKeeper::start(state, store, url, first))
+    }
+
+    fn start(
         state: DeployState,
         store: std::path::PathBuf,
         url: String,

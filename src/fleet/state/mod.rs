@@ -245,6 +245,17 @@ impl DeployState {
         }
     }
 
+    /// Replaces the file `name` in the directory whole (atomically).
+    fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let dir = &self.inner.dir;
+        std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+        let p = dir.join(name);
+        crate::store::fsutil::atomic_write(&p, bytes).map_err(|e| StateError::Io {
+            path: p,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
     /// `doc`'s bytes, if it exists.
     pub fn read(&self, doc: Doc) -> Result<Option<Vec<u8>>, StateError> {
         match &self.inner.etcd {
@@ -282,23 +293,12 @@ impl DeployState {
     /// process still holds the deploy lock it took, if it took one.
     pub fn write(&self, doc: Doc, bytes: &[u8]) -> Result<(), StateError> {
         match &self.inner.etcd {
-            None => {
-                let dir = &self.inner.dir;
-                std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
-                let p = dir.join(doc.file());
-                crate::store::fsutil::atomic_write(&p, bytes).map_err(|e| StateError::Io {
-                    path: p,
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
-            Some(e) => e.fenced(
-                Op::Put {
-                    key: e.key(doc.key()).into_bytes(),
-                    value: bytes.to_vec(),
-                    lease: 0,
-                },
-                Some(bytes),
-            ),
+            None => self.write_file(doc.file(), bytes),
+            Some(e) => e.fenced(Op::Put {
+                key: e.key(doc.key()).into_bytes(),
+                value: bytes.to_vec(),
+                lease: 0,
+            }),
         }
     }
 
@@ -312,7 +312,7 @@ impl DeployState {
                     _ => Ok(()),
                 }
             }
-            Some(e) => e.fenced(Op::Delete(e.key(doc.key()).into_bytes()), None),
+            Some(e) => e.fenced(Op::Delete(e.key(doc.key()).into_bytes())),
         }
     }
 
@@ -393,15 +393,7 @@ impl DeployState {
     /// for every deploy host to see, or in this host's files.
     pub fn report_standby(&self, host: &str, report: &[u8]) -> Result<(), StateError> {
         match &self.inner.etcd {
-            None => {
-                let dir = &self.inner.dir;
-                std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
-                let p = dir.join(format!("standby-{host}.json"));
-                crate::store::fsutil::atomic_write(&p, report).map_err(|e| StateError::Io {
-                    path: p,
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
+            None => self.write_file(&format!("standby-{host}.json"), report),
             Some(e) => {
                 e.client.txn(
                     &[],
@@ -497,22 +489,8 @@ impl DeployState {
         let Some(fence) = e.fence.lock().expect("not poisoned").clone() else {
             return Ok(());
         };
-        let lock_key = e.key("lock/deploy").into_bytes();
-        let known = fence.lost.lock().expect("not poisoned").clone();
-        let now = e.client.get(&lock_key)?;
-        let why = match (&known, &now) {
-            (Some(why), _) => why.clone(),
-            (None, Some(kv)) if kv.create_revision == fence.create_revision => return Ok(()),
-            (None, Some(_)) => "its lease expired, and another command took the lock".into(),
-            (None, None) => "its lease expired (or `scap lock --break` removed it)".into(),
-        };
-        *fence.lost.lock().expect("not poisoned") = Some(why.clone());
-        Err(StateError::LockLost {
-            why,
-            holder: now
-                .filter(|kv| kv.create_revision != fence.create_revision)
-                .map(|kv| Box::new(holder_of(&kv.value))),
-        })
+        let now = e.client.get(e.key("lock/deploy").as_bytes())?;
+        e.judge(&fence, now)
     }
 
     // The locks, with etcd (`super::lock` keeps the files').
@@ -777,61 +755,50 @@ impl EtcdState {
     }
 
     /// `op` on a document, if this process still holds the deploy lock it
-    /// took (or holds none). `wrote`: the value a put writes, so that a
-    /// retry after a write that landed but whose answer was lost is seen as
-    /// done.
-    fn fenced(&self, op: Op, wrote: Option<&[u8]>) -> Result<(), StateError> {
+    /// took (or holds none). A write retried after its answer was lost
+    /// (`Etcd::call` tries the next member) compares the same lock, so it
+    /// succeeds again if the lock is still this process's.
+    fn fenced(&self, op: Op) -> Result<(), StateError> {
         let fence = self.fence.lock().expect("not poisoned").clone();
         let Some(fence) = fence else {
             self.client.txn(&[], &[op], &[])?;
             return Ok(());
         };
         let lock_key = self.key("lock/deploy").into_bytes();
-        if let Some(why) = fence.lost.lock().expect("not poisoned").clone() {
-            let holder = self
-                .client
-                .get(&lock_key)
-                .ok()
-                .flatten()
-                .map(|kv| Box::new(holder_of(&kv.value)));
-            return Err(StateError::LockLost { why, holder });
+        if fence.lost.lock().expect("not poisoned").is_some() {
+            let now = self.client.get(&lock_key).ok().flatten();
+            return self.judge(&fence, now);
         }
-        let target = match &op {
-            Op::Put { key, .. } | Op::Delete(key) | Op::Get(key) => key.clone(),
-        };
         let t = self.client.txn(
             &[Compare::Created(lock_key.clone(), fence.create_revision)],
             &[op],
-            &[Op::Get(lock_key), Op::Get(target)],
+            &[Op::Get(lock_key)],
         )?;
         if t.succeeded {
             return Ok(());
         }
-        let mut reads = t.reads.into_iter();
-        let holder = reads.next().flatten();
-        let now = reads.next().flatten();
-        // Our lock is still there: the compare failed for no reason we
-        // know of (cannot happen); otherwise the write landed before, if
-        // the value there is ours and the lock still ours.
-        if let (Some(w), Some(now)) = (wrote, &now)
-            && now.value == w
-            && holder
-                .as_ref()
-                .is_some_and(|h| h.create_revision == fence.create_revision)
-        {
-            return Ok(());
-        }
-        let why = match &holder {
-            Some(h) if h.create_revision == fence.create_revision => {
-                "the lock changed under it".to_string()
-            }
-            Some(_) => "its lease expired, and another command took the lock".to_string(),
-            None => "its lease expired (or `scap lock --break` removed it)".to_string(),
+        let now = t.reads.into_iter().flatten().next();
+        self.judge(&fence, now)
+    }
+
+    /// Whether `fence` still holds the lock, `now` being the lock key as
+    /// read: `Ok` if it is the fence's own and not known lost; else the
+    /// fence is marked lost and the error names why, and who holds the
+    /// lock now.
+    fn judge(&self, fence: &Fence, now: Option<etcd::Kv>) -> Result<(), StateError> {
+        let known = fence.lost.lock().expect("not poisoned").clone();
+        let why = match (known, &now) {
+            (Some(why), _) => why,
+            (None, Some(kv)) if kv.create_revision == fence.create_revision => return Ok(()),
+            (None, Some(_)) => "its lease expired, and another command took the lock".into(),
+            (None, None) => "its lease expired (or `scap lock --break` removed it)".into(),
         };
         *fence.lost.lock().expect("not poisoned") = Some(why.clone());
         Err(StateError::LockLost {
             why,
-            holder: holder.map(|kv| Box::new(holder_of(&kv.value))),
+            holder: now
+                .filter(|kv| kv.create_revision != fence.create_revision)
+                .map(|kv| Box::new(holder_of(&kv.value))),
         })
     }
 }
