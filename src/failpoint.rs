@@ -5,7 +5,9 @@
 //! instead, so a test can start a racing command inside that window;
 //! with `SCAP_FAILPOINT=<name>:errno=<n>` the system call made at a point
 //! that asks for [`errno`] fails with error `n` (a filesystem without
-//! hardlinks, say), every time.
+//! hardlinks, say), every time; with `SCAP_FAILPOINT=<name>:value=<n>` a
+//! point that asks for [`value`] gets `n` (the size of a tiny inotify
+//! queue, say).
 //! Without the variable a point costs one cached lookup. The points are
 //! listed in ARCHITECTURE.md ("Crash points").
 
@@ -16,6 +18,7 @@ enum Act {
     Die,
     Pause(Duration),
     Errno(i32),
+    Value(u64),
 }
 
 fn want() -> &'static Option<(String, Act)> {
@@ -29,6 +32,8 @@ fn want() -> &'static Option<(String, Act)> {
             )
         } else if let Some((n, e)) = v.split_once(":errno=") {
             (n.to_string(), Act::Errno(e.parse().unwrap_or(5)))
+        } else if let Some((n, x)) = v.split_once(":value=") {
+            (n.to_string(), Act::Value(x.parse().unwrap_or(1)))
         } else {
             (v, Act::Die)
         })
@@ -40,6 +45,15 @@ fn want() -> &'static Option<(String, Act)> {
 pub fn errno(name: &str) -> Option<i32> {
     match want() {
         Some((n, Act::Errno(e))) if n == name => Some(*e),
+        _ => None,
+    }
+}
+
+/// The value point `name` is to use, if `SCAP_FAILPOINT` says
+/// `name:value=<n>`.
+pub fn value(name: &str) -> Option<u64> {
+    match want() {
+        Some((n, Act::Value(x))) if n == name => Some(*x),
         _ => None,
     }
 }

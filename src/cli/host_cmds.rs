@@ -321,6 +321,11 @@ pub struct AgentArgs {
     /// How long a hook may run before it is killed: 300s, 5m
     #[arg(long, default_value = "5m", value_parser = super::parse_duration)]
     hook_timeout: Duration,
+    /// How often the agent re-hashes the whole live release for drift and
+    /// collects garbage it put off (at start, then this often; 0: only at
+    /// start and on `scap verify --live`). A switch checks only what changed.
+    #[arg(long, default_value = "6h", value_parser = super::parse_duration)]
+    verify_every: Duration,
     /// A name (in its certificate) of a client that may change this host: the deploy
     /// host's (repeatable) [default: scap-deployer, the lab PKI's]
     #[arg(long = "deployer", value_name = "NAME")]
@@ -421,6 +426,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> anyhow::Result<i32> {
         restart: a.restart_command,
         slots: usize::from(a.slots),
         hook_timeout: a.hook_timeout,
+        verify_every: (!a.verify_every.is_zero()).then_some(a.verify_every),
         transport: transport.clone(),
         trust,
         allow_unsigned: a.insecure_allow_unsigned,

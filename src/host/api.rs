@@ -955,7 +955,45 @@ pub async fn at_start(st: Arc<AgentState>) {
     let r = tokio::task::spawn_blocking(move || st2.agent.watch_slots(&bg)).await;
     st.end_background(what, r);
     drop(guard);
+    tokio::spawn(maintain(st.clone()));
     pull_at_start(st).await;
+}
+
+const MAINTENANCE: &str = "re-hashing the live release for drift";
+
+/// The agent's scheduled work ([`Agent::maintain`]): once after start, then
+/// every `--verify-every`. Never in a deploy's way: it waits for the
+/// operation lock, and a request arriving cancels it (background work); it
+/// is then tried again a minute later.
+async fn maintain(st: Arc<AgentState>) {
+    let every = st.agent.cfg.verify_every;
+    // Busy, or stopped by a request: again in a minute (or sooner, if it
+    // is due more often than that).
+    let retry = every.map_or(std::time::Duration::from_secs(60), |e| {
+        e.min(std::time::Duration::from_secs(60))
+    });
+    // A host catching up at start (`pull_at_start`) goes first.
+    let first = std::time::Duration::from_secs(10);
+    tokio::time::sleep(every.map_or(first, |e| e.min(first))).await;
+    loop {
+        let Ok(guard) = st.op.clone().try_lock_owned() else {
+            tokio::time::sleep(retry).await;
+            continue;
+        };
+        let bg = st.begin_background(MAINTENANCE);
+        let st2 = st.clone();
+        let r = tokio::task::spawn_blocking(move || st2.agent.maintain(&bg)).await;
+        // Stopped by a request: again soon. Done, or failed (logged):
+        // at the next time it is due.
+        let stopped = matches!(&r, Ok(Err(e)) if e.is_cancelled());
+        st.end_background(MAINTENANCE, r);
+        drop(guard);
+        match every {
+            _ if stopped => tokio::time::sleep(retry).await,
+            Some(every) => tokio::time::sleep(every).await,
+            None => return,
+        }
+    }
 }
 
 /// At start, an agent with `--source` asks the deploy host what it should

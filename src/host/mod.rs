@@ -48,7 +48,7 @@ use crate::proto::{
 };
 use crate::store::disk::{LockMode, Role};
 use crate::store::signature::{SignatureError, SignedOrder, SignedVersion, Trust, Verified};
-use crate::store::{Store, StoreError, TreeName, VersionId};
+use crate::store::{Content, Store, StoreError, TreeName, VersionId};
 use crate::time::unix_now;
 use release::{How, Releases};
 
@@ -110,6 +110,9 @@ pub struct AgentConfig {
     pub slots: usize,
     /// How long a hook may run before it is killed.
     pub hook_timeout: Duration,
+    /// How often the whole live release is re-hashed for drift, and put-off
+    /// garbage collected ([`Agent::maintain`]); None: at start only.
+    pub verify_every: Option<Duration>,
     /// How the agent reaches sources (TLS with its certificate, or plain).
     pub transport: Transport,
     /// The deploy keys whose signatures it accepts, and the revoked ones.
@@ -214,6 +217,24 @@ pub struct AgentCounters {
     pub last_sync_ms: AtomicU64,
 }
 
+/// Garbage an agent put off collecting: gc runs when the versions it keeps
+/// change, but a backport's worth of garbage waits until enough has
+/// piled up ([`GC_SLACK`]) or the next maintenance, so that a switch costs
+/// what changed, not a walk of every kept version and every object.
+#[derive(Default)]
+struct GcDebt {
+    /// The versions the last gc kept, or the last decision to put it off
+    /// counted; None until the first gc since the agent started.
+    roots: Option<Vec<VersionId>>,
+    /// Estimated bytes of files of versions dropped from the roots since the
+    /// last gc (an upper bound: some may be in versions kept).
+    bytes: u64,
+}
+
+/// Estimated garbage past which gc runs at once rather than at the next
+/// maintenance: a bound on the disk a string of backports can leave behind.
+pub const GC_SLACK: u64 = 256 << 20;
+
 pub struct Agent {
     pub cfg: AgentConfig,
     pub store: Store,
@@ -223,9 +244,12 @@ pub struct Agent {
     releases: Releases,
     state: Mutex<HostState>,
     pub counters: AgentCounters,
-    /// The last drift check of the live release (after each switch, and on
-    /// every `GET /v1/verify`), for the fleet's status.
+    /// The last drift check of the live release (a re-hash at start, on
+    /// schedule and on every `GET /v1/verify`; the deploy's check at each
+    /// switch), for the fleet's status.
     last_drift: Mutex<Option<DriftSummary>>,
+    /// gc's last roots and the garbage put off since ([`Agent::collect_garbage`]).
+    gc: Mutex<GcDebt>,
     /// The slot that was live before the last switch.
     previous_slot: Mutex<Option<String>>,
     fetch_limit: Option<std::sync::Arc<crate::net::ratelimit::RateLimit>>,
@@ -258,6 +282,7 @@ impl Agent {
             state: Mutex::new(state),
             counters: AgentCounters::default(),
             last_drift: Mutex::new(None),
+            gc: Mutex::new(GcDebt::default()),
             previous_slot: Mutex::new(None),
             fetch_limit: cfg_limit,
             staged: Mutex::new(None),
@@ -1454,7 +1479,18 @@ impl Agent {
     /// store, and check the live release for drift.
     pub fn after_switch(&self, cancel: &Cancel) -> Result<(), AgentError> {
         let started = Instant::now();
+        // The slots the deploy changed first (from their diffs, by what
+        // their watch saw: [`Releases::watch_slots`]), so that the spare's
+        // check below is only of what changed in it, too.
+        self.releases.watch_slots(&self.store, cancel)?;
         let st = self.state();
+        // The live release as the deploy left it: every file it wrote came
+        // from the store, every file it kept passed the check of what
+        // changed since the last one. The scheduled re-hash
+        // ([`Agent::maintain`]) sees what a `stat` cannot.
+        if let Some(cur) = &st.current {
+            self.note_switch_drift(cur.version);
+        }
         if let Some(cur) = &st.current {
             let mut protected = self.protected_slots(&st);
             // A staged version's slot stays as it is.
@@ -1480,18 +1516,17 @@ impl Agent {
                 );
             }
         }
-        // The next deploy checks the spare slot, which holds the live
-        // version: list its files now, off the deploy's path.
-        if let Some(cur) = &st.current {
+        // So that the next deploy checks only what changed since.
+        self.releases.watch_slots(&self.store, cancel)?;
+        // A slot that could not be watched is checked in full by the next
+        // deploy: list the live version's files for it now, off its path.
+        if let Some(cur) = &st.current
+            && !self.releases.all_watched()
+        {
             self.releases
                 .prefetch_files(&self.store, &cur.version, cancel)?;
         }
-        // So that it checks only what changed since.
-        self.releases.watch_slots(&self.store, cancel)?;
-        self.collect_garbage(cancel)?;
-        // A fresh release matches its version; checking it here gives the
-        // fleet's status a baseline that `GET /v1/verify` keeps current.
-        self.verify_live(cancel)?;
+        self.collect_garbage(false, cancel)?;
         // What this work and the deploy before it freed goes back to the
         // system, so that the next deploy starts from what the agent holds.
         // Not at this work's start, nor when a rollback cancels it (the
@@ -1510,9 +1545,56 @@ impl Agent {
         Ok(self.releases.watch_slots(&self.store, cancel)?)
     }
 
+    /// The drift summary a switch to `version` leaves: nothing found by the
+    /// deploy's check, not a re-hash.
+    fn note_switch_drift(&self, version: VersionId) {
+        *self.last_drift.lock().expect("not poisoned") = Some(DriftSummary {
+            checked_at: unix_now(),
+            version,
+            changed: 0,
+            paths: Vec::new(),
+            rehashed: false,
+        });
+    }
+
+    /// The work an agent does on a schedule (`--verify-every`) and at
+    /// start, in the background: re-hash the whole live release for drift
+    /// (what the check at a switch cannot see: an edit that put back its
+    /// mtime, a write through a hardlink made outside the slots), and
+    /// collect the garbage switches put off.
+    pub fn maintain(&self, cancel: &Cancel) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let mut said = String::from("no version is live");
+        if self.state().current.is_some() {
+            let d = self.verify_live(cancel)?;
+            if !d.changes.is_empty() {
+                tracing::warn!(
+                    "host {}: {} file(s) of the live release differ from its version (`scap verify --live` lists them)",
+                    self.cfg.host,
+                    d.changes.len()
+                );
+            }
+            said = format!(
+                "{} file(s) of the live release re-hashed, {} differ",
+                d.checked_files,
+                d.changes.len()
+            );
+        }
+        self.collect_garbage(true, cancel)?;
+        crate::sys::trim_malloc();
+        tracing::info!(
+            "maintenance done in {:?}: {said}; gc run",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
     /// Keeps in the local store what releases, rollback and promote need:
     /// every clean slot's version and the current, previous and stable ones.
-    fn collect_garbage(&self, cancel: &Cancel) -> Result<(), AgentError> {
+    /// Runs when those versions change, unless what their change left
+    /// behind is small ([`GcDebt`]): then it waits for more, or for
+    /// `always` (maintenance).
+    fn collect_garbage(&self, always: bool, cancel: &Cancel) -> Result<(), AgentError> {
         let st = self.state();
         let mut roots: Vec<VersionId> = self
             .releases
@@ -1530,10 +1612,62 @@ impl Agent {
         roots.sort();
         roots.dedup();
         roots.retain(|v| self.store.has(&v.object()));
+        {
+            let mut debt = self.gc.lock().expect("not poisoned");
+            if let Some(last) = debt.roots.clone() {
+                let dropped: Vec<VersionId> = last
+                    .iter()
+                    .filter(|v| !roots.contains(v) && self.store.has(&v.object()))
+                    .copied()
+                    .collect();
+                debt.bytes = debt.bytes.saturating_add(
+                    self.garbage_estimate(&dropped, st.current.as_ref().map(|d| d.version))?,
+                );
+                debt.roots = Some(roots.clone());
+                // Objects a fresh host stored uncompressed (for speed) are
+                // compressed by gc: that is not put off.
+                if !always && debt.bytes < GC_SLACK && !self.store.holds_raw_packs()? {
+                    if !dropped.is_empty() {
+                        tracing::debug!(
+                            "gc put off: about {} byte(s) of dropped versions so far (runs past {GC_SLACK}, or at the next maintenance)",
+                            debt.bytes
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let _lock = self.store.lock(LockMode::Exclusive)?;
         crate::store::gc::mark_and_sweep(&self.store, &roots, false, cancel)?;
         self.store.retain_signatures(&roots)?;
+        *self.gc.lock().expect("not poisoned") = GcDebt {
+            roots: Some(roots),
+            bytes: 0,
+        };
         Ok(())
+    }
+
+    /// Bytes of the files of `dropped` versions that differ from `current`
+    /// (all of them without one): what dropping them may free, found by
+    /// Merkle diffs (the cost of what changed, not of the trees).
+    fn garbage_estimate(
+        &self,
+        dropped: &[VersionId],
+        current: Option<VersionId>,
+    ) -> Result<u64, AgentError> {
+        let mut bytes = 0u64;
+        for v in dropped {
+            let Some(cur) = current.filter(|c| self.store.has(&c.object())) else {
+                return Ok(u64::MAX);
+            };
+            crate::store::diff::diff(&self.store, &v.root(), &cur.root(), &mut |c| {
+                if let Some(Content::File { size, .. }) = &c.old {
+                    bytes = bytes.saturating_add(*size);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(bytes)
     }
 
     /// Re-hashes the live release against its version.
@@ -1558,6 +1692,7 @@ impl Agent {
             version,
             changed: d.changes.len() as u64,
             paths: d.changes.iter().take(10).map(|c| c.1.clone()).collect(),
+            rehashed: true,
         });
         Ok(d)
     }

@@ -33,7 +33,7 @@ use super::watch::Watch;
 use crate::cancel::Cancel;
 use crate::store::disk::IoContext;
 use crate::store::fsutil::{SyncSet, atomic_write, sync_dir};
-use crate::store::{Store, StoreError, TreeId, VersionId};
+use crate::store::{Content, Store, StoreError, TreeId, VersionId};
 
 /// Most release slots an agent keeps (`--slots`).
 pub const MAX_SLOTS: usize = 8;
@@ -70,7 +70,16 @@ pub struct Releases {
     lists: std::sync::Mutex<Vec<(TreeId, Arc<share::FileList>)>>,
     /// Which files of the slots may have changed since they were checked.
     watch: Watch,
+    /// Each slot muted for a diff: the version it held (clean, watched)
+    /// when the diff began. Watching it again then checks only the diff's
+    /// paths and what its watch saw meanwhile ([`Releases::resume_watch`]).
+    muted_from: std::sync::Mutex<Vec<Option<VersionId>>>,
 }
+
+/// Changed paths past which a slot is watched again by a full check
+/// rather than path by path (a train: the full check costs about the
+/// same, and the list's memory stays bounded).
+const MAX_RESUME_PATHS: usize = 65_536;
 
 /// File lists kept: the live version's (the spare holds it) and the
 /// previous one's (rollback).
@@ -91,6 +100,7 @@ impl Releases {
             .collect();
         Ok(Releases {
             watch: Watch::new(slots.iter().map(|s| dir.join(s)).collect()),
+            muted_from: std::sync::Mutex::new(vec![None; slots.len()]),
             dir,
             slots,
             lists: Default::default(),
@@ -190,6 +200,17 @@ impl Releases {
             if self.watch.watched(idx) {
                 continue;
             }
+            let from = self.muted_from.lock().expect("not poisoned")[idx].take();
+            if let Some(from) = from {
+                match self.resume_watch(store, idx, name, &from, cancel) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e @ StoreError::Cancelled(_)) => return Err(e),
+                    Err(e) => tracing::info!(
+                        "release slot {name}: watching it again from its changes failed ({e}); checking it in full"
+                    ),
+                }
+            }
             match self.watch_slot(store, idx, name, cancel) {
                 Ok(()) => {}
                 // Fast: a rollback may be waiting for this to stop. Its
@@ -207,6 +228,127 @@ impl Releases {
             }
         }
         Ok(())
+    }
+
+    /// Watches slot `name` again after the agent brought it from `from` to
+    /// the version it now holds by a diff, without a full check: watches
+    /// for the directories the diff made, then a `stat` of each path the
+    /// diff wrote and each its watch saw changed meanwhile
+    /// ([`Watch::resume`]). False: that cannot be trusted (the log was
+    /// lost, a directory of the version went, the diff is too big), and
+    /// the caller checks the slot in full; the reason is logged.
+    fn resume_watch(
+        &self,
+        store: &Store,
+        idx: usize,
+        name: &str,
+        from: &VersionId,
+        cancel: &Cancel,
+    ) -> Result<bool, StoreError> {
+        let started = std::time::Instant::now();
+        let meta = self.meta(name);
+        let (true, Some(v), Some(seal)) = (meta.clean, meta.version, meta.sealed) else {
+            return Ok(false);
+        };
+        if !store.has(&v.object()) || !store.has(&from.object()) {
+            return Ok(false);
+        }
+        if !self.watch.resumable(idx) {
+            tracing::info!(
+                "release slot {name}: its watch cannot tell what changed while the agent changed it (it was not watched then, or events were lost); checking it in full"
+            );
+            return Ok(false);
+        }
+        // What the diff wrote, and the directories it made.
+        let mut paths: Vec<Vec<u8>> = Vec::new();
+        // Directories holding a path the diff wrote: those without a watch
+        // are the ones it made.
+        let mut parents: std::collections::BTreeSet<Vec<u8>> = Default::default();
+        let mut too_many = false;
+        crate::store::diff::diff(store, &from.root(), &v.root(), &mut |c| {
+            if paths.len() >= MAX_RESUME_PATHS {
+                too_many = true;
+                return Err(StoreError::Cancelled("too many paths".into()));
+            }
+            if c.new.is_some()
+                && let Some(slash) = c.path.iter().rposition(|b| *b == b'/')
+            {
+                parents.insert(c.path[..slash].to_vec());
+            }
+            paths.push(c.path.to_vec());
+            Ok(())
+        })
+        .or_else(|e| if too_many { Ok(()) } else { Err(e) })?;
+        if too_many {
+            tracing::info!(
+                "release slot {name}: more than {MAX_RESUME_PATHS} paths changed; checking it in full"
+            );
+            return Ok(false);
+        }
+        let releases = Dir::open(&self.dir)?;
+        let root = releases.subdir(name.as_bytes())?;
+        // Each parent and its ancestors, parents first (BTreeSet order).
+        let mut new_dirs: std::collections::BTreeSet<&[u8]> = Default::default();
+        for p in &parents {
+            for (i, b) in p
+                .iter()
+                .enumerate()
+                .chain(std::iter::once((p.len(), &b'/')))
+            {
+                if *b == b'/' && !self.watch.has_dir(idx, &p[..i]) {
+                    new_dirs.insert(&p[..i]);
+                }
+            }
+        }
+        for d in &new_dirs {
+            cancel.check()?;
+            // Made by the diff: a directory of the version, opened
+            // component by component through directory descriptors (no
+            // symlink followed).
+            let Some(Content::Dir { .. }) = store.lookup(&v.root(), d)? else {
+                return Ok(false);
+            };
+            let mut comps = d.split(|b| *b == b'/');
+            let mut dir = root.subdir(comps.next().expect("a first component"))?;
+            for comp in comps {
+                dir = dir.subdir(comp)?;
+            }
+            if !self.watch.add(idx, d.to_vec(), &dir) {
+                return Ok(false);
+            }
+        }
+        let Some(log) = self.watch.resume(idx) else {
+            tracing::info!("release slot {name}: its watch missed events; checking it in full");
+            return Ok(false);
+        };
+        // A directory of the version whose watch went (removed and made
+        // again by hand): not followed path by path.
+        for g in &log.gone {
+            if let Some(Content::Dir { .. }) = store.lookup(&v.root(), g)? {
+                self.watch.unwatch(idx);
+                tracing::info!(
+                    "release slot {name}: directory {} was removed while the agent changed the slot; checking it in full",
+                    String::from_utf8_lossy(g)
+                );
+                return Ok(false);
+            }
+        }
+        let logged = log.paths.len();
+        paths.extend(log.paths);
+        paths.sort();
+        paths.dedup();
+        let bad = share::check_paths(store, &root, &v.root(), &paths, seal, cancel)
+            .inspect_err(|_| self.watch.unwatch(idx))?;
+        self.watch.suspect(bad.iter().cloned());
+        tracing::debug!(
+            "release slot {name} watched again in {:?}: {} path(s) of its diff from {}, {logged} its watch saw, {} new director(ies); {} changed by hand",
+            started.elapsed(),
+            paths.len(),
+            from.short(),
+            new_dirs.len(),
+            bad.len()
+        );
+        Ok(true)
     }
 
     fn watch_slot(
@@ -253,6 +395,12 @@ impl Releases {
             bad.len()
         );
         Ok(())
+    }
+
+    /// Whether every slot that exists is watched: a deploy's check is then
+    /// only of what its watch reported.
+    pub fn all_watched(&self) -> bool {
+        self.existing().iter().all(|i| self.watch.watched(*i))
     }
 
     /// Builds (and keeps) `v`'s file list ahead of the deploy that will
@@ -553,7 +701,9 @@ impl Releases {
                             self.suspects(store, &root, &slot.name, &old, old_seal, cancel)?;
                         repaired = found.repair(store, &root, seal - 1, &sync, cancel)?;
                     }
-                    // Changed from here on: watched again after the switch.
+                    // Changed from here on: watched again after the switch,
+                    // from the diff and what the watch sees meanwhile.
+                    self.muted_from.lock().expect("not poisoned")[idx] = Some(old);
                     self.watch.mute(idx);
                     materialize::apply(
                         store,

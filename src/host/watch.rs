@@ -89,11 +89,31 @@ struct State {
 #[derive(Default)]
 struct Slot {
     watched: bool,
-    /// Being changed by the agent: its events are dropped until its
-    /// watches are ([`Watch::forget`]).
+    /// Being changed by the agent: its events are kept aside in `log`
+    /// until it is watched again ([`Watch::resume`], or [`Watch::forget`]
+    /// and a full check).
     muted: bool,
     wds: Vec<i32>,
+    /// Each watched directory's path in the slot, and its watch.
+    dirs: HashMap<Box<[u8]>, i32>,
     suspects: BTreeSet<Vec<u8>>,
+    /// While muted: what changed in the slot since it was last checked
+    /// (its suspects when it was muted, then every path an event named),
+    /// so that watching it again checks only those and what the agent
+    /// wrote. `None`: something was missed (it was not watched when muted,
+    /// a directory was renamed, too many paths, the queue overflowed), and
+    /// only a full check will do.
+    log: Option<Log>,
+}
+
+/// What happened in a muted slot ([`Slot::log`]).
+#[derive(Default)]
+pub struct Log {
+    /// Paths of files created, written, changed, removed or renamed.
+    pub paths: BTreeSet<Vec<u8>>,
+    /// Directories whose watch went (removed, by the agent's diff or by
+    /// hand): the caller checks the diff removed each of them.
+    pub gone: Vec<Box<[u8]>>,
 }
 
 impl State {
@@ -115,6 +135,44 @@ impl State {
         s.suspects.clear();
     }
 
+    /// Something happened in muted slot `slot` that its log cannot follow:
+    /// it is watched again only by a full check.
+    fn lose_log(&mut self, slot: usize, why: &str) {
+        let s = &mut self.slots[slot];
+        if s.log.take().is_some() {
+            tracing::info!(
+                "release slot {}: {why}; it is checked in full when watched again",
+                self.roots
+                    .get(slot)
+                    .map(|r| r.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    /// Notes `path` in muted slot `slot`'s log.
+    fn log(&mut self, slot: usize, path: Vec<u8>) {
+        let Some(log) = &mut self.slots[slot].log else {
+            return;
+        };
+        log.paths.insert(path);
+        if log.paths.len() > MAX_SUSPECTS {
+            self.lose_log(slot, "more paths changed than the watch keeps");
+        }
+    }
+
+    /// Drops watch `wd` from the maps (its directory went, or it was
+    /// removed).
+    fn drop_wd(&mut self, wd: i32) -> Option<(usize, Box<[u8]>)> {
+        let (slot, dir) = self.wds.remove(&wd)?;
+        let s = &mut self.slots[slot];
+        s.wds.retain(|w| *w != wd);
+        if s.dirs.get(&dir) == Some(&wd) {
+            s.dirs.remove(&dir);
+        }
+        Some((slot, dir))
+    }
+
     fn suspect(&mut self, slot: usize, path: Vec<u8>) {
         let s = &mut self.slots[slot];
         if !s.watched {
@@ -128,28 +186,53 @@ impl State {
 
     fn event(&mut self, wd: i32, what: ReadFlags, name: Option<&[u8]>) {
         if what.contains(ReadFlags::QUEUE_OVERFLOW) {
+            // Said when it costs something: a slot was watched, or kept a
+            // log (not for every overflow of a queue nobody relies on).
+            if self.slots.iter().any(|s| s.watched || s.log.is_some()) {
+                tracing::warn!(
+                    "the release slots' inotify queue overflowed (fs.inotify.max_queued_events): \
+                     events were lost, so the next check of each slot is a full one"
+                );
+            }
             for s in 0..self.slots.len() {
                 self.unwatch(s);
+                self.lose_log(s, "the inotify queue overflowed");
             }
             return;
         }
-        let Some((slot, dir)) = self.wds.get(&wd) else {
+        let Some((slot, dir)) = self.wds.get(&wd).map(|(s, d)| (*s, d.clone())) else {
             return;
         };
-        let slot = *slot;
-        if what.contains(ReadFlags::IGNORED) {
-            self.wds.remove(&wd);
-            self.slots[slot].wds.retain(|w| *w != wd);
-            self.unwatch(slot);
-            return;
-        }
         let muted = self.slots[slot].muted;
-        if muted && !what.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB) {
-            // The agent's own changes: the slot is un-watched already.
+        if what.contains(ReadFlags::IGNORED) {
+            self.drop_wd(wd);
+            if muted {
+                // Removed by the agent's diff, or by hand: the caller
+                // tells which when it watches the slot again.
+                if let Some(log) = &mut self.slots[slot].log {
+                    log.gone.push(dir);
+                }
+            } else {
+                self.unwatch(slot);
+            }
             return;
         }
-        if what.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT) {
+        if what.intersects(ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT)
+            || (muted
+                && what.contains(ReadFlags::ISDIR)
+                && what.intersects(ReadFlags::MOVED_FROM | ReadFlags::MOVED_TO))
+        {
+            // A directory moved (its watch now names the wrong path), or
+            // the filesystem went: path by path no longer works.
             self.unwatch(slot);
+            self.lose_log(slot, "a directory was moved");
+            return;
+        }
+        if what.contains(ReadFlags::DELETE_SELF) {
+            // Its IGNORED follows.
+            if !muted {
+                self.unwatch(slot);
+            }
             return;
         }
         let Some(name) = name else {
@@ -172,11 +255,15 @@ impl State {
             return;
         }
         if muted {
-            // A write through a slot the agent is changing: its own new
-            // files have one link and concern no other slot; a file with
-            // more (or gone already) may be shared, and is suspect in
-            // every slot that is watched.
-            if what.contains(ReadFlags::ISDIR) || !self.maybe_shared(slot, &path) {
+            // A write through a slot the agent is changing: noted in its
+            // log (its own writes, which its diff names too, and any hand
+            // edit alike). Its own new files have one link and concern no
+            // other slot; a file with more (or gone already) may be
+            // shared, and is suspect in every slot that is watched.
+            self.log(slot, path.clone());
+            if !what.intersects(ReadFlags::MODIFY | ReadFlags::ATTRIB)
+                || !self.maybe_shared(slot, &path)
+            {
                 return;
             }
             for s in (0..self.slots.len()).filter(|s| *s != slot) {
@@ -233,7 +320,7 @@ impl Watch {
         // A test stands in for a host out of inotify instances
         // (`SCAP_FAILPOINT=agent:inotify:errno=24`).
         let fd = match crate::failpoint::errno("agent:inotify").map_or_else(
-            || inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC),
+            || init_inotify(crate::failpoint::value("agent:inotify-queue")),
             |n| Err(Errno::from_raw_os_error(n)),
         ) {
             Ok(fd) => fd,
@@ -272,8 +359,55 @@ impl Watch {
     pub fn mute(&self, slot: usize) {
         let Some(inner) = &self.inner else { return };
         let mut st = inner.lock();
+        let s = &mut st.slots[slot];
+        if s.muted {
+            return;
+        }
+        // What was suspect and not yet checked stays so in the log; a slot
+        // not watched now starts a log of nothing to trust.
+        s.log = s.watched.then(|| Log {
+            paths: std::mem::take(&mut s.suspects),
+            gone: Vec::new(),
+        });
         st.unwatch(slot);
         st.slots[slot].muted = true;
+    }
+
+    /// Watches muted slot `slot` again without a full check: hands over
+    /// its log (what changed in it while muted, and before that what was
+    /// suspect) and counts it watched from now on, with no suspects. The
+    /// caller adds watches for the directories the agent made first, then
+    /// checks every path of the log and of its own diff, and reports what
+    /// fails with [`Watch::suspect`]. `None` (nothing changes): the log was
+    /// lost, and only [`Watch::forget`] and a full check will do.
+    pub fn resume(&self, slot: usize) -> Option<Log> {
+        let inner = self.inner.as_ref()?;
+        let mut st = inner.lock();
+        let s = &mut st.slots[slot];
+        if !s.muted {
+            return None;
+        }
+        let log = s.log.take()?;
+        s.muted = false;
+        s.watched = true;
+        s.suspects.clear();
+        Some(log)
+    }
+
+    /// Whether muted slot `slot` can be watched again from its log
+    /// ([`Watch::resume`]).
+    pub fn resumable(&self, slot: usize) -> bool {
+        self.inner.as_ref().is_some_and(|i| {
+            let st = i.lock();
+            st.slots[slot].muted && st.slots[slot].log.is_some()
+        })
+    }
+
+    /// Whether directory `path` of slot `slot` has a watch.
+    pub fn has_dir(&self, slot: usize, path: &[u8]) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| i.lock().slots[slot].dirs.contains_key(path))
     }
 
     /// Un-watches slot `slot` and drops its watches: the agent is about to
@@ -282,6 +416,8 @@ impl Watch {
         let Some(inner) = &self.inner else { return };
         let mut st = inner.lock();
         st.unwatch(slot);
+        st.slots[slot].log = None;
+        st.slots[slot].dirs.clear();
         for (n, wd) in std::mem::take(&mut st.slots[slot].wds)
             .into_iter()
             .enumerate()
@@ -313,8 +449,10 @@ impl Watch {
         match inotify::add_watch(&inner.fd, proc.as_str(), MASK) {
             Ok(wd) => {
                 let mut st = inner.lock();
+                let path = path.into_boxed_slice();
                 st.slots[slot].wds.push(wd);
-                st.wds.insert(wd, (slot, path.into_boxed_slice()));
+                st.slots[slot].dirs.insert(path.clone(), wd);
+                st.wds.insert(wd, (slot, path));
                 true
             }
             Err(e) => {
@@ -383,6 +521,24 @@ impl Watch {
                 .collect(),
         )
     }
+}
+
+/// A new inotify instance. With `queue`, a test's: the kernel's event
+/// queue for it holds only that many events (the system-wide
+/// fs.inotify.max_queued_events is set around the call and put back at
+/// once: each instance keeps the limit it was made with), so that a test
+/// can make it overflow.
+fn init_inotify(queue: Option<u64>) -> Result<OwnedFd, Errno> {
+    let flags = inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC;
+    let Some(queue) = queue else {
+        return inotify::init(flags);
+    };
+    let sysctl = "/proc/sys/fs/inotify/max_queued_events";
+    let was = std::fs::read_to_string(sysctl).map_err(|_| Errno::ACCESS)?;
+    std::fs::write(sysctl, queue.to_string()).map_err(|_| Errno::ACCESS)?;
+    let fd = inotify::init(flags);
+    let _ = std::fs::write(sysctl, was.trim());
+    fd
 }
 
 /// The watch thread: waits for events, then reads them under the lock.
@@ -508,6 +664,73 @@ mod tests {
             .write_all(b" edited")
             .unwrap();
         assert_eq!(watch.take(1, &[1]), Some(vec![b"shared".to_vec()]));
+    }
+
+    /// A muted slot's log keeps what was suspect when it was muted and
+    /// every path written meanwhile; a directory the agent removes is
+    /// listed gone; resuming counts the slot watched, with no suspects.
+    #[test]
+    fn a_muted_slots_log_has_what_changed_in_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(a.join("old")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let watch = Watch::new(vec![a.clone(), b.clone()]);
+        assert!(watch.add(0, Vec::new(), &Dir::open(&a).unwrap()));
+        assert!(watch.add(0, b"old".to_vec(), &Dir::open(&a.join("old")).unwrap()));
+        assert!(watch.add(1, Vec::new(), &Dir::open(&b).unwrap()));
+        watch.start(0);
+        watch.start(1);
+        std::fs::write(a.join("edited-before"), b"x").unwrap();
+        watch.mute(0);
+        assert!(watch.resumable(0));
+        std::fs::write(a.join("written"), b"y").unwrap();
+        std::fs::remove_dir(a.join("old")).unwrap();
+        std::fs::create_dir(a.join("new")).unwrap();
+        let log = watch.resume(0).expect("nothing was missed");
+        assert_eq!(
+            log.paths.into_iter().collect::<Vec<_>>(),
+            vec![b"edited-before".to_vec(), b"written".to_vec()]
+        );
+        assert_eq!(log.gone, vec![b"old".to_vec().into_boxed_slice()]);
+        assert!(!watch.has_dir(0, b"old"));
+        assert!(watch.watched(0));
+        assert_eq!(watch.take(0, &[0, 1]), Some(vec![]));
+        std::fs::write(a.join("after"), b"z").unwrap();
+        assert_eq!(watch.take(0, &[0, 1]), Some(vec![b"after".to_vec()]));
+    }
+
+    /// What a muted slot's log cannot follow loses it: a slot muted while
+    /// not watched, a directory moved, the kernel's queue overflowing.
+    #[test]
+    fn a_muted_slots_log_is_lost_when_it_cannot_follow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        std::fs::create_dir_all(a.join("d")).unwrap();
+        let watch = Watch::new(vec![a.clone()]);
+        // Never watched: nothing to resume from.
+        watch.mute(0);
+        assert!(!watch.resumable(0));
+        assert!(watch.resume(0).is_none());
+        watch.forget(0);
+        assert!(watch.add(0, Vec::new(), &Dir::open(&a).unwrap()));
+        watch.start(0);
+        watch.mute(0);
+        std::fs::rename(a.join("d"), a.join("e")).unwrap();
+        assert!(watch.resume(0).is_none(), "a directory moved");
+        // The queue overflowing (a state event, as the kernel gives it).
+        watch.forget(0);
+        assert!(watch.add(0, Vec::new(), &Dir::open(&a).unwrap()));
+        watch.start(0);
+        watch.mute(0);
+        assert!(watch.resumable(0));
+        watch
+            .inner
+            .as_ref()
+            .unwrap()
+            .lock()
+            .event(-1, ReadFlags::QUEUE_OVERFLOW, None);
+        assert!(watch.resume(0).is_none(), "the queue overflowed");
     }
 
     /// What a full check of one slot found changed is suspect in all.

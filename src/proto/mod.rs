@@ -434,6 +434,12 @@ pub struct DriftSummary {
     pub changed: u64,
     /// The first few of them.
     pub paths: Vec<String>,
+    /// True: every file was re-hashed (at start, on schedule, on `GET
+    /// /v1/verify`). False: the baseline a switch leaves, the deploy's
+    /// `stat` check of what changed since the last one (an edit that put
+    /// back its mtime waits for the next re-hash).
+    #[serde(default)]
+    pub rehashed: bool,
 }
 
 /// `GET /v1/state`.

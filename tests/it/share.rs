@@ -577,3 +577,240 @@ fn a_fresh_hosts_store_is_compressed_after_its_switch() {
         "the live slot after the rollback",
     );
 }
+
+/// How many times the agent log `log` says it watched a slot by a full
+/// check, and how many times from a diff and what its watch saw.
+fn watch_counts(log: &Path) -> (usize, usize) {
+    let text = fs::read_to_string(log).unwrap();
+    (
+        text.matches(" watched in ").count(),
+        text.matches(" watched again in ").count(),
+    )
+}
+
+#[test]
+fn after_a_switch_the_changed_slots_are_watched_from_their_diffs() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    let v3 = vs.build(&fleet, "v3");
+    let v4 = vs.build(&fleet, "v4");
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    // Each switch pauses 2 s before the work after it: the new live slot
+    // is then muted (changed by the agent, not watched).
+    fleet.restart_logged(
+        0,
+        &[
+            ("SCAP_LOG", "scap=debug"),
+            ("SCAP_FAILPOINT", "agent:switched:pause=2000"),
+        ],
+        &log,
+    );
+    // Two deploys: every slot exists (the first write of each is whole,
+    // and so is its first watch).
+    for v in [&v1, &v2] {
+        assert_eq!(fleet.sync_to(0, v).0, 200);
+        settle(&fleet);
+    }
+    let (full, _) = watch_counts(&log);
+    assert_eq!(full, 3, "each slot, written whole, watched by a full check");
+
+    // A hand edit in place of a file the diff wrote (one link: the live
+    // slot's own), made while the slot is muted right after the switch.
+    let before = live_slot(&dir);
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| fleet.sync_to(0, &v3));
+        wait_for(30, "the switch to v3", || live_slot(&dir) != before);
+        let f = fleet.live(0, "mediawiki").join("includes/libs/f00.php");
+        assert_eq!(fs::metadata(&f).unwrap().nlink(), 1, "written by the diff");
+        edit_in_place(&f, b"<?php die('edited while muted');\n");
+        assert_eq!(sync.join().unwrap().0, 200);
+    });
+    let v3_slot = live_slot(&dir);
+    settle(&fleet);
+    let (full2, again) = watch_counts(&log);
+    assert_eq!(
+        full2,
+        full,
+        "no full check after the backport: {}",
+        fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        again >= 2,
+        "the live and spare slots watched from their diffs"
+    );
+
+    // The next deploy checks only what changed in the spare.
+    let (code, r) = fleet.sync_to(0, &v4);
+    assert_eq!(code, 200, "{r}");
+    assert!(r["files_checked"].as_u64().unwrap() < 5, "{r}");
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v4],
+        "v4 is live, true",
+    );
+    settle(&fleet);
+    // The edit made while muted was seen: a rollback to that slot finds
+    // it through the watch, not by a full check, and rewrites it.
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": "previous", "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(live_slot(&dir), v3_slot);
+    assert_eq!(r["repaired"], 1, "{r}");
+    assert!(r["files_checked"].as_u64().unwrap() < 5, "{r}");
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v3],
+        "rolled back to true v3",
+    );
+    assert_eq!(watch_counts(&log).0, full, "still no full check");
+}
+
+#[test]
+fn an_inotify_queue_overflow_falls_back_to_a_full_check_and_says_so() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    let v3 = vs.build(&fleet, "v3");
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    // A queue of one event: any burst of writes overflows it.
+    fleet.restart_logged(
+        0,
+        &[
+            ("SCAP_LOG", "scap=debug"),
+            ("SCAP_FAILPOINT", "agent:inotify-queue:value=1"),
+        ],
+        &log,
+    );
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    settle(&fleet);
+    let (full, _) = watch_counts(&log);
+    // A burst of edits in place through the live slot (inodes every slot
+    // shares): far more events than the queue holds.
+    let live = fleet.live(0, "mediawiki");
+    for i in 10..50 {
+        edit_in_place(
+            &live.join(format!("includes/libs/f{i:02}.php")),
+            b"<?php die('hack');\n",
+        );
+    }
+    let (code, r) = fleet.sync_to(0, &v2);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["repaired"], 40, "{r}");
+    assert_eq!(
+        r["files_checked"],
+        files_in(&vs.trees[&v1]),
+        "every file of the spare: {r}"
+    );
+    same(&live, &vs.trees[&v2], "v2 is live, true");
+    settle(&fleet);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("inotify queue overflowed"), "{text}");
+    assert!(
+        watch_counts(&log).0 > full,
+        "the slots were watched again in full"
+    );
+    let (code, r) = fleet.sync_to(0, &v3);
+    assert_eq!(code, 200, "{r}");
+    same(&live, &vs.trees[&v3], "v3 is live, true");
+    settle(&fleet);
+    vs.check_slots(&dir, &[&live_slot(&dir)], "after the overflow");
+}
+
+#[test]
+fn a_crash_right_after_a_switch_and_an_edit_while_down_mean_a_full_check_at_start() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let v1 = vs.build(&fleet, "v1");
+    let v2 = vs.build(&fleet, "v2");
+    let v3 = vs.build(&fleet, "v3");
+    fleet.serve();
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    settle(&fleet);
+    assert_eq!(fleet.sync_to(0, &v2).0, 200);
+    settle(&fleet);
+    // Killed between the switch to v3 and anything it keeps in memory of
+    // what the deploy changed.
+    fleet.restart_with(0, &[("SCAP_FAILPOINT", "agent:switched")]);
+    let r = fleet
+        .request("POST", 0, "/v1/sync")
+        .json(&fleet.sync_body(&v3, &[&fleet.source()]))
+        .send();
+    assert!(r.is_err() || !r.unwrap().status().is_success());
+    let _ = fleet.hosts[0].proc.child.wait();
+    // While it is down, the slot a rollback goes to is edited by hand.
+    let previous = slots(&dir)
+        .into_iter()
+        .find(|(n, (v, c))| *c && v.as_deref() == Some(v2.as_str()) && *n != live_slot(&dir))
+        .map(|(n, _)| n)
+        .expect("a slot holds v2");
+    // A file v3 changed: the slot's own inode, not the live one's.
+    edit_in_place(
+        &dir.join("releases")
+            .join(&previous)
+            .join("mediawiki/includes/libs/f01.php"),
+        b"<?php die('offline');\n",
+    );
+    let log = fleet.env.path("agent.log");
+    fleet.restart_logged(0, &[("SCAP_LOG", "scap=debug")], &log);
+    settle(&fleet);
+    let (full, again) = watch_counts(&log);
+    assert!(
+        full >= 2 && again == 0,
+        "every slot checked in full at start: {full} {again}"
+    );
+    assert_eq!(fleet.current(0).as_deref(), Some(v3.as_str()));
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v3],
+        "v3 is live, true",
+    );
+    let (code, r) = fleet.post(0, "/v1/rollback", json!({"to": v2, "by": "test"}));
+    assert_eq!(code, 200, "{r}");
+    assert!(r["repaired"].as_u64().unwrap() >= 1, "{r}");
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v2],
+        "rolled back to true v2",
+    );
+}
+
+#[test]
+fn a_scheduled_rehash_finds_an_edit_that_put_back_its_mtime() {
+    let mut fleet = Fleet::start_with(1, &["--verify-every", "1s"]);
+    let mut vs = Versions::new(&fleet);
+    let v1 = vs.build(&fleet, "v1");
+    fleet.serve();
+    assert_eq!(fleet.sync_to(0, &v1).0, 200);
+    settle(&fleet);
+    let (_, st) = fleet.get(0, "/v1/state");
+    assert_eq!(st["drift"]["changed"], 0, "{st}");
+    // Same size, same mtime: what a `stat` check cannot see.
+    let f = fleet.live(0, "mediawiki").join("includes/libs/f50.php");
+    let meta = fs::metadata(&f).unwrap();
+    let mut data = fs::read(&f).unwrap();
+    data[0] ^= 0x20;
+    edit_in_place(&f, &data);
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(meta.modified().unwrap())
+        .unwrap();
+    wait_for(30, "the scheduled re-hash to find the edit", || {
+        let (_, st) = fleet.get(0, "/v1/state");
+        st["drift"]["changed"] == 1 && st["drift"]["rehashed"] == true
+    });
+    let (_, st) = fleet.get(0, "/v1/state");
+    assert_eq!(
+        st["drift"]["paths"],
+        json!(["mediawiki/includes/libs/f50.php"]),
+        "{st}"
+    );
+}

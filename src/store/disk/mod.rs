@@ -334,6 +334,16 @@ impl Store {
         &self.packs
     }
 
+    /// Whether a pack holds objects stored uncompressed as they arrived
+    /// (a fresh host's fetch), which gc compresses.
+    pub fn holds_raw_packs(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .packs
+            .all(&self.packs_dir())?
+            .iter()
+            .any(|p| p.holds_raw()))
+    }
+
     /// Whether the store has object `id`: loose, in a pack, or in this
     /// view's pending pack. An unreadable pack index counts as a miss
     /// (logged): the object is fetched or written again.

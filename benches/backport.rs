@@ -1,0 +1,231 @@
+//! What a one-file backport costs an app server, background work included:
+//! one real agent (TLS, signed versions) holding a tree of
+//! SCAP_BENCH_FILES files (default 263,000, production's size), against
+//! rsync bringing a copy of the same tree up to date.
+//!
+//! For scap the figure is the agent process's CPU (user + system, from
+//! /proc) from just before `scap sync` until the agent is idle again: the
+//! sync, the switch, and the work after it (the spare slot, the slots'
+//! watches, gc, the drift baseline). For rsync it is the CPU of both of its
+//! processes (sender and receiver) for `rsync -a` of the staging tree onto
+//! its last copy. Each round is a new backport, in the order A B B A B A A
+//! B; the table gives medians. With SCAP_BENCH_VERBOSE=1 the agent's debug
+//! log (what the work after each switch did, and how long each part took)
+//! is kept in the bench directory.
+//!
+//! Run: `cargo bench --bench backport` (needs rsync and GNU time).
+
+mod common;
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent runs");
+    // Fields after the command name's closing parenthesis: utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Waits until process `pid` used no CPU for 2 s (its work after a switch
+/// is done), at most 120 s; returns its CPU seconds then.
+fn settle(pid: u32) -> f64 {
+    let started = Instant::now();
+    let mut last = cpu_of(pid);
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the agent is still busy after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cpu_of(pid);
+        if now > last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    last
+}
+
+/// CPU seconds of a command's children, from bash's `times`.
+fn rsync_cpu(src: &std::path::Path, dst: &std::path::Path) -> (f64, f64) {
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "rsync -a --delete {}/ {}/ && times",
+            src.display(),
+            dst.display()
+        ))
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "rsync failed: {out:?}");
+    let wall = started.elapsed().as_secs_f64();
+    // `times`: the shell's user and system time, then its children's.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let children = text.lines().last().expect("times' second line");
+    let secs: f64 = children
+        .split_whitespace()
+        .map(|t| {
+            let (m, s) = t.trim_end_matches('s').split_once('m').expect("MmS.SSSs");
+            m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap()
+        })
+        .sum();
+    (secs, wall)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    assert!(
+        have("rsync"),
+        "this bench needs rsync: apt-get install rsync"
+    );
+    let files: usize = std::env::var("SCAP_BENCH_FILES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(263_000);
+    let verbose = std::env::var_os("SCAP_BENCH_VERBOSE").is_some();
+    let dir = fresh("backport");
+    need_space(&dir, files as u64 * 40_000);
+    println!("machine: {}", machine());
+    let tree = dir.join("tree");
+    println!("generating {files} files ...");
+    generate(&tree, files);
+    let staging = tree.join("mediawiki-staging");
+    let store = dir.join("store");
+    let (pki, config) = lab(&dir);
+    let scap = |store: &std::path::Path| {
+        let mut c = scap(store);
+        c.arg("--config").arg(&config);
+        c
+    };
+    let build = || build_version(&mut scap(&store), "mediawiki", &staging).1;
+    let v1 = build();
+    let (mut server, server_url) = start_listening(
+        scap(&store)
+            .args(tls_flags(&pki, "server"))
+            .args(SERVE_ON_LOOPBACK),
+    );
+    let log = dir.join("agent.log");
+    let (mut agent, agent_url) = start_listening(
+        Command::new(SCAP)
+            .args(["agent", "--listen", "127.0.0.1:0", "--host", "mw1000"])
+            .arg("--trusted-key")
+            .arg(pki.join("deploy.pub"))
+            .args(tls_flags(&pki, "agent"))
+            .arg("--dir")
+            .arg(dir.join("hosts/mw1000"))
+            .env("SCAP_LOG", if verbose { "scap=debug" } else { "scap=info" })
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let pid = agent.id();
+    let group = dir.join("hosts.txt");
+    std::fs::write(
+        &group,
+        format!("{}\n", agent_url.split("://").nth(1).unwrap()),
+    )
+    .unwrap();
+    let sync = |v: &str| {
+        let started = Instant::now();
+        timed(
+            scap(&store)
+                .args(["sync", "--hosts"])
+                .arg(&group)
+                .args(["--version", v, "--source", &server_url])
+                .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
+        );
+        started.elapsed().as_secs_f64()
+    };
+    println!("first sync of {files} files ...");
+    sync(&v1);
+    // The agent's maintenance after start (a re-hash of the live
+    // release, gc) must not fall inside a round.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("maintenance done")
+    {
+        assert!(Instant::now() < deadline, "no maintenance in 600 s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    settle(pid);
+    let copy = dir.join("rsync-copy");
+    rsync_cpu(&staging, &copy);
+
+    // (agent CPU, sync wall time) a scap round; (CPU, wall) an rsync one.
+    let (mut scap_runs, mut rsync_runs) = (Vec::new(), Vec::new());
+    for (round, tool) in "ABBABAAB".chars().enumerate() {
+        mutate(&tree, "backport", 100 + round as u64);
+        if tool == 'A' {
+            let v = build();
+            let before = cpu_of(pid);
+            let wall = sync(&v);
+            let after = settle(pid);
+            scap_runs.push((after - before, wall));
+        } else {
+            rsync_runs.push(rsync_cpu(&staging, &copy));
+        }
+    }
+    let med = |runs: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    let mut table = Table::new(&["a one-file backport", "scap agent", "rsync", "ratio"]);
+    let (sc, rc) = (med(&scap_runs, |r| r.0), med(&rsync_runs, |r| r.0));
+    let (sw, rw) = (med(&scap_runs, |r| r.1), med(&rsync_runs, |r| r.1));
+    table.row(vec![
+        format!("CPU, background work included ({files} files; median of 4)"),
+        ms(sc),
+        ms(rc),
+        format!("{:.3}", sc / rc),
+    ]);
+    table.row(vec![
+        "wall time of the sync (scap sync, whole command; rsync -a)".into(),
+        ms(sw),
+        ms(rw),
+        format!("{:.3}", sw / rw),
+    ]);
+    table.save("backport", &format!("machine: {}", machine()));
+    println!("scap rounds (CPU s, wall s): {scap_runs:.3?}\nrsync rounds: {rsync_runs:.3?}");
+    for c in [&mut agent, &mut server] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if verbose {
+        let mut text = String::new();
+        std::fs::File::open(&log)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        for l in text.lines().filter(|l| {
+            l.contains("after-switch")
+                || l.contains("watched in")
+                || l.contains("spare slot")
+                || l.contains("checked ")
+                || l.contains("watched again")
+                || l.contains("put off")
+                || l.contains("maintenance")
+        }) {
+            println!("{l}");
+        }
+        println!("agent log kept: {}", log.display());
+        return;
+    }
+    done(&dir);
+}
