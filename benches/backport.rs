@@ -121,38 +121,46 @@ fn main() {
             .args(tls_flags(&pki, "server"))
             .args(SERVE_ON_LOOPBACK),
     );
-    let log = dir.join("agent.log");
-    let (mut agent, agent_url) = start_listening(
-        Command::new(SCAP)
-            .args(["agent", "--listen", "127.0.0.1:0", "--host", "mw1000"])
-            .arg("--trusted-key")
-            .arg(pki.join("deploy.pub"))
-            .args(tls_flags(&pki, "agent"))
-            .arg("--dir")
-            .arg(dir.join("hosts/mw1000"))
-            .env("SCAP_LOG", if verbose { "scap=debug" } else { "scap=info" })
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    let pid = agent.id();
-    let group = dir.join("hosts.txt");
-    std::fs::write(
-        &group,
-        format!("{}\n", agent_url.split("://").nth(1).unwrap()),
-    )
-    .unwrap();
-    let sync = |v: &str| {
+    // An agent mwN in hosts/mwN, logging to mwN.log; its group file.
+    let start_agent = |name: &str| {
+        let log = dir.join(format!("{name}.log"));
+        let (child, url) = start_listening(
+            Command::new(SCAP)
+                .args(["agent", "--listen", "127.0.0.1:0", "--host", name])
+                .arg("--trusted-key")
+                .arg(pki.join("deploy.pub"))
+                .args(tls_flags(&pki, "agent"))
+                .arg("--dir")
+                .arg(dir.join("hosts").join(name))
+                .env("SCAP_LOG", if verbose { "scap=debug" } else { "scap=info" })
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        let group = dir.join(format!("{name}.hosts"));
+        std::fs::write(&group, format!("{}\n", url.split("://").nth(1).unwrap())).unwrap();
+        (child, group, log)
+    };
+    let sync = |group: &std::path::Path, v: &str| {
         let started = Instant::now();
         timed(
             scap(&store)
                 .args(["sync", "--hosts"])
-                .arg(&group)
+                .arg(group)
                 .args(["--version", v, "--source", &server_url])
                 .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
         );
         started.elapsed().as_secs_f64()
     };
-    println!("first sync of {files} files ...");
-    sync(&v1);
+    let (mut agent, group, log) = start_agent("mw1000");
+    let pid = agent.id();
+    // The first fresh host of v1 gets its pack as it is built (nothing
+    // built it ahead: no host ran anything before); the next finds it
+    // built. The second agent stops once it is done.
+    println!("first sync of {files} files, then a second fresh host ...");
+    let first_fresh = sync(&group, &v1);
+    let (mut second, group2, _) = start_agent("mw1001");
+    let next_fresh = sync(&group2, &v1);
+    let _ = second.kill();
+    let _ = second.wait();
     // The agent's maintenance after start (a re-hash of the live
     // release, gc) must not fall inside a round.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -174,7 +182,7 @@ fn main() {
         if tool == 'A' {
             let v = build();
             let before = cpu_of(pid);
-            let wall = sync(&v);
+            let wall = sync(&group, &v);
             let after = settle(pid);
             scap_runs.push((after - before, wall));
         } else {
@@ -200,6 +208,12 @@ fn main() {
         ms(sw),
         ms(rw),
         format!("{:.3}", sw / rw),
+    ]);
+    table.row(vec![
+        format!("a fresh host of {files} files, the first of its version (its pack streamed as it is built), against the next"),
+        ms(first_fresh),
+        format!("next host {}", ms(next_fresh)),
+        format!("{:.2}x", first_fresh / next_fresh),
     ]);
     table.save("backport", &format!("machine: {}", machine()));
     println!("scap rounds (CPU s, wall s): {scap_runs:.3?}\nrsync rounds: {rsync_runs:.3?}");

@@ -260,9 +260,8 @@ pub fn build(
     // would interleave their segments.
     static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        name(from, to),
-        std::process::id(),
+        "{}{}.tmp",
+        building_prefix(from, to),
         BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let io = |e: std::io::Error| StoreError::Io {
@@ -314,6 +313,8 @@ struct Segments {
     out: std::io::BufWriter<std::fs::File>,
     raw: Vec<u8>,
     in_flight: std::collections::VecDeque<std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>>,
+    /// Segments written.
+    segments: u64,
 }
 
 /// Segments being compressed at once, at most (each holds its raw and
@@ -328,6 +329,7 @@ impl Segments {
             out: std::io::BufWriter::with_capacity(1 << 20, f),
             raw,
             in_flight: Default::default(),
+            segments: 0,
         }
     }
 
@@ -364,8 +366,21 @@ impl Segments {
         let z = rx
             .recv()
             .map_err(|_| std::io::Error::other("a segment's compression stopped"))??;
+        // A test's failing disk: the third segment's write fails (two
+        // were sent to a host streaming the pack).
+        if let Some(e) = crate::failpoint::errno("pack:segment")
+            && self.segments >= 2
+        {
+            return Err(std::io::Error::from_raw_os_error(e));
+        }
+        self.segments += 1;
         self.out.write_all(&(z.len() as u32).to_le_bytes())?;
-        self.out.write_all(&z)
+        self.out.write_all(&z)?;
+        // Whole segments reach the file as they are made: a request
+        // streams the pack from it while it is built.
+        self.out.flush()?;
+        crate::failpoint::hit("pack:segment");
+        Ok(())
     }
 
     /// Writes what is left (the last segment holds the end frame).
@@ -541,6 +556,13 @@ fn delta(
     });
     out.extend_from_slice(&z);
     Ok(Some(out))
+}
+
+/// The start of the name of the temp file this process writes the pack
+/// from `from` to `to` into while it builds it (in the pack's directory):
+/// a request for that pack streams it from there as it grows.
+pub fn building_prefix(from: Option<&VersionId>, to: &VersionId) -> String {
+    format!(".{}.{}.", name(from, to), std::process::id())
 }
 
 /// One build per pack at a time: requests for a pack being built wait for

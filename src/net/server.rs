@@ -363,15 +363,41 @@ async fn pack(
     // The build runs to its end even if this client hangs up, and holds
     // the client's place in its budget until then.
     let st2 = st.clone();
-    let built = tokio::spawn(async move {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let streams = range.is_none() && budget.is_some();
+    let build = tokio::spawn(async move {
         let built = st2.builds.build(st2.store.clone(), from_v, to_v).await;
         if let (Some(b), Ok(p)) = (budget, &built) {
             b.charge(std::fs::metadata(p).map_or(0, |m| m.len()));
         }
         built
-    })
-    .await
-    .unwrap_or_else(|e| {
+    });
+    // The whole pack asked for while it is built (the first fresh host of
+    // a version): sent as it is written, not after.
+    if streams {
+        st.ahead.served(to_v);
+        st.stats.packs_served.fetch_add(1, Ordering::Relaxed);
+        let dir = pack_path.parent().expect("packs/").to_path_buf();
+        let prefix = super::pack::building_prefix(from_v.as_ref(), &to_v);
+        let body = growing_stream(st.clone(), pack_path, dir, prefix, build);
+        let mut resp = Response::new(Body::from_stream(body));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-scap-pack"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        );
+        h.insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex is a valid header"),
+        );
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        return resp;
+    }
+    let built = build.await.unwrap_or_else(|e| {
         Err(StoreError::Io {
             path: pack_path.clone(),
             source: std::io::Error::other(e),
@@ -403,7 +429,6 @@ async fn pack(
         Ok(m) => m.len(),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match super::pack::range(range, len) {
         Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
         Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
@@ -488,6 +513,118 @@ fn file_stream(
             }
         },
     )
+}
+
+/// A pack while it is built, from the first byte to the last, as the
+/// build writes it: the file in place if it is done, else the temp file
+/// this process writes it into (found by `prefix` in `dir`), read as it
+/// grows; it ends once the pack is in place (renamed after its last byte
+/// is written and synced, so the open file then has it all). A build that
+/// fails cuts the stream with an error: the client takes that as a source
+/// failing mid-way (it fetches by objects, or resumes elsewhere).
+fn growing_stream(
+    st: Arc<ServerState>,
+    path: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    prefix: String,
+    build: tokio::task::JoinHandle<Result<std::path::PathBuf, StoreError>>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    use tokio::io::AsyncReadExt;
+    struct Growing {
+        file: Option<tokio::fs::File>,
+        /// The pack is in place: the open file has every byte.
+        complete: bool,
+        build: tokio::task::JoinHandle<Result<std::path::PathBuf, StoreError>>,
+        ended: bool,
+    }
+    impl Growing {
+        /// The stream's last item: the error that cuts it.
+        fn fail(
+            mut self,
+            path: &std::path::Path,
+            why: String,
+        ) -> (std::io::Result<Bytes>, Growing) {
+            self.ended = true;
+            tracing::warn!(
+                "{}: the pack's build failed while it was sent: {why}",
+                path.display()
+            );
+            (Err(std::io::Error::other(why)), self)
+        }
+    }
+    const WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+    let find_tmp = move |dir: &std::path::Path| -> Option<std::path::PathBuf> {
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            (n.starts_with(&prefix) && n.ends_with(".tmp")).then(|| e.path())
+        })
+    };
+    let state = Growing {
+        file: None,
+        complete: false,
+        build,
+        ended: false,
+    };
+    futures_util::stream::unfold(state, move |mut g| {
+        let (st, path, dir, find_tmp) = (st.clone(), path.clone(), dir.clone(), find_tmp.clone());
+        async move {
+            if g.ended {
+                return None;
+            }
+            loop {
+                if g.file.is_none() {
+                    if let Ok(f) = tokio::fs::File::open(&path).await {
+                        g.file = Some(f);
+                        g.complete = true;
+                    } else if let Some(tmp) = find_tmp(&dir)
+                        && let Ok(f) = tokio::fs::File::open(&tmp).await
+                    {
+                        g.file = Some(f);
+                    } else if g.build.is_finished() && !path.exists() {
+                        let why = match (&mut g.build).await {
+                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(_)) => "the pack is gone".into(),
+                            Err(e) => e.to_string(),
+                        };
+                        return Some(g.fail(&path, why));
+                    } else {
+                        tokio::time::sleep(WAIT).await;
+                        continue;
+                    }
+                }
+                let mut buf = vec![0u8; 256 << 10];
+                let read = g.file.as_mut().expect("opened above").read(&mut buf).await;
+                match read {
+                    Ok(0) if g.complete => return None,
+                    Ok(0) => {
+                        if path.exists() {
+                            g.complete = true;
+                        } else if g.build.is_finished() {
+                            let why = match (&mut g.build).await {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => {
+                                    "the pack's temp file ended before the pack was in place".into()
+                                }
+                            };
+                            return Some(g.fail(&path, why));
+                        } else {
+                            tokio::time::sleep(WAIT).await;
+                        }
+                    }
+                    Ok(k) => {
+                        buf.truncate(k);
+                        if let Some(l) = &st.limit {
+                            l.take(k).await;
+                        }
+                        st.stats.bytes_served.fetch_add(k as u64, Ordering::Relaxed);
+                        return Some((Ok(Bytes::from(buf)), g));
+                    }
+                    Err(e) => return Some(g.fail(&path, e.to_string())),
+                }
+            }
+        }
+    })
 }
 
 /// Refuses a request without a client certificate when one is required.

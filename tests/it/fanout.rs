@@ -1131,3 +1131,101 @@ fn a_fresh_pack_compresses_files_against_each_other_and_hosts_store_them_compres
         "{host_bytes} vs {stored}"
     );
 }
+
+/// `scap serve` of the fleet's store with `env` added, its access log in
+/// the returned file.
+fn serve_with_env(fleet: &mut Fleet, extra: &[&str], env: &[(&str, &str)]) -> PathBuf {
+    let log = fleet.env.path("access.log");
+    let log_s = log.display().to_string();
+    let mut args = vec!["--access-log", log_s.as_str()];
+    args.extend(extra);
+    let store = fleet.env.store.clone();
+    let mut cmd = fleet.serve_command(Command::new(SCAP), &store, &args);
+    cmd.envs(env.iter().copied());
+    fleet.server = Some(Proc::start(cmd));
+    log
+}
+
+/// The first host to ask for a pack nobody built yet gets it as it is
+/// built, not after: its first bytes arrive while the pack file is not
+/// in place yet, the answer has no length (it is not known yet), and the
+/// bytes are the pack's. The next request gets the file, with its length.
+#[test]
+fn the_first_host_of_a_version_gets_its_pack_while_it_is_built() {
+    let mut fleet = Fleet::start(1);
+    let v1 = tree(&fleet, "v1", 300);
+    // Nothing built ahead; each segment's write pauses, so the build takes
+    // seconds.
+    serve_with_env(
+        &mut fleet,
+        &["--packs-ahead", "0"],
+        &[("SCAP_FAILPOINT", "pack:segment:pause=400")],
+    );
+    let pack = pack_file(&fleet, "empty", &v1);
+    let mut r = fleet
+        .http
+        .get(format!("{}/v1/pack4/empty/{v1}", fleet.source()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut r, &mut first).unwrap();
+    assert!(
+        !pack.exists(),
+        "the first bytes came before the build ended"
+    );
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut rest).unwrap();
+    let mut got = first.to_vec();
+    got.extend(rest);
+    let want = fs::read(&pack).unwrap();
+    assert!(want.len() > 3_000_000, "several segments: {}", want.len());
+    assert!(
+        got == want,
+        "{} bytes streamed, the pack has {}",
+        got.len(),
+        want.len()
+    );
+    let r = fleet
+        .http
+        .get(format!("{}/v1/pack4/empty/{v1}", fleet.source()))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-length"].to_str().unwrap(),
+        want.len().to_string()
+    );
+    let (code, out) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["fetched"]["pack"], true, "{out}");
+}
+
+/// A build that fails while its pack is streamed cuts the stream after
+/// what was sent: the host asks for the rest, which cannot be built
+/// either, and fetches by objects what it still lacks, from the same
+/// deploy host; its release is the version, whole.
+#[test]
+fn a_pack_stream_cut_by_a_failed_build_falls_back_to_objects() {
+    let mut fleet = Fleet::start(1);
+    let v1 = tree(&fleet, "v1", 300);
+    // The third segment's write fails (EIO), every build: two were sent.
+    serve_with_env(
+        &mut fleet,
+        &["--packs-ahead", "0"],
+        &[("SCAP_FAILPOINT", "pack:segment:errno=5")],
+    );
+    let (code, out) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{out}");
+    let f = &out["fetched"];
+    assert_eq!(f["pack"], false, "{out}");
+    assert!(f["bytes"].as_u64().unwrap() > 0, "{out}");
+    assert!(!pack_file(&fleet, "empty", &v1).exists());
+    assert_eq!(fleet.current(0).as_deref(), Some(v1.as_str()));
+    let (_, d) = fleet.get(0, "/v1/verify");
+    assert_eq!(d["changes"], serde_json::json!([]), "{d}");
+}
