@@ -381,20 +381,7 @@ async fn pack(
         let prefix = super::pack::building_prefix(from_v.as_ref(), &to_v);
         let body = growing_stream(st.clone(), pack_path, dir, prefix, build);
         let mut resp = Response::new(Body::from_stream(body));
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-scap-pack"),
-        );
-        h.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=31536000, immutable"),
-        );
-        h.insert(
-            header::ETAG,
-            HeaderValue::from_str(&etag).expect("hex is a valid header"),
-        );
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        pack_headers(resp.headers_mut(), &etag);
         return resp;
     }
     let built = build.await.unwrap_or_else(|e| {
@@ -445,19 +432,7 @@ async fn pack(
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-scap-pack"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
-    );
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&etag).expect("hex is a valid header"),
-    );
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    pack_headers(h, &etag);
     h.insert(
         header::CONTENT_LENGTH,
         HeaderValue::from(if len == 0 { 0 } else { end + 1 - start }),
@@ -469,6 +444,24 @@ async fn pack(
         );
     }
     resp
+}
+
+/// What every answer with a pack (or a range of it) says of it: what it
+/// is, that it never changes, its strong ETag, that ranges are served.
+fn pack_headers(h: &mut HeaderMap, etag: &str) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-scap-pack"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(etag).expect("hex is a valid header"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
 
 /// `n` bytes of `file` from `start`, in 256 KiB pieces, paced by the

@@ -578,6 +578,21 @@ fn a_fresh_hosts_store_is_compressed_after_its_switch() {
     );
 }
 
+/// One agent with `n` versions built (tags v1, v2, ...) and served, and
+/// restarted with `env` added, its log in the returned file.
+fn logged_host(n: usize, env: &[(&str, &str)]) -> (Fleet, Versions, PathBuf, Vec<String>, PathBuf) {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let versions = (1..=n)
+        .map(|i| vs.build(&fleet, &format!("v{i}")))
+        .collect();
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    fleet.restart_logged(0, env, &log);
+    (fleet, vs, dir, versions, log)
+}
+
 /// How many times the agent log `log` says it watched a slot by a full
 /// check, and how many times from a diff and what its watch saw.
 fn watch_counts(log: &Path) -> (usize, usize) {
@@ -590,25 +605,16 @@ fn watch_counts(log: &Path) -> (usize, usize) {
 
 #[test]
 fn after_a_switch_the_changed_slots_are_watched_from_their_diffs() {
-    let mut fleet = Fleet::start(1);
-    let mut vs = Versions::new(&fleet);
-    let dir = fleet.hosts[0].dir.clone();
-    let v1 = vs.build(&fleet, "v1");
-    let v2 = vs.build(&fleet, "v2");
-    let v3 = vs.build(&fleet, "v3");
-    let v4 = vs.build(&fleet, "v4");
-    fleet.serve();
-    let log = fleet.env.path("agent.log");
     // Each switch pauses 2 s before the work after it: the new live slot
     // is then muted (changed by the agent, not watched).
-    fleet.restart_logged(
-        0,
+    let (fleet, vs, dir, v, log) = logged_host(
+        4,
         &[
             ("SCAP_LOG", "scap=debug"),
             ("SCAP_FAILPOINT", "agent:switched:pause=2000"),
         ],
-        &log,
     );
+    let [v1, v2, v3, v4] = [0, 1, 2, 3].map(|i| v[i].clone());
     // Two deploys: every slot exists (the first write of each is whole,
     // and so is its first watch).
     for v in [&v1, &v2] {
@@ -670,23 +676,15 @@ fn after_a_switch_the_changed_slots_are_watched_from_their_diffs() {
 
 #[test]
 fn an_inotify_queue_overflow_falls_back_to_a_full_check_and_says_so() {
-    let mut fleet = Fleet::start(1);
-    let mut vs = Versions::new(&fleet);
-    let dir = fleet.hosts[0].dir.clone();
-    let v1 = vs.build(&fleet, "v1");
-    let v2 = vs.build(&fleet, "v2");
-    let v3 = vs.build(&fleet, "v3");
-    fleet.serve();
-    let log = fleet.env.path("agent.log");
     // A queue of one event: any burst of writes overflows it.
-    fleet.restart_logged(
-        0,
+    let (fleet, vs, dir, v, log) = logged_host(
+        3,
         &[
             ("SCAP_LOG", "scap=debug"),
             ("SCAP_FAILPOINT", "agent:inotify-queue:value=1"),
         ],
-        &log,
     );
+    let [v1, v2, v3] = [0, 1, 2].map(|i| v[i].clone());
     assert_eq!(fleet.sync_to(0, &v1).0, 200);
     settle(&fleet);
     let (full, _) = watch_counts(&log);
