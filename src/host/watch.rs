@@ -173,8 +173,15 @@ impl State {
         Some((slot, dir))
     }
 
+    /// Makes `path` suspect in slot `slot`: in its suspects if it is
+    /// watched, in its log if it is muted (an edit through another slot of
+    /// an inode it shares, while the agent changes it).
     fn suspect(&mut self, slot: usize, path: Vec<u8>) {
         let s = &mut self.slots[slot];
+        if s.muted {
+            self.log(slot, path);
+            return;
+        }
         if !s.watched {
             return;
         }
@@ -687,10 +694,17 @@ mod tests {
         std::fs::write(a.join("written"), b"y").unwrap();
         std::fs::remove_dir(a.join("old")).unwrap();
         std::fs::create_dir(a.join("new")).unwrap();
+        // An edit through the other slot (an inode they may share).
+        std::fs::write(b.join("through-b"), b"w").unwrap();
+        std::fs::write(b.join("through-b"), b"ww").unwrap();
         let log = watch.resume(0).expect("nothing was missed");
         assert_eq!(
             log.paths.into_iter().collect::<Vec<_>>(),
-            vec![b"edited-before".to_vec(), b"written".to_vec()]
+            vec![
+                b"edited-before".to_vec(),
+                b"through-b".to_vec(),
+                b"written".to_vec()
+            ]
         );
         assert_eq!(log.gone, vec![b"old".to_vec().into_boxed_slice()]);
         assert!(!watch.has_dir(0, b"old"));
