@@ -1474,9 +1474,11 @@ impl Agent {
 
     /// Work after a switch that the next deploy benefits from but this one
     /// need not wait for (the API runs it in the background; a rollback
-    /// cancels it): bring the spare release slot to the live version, so the
-    /// next deploy writes only its own diff, collect garbage in the local
-    /// store, and check the live release for drift.
+    /// cancels it), all of it in proportion to what the deploy changed:
+    /// watch the slots it changed again from their diffs, bring the spare
+    /// release slot to the live version (so the next deploy writes only its
+    /// own diff), leave the drift baseline of the deploy's check, and
+    /// collect garbage in the local store when enough has piled up.
     pub fn after_switch(&self, cancel: &Cancel) -> Result<(), AgentError> {
         let started = Instant::now();
         // The slots the deploy changed first (from their diffs, by what
@@ -1490,8 +1492,6 @@ impl Agent {
         // ([`Agent::maintain`]) sees what a `stat` cannot.
         if let Some(cur) = &st.current {
             self.note_switch_drift(cur.version);
-        }
-        if let Some(cur) = &st.current {
             let mut protected = self.protected_slots(&st);
             // A staged version's slot stays as it is.
             let staged = *self.staged.lock().expect("not poisoned");

@@ -591,8 +591,25 @@ fn growing_stream(
                 match read {
                     Ok(0) if g.complete => return None,
                     Ok(0) => {
-                        if path.exists() {
+                        // Which file the one being read is now: the pack in
+                        // place (renamed whole), or a temp file a failed
+                        // build removed (another build writes a new one).
+                        // Only the first ends the answer as whole; anything
+                        // else cuts it, so that no cache keeps a pack cut
+                        // short as if it were the pack.
+                        use std::os::unix::fs::MetadataExt;
+                        let ours = g.file.as_ref().expect("opened above").metadata().await;
+                        let placed = std::fs::metadata(&path);
+                        if let (Ok(o), Ok(p)) = (&ours, &placed) {
+                            if (o.dev(), o.ino()) != (p.dev(), p.ino()) {
+                                return Some(g.fail(&path, "the build whose temp file was being sent failed; another built the pack".into()));
+                            }
                             g.complete = true;
+                        } else if ours.as_ref().is_ok_and(|o| o.nlink() == 0) {
+                            return Some(g.fail(
+                                &path,
+                                "the build whose temp file was being sent failed".into(),
+                            ));
                         } else if g.build.is_finished() {
                             let why = match (&mut g.build).await {
                                 Ok(Err(e)) => e.to_string(),
