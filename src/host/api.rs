@@ -980,6 +980,10 @@ async fn maintain(st: Arc<AgentState>) {
             tokio::time::sleep(retry).await;
             continue;
         };
+        // Nothing new starts once the agent is stopping.
+        if st.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let bg = st.begin_background(MAINTENANCE);
         let st2 = st.clone();
         let r = tokio::task::spawn_blocking(move || st2.agent.maintain(&bg)).await;
