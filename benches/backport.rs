@@ -20,46 +20,9 @@ mod common;
 
 use std::io::Read;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
-
-/// CPU seconds (user + system) a process used so far.
-fn cpu_of(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent runs");
-    // Fields after the command name's closing parenthesis: utime is the
-    // 14th field of the line, stime the 15th.
-    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-/// Waits until process `pid` used no CPU for 2 s (its work after a switch
-/// is done), at most 120 s; returns its CPU seconds then.
-fn settle(pid: u32) -> f64 {
-    let started = Instant::now();
-    let mut last = cpu_of(pid);
-    let mut quiet_since = Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(2) {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the agent is still busy after 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        let now = cpu_of(pid);
-        if now > last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
-    last
-}
 
 /// CPU seconds of a command's children, from bash's `times`.
 fn rsync_cpu(src: &std::path::Path, dst: &std::path::Path) -> (f64, f64) {
@@ -100,57 +63,17 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(263_000);
-    let verbose = std::env::var_os("SCAP_BENCH_VERBOSE").is_some();
     let dir = fresh("backport");
     need_space(&dir, files as u64 * 40_000);
     println!("machine: {}", machine());
     let tree = dir.join("tree");
     println!("generating {files} files ...");
     generate(&tree, files);
-    let staging = tree.join("mediawiki-staging");
-    let store = dir.join("store");
-    let (pki, config) = lab(&dir);
-    let scap = |store: &std::path::Path| {
-        let mut c = scap(store);
-        c.arg("--config").arg(&config);
-        c
-    };
-    let build = || build_version(&mut scap(&store), "mediawiki", &staging).1;
-    let v1 = build();
-    let (mut server, server_url) = start_listening(
-        scap(&store)
-            .args(tls_flags(&pki, "server"))
-            .args(SERVE_ON_LOOPBACK),
-    );
-    // An agent mwN in hosts/mwN, logging to mwN.log; its group file.
-    let start_agent = |name: &str| {
-        let log = dir.join(format!("{name}.log"));
-        let (child, url) = start_listening(
-            Command::new(SCAP)
-                .args(["agent", "--listen", "127.0.0.1:0", "--host", name])
-                .arg("--trusted-key")
-                .arg(pki.join("deploy.pub"))
-                .args(tls_flags(&pki, "agent"))
-                .arg("--dir")
-                .arg(dir.join("hosts").join(name))
-                .env("SCAP_LOG", if verbose { "scap=debug" } else { "scap=info" })
-                .stderr(std::fs::File::create(&log).unwrap()),
-        );
-        let group = dir.join(format!("{name}.hosts"));
-        std::fs::write(&group, format!("{}\n", url.split("://").nth(1).unwrap())).unwrap();
-        (child, group, log)
-    };
-    let sync = |group: &std::path::Path, v: &str| {
-        let started = Instant::now();
-        timed(
-            scap(&store)
-                .args(["sync", "--hosts"])
-                .arg(group)
-                .args(["--version", v, "--source", &server_url])
-                .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
-        );
-        started.elapsed().as_secs_f64()
-    };
+    let (host, v1) = OneHost::start(&dir, &tree);
+    let staging = host.staging.clone();
+    let build = || host.build();
+    let start_agent = |name: &str| host.agent(name);
+    let sync = |group: &std::path::Path, v: &str| host.sync(group, v);
     // A fresh host's sync, after the page cache's dirty pages are written
     // out (a tree just generated or a host just written would otherwise
     // be flushed during it, at its cost): wall seconds. The agent stops
@@ -187,15 +110,7 @@ fn main() {
     sync(&group, &v1);
     // The agent's maintenance after start (a re-hash of the live
     // release, gc) must not fall inside a round.
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("maintenance done")
-    {
-        assert!(Instant::now() < deadline, "no maintenance in 600 s");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    settle(pid);
+    host.after_maintenance(pid, &log);
     let copy = dir.join("rsync-copy");
     rsync_cpu(&staging, &copy);
     // One backport first: a host's second deploy also writes its third
@@ -204,7 +119,7 @@ fn main() {
     mutate(&tree, "backport", 99);
     let warm = build();
     sync(&group, &warm);
-    settle(pid);
+    settle_cpu(pid);
 
     // (agent CPU, sync wall time) a scap round; (CPU, wall) an rsync one.
     let (mut scap_runs, mut rsync_runs) = (Vec::new(), Vec::new());
@@ -214,7 +129,7 @@ fn main() {
             let v = build();
             let before = cpu_of(pid);
             let wall = sync(&group, &v);
-            let after = settle(pid);
+            let after = settle_cpu(pid);
             scap_runs.push((after - before, wall));
         } else {
             rsync_runs.push(rsync_cpu(&staging, &copy));
@@ -260,11 +175,10 @@ fn main() {
     println!(
         "scap rounds (CPU s, wall s): {scap_runs:.3?}\nrsync rounds: {rsync_runs:.3?}\nfresh hosts (first, next): {pairs:.2?}"
     );
-    for c in [&mut agent, &mut server] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    if verbose {
+    let _ = agent.kill();
+    let _ = agent.wait();
+    host.stop();
+    if std::env::var_os("SCAP_BENCH_VERBOSE").is_some() {
         let mut text = String::new();
         std::fs::File::open(&log)
             .unwrap()

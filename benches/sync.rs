@@ -323,12 +323,6 @@ impl Stack {
     }
 }
 
-/// Writes every dirty page to disk (`sync`).
-fn flush_dirty() {
-    let st = Command::new("sync").status().expect("sync runs");
-    assert!(st.success(), "sync failed");
-}
-
 /// Seconds a rollback to `previous` takes on a fresh agent that is busy
 /// with `busy`: "fetch" (a fresh-host fetch of `big` in progress) or
 /// "after-switch" (the background work right after switching to `big`).

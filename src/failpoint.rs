@@ -58,6 +58,20 @@ pub fn value(name: &str) -> Option<u64> {
     }
 }
 
+/// [`hit`], where a pause ends early once `cancel` is cancelled (work a
+/// request stops: a test shows it does not wait for it).
+pub fn hit_or_cancel(name: &str, cancel: &crate::cancel::Cancel) {
+    match want() {
+        Some((n, Act::Pause(d))) if n == name => {
+            let until = std::time::Instant::now() + *d;
+            while std::time::Instant::now() < until && !cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        _ => hit(name),
+    }
+}
+
 /// Dies (or pauses) here if `SCAP_FAILPOINT` names this point.
 pub fn hit(name: &str) {
     match want() {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub const SCAP: &str = env!("CARGO_BIN_EXE_scap");
 
@@ -537,4 +537,175 @@ pub fn build_version(cmd: &mut Command, component: &str, tree: &Path) -> (Run, S
             .arg(format!("{component}={}", tree.display())),
     );
     (run, version_id(&out))
+}
+
+/// CPU seconds (user + system) a process used so far.
+pub fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent runs");
+    // Fields after the command name's closing parenthesis: utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Waits until process `pid` used no CPU for 2 s (its work after a switch
+/// is done), at most 120 s; returns its CPU seconds then.
+pub fn settle_cpu(pid: u32) -> f64 {
+    let started = Instant::now();
+    let mut last = cpu_of(pid);
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the agent is still busy after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cpu_of(pid);
+        if now > last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    last
+}
+
+/// One deploy host and its agents, as deployed (TLS, signed versions): a
+/// store of the tree's `mediawiki` component, `scap serve` on it, and
+/// agents started on demand. What the one-host benches share.
+pub struct OneHost {
+    pub dir: PathBuf,
+    pub staging: PathBuf,
+    pub store: PathBuf,
+    pub pki: PathBuf,
+    pub config: PathBuf,
+    pub server: std::process::Child,
+    pub server_url: String,
+    pub verbose: bool,
+}
+
+impl OneHost {
+    /// Builds the staging tree `tree/mediawiki-staging` in a new store and
+    /// serves it: (the deploy host, the first version).
+    pub fn start(dir: &Path, tree: &Path) -> (OneHost, String) {
+        let (pki, config) = lab(dir);
+        let staging = tree.join("mediawiki-staging");
+        let store = dir.join("store");
+        let mut host = OneHost {
+            dir: dir.to_path_buf(),
+            staging,
+            store,
+            pki,
+            config,
+            server: Command::new("true").spawn().unwrap(),
+            server_url: String::new(),
+            verbose: std::env::var_os("SCAP_BENCH_VERBOSE").is_some(),
+        };
+        let v1 = host.build();
+        let (server, server_url) = start_listening(
+            host.scap()
+                .args(tls_flags(&host.pki, "server"))
+                .args(SERVE_ON_LOOPBACK),
+        );
+        host.server = server;
+        host.server_url = server_url;
+        (host, v1)
+    }
+
+    /// `scap` on the deploy host's store, with its scap.toml.
+    pub fn scap(&self) -> Command {
+        let mut c = scap(&self.store);
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
+    /// `scap build-manifest` of the staging tree: the version ID.
+    pub fn build(&self) -> String {
+        build_version(&mut self.scap(), "mediawiki", &self.staging).1
+    }
+
+    /// An agent `name` in hosts/NAME, logging to NAME.log (at debug with
+    /// SCAP_BENCH_VERBOSE): (the process, its group file, its log).
+    pub fn agent(&self, name: &str) -> (std::process::Child, PathBuf, PathBuf) {
+        let log = self.dir.join(format!("{name}.log"));
+        let (child, url) = start_listening(
+            Command::new(SCAP)
+                .args(["agent", "--listen", "127.0.0.1:0", "--host", name])
+                .arg("--trusted-key")
+                .arg(self.pki.join("deploy.pub"))
+                .args(tls_flags(&self.pki, "agent"))
+                .arg("--dir")
+                .arg(self.dir.join("hosts").join(name))
+                .env(
+                    "SCAP_LOG",
+                    if self.verbose {
+                        "scap=debug"
+                    } else {
+                        "scap=info"
+                    },
+                )
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        let group = self.dir.join(format!("{name}.hosts"));
+        std::fs::write(&group, format!("{}\n", url.split("://").nth(1).unwrap())).unwrap();
+        (child, group, log)
+    }
+
+    /// `scap sync` of `v` to the hosts of `group` (all of them, at once):
+    /// the command's wall seconds.
+    pub fn sync(&self, group: &Path, v: &str) -> f64 {
+        let started = Instant::now();
+        timed(
+            self.scap()
+                .args(["sync", "--hosts"])
+                .arg(group)
+                .args(["--version", v, "--source", &self.server_url])
+                .args(["--wait", "0", "--yes", "--force", "--canary", "100%"]),
+        );
+        started.elapsed().as_secs_f64()
+    }
+
+    /// Waits (at most 600 s) until the agent logging to `log` says its
+    /// maintenance after start is done, then until it is idle.
+    pub fn after_maintenance(&self, pid: u32, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("maintenance done")
+        {
+            assert!(Instant::now() < deadline, "no maintenance in 600 s");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        settle_cpu(pid);
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Wall seconds of `rsync -a --delete SRC/ DST/`.
+pub fn rsync_wall(src: &Path, dst: &Path) -> f64 {
+    let started = Instant::now();
+    let st = Command::new("rsync")
+        .args(["-a", "--delete"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display()))
+        .status()
+        .expect("rsync runs");
+    assert!(st.success(), "rsync failed");
+    started.elapsed().as_secs_f64()
+}
+
+/// Writes every dirty page to disk (`sync`).
+pub fn flush_dirty() {
+    let st = Command::new("sync").status().expect("sync runs");
+    assert!(st.success(), "sync failed");
 }

@@ -475,8 +475,25 @@ impl AgentState {
         }
         match self.running() {
             Some(r) if !r.background => Err(self.busy(&r.what)),
-            // The work after a switch, or an operation just ending.
-            _ => Ok(self.op.clone().lock_owned().await),
+            // The work after a switch, or an operation just ending. Its
+            // tail (gc, the trash) only frees space: stopped, not waited
+            // for.
+            _ => {
+                let lock = self.op.clone().lock_owned();
+                tokio::pin!(lock);
+                loop {
+                    if let Some(r) = self.running()
+                        && r.background
+                        && self.agent.yields_to_deploys()
+                    {
+                        r.cancel.cancel("a deploy arrived");
+                    }
+                    tokio::select! {
+                        g = &mut lock => return Ok(g),
+                        () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                    }
+                }
+            }
         }
     }
 

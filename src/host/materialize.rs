@@ -15,7 +15,9 @@
 //!   existing file (it may be a hardlink shared with the
 //!   live slot: see [`super::share`]);
 //! - removal is `unlinkat` of a name in an opened directory, descending
-//!   only through directories opened with `O_NOFOLLOW`.
+//!   only through directories opened with `O_NOFOLLOW`; a directory a diff
+//!   removes is first renamed (`renameat`, no replacing) into the agent's
+//!   [`Trash`], and emptied from there after the switch.
 //!
 //! So no tree can make the agent open, chmod, unlink or rename anything
 //! outside the release. A slot whose content does not match what its
@@ -28,7 +30,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -186,10 +188,17 @@ impl Dir {
     /// Removes `name`, whatever it is; a directory with everything in it,
     /// descending only through directories opened without following.
     pub fn remove(&self, name: &[u8]) -> Result<(), StoreError> {
-        self.remove_at_depth(name, 0)
+        self.remove_at_depth(name, 0, None)
     }
 
-    fn remove_at_depth(&self, name: &[u8], depth: usize) -> Result<(), StoreError> {
+    /// `cancel`: checked at every directory (emptying the trash, which can
+    /// stop anywhere).
+    fn remove_at_depth(
+        &self,
+        name: &[u8],
+        depth: usize,
+        cancel: Option<&Cancel>,
+    ) -> Result<(), StoreError> {
         let path = self.child(name);
         if self.kind(name)? == Some(FileType::Directory) {
             if depth > MAX_DEPTH * 4 {
@@ -198,9 +207,12 @@ impl Dir {
                     source: io::Error::other("directories nested too deep to remove"),
                 });
             }
+            if let Some(c) = cancel {
+                c.check()?;
+            }
             let sub = self.subdir(name)?;
             for n in sub.names()? {
-                sub.remove_at_depth(&n, depth + 1)?;
+                sub.remove_at_depth(&n, depth + 1, cancel)?;
             }
             rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)
                 .map_err(io_err)
@@ -216,6 +228,84 @@ impl Dir {
 impl AsFd for Dir {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// Where directories a diff removes go: `trash/` beside the release slots
+/// (the same filesystem). A rename takes a removed branch of 25,000 files
+/// out of a slot at once; its unlinks come after the switch, off the
+/// deploy's path, and can stop anywhere (nothing in the trash is anyone's:
+/// what a crash leaves there is emptied at the next start).
+pub struct Trash {
+    dir: Dir,
+    next: AtomicU64,
+}
+
+impl Trash {
+    /// Opens `path`, made (mode 0700) if missing.
+    pub fn open(path: &Path) -> Result<Trash, StoreError> {
+        match std::fs::create_dir(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(path),
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).at(path)?;
+        let dir = Dir::open(path)?;
+        // Names from the clock, so that this run's seldom meet what a
+        // crash left (a name taken is skipped anyway).
+        let next = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(Trash {
+            dir,
+            next: AtomicU64::new(next),
+        })
+    }
+
+    /// Moves entry `name` of `from` into the trash.
+    pub fn take(&self, from: &Dir, name: &[u8]) -> Result<(), StoreError> {
+        loop {
+            let to = format!("{:x}", self.next.fetch_add(1, Ordering::Relaxed));
+            match rustix::fs::renameat_with(
+                &from.fd,
+                name,
+                &self.dir.fd,
+                to.as_str(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::EXIST) => continue,
+                // Another filesystem mounted below the slots, or one
+                // without RENAME_NOREPLACE: removed in place.
+                Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL) => {
+                    return from.remove(name);
+                }
+                Err(e) => return Err(io_err(e)).at(&from.child(name)),
+            }
+        }
+    }
+
+    /// Whether anything is in the trash.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.dir.names()?.is_empty())
+    }
+
+    /// Removes what is in the trash, checking `cancel` at every directory;
+    /// returns how many entries went.
+    pub fn empty(&self, cancel: &Cancel) -> Result<u64, StoreError> {
+        let names = self.dir.names()?;
+        if names.is_empty() {
+            return Ok(0);
+        }
+        tracing::debug!("emptying the trash: {} entr(ies)", names.len());
+        crate::failpoint::hit_or_cancel("agent:trash", cancel);
+        let mut n = 0;
+        for name in names {
+            self.dir.remove_at_depth(&name, 0, Some(cancel))?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -258,6 +348,10 @@ pub struct Options<'a> {
     /// yet are taken from, or waited for on, the fetch bringing them
     /// (a fresh host writes its release while its pack arrives).
     pub arriving: Option<&'a Arrivals>,
+    /// Where removed directories go ([`Trash`]), and what to tell before
+    /// each goes (its path below the root: the slot's watch expects the
+    /// rename). `None`: removed in place.
+    pub trash: Option<(&'a Trash, &'a (dyn Fn(&[u8]) + Sync))>,
 }
 
 /// The slot files are hardlinked from: a file is linked when this slot's
@@ -541,6 +635,23 @@ impl Walk<'_> {
         Ok(())
     }
 
+    /// Removes entry `name` of directory `idx`, which the old version has
+    /// as `was`: a directory into the trash, if there is one.
+    fn remove(&self, dir: &Dir, idx: u32, name: &[u8], was: &Content) -> Result<(), StoreError> {
+        match (was, self.opts.trash) {
+            (Content::Dir { .. }, Some((trash, tell))) => {
+                let mut path = self.arena.path(idx);
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(name);
+                tell(&path);
+                trash.take(dir, name)
+            }
+            _ => dir.remove(name),
+        }
+    }
+
     /// The structure pass: removals, directories and symlinks, in tree
     /// order; files are listed, and written a batch at a time.
     fn structure(
@@ -577,7 +688,7 @@ impl Walk<'_> {
         if let Some(old_tree) = &old_tree {
             for e in old_tree.entries() {
                 if new_tree.get(e.name.as_bytes()).is_none() {
-                    dir.remove(e.name.as_bytes())?;
+                    self.remove(dir, idx, e.name.as_bytes(), &e.content)?;
                     self.touched.mark(idx, dir, self.sync)?;
                     self.applied.removed += 1;
                 }
@@ -605,8 +716,8 @@ impl Walk<'_> {
                     self.structure(&sub, sub_idx, Some(a), b, ref_sub, depth + 1)?;
                 }
                 (before, new) => {
-                    if before.is_some() {
-                        dir.remove(name)?;
+                    if let Some(before) = before {
+                        self.remove(dir, idx, name, before)?;
                         self.touched.mark(idx, dir, self.sync)?;
                         self.applied.removed += 1;
                     }

@@ -256,6 +256,10 @@ pub struct Agent {
     /// The version last staged (`POST /v1/stage`): the work after a switch
     /// leaves its slot alone.
     staged: Mutex<Option<VersionId>>,
+    /// The work after a switch is in its tail (gc, emptying the trash):
+    /// nothing a deploy needs is left, so a deploy arriving cancels it
+    /// rather than wait ([`Agent::yields_to_deploys`]).
+    tail: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -286,6 +290,7 @@ impl Agent {
             previous_slot: Mutex::new(None),
             fetch_limit: cfg_limit,
             staged: Mutex::new(None),
+            tail: std::sync::atomic::AtomicBool::new(false),
         };
         agent.reconcile()?;
         agent.make_links()?;
@@ -1526,7 +1531,16 @@ impl Agent {
             self.releases
                 .prefetch_files(&self.store, &cur.version, cancel)?;
         }
-        self.collect_garbage(false, cancel)?;
+        // The tail: what is left frees space only. A deploy arriving from
+        // here on stops it (gc's debt and the trash carry over to the
+        // next time) instead of waiting for it.
+        self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let tail = (|| {
+            self.collect_garbage(false, cancel)?;
+            self.empty_trash(cancel)
+        })();
+        self.tail.store(false, std::sync::atomic::Ordering::SeqCst);
+        tail?;
         // What this work and the deploy before it freed goes back to the
         // system, so that the next deploy starts from what the agent holds.
         // Not at this work's start, nor when a rollback cancels it (the
@@ -1535,6 +1549,23 @@ impl Agent {
         // cancelled).
         crate::sys::trim_malloc();
         tracing::debug!("after-switch work took {:?}", started.elapsed());
+        Ok(())
+    }
+
+    /// Whether the work after a switch is in its tail (gc, the trash), which
+    /// a deploy arriving cancels rather than waits for.
+    pub fn yields_to_deploys(&self) -> bool {
+        self.tail.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Removes the directories diffs moved out of the slots (and what a
+    /// crash left in the trash), off the deploys' path.
+    fn empty_trash(&self, cancel: &Cancel) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let n = self.releases.empty_trash(cancel)?;
+        if n > 0 {
+            tracing::debug!("trash emptied: {n} entr(ies) in {:?}", started.elapsed());
+        }
         Ok(())
     }
 
@@ -1581,6 +1612,7 @@ impl Agent {
             );
         }
         self.collect_garbage(true, cancel)?;
+        self.empty_trash(cancel)?;
         crate::sys::trim_malloc();
         tracing::info!(
             "maintenance done in {:?}: {said}; gc run",

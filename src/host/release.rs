@@ -74,6 +74,9 @@ pub struct Releases {
     /// when the diff began. Watching it again then checks only the diff's
     /// paths and what its watch saw meanwhile ([`Releases::resume_watch`]).
     muted_from: std::sync::Mutex<Vec<Option<VersionId>>>,
+    /// Where a diff puts the directories it removes, and a full rewrite
+    /// the slot it replaces (`<dir>/trash`): emptied after the switch.
+    trash: materialize::Trash,
 }
 
 /// Changed paths past which a slot is watched again by a full check
@@ -99,6 +102,7 @@ impl Releases {
             .map(|i| char::from(b'a' + i as u8).to_string())
             .collect();
         Ok(Releases {
+            trash: materialize::Trash::open(&base.join("trash"))?,
             watch: Watch::new(slots.iter().map(|s| dir.join(s)).collect()),
             muted_from: std::sync::Mutex::new(vec![None; slots.len()]),
             dir,
@@ -664,12 +668,22 @@ impl Releases {
                     seal: *ls,
                 }),
             arriving,
+            trash: None,
+        };
+        let idx = self.index(&slot.name);
+        // A directory the diff removes: its rename out of the (muted) slot
+        // is the agent's own, not a hand's.
+        let tell = |path: &[u8]| self.watch.expect_moved_out(idx, path);
+        let opts = materialize::Options {
+            trash: Some((&self.trash, &tell)),
+            ..opts
         };
         let (mut repaired, mut checked) = (0, 0);
-        let idx = self.index(&slot.name);
         let full = |sync: &SyncSet| -> Result<(How, materialize::Applied), StoreError> {
             self.watch.forget(idx);
-            materialize::remove_if_present(&releases, name)?;
+            if releases.kind(name)?.is_some() {
+                self.trash.take(&releases, name)?;
+            }
             let root = releases.mkdir(name)?;
             // The slot's own entry in releases/.
             sync.add(
@@ -767,6 +781,12 @@ impl Releases {
         }
         log_repaired(&prepared.slot, repaired);
         Ok(prepared)
+    }
+
+    /// Removes what the slots' diffs put in the trash, stopping at
+    /// `cancel` (what is left goes next time): how many entries went.
+    pub fn empty_trash(&self, cancel: &Cancel) -> Result<u64, StoreError> {
+        self.trash.empty(cancel)
     }
 
     /// Marks a slot as just used (for choosing which to overwrite next).

@@ -84,6 +84,8 @@ struct State {
     /// Each slot's directory (to tell whether a file a muted slot reports
     /// shares its inode).
     roots: Vec<std::path::PathBuf>,
+    /// Watches of directories the agent moved out of a slot, to remove.
+    stale: Vec<i32>,
 }
 
 #[derive(Default)]
@@ -97,6 +99,9 @@ struct Slot {
     /// Each watched directory's path in the slot, and its watch.
     dirs: HashMap<Box<[u8]>, i32>,
     suspects: BTreeSet<Vec<u8>>,
+    /// While muted: directories the agent is about to move out of the
+    /// slot into its trash ([`Watch::expect_moved_out`]).
+    moving_out: BTreeSet<Vec<u8>>,
     /// While muted: what changed in the slot since it was last checked
     /// (its suspects when it was muted, then every path an event named),
     /// so that watching it again checks only those and what the agent
@@ -161,6 +166,30 @@ impl State {
         }
     }
 
+    /// The agent moved directory `path` out of muted slot `slot` (a diff
+    /// removed it): its watches and those below it go, and the log notes
+    /// it gone, as if it had been removed there. (Their own events, a
+    /// move and later their removal from the trash, name watches no
+    /// longer known.)
+    fn moved_out(&mut self, slot: usize, path: Vec<u8>) {
+        let below = |d: &[u8]| {
+            d == path.as_slice() || (d.starts_with(&path) && d.get(path.len()) == Some(&b'/'))
+        };
+        let wds: Vec<i32> = self.slots[slot]
+            .dirs
+            .iter()
+            .filter(|(d, _)| below(d))
+            .map(|(_, wd)| *wd)
+            .collect();
+        for wd in wds {
+            self.drop_wd(wd);
+            self.stale.push(wd);
+        }
+        if let Some(log) = &mut self.slots[slot].log {
+            log.gone.push(path.into_boxed_slice());
+        }
+    }
+
     /// Drops watch `wd` from the maps (its directory went, or it was
     /// removed).
     fn drop_wd(&mut self, wd: i32) -> Option<(usize, Box<[u8]>)> {
@@ -211,6 +240,20 @@ impl State {
             return;
         };
         let muted = self.slots[slot].muted;
+        if muted
+            && what.contains(ReadFlags::ISDIR | ReadFlags::MOVED_FROM)
+            && let Some(name) = name
+        {
+            let mut path = dir.to_vec();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            if self.slots[slot].moving_out.remove(&path) {
+                self.moved_out(slot, path);
+                return;
+            }
+        }
         if what.contains(ReadFlags::IGNORED) {
             self.drop_wd(wd);
             if muted {
@@ -300,7 +343,13 @@ impl Inner {
                     let name = ev.file_name().map(|n| n.to_bytes());
                     st.event(ev.wd(), ev.events(), name);
                 }
-                Err(Errno::AGAIN) | Err(Errno::INTR) => return,
+                Err(Errno::AGAIN) | Err(Errno::INTR) => {
+                    for wd in std::mem::take(&mut st.stale) {
+                        // Gone already if the trash was emptied.
+                        let _ = inotify::remove_watch(&self.fd, wd);
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!("reading the release slots' inotify events: {e}");
                     for s in 0..st.slots.len() {
@@ -344,6 +393,7 @@ impl Watch {
                 wds: HashMap::new(),
                 slots: (0..slots).map(|_| Slot::default()).collect(),
                 roots,
+                stale: Vec::new(),
             }),
         });
         let weak = Arc::downgrade(&inner);
@@ -378,6 +428,19 @@ impl Watch {
         });
         st.unwatch(slot);
         st.slots[slot].muted = true;
+        st.slots[slot].moving_out.clear();
+    }
+
+    /// Says the agent is about to move directory `path` out of muted slot
+    /// `slot` (a diff removed it; [`super::materialize::Trash`]): its
+    /// rename is then the slot's change, not a directory moved by hand.
+    pub fn expect_moved_out(&self, slot: usize, path: &[u8]) {
+        let Some(inner) = &self.inner else { return };
+        let mut st = inner.lock();
+        let s = &mut st.slots[slot];
+        if s.muted && s.log.is_some() {
+            s.moving_out.insert(path.to_vec());
+        }
     }
 
     /// Watches muted slot `slot` again without a full check: hands over
@@ -395,6 +458,7 @@ impl Watch {
             return None;
         }
         let log = s.log.take()?;
+        s.moving_out.clear();
         s.muted = false;
         s.watched = true;
         s.suspects.clear();
@@ -424,6 +488,7 @@ impl Watch {
         let mut st = inner.lock();
         st.unwatch(slot);
         st.slots[slot].log = None;
+        st.slots[slot].moving_out.clear();
         st.slots[slot].dirs.clear();
         for (n, wd) in std::mem::take(&mut st.slots[slot].wds)
             .into_iter()
@@ -712,6 +777,54 @@ mod tests {
         assert_eq!(watch.take(0, &[0, 1]), Some(vec![]));
         std::fs::write(a.join("after"), b"z").unwrap();
         assert_eq!(watch.take(0, &[0, 1]), Some(vec![b"after".to_vec()]));
+    }
+
+    /// A directory the agent moves out of a muted slot into its trash
+    /// (said first) is listed gone, its watches and those below it go, and
+    /// its removal from the trash afterwards reaches no slot; the same
+    /// rename unannounced, or of another directory, still loses the log.
+    #[test]
+    fn a_directory_the_agent_moves_to_its_trash_keeps_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let trash = tmp.path().join("trash");
+        std::fs::create_dir_all(a.join("php-1/includes")).unwrap();
+        std::fs::write(a.join("php-1/includes/x.php"), b"x").unwrap();
+        std::fs::create_dir_all(a.join("other")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let watch = Watch::new(vec![a.clone(), b.clone()]);
+        for (path, dir) in [
+            (&b""[..], a.clone()),
+            (b"php-1", a.join("php-1")),
+            (b"php-1/includes", a.join("php-1/includes")),
+            (b"other", a.join("other")),
+        ] {
+            assert!(watch.add(0, path.to_vec(), &Dir::open(&dir).unwrap()));
+        }
+        assert!(watch.add(1, Vec::new(), &Dir::open(&b).unwrap()));
+        watch.start(0);
+        watch.start(1);
+        watch.mute(0);
+        let t = crate::host::materialize::Trash::open(&trash).unwrap();
+        watch.expect_moved_out(0, b"php-1");
+        t.take(&Dir::open(&a).unwrap(), b"php-1").unwrap();
+        assert!(!a.join("php-1").exists());
+        // Emptied while the slot is still muted, and after: nothing of it
+        // reaches a log or a slot.
+        t.empty(&crate::cancel::Cancel::new()).unwrap();
+        assert!(t.is_empty().unwrap());
+        let log = watch.resume(0).expect("the agent's own move keeps the log");
+        assert_eq!(log.gone, vec![b"php-1".to_vec().into_boxed_slice()]);
+        assert!(log.paths.is_empty(), "{:?}", log.paths);
+        assert!(!watch.has_dir(0, b"php-1"));
+        assert!(!watch.has_dir(0, b"php-1/includes"));
+        assert!(watch.has_dir(0, b"other"));
+        assert_eq!(watch.take(0, &[0, 1]), Some(vec![]));
+        // Unannounced: a directory moved by hand while muted.
+        watch.mute(0);
+        watch.expect_moved_out(0, b"php-1");
+        t.take(&Dir::open(&a).unwrap(), b"other").unwrap();
+        assert!(watch.resume(0).is_none(), "a directory moved unannounced");
     }
 
     /// What a muted slot's log cannot follow loses it: a slot muted while

@@ -131,7 +131,13 @@ impl Versions {
     }
 
     fn build(&mut self, fleet: &Fleet, tag: &str) -> String {
+        self.build_with(fleet, tag, |_| {})
+    }
+
+    /// [`Versions::build`], with `extra` adding to the tree.
+    fn build_with(&mut self, fleet: &Fleet, tag: &str, extra: impl Fn(&Path)) -> String {
         tree(&self.staging, tag);
+        extra(&self.staging);
         let v = fleet.env.build(&[("mediawiki", &self.staging)], &[]);
         let copy = fleet.env.path(&format!("copy-{tag}"));
         copy_tree(&self.staging, &copy);
@@ -672,6 +678,101 @@ fn after_a_switch_the_changed_slots_are_watched_from_their_diffs() {
         "rolled back to true v3",
     );
     assert_eq!(watch_counts(&log).0, full, "still no full check");
+}
+
+/// A deploy that removes a directory (an old php-* branch) moves it out
+/// of the slot into the agent's trash at once: the slots stay watched from
+/// their diffs (no full check), the trash is emptied after the switch, and
+/// a deploy arriving while it is emptied stops that instead of waiting.
+#[test]
+fn a_removed_branch_goes_by_the_trash_and_a_deploy_does_not_wait_to_empty_it() {
+    let mut fleet = Fleet::start(1);
+    let mut vs = Versions::new(&fleet);
+    let dir = fleet.hosts[0].dir.clone();
+    let branch = |root: &Path| {
+        for d in 0..20 {
+            for f in 0..50 {
+                write(root, &format!("php-old/d{d:02}/f{f:02}.php"), b"<?php\n");
+            }
+        }
+    };
+    let v1 = vs.build_with(&fleet, "v1", branch);
+    let v2 = vs.build_with(&fleet, "v2", branch);
+    let v3 = vs.build(&fleet, "v3");
+    let v4 = vs.build(&fleet, "v4");
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    // Emptying the trash pauses 20 s (unless stopped).
+    fleet.restart_logged(
+        0,
+        &[
+            ("SCAP_LOG", "scap=debug"),
+            ("SCAP_FAILPOINT", "agent:trash:pause=20000"),
+        ],
+        &log,
+    );
+    for v in [&v1, &v2] {
+        assert_eq!(fleet.sync_to(0, v).0, 200);
+        settle(&fleet);
+    }
+    let (full, _) = watch_counts(&log);
+    let trash = dir.join("trash");
+    assert_eq!(fs::read_dir(&trash).unwrap().count(), 0);
+
+    // v3 removes the branch: from the slot it is written into, then from
+    // the spare brought to it; then the trash is emptied (paused).
+    let (code, r) = fleet.sync_to(0, &v3);
+    assert_eq!(code, 200, "{r}");
+    wait_for(30, "the trash to be emptied after the switch", || {
+        fs::read_to_string(&log)
+            .unwrap()
+            .contains("emptying the trash")
+    });
+    assert!(
+        fs::read_dir(&trash).unwrap().count() >= 1,
+        "the removed branch is in the trash"
+    );
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v3],
+        "v3 is live, true",
+    );
+    // A deploy now stops the emptying rather than wait 20 s for it.
+    let started = std::time::Instant::now();
+    let (code, r) = fleet.sync_to(0, &v4);
+    assert_eq!(code, 200, "{r}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the deploy waited for the trash: {:?}",
+        started.elapsed()
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("stopped: cancelled: a deploy arrived"),
+        "{text}"
+    );
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v4],
+        "v4 is live, true",
+    );
+    // Then the trash is emptied after all, and no slot was checked in
+    // full for the directories that went.
+    wait_for(60, "the trash to be empty", || {
+        fs::read_dir(&trash).unwrap().count() == 0
+    });
+    settle(&fleet);
+    assert_eq!(
+        watch_counts(&log).0,
+        full,
+        "no full check: {}",
+        fs::read_to_string(&log).unwrap()
+    );
+    vs.check_slots(&dir, &[], "after the trash is emptied");
+    assert!(
+        !fleet.live(0, "mediawiki").join("php-old").exists(),
+        "the branch is gone"
+    );
 }
 
 #[test]
