@@ -265,6 +265,10 @@ impl Trash {
 
     /// Moves entry `name` of `from` into the trash.
     pub fn take(&self, from: &Dir, name: &[u8]) -> Result<(), StoreError> {
+        // Low on disk, the space is given back at once, as the deploy goes.
+        if crate::store::disk::space_low(self.dir.path()) {
+            return from.remove(name);
+        }
         loop {
             let to = format!("{:x}", self.next.fetch_add(1, Ordering::Relaxed));
             match rustix::fs::renameat_with(
@@ -351,8 +355,11 @@ pub struct Options<'a> {
     /// Where removed directories go ([`Trash`]), and what to tell before
     /// each goes (its path below the root: the slot's watch expects the
     /// rename). `None`: removed in place.
-    pub trash: Option<(&'a Trash, &'a (dyn Fn(&[u8]) + Sync))>,
+    pub trash: Option<(&'a Trash, &'a TellMove<'a>)>,
 }
+
+/// Told a removed directory's path before it goes into the [`Trash`].
+pub type TellMove<'a> = dyn Fn(&[u8]) + Sync + 'a;
 
 /// The slot files are hardlinked from: a file is linked when this slot's
 /// version has the same content and mode at the same path, and the file

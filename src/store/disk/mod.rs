@@ -24,7 +24,7 @@ mod session;
 mod staged;
 
 pub use refs::{ComponentRecord, LabelMove, SharedLabel, SharedLabels, VersionRecord, check_label};
-pub use session::{Committed, LockMode, Put, StoreLock, Writer};
+pub use session::{Committed, LockMode, Put, StoreLock, Writer, space_low};
 
 use std::fs;
 use std::io;

@@ -381,6 +381,19 @@ pub struct Writer<'s> {
 /// gc compresses later needs room until then.
 pub const LOW_SPACE: u64 = 1 << 30;
 
+/// Whether the filesystem of `path` has less than [`LOW_SPACE`] (or a
+/// tenth of its size) free; false if that cannot be told.
+pub fn space_low(path: &std::path::Path) -> bool {
+    match rustix::fs::statvfs(path) {
+        Ok(st) => {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let size = st.f_blocks.saturating_mul(st.f_frsize);
+            free < LOW_SPACE.max(size / 10)
+        }
+        Err(_) => false,
+    }
+}
+
 /// Received objects stored uncompressed between two checks of free space.
 const SPACE_CHECK_EVERY: u64 = 512;
 
@@ -560,14 +573,7 @@ impl Writer<'_> {
     /// Whether the store's filesystem has less than [`LOW_SPACE`] (or a
     /// tenth of its size) free; false if that cannot be told.
     fn space_low(&self) -> bool {
-        match rustix::fs::statvfs(self.store.root()) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
-                let size = st.f_blocks.saturating_mul(st.f_frsize);
-                free < LOW_SPACE.max(size / 10)
-            }
-            Err(_) => false,
-        }
+        space_low(self.store.root())
     }
 
     /// Appends the object to this session's pack (created on the first).
