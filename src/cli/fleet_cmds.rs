@@ -23,7 +23,6 @@ use crate::fleet::history;
 use crate::fleet::inventory::{Host, Member};
 use crate::fleet::lock::{self, LockError, Locks};
 use crate::fleet::policy::{Policy, check_rollout, parse_stages, restart_policy};
-use crate::fleet::poll::poll;
 use crate::fleet::promote::Promote;
 use crate::fleet::record::{RolloutRecord, RolloutState, Settings};
 use crate::fleet::restart::RestartPolicy;
@@ -1523,6 +1522,10 @@ pub struct StatusArgs {
     /// Print JSON
     #[arg(long)]
     json: bool,
+    /// Poll every host from this command, not through `scap serve` (scap.toml's first
+    /// `sources` entry), which keeps its connections to the agents
+    #[arg(long)]
+    direct: bool,
 }
 
 pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
@@ -1533,8 +1536,25 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
         .as_deref()
         .map(|v| resolve_version(ctx, v))
         .transpose()?;
+    let serve = if a.direct {
+        None
+    } else {
+        ctx.sources(&[])?
+            .first()
+            .map(|url| crate::fleet::inventory::host_of_url(url))
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+    };
     let rt = runtime()?;
-    let readings = rt.block_on(poll(&agents, &members, 64));
+    let (readings, polled_by) = rt.block_on(crate::fleet::poll::poll_fleet(
+        &agents,
+        serve.as_ref(),
+        &members,
+        64,
+    ));
+    if let crate::fleet::poll::PolledBy::Direct(Some(why)) = &polled_by {
+        eprintln!("scap status: {why}; polled every host from here (--direct does so at once)");
+    }
     let mut st = crate::fleet::status::fleet_status(
         &members,
         &readings,
@@ -1544,6 +1564,11 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<i32> {
     );
     // The global lock where scap.toml says it is.
     st["held"] = serde_json::to_value(locks(ctx)?.held().unwrap_or_default())?;
+    st["polled_by"] = match &polled_by {
+        crate::fleet::poll::PolledBy::Serve(at) => format!("scap serve at {at}"),
+        crate::fleet::poll::PolledBy::Direct(_) => "this command".to_string(),
+    }
+    .into();
     if a.json {
         print_json(&st)?;
         return Ok(exit::OK);

@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Seconds between two polls of every agent for the dashboard
     #[arg(long, default_value_t = 5)]
     poll_interval: u64,
+    /// A name (in its certificate) of a client that may ask this server for a fresh
+    /// poll of the fleet (`scap status`): the deploy hosts' (repeatable) [default:
+    /// scap-deployer, the lab PKI's]
+    #[arg(long = "deployer", value_name = "NAME")]
+    deployers: Vec<String>,
     /// Cap on everything served, bytes per second: 100M, 1G (a train must not
     /// saturate the deploy host's link)
     #[arg(long, value_name = "RATE", value_parser = crate::net::ratelimit::parse_rate)]
@@ -175,6 +180,13 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         ctx.open()?
     };
     let transport = ctx.transport()?;
+    // Checked as an agent checks its own (no wildcard, a DNS name).
+    let deployers = if a.deployers.is_empty() {
+        vec![crate::pki::DEPLOYER.to_string()]
+    } else {
+        a.deployers.clone()
+    };
+    crate::host::api::Auth::deployers(deployers.clone()).map_err(anyhow::Error::msg)?;
     let store_path = ctx.store_path.clone();
     let rt = runtime()?;
     rt.block_on(async {
@@ -223,6 +235,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
             web.clone(),
             crate::web::HostNames::new(dash_addr, &a.dashboard_names),
         );
+        let app = app.merge(crate::web::poll_routes(web.clone(), deployers));
         tokio::spawn(web.poll_forever());
         // One primary at a time (with the deploy state in etcd): a
         // standby follows it instead. Kept until the server stops.

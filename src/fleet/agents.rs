@@ -46,6 +46,10 @@ pub enum CallError {
     BadAnswer { host: String, why: String },
     #[error("{host}: TLS: {why}")]
     Tls { host: String, why: String },
+    /// What `scap serve` said of a host it polled for this command
+    /// (`GET /v1/fleet/poll`): its message names the host.
+    #[error("{message}")]
+    Relayed { host: String, message: String },
 }
 
 impl CallError {
@@ -76,6 +80,10 @@ pub struct Agents {
     /// [`crate::proto::ROLLOUT_HEADER`] for the agents' logs.
     rollout: Option<String>,
 }
+
+/// How long `scap status` waits for `scap serve`'s poll of the fleet
+/// before polling every host itself.
+const FLEET_POLL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Agents {
     pub fn new(transport: Transport, op_timeout: Duration) -> Result<Agents, TlsError> {
@@ -175,6 +183,37 @@ impl Agents {
         body: Option<&Req>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        self.call_capped(host, path, body, timeout, MAX_RESPONSE_BYTES)
+            .await
+    }
+
+    /// `GET /v1/fleet/poll` of `scap serve` at `serve`: every host of its
+    /// fleet, polled now over the connections it keeps.
+    pub async fn fleet_poll(&self, serve: &Host) -> Result<super::poll::FleetPoll, CallError> {
+        let bytes = self
+            .call_capped::<()>(
+                serve,
+                "/v1/fleet/poll",
+                None,
+                FLEET_POLL_TIMEOUT,
+                super::poll::MAX_FLEET_POLL_BYTES,
+            )
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer {
+            host: serve.to_string(),
+            why: clip(&e.to_string(), 200),
+        })
+    }
+
+    /// [`Agents::call_raw`] with a size cap of `cap` bytes.
+    async fn call_capped<Req: Serialize>(
+        &self,
+        host: &Host,
+        path: &str,
+        body: Option<&Req>,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Vec<u8>, CallError> {
         let url = format!("{}://{}{path}", self.transport.scheme(), host.authority());
         let name = host.to_string();
         let mut req = match body {
@@ -202,7 +241,7 @@ impl Agents {
                     message: why.replace("this app server", &format!("host {name}")),
                 });
             }
-            let bytes = read_capped(resp, &name, timeout).await?;
+            let bytes = read_capped(resp, &name, timeout, cap).await?;
             if status.is_success() {
                 Ok(bytes)
             } else {
@@ -351,15 +390,13 @@ async fn read_capped(
     mut resp: reqwest::Response,
     host: &str,
     timeout: Duration,
+    cap: usize,
 ) -> Result<Vec<u8>, CallError> {
     let too_big = || CallError::BadAnswer {
         host: host.to_string(),
-        why: format!("answer larger than {MAX_RESPONSE_BYTES} bytes"),
+        why: format!("answer larger than {cap} bytes"),
     };
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
-    {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
         return Err(too_big());
     }
     let mut out = Vec::new();
@@ -368,7 +405,7 @@ async fn read_capped(
         .await
         .map_err(|e| describe(host, &e, timeout))?
     {
-        if out.len() + piece.len() > MAX_RESPONSE_BYTES {
+        if out.len() + piece.len() > cap {
             return Err(too_big());
         }
         out.extend_from_slice(&piece);

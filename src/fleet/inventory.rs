@@ -115,6 +115,25 @@ pub fn parse_host(s: &str) -> Result<Host, String> {
     })
 }
 
+/// The server of an `https://` (or `http://`) URL, as a host to call:
+/// `scap serve` at one of scap.toml's `sources`.
+pub fn host_of_url(url: &str) -> Result<Host, String> {
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("https://") {
+        (r, 443)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (r, 80)
+    } else {
+        return Err(format!("{url:?}: not an http(s) URL"));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains(':') {
+        parse_host(authority)
+    } else {
+        parse_host(&format!("{authority}:{default_port}"))
+    }
+    .map_err(|e| format!("source {url:?}: {e}"))
+}
+
 pub fn parse_group(path: &Path, text: &str) -> Result<Vec<Host>, InventoryError> {
     let mut hosts: Vec<(Host, usize)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {

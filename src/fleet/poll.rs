@@ -1,8 +1,14 @@
 //! Reading the fleet: every host's state, all at once, each with a short
 //! timeout. A host that does not answer is unreachable, never "on"
 //! anything.
+//!
+//! `scap status` asks `scap serve` first ([`poll_fleet`]): the server
+//! keeps its connections (and TLS sessions) to the agents from one poll to
+//! the next, where a command of its own would open 375 of them. The answer
+//! is a poll the server starts after the request arrives, never its
+//! dashboard's cached one.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::agents::{Agents, CallError, fan_out};
 use super::inventory::{Host, Member};
@@ -19,7 +25,7 @@ pub struct Reading {
 }
 
 /// The part of a host's state the controller uses.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct HostView {
     /// The name the host's agent goes by (`--host`): the key of its
     /// desired state.
@@ -123,4 +129,130 @@ pub async fn poll(agents: &Agents, members: &[Member], concurrency: usize) -> Ve
             view: r.result,
         })
         .collect()
+}
+
+/// `GET /v1/fleet/poll`'s answer (store-format.md, "Fleet poll").
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FleetPoll {
+    pub format: u32,
+    /// When the poll started (unix seconds).
+    pub polled_at: u64,
+    pub hosts: Vec<PolledHost>,
+}
+
+/// One host of a [`FleetPoll`]: its view, or why there is none.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolledHost {
+    /// The host as the server's inventory writes it (`name` or
+    /// `name:port`).
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<HostView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub const FLEET_POLL_FORMAT: u32 = 1;
+
+/// Most bytes of a [`FleetPoll`] read: 4,000 hosts of 16 KiB (a host's
+/// error is clipped to 500 characters; a view is well under 4 KiB).
+pub const MAX_FLEET_POLL_BYTES: usize = 64 << 20;
+
+impl FleetPoll {
+    pub fn of(readings: &[Reading], polled_at: u64) -> FleetPoll {
+        FleetPoll {
+            format: FLEET_POLL_FORMAT,
+            polled_at,
+            hosts: readings
+                .iter()
+                .map(|r| PolledHost {
+                    host: r.member.host.to_string(),
+                    view: r.view.as_ref().ok().cloned(),
+                    error: r
+                        .view
+                        .as_ref()
+                        .err()
+                        .map(|e| crate::text::clip(&e.to_string(), 500)),
+                })
+                .collect(),
+        }
+    }
+
+    /// The readings of `members` in it, in their order; why not, when it is
+    /// not a poll of exactly those hosts.
+    pub fn readings(self, members: &[Member]) -> Result<Vec<Reading>, String> {
+        if self.format != FLEET_POLL_FORMAT {
+            return Err(format!(
+                "its answer is format {}, this scap reads {FLEET_POLL_FORMAT}",
+                self.format
+            ));
+        }
+        let mut by_host: std::collections::HashMap<String, PolledHost> = self
+            .hosts
+            .into_iter()
+            .map(|h| (h.host.clone(), h))
+            .collect();
+        if by_host.len() != members.len() {
+            return Err(format!(
+                "it polls {} host(s), this command's fleet has {}",
+                by_host.len(),
+                members.len()
+            ));
+        }
+        members
+            .iter()
+            .map(|m| {
+                let name = m.host.to_string();
+                let h = by_host
+                    .remove(&name)
+                    .ok_or_else(|| format!("it does not poll {name}"))?;
+                let view = match (h.view, h.error) {
+                    (Some(v), None) => Ok(v),
+                    (None, Some(e)) => Err(CallError::Relayed {
+                        host: name,
+                        message: e,
+                    }),
+                    _ => return Err(format!("its entry for {name} has no view and no error")),
+                };
+                Ok(Reading {
+                    member: m.clone(),
+                    view,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Who polled the fleet for a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolledBy {
+    /// `scap serve` at this address, over the connections it keeps.
+    Serve(String),
+    /// This command, each host itself; why not through `scap serve`, if
+    /// one was asked.
+    Direct(Option<String>),
+}
+
+/// Every host's state: through `scap serve` at `serve` if given and it
+/// answers for exactly `members`, else each host directly.
+pub async fn poll_fleet(
+    agents: &Agents,
+    serve: Option<&Host>,
+    members: &[Member],
+    concurrency: usize,
+) -> (Vec<Reading>, PolledBy) {
+    let why = match serve {
+        None => None,
+        Some(s) => match agents.fleet_poll(s).await {
+            Ok(answer) => match answer.readings(members) {
+                Ok(readings) => return (readings, PolledBy::Serve(s.to_string())),
+                Err(why) => Some(format!("scap serve at {s}: {why}")),
+            },
+            Err(e) => Some(format!("scap serve: {e}")),
+        },
+    };
+    (
+        poll(agents, members, concurrency).await,
+        PolledBy::Direct(why),
+    )
 }

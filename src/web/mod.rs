@@ -30,7 +30,7 @@ use axum::routing::get;
 use crate::fleet::agents::Agents;
 use crate::fleet::history;
 use crate::fleet::inventory::Member;
-use crate::fleet::poll::{Reading, poll};
+use crate::fleet::poll::{FleetPoll, Reading, poll};
 use crate::fleet::status::fleet_status;
 use crate::metrics::Exposition;
 use crate::store::Store;
@@ -57,10 +57,20 @@ pub struct Web {
     snapshot: RwLock<Snapshot>,
     /// Diffs walk whole versions: a few at a time, the rest get 429.
     diffs: Arc<tokio::sync::Semaphore>,
+    /// Fresh polls asked for (`/v1/fleet/poll`): one runs at a time, and
+    /// its result (with its number) answers every request that arrived
+    /// before it started.
+    fresh: tokio::sync::Mutex<Option<(u64, Arc<FleetPoll>)>>,
+    /// Fresh polls started so far.
+    fresh_started: std::sync::atomic::AtomicU64,
 }
 
 /// Diffs computed at once.
 const DIFFS_AT_ONCE: usize = 2;
+
+/// Hosts a fresh poll (`/v1/fleet/poll`) reads at once: what `scap status`
+/// polling by itself would.
+const FRESH_CONCURRENCY: usize = 64;
 
 #[derive(Default)]
 struct Snapshot {
@@ -92,7 +102,41 @@ impl Web {
                 ..Default::default()
             }),
             diffs: Arc::new(tokio::sync::Semaphore::new(DIFFS_AT_ONCE)),
+            fresh: tokio::sync::Mutex::new(None),
+            fresh_started: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Every host's state from a poll started after this call (over the
+    /// connections the dashboard's polls keep): requests arriving while
+    /// one runs share the next, so a flood of them polls the fleet back
+    /// to back at most. The dashboard's snapshot takes it too.
+    pub async fn poll_now(&self) -> Arc<FleetPoll> {
+        use std::sync::atomic::Ordering;
+        let arrived = self.fresh_started.load(Ordering::SeqCst);
+        let mut last = self.fresh.lock().await;
+        if let Some((n, answer)) = &*last
+            && *n > arrived
+        {
+            return answer.clone();
+        }
+        let n = self.fresh_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let polled_at = unix_now();
+        let readings = poll(&self.agents, &self.members, FRESH_CONCURRENCY).await;
+        let answer = Arc::new(FleetPoll::of(&readings, polled_at));
+        {
+            let now = unix_now();
+            let mut s = self.snapshot.write().expect("not poisoned");
+            for (i, r) in readings.iter().enumerate() {
+                if r.view.is_ok() {
+                    s.last_good[i] = Some(now);
+                }
+            }
+            s.readings = readings;
+            s.polled_at = Some(polled_at);
+        }
+        *last = Some((n, answer.clone()));
+        answer
     }
 
     /// Polls the agents forever (until the runtime stops).
@@ -162,6 +206,52 @@ pub fn routes(web: Arc<Web>, names: HostNames) -> Router {
             check_host(names.clone(), req, next)
         }))
         .with_state(web)
+}
+
+/// `GET /v1/fleet/poll` on the object service (TLS): a fresh poll of the
+/// fleet for `scap status`, for a deployer's certificate only (one
+/// request makes the server call every agent). Not on the dashboard's
+/// plain-HTTP port: its answer is what a deployer acts on, so it comes
+/// over a connection whose server the command authenticates.
+pub fn poll_routes(web: Arc<Web>, deployers: Vec<String>) -> Router {
+    Router::new()
+        .route("/v1/fleet/poll", get(fresh_poll))
+        .with_state((web, Arc::new(deployers)))
+}
+
+async fn fresh_poll(
+    State((web, deployers)): State<(Arc<Web>, Arc<Vec<String>>)>,
+    caller: crate::net::server::Caller,
+) -> Response {
+    let refuse = |status: StatusCode, why: String| {
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "error": why }).to_string(),
+        )
+            .into_response()
+    };
+    if caller.named(&deployers).is_none() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a fresh poll of the fleet needs a deployer's certificate (one named {}: scap serve --deployer)",
+                deployers.join(", ")
+            ),
+        );
+    }
+    if web.members.is_empty() {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "this scap serve has no fleet to poll: start it with --hosts or --inventory".into(),
+        );
+    }
+    let answer = web.poll_now().await;
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&*answer).unwrap_or_default(),
+    )
+        .into_response()
 }
 
 /// The names a browser may call the dashboard by (its `Host` header, the

@@ -347,3 +347,110 @@ fn both_metrics_endpoints_parse_as_prometheus_text() {
     );
     assert!(value(&find(&server, "scap_http_requests_total")[0]) > 0.0);
 }
+
+/// `scap status` asks `scap serve` (scap.toml's first source) for a fresh
+/// poll over the connections it keeps: right after a rollout, with the
+/// dashboard's own poll an hour apart, it shows where every host is now,
+/// and says who polled. Anyone else falls back to polling every host
+/// directly, saying why: a certificate that is not a deployer's, a fleet
+/// other than the server's, a server that is down.
+#[test]
+fn scap_status_reads_the_fleet_through_scap_serve() {
+    let mut fleet = Fleet::start(3);
+    let staging = fleet.env.path("staging");
+    write(&staging, "index.php", b"<?php // v1\n");
+    let v1 = fleet.env.build(&[("mediawiki", &staging)], &[]);
+    let group = fleet.group("all-hosts", &[0, 1, 2]);
+    let store = fleet.env.store.clone();
+    let p = fleet.serve_store(
+        &store,
+        &[
+            "--poll-interval",
+            "3600",
+            "--hosts",
+            group.to_str().unwrap(),
+        ],
+    );
+    let serve_url = p.url.clone();
+    fleet.server = Some(p);
+    let config = fleet.env.path("scap.toml");
+    fs::write(&config, format!("sources = [\"{serve_url}\"]\n")).unwrap();
+    // `scap status --json` with that scap.toml: (JSON, stderr).
+    let status = |fleet: &Fleet, group: &std::path::Path, role: &str, extra: &[&str]| {
+        let out = fleet
+            .env
+            .cmd()
+            .arg("--config")
+            .arg(&config)
+            .args(fleet.transport(role))
+            .args(["status", "--json", "--hosts"])
+            .arg(group)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (serde_json::from_slice::<Value>(&out.stdout).unwrap(), err)
+    };
+    let on_v1 = |st: &Value| {
+        st["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == v1.as_str())
+            .map_or(0, |v| v["hosts"].as_array().unwrap().len())
+    };
+    let authority = serve_url.trim_start_matches("https://").to_string();
+    let (st, err) = status(&fleet, &group, "deployer", &[]);
+    assert_eq!(
+        st["polled_by"],
+        format!("scap serve at {authority}"),
+        "{err}"
+    );
+    assert_eq!(on_v1(&st), 0);
+
+    let out = fleet.rollout(&v1, &["--canary", "100%", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (st, err) = status(&fleet, &group, "deployer", &[]);
+    assert_eq!(
+        st["polled_by"],
+        format!("scap serve at {authority}"),
+        "{err}"
+    );
+    assert_eq!(on_v1(&st), 3, "a fresh poll, not the dashboard's: {st}");
+    assert!(err.is_empty(), "{err}");
+    let (direct, _) = status(&fleet, &group, "deployer", &["--direct"]);
+    assert_eq!(direct["polled_by"], "this command");
+    assert_eq!(direct["versions"], st["versions"]);
+
+    // An agent's certificate may read agents, not make the server poll
+    // the fleet.
+    let (st, err) = status(&fleet, &group, "agent", &[]);
+    assert!(
+        err.contains("HTTP 403") && err.contains("deployer"),
+        "{err}"
+    );
+    assert_eq!(st["polled_by"], "this command");
+    assert_eq!(on_v1(&st), 3);
+    // A fleet other than the server's.
+    let one = fleet.group("one-host", &[1]);
+    let (st, err) = status(&fleet, &one, "deployer", &[]);
+    assert!(
+        err.contains("it polls 3 host(s), this command's fleet has 1"),
+        "{err}"
+    );
+    assert_eq!(on_v1(&st), 1);
+    // The server down.
+    fleet.server.as_mut().unwrap().kill();
+    let (st, err) = status(&fleet, &group, "deployer", &[]);
+    assert!(
+        err.contains("scap serve") && err.contains(&authority),
+        "{err}"
+    );
+    assert_eq!(st["polled_by"], "this command");
+    assert_eq!(on_v1(&st), 3);
+}
