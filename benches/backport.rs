@@ -55,21 +55,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    assert!(
-        have("rsync"),
-        "this bench needs rsync: apt-get install rsync"
-    );
-    let files: usize = std::env::var("SCAP_BENCH_FILES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(263_000);
-    let dir = fresh("backport");
-    need_space(&dir, files as u64 * 40_000);
-    println!("machine: {}", machine());
-    let tree = dir.join("tree");
-    println!("generating {files} files ...");
-    generate(&tree, files);
-    let (host, v1) = OneHost::start(&dir, &tree);
+    let (dir, tree, files, host, v1) = OneHost::bench("backport", 263_000, 40_000);
     let staging = host.staging.clone();
     let build = || host.build();
     let start_agent = |name: &str| host.agent(name);

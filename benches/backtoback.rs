@@ -27,21 +27,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    assert!(
-        have("rsync"),
-        "this bench needs rsync: apt-get install rsync"
-    );
-    let files: usize = std::env::var("SCAP_BENCH_FILES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30_000);
-    let dir = fresh("backtoback");
-    need_space(&dir, files as u64 * 120_000);
-    println!("machine: {}", machine());
-    let tree = dir.join("tree");
-    println!("generating {files} files ...");
-    generate(&tree, files);
-    let (host, v1) = OneHost::start(&dir, &tree);
+    let (dir, tree, files, host, v1) = OneHost::bench("backtoback", 30_000, 120_000);
     let (mut agent, group, log) = host.agent("mw1000");
     let pid = agent.id();
     println!("first sync of {files} files ...");

@@ -618,6 +618,30 @@ impl OneHost {
         (host, v1)
     }
 
+    /// A one-host bench's start, against rsync: its directory (room for
+    /// `space_per_file` bytes a file checked), a generated tree of
+    /// SCAP_BENCH_FILES files (`default_files`), the deploy host serving
+    /// its first version: (dir, tree, files, host, version).
+    pub fn bench(
+        name: &str,
+        default_files: usize,
+        space_per_file: u64,
+    ) -> (PathBuf, PathBuf, usize, OneHost, String) {
+        assert!(
+            have("rsync"),
+            "this bench needs rsync: apt-get install rsync"
+        );
+        let files = env_number("SCAP_BENCH_FILES", default_files);
+        let dir = fresh(name);
+        need_space(&dir, files as u64 * space_per_file);
+        println!("machine: {}", machine());
+        let tree = dir.join("tree");
+        println!("generating {files} files ...");
+        generate(&tree, files);
+        let (host, v1) = OneHost::start(&dir, &tree);
+        (dir, tree, files, host, v1)
+    }
+
     /// `scap` on the deploy host's store, with its scap.toml.
     pub fn scap(&self) -> Command {
         let mut c = scap(&self.store);
@@ -708,4 +732,12 @@ pub fn rsync_wall(src: &Path, dst: &Path) -> f64 {
 pub fn flush_dirty() {
     let st = Command::new("sync").status().expect("sync runs");
     assert!(st.success(), "sync failed");
+}
+
+/// A number from the environment variable `name`, else `default`.
+pub fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }

@@ -124,19 +124,23 @@ impl Web {
         let polled_at = unix_now();
         let readings = poll(&self.agents, &self.members, FRESH_CONCURRENCY).await;
         let answer = Arc::new(FleetPoll::of(&readings, polled_at));
-        {
-            let now = unix_now();
-            let mut s = self.snapshot.write().expect("not poisoned");
-            for (i, r) in readings.iter().enumerate() {
-                if r.view.is_ok() {
-                    s.last_good[i] = Some(now);
-                }
-            }
-            s.readings = readings;
-            s.polled_at = Some(polled_at);
-        }
+        self.keep(readings, polled_at);
         *last = Some((n, answer.clone()));
         answer
+    }
+
+    /// Makes `readings`, from a poll started at `polled_at`, the
+    /// dashboard's snapshot.
+    fn keep(&self, readings: Vec<Reading>, polled_at: u64) {
+        let now = unix_now();
+        let mut s = self.snapshot.write().expect("not poisoned");
+        for (i, r) in readings.iter().enumerate() {
+            if r.view.is_ok() {
+                s.last_good[i] = Some(now);
+            }
+        }
+        s.readings = readings;
+        s.polled_at = Some(polled_at);
     }
 
     /// Polls the agents forever (until the runtime stops).
@@ -145,18 +149,9 @@ impl Web {
             return;
         }
         loop {
+            let started = unix_now();
             let readings = poll(&self.agents, &self.members, 32).await;
-            let now = unix_now();
-            {
-                let mut s = self.snapshot.write().expect("not poisoned");
-                for (i, r) in readings.iter().enumerate() {
-                    if r.view.is_ok() {
-                        s.last_good[i] = Some(now);
-                    }
-                }
-                s.readings = readings;
-                s.polled_at = Some(now);
-            }
+            self.keep(readings, started);
             tokio::time::sleep(self.poll_interval).await;
         }
     }
