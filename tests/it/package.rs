@@ -436,19 +436,26 @@ fn sigterm_mid_sync(
     std::thread::sleep(Duration::from_millis(300));
     let stopped = sigterm(fleet);
     // While it stops, a new operation is refused with why (here `scap
-    // pull` on the host, through the local socket, still open).
-    let pull = fleet
-        .env
-        .cmd()
-        .args(["pull", "--socket"])
-        .arg(fleet.hosts[0].dir.join("agent.sock"))
-        .output()
-        .unwrap();
-    let said = stderr(&pull);
-    assert!(
-        !pull.status.success() && said.contains("the agent is stopping"),
-        "{said}"
-    );
+    // pull` on the host, through the local socket, still open). One that
+    // arrives before the agent has handled the signal is refused as busy
+    // with the sync: asked again until the signal is seen.
+    let mut said = String::new();
+    wait_for(5, "a pull refused because the agent is stopping", || {
+        let pull = fleet
+            .env
+            .cmd()
+            .args(["pull", "--socket"])
+            .arg(fleet.hosts[0].dir.join("agent.sock"))
+            .output()
+            .unwrap();
+        said = stderr(&pull);
+        assert!(!pull.status.success(), "a pull while stopping: {said}");
+        assert!(
+            said.contains("the agent is stopping") || said.contains("busy with a sync"),
+            "{said}"
+        );
+        said.contains("the agent is stopping")
+    });
     let status = exit_within(fleet, stopped, unit_stop_timeout(), "the stop");
     (sync.join().unwrap(), stopped.elapsed(), status)
 }
