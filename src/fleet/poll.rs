@@ -234,7 +234,8 @@ pub enum PolledBy {
 }
 
 /// Every host's state: through `scap serve` at `serve` if given and it
-/// answers for exactly `members`, else each host directly.
+/// answers for exactly `members`, else each host directly (and why, unless
+/// the server polls no fleet at all).
 pub async fn poll_fleet(
     agents: &Agents,
     serve: Option<&Host>,
@@ -248,6 +249,9 @@ pub async fn poll_fleet(
                 Ok(readings) => return (readings, PolledBy::Serve(s.to_string())),
                 Err(why) => Some(format!("scap serve at {s}: {why}")),
             },
+            // A server started without the fleet (`--hosts`, `--inventory`):
+            // not set up for this, nothing to say.
+            Err(CallError::Http { status: 404, .. }) => None,
             Err(e) => Some(format!("scap serve: {e}")),
         },
     };

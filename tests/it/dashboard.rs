@@ -444,6 +444,16 @@ fn scap_status_reads_the_fleet_through_scap_serve() {
         "{err}"
     );
     assert_eq!(on_v1(&st), 1);
+    // A server that polls no fleet (no --hosts): not set up for this, so
+    // nothing is said.
+    let mut bare = fleet.serve_store(&store, &[]);
+    fs::write(&config, format!("sources = [\"{}\"]\n", bare.url)).unwrap();
+    let (st, err) = status(&fleet, &group, "deployer", &[]);
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(st["polled_by"], "this command");
+    assert_eq!(on_v1(&st), 3);
+    bare.kill();
+    fs::write(&config, format!("sources = [\"{serve_url}\"]\n")).unwrap();
     // The server down.
     fleet.server.as_mut().unwrap().kill();
     let (st, err) = status(&fleet, &group, "deployer", &[]);
