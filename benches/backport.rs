@@ -122,9 +122,7 @@ fn main() {
         }
     }
     let med = |runs: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        median_of(&runs.iter().map(f).collect::<Vec<f64>>())
     };
     let mut table = Table::new(&["a one-file backport", "scap agent", "rsync", "ratio"]);
     let (sc, rc) = (med(&scap_runs, |r| r.0), med(&rsync_runs, |r| r.0));

@@ -97,11 +97,7 @@ fn main() {
         settle_cpu(pid);
         if tool == 'A' { &mut b2b } else { &mut idle }.push(secs);
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (b, i, r) = (med(&mut b2b), med(&mut idle), med(&mut rsync));
+    let (b, i, r) = (median_of(&b2b), median_of(&idle), median_of(&rsync));
     let mut table = Table::new(&["a train (new php-* branch)", "scap", "rsync -a", "ratio"]);
     table.row(vec![
         format!("right after a backport and a no-op ({files} files; median of 4)"),

@@ -181,11 +181,7 @@ fn main() {
     }
     let _ = status_server.kill();
     let _ = status_server.wait();
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (via, direct) = (med(&mut via), med(&mut direct));
+    let (via, direct) = (median_of(&via), median_of(&direct));
     let started = Instant::now();
     timed(
         scap(&store)

@@ -230,12 +230,7 @@ fn main() {
     let _ = server.kill();
     let _ = server.wait();
     let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let med = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
-    };
-    let (files_t, etcd_t) = (med(&by_mode[0]), med(&by_mode[1]));
+    let (files_t, etcd_t) = (median_of(&by_mode[0]), median_of(&by_mode[1]));
 
     // 2. A standby in step with the primary.
     let big = dir.join("big");
@@ -333,9 +328,9 @@ fn main() {
     ]);
     table.row(vec![
         format!("a backport built on the primary, servable by the standby ({files} files, --follow-interval 1 s; vs rsync of the staging tree; median of 4 each)"),
-        ms(med(&copies)),
-        ms(med(&rsyncs)),
-        format!("{:.2}x", med(&copies) / med(&rsyncs)),
+        ms(median_of(&copies)),
+        ms(median_of(&rsyncs)),
+        format!("{:.2}x", median_of(&copies) / median_of(&rsyncs)),
     ]);
     table.row(vec![
         "the same, the slowest of the 4 (target: under 2 s)".into(),

@@ -597,24 +597,27 @@ impl OneHost {
         let (pki, config) = lab(dir);
         let staging = tree.join("mediawiki-staging");
         let store = dir.join("store");
-        let mut host = OneHost {
+        let scap = || {
+            let mut c = scap(&store);
+            c.arg("--config").arg(&config);
+            c
+        };
+        let v1 = build_version(&mut scap(), "mediawiki", &staging).1;
+        let (server, server_url) = start_listening(
+            scap()
+                .args(tls_flags(&pki, "server"))
+                .args(SERVE_ON_LOOPBACK),
+        );
+        let host = OneHost {
             dir: dir.to_path_buf(),
             staging,
             store,
             pki,
             config,
-            server: Command::new("true").spawn().unwrap(),
-            server_url: String::new(),
+            server,
+            server_url,
             verbose: std::env::var_os("SCAP_BENCH_VERBOSE").is_some(),
         };
-        let v1 = host.build();
-        let (server, server_url) = start_listening(
-            host.scap()
-                .args(tls_flags(&host.pki, "server"))
-                .args(SERVE_ON_LOOPBACK),
-        );
-        host.server = server;
-        host.server_url = server_url;
         (host, v1)
     }
 
@@ -732,6 +735,14 @@ pub fn rsync_wall(src: &Path, dst: &Path) -> f64 {
 pub fn flush_dirty() {
     let st = Command::new("sync").status().expect("sync runs");
     assert!(st.success(), "sync failed");
+}
+
+/// The median of `v` (of an even count, the mean of the two middle
+/// values).
+pub fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
 }
 
 /// A number from the environment variable `name`, else `default`.

@@ -168,7 +168,20 @@ impl Agents {
         body: Option<&Req>,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let bytes = self.call_raw(host, path, body, timeout).await?;
+        self.call_json(host, path, body, timeout, MAX_RESPONSE_BYTES)
+            .await
+    }
+
+    /// [`Agents::call`] with a size cap of `cap` bytes.
+    async fn call_json<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        host: &Host,
+        path: &str,
+        body: Option<&Req>,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Resp, CallError> {
+        let bytes = self.call_capped(host, path, body, timeout, cap).await?;
         serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer {
             host: host.to_string(),
             why: clip(&e.to_string(), 200),
@@ -190,19 +203,14 @@ impl Agents {
     /// `GET /v1/fleet/poll` of `scap serve` at `serve`: every host of its
     /// fleet, polled now over the connections it keeps.
     pub async fn fleet_poll(&self, serve: &Host) -> Result<super::poll::FleetPoll, CallError> {
-        let bytes = self
-            .call_capped::<()>(
-                serve,
-                "/v1/fleet/poll",
-                None,
-                FLEET_POLL_TIMEOUT,
-                super::poll::MAX_FLEET_POLL_BYTES,
-            )
-            .await?;
-        serde_json::from_slice(&bytes).map_err(|e| CallError::BadAnswer {
-            host: serve.to_string(),
-            why: clip(&e.to_string(), 200),
-        })
+        self.call_json::<(), _>(
+            serve,
+            "/v1/fleet/poll",
+            None,
+            FLEET_POLL_TIMEOUT,
+            super::poll::MAX_FLEET_POLL_BYTES,
+        )
+        .await
     }
 
     /// [`Agents::call_raw`] with a size cap of `cap` bytes.

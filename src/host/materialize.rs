@@ -290,11 +290,6 @@ impl Trash {
         }
     }
 
-    /// Whether anything is in the trash.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.dir.names()?.is_empty())
-    }
-
     /// Removes what is in the trash, checking `cancel` at every directory;
     /// returns how many entries went.
     pub fn empty(&self, cancel: &Cancel) -> Result<u64, StoreError> {

@@ -218,16 +218,8 @@ async fn fresh_poll(
     State((web, deployers)): State<(Arc<Web>, Arc<Vec<String>>)>,
     caller: crate::net::server::Caller,
 ) -> Response {
-    let refuse = |status: StatusCode, why: String| {
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({ "error": why }).to_string(),
-        )
-            .into_response()
-    };
     if caller.named(&deployers).is_none() {
-        return refuse(
+        return json_error(
             StatusCode::FORBIDDEN,
             format!(
                 "a fresh poll of the fleet needs a deployer's certificate (one named {}: scap serve --deployer)",
@@ -236,17 +228,12 @@ async fn fresh_poll(
         );
     }
     if web.members.is_empty() {
-        return refuse(
+        return json_error(
             StatusCode::NOT_FOUND,
-            "this scap serve has no fleet to poll: start it with --hosts or --inventory".into(),
+            "this scap serve has no fleet to poll: start it with --hosts or --inventory",
         );
     }
-    let answer = web.poll_now().await;
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string(&*answer).unwrap_or_default(),
-    )
-        .into_response()
+    axum::Json(web.poll_now().await.as_ref()).into_response()
 }
 
 /// The names a browser may call the dashboard by (its `Host` header, the
@@ -331,8 +318,13 @@ async fn check_host(
 }
 
 fn bad_request(msg: impl Into<String>) -> Response {
+    json_error(StatusCode::BAD_REQUEST, msg)
+}
+
+/// An error answer: `{"error": msg}` with `status`.
+fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
     (
-        StatusCode::BAD_REQUEST,
+        status,
         axum::Json(serde_json::json!({ "error": msg.into() })),
     )
         .into_response()
@@ -406,13 +398,10 @@ async fn diff_api(
     };
     let (from, to) = (from.clone(), to.clone());
     let Ok(permit) = web.diffs.clone().try_acquire_owned() else {
-        return (
+        return json_error(
             StatusCode::TOO_MANY_REQUESTS,
-            axum::Json(serde_json::json!({
-                "error": format!("{DIFFS_AT_ONCE} diffs are being computed already: try again in a moment")
-            })),
-        )
-            .into_response();
+            format!("{DIFFS_AT_ONCE} diffs are being computed already: try again in a moment"),
+        );
     };
     let web2 = web.clone();
     let r = tokio::task::spawn_blocking(move || {
@@ -454,11 +443,7 @@ async fn diff_api(
             e @ (crate::store::StoreError::UnknownVersion(_)
             | crate::store::StoreError::Ambiguous { .. }
             | crate::store::StoreError::BadId(_)),
-        )) => (
-            StatusCode::NOT_FOUND,
-            axum::Json(serde_json::json!({ "error": e.to_string() })),
-        )
-            .into_response(),
+        )) => json_error(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
