@@ -790,14 +790,18 @@ fn an_inotify_queue_overflow_falls_back_to_a_full_check_and_says_so() {
     settle(&fleet);
     let (full, _) = watch_counts(&log);
     // A burst of edits in place through the live slot (inodes every slot
-    // shares): far more events than the queue holds.
+    // shares): far more events than the queue holds. The agent is stopped
+    // meanwhile, as a busy host's would be descheduled: its watch thread
+    // would otherwise read the events as they come, one at a time.
     let live = fleet.live(0, "mediawiki");
+    fleet.hosts[0].proc.signal("STOP");
     for i in 10..50 {
         edit_in_place(
             &live.join(format!("includes/libs/f{i:02}.php")),
             b"<?php die('hack');\n",
         );
     }
+    fleet.hosts[0].proc.signal("CONT");
     let (code, r) = fleet.sync_to(0, &v2);
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["repaired"], 40, "{r}");

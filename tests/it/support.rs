@@ -281,6 +281,17 @@ impl Proc {
             .to_string()
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill(1) (procps)")
+            .success();
+        assert!(ok, "kill -{signal} {}", self.child.id());
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
