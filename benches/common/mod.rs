@@ -551,8 +551,11 @@ pub fn cpu_of(pid: u32) -> f64 {
 }
 
 fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    })
 }
 
 /// Waits until process `pid` used no CPU for 2 s (its work after a switch
@@ -574,6 +577,28 @@ pub fn settle_cpu(pid: u32) -> f64 {
         }
     }
     last
+}
+
+/// Waits until processes `pids` together used under 50 ms of CPU in 2 s
+/// (the work after a deploy is done on every host), at most 300 s.
+pub fn settle_fleet(pids: &[u32]) {
+    let started = Instant::now();
+    let total = || pids.iter().map(|&p| cpu_of(p)).sum::<f64>();
+    let mut readings = std::collections::VecDeque::from([total()]);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        readings.push_back(total());
+        if readings.len() > 5 {
+            readings.pop_front();
+            if readings.back().unwrap() - readings.front().unwrap() < 0.05 {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the agents are still busy after 300 s"
+        );
+    }
 }
 
 /// One deploy host and its agents, as deployed (TLS, signed versions): a

@@ -542,6 +542,8 @@ pub fn apply(
 /// over in batches of this many (each directory on their paths exists by
 /// then), so that what a deploy holds does not grow with the tree.
 const WRITES_PER_BATCH: usize = 8192;
+/// Fewest files a batch gives each thread it writes on.
+const FILES_PER_THREAD_MIN: usize = 16;
 
 /// A pass of [`apply`]: the structure, in tree order, then the files.
 struct Walk<'a> {
@@ -625,10 +627,18 @@ impl Walk<'_> {
             }
             Ok((bytes, linked))
         };
-        let done: Vec<(u64, u64)> = (0..rayon::current_num_threads())
-            .into_par_iter()
-            .map(worker)
-            .collect::<Result<_, StoreError>>()?;
+        // A few files (a backport's) are written on this thread: waking
+        // the pool's threads costs more than they would save.
+        let threads = rayon::current_num_threads()
+            .min(writes.len().div_ceil(FILES_PER_THREAD_MIN))
+            .max(1);
+        let done: Vec<(u64, u64)> = match threads {
+            1 => vec![worker(0)?],
+            n => (0..n)
+                .into_par_iter()
+                .map(worker)
+                .collect::<Result<_, StoreError>>()?,
+        };
         let linked: u64 = done.iter().map(|d| d.1).sum();
         applied.files_linked += linked;
         applied.files_written += writes.len() as u64 - linked;

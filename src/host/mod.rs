@@ -608,7 +608,16 @@ impl Agent {
         cancel: &'env Cancel,
     ) -> Option<std::thread::ScopedJoinHandle<'scope, Option<Result<release::Prepared, StoreError>>>>
     {
-        if !self.cfg.packs || view.has(&v.object()) || self.releases.find(v).is_some() {
+        if !self.cfg.packs || view.has(&v.object()) {
+            return None;
+        }
+        // Decided again on the pool (the state may change meanwhile); a
+        // diff (a backport) builds no pool.
+        let (keep, stable) = self.spared(&self.state());
+        if !self
+            .releases
+            .writes_from_nothing(view, v, &keep, stable.as_ref())
+        {
             return None;
         }
         let pool = rayon::ThreadPoolBuilder::new()

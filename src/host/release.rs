@@ -519,14 +519,24 @@ impl Releases {
         cancel: &Cancel,
         arrivals: &Arrivals,
     ) -> Option<Result<Prepared, StoreError>> {
-        if self.find(v).is_some() {
+        if !self.writes_from_nothing(store, v, keep, stable) {
             return None;
         }
         let slot = self.choose(keep, stable);
-        if diff_base(store, &slot).is_some() {
-            return None;
-        }
         Some(self.prepare_into(store, v, slot, cancel, Some(arrivals)))
+    }
+
+    /// Whether preparing `v` would write a slot from nothing (no slot
+    /// holds it, and the one chosen has no version to diff from): what
+    /// [`Releases::prepare_arriving`] does.
+    pub fn writes_from_nothing(
+        &self,
+        store: &Store,
+        v: &VersionId,
+        keep: &[String],
+        stable: Option<&VersionId>,
+    ) -> bool {
+        self.find(v).is_none() && diff_base(store, &self.choose(keep, stable)).is_none()
     }
 
     /// Records a slot [`Releases::prepare_arriving`] wrote as clean at `v`.

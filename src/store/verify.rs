@@ -52,7 +52,7 @@ pub fn verify(
                 continue;
             }
             report.trees += 1;
-            let tree = match store.tree(&id) {
+            let tree = match store.tree_from_disk(&id) {
                 Ok(t) => t,
                 Err(e) => {
                     report

@@ -8,10 +8,10 @@
 //!   whatever references the new objects (a version record, a label, a
 //!   host's release) is durable; *exclusive* by gc. So gc never sweeps
 //!   objects that nothing references *yet*.
-//! - `STORE/journal.lock` is flocked exclusively while a session starts:
-//!   it recovers dead sessions and registers its own journal under it, so
-//!   two recoveries never run at once and a journal is never seen before it
-//!   is locked.
+//! - `STORE/journal.lock` is flocked exclusively while a session starts
+//!   (it recovers dead sessions under it) and while it registers its own
+//!   journal, before its first object: two recoveries never run at once
+//!   and a journal is never seen before it is locked.
 //! - Each live session holds an exclusive flock on `journal/<session>`; a
 //!   journal whose lock can be taken belongs to a dead session.
 //!
@@ -179,6 +179,46 @@ pub struct Store {
     shared: Option<Arc<dyn refs::SharedLabels>>,
     /// Shared labels whose head this store does not hold: not resolved.
     shared_behind: Arc<std::collections::BTreeMap<String, crate::store::VersionId>>,
+    /// Trees read lately, decoded ([`Store::tree`]).
+    trees: Arc<TreeCache>,
+}
+
+/// Trees read lately, decoded and verified, by ID. A deploy reads the few
+/// trees on a change's paths many times (its fetch, the slot's diff, the
+/// spare slot's, the watch's): a dozen reads of each, every one an open,
+/// a decompression and a hash, before this. An object's content never
+/// changes, so an entry is never wrong; what it does not say is whether
+/// the store still holds the object: [`Store::has`] says that, and never
+/// asks here. Bounded by [`TREE_CACHE_ENTRIES`] entries of the trees
+/// together (emptied when full); a larger tree is not kept.
+#[derive(Debug, Default)]
+struct TreeCache {
+    map: Mutex<(std::collections::HashMap<TreeId, Arc<Tree>>, usize)>,
+}
+
+/// Most directory entries [`TreeCache`] holds, all trees together.
+const TREE_CACHE_ENTRIES: usize = 1 << 16;
+
+impl TreeCache {
+    fn get(&self, id: &TreeId) -> Option<Arc<Tree>> {
+        self.map.lock().expect("not poisoned").0.get(id).cloned()
+    }
+
+    fn put(&self, id: TreeId, tree: &Tree) {
+        let n = tree.entries().len().max(1);
+        if n > TREE_CACHE_ENTRIES / 16 {
+            return;
+        }
+        let mut guard = self.map.lock().expect("not poisoned");
+        let (map, held) = &mut *guard;
+        if *held + n > TREE_CACHE_ENTRIES {
+            map.clear();
+            *held = 0;
+        }
+        if map.insert(id, Arc::new(tree.clone())).is_none() {
+            *held += n;
+        }
+    }
 }
 
 impl Store {
@@ -222,6 +262,7 @@ impl Store {
             known: None,
             shared: None,
             shared_behind: Arc::default(),
+            trees: Arc::default(),
         })
     }
 
@@ -261,6 +302,7 @@ impl Store {
             known: None,
             shared: None,
             shared_behind: Arc::default(),
+            trees: Arc::default(),
         };
         s.write_marker(role)?;
         Store::open(root)
@@ -463,7 +505,20 @@ impl Store {
         f(&decoded.map_err(bad)?)
     }
 
+    /// Reads, verifies and decodes tree `id`, or takes it from the trees
+    /// read lately ([`TreeCache`]).
     pub fn tree(&self, id: &TreeId) -> Result<Tree> {
+        if let Some(t) = self.trees.get(id) {
+            return Ok(Tree::clone(&t));
+        }
+        let tree = self.tree_from_disk(id)?;
+        self.trees.put(*id, &tree);
+        Ok(tree)
+    }
+
+    /// [`Store::tree`] read from the store's files every time: what
+    /// checks the store itself (`scap verify`, recovery) reads.
+    pub fn tree_from_disk(&self, id: &TreeId) -> Result<Tree> {
         let bytes = self.read(&id.object(), ObjectKind::Tree)?;
         Tree::decode(&bytes).map_err(|source| StoreError::BadTree { id: *id, source })
     }
@@ -523,5 +578,70 @@ impl Store {
 
     pub fn cache_dir(&self) -> PathBuf {
         self.root.join("cache")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tree::{Content, Entry, TreeName};
+
+    fn tree_of(names: &[&str]) -> Tree {
+        let entries = names
+            .iter()
+            .map(|n| Entry {
+                name: TreeName::new(n.as_bytes()).unwrap(),
+                content: Content::Symlink {
+                    target: n.as_bytes().to_vec(),
+                },
+            })
+            .collect();
+        Tree::new(entries).unwrap()
+    }
+
+    #[test]
+    fn a_tree_read_again_comes_from_the_cache_and_has_still_asks_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let tree = tree_of(&["a", "b"]);
+        let w = store.writer().unwrap();
+        let id = TreeId::new(w.put(ObjectKind::Tree, &tree.encode()).unwrap().id);
+        drop(w.commit().unwrap());
+        assert_eq!(store.tree(&id).unwrap(), tree);
+        // Its file gone (a gc elsewhere): the content is still known, the
+        // object is not.
+        let path = store.object_path(&id.object());
+        fs::remove_file(&path).unwrap();
+        assert_eq!(
+            store.clone().tree(&id).unwrap(),
+            tree,
+            "cached, shared by clones"
+        );
+        assert!(!store.has(&id.object()), "presence is the disk's");
+        assert!(matches!(
+            store.tree_from_disk(&id),
+            Err(StoreError::Missing { .. })
+        ));
+        // Corrupt on disk: what checks the store reads the disk.
+        fs::write(&path, b"not an object").unwrap();
+        assert!(store.tree_from_disk(&id).is_err());
+    }
+
+    #[test]
+    fn the_tree_cache_is_bounded() {
+        let cache = TreeCache::default();
+        let big: Vec<String> = (0..TREE_CACHE_ENTRIES / 16 + 1)
+            .map(|i| format!("f{i}"))
+            .collect();
+        let big = tree_of(&big.iter().map(String::as_str).collect::<Vec<_>>());
+        let id = |n: u32| TreeId::new(ObjectKind::Tree.hash(&n.to_le_bytes()));
+        cache.put(id(0), &big);
+        assert!(cache.get(&id(0)).is_none(), "a tree too large is not kept");
+        let small = tree_of(&["x"]);
+        for n in 1..=(TREE_CACHE_ENTRIES as u32 + 10) {
+            cache.put(id(n), &small);
+            assert!(cache.map.lock().unwrap().1 <= TREE_CACHE_ENTRIES);
+        }
+        assert!(cache.get(&id(TREE_CACHE_ENTRIES as u32 + 10)).is_some());
     }
 }

@@ -3,11 +3,14 @@
 //!
 //! A session ([`Store::writer`]):
 //! 1. takes the store lock shared (gc takes it exclusively), then
-//!    `journal.lock` exclusively; under it, recovers every dead session and
-//!    creates, locks and syncs its own journal `journal/<session>`; then
-//!    releases `journal.lock`;
-//! 2. writes objects into its own pack (`objects/pack/.pack.<session>.tmp`),
-//!    which only this session's view of the store ([`Writer::store`]) sees;
+//!    `journal.lock` exclusively; under it, recovers every dead session;
+//!    then releases `journal.lock`;
+//! 2. before its first object, takes `journal.lock` again and creates,
+//!    locks and syncs its own journal `journal/<session>` (a session that
+//!    stores nothing, such as a switch to a staged version, has none);
+//!    then writes objects into its own pack
+//!    (`objects/pack/.pack.<session>.tmp`), which only this session's view
+//!    of the store ([`Writer::store`]) sees;
 //! 3. [`Writer::commit`]: a session that wrote more than [`LOOSE_MAX`]
 //!    objects seals its pack (index, footer), fsyncs it, renames it into
 //!    `objects/pack/` and fsyncs the directory: one file, however many objects. A
@@ -47,6 +50,9 @@ const CLOCK_SLACK: Duration = Duration::from_secs(2);
 /// backport's 3-10 objects: one pack per backport would leave thousands
 /// of tiny packs to search); a larger one writes one pack.
 pub const LOOSE_MAX: usize = FSYNC_EACH_MAX;
+/// Questions a writer session answers with a `stat` each before it lists
+/// fan-out directories instead ([`Known`]).
+const STATS_BEFORE_LISTING: u64 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockMode {
@@ -95,22 +101,12 @@ impl Store {
             tracing::info!("waiting for another scap to finish starting its writer session")
         })?;
         self.recover()?;
+        drop(_registry);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
         let session = format!("{}-{nanos}", std::process::id());
-        let journal_dir = self.root().join("journal");
-        fs::create_dir_all(&journal_dir).at(&journal_dir)?;
-        let journal_path = journal_dir.join(&session);
-        let journal = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&journal_path)
-            .at(&journal_path)?;
-        journal.lock().at(&journal_path)?;
-        journal.sync_all().at(&journal_path)?;
-        sync_dir(&journal_dir)?;
         // Under the shared lock: packs gc removed or rewrote are seen.
         self.packs.refresh(&self.packs_dir(), false)?;
         crate::failpoint::hit("writer:started");
@@ -121,8 +117,7 @@ impl Store {
             store: view,
             base: self,
             lock: Some(lock),
-            journal,
-            journal_path,
+            journal: std::sync::OnceLock::new(),
             session,
             counter: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -259,7 +254,7 @@ impl Store {
             let before = trees.len();
             let mut kept = Vec::with_capacity(before);
             for (id, path) in trees {
-                let complete = match self.tree(&TreeId::new(id)) {
+                let complete = match self.tree_from_disk(&TreeId::new(id)) {
                     Ok(tree) => tree.children().all(|child| self.has(&child)),
                     Err(StoreError::Missing { .. }) => continue,
                     Err(_) => false,
@@ -319,12 +314,12 @@ impl Store {
     /// dead one not recovered yet): objects it wrote may not be durable,
     /// and a session that found them "already there" must sync more than
     /// its own files before anything references them.
-    fn other_journals(&self, own: &Path) -> bool {
+    fn other_journals(&self, own: Option<&Path>) -> bool {
         let dir = self.root().join("journal");
         let Ok(rd) = fs::read_dir(&dir) else {
             return true;
         };
-        rd.flatten().any(|e| e.path() != own)
+        rd.flatten().any(|e| Some(e.path().as_path()) != own)
     }
 }
 
@@ -358,8 +353,8 @@ pub struct Writer<'s> {
     store: Store,
     base: &'s Store,
     lock: Option<StoreLock>,
-    journal: File,
-    journal_path: PathBuf,
+    /// This session's journal and its path, made before its first object.
+    journal: std::sync::OnceLock<(File, PathBuf)>,
     /// Names this session's temp files: `objects/ab/.<rest>.<n>.<session>.tmp`
     /// and `objects/pack/.pack.<session>.tmp`.
     session: String,
@@ -611,6 +606,8 @@ impl Writer<'_> {
     fn pending_pack(&self) -> Result<std::sync::MutexGuard<'_, Option<PackWriter>>> {
         let mut guard = self.pending().lock().expect("not poisoned");
         if guard.is_none() {
+            // Before anything of this session is on disk.
+            self.open_journal()?;
             let tmp = self
                 .store
                 .packs_dir()
@@ -618,6 +615,32 @@ impl Writer<'_> {
             *guard = Some(self.store.create_pack(tmp, false)?);
         }
         Ok(guard)
+    }
+
+    /// Creates, locks and syncs this session's journal (once): from then
+    /// on a recovery by another session knows this one is alive, and after
+    /// a crash, which of its files to check.
+    fn open_journal(&self) -> Result<()> {
+        if self.journal.get().is_some() {
+            return Ok(());
+        }
+        let registry = self.base.root().join("journal.lock");
+        let _registry = flock(&registry, LockMode::Exclusive, || {
+            tracing::info!("waiting for another scap to finish starting its writer session")
+        })?;
+        let journal_dir = self.base.root().join("journal");
+        fs::create_dir_all(&journal_dir).at(&journal_dir)?;
+        let path = journal_dir.join(&self.session);
+        let journal = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .at(&path)?;
+        journal.lock().at(&path)?;
+        journal.sync_all().at(&path)?;
+        sync_dir(&journal_dir)?;
+        let _ = self.journal.set((journal, path));
+        Ok(())
     }
 
     /// Writes a loose object: temp file in its own fan-out directory, then
@@ -730,8 +753,15 @@ impl Writer<'_> {
                 self.base.packs.add(Pack::open(&path)?);
             }
         }
-        if self.store.other_journals(&self.journal_path) {
-            syncfs(&self.journal, self.store.root())?;
+        let own = self.journal.get();
+        // Any open file of the store's filesystem, for syncfs.
+        let fd = match (own, &self.lock) {
+            (Some((journal, _)), _) => journal,
+            (None, Some(lock)) => &lock._file,
+            (None, None) => unreachable!("the lock goes only after finish"),
+        };
+        if self.store.other_journals(own.map(|(_, p)| p.as_path())) {
+            syncfs(fd, self.store.root())?;
         } else if !loose.is_empty() {
             let mut dirs: Vec<&Path> = loose.iter().filter_map(|p| p.parent()).collect();
             dirs.sort();
@@ -740,10 +770,12 @@ impl Writer<'_> {
             for p in loose.iter().map(PathBuf::as_path).chain(dirs) {
                 set.add_path(p)?;
             }
-            set.sync(&self.journal, self.store.root())?;
+            set.sync(fd, self.store.root())?;
         }
         crate::failpoint::hit("writer:synced");
-        fs::remove_file(&self.journal_path).at(&self.journal_path)?;
+        if let Some((_, path)) = own {
+            fs::remove_file(path).at(path)?;
+        }
         Ok(())
     }
 }
@@ -761,10 +793,15 @@ impl Writer<'_> {
 /// session holds shared. (Recovery, when another session starts, deletes
 /// only the damaged loose objects of a session that died in a machine
 /// crash: a `stat` per question could miss that deletion too, between
-/// the question and the commit.)
+/// the question and the commit.) A session's first
+/// [`STATS_BEFORE_LISTING`] questions are each one `stat`: a backport's
+/// dozen questions over as many fan-out directories cost less so than
+/// listing each.
 pub(crate) struct Known {
     /// Set when the session commits or ends: its view then asks the store.
     ended: std::sync::atomic::AtomicBool,
+    /// Questions asked so far.
+    asked: AtomicU64,
     /// Per first byte of an ID, the loose objects of that fan-out
     /// directory, sorted; listed on the first question about one.
     loose: Box<[std::sync::OnceLock<Box<[ObjectId]>>]>,
@@ -782,6 +819,7 @@ impl Default for Known {
     fn default() -> Known {
         Known {
             ended: Default::default(),
+            asked: AtomicU64::new(0),
             loose: (0..256).map(|_| std::sync::OnceLock::new()).collect(),
         }
     }
@@ -795,7 +833,12 @@ impl Known {
             return None;
         }
         let first = id.as_bytes()[0];
-        let listed = self.loose[usize::from(first)].get_or_init(|| {
+        let slot = &self.loose[usize::from(first)];
+        if slot.get().is_none() && self.asked.fetch_add(1, Ordering::Relaxed) < STATS_BEFORE_LISTING
+        {
+            return Some(store.has_loose(id));
+        }
+        let listed = slot.get_or_init(|| {
             let dir = store.root().join("objects").join(format!("{first:02x}"));
             let mut ids: Vec<ObjectId> = match fs::read_dir(&dir) {
                 Ok(rd) => rd
@@ -824,5 +867,61 @@ impl Drop for Writer<'_> {
     /// sync them and close the journal, so no recovery scan is needed.
     fn drop(&mut self) {
         let _ = self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Role;
+    use super::*;
+
+    fn journals(store: &Store) -> usize {
+        fs::read_dir(store.root().join("journal")).unwrap().count()
+    }
+
+    #[test]
+    fn a_session_has_a_journal_from_its_first_object_and_none_if_it_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let id = {
+            let w = store.writer().unwrap();
+            assert_eq!(journals(&store), 0, "no object yet: no journal");
+            let put = w.put(ObjectKind::Chunk, b"first object").unwrap();
+            assert!(put.new);
+            assert_eq!(journals(&store), 1, "registered before the object");
+            let _ = w.put(ObjectKind::Chunk, b"second object").unwrap();
+            assert_eq!(journals(&store), 1, "one journal a session");
+            let _committed = w.commit().unwrap();
+            assert_eq!(journals(&store), 0, "gone at commit");
+            put.id
+        };
+        assert!(store.has(&id));
+        // A session that finds everything present (a switch to a staged
+        // version) leaves no trace, and commits.
+        let w = store.writer().unwrap();
+        assert!(!w.put(ObjectKind::Chunk, b"first object").unwrap().new);
+        assert_eq!(journals(&store), 0);
+        let _committed = w.commit().unwrap();
+        assert_eq!(journals(&store), 0);
+    }
+
+    #[test]
+    fn a_live_session_s_journal_registered_late_is_not_recovered_by_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path(), Role::Host).unwrap();
+        let first = store.writer().unwrap();
+        let _ = first
+            .put(ObjectKind::Chunk, b"held by a live session")
+            .unwrap();
+        // Another session starts (and recovers) while the first is live:
+        // the first's journal is locked, so it is left alone.
+        let second = store.writer().unwrap();
+        assert_eq!(journals(&store), 1);
+        let _ = second.put(ObjectKind::Chunk, b"the second's").unwrap();
+        assert_eq!(journals(&store), 2);
+        drop(second.commit().unwrap());
+        drop(first.commit().unwrap());
+        assert_eq!(journals(&store), 0);
+        assert!(store.has(&ObjectKind::Chunk.hash(b"held by a live session")));
     }
 }
