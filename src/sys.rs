@@ -236,6 +236,23 @@ pub fn notify(state: &str) {
     }
 }
 
+/// CPU niceness of the agent's background work ([`lower_thread_priority`]).
+pub const BACKGROUND_NICE: i32 = 19;
+
+/// Gives the calling thread the lowest CPU priority short of idle (nice
+/// [`BACKGROUND_NICE`]): work that can wait (what follows a switch,
+/// scheduled re-hashes) then yields to the app server's PHP and to the
+/// next deploy's own work, yet is never starved outright (`SCHED_IDLE`
+/// could be, on a host busy for hours). For a thread of its own: an
+/// unprivileged process cannot raise a thread's priority back. Logged,
+/// not fatal, if refused.
+pub fn lower_thread_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), BACKGROUND_NICE) {
+        tracing::debug!("cannot lower the background thread's priority: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

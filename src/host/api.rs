@@ -395,11 +395,7 @@ impl AgentState {
     }
 
     /// Records background work ending: logs how, and clears it.
-    fn end_background(
-        &self,
-        what: &str,
-        r: Result<Result<(), AgentError>, tokio::task::JoinError>,
-    ) {
+    fn end_background(&self, what: &str, r: Result<Result<(), AgentError>, String>) {
         match r {
             Ok(Err(e)) if e.is_cancelled() => tracing::info!("{what} stopped: {e}"),
             Ok(Err(e)) => tracing::warn!("{what} failed: {e}"),
@@ -625,7 +621,7 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
             let st4 = st2.clone();
             tokio::spawn(async move {
                 let st5 = st4.clone();
-                let r = tokio::task::spawn_blocking(move || st5.agent.after_switch(&bg)).await;
+                let r = at_low_priority(move || st5.agent.after_switch(&bg)).await;
                 st4.end_background(AFTER_SWITCH, r);
                 drop(guard);
             });
@@ -961,6 +957,29 @@ fn pull_now(
     })
 }
 
+/// Runs background work `f` on a thread of its own at the lowest CPU
+/// priority short of idle ([`crate::sys::lower_thread_priority`]): the
+/// work after a switch, watching the slots at start and scheduled
+/// maintenance never take a core from PHP or from another operation's own
+/// work. (On one machine running many agents, as the benches do, the
+/// hosts still deploying go first.) Its parallel parts (a fresh host's
+/// spare slot, a re-hash) run on the shared pool at normal priority.
+async fn at_low_priority<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("scap-background".into())
+        .spawn(move || {
+            crate::sys::lower_thread_priority();
+            // A panic drops `tx`: the receiver says so.
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    rx.await
+        .map_err(|_| "its thread panicked (see the log above)".to_string())
+}
+
 /// What an agent does by itself at start, in the background: watch its
 /// release slots (so that the first deploy checks only what changed in
 /// them: [`crate::host::watch`]), then [`pull_at_start`].
@@ -969,7 +988,7 @@ pub async fn at_start(st: Arc<AgentState>) {
     let what = "watching the release slots";
     let bg = st.begin_background(what);
     let st2 = st.clone();
-    let r = tokio::task::spawn_blocking(move || st2.agent.watch_slots(&bg)).await;
+    let r = at_low_priority(move || st2.agent.watch_slots(&bg)).await;
     st.end_background(what, r);
     drop(guard);
     tokio::spawn(maintain(st.clone()));
@@ -1003,7 +1022,7 @@ async fn maintain(st: Arc<AgentState>) {
         }
         let bg = st.begin_background(MAINTENANCE);
         let st2 = st.clone();
-        let r = tokio::task::spawn_blocking(move || st2.agent.maintain(&bg)).await;
+        let r = at_low_priority(move || st2.agent.maintain(&bg)).await;
         // Stopped by a request: again soon. Done, or failed (logged):
         // at the next time it is due.
         let stopped = matches!(&r, Ok(Err(e)) if e.is_cancelled());
@@ -1053,7 +1072,7 @@ pub async fn pull_at_start(st: Arc<AgentState>) {
                 if switched {
                     let st3 = st.clone();
                     let bg = st.begin_background(AFTER_SWITCH);
-                    let r = tokio::task::spawn_blocking(move || st3.agent.after_switch(&bg)).await;
+                    let r = at_low_priority(move || st3.agent.after_switch(&bg)).await;
                     st.end_background(AFTER_SWITCH, r);
                 }
                 drop(guard);

@@ -732,6 +732,30 @@ fn a_removed_branch_goes_by_the_trash_and_a_deploy_does_not_wait_to_empty_it() {
         fs::read_dir(&trash).unwrap().count() >= 1,
         "the removed branch is in the trash"
     );
+    // The work after the switch (paused in it now) runs on a thread of
+    // its own at the lowest CPU priority short of idle: never in PHP's way.
+    let pid = fleet.hosts[0].proc.child.id();
+    let background: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .filter(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "scap-background"))
+        .map(|t| {
+            let stat = fs::read_to_string(t.join("stat")).unwrap();
+            // After the name's closing parenthesis: nice is the line's 19th
+            // field, the 17th of these.
+            stat[stat.rfind(')').unwrap() + 2..]
+                .split_whitespace()
+                .nth(16)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        background,
+        [19],
+        "agent {pid}'s background thread(s) and their nice"
+    );
     same(
         &fleet.live(0, "mediawiki"),
         &vs.trees[&v3],
