@@ -236,17 +236,27 @@ pub fn notify(state: &str) {
     }
 }
 
-/// CPU niceness of the agent's background work ([`lower_thread_priority`]).
+/// CPU niceness of the agent's background work that no operation waits
+/// for ([`lower_background_priority`]).
 pub const BACKGROUND_NICE: i32 = 19;
 
-/// Gives the calling thread the lowest CPU priority short of idle (nice
-/// [`BACKGROUND_NICE`]): work that can wait (what follows a switch,
-/// scheduled re-hashes) then yields to the app server's PHP and to the
-/// next deploy's own work, yet is never starved outright (`SCHED_IDLE`
-/// could be, on a host busy for hours). For a thread of its own: an
-/// unprivileged process cannot raise a thread's priority back. Logged,
-/// not fatal, if refused.
-pub fn lower_thread_priority() {
+/// The name of the thread the work after a switch runs on, one of its own
+/// each time (`host::api`).
+pub const BACKGROUND_THREAD: &str = "scap-background";
+
+/// Gives the calling thread, if it is a [`BACKGROUND_THREAD`], the lowest
+/// CPU priority short of idle (nice [`BACKGROUND_NICE`]), for the rest of
+/// its life: the tail of the work after a switch (gc, emptying the
+/// trash), which a deploy arriving cancels rather than waits for, then
+/// yields to the app server's PHP and to other hosts' deploys on one
+/// machine, yet is never starved outright (`SCHED_IDLE` could be, on a
+/// host busy for hours). Only on a thread of its own: an unprivileged
+/// process cannot raise a thread's priority back. A no-op on any other
+/// thread; logged, not fatal, if refused.
+pub fn lower_background_priority() {
+    if std::thread::current().name() != Some(BACKGROUND_THREAD) {
+        return;
+    }
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), BACKGROUND_NICE) {
         tracing::debug!("cannot lower the background thread's priority: {e}");

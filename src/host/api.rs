@@ -621,7 +621,7 @@ async fn run_op_as<T: serde::Serialize + Send + 'static>(
             let st4 = st2.clone();
             tokio::spawn(async move {
                 let st5 = st4.clone();
-                let r = at_low_priority(move || st5.agent.after_switch(&bg)).await;
+                let r = on_own_thread(move || st5.agent.after_switch(&bg)).await;
                 st4.end_background(AFTER_SWITCH, r);
                 drop(guard);
             });
@@ -957,21 +957,18 @@ fn pull_now(
     })
 }
 
-/// Runs background work `f` on a thread of its own at the lowest CPU
-/// priority short of idle ([`crate::sys::lower_thread_priority`]): the
-/// work after a switch, watching the slots at start and scheduled
-/// maintenance never take a core from PHP or from another operation's own
-/// work. (On one machine running many agents, as the benches do, the
-/// hosts still deploying go first.) Its parallel parts (a fresh host's
-/// spare slot, a re-hash) run on the shared pool at normal priority.
-async fn at_low_priority<T: Send + 'static>(
+/// Runs the work after a switch on a thread of its own
+/// ([`crate::sys::BACKGROUND_THREAD`]), so that its tail, which no
+/// operation waits for, can drop to the lowest CPU priority short of idle
+/// ([`crate::sys::lower_background_priority`]) for good. `Err`: the
+/// thread could not start, or panicked.
+async fn on_own_thread<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("scap-background".into())
+        .name(crate::sys::BACKGROUND_THREAD.into())
         .spawn(move || {
-            crate::sys::lower_thread_priority();
             // A panic drops `tx`: the receiver says so.
             let _ = tx.send(f());
         })
@@ -988,7 +985,9 @@ pub async fn at_start(st: Arc<AgentState>) {
     let what = "watching the release slots";
     let bg = st.begin_background(what);
     let st2 = st.clone();
-    let r = at_low_priority(move || st2.agent.watch_slots(&bg)).await;
+    let r = tokio::task::spawn_blocking(move || st2.agent.watch_slots(&bg))
+        .await
+        .map_err(|e| e.to_string());
     st.end_background(what, r);
     drop(guard);
     tokio::spawn(maintain(st.clone()));
@@ -1022,7 +1021,9 @@ async fn maintain(st: Arc<AgentState>) {
         }
         let bg = st.begin_background(MAINTENANCE);
         let st2 = st.clone();
-        let r = at_low_priority(move || st2.agent.maintain(&bg)).await;
+        let r = tokio::task::spawn_blocking(move || st2.agent.maintain(&bg))
+            .await
+            .map_err(|e| e.to_string());
         // Stopped by a request: again soon. Done, or failed (logged):
         // at the next time it is due.
         let stopped = matches!(&r, Ok(Err(e)) if e.is_cancelled());
@@ -1072,7 +1073,7 @@ pub async fn pull_at_start(st: Arc<AgentState>) {
                 if switched {
                     let st3 = st.clone();
                     let bg = st.begin_background(AFTER_SWITCH);
-                    let r = at_low_priority(move || st3.agent.after_switch(&bg)).await;
+                    let r = on_own_thread(move || st3.agent.after_switch(&bg)).await;
                     st.end_background(AFTER_SWITCH, r);
                 }
                 drop(guard);

@@ -1544,6 +1544,8 @@ impl Agent {
         // here on stops it (gc's debt and the trash carry over to the
         // next time) instead of waiting for it.
         self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Nobody waits for it: at the lowest priority from here on.
+        crate::sys::lower_background_priority();
         let tail = (|| {
             self.collect_garbage(false, cancel)?;
             self.empty_trash(cancel)

@@ -732,8 +732,9 @@ fn a_removed_branch_goes_by_the_trash_and_a_deploy_does_not_wait_to_empty_it() {
         fs::read_dir(&trash).unwrap().count() >= 1,
         "the removed branch is in the trash"
     );
-    // The work after the switch (paused in it now) runs on a thread of
-    // its own at the lowest CPU priority short of idle: never in PHP's way.
+    // The tail of the work after the switch (paused in it now) runs on a
+    // thread of its own at the lowest CPU priority short of idle: never in
+    // PHP's way.
     let pid = fleet.hosts[0].proc.child.id();
     let background: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
