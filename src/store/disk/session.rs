@@ -92,16 +92,17 @@ impl Store {
         Ok(StoreLock { _file: file })
     }
 
-    /// Starts a writer session: takes the shared store lock, recovers from
-    /// any session that died mid-write, and registers this one.
+    /// Starts a writer session: takes the shared store lock and recovers
+    /// from any session that died mid-write. It registers itself (its
+    /// journal) before its first object.
     pub fn writer(&self) -> Result<Writer<'_>> {
         let lock = self.lock(LockMode::Shared)?;
         let registry = self.root().join("journal.lock");
-        let _registry = flock(&registry, LockMode::Exclusive, || {
+        let recovering = flock(&registry, LockMode::Exclusive, || {
             tracing::info!("waiting for another scap to finish starting its writer session")
         })?;
         self.recover()?;
-        drop(_registry);
+        drop(recovering);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -794,9 +795,9 @@ impl Writer<'_> {
 /// only the damaged loose objects of a session that died in a machine
 /// crash: a `stat` per question could miss that deletion too, between
 /// the question and the commit.) A session's first
-/// [`STATS_BEFORE_LISTING`] questions are each one `stat`: a backport's
-/// dozen questions over as many fan-out directories cost less so than
-/// listing each.
+/// [`STATS_BEFORE_LISTING`] questions are each one `stat`: a backport
+/// asks a dozen, each about another fan-out directory, and a `stat` costs
+/// less than listing one.
 pub(crate) struct Known {
     /// Set when the session commits or ends: its view then asks the store.
     ended: std::sync::atomic::AtomicBool,
