@@ -957,11 +957,11 @@ fn pull_now(
     })
 }
 
-/// Runs the work after a switch on a thread of its own
-/// ([`crate::sys::BACKGROUND_THREAD`]), so that its tail, which no
-/// operation waits for, can drop to the lowest CPU priority short of idle
-/// ([`crate::sys::lower_background_priority`]) for good. `Err`: the
-/// thread could not start, or panicked.
+/// Runs the work after a switch, or maintenance, on a thread of its own
+/// ([`crate::sys::BACKGROUND_THREAD`]), so that what no operation waits
+/// for (the first's tail, the second whole) can drop to the lowest CPU
+/// priority short of idle ([`crate::sys::lower_background_priority`]) for
+/// good. `Err`: the thread could not start, or panicked.
 async fn on_own_thread<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
@@ -1021,9 +1021,7 @@ async fn maintain(st: Arc<AgentState>) {
         }
         let bg = st.begin_background(MAINTENANCE);
         let st2 = st.clone();
-        let r = tokio::task::spawn_blocking(move || st2.agent.maintain(&bg))
-            .await
-            .map_err(|e| e.to_string());
+        let r = on_own_thread(move || st2.agent.maintain(&bg)).await;
         // Stopped by a request: again soon. Done, or failed (logged):
         // at the next time it is due.
         let stopped = matches!(&r, Ok(Err(e)) if e.is_cancelled());

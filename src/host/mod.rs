@@ -256,9 +256,10 @@ pub struct Agent {
     /// The version last staged (`POST /v1/stage`): the work after a switch
     /// leaves its slot alone.
     staged: Mutex<Option<VersionId>>,
-    /// The work after a switch is in its tail (gc, emptying the trash):
-    /// nothing a deploy needs is left, so a deploy arriving cancels it
-    /// rather than wait ([`Agent::yields_to_deploys`]).
+    /// Background work that only checks or frees space runs: the tail of
+    /// the work after a switch (gc, emptying the trash), or maintenance.
+    /// Nothing a deploy needs is left in it, so a deploy arriving cancels
+    /// it rather than wait ([`Agent::yields_to_deploys`]).
     tail: std::sync::atomic::AtomicBool,
 }
 
@@ -1563,8 +1564,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Whether the work after a switch is in its tail (gc, the trash), which
-    /// a deploy arriving cancels rather than waits for.
+    /// Whether the background work running is one a deploy arriving
+    /// cancels rather than waits for: the tail of the work after a switch
+    /// (gc, the trash), or maintenance.
     pub fn yields_to_deploys(&self) -> bool {
         self.tail.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -1605,6 +1607,17 @@ impl Agent {
     /// mtime, a write through a hardlink made outside the slots), and
     /// collect the garbage switches put off.
     pub fn maintain(&self, cancel: &Cancel) -> Result<(), AgentError> {
+        // Nobody waits for it: a deploy arriving stops it (it is tried
+        // again a minute later), and it runs at the lowest priority.
+        self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = self.maintain_now(cancel);
+        self.tail.store(false, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+
+    fn maintain_now(&self, cancel: &Cancel) -> Result<(), AgentError> {
+        crate::sys::lower_background_priority();
+        crate::failpoint::hit_or_cancel("agent:maintain", cancel);
         let started = Instant::now();
         let mut said = String::from("no version is live");
         if self.state().current.is_some() {

@@ -735,28 +735,7 @@ fn a_removed_branch_goes_by_the_trash_and_a_deploy_does_not_wait_to_empty_it() {
     // The tail of the work after the switch (paused in it now) runs on a
     // thread of its own at the lowest CPU priority short of idle: never in
     // PHP's way.
-    let pid = fleet.hosts[0].proc.child.id();
-    let background: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|t| t.unwrap().path())
-        .filter(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "scap-background"))
-        .map(|t| {
-            let stat = fs::read_to_string(t.join("stat")).unwrap();
-            // After the name's closing parenthesis: nice is the line's 19th
-            // field, the 17th of these.
-            stat[stat.rfind(')').unwrap() + 2..]
-                .split_whitespace()
-                .nth(16)
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(
-        background,
-        [19],
-        "agent {pid}'s background thread(s) and their nice"
-    );
+    assert_eq!(background_nices(&fleet), [19]);
     same(
         &fleet.live(0, "mediawiki"),
         &vs.trees[&v3],
@@ -906,6 +885,72 @@ fn a_crash_right_after_a_switch_and_an_edit_while_down_mean_a_full_check_at_star
         &fleet.live(0, "mediawiki"),
         &vs.trees[&v2],
         "rolled back to true v2",
+    );
+}
+
+/// The niceness of each of host 0's agent's background threads (named
+/// `scap-background`), from `/proc`.
+fn background_nices(fleet: &Fleet) -> Vec<i32> {
+    let pid = fleet.hosts[0].proc.child.id();
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .filter(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "scap-background"))
+        .map(|t| {
+            let stat = fs::read_to_string(t.join("stat")).unwrap();
+            // After the name's closing parenthesis: nice is the line's 19th
+            // field, the 17th of these.
+            stat[stat.rfind(')').unwrap() + 2..]
+                .split_whitespace()
+                .nth(16)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_deploy_arriving_during_maintenance_stops_it_instead_of_waiting() {
+    let mut fleet = Fleet::start_with(1, &["--verify-every", "1s"]);
+    let mut vs = Versions::new(&fleet);
+    let v1 = vs.build(&fleet, "v1");
+    fleet.serve();
+    let log = fleet.env.path("agent.log");
+    // Maintenance (1 s after start, then every second) pauses 60 s, unless
+    // stopped.
+    fleet.restart_logged(
+        0,
+        &[
+            ("SCAP_LOG", "scap=info"),
+            ("SCAP_FAILPOINT", "agent:maintain:pause=60000"),
+        ],
+        &log,
+    );
+    wait_for(30, "maintenance to start", || {
+        fleet.get(0, "/v1/state").1["operation"]
+            .as_str()
+            .is_some_and(|o| o.contains("re-hashing"))
+    });
+    // It runs at the lowest CPU priority short of idle: nobody waits for it.
+    assert_eq!(background_nices(&fleet), [19]);
+    let started = std::time::Instant::now();
+    let (code, r) = fleet.sync_to(0, &v1);
+    assert_eq!(code, 200, "{r}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the deploy waited {:?} for maintenance",
+        started.elapsed()
+    );
+    same(
+        &fleet.live(0, "mediawiki"),
+        &vs.trees[&v1],
+        "v1 is live, true",
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("re-hashing the live release for drift stopped"),
+        "{text}"
     );
 }
 
