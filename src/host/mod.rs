@@ -612,8 +612,7 @@ impl Agent {
         if !self.cfg.packs || view.has(&v.object()) {
             return None;
         }
-        // Decided again on the pool (the state may change meanwhile); a
-        // diff (a backport) builds no pool.
+        // A diff (a backport) builds no pool.
         let (keep, stable) = self.spared(&self.state());
         if !self
             .releases
@@ -630,8 +629,6 @@ impl Agent {
         let (view, v) = (view.clone(), *v);
         Some(scope.spawn(move || {
             let _writing = arrivals.writing();
-            let st = self.state();
-            let (keep, stable) = self.spared(&st);
             let t = Instant::now();
             let r = pool.install(|| {
                 self.releases
