@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo bench --bench canary` (SCAP_BENCH_HOSTS, default 100;
 //! SCAP_BENCH_VERBOSE=1 prints the rollout's output; SCAP_BENCH_HOLD=FILE
-//! keeps the fleet up for profiling until FILE is removed).
+//! keeps the fleet up for profiling until FILE is removed, and
+//! SCAP_BENCH_HOLD_FIRST=FILE holds the fresh fleet before its first deploy).
 
 mod common;
 
@@ -108,7 +109,34 @@ fn main() {
         );
         (started.elapsed().as_secs_f64(), out)
     };
+    // For profiling the first deploy by hand: it waits until the file
+    // named by SCAP_BENCH_HOLD_FIRST is removed.
+    if let Some(hold) = std::env::var_os("SCAP_BENCH_HOLD_FIRST") {
+        std::fs::write(&hold, "remove me to start the first deploy\n").unwrap();
+        println!(
+            "{n} agents up; rm {} to start the first deploy",
+            std::path::Path::new(&hold).display()
+        );
+        while std::path::Path::new(&hold).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    // The agents' CPU over the first deploy: until it returns (what the
+    // deploy's wall time bought), and until the fleet is at rest (the work
+    // after each switch too: the spare slot, gc compressing what arrived).
+    let pids: Vec<u32> = agents.iter().map(Child::id).collect();
+    let fleet_cpu = || pids.iter().map(|&p| cpu_of(p)).sum::<f64>();
+    let cpu_before = fleet_cpu();
     let (first, _) = sync(&v1, &[]);
+    let cpu_during = fleet_cpu() - cpu_before;
+    settle_fleet(&pids);
+    let cpu_total = fleet_cpu() - cpu_before;
+    println!(
+        "first deploy to {n} fresh hosts: {}; agent CPU a host: {} until it returned, {} with the work after the switch",
+        ms(first),
+        ms(cpu_during / n as f64),
+        ms(cpu_total / n as f64)
+    );
     // One more deploy before the measured one: a host's second deploy
     // also writes its third release slot whole (a fresh host has two);
     // from then on every deploy is a host's steady state, which is what
@@ -120,7 +148,6 @@ fn main() {
     // Three backports, each rolled out from a fleet at rest (every host's
     // work after the previous deploy done: a step comes minutes after the
     // last, not seconds); the median is the figure.
-    let pids: Vec<u32> = agents.iter().map(Child::id).collect();
     let mut rollouts = Vec::new();
     let mut bytes = 0;
     let mut v2 = String::new();
@@ -205,6 +232,17 @@ fn main() {
     table.row(vec![
         format!("first deploy of v1 to {n} fresh hosts (setup)"),
         ms(first),
+        "".into(),
+    ]);
+    table.row(vec![
+        "the first deploy: agent CPU a host until the command returned".into(),
+        ms(cpu_during / n as f64),
+        "".into(),
+    ]);
+    table.row(vec![
+        "the first deploy: agent CPU a host with the work after the switch (the fleet at rest)"
+            .into(),
+        ms(cpu_total / n as f64),
         "".into(),
     ]);
     table.row(vec![

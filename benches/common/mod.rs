@@ -203,19 +203,80 @@ pub fn fresh(name: &str) -> PathBuf {
         PathBuf::from(std::env::var("SCAP_BENCH_DIR").unwrap_or_else(|_| "/tmp/scap-bench".into()));
     let p = root.join(name);
     if p.exists() {
-        // After deleting many files, ext4 spends most of the next half
-        // minute's file creations scanning for recently freed inodes
-        // (`recently_deleted`), and every tool measured then is several
-        // times slower: wait that window out.
-        let _ = std::fs::remove_dir_all(&p);
-        println!(
-            "removed an old {}; waiting 35 s for ext4's recently-deleted inode window",
-            p.display()
-        );
-        std::thread::sleep(std::time::Duration::from_secs(35));
+        remove_tree(&p);
     }
     std::fs::create_dir_all(&p).unwrap();
+    wait_out_deletions(&root);
     p
+}
+
+/// How long ext4 without a journal keeps a freed inode from being reused:
+/// 60 s after its deletion, 360 s while its inode table block is dirty
+/// (`recently_deleted` in fs/ext4/ialloc.c; a new file in the same block
+/// dirties it). Until then every inode allocation in its group scans past
+/// it from the group's start, and every tool measured is several times
+/// slower than on a filesystem with a journal, as production's are.
+const INODE_QUARANTINE: Duration = Duration::from_secs(365);
+
+/// Where the bench root records when a bench last deleted a large tree.
+fn deleted_marker(root: &Path) -> PathBuf {
+    root.join(".deleted-at")
+}
+
+/// Removes a bench's tree, noting when (see [`INODE_QUARANTINE`]).
+fn remove_tree(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    if let Some(root) = dir.parent() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let _ = std::fs::write(deleted_marker(root), now.to_string());
+    }
+}
+
+/// Whether `dir` is on an ext4 without a journal (this machine's root
+/// filesystem), where deleted inodes are quarantined.
+fn unjournaled_ext4(dir: &Path) -> bool {
+    let Ok(out) = Command::new("findmnt")
+        .args(["-no", "FSTYPE,SOURCE", "-T"])
+        .arg(dir)
+        .output()
+    else {
+        return false;
+    };
+    let out = String::from_utf8_lossy(&out.stdout);
+    let mut it = out.split_whitespace();
+    let (Some("ext4"), Some(source)) = (it.next(), it.next()) else {
+        return false;
+    };
+    let dev = source.rsplit('/').next().unwrap_or(source);
+    !Path::new("/proc/fs/jbd2").join(format!("{dev}-8")).exists()
+}
+
+/// Waits until no tree a bench deleted under `root` is still quarantined
+/// ([`INODE_QUARANTINE`]), on a filesystem that quarantines them.
+fn wait_out_deletions(root: &Path) {
+    let Some(at) = std::fs::read_to_string(deleted_marker(root))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = (at + INODE_QUARANTINE.as_secs()).saturating_sub(now);
+    if left == 0 || !unjournaled_ext4(root) {
+        return;
+    }
+    println!(
+        "a bench deleted a tree under {} {} s ago; waiting {left} s for ext4 (no journal) to stop quarantining its inodes",
+        root.display(),
+        now.saturating_sub(at)
+    );
+    std::thread::sleep(Duration::from_secs(left));
 }
 
 /// Removes a bench's directory once it is done (the 263k-file sync bench
@@ -226,7 +287,7 @@ pub fn done(dir: &Path) {
         println!("kept {} (SCAP_BENCH_KEEP)", dir.display());
         return;
     }
-    let _ = std::fs::remove_dir_all(dir);
+    remove_tree(dir);
 }
 
 /// Fails, naming the numbers, if the filesystem of `dir` has less than

@@ -1364,6 +1364,10 @@ impl Agent {
             tracing::warn!("{e}");
         }
         {
+            // Saved with the operation's record ([`Agent::finish`], every
+            // caller's next step): one durable write instead of two. A
+            // crash before it is repaired from the `current` symlink at
+            // the next start ([`Agent::reconcile`]).
             let mut st = self.state.lock().expect("not poisoned");
             st.previous = st.current.take();
             st.current = Some(Deployed {
@@ -1372,12 +1376,6 @@ impl Agent {
                 by: by.to_string(),
                 signed_time,
             });
-            if let Err(e) = st.save(&self.state_path()) {
-                tracing::error!(
-                    "switched to {}, but cannot save the state file: {e}",
-                    v.short()
-                );
-            }
         }
         if let Some(hook) = &self.cfg.post_switch {
             // A rollback arriving stops it too: the rollback runs its own.
@@ -1403,8 +1401,9 @@ impl Agent {
         })
     }
 
-    /// Appends the event for an operation, saves the state file and counts
-    /// it; a failure to save is logged (the operation's own result stands).
+    /// Appends the event for an operation, saves the state file (with what
+    /// a switch changed in it) and counts it; a failure to save is logged
+    /// (the operation's own result stands).
     fn finish(
         &self,
         action: Action,
@@ -1444,7 +1443,10 @@ impl Agent {
         let mut st = self.state.lock().expect("not poisoned");
         st.record(e);
         if let Err(e) = st.save(&self.state_path()) {
-            tracing::error!("cannot record the {action} in the state file: {e}");
+            tracing::error!(
+                "cannot save the state file after the {action} ({e}): the host runs what {} points to, and the agent's next start repairs the state file from it",
+                self.cfg.dir.join("current").display()
+            );
         }
     }
 

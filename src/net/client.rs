@@ -25,6 +25,10 @@ use crate::store::{StoreError, VersionId};
 
 /// Bytes of uncompressed content asked for in one batch (a hint: objects
 /// are counted at the size the caller expects).
+/// Fewer chunks than this in a pack's segment are stored one by one on the
+/// fetching thread rather than in parallel on the pool.
+const PARALLEL_CHUNKS_MIN: usize = 16;
+
 const BATCH_BYTES: u64 = 4 << 20;
 /// Batches in flight at once.
 const PARALLEL_BATCHES: usize = 4;
@@ -414,8 +418,13 @@ impl Client {
                 .into_iter()
                 .partition(|(_, item)| item.kind() == ObjectKind::Chunk);
             let n = chunks.len() + trees.len();
-            let stored: Vec<Result<(), SourceError>> =
-                chunks.into_par_iter().map(store_one).collect();
+            // A few (a backport's) are stored on this thread: waking the
+            // pool for them costs more than it saves.
+            let stored: Vec<Result<(), SourceError>> = if chunks.len() < PARALLEL_CHUNKS_MIN {
+                chunks.into_iter().map(store_one).collect()
+            } else {
+                chunks.into_par_iter().map(store_one).collect()
+            };
             for r in stored {
                 r?;
             }
@@ -480,13 +489,19 @@ impl Client {
                     .and_then(|i| spare.remove(i))
                     .and_then(|c| Arc::try_unwrap(c).ok())
                     .unwrap_or_default();
-                let (decompressed, stored) = rayon::join(
-                    || super::pack::decompress_segment_into(&z, &mut next),
-                    || match waiting.take() {
-                        Some((seg, end)) => store_segment(&seg).map(|()| Some((seg, end))),
-                        None => Ok(None),
-                    },
-                );
+                // The pack's first segment (a backport's only one) is
+                // decompressed on this thread: with nothing to store beside
+                // it, handing it to the pool would only cost wakeups.
+                let (decompressed, stored) = match waiting.take() {
+                    None => (
+                        super::pack::decompress_segment_into(&z, &mut next),
+                        Ok(None),
+                    ),
+                    Some((seg, end)) => rayon::join(
+                        || super::pack::decompress_segment_into(&z, &mut next),
+                        || store_segment(&seg).map(|()| Some((seg, end))),
+                    ),
+                };
                 // Everything in the segments stored so far is in the
                 // store: a resumed request starts after them. (A segment
                 // ends at a frame boundary, so the batch decoder has
