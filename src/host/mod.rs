@@ -1360,7 +1360,11 @@ impl Agent {
         // the log, not as a failed sync (the controller would then count a
         // switched host as unchanged).
         *self.previous_slot.lock().expect("not poisoned") = was_live;
-        if let Err(e) = self.releases.touch(&prepared.slot) {
+        // A slot this operation wrote was stamped then; one it found ready
+        // (staged, or a rollback's) is stamped now.
+        if prepared.how == release::How::Reused
+            && let Err(e) = self.releases.touch(&prepared.slot)
+        {
             tracing::warn!("{e}");
         }
         {
