@@ -25,13 +25,12 @@ use crate::store::{StoreError, VersionId};
 
 /// Bytes of uncompressed content asked for in one batch (a hint: objects
 /// are counted at the size the caller expects).
-/// Fewer chunks than this in a pack's segment are stored one by one on the
-/// fetching thread rather than in parallel on the pool.
-const PARALLEL_CHUNKS_MIN: usize = 16;
-
 const BATCH_BYTES: u64 = 4 << 20;
 /// Batches in flight at once.
 const PARALLEL_BATCHES: usize = 4;
+/// Fewer chunks than this in a pack's segment are stored one by one on the
+/// fetching thread rather than in parallel on the pool.
+const PARALLEL_CHUNKS_MIN: usize = 16;
 /// How long a pack's source may go without delivering a new object.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 /// How long a source has to send a small answer whole (a signature, a

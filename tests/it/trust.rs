@@ -671,31 +671,63 @@ fn a_source_streaming_segments_forever_is_skipped() {
     assert_eq!(fleet.current(0).as_deref(), Some(v2.as_str()));
 }
 
-/// Suspected: a crash between the switch and the state file's write is
-/// repaired at start with the replay floor of the live version: a sync
+/// Suspected: a crash between the switch and the state file's write (the
+/// agent killed during its post-switch hook) is repaired at start from the
+/// `current` symlink, with the replay floor of the live version: a sync
 /// to an older version stays refused.
 #[test]
 fn a_crash_repair_keeps_the_replay_floor() {
-    let mut fleet = Fleet::start(1);
+    // A switch reaches the state file with its record, after the
+    // post-switch hook: the agent is killed during the hook, the state
+    // file still naming v1 while `current` points to v2.
+    let fleet = Fleet::start_with(
+        1,
+        &[
+            "--post-switch",
+            "m=$SCAP_RELEASE_DIR/../../in-hook; touch $m; for i in $(seq 600); do [ -e $m ] || break; sleep 0.1; done",
+        ],
+    );
     let st = fleet.env.path("staging");
     tree(&st, "v1");
     let v1 = fleet.env.build(&[("mediawiki", &st)], &[]);
     std::thread::sleep(Duration::from_millis(1100));
     tree(&st, "v2");
     let v2 = fleet.env.build(&[("mediawiki", &st)], &[]);
+    let mut fleet = fleet;
     fleet.serve();
-    assert_eq!(fleet.sync_to(0, &v1).0, 200);
-    assert_eq!(fleet.sync_to(0, &v2).0, 200);
-    // The state file as a crash right after the switch to v2 leaves it.
-    fleet.hosts[0].proc.kill();
+    let marker = fleet.hosts[0].dir.join("in-hook");
+    let v1_sync = fleet
+        .request("POST", 0, "/v1/sync")
+        .json(&fleet.sync_body(&v1, &[&fleet.source()]));
+    let first = std::thread::spawn(move || v1_sync.send().unwrap().status().as_u16());
+    wait_for(60, "the first switch's hook", || marker.exists());
+    fs::remove_file(&marker).unwrap();
+    assert_eq!(first.join().unwrap(), 200);
+    let req = fleet
+        .request("POST", 0, "/v1/sync")
+        .json(&fleet.sync_body(&v2, &[&fleet.source()]));
+    let sync = std::thread::spawn(move || req.send().map(|r| r.status().as_u16()));
+    wait_for(60, "the second switch's hook", || marker.exists());
+    // What the agent answers is v2 at once; its state file names v1 until
+    // the operation's record.
+    assert_eq!(
+        fleet.get(0, "/v1/state").1["state"]["current"]["version"],
+        v2.as_str()
+    );
     let path = fleet.hosts[0].dir.join("state.json");
-    let mut state: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    state["current"] = state["previous"].clone();
-    fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let on_disk: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(on_disk["current"]["version"], v1.as_str(), "{on_disk}");
+    fleet.hosts[0].proc.kill();
+    assert!(sync.join().unwrap().is_err(), "the agent died mid-request");
+    fs::remove_file(&marker).unwrap();
     fleet.restart(0);
     let (_, s) = fleet.get(0, "/v1/state");
-    assert_eq!(s["state"]["current"]["version"], v2.as_str());
+    assert_eq!(s["state"]["current"]["version"], v2.as_str(), "{s}");
+    assert_eq!(s["state"]["previous"]["version"], v1.as_str(), "{s}");
+    assert_eq!(s["state"]["history"][0]["action"], "repair", "{s}");
     assert!(s["state"]["current"]["signed_time"].is_u64(), "{s}");
+    let on_disk: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(on_disk["current"]["version"], v2.as_str(), "{on_disk}");
     let (code, r) = fleet.sync_to(0, &v1);
     assert_eq!(code, 409, "{r}");
     assert!(
