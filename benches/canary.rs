@@ -125,12 +125,11 @@ fn main() {
     // deploy's wall time bought), and until the fleet is at rest (the work
     // after each switch too: the spare slot, gc compressing what arrived).
     let pids: Vec<u32> = agents.iter().map(Child::id).collect();
-    let fleet_cpu = || pids.iter().map(|&p| cpu_of(p)).sum::<f64>();
-    let cpu_before = fleet_cpu();
+    let cpu_before = fleet_cpu(&pids);
     let (first, _) = sync(&v1, &[]);
-    let cpu_during = fleet_cpu() - cpu_before;
+    let cpu_during = fleet_cpu(&pids) - cpu_before;
     settle_fleet(&pids);
-    let cpu_total = fleet_cpu() - cpu_before;
+    let cpu_total = fleet_cpu(&pids) - cpu_before;
     println!(
         "first deploy to {n} fresh hosts: {}; agent CPU a host: {} until it returned, {} with the work after the switch",
         ms(first),

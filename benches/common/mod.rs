@@ -223,15 +223,18 @@ fn deleted_marker(root: &Path) -> PathBuf {
     root.join(".deleted-at")
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// Removes a bench's tree, noting when (see [`INODE_QUARANTINE`]).
 fn remove_tree(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     if let Some(root) = dir.parent() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let _ = std::fs::write(deleted_marker(root), now.to_string());
+        let _ = std::fs::write(deleted_marker(root), unix_now().to_string());
     }
 }
 
@@ -263,10 +266,7 @@ fn wait_out_deletions(root: &Path) {
     else {
         return;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now();
     let left = (at + INODE_QUARANTINE.as_secs()).saturating_sub(now);
     if left == 0 || !unjournaled_ext4(root) {
         return;
@@ -619,6 +619,11 @@ fn clock_ticks() -> f64 {
     })
 }
 
+/// CPU seconds the processes `pids` used so far, together.
+pub fn fleet_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_of(p)).sum()
+}
+
 /// Waits until process `pid` used no CPU for 2 s (its work after a switch
 /// is done), at most 120 s; returns its CPU seconds then.
 pub fn settle_cpu(pid: u32) -> f64 {
@@ -644,7 +649,7 @@ pub fn settle_cpu(pid: u32) -> f64 {
 /// (the work after a deploy is done on every host), at most 300 s.
 pub fn settle_fleet(pids: &[u32]) {
     let started = Instant::now();
-    let total = || pids.iter().map(|&p| cpu_of(p)).sum::<f64>();
+    let total = || fleet_cpu(pids);
     let mut readings = std::collections::VecDeque::from([total()]);
     loop {
         std::thread::sleep(Duration::from_millis(500));

@@ -1547,15 +1547,10 @@ impl Agent {
         // The tail: what is left frees space only. A deploy arriving from
         // here on stops it (gc's debt and the trash carry over to the
         // next time) instead of waiting for it.
-        self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Nobody waits for it: at the lowest priority from here on.
-        crate::sys::lower_background_priority();
-        let tail = (|| {
+        self.yielding(|| {
             self.collect_garbage(false, cancel)?;
             self.empty_trash(cancel)
-        })();
-        self.tail.store(false, std::sync::atomic::Ordering::SeqCst);
-        tail?;
+        })?;
         // What this work and the deploy before it freed goes back to the
         // system, so that the next deploy starts from what the agent holds.
         // Not at this work's start, nor when a rollback cancels it (the
@@ -1572,6 +1567,17 @@ impl Agent {
     /// (gc, the trash), or maintenance.
     pub fn yields_to_deploys(&self) -> bool {
         self.tail.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs `f`, work nobody waits for, as work a deploy arriving cancels
+    /// rather than waits for ([`Agent::yields_to_deploys`]), at the lowest
+    /// CPU priority (for good: this thread never gets it back).
+    fn yielding<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
+        crate::sys::lower_background_priority();
+        let r = f();
+        self.tail.store(false, std::sync::atomic::Ordering::SeqCst);
+        r
     }
 
     /// Removes the directories diffs moved out of the slots (and what a
@@ -1610,16 +1616,11 @@ impl Agent {
     /// mtime, a write through a hardlink made outside the slots), and
     /// collect the garbage switches put off.
     pub fn maintain(&self, cancel: &Cancel) -> Result<(), AgentError> {
-        // Nobody waits for it: a deploy arriving stops it (it is tried
-        // again a minute later), and it runs at the lowest priority.
-        self.tail.store(true, std::sync::atomic::Ordering::SeqCst);
-        let r = self.maintain_now(cancel);
-        self.tail.store(false, std::sync::atomic::Ordering::SeqCst);
-        r
+        // A deploy arriving stops it (it is tried again a minute later).
+        self.yielding(|| self.maintain_now(cancel))
     }
 
     fn maintain_now(&self, cancel: &Cancel) -> Result<(), AgentError> {
-        crate::sys::lower_background_priority();
         crate::failpoint::hit_or_cancel("agent:maintain", cancel);
         let started = Instant::now();
         let mut said = String::from("no version is live");

@@ -97,10 +97,7 @@ impl Store {
     /// journal) before its first object.
     pub fn writer(&self) -> Result<Writer<'_>> {
         let lock = self.lock(LockMode::Shared)?;
-        let registry = self.root().join("journal.lock");
-        let recovering = flock(&registry, LockMode::Exclusive, || {
-            tracing::info!("waiting for another scap to finish starting its writer session")
-        })?;
+        let recovering = self.lock_journals()?;
         self.recover()?;
         drop(recovering);
         let nanos = SystemTime::now()
@@ -309,6 +306,16 @@ impl Store {
         syncfs(&f, self.root())?;
         fs::remove_file(&marker).at(&marker)?;
         sync_dir(self.root())
+    }
+
+    /// Takes `journal.lock` exclusively (held while dead sessions are
+    /// recovered and while a session registers its journal).
+    fn lock_journals(&self) -> Result<File> {
+        flock(
+            &self.root().join("journal.lock"),
+            LockMode::Exclusive,
+            || tracing::info!("waiting for another scap to finish starting its writer session"),
+        )
     }
 
     /// Whether a journal other than `own` exists (a live session, or a
@@ -625,10 +632,7 @@ impl Writer<'_> {
         if self.journal.get().is_some() {
             return Ok(());
         }
-        let registry = self.base.root().join("journal.lock");
-        let _registry = flock(&registry, LockMode::Exclusive, || {
-            tracing::info!("waiting for another scap to finish starting its writer session")
-        })?;
+        let _registry = self.base.lock_journals()?;
         let journal_dir = self.base.root().join("journal");
         fs::create_dir_all(&journal_dir).at(&journal_dir)?;
         let path = journal_dir.join(&self.session);
